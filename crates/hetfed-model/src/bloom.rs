@@ -1,0 +1,277 @@
+//! BLOOM (`BloomForCausalLM`): fused per-head QKV, ALiBi, embedding LayerNorm, tanh-GELU, tied
+//! LM head. Checkpoint keys are canonicalised to the `transformer.` prefix that
+//! `save_pretrained` writes; the bigscience checkpoints, which have no prefix, load too.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::lora::{Linear, LoraSet};
+use crate::model::{attention, causal_mask, embed, CausalLm, KvCache, Weights};
+use crate::ops;
+use hetfed_core::TensorMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    #[serde(alias = "n_embed")]
+    pub hidden_size: usize,
+    #[serde(alias = "num_hidden_layers")]
+    pub n_layer: usize,
+    #[serde(alias = "num_attention_heads")]
+    pub n_head: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default)]
+    pub apply_residual_connection_post_layernorm: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl Config {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.n_head == 0 || self.hidden_size % self.n_head != 0 {
+            return Err(format!(
+                "hidden_size ({}) must be a multiple of n_head ({})",
+                self.hidden_size, self.n_head
+            ));
+        }
+        if self.vocab_size == 0 || self.n_layer == 0 {
+            return Err("vocab_size and n_layer must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.n_head
+    }
+
+    /// Every parameter with its shape, in canonical names.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let mut out = vec![
+            ("transformer.word_embeddings.weight".to_string(), vec![v, h]),
+            ("transformer.word_embeddings_layernorm.weight".to_string(), vec![h]),
+            ("transformer.word_embeddings_layernorm.bias".to_string(), vec![h]),
+        ];
+        for i in 0..self.n_layer {
+            let p = format!("transformer.h.{i}");
+            for (n, s) in [
+                ("input_layernorm.weight", vec![h]),
+                ("input_layernorm.bias", vec![h]),
+                ("self_attention.query_key_value.weight", vec![3 * h, h]),
+                ("self_attention.query_key_value.bias", vec![3 * h]),
+                ("self_attention.dense.weight", vec![h, h]),
+                ("self_attention.dense.bias", vec![h]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("post_attention_layernorm.bias", vec![h]),
+                ("mlp.dense_h_to_4h.weight", vec![4 * h, h]),
+                ("mlp.dense_h_to_4h.bias", vec![4 * h]),
+                ("mlp.dense_4h_to_h.weight", vec![h, 4 * h]),
+                ("mlp.dense_4h_to_h.bias", vec![h]),
+            ] {
+                out.push((format!("{p}.{n}"), s));
+            }
+        }
+        out.push(("transformer.ln_f.weight".into(), vec![h]));
+        out.push(("transformer.ln_f.bias".into(), vec![h]));
+        out
+    }
+}
+
+/// Canonical names: add the `transformer.` prefix where missing; drop the tied `lm_head.weight`
+/// (it is the embedding matrix).
+pub fn canonicalize(raw: TensorMap) -> TensorMap {
+    raw.into_iter()
+        .filter(|(k, _)| k != "lm_head.weight")
+        .map(|(k, t)| {
+            if k.starts_with("transformer.") {
+                (k, t)
+            } else {
+                (format!("transformer.{k}"), t)
+            }
+        })
+        .collect()
+}
+
+/// ALiBi slopes exactly as BLOOM computes them, including head counts that are not powers of two.
+pub fn alibi_slopes(n_head: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - n_head.leading_zeros()); // largest power of 2 <= n
+    let base = 2f64.powf(-(2f64.powf(-((closest as f64).log2() - 3.0))));
+    let mut slopes: Vec<f64> = (1..=closest).map(|i| base.powi(i as i32)).collect();
+    if closest != n_head {
+        let extra_base = 2f64.powf(-(2f64.powf(-((2.0 * closest as f64).log2() - 3.0))));
+        let remaining = (n_head - closest).min(closest);
+        slopes.extend((0..remaining).map(|i| extra_base.powi((1 + 2 * i) as i32)));
+    }
+    slopes.into_iter().map(|s| s as f32).collect()
+}
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, name: &str, h: usize, eps: f64) -> hetfed_core::Result<Self> {
+        Ok(Self {
+            w: w.get(&format!("{name}.weight"), &[h])?,
+            b: w.get(&format!("{name}.bias"), &[h])?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.w, &self.b, self.eps)
+    }
+}
+
+struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    n_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, alibi: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, hd) = (self.n_head, self.head_dim);
+        // Fused layout per head: [.., n_head, 3, head_dim].
+        let qkv = self.query_key_value.forward(x)?.reshape((b, t, nh, 3, hd))?;
+        let part = |i: usize| -> Result<Tensor> { qkv.narrow(3, i, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous() };
+        let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+        if let Some((c, idx)) = cache {
+            (k, v) = c.append(idx, k, v)?;
+        }
+        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(alibi), mask)?;
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.dense.forward(&ctx)
+    }
+}
+
+struct Block {
+    input_layernorm: LayerNorm,
+    self_attention: Attention,
+    post_attention_layernorm: LayerNorm,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+    residual_post_ln: bool,
+}
+
+impl Block {
+    fn new(cfg: &Config, w: &Weights, i: usize, lora: Option<&LoraSet>) -> hetfed_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let p = format!("transformer.h.{i}");
+        let eps = cfg.layer_norm_epsilon;
+        Ok(Self {
+            input_layernorm: LayerNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
+            self_attention: Attention {
+                query_key_value: Linear::load(w, &format!("{p}.self_attention.query_key_value"), 3 * h, h, true, lora)?,
+                dense: Linear::load(w, &format!("{p}.self_attention.dense"), h, h, true, lora)?,
+                n_head: cfg.n_head,
+                head_dim: cfg.head_dim(),
+            },
+            post_attention_layernorm: LayerNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            dense_h_to_4h: Linear::load(w, &format!("{p}.mlp.dense_h_to_4h"), 4 * h, h, true, lora)?,
+            dense_4h_to_h: Linear::load(w, &format!("{p}.mlp.dense_4h_to_h"), h, 4 * h, true, lora)?,
+            residual_post_ln: cfg.apply_residual_connection_post_layernorm,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, alibi: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let ln = self.input_layernorm.forward(x)?;
+        let residual = if self.residual_post_ln { &ln } else { x };
+        let attn = (self.self_attention.forward(&ln, alibi, mask, cache)? + residual)?;
+        let ln = self.post_attention_layernorm.forward(&attn)?;
+        let residual = if self.residual_post_ln { &ln } else { &attn };
+        let hidden = ops::gelu_tanh(&self.dense_h_to_4h.forward(&ln)?)?;
+        self.dense_4h_to_h.forward(&hidden)? + residual
+    }
+}
+
+pub struct Model {
+    word_embeddings: Tensor,
+    word_embeddings_layernorm: LayerNorm,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    slopes: Tensor,
+    cfg: Config,
+}
+
+impl Model {
+    pub fn new(cfg: &Config, w: &Weights, lora: Option<&LoraSet>) -> hetfed_core::Result<Self> {
+        cfg.validate().map_err(|m| hetfed_core::Error::msg(format!("{}: {m}", w.source)))?;
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_epsilon;
+        let word_embeddings = w.get("transformer.word_embeddings.weight", &[cfg.vocab_size, h])?;
+        let slopes = Tensor::from_vec(alibi_slopes(cfg.n_head), (cfg.n_head, 1, 1), word_embeddings.device())?;
+        Ok(Self {
+            word_embeddings,
+            word_embeddings_layernorm: LayerNorm::load(w, "transformer.word_embeddings_layernorm", h, eps)?,
+            h: (0..cfg.n_layer)
+                .map(|i| Block::new(cfg, w, i, lora))
+                .collect::<hetfed_core::Result<_>>()?,
+            ln_f: LayerNorm::load(w, "transformer.ln_f", h, eps)?,
+            slopes,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl CausalLm for Model {
+    fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device();
+        let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
+        let s = past + t;
+        // ALiBi bias over key positions: softmax is shift-invariant per query row, so
+        // `slope·j` equals BLOOM's `slope·(j - i)` after normalisation.
+        let pos = Tensor::arange(0u32, s as u32, dev)?.to_dtype(candle_core::DType::F32)?.reshape((1, 1, s))?;
+        let alibi = self.slopes.broadcast_mul(&pos)?.unsqueeze(0)?; // [1, h, 1, s]
+        let mask = causal_mask(t, past, dev)?;
+        let mut x = embed(&self.word_embeddings, ids)?;
+        x = self.word_embeddings_layernorm.forward(&x)?;
+        for (idx, block) in self.h.iter().enumerate() {
+            x = block.forward(&x, &alibi, &mask, cache.as_deref_mut().map(|c| (c, idx)))?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        let logits = x.reshape((b * t, self.cfg.hidden_size))?.matmul(&self.word_embeddings.t()?)?;
+        logits.reshape((b, t, self.cfg.vocab_size))
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.n_layer
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_match_bloom_for_powers_of_two_and_not() {
+        // Values from BLOOM's build_alibi_tensor.
+        let s8 = alibi_slopes(8);
+        let want8 = [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625];
+        for (a, b) in s8.iter().zip(want8) {
+            assert!((a - b).abs() < 1e-7);
+        }
+        let s6 = alibi_slopes(6);
+        // closest power of two 4: base 2^-2 → 0.25, 0.0625, 0.015625, 0.00390625; extra base 2^-1 → 0.5, 0.125
+        let want6 = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125];
+        for (a, b) in s6.iter().zip(want6) {
+            assert!((a - b).abs() < 1e-7, "{s6:?}");
+        }
+        assert_eq!(alibi_slopes(3).len(), 3);
+    }
+}

@@ -1,0 +1,264 @@
+//! Hugging Face checkpoint directories: `config.json`, `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`) and `tokenizer.json`. Loading dispatches on `model_type`;
+//! adding an architecture is one file plus one arm in [`Arch`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use serde_json::Value;
+
+use hetfed_core::{Error, Result, TensorMap};
+
+use crate::lora::LoraSet;
+use crate::model::{CausalLm, Weights};
+use crate::{bloom, llama};
+
+/// The architectures hetfed knows, each with its typed config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arch {
+    Bloom(bloom::Config),
+    Llama(llama::Config),
+}
+
+impl Arch {
+    pub const KNOWN: &'static [&'static str] = &["bloom", "llama"];
+
+    /// Parses a `config.json` value, dispatching on `model_type`.
+    pub fn from_config(v: &Value, path: &Path) -> Result<Self> {
+        let fmt = |msg: String| Error::Format { path: path.to_owned(), msg };
+        let mt = v.get("model_type").and_then(Value::as_str).ok_or_else(|| {
+            fmt(format!("expected a string field `model_type` (one of {:?}), found none", Self::KNOWN))
+        })?;
+        let arch = match mt {
+            "bloom" => Arch::Bloom(serde_json::from_value(v.clone()).map_err(|e| fmt(format!("bloom config: {e}")))?),
+            "llama" => Arch::Llama(serde_json::from_value(v.clone()).map_err(|e| fmt(format!("llama config: {e}")))?),
+            other => return Err(fmt(format!("unknown model_type {other:?}: expected one of {:?}", Self::KNOWN))),
+        };
+        let check = match &arch {
+            Arch::Bloom(c) => c.validate(),
+            Arch::Llama(c) => c.validate(),
+        };
+        check.map_err(fmt)?;
+        Ok(arch)
+    }
+
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            Arch::Bloom(_) => "bloom",
+            Arch::Llama(_) => "llama",
+        }
+    }
+
+    fn canonicalize(&self, raw: TensorMap) -> TensorMap {
+        match self {
+            Arch::Bloom(_) => bloom::canonicalize(raw),
+            Arch::Llama(c) => llama::canonicalize(raw, c),
+        }
+    }
+
+    /// Every parameter of the model with its shape, in canonical (HF `save_pretrained`) names.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Arch::Bloom(c) => c.param_shapes(),
+            Arch::Llama(c) => llama::param_shapes(c),
+        }
+    }
+
+    /// Builds the network from canonical weights (plain tensors, or `Var`s to train them).
+    pub fn build(&self, weights: &TensorMap, source: &str, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>> {
+        let w = Weights { map: weights, source };
+        Ok(match self {
+            Arch::Bloom(c) => Box::new(bloom::Model::new(c, &w, lora)?),
+            Arch::Llama(c) => Box::new(llama::Model::new(c, &w, lora)?),
+        })
+    }
+
+    /// A stable hash of the typed config (what determines the network's shape and math).
+    pub fn config_hash(&self) -> String {
+        let s = match self {
+            Arch::Bloom(c) => serde_json::to_string(c),
+            Arch::Llama(c) => serde_json::to_string(c),
+        }
+        .expect("configs serialise");
+        hetfed_core::sha256_hex(format!("{}:{s}", self.model_type()).as_bytes())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Arch::Bloom(c) => c.vocab_size,
+            Arch::Llama(c) => c.vocab_size,
+        }
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            Arch::Bloom(c) => c.eos_token_id,
+            Arch::Llama(c) => c.eos_token_id.as_ref().and_then(|v| match v {
+                Value::Number(n) => n.as_u64().map(|x| x as u32),
+                Value::Array(a) => a.first().and_then(Value::as_u64).map(|x| x as u32),
+                _ => None,
+            }),
+        }
+    }
+}
+
+/// Who a model is: architecture, config hash and weights hash. Task vectors carry it, so one
+/// is never applied to a base it was not made from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelIdentity {
+    pub arch: String,
+    pub config_hash: String,
+    pub weights_hash: String,
+}
+
+impl std::fmt::Display for ModelIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (config {}, weights {})", self.arch, &self.config_hash[..12.min(self.config_hash.len())], &self.weights_hash[..12.min(self.weights_hash.len())])
+    }
+}
+
+/// A loaded checkpoint: typed config, canonical f32 weights, tokenizer, and the raw config.json.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub arch: Arch,
+    pub weights: TensorMap,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub config_json: Value,
+}
+
+impl Checkpoint {
+    /// Loads an HF directory. Weights stored as f32, f16 or bf16 are widened to f32.
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::msg(format!("{}: expected a model directory (config.json, model.safetensors, tokenizer.json), found no such directory", dir.display())));
+        }
+        let cfg_path = dir.join("config.json");
+        let bytes = hetfed_core::read_file(&cfg_path)?;
+        let config_json: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+            path: cfg_path.clone(),
+            msg: format!("expected JSON: {e}"),
+        })?;
+        let arch = Arch::from_config(&config_json, &cfg_path)?;
+        let raw = load_weights(dir)?;
+        let weights = validate_weights(&arch, arch.canonicalize(raw), dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Format {
+                path: tok_path.clone(),
+                msg: format!("expected a Hugging Face tokenizer: {e}"),
+            })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            arch,
+            weights,
+            tokenizer,
+            config_json,
+        })
+    }
+
+    pub fn source(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// The frozen network (no tensor tracked), optionally with LoRA adapters.
+    pub fn model(&self, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>> {
+        self.arch.build(&self.weights, &self.source(), lora)
+    }
+
+    pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::msg(format!("{}: expected a tokenizer.json, found none", self.dir.display()))
+        })
+    }
+
+    pub fn identity(&self) -> Result<ModelIdentity> {
+        Ok(ModelIdentity {
+            arch: self.arch.model_type().to_string(),
+            config_hash: self.arch.config_hash(),
+            weights_hash: hetfed_core::tensor_map_hash(&self.weights)?,
+        })
+    }
+
+    /// Writes an HF directory with these `weights` (canonical names) that `transformers` loads:
+    /// the original config.json, tokenizer.json, and `model.safetensors` in `dtype`.
+    pub fn save_as(&self, weights: &TensorMap, out: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        hetfed_core::save_safetensors(weights, dtype, &meta, &out.join("model.safetensors"))?;
+        let cfg = serde_json::to_vec_pretty(&self.config_json).expect("json serialises");
+        hetfed_core::write_atomic(&out.join("config.json"), &cfg)?;
+        for extra in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+            let src = self.dir.join(extra);
+            if src.exists() {
+                std::fs::copy(&src, out.join(extra)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn load_weights(dir: &Path) -> Result<TensorMap> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(hetfed_core::load_safetensors(&single)?.0);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v: Value = serde_json::from_slice(&hetfed_core::read_file(&index)?).map_err(|e| Error::Format {
+            path: index.clone(),
+            msg: format!("expected JSON: {e}"),
+        })?;
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::Format {
+            path: index.clone(),
+            msg: "expected an object `weight_map`, found none".into(),
+        })?;
+        let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        let mut out = TensorMap::new();
+        for f in files {
+            out.extend(hetfed_core::load_safetensors(&dir.join(f))?.0);
+        }
+        return Ok(out);
+    }
+    Err(Error::msg(format!(
+        "{}: expected model.safetensors or model.safetensors.index.json, found neither",
+        dir.display()
+    )))
+}
+
+/// Checks every expected tensor is present with its shape; drops (with a warning) the ones the
+/// architecture does not use, so hashes and task vectors see only real parameters.
+fn validate_weights(arch: &Arch, mut weights: TensorMap, dir: &Path) -> Result<TensorMap> {
+    let expected = arch.param_shapes();
+    for (name, shape) in &expected {
+        match weights.get(name) {
+            None => {
+                return Err(Error::msg(format!(
+                    "{}: missing tensor `{name}` (expected shape {shape:?} for this {} config)",
+                    dir.display(),
+                    arch.model_type()
+                )))
+            }
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(Error::Shape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: t.dims().to_vec(),
+                    where_: Some(dir.display().to_string()),
+                })
+            }
+            _ => {}
+        }
+    }
+    let known: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let extra: Vec<String> = weights.keys().filter(|k| !known.contains(k.as_str())).cloned().collect();
+    if !extra.is_empty() {
+        tracing::warn!(dir = %dir.display(), ?extra, "ignoring tensors this architecture does not use");
+        weights.retain(|k, _| known.contains(k.as_str()));
+    }
+    Ok(weights)
+}

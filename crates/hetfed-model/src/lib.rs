@@ -1,0 +1,18 @@
+//! Causal decoder language models on candle: BLOOM and Llama loaded from Hugging Face
+//! directories, computing what `transformers` computes, trainable through kernels whose backward
+//! passes are exact, with LoRA adapters, KV-cached generation and log-likelihood scoring.
+//!
+//! This crate knows nothing about federation, transport or training loops.
+
+pub mod bloom;
+pub mod checkpoint;
+pub mod generate;
+pub mod llama;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod score;
+
+pub use checkpoint::{Arch, Checkpoint, ModelIdentity};
+pub use lora::{LoraConfig, LoraSet};
+pub use model::{CausalLm, KvCache, Weights};

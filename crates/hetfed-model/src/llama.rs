@@ -1,0 +1,300 @@
+//! Llama (`LlamaForCausalLM`): RMSNorm, rotary position embeddings (HF `rotate_half` layout),
+//! grouped-query attention, SwiGLU MLP, tied or untied LM head.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::lora::{Linear, LoraSet};
+use crate::model::{attention, causal_mask, embed, CausalLm, KvCache, Weights};
+use crate::ops;
+use hetfed_core::TensorMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4.x writes `rope_theta` at the top level; 5.x writes
+    /// `rope_parameters: {rope_theta, rope_type}`. Either is accepted.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.hidden_act != "silu" {
+            return Err(format!("expected hidden_act \"silu\", found {:?}", self.hidden_act));
+        }
+        if let Some(rt) = self.rope_parameters.as_ref().and_then(|p| p.get("rope_type")).and_then(|v| v.as_str()) {
+            if rt != "default" {
+                return Err(format!("expected rope_type \"default\", found {rt:?}"));
+            }
+        }
+        if let Some(rs) = &self.rope_scaling {
+            if !rs.is_null() {
+                return Err(format!("rope_scaling is not supported yet, found {rs}"));
+            }
+        }
+        let kv = self.kv_heads();
+        if self.num_attention_heads == 0 || kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({kv})",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size ({}) must be a multiple of num_attention_heads ({})",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+            .unwrap_or(10000.0)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+/// Canonical names: a tied checkpoint that stores only `lm_head.weight` (as some exports do)
+/// gets it as `model.embed_tokens.weight`; a tied `lm_head.weight` beside the embedding is dropped.
+pub fn canonicalize(mut raw: TensorMap, cfg: &Config) -> TensorMap {
+    if cfg.tie_word_embeddings {
+        if let Some(head) = raw.remove("lm_head.weight") {
+            raw.entry("model.embed_tokens.weight".into()).or_insert(head);
+        }
+    }
+    raw
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_head: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+    eps: f64,
+}
+
+pub struct Model {
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+    cfg: Config,
+}
+
+/// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = cat(-x₂, x₁)` over the last dim.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(3)?;
+    let x1 = x.narrow(3, 0, d / 2)?;
+    let x2 = x.narrow(3, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let q = rope(&heads(self.q_proj.forward(x)?, self.n_head)?, cos, sin)?;
+        let mut k = rope(&heads(self.k_proj.forward(x)?, self.n_kv)?, cos, sin)?;
+        let mut v = heads(self.v_proj.forward(x)?, self.n_kv)?;
+        if let Some((c, idx)) = cache {
+            (k, v) = c.append(idx, k, v)?;
+        }
+        let rep = self.n_head / self.n_kv;
+        let (k, v) = if rep == 1 { (k, v) } else { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) };
+        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None, mask)?;
+        self.o_proj.forward(&ctx.transpose(1, 2)?.reshape((b, t, self.n_head * hd))?)
+    }
+}
+
+/// Query head `h` uses key/value head `h / rep`, as HF's `repeat_kv`.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    let (b, n, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, n, rep, s, d))?.reshape((b, n * rep, s, d))
+}
+
+impl Model {
+    pub fn new(cfg: &Config, w: &Weights, lora: Option<&LoraSet>) -> hetfed_core::Result<Self> {
+        cfg.validate().map_err(|m| hetfed_core::Error::msg(format!("{}: {m}", w.source)))?;
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            w.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |n: &str, o: usize, inp: usize, bias: bool| Linear::load(w, &format!("{p}.{n}"), o, inp, bias, lora);
+            layers.push(Layer {
+                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: lin("self_attn.q_proj", nh * hd, h, cfg.attention_bias)?,
+                    k_proj: lin("self_attn.k_proj", nkv * hd, h, cfg.attention_bias)?,
+                    v_proj: lin("self_attn.v_proj", nkv * hd, h, cfg.attention_bias)?,
+                    o_proj: lin("self_attn.o_proj", h, nh * hd, cfg.attention_bias)?,
+                    n_head: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: lin("mlp.gate_proj", cfg.intermediate_size, h, cfg.mlp_bias)?,
+                    up_proj: lin("mlp.up_proj", cfg.intermediate_size, h, cfg.mlp_bias)?,
+                    down_proj: lin("mlp.down_proj", h, cfg.intermediate_size, cfg.mlp_bias)?,
+                },
+                eps: cfg.rms_norm_eps,
+            });
+        }
+        let inv_freq = (0..hd / 2)
+            .map(|i| (1.0 / cfg.theta().powf((2 * i) as f64 / hd as f64)) as f32)
+            .collect();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: w.get("model.norm.weight", &[h])?,
+            lm_head,
+            inv_freq,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// cos/sin tables `[t, head_dim]` for positions `past..past+t`.
+    fn rope_tables(&self, past: usize, t: usize, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half * 2);
+        let mut sin = Vec::with_capacity(t * half * 2);
+        for p in past..past + t {
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    // Computed in f32 like HF (position · inv_freq in float32).
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, 2 * half), dev)?,
+            Tensor::from_vec(sin, (t, 2 * half), dev)?,
+        ))
+    }
+}
+
+impl CausalLm for Model {
+    fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device();
+        let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
+        let (cos, sin) = self.rope_tables(past, t, dev)?;
+        let mask = causal_mask(t, past, dev)?;
+        let mut x = embed(&self.embed_tokens, ids)?;
+        for (idx, l) in self.layers.iter().enumerate() {
+            let hn = ops::rms_norm(&x, &l.input_layernorm, l.eps)?;
+            x = (x + l.self_attn.forward(&hn, &cos, &sin, &mask, cache.as_deref_mut().map(|c| (c, idx)))?)?;
+            let hn = ops::rms_norm(&x, &l.post_attention_layernorm, l.eps)?;
+            let gate = l.mlp.gate_proj.forward(&hn)?.silu()?;
+            let up = l.mlp.up_proj.forward(&hn)?;
+            x = (x + l.mlp.down_proj.forward(&(gate * up)?)?)?;
+        }
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let logits = x.reshape((b * t, self.cfg.hidden_size))?.matmul(&self.lm_head.t()?)?;
+        logits.reshape((b, t, self.cfg.vocab_size))
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
+
+/// Every parameter with its shape, in canonical names.
+pub fn param_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, nh, nkv, i) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for (n, o, inp) in [("q_proj", nh * hd, h), ("k_proj", nkv * hd, h), ("v_proj", nkv * hd, h), ("o_proj", h, nh * hd)] {
+            out.push((format!("{p}.self_attn.{n}.weight"), vec![o, inp]));
+            if cfg.attention_bias {
+                out.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
+            }
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (n, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            out.push((format!("{p}.mlp.{n}.weight"), vec![o, inp]));
+            if cfg.mlp_bias {
+                out.push((format!("{p}.mlp.{n}.bias"), vec![o]));
+            }
+        }
+    }
+    out.push(("model.norm.weight".into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+    }
+    out
+}

@@ -1,0 +1,112 @@
+//! What every architecture shares: the weights a model is built from, the KV cache, causal
+//! masks, embeddings, and the `CausalLm` interface the rest of hetfed uses.
+
+use candle_core::{Device, Result, Tensor};
+
+use hetfed_core::TensorMap;
+
+/// A causal decoder LM: token ids in, next-token logits out.
+pub trait CausalLm: Send + Sync {
+    /// `ids`: `[batch, seq]` u32. Returns logits `[batch, seq, vocab]` in f32. With a cache, the
+    /// ids continue the cached sequence and the cache is extended.
+    ///
+    /// Batches of different lengths are right-padded: the causal mask already keeps every real
+    /// token from seeing the padding after it, so positions and outputs of real tokens are exact.
+    fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    fn n_layers(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}
+
+/// Named weights a model is built from, with the directory they came from for error messages.
+/// Tensors may be plain (inference, LoRA: nothing tracked) or `Var`-backed (full fine-tuning).
+pub struct Weights<'a> {
+    pub map: &'a TensorMap,
+    pub source: &'a str,
+}
+
+impl Weights<'_> {
+    /// The tensor `name`, checked against the shape the config implies.
+    pub fn get(&self, name: &str, shape: &[usize]) -> hetfed_core::Result<Tensor> {
+        let t = self.map.get(name).ok_or_else(|| {
+            hetfed_core::Error::msg(format!(
+                "{}: missing tensor `{name}` (expected shape {shape:?})",
+                self.source
+            ))
+        })?;
+        if t.dims() != shape {
+            return Err(hetfed_core::Error::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+                where_: Some(self.source.to_string()),
+            });
+        }
+        Ok(t.clone())
+    }
+}
+
+/// Keys and values of every layer for incremental decoding.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    /// Per layer `(k, v)`, each `[batch, kv_heads, past, head_dim]`.
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn past_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    /// Appends this step's keys/values to layer `idx` and returns the full ones.
+    pub fn append(&mut self, idx: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= idx {
+            self.layers.resize(idx + 1, None);
+        }
+        let (k, v) = match self.layers[idx].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[idx] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// Additive causal mask `[t, past + t]`: 0 where query `i` may see key `j`, a large negative
+/// number elsewhere (not -inf, so no row is ever all -inf).
+pub fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { -1e30 }))
+        .collect();
+    Tensor::from_vec(v, (t, s), dev)
+}
+
+/// Embedding lookup `[b, t] -> [b, t, d]` (differentiable w.r.t. the table).
+pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let d = table.dim(1)?;
+    table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))
+}
+
+/// `softmax(q·kᵀ·scale + bias + mask)·v` for `q: [b, h, t, d]`, `k, v: [b, h, s, d]`;
+/// `bias` broadcasts to `[b, h, t, s]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>, mask: &Tensor) -> Result<Tensor> {
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(b)?;
+    }
+    scores = scores.broadcast_add(mask)?;
+    let probs = crate::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v.contiguous()?)
+}

@@ -1,0 +1,546 @@
+//! Fused CPU kernels with hand-written backward passes.
+//!
+//! candle's own fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward: gradients
+//! through them silently vanish. Every op here is a candle custom op whose `bwd` is exact, so the
+//! models can be trained through them. The kernels are row-parallel with rayon and allocate only
+//! their outputs. All ops work on f32 CPU tensors (models compute in f32 on CPU).
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows smaller than this are processed without spawning rayon tasks per row.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(d) => d.as_slice(),
+        _ => bail!("{op}: expected an f32 tensor"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor without copying it (unless it is strided).
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => Ok(f(f32_slice(c, l, op)?)),
+        _ => bail!("{op}: only CPU tensors are supported"),
+    }
+}
+
+fn last_dim(shape: &Shape) -> Result<usize> {
+    match shape.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => bail!("expected a tensor with a non-empty last dimension, found shape {shape:?}"),
+    }
+}
+
+fn par_rows_mut(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(d).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(d).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax over the last dimension
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "hetfed-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let d = last_dim(l.shape())?;
+        let mut out = vec![0f32; x.len()];
+        par_rows_mut(&mut out, d, |i, o| softmax_row(&x[i * d..(i + 1) * d], o));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+#[inline]
+fn softmax_row(x: &[f32], o: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0f32;
+    for (oi, &xi) in o.iter_mut().zip(x) {
+        let e = (xi - m).exp();
+        *oi = e;
+        s += e;
+    }
+    let inv = 1.0 / s;
+    o.iter_mut().for_each(|v| *v *= inv);
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "hetfed-softmax-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "softmax-bwd")?;
+        let g = f32_slice(s2, l2, "softmax-bwd")?;
+        let d = last_dim(l1.shape())?;
+        let mut out = vec![0f32; y.len()];
+        par_rows_mut(&mut out, d, |i, o| {
+            let (yr, gr) = (&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
+                *oi = yi * (gi - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, with a backward pass.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "hetfed-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm")?;
+        let w = f32_slice(s2, l2, "layer_norm")?;
+        let b = f32_slice(s3, l3, "layer_norm")?;
+        let d = last_dim(l1.shape())?;
+        if w.len() != d || b.len() != d {
+            bail!("layer_norm: expected weight and bias of size {d}, found {} and {}", w.len(), b.len());
+        }
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        par_rows_mut(&mut out, d, |i, o| {
+            let xr = &x[i * d..(i + 1) * d];
+            let (mean, rstd) = mean_rstd(xr, eps);
+            for j in 0..d {
+                o[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let eps = self.eps;
+        let (dx, dw, db) = with_f32(x, "layer_norm-bwd", |x| {
+            with_f32(w, "layer_norm-bwd", |w| {
+                with_f32(grad, "layer_norm-bwd", |g| norm_bwd(x, w, g, d, |xr| mean_rstd(xr, eps), true))
+            })
+        })????;
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dw = Tensor::from_vec(dw, d, x.device())?;
+        let db = Tensor::from_vec(db.unwrap_or_default(), d, x.device())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+#[inline]
+fn mean_rstd(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline]
+fn rms_rstd(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
+    (0.0, 1.0 / (ms + eps).sqrt())
+}
+
+type NormGrads = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+/// Backward of `y = (x - mean)·rstd·w (+ b)` over rows of length `d`; `stats` gives (mean, rstd)
+/// of a row (mean 0 for RMSNorm). Returns dx, dw and (when `with_bias`) db.
+fn norm_bwd(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    d: usize,
+    stats: impl Fn(&[f32]) -> (f32, f32) + Sync,
+    with_bias: bool,
+) -> Result<NormGrads> {
+    if w.len() != d || x.len() != g.len() {
+        bail!("norm backward: expected weight of size {d} and matching grad, found {} and {}", w.len(), g.len());
+    }
+    let rows = x.len() / d;
+    let center = with_bias; // LayerNorm subtracts the mean; RMSNorm does not.
+    let mut dx = vec![0f32; x.len()];
+    // Per-chunk partial sums of dw/db, reduced afterwards: deterministic for a fixed thread count
+    // of chunks since chunking does not depend on scheduling.
+    let chunk_rows = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(chunk_rows * d)
+        .enumerate()
+        .map(|(c, dxc)| {
+            let mut dw = vec![0f32; d];
+            let mut db = vec![0f32; if with_bias { d } else { 0 }];
+            let mut xhat = vec![0f32; d];
+            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                let i = c * chunk_rows + r;
+                let xr = &x[i * d..(i + 1) * d];
+                let gr = &g[i * d..(i + 1) * d];
+                let (mean, rstd) = stats(xr);
+                let mut s1 = 0f32; // mean(dxhat)
+                let mut s2 = 0f32; // mean(dxhat * xhat)
+                for j in 0..d {
+                    xhat[j] = (xr[j] - mean) * rstd;
+                    let dxh = gr[j] * w[j];
+                    s1 += dxh;
+                    s2 += dxh * xhat[j];
+                    dw[j] += gr[j] * xhat[j];
+                    if with_bias {
+                        db[j] += gr[j];
+                    }
+                }
+                let n = d as f32;
+                let (s1, s2) = (if center { s1 / n } else { 0.0 }, s2 / n);
+                for j in 0..d {
+                    dxr[j] = rstd * (gr[j] * w[j] - s1 - xhat[j] * s2);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut dw = vec![0f32; d];
+    let mut db = vec![0f32; d];
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    Ok((dx, dw, with_bias.then_some(db)))
+}
+
+/// LayerNorm over the last dimension (biased variance, as PyTorch), with a backward pass for the
+/// input, the gain and the bias.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "hetfed-rms-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm")?;
+        let w = f32_slice(s2, l2, "rms_norm")?;
+        let d = last_dim(l1.shape())?;
+        if w.len() != d {
+            bail!("rms_norm: expected a weight of size {d}, found {}", w.len());
+        }
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        par_rows_mut(&mut out, d, |i, o| {
+            let xr = &x[i * d..(i + 1) * d];
+            let (_, rstd) = rms_rstd(xr, eps);
+            for j in 0..d {
+                o[j] = xr[j] * rstd * w[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let eps = self.eps;
+        let (dx, dw, _) = with_f32(x, "rms_norm-bwd", |x| {
+            with_f32(w, "rms_norm-bwd", |w| {
+                with_f32(grad, "rms_norm-bwd", |g| norm_bwd(x, w, g, d, |xr| rms_rstd(xr, eps), false))
+            })
+        })????;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, d, x.device())?),
+        ))
+    }
+}
+
+/// RMSNorm over the last dimension (`x / sqrt(mean(x²) + eps) · w`), with a backward pass.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// BLOOM's tanh-GELU
+
+// BLOOM's own constants (modeling_bloom.py), not sqrt(2/pi) to more digits: parity needs these.
+const GELU_C: f32 = 0.797_884_56;
+const GELU_C3: f32 = 0.044_715;
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "hetfed-gelu-tanh"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu")?;
+        let mut out = vec![0f32; x.len()];
+        let f = |(o, &v): (&mut f32, &f32)| *o = v * 0.5 * (1.0 + (GELU_C * v * (1.0 + GELU_C3 * v * v)).tanh());
+        if x.len() >= PAR_MIN_ELEMS {
+            out.par_iter_mut().zip(x.par_iter()).for_each(f);
+        } else {
+            out.iter_mut().zip(x.iter()).for_each(f);
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
+    }
+}
+
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "hetfed-gelu-tanh-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "gelu-bwd")?;
+        let g = f32_slice(s2, l2, "gelu-bwd")?;
+        let mut out = vec![0f32; x.len()];
+        let f = |((o, &v), &gv): ((&mut f32, &f32), &f32)| {
+            let t = (GELU_C * v * (1.0 + GELU_C3 * v * v)).tanh();
+            let ff = 0.5 * v * ((1.0 - t * t) * (GELU_C + 0.107_032_22 * v * v)) + 0.5 * (1.0 + t);
+            *o = ff * gv;
+        };
+        if x.len() >= PAR_MIN_ELEMS {
+            out.par_iter_mut().zip(x.par_iter()).zip(g.par_iter()).for_each(f);
+        } else {
+            out.iter_mut().zip(x.iter()).zip(g.iter()).for_each(f);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// BLOOM's GELU: `x·0.5·(1 + tanh(0.79788456·x·(1 + 0.044715·x²)))`, with a backward pass.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// log-probability of target tokens (the LM loss, fused)
+
+struct TokenLogProb {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for TokenLogProb {
+    fn name(&self) -> &'static str {
+        "hetfed-token-logprob"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "token_logprob")?;
+        let v = last_dim(l.shape())?;
+        let n = x.len() / v;
+        if n != self.targets.len() {
+            bail!("token_logprob: expected {n} targets, found {}", self.targets.len());
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("token_logprob: target id {t} is outside the vocabulary of {v}");
+        }
+        let out: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let r = &x[i * v..(i + 1) * v];
+                r[self.targets[i] as usize] - logsumexp(r)
+            })
+            .collect();
+        let dims = l.shape().dims();
+        Ok((CpuStorage::F32(out), Shape::from(&dims[..dims.len() - 1])))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let v = arg.dim(D::Minus1)?;
+        let targets = &self.targets;
+        let dx = with_f32(arg, "token_logprob-bwd", |x| {
+            with_f32(grad, "token_logprob-bwd", |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(v).enumerate().for_each(|(i, o)| {
+                    let gi = g[i];
+                    if gi == 0.0 {
+                        return; // masked position: no gradient, skip the exp work
+                    }
+                    let r = &x[i * v..(i + 1) * v];
+                    let lse = logsumexp(r);
+                    for (oj, &xj) in o.iter_mut().zip(r) {
+                        *oj = -gi * (xj - lse).exp();
+                    }
+                    o[targets[i] as usize] += gi;
+                });
+                dx
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+#[inline]
+fn logsumexp(r: &[f32]) -> f32 {
+    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    m + r.iter().map(|&a| (a - m).exp()).sum::<f32>().ln()
+}
+
+/// `out[.., i] = log_softmax(logits[.., i, :])[targets[i]]` over the flattened leading dims:
+/// the log-probability of each target token, with a backward pass. `targets` has one id per row.
+pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(TokenLogProb { targets: targets.to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Reference compositions built only from candle ops that have a backward.
+    fn ref_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let xc = x.broadcast_sub(&mean).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let xn = xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
+        xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+    }
+
+    fn check_grads(f_ours: impl Fn(&[Tensor]) -> Tensor, f_ref: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor]) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let weights = rand(f_ours(&ts).dims(), 99);
+        let y1 = f_ours(&ts);
+        let y2 = f_ref(&ts);
+        assert!(max_abs_diff(&y1, &y2) < 1e-4, "forward differs");
+        let g1 = (y1 * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y2 * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in &ts {
+            let a = g1.get(v).expect("our op dropped a gradient");
+            let b = g2.get(v).expect("reference dropped a gradient");
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-3, "gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_composition_forward_and_backward() {
+        let (x, w, b) = (rand(&[3, 5, 64], 1), rand(&[64], 2), rand(&[64], 3));
+        check_grads(
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            |t| ref_layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            &[x, w, b],
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_composition() {
+        let (x, w) = (rand(&[4, 7, 32], 4), rand(&[32], 5));
+        check_grads(
+            |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            |t| {
+                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                t[0].broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&t[1]).unwrap()
+            },
+            &[x, w],
+        );
+    }
+
+    #[test]
+    fn softmax_matches_composition() {
+        let x = rand(&[2, 3, 9, 17], 6);
+        check_grads(
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| {
+                let e = t[0].broadcast_sub(&t[0].max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+            },
+            &[x],
+        );
+    }
+
+    #[test]
+    fn gelu_matches_composition() {
+        let x = rand(&[5, 300], 7);
+        check_grads(
+            |t| gelu_tanh(&t[0]).unwrap(),
+            |t| {
+                let x = &t[0];
+                let inner = ((x.sqr().unwrap() * 0.044715).unwrap() + 1.0).unwrap().mul(x).unwrap();
+                let th = (inner * GELU_C as f64).unwrap().tanh().unwrap();
+                ((th + 1.0).unwrap() * x).unwrap().affine(0.5, 0.0).unwrap()
+            },
+            &[x],
+        );
+    }
+
+    #[test]
+    fn token_logprobs_match_log_softmax_gather() {
+        let x = rand(&[6, 11], 8);
+        let targets = vec![0u32, 3, 10, 5, 5, 1];
+        let tid = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let tt = targets.clone();
+        check_grads(
+            move |t| token_logprobs(&t[0], &tt).unwrap(),
+            move |t| {
+                let ls = candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap();
+                ls.gather(&tid.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap()
+            },
+            &[x],
+        );
+    }
+
+    #[test]
+    fn out_of_vocab_target_is_an_error_not_a_panic() {
+        let x = rand(&[2, 4], 9);
+        let e = token_logprobs(&x, &[1, 4]).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
+    }
+}
