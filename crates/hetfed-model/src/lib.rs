@@ -13,6 +13,7 @@ pub mod model;
 pub mod ops;
 pub mod score;
 
+pub use tokenizers;
 pub use checkpoint::{Arch, Checkpoint, ModelIdentity};
 pub use lora::{LoraConfig, LoraSet};
 pub use model::{CausalLm, KvCache, Weights};

@@ -1,0 +1,176 @@
+//! Fine-tuning behaviour: learning happens, runs are deterministic, resuming is exact, FedProx
+//! pulls towards the reference, and every trainable parameter receives a gradient.
+
+use std::path::{Path, PathBuf};
+
+use hetfed_model::{Checkpoint, LoraConfig};
+use hetfed_train::{encode, Encoded, Example, TrainConfig, Trainer};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hetfed-model/tests/fixtures").join(name)
+}
+
+fn toy_examples() -> Vec<Example> {
+    // Prompts and targets for the random-weight fixture: only the mechanics matter here.
+    (0..12)
+        .map(|i| Example {
+            prompt: format!("item {i} is"),
+            target: if i % 2 == 0 { " even".into() } else { " odd".into() },
+        })
+        .collect()
+}
+
+fn encoded(ck: &Checkpoint) -> Vec<Encoded> {
+    encode(ck.tokenizer().unwrap(), &toy_examples(), 32, Some(2)).unwrap()
+}
+
+fn lora_cfg() -> TrainConfig {
+    TrainConfig {
+        lora: Some(LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: vec!["query_key_value".into(), "dense_h_to_4h".into()] }),
+        lr: 1e-2,
+        batch_size: 4,
+        grad_accum: 2,
+        epochs: 2,
+        warmup_steps: 1,
+        seed: 7,
+        ..Default::default()
+    }
+}
+
+fn run(ck: &Checkpoint, cfg: TrainConfig, steps: Option<usize>) -> Trainer<'_> {
+    let data = encoded(ck);
+    let mut tr = Trainer::new(ck, cfg, None).unwrap();
+    let mut n = 0;
+    tr.train(&data, |_, _| Ok(()), || {
+        n += 1;
+        steps.is_some_and(|s| n > s)
+    })
+    .unwrap();
+    tr
+}
+
+fn flat(tr: &Trainer) -> Vec<f32> {
+    let map = match tr.weights() {
+        Some(w) => w,
+        None => tr.lora().unwrap().to_tensors(),
+    };
+    map.values().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+#[test]
+fn same_seed_gives_identical_weights() {
+    let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
+    let a = flat(&run(&ck, lora_cfg(), None));
+    let b = flat(&run(&ck, lora_cfg(), None));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
+    let straight = flat(&run(&ck, lora_cfg(), None));
+    let dir = tempdir();
+    let state = dir.join("state.safetensors");
+    let first = run(&ck, lora_cfg(), Some(2));
+    assert_eq!(first.step, 2);
+    first.save_state(&state).unwrap();
+    drop(first);
+    let mut tr = Trainer::new(&ck, lora_cfg(), None).unwrap();
+    tr.load_state(&state).unwrap();
+    tr.train(&encoded(&ck), |_, _| Ok(()), || false).unwrap();
+    assert_eq!(flat(&tr), straight);
+}
+
+#[test]
+fn full_finetuning_updates_every_parameter_and_lowers_loss() {
+    for name in ["bloom_h6_noprefix", "llama_gqa"] {
+        let ck = Checkpoint::load(&fixture(name)).unwrap();
+        let data = encoded(&ck);
+        let cfg = TrainConfig { lr: 3e-3, batch_size: 4, epochs: 3, seed: 1, ..Default::default() };
+        let mut tr = Trainer::new(&ck, cfg, None).unwrap();
+        let before = tr.eval_loss(&data).unwrap();
+        tr.train(&data, |_, _| Ok(()), || false).unwrap();
+        let after = tr.eval_loss(&data).unwrap();
+        assert!(after < before, "{name}: loss {before} -> {after}");
+        let w = tr.weights().unwrap();
+        for (k, t) in &ck.weights {
+            let d = (t - &w[k]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d > 0.0, "{name}: parameter `{k}` did not change: it received no gradient");
+        }
+    }
+}
+
+#[test]
+fn fedprox_term_keeps_weights_closer_to_the_reference() {
+    let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
+    let dist = |mu: f64| {
+        let cfg = TrainConfig { lr: 1e-2, proximal_mu: mu, batch_size: 4, epochs: 2, max_grad_norm: None, ..Default::default() };
+        let tr = run(&ck, cfg, None);
+        let w = tr.weights().unwrap();
+        ck.weights.iter().map(|(k, t)| hetfed_core::sq_norm(&(t - &w[k]).unwrap()).unwrap()).sum::<f64>()
+    };
+    let (free, prox) = (dist(0.0), dist(50.0));
+    assert!(prox < free, "FedProx distance {prox} should be below {free}");
+}
+
+#[test]
+fn prompt_tokens_carry_no_loss_and_long_prompts_keep_their_end() {
+    let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    let ex = Example { prompt: "a b c d e f g h i j k l m n o p".into(), target: " yes".into() };
+    let e = &encode(tok, &[ex.clone()], 8, Some(2)).unwrap()[0];
+    assert_eq!(e.ids.len(), 8);
+    let t = tok.encode(" yes", false).unwrap().get_ids().to_vec();
+    assert_eq!(&e.ids[e.prompt_len..e.ids.len() - 1], &t[..]);
+    assert_eq!(*e.ids.last().unwrap(), 2);
+    let full = tok.encode(ex.prompt.as_str(), true).unwrap().get_ids().to_vec();
+    assert_eq!(&e.ids[..e.prompt_len], &full[full.len() - e.prompt_len..], "the end of the prompt is kept");
+}
+
+#[test]
+fn lora_finetune_of_tinystories_lowers_held_out_loss() {
+    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else { return };
+    let Some(csv) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos/Ethos_Dataset_Binary.csv") else { return };
+    let ck = Checkpoint::load(&dir).unwrap();
+    let text = std::fs::read_to_string(csv).unwrap();
+    let examples: Vec<Example> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (c, v) = l.rsplit_once(';')?;
+            let hate = v.trim().parse::<f64>().ok()? >= 0.5;
+            Some(Example { prompt: format!("Comment: {c}\nIs this hate speech?"), target: if hate { " yes".into() } else { " no".into() } })
+        })
+        .collect();
+    // The file is sorted by label: draw both splits across all of it, disjointly.
+    let train: Vec<Example> = examples.iter().step_by(8).take(96).cloned().collect();
+    let held: Vec<Example> = examples.iter().skip(4).step_by(16).take(48).cloned().collect();
+    let (train, held) = (&train[..], &held[..]);
+    let tok = ck.tokenizer().unwrap();
+    let train = encode(tok, train, 64, Some(2)).unwrap();
+    let held = encode(tok, held, 64, Some(2)).unwrap();
+    let cfg = TrainConfig {
+        lora: Some(LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] }),
+        lr: 5e-3,
+        batch_size: 16,
+        epochs: 2,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut tr = Trainer::new(&ck, cfg, None).unwrap();
+    let before = tr.eval_loss(&held).unwrap();
+    tr.train(&train, |_, _| Ok(()), || false).unwrap();
+    let after = tr.eval_loss(&held).unwrap();
+    assert!(after < before - 0.1, "held-out loss {before} -> {after}");
+}
+
+fn tempdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hetfed-train-test-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
