@@ -1,1 +1,82 @@
-fn main(){}
+//! `hetfed`: federated learning with heterogeneous language models.
+//!
+//! The binary is thin: it parses flags, sets up logging and progress bars, and calls the
+//! library crates. Every error ends the process with one line on stderr and exit code 2.
+
+mod bench;
+mod commands;
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// hetfed: federated learning with heterogeneous language models.
+///
+/// Clients fine-tune small language models on private data and send updates, never data; a
+/// server turns those updates into improvements of its larger model. This command loads
+/// Hugging Face checkpoints (BLOOM, Llama), scores and generates text, fine-tunes (full or
+/// LoRA), and builds, inspects and applies task vectors.
+#[derive(Parser)]
+#[command(name = "hetfed", version, about, long_about, propagate_version = true)]
+struct Cli {
+    /// Log more (-v info, -vv debug); the HETFED_LOG variable overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Worker threads for the numeric kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-token log-probabilities of a text under a model
+    Score(commands::ScoreArgs),
+    /// Continue a prompt (greedy, or sampled with temperature/top-k/top-p and a seed)
+    Generate(commands::GenerateArgs),
+    /// Fine-tune a model (full or LoRA) on {prompt, target} JSONL; writes a task vector
+    Finetune(commands::FinetuneArgs),
+    /// Task vectors: difference of two models, apply to a base, inspect
+    #[command(subcommand)]
+    Taskvec(commands::TaskvecCmd),
+    /// Training and inference throughput on the reference shape, side by side with PyTorch
+    Bench(bench::BenchArgs),
+    /// A tour of the foundation on a real model: generate, score, LoRA fine-tune, task vector
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HETFED_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Some(n) = cli.threads {
+        // Ignored if already initialised; both paths end with the pool sized as asked.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let result = match cli.cmd {
+        Command::Score(a) => commands::score(a),
+        Command::Generate(a) => commands::generate(a),
+        Command::Finetune(a) => commands::finetune(a),
+        Command::Taskvec(c) => commands::taskvec(c),
+        Command::Bench(a) => bench::run(a),
+        Command::Demo(a) => demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the context chain, without any backtrace a dependency may have attached.
+            let msg = format!("{e:#}");
+            let first = msg.lines().next().unwrap_or("").trim_end_matches('.');
+            eprintln!("error: {first}");
+            ExitCode::from(2)
+        }
+    }
+}
