@@ -60,6 +60,37 @@ impl Default for AdamWConfig {
     }
 }
 
+#[derive(Clone, Copy)]
+struct Coeffs {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    decay: f32,
+    /// lr / (1 - beta1^t)
+    step: f32,
+    /// 1 / sqrt(1 - beta2^t)
+    inv_sqrt_bc2: f32,
+}
+
+/// `p ← p·(1 - lr·wd) - lr·m̂/(sqrt(v̂) + eps)` with the moment updates, as torch's AdamW.
+fn adamw_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: Coeffs) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for j in 0..p.len() {
+                let gj = g[j];
+                m[j] = k.b1 * m[j] + (1.0 - k.b1) * gj;
+                v[j] = k.b2 * v[j] + (1.0 - k.b2) * gj * gj;
+                let denom = v[j].sqrt() * k.inv_sqrt_bc2 + k.eps;
+                p[j] = p[j] * k.decay - k.step * m[j] / denom;
+            }
+        });
+}
+
 /// AdamW over named variables.
 pub struct AdamW {
     pub cfg: AdamWConfig,
@@ -82,24 +113,34 @@ impl AdamW {
     }
 
     /// One update with gradients `grads[i]` for `vars[i]` at learning rate `lr`.
+    ///
+    /// Fused: one pass per parameter over (param, grad, m, v) instead of a dozen tensor ops,
+    /// each of which would allocate and sweep memory.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let k = Coeffs {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            step: (lr / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+        };
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let g = &grads[i];
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
-            let upd = ((&m / bc1)? / denom)?;
-            let mut p = var.as_detached_tensor();
-            if c.weight_decay > 0.0 {
-                p = (p * (1.0 - lr * c.weight_decay))?;
-            }
-            var.set(&(p - (upd * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            let shape = var.shape().clone();
+            let p = var.as_detached_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let g = grads[i].flatten_all()?.to_vec1::<f32>()?;
+            let mut m = self.m[i].flatten_all()?.to_vec1::<f32>()?;
+            let mut v = self.v[i].flatten_all()?.to_vec1::<f32>()?;
+            let mut p = p;
+            adamw_kernel(&mut p, &g, &mut m, &mut v, k);
+            let dev = var.device().clone();
+            var.set(&Tensor::from_vec(p, shape.clone(), &dev)?)?;
+            self.m[i] = Tensor::from_vec(m, shape.clone(), &dev)?;
+            self.v[i] = Tensor::from_vec(v, shape, &dev)?;
         }
         Ok(())
     }
