@@ -114,7 +114,8 @@ pub struct ModelIdentity {
 
 impl std::fmt::Display for ModelIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (config {}, weights {})", self.arch, &self.config_hash[..12.min(self.config_hash.len())], &self.weights_hash[..12.min(self.weights_hash.len())])
+        let short = |h: &str| h.chars().take(12).collect::<String>();
+        write!(f, "{} (config {}, weights {})", self.arch, short(&self.config_hash), short(&self.weights_hash))
     }
 }
 

@@ -1,0 +1,289 @@
+//! End-to-end tests of the real `hetfed` binary: outputs against `transformers` goldens, the
+//! fine-tune → task vector → apply round trip, and the one-line error contract.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hetfed"))
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hetfed-model/tests/fixtures")
+}
+
+fn own_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("hetfed runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "hetfed {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Runs a command that must fail with the one-line error contract; returns the line.
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "hetfed {args:?}: expected exit code 2, stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "hetfed {args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, found: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    lines[0].to_string()
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "hetfed-cli-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn score_json(args: &[&str]) -> (Vec<u32>, Vec<f64>) {
+    let out = ok(args);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints exactly one line: {out}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let tokens = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let lps = v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    (tokens, lps)
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+fn check_score_golden(model: &Path, golden: &Path, extra: &[&str]) {
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let text = g["text"].as_str().unwrap();
+    let mut args = vec!["score", "--model", model.to_str().unwrap(), "--text", text, "--json"];
+    args.extend_from_slice(extra);
+    let (tokens, lps) = score_json(&args);
+    let want_tokens: Vec<u32> = g["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let want: Vec<f64> = g["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(tokens, want_tokens, "{}: token ids differ from the tokenizers library", golden.display());
+    let d = max_diff(&lps, &want);
+    assert!(d < 1e-4, "{}: log-probs differ from transformers by {d}", golden.display());
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        vec!["--help"],
+        vec!["score", "--help"],
+        vec!["generate", "--help"],
+        vec!["finetune", "--help"],
+        vec!["taskvec", "--help"],
+        vec!["taskvec", "diff", "--help"],
+        vec!["taskvec", "apply", "--help"],
+        vec!["taskvec", "info", "--help"],
+        vec!["taskvec", "combine", "--help"],
+        vec!["taskvec", "from-peft", "--help"],
+        vec!["bench", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let out = ok(&cmd);
+        assert!(out.contains("Usage:"), "{cmd:?}: {out}");
+    }
+}
+
+#[test]
+fn score_json_matches_transformers_on_random_checkpoints() {
+    for name in ["bloom_h3", "bloom_h6_noprefix", "bloom_h8_f16", "llama_gqa", "llama_tied"] {
+        let dir = fixtures().join(name);
+        check_score_golden(&dir, &dir.join("score_golden.json"), &[]);
+    }
+}
+
+#[test]
+fn score_json_matches_transformers_on_tinystories() {
+    let Some(dir) = hetfed_shared("models/tinystories-656k") else { return };
+    let (golden, _) = read_golden(&fixtures().join("tinystories_golden.safetensors"));
+    let (tokens, lps) = score_json(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        "Once upon a time, there was a little girl named Lily. She loved to play outside.",
+        "--json",
+    ]);
+    assert_eq!(tokens, golden.0);
+    let d = max_diff(&lps, &golden.1);
+    assert!(d < 1e-4, "tinystories log-probs differ from transformers by {d}");
+}
+
+#[test]
+fn peft_adapters_made_by_peft_score_as_in_peft() {
+    for (base, adapter) in [("bloom_h3", "bloom_h3_peft"), ("llama_gqa", "llama_gqa_peft")] {
+        let ad = own_fixtures().join(adapter);
+        check_score_golden(&fixtures().join(base), &ad.join("score_golden.json"), &["--adapter", ad.to_str().unwrap()]);
+    }
+}
+
+fn write_jsonl(path: &Path) {
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            let target = if i % 3 == 0 { " yes" } else { " no" };
+            serde_json::json!({"prompt": format!("question {i}: is it so?"), "target": target}).to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+#[test]
+fn lora_finetune_writes_a_task_vector_that_equals_its_adapter() {
+    let base = fixtures().join("bloom_h3");
+    let base_s = base.to_str().unwrap();
+    let dir = tempdir("lora");
+    let train = dir.join("train.jsonl");
+    write_jsonl(&train);
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    ok(&["finetune", "--model", base_s, "--train", train.to_str().unwrap(), "--eval", train.to_str().unwrap(), "--out", out_s, "--lora-rank", "4", "--epochs", "2", "--lr", "0.01", "--batch-size", "4", "--seed", "3"]);
+    for f in ["taskvec.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "state.safetensors", "metrics.jsonl"] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    let tv = out.join("taskvec.safetensors");
+    let info: serde_json::Value = serde_json::from_str(ok(&["taskvec", "info", tv.to_str().unwrap(), "--json"]).trim()).unwrap();
+    assert_eq!(info["kind"], "lora");
+    assert!(info["global_norm"].as_f64().unwrap() > 0.0);
+
+    let text = "question 3: is it so? yes";
+    let (_, with_adapter) = score_json(&["score", "--model", base_s, "--adapter", out.join("adapter").to_str().unwrap(), "--text", text, "--json"]);
+    let (_, with_tv) = score_json(&["score", "--model", base_s, "--taskvec", tv.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, plain) = score_json(&["score", "--model", base_s, "--text", text, "--json"]);
+    assert!(max_diff(&with_adapter, &with_tv) < 1e-4, "adapter and dense task vector disagree");
+    assert!(max_diff(&with_adapter, &plain) > 1e-3, "fine-tuning changed nothing");
+
+    // Applying the task vector to another base is refused, naming both.
+    let other = fixtures().join("bloom_h6_noprefix");
+    let line = fails(&["taskvec", "apply", "--base", other.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", dir.join("x").to_str().unwrap()]);
+    assert!(line.contains("bloom") && line.matches("config").count() >= 2, "{line}");
+}
+
+#[test]
+fn full_finetune_diff_and_apply_round_trip_and_resume() {
+    let base = fixtures().join("llama_gqa");
+    let base_s = base.to_str().unwrap();
+    let dir = tempdir("full");
+    let train = dir.join("train.jsonl");
+    write_jsonl(&train);
+    let train_s = train.to_str().unwrap();
+    let straight = dir.join("straight");
+    let common = ["--model", base_s, "--train", train_s, "--epochs", "2", "--batch-size", "4", "--lr", "0.003", "--seed", "5", "--checkpoint-every", "1"];
+    let mut args = vec!["finetune", "--out", straight.to_str().unwrap()];
+    args.extend_from_slice(&common);
+    ok(&args);
+    let model_dir = straight.join("model");
+    assert!(model_dir.join("config.json").exists() && model_dir.join("model.safetensors").exists());
+
+    // diff(finetuned, base) then apply(base) gives back the fine-tuned model.
+    let tv = dir.join("diff.safetensors");
+    ok(&["taskvec", "diff", "--base", base_s, "--finetuned", model_dir.to_str().unwrap(), "--out", tv.to_str().unwrap()]);
+    let applied = dir.join("applied");
+    ok(&["taskvec", "apply", "--base", base_s, "--taskvec", tv.to_str().unwrap(), "--out", applied.to_str().unwrap()]);
+    let text = "question 7: is it so? no";
+    let (_, a) = score_json(&["score", "--model", model_dir.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, b) = score_json(&["score", "--model", applied.to_str().unwrap(), "--text", text, "--json"]);
+    assert!(max_diff(&a, &b) < 1e-5);
+
+    // Interrupted after 3 steps, then resumed: the same weights as the straight run.
+    let resumed = dir.join("resumed");
+    let mut args = vec!["finetune", "--out", resumed.to_str().unwrap(), "--max-steps", "3"];
+    args.extend_from_slice(&common);
+    ok(&args);
+    let mut args = vec!["finetune", "--out", resumed.to_str().unwrap(), "--resume"];
+    args.extend_from_slice(&common);
+    let o = run(&args);
+    // --max-steps is part of the config, so resuming with a different one is refused clearly.
+    assert_eq!(o.status.code(), Some(2));
+    let mut args = vec!["finetune", "--out", resumed.to_str().unwrap(), "--resume", "--max-steps", "3"];
+    args.extend_from_slice(&common);
+    ok(&args);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_is_one_clear_line_with_exit_code_2() {
+    let dir = tempdir("bad");
+    let text = ["--text", "hello"];
+
+    let line = fails(&["score", "--model", dir.join("nope").to_str().unwrap(), text[0], text[1]]);
+    assert!(line.contains("nope") && line.contains("expected a model directory"), "{line}");
+
+    // Unknown model_type.
+    let unknown = dir.join("unknown");
+    std::fs::create_dir_all(&unknown).unwrap();
+    std::fs::write(unknown.join("config.json"), r#"{"model_type": "gpt9"}"#).unwrap();
+    let line = fails(&["score", "--model", unknown.to_str().unwrap(), text[0], text[1]]);
+    assert!(line.contains("unknown model_type \"gpt9\"") && line.contains("bloom"), "{line}");
+
+    // A config that disagrees with the weights: shape mismatch naming tensor and shapes.
+    let src = fixtures().join("bloom_h3");
+    let bad_shape = dir.join("bad_shape");
+    copy_dir(&src, &bad_shape);
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap().replace("\"vocab_size\": 300", "\"vocab_size\": 301");
+    std::fs::write(bad_shape.join("config.json"), cfg).unwrap();
+    let line = fails(&["score", "--model", bad_shape.to_str().unwrap(), text[0], text[1]]);
+    assert!(line.contains("word_embeddings") && line.contains("301") && line.contains("300"), "{line}");
+
+    // Truncated safetensors.
+    let trunc = dir.join("trunc");
+    copy_dir(&src, &trunc);
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(trunc.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let line = fails(&["score", "--model", trunc.to_str().unwrap(), text[0], text[1]]);
+    assert!(line.contains("model.safetensors") && line.contains("not a valid safetensors file"), "{line}");
+
+    // Malformed training data names the line.
+    let jsonl = dir.join("bad.jsonl");
+    std::fs::write(&jsonl, "{\"prompt\": \"a\", \"target\": \"b\"}\n{\"prompt\": 3}\n").unwrap();
+    let line = fails(&["finetune", "--model", src.to_str().unwrap(), "--train", jsonl.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(line.contains("line 2"), "{line}");
+
+    // Not a task vector.
+    let line = fails(&["taskvec", "info", src.join("model.safetensors").to_str().unwrap()]);
+    assert!(line.contains("model.safetensors"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn generation_is_deterministic_under_a_seed() {
+    let m = fixtures().join("llama_tied");
+    let args = ["generate", "--model", m.to_str().unwrap(), "--prompt", "the fox", "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "11", "--json"];
+    let a = ok(&args);
+    assert_eq!(a, ok(&args));
+    let v: serde_json::Value = serde_json::from_str(a.trim()).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 12);
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+fn hetfed_shared(rel: &str) -> Option<PathBuf> {
+    hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), rel)
+}
+
+type Golden = (Vec<u32>, Vec<f64>);
+
+fn read_golden(path: &Path) -> (Golden, ()) {
+    let (map, _) = hetfed_core::load_safetensors(path).unwrap();
+    let ids: Vec<u32> = map["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
+    let lps: Vec<f64> = map["logprobs"].flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+    ((ids, lps), ())
+}
