@@ -3,7 +3,7 @@
 
 Usage (from anywhere; paths are resolved from this file's location)::
 
-    pip install torch transformers safetensors tokenizers
+    pip install torch transformers safetensors tokenizers peft
     python tools/parity/make_fixtures.py [--shared DIR] [--no-verify]
 
 What it writes (under ``crates/hetfed-model/tests/fixtures/``):
@@ -14,11 +14,23 @@ What it writes (under ``crates/hetfed-model/tests/fixtures/``):
   ``golden.safetensors`` (inputs, per-token log-probs, loss and the gradient
   of the loss w.r.t. every parameter, all computed by ``transformers`` in
   float64 and stored as float32);
+* ``<variant>/score_golden.json``: ``{"text", "tokens", "logprobs"}`` for the fixed mixed
+  English/Hindi text ``SCORE_TEXT``: the fixture tokenizer's encoding (special tokens added)
+  and ``logprobs[i] = log P(tokens[i+1] | tokens[..=i])`` computed by ``transformers`` in
+  float64 from the saved checkpoint (for an end-to-end check of ``hetfed score --json``);
 * ``tinystories_golden.safetensors``: the same kind of golden for the real
   pretrained model in ``<shared>/models/tinystories-656k`` (only the derived
   numbers are written; no file of the shared folder is copied). ``--shared``
   defaults to ``<repo>/../shared``; if the model is missing that part is
   skipped with a message.
+
+And under ``crates/hetfed/tests/fixtures/`` (needs ``peft``):
+
+* ``bloom_h3_peft`` and ``llama_gqa_peft``: LoRA adapters made by ``peft`` (r 4, alpha 8,
+  dropout 0) for the ``bloom_h3`` / ``llama_gqa`` fixtures, with random non-zero factors,
+  written by ``PeftModel.save_pretrained`` (``adapter_config.json``,
+  ``adapter_model.safetensors``), plus ``score_golden.json`` for ``SCORE_TEXT`` computed by the
+  PEFT model in float64 (for ``hetfed score --model <base> --adapter <dir>``).
 
 Everything is deterministic (fixed seeds). After generating, the script
 re-loads every checkpoint with ``AutoModelForCausalLM.from_pretrained`` and
@@ -34,9 +46,14 @@ import argparse
 import copy
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
+
+# Nothing here needs the network; this also stops `peft` from looking the (placeholder) base
+# model name up on the Hub when saving an adapter.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +69,13 @@ from transformers import (
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "crates" / "hetfed-model" / "tests" / "fixtures"
+CLI_FIXTURES = REPO / "crates" / "hetfed" / "tests" / "fixtures"
 
 VOCAB = 300
 SEQ_T = 14  # length of the long sequence; the short one has SEQ_T - 5 real tokens
 SHORT_BY = 5
+# Text of the score goldens (21 tokens with the fixture tokenizer, BOS included).
+SCORE_TEXT = "Rain in Delhi: बारिश है।"
 TINYSTORIES_TEXT = "Once upon a time, there was a little girl named Lily. She loved to play outside."
 
 # Tolerance contract (also documented in fixtures/README.md).
@@ -326,6 +346,151 @@ def build_tinystories(shared: pathlib.Path):
 
 
 # --------------------------------------------------------------------------------------
+# text-level score goldens and PEFT adapters
+
+
+def score_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
+    """log P(ids[i+1] | ids[..=i]) for i in 0..len-1, in float64 (model converted in place)."""
+    model.to(torch.float64).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], dtype=torch.int64), use_cache=False).logits[0]
+    lp = torch.log_softmax(logits[:-1].to(torch.float64), dim=-1)
+    return lp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
+
+
+def score_tokens(d: pathlib.Path) -> list[int]:
+    return Tokenizer.from_file(str(d / "tokenizer.json")).encode(SCORE_TEXT, add_special_tokens=True).ids
+
+
+def write_score_golden(path: pathlib.Path, ids: list[int], lps: list[float], **extra):
+    d = {"text": SCORE_TEXT, **extra, "tokens": ids, "logprobs": [float(x) for x in lps]}
+    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in d.items())
+    path.write_text("{\n" + body + "\n}\n", encoding="utf-8")
+
+
+def build_score_golden(v):
+    d = FIXTURES / v["name"]
+    ids = score_tokens(d)
+    # default attention implementation (sdpa): unlike "eager", it keeps the softmax in float64
+    model = AutoModelForCausalLM.from_pretrained(str(d))
+    write_score_golden(d / "score_golden.json", ids, score_logprobs(model, ids))
+
+
+PEFT_VARIANTS = [
+    dict(name="bloom_h3_peft", base="bloom_h3", targets=["query_key_value", "dense_4h_to_h"], seed=21),
+    dict(name="llama_gqa_peft", base="llama_gqa", targets=["q_proj", "v_proj", "down_proj"], seed=24),
+]
+PEFT_RANK, PEFT_ALPHA = 4, 8
+
+
+def build_peft(v):
+    import peft
+
+    d = CLI_FIXTURES / v["name"]
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    base_dir = FIXTURES / v["base"]
+    placeholder = f"hetfed-fixture/{v['base']}"
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.config._name_or_path = placeholder  # what peft records as the base model
+    cfg = peft.LoraConfig(r=PEFT_RANK, lora_alpha=PEFT_ALPHA, target_modules=v["targets"], lora_dropout=0.0,
+                          task_type="CAUSAL_LM")
+    torch.manual_seed(v["seed"])
+    pm = peft.get_peft_model(model, cfg)
+    pm.peft_config["default"].base_model_name_or_path = placeholder
+
+    # Overwrite both factors from our own generator (peft's init of A could change between
+    # versions; its B is zero, which would make the adapter a no-op).
+    g = torch.Generator().manual_seed(v["seed"])
+    n = 0
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if ".lora_A." in name:
+                std = 0.3
+            elif ".lora_B." in name:
+                std = 0.1
+            else:
+                continue
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).mul_(std).to(torch.float32))
+            n += 1
+    assert n == 2 * len(v["targets"]) * model.config.num_hidden_layers, (v["name"], n)
+
+    pm.save_pretrained(str(d))
+    # the generated model card is boilerplate (and would record the base model's path): drop it
+    (d / "README.md").unlink(missing_ok=True)
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"], files
+    # peft keeps target_modules as a set and writes it in hash order (varies between runs):
+    # sort it, keeping peft's formatting otherwise (json.dumps(indent=2, sort_keys=True))
+    cpath = d / "adapter_config.json"
+    raw = cpath.read_text()
+    acfg = json.loads(raw)
+    nl = "\n" if raw.endswith("\n") else ""
+    assert json.dumps(acfg, indent=2, sort_keys=True) + nl == raw, "unexpected adapter_config.json layout"
+    assert sorted(acfg["target_modules"]) == sorted(v["targets"]), acfg["target_modules"]
+    acfg["target_modules"] = sorted(acfg["target_modules"])
+    cpath.write_text(json.dumps(acfg, indent=2, sort_keys=True) + nl)
+    assert acfg["base_model_name_or_path"] == placeholder, acfg["base_model_name_or_path"]
+    assert (acfg["r"], acfg["lora_alpha"], acfg["lora_dropout"]) == (PEFT_RANK, PEFT_ALPHA, 0.0), acfg
+
+    ids = score_tokens(base_dir)
+    write_score_golden(d / "score_golden.json", ids, score_logprobs(pm, ids), base_fixture=v["base"])
+
+
+def verify_scores() -> bool:
+    """Reload base fixtures and PEFT adapters, re-score SCORE_TEXT, compare with the JSON goldens."""
+    import peft
+
+    ok = True
+    rows = []
+
+    def check(name, golden_path, make_model, base_lps=None):
+        nonlocal ok
+        g = json.loads(golden_path.read_text(encoding="utf-8"))
+        ids = g["tokens"]
+        good = g["text"] == SCORE_TEXT and len(g["logprobs"]) == len(ids) - 1 and 10 <= len(ids) <= 25
+        gl = torch.tensor(g["logprobs"], dtype=torch.float64)
+        d64 = (torch.tensor(score_logprobs(make_model(), ids), dtype=torch.float64) - gl).abs().max().item()
+        m32 = make_model().to(torch.float32).eval()
+        with torch.no_grad():
+            logits = m32(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+        lp32 = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        d32 = (lp32.double() - gl).abs().max().item()
+        vs_base = (gl - base_lps).abs().max().item() if base_lps is not None else float("nan")
+        good &= d64 < 1e-9 and d32 < LOGPROB_ABS_TOL
+        if base_lps is not None:
+            good &= vs_base > 1e-2
+        ok &= good
+        rows.append((name, len(ids), d64, d32, vs_base, "ok" if good else "FAIL"))
+        return gl
+
+    base_lps = {}
+    for v in VARIANTS:
+        d = FIXTURES / v["name"]
+        assert json.loads((d / "score_golden.json").read_text())["tokens"] == score_tokens(d)
+        base_lps[v["name"]] = check(v["name"], d / "score_golden.json",
+                                    lambda d=d: AutoModelForCausalLM.from_pretrained(str(d)))
+    for v in PEFT_VARIANTS:
+        d = CLI_FIXTURES / v["name"]
+        base_dir = FIXTURES / v["base"]
+
+        def make(d=d, base_dir=base_dir):
+            base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+            return peft.PeftModel.from_pretrained(base, str(d))
+
+        check(v["name"], d / "score_golden.json", make, base_lps[v["base"]])
+
+    print(f"\n{'score golden':>18} {'T':>3} {'f64|dlp|':>10} {'f32|dlp|':>10} {'vs base':>10}")
+    for r in rows:
+        print(f"{r[0]:>18} {r[1]:>3} {r[2]:>10.2e} {r[3]:>10.2e} {r[4]:>10.2e} {r[5]:>5}")
+    print(f"text: {SCORE_TEXT!r}; f64 = reload in float64 (adapters via PeftModel.from_pretrained), f32 = the\n"
+          f"  same in float32 (contract < {LOGPROB_ABS_TOL:g}); vs base = max |adapter golden - base golden| (> 1e-2).")
+    return ok
+
+
+
+# --------------------------------------------------------------------------------------
 # verification
 
 
@@ -506,14 +671,18 @@ def main():
     tok = build_tokenizer(VOCAB)
     for v in VARIANTS:
         build_variant(v, tok)
+        build_score_golden(v)
         print(f"wrote {(FIXTURES / v['name']).relative_to(REPO)}")
+    for v in PEFT_VARIANTS:
+        build_peft(v)
+        print(f"wrote {(CLI_FIXTURES / v['name']).relative_to(REPO)}")
     shared_model = build_tinystories(args.shared.resolve())
     if shared_model is not None:
         print(f"wrote {(FIXTURES / 'tinystories_golden.safetensors').relative_to(REPO)}")
 
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"fixtures total: {total / 1e6:.2f} MB")
-    if not args.no_verify and not verify(shared_model):
+    if not args.no_verify and not (verify(shared_model) & verify_scores()):
         print("VERIFICATION FAILED", file=sys.stderr)
         sys.exit(1)
 

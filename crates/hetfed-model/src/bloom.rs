@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Linear, LoraSet};
-use crate::model::{attention, causal_mask, embed, CausalLm, KvCache, Weights};
+use crate::model::{attention, embed, CausalLm, KvCache, Weights};
 use crate::ops;
 use hetfed_core::TensorMap;
 
@@ -141,7 +141,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, alibi: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, slopes: &[f32], cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, hd) = (self.n_head, self.head_dim);
         // Fused layout per head: [.., n_head, 3, head_dim].
@@ -151,7 +151,7 @@ impl Attention {
         if let Some((c, idx)) = cache {
             (k, v) = c.append(idx, k, v)?;
         }
-        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(alibi), mask)?;
+        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(slopes))?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.dense.forward(&ctx)
     }
@@ -186,10 +186,10 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, alibi: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, slopes: &[f32], cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
         let residual = if self.residual_post_ln { &ln } else { x };
-        let attn = (self.self_attention.forward(&ln, alibi, mask, cache)? + residual)?;
+        let attn = (self.self_attention.forward(&ln, slopes, cache)? + residual)?;
         let ln = self.post_attention_layernorm.forward(&attn)?;
         let residual = if self.residual_post_ln { &ln } else { &attn };
         let hidden = ops::gelu_tanh(&self.dense_h_to_4h.forward(&ln)?)?;
@@ -202,7 +202,7 @@ pub struct Model {
     word_embeddings_layernorm: LayerNorm,
     h: Vec<Block>,
     ln_f: LayerNorm,
-    slopes: Tensor,
+    slopes: Vec<f32>,
     cfg: Config,
 }
 
@@ -212,7 +212,7 @@ impl Model {
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_epsilon;
         let word_embeddings = w.get("transformer.word_embeddings.weight", &[cfg.vocab_size, h])?;
-        let slopes = Tensor::from_vec(alibi_slopes(cfg.n_head), (cfg.n_head, 1, 1), word_embeddings.device())?;
+        let slopes = alibi_slopes(cfg.n_head);
         Ok(Self {
             word_embeddings,
             word_embeddings_layernorm: LayerNorm::load(w, "transformer.word_embeddings_layernorm", h, eps)?,
@@ -228,19 +228,12 @@ impl Model {
 
 impl CausalLm for Model {
     fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        // ALiBi and the causal mask live in the fused attention softmax (ops::causal_softmax).
         let (b, t) = ids.dims2()?;
-        let dev = ids.device();
-        let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
-        let s = past + t;
-        // ALiBi bias over key positions: softmax is shift-invariant per query row, so
-        // `slope·j` equals BLOOM's `slope·(j - i)` after normalisation.
-        let pos = Tensor::arange(0u32, s as u32, dev)?.to_dtype(candle_core::DType::F32)?.reshape((1, 1, s))?;
-        let alibi = self.slopes.broadcast_mul(&pos)?.unsqueeze(0)?; // [1, h, 1, s]
-        let mask = causal_mask(t, past, dev)?;
         let mut x = embed(&self.word_embeddings, ids)?;
         x = self.word_embeddings_layernorm.forward(&x)?;
         for (idx, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, &alibi, &mask, cache.as_deref_mut().map(|c| (c, idx)))?;
+            x = block.forward(&x, &self.slopes, cache.as_deref_mut().map(|c| (c, idx)))?;
         }
         let x = self.ln_f.forward(&x)?;
         let logits = x.reshape((b * t, self.cfg.hidden_size))?.matmul(&self.word_embeddings.t()?)?;

@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Linear, LoraSet};
-use crate::model::{attention, causal_mask, embed, CausalLm, KvCache, Weights};
+use crate::model::{attention, embed, CausalLm, KvCache, Weights};
 use crate::ops;
 use hetfed_core::TensorMap;
 
@@ -151,7 +151,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
@@ -163,7 +163,7 @@ impl Attention {
         }
         let rep = self.n_head / self.n_kv;
         let (k, v) = if rep == 1 { (k, v) } else { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) };
-        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None, mask)?;
+        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
         self.o_proj.forward(&ctx.transpose(1, 2)?.reshape((b, t, self.n_head * hd))?)
     }
 }
@@ -249,11 +249,10 @@ impl CausalLm for Model {
         let dev = ids.device();
         let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
         let (cos, sin) = self.rope_tables(past, t, dev)?;
-        let mask = causal_mask(t, past, dev)?;
         let mut x = embed(&self.embed_tokens, ids)?;
         for (idx, l) in self.layers.iter().enumerate() {
             let hn = ops::rms_norm(&x, &l.input_layernorm, l.eps)?;
-            x = (x + l.self_attn.forward(&hn, &cos, &sin, &mask, cache.as_deref_mut().map(|c| (c, idx)))?)?;
+            x = (x + l.self_attn.forward(&hn, &cos, &sin, cache.as_deref_mut().map(|c| (c, idx)))?)?;
             let hn = ops::rms_norm(&x, &l.post_attention_layernorm, l.eps)?;
             let gate = l.mlp.gate_proj.forward(&hn)?.silu()?;
             let up = l.mlp.up_proj.forward(&hn)?;

@@ -1,7 +1,7 @@
 //! What every architecture shares: the weights a model is built from, the KV cache, causal
 //! masks, embeddings, and the `CausalLm` interface the rest of hetfed uses.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use hetfed_core::TensorMap;
 
@@ -82,16 +82,6 @@ impl KvCache {
     }
 }
 
-/// Additive causal mask `[t, past + t]`: 0 where query `i` may see key `j`, a large negative
-/// number elsewhere (not -inf, so no row is ever all -inf).
-pub fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
-    let s = past + t;
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { -1e30 }))
-        .collect();
-    Tensor::from_vec(v, (t, s), dev)
-}
-
 /// Embedding lookup `[b, t] -> [b, t, d]` (differentiable w.r.t. the table).
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
@@ -99,14 +89,11 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))
 }
 
-/// `softmax(q·kᵀ·scale + bias + mask)·v` for `q: [b, h, t, d]`, `k, v: [b, h, s, d]`;
-/// `bias` broadcasts to `[b, h, t, s]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>, mask: &Tensor) -> Result<Tensor> {
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(b) = bias {
-        scores = scores.broadcast_add(b)?;
-    }
-    scores = scores.broadcast_add(mask)?;
-    let probs = crate::ops::softmax_last_dim(&scores)?;
+/// Causal attention `softmax(q·kᵀ·scale [+ ALiBi])·v` for `q: [b, h, t, d]` and
+/// `k, v: [b, h, past + t, d]`; query `i` sees keys `0..=past + i`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slopes: Option<&[f32]>) -> Result<Tensor> {
+    let past = k.dim(2)? - q.dim(2)?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = crate::ops::causal_softmax(&scores, scale, slopes, past)?;
     probs.matmul(&v.contiguous()?)
 }

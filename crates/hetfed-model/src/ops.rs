@@ -48,6 +48,31 @@ fn par_rows_mut(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Branch-free exp and tanh that LLVM vectorises (libm's are scalar calls): Cody-Waite range
+// reduction and a degree-6 polynomial, within 2 ulp of `f32::exp` over the range that matters.
+
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E).round();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // exp(r) on |r| <= ln2/2: Taylor coefficients to r^7 (error < 2e-8 relative).
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `tanh(x) = sign(x)·(1 - e)/(1 + e)` with `e = exp(-2|x|)`; absolute error below 1e-7.
+#[inline(always)]
+pub(crate) fn fast_tanh(x: f32) -> f32 {
+    let e = fast_exp(-2.0 * x.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(x)
+}
+
+// ---------------------------------------------------------------------------------------------
 // softmax over the last dimension
 
 struct Softmax;
@@ -73,7 +98,7 @@ fn softmax_row(x: &[f32], o: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut s = 0f32;
     for (oi, &xi) in o.iter_mut().zip(x) {
-        let e = (xi - m).exp();
+        let e = fast_exp(xi - m);
         *oi = e;
         s += e;
     }
@@ -106,6 +131,73 @@ impl CustomOp2 for SoftmaxBwd {
 /// Softmax over the last dimension, with a backward pass.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------------------------------------
+// causal attention softmax: softmax_j(scale·s_ij + slope_h·j), keys j > past + i masked out
+
+struct CausalSoftmax {
+    scale: f32,
+    /// Per-head ALiBi slopes (BLOOM); empty for none (Llama).
+    slopes: Vec<f32>,
+    past: usize,
+}
+
+impl CausalSoftmax {
+    /// (head, query position) of row `r` of a `[b, h, t, s]` tensor.
+    #[inline]
+    fn row_info(&self, r: usize, heads: usize, t: usize) -> (usize, usize) {
+        ((r / t) % heads, r % t)
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "hetfed-causal-softmax"
+    }
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, "causal_softmax")?;
+        let (_, h, t, s) = l.shape().dims4()?;
+        if s != self.past + t || (!self.slopes.is_empty() && self.slopes.len() != h) {
+            bail!("causal_softmax: expected {} keys and {h} slopes, found {s} and {}", self.past + t, self.slopes.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows_mut(&mut out, s, |r, o| {
+            let (head, i) = self.row_info(r, h, t);
+            let n = self.past + i + 1; // visible keys
+            let xr = &x[r * s..r * s + n];
+            let slope = self.slopes.get(head).copied().unwrap_or(0.0);
+            let mut m = f32::NEG_INFINITY;
+            for (j, (oj, &xj)) in o[..n].iter_mut().zip(xr).enumerate() {
+                *oj = self.scale * xj + slope * j as f32;
+                m = m.max(*oj);
+            }
+            let mut z = 0f32;
+            for oj in &mut o[..n] {
+                *oj = fast_exp(*oj - m);
+                z += *oj;
+            }
+            let inv = 1.0 / z;
+            o[..n].iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Masked entries have y = 0, so softmax's backward already gives them zero gradient.
+        let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?;
+        Ok(Some((dx * self.scale as f64)?))
+    }
+}
+
+/// Causal attention probabilities from raw scores `[b, h, t, past + t]`: query `i` sees keys
+/// `0..=past + i`; `slopes` (one per head) add BLOOM's ALiBi bias `slope·j`, which equals
+/// `slope·(j - i)` after normalisation. With a backward pass.
+pub fn causal_softmax(scores: &Tensor, scale: f64, slopes: Option<&[f32]>, past: usize) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+        slopes: slopes.map(<[f32]>::to_vec).unwrap_or_default(),
+        past,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,7 +409,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut out = vec![0f32; x.len()];
-        let f = |(o, &v): (&mut f32, &f32)| *o = v * 0.5 * (1.0 + (GELU_C * v * (1.0 + GELU_C3 * v * v)).tanh());
+        let f = |(o, &v): (&mut f32, &f32)| *o = v * 0.5 * (1.0 + fast_tanh(GELU_C * v * (1.0 + GELU_C3 * v * v)));
         if x.len() >= PAR_MIN_ELEMS {
             out.par_iter_mut().zip(x.par_iter()).for_each(f);
         } else {
@@ -341,7 +433,7 @@ impl CustomOp2 for GeluBwd {
         let g = f32_slice(s2, l2, "gelu-bwd")?;
         let mut out = vec![0f32; x.len()];
         let f = |((o, &v), &gv): ((&mut f32, &f32), &f32)| {
-            let t = (GELU_C * v * (1.0 + GELU_C3 * v * v)).tanh();
+            let t = fast_tanh(GELU_C * v * (1.0 + GELU_C3 * v * v));
             let ff = 0.5 * v * ((1.0 - t * t) * (GELU_C + 0.107_032_22 * v * v)) + 0.5 * (1.0 + t);
             *o = ff * gv;
         };
@@ -404,7 +496,7 @@ impl CustomOp1 for TokenLogProb {
                     let r = &x[i * v..(i + 1) * v];
                     let lse = logsumexp(r);
                     for (oj, &xj) in o.iter_mut().zip(r) {
-                        *oj = -gi * (xj - lse).exp();
+                        *oj = -gi * fast_exp(xj - lse);
                     }
                     o[targets[i] as usize] += gi;
                 });
@@ -418,7 +510,7 @@ impl CustomOp1 for TokenLogProb {
 #[inline]
 fn logsumexp(r: &[f32]) -> f32 {
     let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + r.iter().map(|&a| (a - m).exp()).sum::<f32>().ln()
+    m + r.iter().map(|&a| fast_exp(a - m)).sum::<f32>().ln()
 }
 
 /// `out[.., i] = log_softmax(logits[.., i, :])[targets[i]]` over the flattened leading dims:
@@ -532,6 +624,43 @@ mod tests {
             move |t| {
                 let ls = candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap();
                 ls.gather(&tid.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap()
+            },
+            &[x],
+        );
+    }
+
+    #[test]
+    fn fast_exp_and_tanh_are_accurate() {
+        let mut worst_exp = 0f32;
+        let mut worst_tanh = 0f32;
+        for i in -20000..20000 {
+            let x = i as f32 * 0.004;
+            worst_exp = worst_exp.max((fast_exp(x) - x.exp()).abs() / x.exp());
+            worst_tanh = worst_tanh.max((fast_tanh(x) - x.tanh()).abs());
+        }
+        assert!(worst_exp < 3e-7, "exp relative error {worst_exp}");
+        assert!(worst_tanh < 2e-7, "tanh absolute error {worst_tanh}");
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+        assert!(fast_exp(-87.0) > 0.0 && fast_exp(-87.0) < 1e-37);
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_composition() {
+        let (b, h, t, past) = (2, 3, 5, 2);
+        let x = rand(&[b, h, t, past + t], 10);
+        let slopes = [0.5f32, 0.25, 0.125];
+        let scale = 0.3;
+        check_grads(
+            |ts| causal_softmax(&ts[0], scale, Some(&slopes), past).unwrap(),
+            |ts| {
+                let s = past + t;
+                let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { -1e30 })).collect();
+                let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
+                let pos = Tensor::arange(0f32, s as f32, &Device::Cpu).unwrap().reshape((1, 1, s)).unwrap();
+                let alibi = Tensor::new(&slopes, &Device::Cpu).unwrap().reshape((h, 1, 1)).unwrap().broadcast_mul(&pos).unwrap();
+                let z = (&ts[0] * scale).unwrap().broadcast_add(&alibi).unwrap().broadcast_add(&mask).unwrap();
+                let e = z.broadcast_sub(&z.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
             },
             &[x],
         );
