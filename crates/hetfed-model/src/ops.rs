@@ -57,7 +57,10 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E).round();
+    // Round to nearest by the 1.5·2²³ trick: plain adds, so the loop still vectorises
+    // (`f32::round` is a libm call).
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (x * LOG2E + SHIFT) - SHIFT;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // exp(r) on |r| <= ln2/2: Taylor coefficients to r^7 (error < 2e-8 relative).
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
