@@ -152,3 +152,39 @@ fn batched_right_padded_scoring_equals_one_by_one() {
         }
     }
 }
+
+#[test]
+fn sharded_checkpoint_with_bf16_shard_loads() {
+    let src = fixture("bloom_h3");
+    let ck = Checkpoint::load(&src).unwrap();
+    let dir = std::env::temp_dir().join(format!("hetfed-shard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let (mut a, mut b) = (TensorMap::new(), TensorMap::new());
+    let mut index = serde_json::Map::new();
+    for (i, (k, t)) in ck.weights.iter().enumerate() {
+        // The second shard stores keys without the `transformer.` prefix, as bigscience does.
+        let (map, file, key) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors", k.clone())
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors", k.trim_start_matches("transformer.").to_string())
+        };
+        map.insert(key.clone(), t.clone());
+        index.insert(key, serde_json::Value::String(file.into()));
+    }
+    let meta = std::collections::BTreeMap::new();
+    hetfed_core::save_safetensors(&a, candle_core::DType::BF16, &meta, &dir.join("model-00001-of-00002.safetensors")).unwrap();
+    hetfed_core::save_safetensors(&b, candle_core::DType::F32, &meta, &dir.join("model-00002-of-00002.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": index}).to_string()).unwrap();
+    let sharded = Checkpoint::load(&dir).unwrap();
+    assert_eq!(sharded.weights.len(), ck.weights.len());
+    for (k, t) in &ck.weights {
+        let got = &sharded.weights[k];
+        assert_eq!(got.dtype(), candle_core::DType::F32, "{k} is computed in f32");
+        let want = if a.contains_key(k) { t.to_dtype(candle_core::DType::BF16).unwrap().to_dtype(candle_core::DType::F32).unwrap() } else { t.clone() };
+        assert_eq!(max_abs(&(got - &want).unwrap()), 0.0, "{k}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -59,6 +59,26 @@ fn ethos(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// Accuracy of choosing the label word (" yes" / " no") with the higher log-likelihood after
+/// the prompt.
+fn label_accuracy(model: &dyn hetfed_model::CausalLm, tok: &hetfed_model::tokenizers::Tokenizer, examples: &[Example]) -> Result<f64> {
+    let enc = |s: &str, special: bool| -> Result<Vec<u32>> { Ok(tok.encode(s, special).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec()) };
+    let (yes, no) = (enc(" yes", false)?, enc(" no", false)?);
+    let mut pairs = Vec::new();
+    for ex in examples {
+        let p = enc(&ex.prompt, true)?;
+        pairs.push((p.clone(), yes.clone()));
+        pairs.push((p, no.clone()));
+    }
+    let scores = hetfed_model::score::continuation_logprobs(model, &pairs, 16)?;
+    let correct = examples
+        .iter()
+        .zip(scores.chunks(2))
+        .filter(|(ex, s)| (s[0].sum > s[1].sum) == (ex.target == " yes"))
+        .count();
+    Ok(correct as f64 / examples.len() as f64)
+}
+
 pub fn run(a: DemoArgs) -> Result<()> {
     let model_dir = a.model.clone().unwrap_or_else(|| PathBuf::from("../shared/models/tinystories-656k"));
     let ck = Checkpoint::load(&model_dir)?;
@@ -73,9 +93,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("generate   {prompt}{}", tok.decode(&new, true).map_err(|e| anyhow::anyhow!("{e}"))?);
 
     let examples = ethos(&data_dir(&a).join("ethos/Ethos_Dataset_Binary.csv"))?;
-    // The file is sorted by label: interleave so both splits hold both labels.
-    let train: Vec<Example> = examples.iter().enumerate().filter(|(i, _)| i % 4 != 0).map(|(_, e)| e.clone()).take(256).collect();
-    let held: Vec<Example> = examples.iter().step_by(4).take(96).cloned().collect();
+    // The file is sorted by label: draw both (disjoint) splits across all of it so each holds
+    // both labels in the file's proportions.
+    let pick = |r: usize| -> Vec<Example> { examples.iter().enumerate().filter(|(i, _)| i % 4 == r).map(|(_, e)| e.clone()).collect() };
+    let (train, held) = (pick(1), pick(3));
+    let majority = {
+        let hate = held.iter().filter(|e| e.target == " yes").count() as f64 / held.len() as f64;
+        hate.max(1.0 - hate)
+    };
     let cfg = TrainConfig {
         lora: Some(LoraConfig {
             rank: 8,
@@ -96,9 +121,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     let eos = ck.arch.eos_token_id();
     let train = hetfed_train::encode(tok, &train, cfg.max_len, eos)?;
+    let held_examples = held.clone();
     let held = hetfed_train::encode(tok, &held, cfg.max_len, eos)?;
     let mut tr = Trainer::new(&ck, cfg, None)?;
     let before = tr.eval_loss(&held)?;
+    let acc_before = label_accuracy(tr.model(), tok, &held_examples)?;
     let pb = crate::commands::progress_bar(tr.total_steps(train.len()) as u64, "LoRA fine-tune");
     tr.train(
         &train,
@@ -111,7 +138,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
     )?;
     pb.finish_and_clear();
     let after = tr.eval_loss(&held)?;
-    println!("finetune   LoRA r=8 on {} Ethos examples: held-out loss {before:.4} -> {after:.4}", train.len());
+    let acc_after = label_accuracy(tr.model(), tok, &held_examples)?;
+    println!(
+        "finetune   LoRA r=8 on {} Ethos examples; on {} held-out: loss {before:.4} -> {after:.4}, accuracy {:.1}% -> {:.1}% (majority class {:.1}%)",
+        train.len(),
+        held.len(),
+        100.0 * acc_before,
+        100.0 * acc_after,
+        100.0 * majority
+    );
 
     let set = tr.lora().expect("LoRA run");
     let tv = TaskVector::from_lora(ck.identity()?, set)?;
