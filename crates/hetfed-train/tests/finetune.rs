@@ -174,3 +174,16 @@ fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
+
+#[test]
+fn gradient_accumulation_equals_one_big_batch() {
+    let ck = Checkpoint::load(&fixture("llama_gqa")).unwrap();
+    let base = TrainConfig { lr: 1e-2, epochs: 1, max_grad_norm: Some(0.5), seed: 4, ..Default::default() };
+    let big = run(&ck, TrainConfig { batch_size: 12, grad_accum: 1, ..base.clone() }, None);
+    let small = run(&ck, TrainConfig { batch_size: 4, grad_accum: 3, ..base }, None);
+    assert_eq!(big.step, 1);
+    assert_eq!(small.step, 1);
+    let (a, b) = (flat(&big), flat(&small));
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-5, "accumulated step differs from the big-batch step by {d}");
+}
