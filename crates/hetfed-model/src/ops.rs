@@ -75,6 +75,134 @@ pub(crate) fn fast_tanh(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
+
+// Slice kernels compiled for several SIMD levels (AVX-512, AVX2+FMA, SSE) and picked at run time.
+// Sums use independent lane accumulators so the compiler may vectorise them (a plain `sum()`
+// fixes the order of additions and stays scalar).
+
+const LANES: usize = 16;
+
+#[multiversion::multiversion(targets = "simd")]
+fn max_f32(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    let mut m = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+/// `o = exp(x - m)`, returning the sum of `o`.
+#[multiversion::multiversion(targets = "simd")]
+fn exp_sub_store(x: &[f32], m: f32, o: &mut [f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = x.len() / LANES * LANES;
+    for (xc, oc) in x[..n].chunks_exact(LANES).zip(o[..n].chunks_exact_mut(LANES)) {
+        for k in 0..LANES {
+            let e = fast_exp(xc[k] - m);
+            oc[k] = e;
+            acc[k] += e;
+        }
+    }
+    let mut s = 0.0;
+    for j in n..x.len() {
+        let e = fast_exp(x[j] - m);
+        o[j] = e;
+        s += e;
+    }
+    s + acc.iter().sum::<f32>()
+}
+
+/// `o = exp(o - m)`, returning the sum.
+#[multiversion::multiversion(targets = "simd")]
+fn exp_sub_in_place(o: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = o.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            c[k] = fast_exp(c[k] - m);
+            acc[k] += c[k];
+        }
+    }
+    let mut s = 0.0;
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - m);
+        s += *v;
+    }
+    s + acc.iter().sum::<f32>()
+}
+
+/// `sum(exp(x - m))`.
+#[multiversion::multiversion(targets = "simd")]
+fn exp_sub_sum(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            acc[k] += fast_exp(c[k] - m);
+        }
+    }
+    chunks.remainder().iter().map(|&v| fast_exp(v - m)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+#[multiversion::multiversion(targets = "simd")]
+fn scale_in_place(o: &mut [f32], s: f32) {
+    for v in o {
+        *v *= s;
+    }
+}
+
+#[multiversion::multiversion(targets = "simd")]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len().min(b.len()) / LANES * LANES;
+    for (ac, bc) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
+        for k in 0..LANES {
+            acc[k] += ac[k] * bc[k];
+        }
+    }
+    a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+/// `o = y·(g - dot(g, y))`: softmax backward of one row.
+#[multiversion::multiversion(targets = "simd")]
+fn softmax_bwd_row(y: &[f32], g: &[f32], o: &mut [f32]) {
+    let d = dot(y, g);
+    for ((oi, &yi), &gi) in o.iter_mut().zip(y).zip(g) {
+        *oi = yi * (gi - d);
+    }
+}
+
+/// `o = -g·exp(x - lse)`: the softmax part of the log-prob backward.
+#[multiversion::multiversion(targets = "simd")]
+fn neg_scaled_softmax(x: &[f32], lse: f32, g: f32, o: &mut [f32]) {
+    for (oi, &xi) in o.iter_mut().zip(x) {
+        *oi = -g * fast_exp(xi - lse);
+    }
+}
+
+#[multiversion::multiversion(targets = "simd")]
+fn gelu_fwd_slice(x: &[f32], o: &mut [f32]) {
+    for (oi, &v) in o.iter_mut().zip(x) {
+        *oi = v * 0.5 * (1.0 + fast_tanh(GELU_C * v * (1.0 + GELU_C3 * v * v)));
+    }
+}
+
+#[multiversion::multiversion(targets = "simd")]
+fn gelu_bwd_slice(x: &[f32], g: &[f32], o: &mut [f32]) {
+    for ((oi, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+        let t = fast_tanh(GELU_C * v * (1.0 + GELU_C3 * v * v));
+        let ff = 0.5 * v * ((1.0 - t * t) * (GELU_C + 0.107_032_22 * v * v)) + 0.5 * (1.0 + t);
+        *oi = ff * gv;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // softmax over the last dimension
 
@@ -98,15 +226,9 @@ impl CustomOp1 for Softmax {
 
 #[inline]
 fn softmax_row(x: &[f32], o: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0f32;
-    for (oi, &xi) in o.iter_mut().zip(x) {
-        let e = fast_exp(xi - m);
-        *oi = e;
-        s += e;
-    }
-    let inv = 1.0 / s;
-    o.iter_mut().for_each(|v| *v *= inv);
+    let m = max_f32(x);
+    let z = exp_sub_store(x, m, o);
+    scale_in_place(o, 1.0 / z);
 }
 
 struct SoftmaxBwd;
@@ -120,13 +242,7 @@ impl CustomOp2 for SoftmaxBwd {
         let g = f32_slice(s2, l2, "softmax-bwd")?;
         let d = last_dim(l1.shape())?;
         let mut out = vec![0f32; y.len()];
-        par_rows_mut(&mut out, d, |i, o| {
-            let (yr, gr) = (&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
-                *oi = yi * (gi - dot);
-            }
-        });
+        par_rows_mut(&mut out, d, |i, o| softmax_bwd_row(&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d], o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -170,18 +286,13 @@ impl CustomOp1 for CausalSoftmax {
             let n = self.past + i + 1; // visible keys
             let xr = &x[r * s..r * s + n];
             let slope = self.slopes.get(head).copied().unwrap_or(0.0);
-            let mut m = f32::NEG_INFINITY;
             for (j, (oj, &xj)) in o[..n].iter_mut().zip(xr).enumerate() {
                 *oj = self.scale * xj + slope * j as f32;
-                m = m.max(*oj);
             }
-            let mut z = 0f32;
-            for oj in &mut o[..n] {
-                *oj = fast_exp(*oj - m);
-                z += *oj;
-            }
-            let inv = 1.0 / z;
-            o[..n].iter_mut().for_each(|v| *v *= inv);
+            let vis = &mut o[..n];
+            let m = max_f32(vis);
+            let z = exp_sub_in_place(vis, m);
+            scale_in_place(vis, 1.0 / z);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -412,12 +523,8 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut out = vec![0f32; x.len()];
-        let f = |(o, &v): (&mut f32, &f32)| *o = v * 0.5 * (1.0 + fast_tanh(GELU_C * v * (1.0 + GELU_C3 * v * v)));
-        if x.len() >= PAR_MIN_ELEMS {
-            out.par_iter_mut().zip(x.par_iter()).for_each(f);
-        } else {
-            out.iter_mut().zip(x.iter()).for_each(f);
-        }
+        const CHUNK: usize = 1 << 13;
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_fwd_slice(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -435,16 +542,11 @@ impl CustomOp2 for GeluBwd {
         let x = f32_slice(s1, l1, "gelu-bwd")?;
         let g = f32_slice(s2, l2, "gelu-bwd")?;
         let mut out = vec![0f32; x.len()];
-        let f = |((o, &v), &gv): ((&mut f32, &f32), &f32)| {
-            let t = fast_tanh(GELU_C * v * (1.0 + GELU_C3 * v * v));
-            let ff = 0.5 * v * ((1.0 - t * t) * (GELU_C + 0.107_032_22 * v * v)) + 0.5 * (1.0 + t);
-            *o = ff * gv;
-        };
-        if x.len() >= PAR_MIN_ELEMS {
-            out.par_iter_mut().zip(x.par_iter()).zip(g.par_iter()).for_each(f);
-        } else {
-            out.iter_mut().zip(x.iter()).zip(g.iter()).for_each(f);
-        }
+        const CHUNK: usize = 1 << 13;
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|((o, x), g)| gelu_bwd_slice(x, g, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -497,10 +599,7 @@ impl CustomOp1 for TokenLogProb {
                         return; // masked position: no gradient, skip the exp work
                     }
                     let r = &x[i * v..(i + 1) * v];
-                    let lse = logsumexp(r);
-                    for (oj, &xj) in o.iter_mut().zip(r) {
-                        *oj = -gi * fast_exp(xj - lse);
-                    }
+                    neg_scaled_softmax(r, logsumexp(r), gi, o);
                     o[targets[i] as usize] += gi;
                 });
                 dx
@@ -512,8 +611,8 @@ impl CustomOp1 for TokenLogProb {
 
 #[inline]
 fn logsumexp(r: &[f32]) -> f32 {
-    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + r.iter().map(|&a| fast_exp(a - m)).sum::<f32>().ln()
+    let m = max_f32(r);
+    m + exp_sub_sum(r, m).ln()
 }
 
 /// `out[.., i] = log_softmax(logits[.., i, :])[targets[i]]` over the flattened leading dims:
