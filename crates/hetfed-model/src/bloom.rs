@@ -236,7 +236,7 @@ impl CausalLm for Model {
             x = block.forward(&x, &self.slopes, cache.as_deref_mut().map(|c| (c, idx)))?;
         }
         let x = self.ln_f.forward(&x)?;
-        let logits = x.reshape((b * t, self.cfg.hidden_size))?.matmul(&self.word_embeddings.t()?)?;
+        let logits = ops::linear(&x.reshape((b * t, self.cfg.hidden_size))?, &self.word_embeddings, None)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
     fn n_layers(&self) -> usize {

@@ -259,7 +259,7 @@ impl CausalLm for Model {
             x = (x + l.mlp.down_proj.forward(&(gate * up)?)?)?;
         }
         let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = x.reshape((b * t, self.cfg.hidden_size))?.matmul(&self.lm_head.t()?)?;
+        let logits = ops::linear(&x.reshape((b * t, self.cfg.hidden_size))?, &self.lm_head, None)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
     fn n_layers(&self) -> usize {

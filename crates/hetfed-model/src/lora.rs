@@ -246,10 +246,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let x2 = x.reshape(((), in_dim))?;
-        let mut y = x2.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
-        }
+        let mut y = crate::ops::linear(&x2, &self.w, self.b.as_ref())?;
         if let Some(ad) = &self.lora {
             let xd = ad.dropout_input(&x2)?;
             let z = xd.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;

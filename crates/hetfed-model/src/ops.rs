@@ -315,6 +315,173 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, slopes: Option<&[f32]>, past:
 }
 
 // ---------------------------------------------------------------------------------------------
+// linear layer y = x·Wᵀ + b, with a backward that writes dx, dW and db directly
+
+/// `dst[m×n] (+)= lhs[m×k]·rhs[k×n]` on row-major buffers given as (row stride, col stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the strides describe in-bounds views of the slices (checked by the callers'
+    // shape validation), and dst does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+struct LinearOp {
+    bias: bool,
+}
+
+impl LinearOp {
+    fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, din: usize, dout: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * dout];
+        if let Some(b) = b {
+            y.chunks_mut(dout).for_each(|r| r.copy_from_slice(b));
+        }
+        // lhs x: [rows × din]; rhs Wᵀ: element (i, j) = W[j, i] → strides (1, din).
+        gemm_f32(rows, dout, din, &mut y, b.is_some(), x, (din, 1), w, (1, din));
+        y
+    }
+
+    fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (rows, din) = l1.shape().dims2()?;
+        let (dout, din2) = l2.shape().dims2()?;
+        if din != din2 {
+            bail!("linear: input has {din} features but the weight expects {din2}");
+        }
+        Ok((rows, din, dout))
+    }
+
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, need_w: bool) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        let (rows, din) = x.dims2()?;
+        let dout = w.dim(0)?;
+        let dev = x.device();
+        let (dx, dw, db) = with_f32(x, "linear-bwd", |xs| {
+            with_f32(w, "linear-bwd", |ws| {
+                with_f32(grad, "linear-bwd", |g| {
+                    // dx = g·W: [rows × dout]·[dout × din]
+                    let mut dx = vec![0f32; rows * din];
+                    gemm_f32(rows, din, dout, &mut dx, false, g, (dout, 1), ws, (din, 1));
+                    // dW = gᵀ·x: [dout × rows]·[rows × din]
+                    let dw = need_w.then(|| {
+                        let mut dw = vec![0f32; dout * din];
+                        gemm_f32(dout, din, rows, &mut dw, false, g, (1, dout), xs, (din, 1));
+                        dw
+                    });
+                    let db = (self.bias && need_w).then(|| {
+                        let mut db = vec![0f32; dout];
+                        for r in g.chunks(dout) {
+                            db.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+                        }
+                        db
+                    });
+                    (dx, dw, db)
+                })
+            })
+        })???;
+        Ok((
+            Tensor::from_vec(dx, (rows, din), dev)?,
+            dw.map(|v| Tensor::from_vec(v, (dout, din), dev)).transpose()?,
+            db.map(|v| Tensor::from_vec(v, dout, dev)).transpose()?,
+        ))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "hetfed-linear"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, din, dout) = Self::dims(l1, l2)?;
+        let y = Self::forward(f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?, None, rows, din, dout);
+        Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, grad, w.track_op())?;
+        Ok((x.track_op().then_some(dx), dw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "hetfed-linear-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, din, dout) = Self::dims(l1, l2)?;
+        let b = f32_slice(s3, l3, "linear")?;
+        if b.len() != dout {
+            bail!("linear: expected a bias of size {dout}, found {}", b.len());
+        }
+        let y = Self::forward(f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?, Some(b), rows, din, dout);
+        Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // A frozen layer (LoRA, inference) skips dW and db: only dx is needed.
+        let need_w = w.track_op() || b.track_op();
+        let (dx, dw, db) = self.backward(x, w, grad, need_w)?;
+        Ok((x.track_op().then_some(dx), dw.filter(|_| w.track_op()), db.filter(|_| b.track_op())))
+    }
+}
+
+/// `x·Wᵀ + b` for `x: [rows, in]`, `W: [out, in]`, optional `b: [out]`, computed by one gemm
+/// call straight into the output, with a backward pass that writes dx, dW and db directly and
+/// skips dW/db for frozen weights.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp { bias: true }),
+        None => x.apply_op2(&w, LinearOp { bias: false }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // LayerNorm
 
 struct LayerNorm {
@@ -766,6 +933,17 @@ mod tests {
             },
             &[x],
         );
+    }
+
+    #[test]
+    fn linear_matches_matmul_forward_and_backward() {
+        let (x, w, b) = (rand(&[7, 5], 11), rand(&[3, 5], 12), rand(&[3], 13));
+        check_grads(
+            |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+            |t| t[0].matmul(&t[1].t().unwrap()).unwrap().broadcast_add(&t[2]).unwrap(),
+            &[x.clone(), w.clone(), b],
+        );
+        check_grads(|t| linear(&t[0], &t[1], None).unwrap(), |t| t[0].matmul(&t[1].t().unwrap()).unwrap(), &[x, w]);
     }
 
     #[test]
