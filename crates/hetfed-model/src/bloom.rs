@@ -37,7 +37,7 @@ fn default_eps() -> f64 {
 
 impl Config {
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.n_head == 0 || self.hidden_size % self.n_head != 0 {
+        if self.n_head == 0 || !self.hidden_size.is_multiple_of(self.n_head) {
             return Err(format!(
                 "hidden_size ({}) must be a multiple of n_head ({})",
                 self.hidden_size, self.n_head

@@ -67,13 +67,13 @@ impl Config {
             }
         }
         let kv = self.kv_heads();
-        if self.num_attention_heads == 0 || kv == 0 || self.num_attention_heads % kv != 0 {
+        if self.num_attention_heads == 0 || kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({kv})",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size ({}) must be a multiple of num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads

@@ -678,6 +678,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // BLOOM's tanh-GELU
 
 // BLOOM's own constants (modeling_bloom.py), not sqrt(2/pi) to more digits: parity needs these.
+#[allow(clippy::excessive_precision)]
 const GELU_C: f32 = 0.797_884_56;
 const GELU_C3: f32 = 0.044_715;
 

@@ -71,7 +71,7 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
             return Err("batch_size, grad_accum and epochs must be at least 1".into());
         }
-        if !(self.lr > 0.0) {
+        if self.lr.is_nan() || self.lr <= 0.0 {
             return Err(format!("lr must be positive, found {}", self.lr));
         }
         if self.proximal_mu < 0.0 {

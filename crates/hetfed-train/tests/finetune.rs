@@ -118,7 +118,7 @@ fn prompt_tokens_carry_no_loss_and_long_prompts_keep_their_end() {
     let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
     let tok = ck.tokenizer().unwrap();
     let ex = Example { prompt: "a b c d e f g h i j k l m n o p".into(), target: " yes".into() };
-    let e = &encode(tok, &[ex.clone()], 8, Some(2)).unwrap()[0];
+    let e = &encode(tok, std::slice::from_ref(&ex), 8, Some(2)).unwrap()[0];
     assert_eq!(e.ids.len(), 8);
     let t = tok.encode(" yes", false).unwrap().get_ids().to_vec();
     assert_eq!(&e.ids[e.prompt_len..e.ids.len() - 1], &t[..]);

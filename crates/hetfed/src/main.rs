@@ -38,11 +38,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Per-token log-probabilities of a text under a model
-    Score(commands::ScoreArgs),
+    Score(Box<commands::ScoreArgs>),
     /// Continue a prompt (greedy, or sampled with temperature/top-k/top-p and a seed)
-    Generate(commands::GenerateArgs),
+    Generate(Box<commands::GenerateArgs>),
     /// Fine-tune a model (full or LoRA) on {prompt, target} JSONL; writes a task vector
-    Finetune(commands::FinetuneArgs),
+    Finetune(Box<commands::FinetuneArgs>),
     /// Task vectors: difference of two models, apply to a base, inspect
     #[command(subcommand)]
     Taskvec(commands::TaskvecCmd),
@@ -74,9 +74,9 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let result = match cli.cmd {
-        Command::Score(a) => commands::score(a),
-        Command::Generate(a) => commands::generate(a),
-        Command::Finetune(a) => commands::finetune(a),
+        Command::Score(a) => commands::score(*a),
+        Command::Generate(a) => commands::generate(*a),
+        Command::Finetune(a) => commands::finetune(*a),
         Command::Taskvec(c) => commands::taskvec(c),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
