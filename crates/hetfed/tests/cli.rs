@@ -287,3 +287,22 @@ fn read_golden(path: &Path) -> (Golden, ()) {
     let lps: Vec<f64> = map["logprobs"].flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
     ((ids, lps), ())
 }
+
+#[test]
+fn finetune_reads_the_committed_toml_recipe() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/finetune-lora.toml");
+    let dir = tempdir("toml");
+    let train = dir.join("train.jsonl");
+    write_jsonl(&train);
+    let base = fixtures().join("llama_tied");
+    let out = dir.join("run");
+    let stdout = ok(&["finetune", "--config", cfg.to_str().unwrap(), "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap(), "--epochs", "1"]);
+    assert!(stdout.contains("task vector lora"), "{stdout}");
+    assert!(out.join("adapter/adapter_config.json").exists());
+    // A field of the wrong type is one clear error naming the file.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[train]\nlr = \"fast\"\n").unwrap();
+    let line = fails(&["finetune", "--config", bad.to_str().unwrap(), "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(line.contains("bad.toml"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
