@@ -6,6 +6,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod metric;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,8 @@ enum Command {
     /// Task vectors: difference of two models, apply to a base, inspect
     #[command(subcommand)]
     Taskvec(commands::TaskvecCmd),
+    /// Corpus BLEU, chrF/chrF++ or ROUGE of a hypothesis file against reference files
+    Metric(metric::MetricArgs),
     /// Training and inference throughput on the reference shape, side by side with PyTorch
     Bench(bench::BenchArgs),
     /// A tour of the foundation on a real model: generate, score, LoRA fine-tune, task vector
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate(*a),
         Command::Finetune(a) => commands::finetune(*a),
         Command::Taskvec(c) => commands::taskvec(c),
+        Command::Metric(a) => metric::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
     };

@@ -89,6 +89,7 @@ fn every_command_has_help() {
         vec!["taskvec", "info", "--help"],
         vec!["taskvec", "combine", "--help"],
         vec!["taskvec", "from-peft", "--help"],
+        vec!["metric", "--help"],
         vec!["bench", "--help"],
         vec!["demo", "--help"],
     ] {
@@ -304,5 +305,78 @@ fn finetune_reads_the_committed_toml_recipe() {
     std::fs::write(&bad, "[train]\nlr = \"fast\"\n").unwrap();
     let line = fails(&["finetune", "--config", bad.to_str().unwrap(), "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(line.contains("bad.toml"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `hetfed metric` against sacrebleu / rouge-score / multilingual ROUGE on the metric crate's
+/// fixtures (real FLORES, XL-Sum and SciTLDR text), through files as a user gives them.
+#[test]
+fn metric_command_matches_reference_scorers() {
+    let fix = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hetfed-metrics/tests/fixtures");
+    let dir = tempdir("metric");
+    let write = |name: &str, lines: &[String]| -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let strs = |v: &serde_json::Value| -> Vec<String> { v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect() };
+    let score = |args: Vec<String>| -> serde_json::Value {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(ok(&a).trim()).unwrap()
+    };
+    let mt: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fix.join("mt.json")).unwrap()).unwrap();
+    let mut n_checked = 0;
+    for set in mt["sets"].as_array().unwrap() {
+        let hyps = strs(&set["hyps"]);
+        if hyps.is_empty() || hyps.iter().any(|h| h.contains('\n')) {
+            continue;
+        }
+        let mut args = vec!["metric".to_string(), "bleu".into(), "--json".into(), "--hyp".into(), write("hyp.txt", &hyps)];
+        for (k, r) in set["refs"].as_array().unwrap().iter().enumerate() {
+            args.push("--ref".into());
+            args.push(write(&format!("ref{k}.txt"), &strs(r)));
+        }
+        let name = set["name"].as_str().unwrap();
+        let bleu = score(args.clone())["score"].as_f64().unwrap();
+        assert!((bleu - set["bleu"]["score"].as_f64().unwrap()).abs() <= 0.01, "{name}: BLEU {bleu}");
+        args[1] = "chrf".into();
+        let chrf = score(args.clone())["score"].as_f64().unwrap();
+        assert!((chrf - set["chrf"].as_f64().unwrap()).abs() <= 0.01, "{name}: chrF {chrf}");
+        args.extend(["--word-order".into(), "2".into()]);
+        let chrfpp = score(args)["score"].as_f64().unwrap();
+        assert!((chrfpp - set["chrf_pp"].as_f64().unwrap()).abs() <= 0.01, "{name}: chrF++ {chrfpp}");
+        n_checked += 1;
+    }
+    let rouge: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fix.join("rouge.json")).unwrap()).unwrap();
+    for set in rouge["sets"].as_array().unwrap() {
+        let ex = set["examples"].as_array().unwrap();
+        let one_ref = ex.iter().all(|e| e["refs"].as_array().unwrap().len() == 1);
+        let texts: Vec<String> = ex.iter().flat_map(|e| std::iter::once(e["hyp"].as_str().unwrap().to_string()).chain(strs(&e["refs"]))).collect();
+        if !one_ref || ex.is_empty() || texts.iter().any(|t| t.contains('\n') || t.contains('\r')) {
+            continue;
+        }
+        let hyps: Vec<String> = ex.iter().map(|e| e["hyp"].as_str().unwrap().to_string()).collect();
+        let refs: Vec<String> = ex.iter().map(|e| e["refs"][0].as_str().unwrap().to_string()).collect();
+        let name = set["name"].as_str().unwrap();
+        let lang = set["lang"].as_str().unwrap().to_string();
+        let base = vec!["metric".to_string(), "rouge".into(), "--json".into(), "--hyp".into(), write("hyp.txt", &hyps), "--ref".into(), write("ref.txt", &refs)];
+        let mut variants = vec![("multilingual", [base.clone(), vec!["--lang".into(), lang.clone()]].concat())];
+        if lang == "english" {
+            variants.push(("default", base.clone()));
+            variants.push(("default_stem", [base.clone(), vec!["--stem".into()]].concat()));
+        }
+        for (key, args) in variants {
+            let got = score(args);
+            for m in ["rouge1", "rouge2", "rougeL"] {
+                let (g, w) = (got[m].as_f64().unwrap(), set[key]["mean"][m].as_f64().unwrap());
+                assert!((g - w).abs() <= 0.01, "{name} {key} {m}: {g} vs {w}");
+            }
+        }
+        n_checked += 1;
+    }
+    assert!(n_checked >= 6, "too few fixture sets could be checked through files: {n_checked}");
+    // Unequal line counts are an error, not a silent truncation.
+    let line = fails(&["metric", "bleu", "--hyp", &write("h.txt", &["a".into(), "b".into()]), "--ref", &write("r.txt", &["a".into()])]);
+    assert!(line.contains("expected 2 lines"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
