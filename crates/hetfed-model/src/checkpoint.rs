@@ -91,6 +91,16 @@ impl Arch {
         }
     }
 
+    /// The longest sequence the model was trained for (`max_position_embeddings`; BLOOM, whose
+    /// ALiBi has no table, reports `seq_length` when its config has one, else 2048).
+    pub fn max_positions(&self, config_json: &Value) -> usize {
+        let get = |k: &str| config_json.get(k).and_then(Value::as_u64).map(|v| v as usize);
+        match self {
+            Arch::Bloom(_) => get("seq_length").unwrap_or(2048),
+            Arch::Llama(_) => get("max_position_embeddings").unwrap_or(2048),
+        }
+    }
+
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             Arch::Bloom(c) => c.eos_token_id,

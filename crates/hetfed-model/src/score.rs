@@ -8,10 +8,18 @@ use crate::ops;
 
 /// `out[s][i] = log P(seqs[s][i+1] | seqs[s][..=i])` for each sequence, computed in batches of
 /// `batch_size` right-padded sequences.
+///
+/// Sequences are batched by length (longest first) so a batch pads to about its own length, not to
+/// the longest sequence overall; results come back in input order.
 pub fn sequence_logprobs(model: &dyn CausalLm, seqs: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(seqs.len());
-    for chunk in seqs.chunks(batch_size.max(1)) {
-        out.extend(batch_logprobs(model, chunk)?);
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+    let mut out = vec![Vec::new(); seqs.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+        for (&i, lp) in chunk.iter().zip(batch_logprobs(model, &batch)?) {
+            out[i] = lp;
+        }
     }
     Ok(out)
 }

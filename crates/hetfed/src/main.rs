@@ -6,6 +6,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod eval;
 mod metric;
 
 use std::process::ExitCode;
@@ -47,6 +48,8 @@ enum Command {
     /// Task vectors: difference of two models, apply to a base, inspect
     #[command(subcommand)]
     Taskvec(commands::TaskvecCmd),
+    /// Evaluate a model on a task (accuracy, BLEU/chrF, ROUGE or perplexity)
+    Eval(Box<eval::EvalArgs>),
     /// Corpus BLEU, chrF/chrF++ or ROUGE of a hypothesis file against reference files
     Metric(metric::MetricArgs),
     /// Training and inference throughput on the reference shape, side by side with PyTorch
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate(*a),
         Command::Finetune(a) => commands::finetune(*a),
         Command::Taskvec(c) => commands::taskvec(c),
+        Command::Eval(a) => eval::run(*a),
         Command::Metric(a) => metric::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),

@@ -90,6 +90,7 @@ fn every_command_has_help() {
         vec!["taskvec", "combine", "--help"],
         vec!["taskvec", "from-peft", "--help"],
         vec!["metric", "--help"],
+        vec!["eval", "--help"],
         vec!["bench", "--help"],
         vec!["demo", "--help"],
     ] {
@@ -378,5 +379,51 @@ fn metric_command_matches_reference_scorers() {
     // Unequal line counts are an error, not a silent truncation.
     let line = fails(&["metric", "bleu", "--hyp", &write("h.txt", &["a".into(), "b".into()]), "--ref", &write("r.txt", &["a".into()])]);
     assert!(line.contains("expected 2 lines"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `hetfed eval` runs every task kind on the shared data, on a random BLOOM fixture and on the
+/// pretrained TinyStories model, and reports the task's metrics.
+#[test]
+fn eval_runs_every_task_on_shared_data() {
+    let Some(data) = hetfed_shared("data") else { return };
+    let data_s = data.to_str().unwrap();
+    let mut models = vec![fixtures().join("bloom_h3")];
+    if let Some(m) = hetfed_shared("models/tinystories-656k") {
+        models.push(m);
+    }
+    let cases: [(&str, &[&str]); 10] = [
+        ("ethos", &["accuracy", "macro_f1"]),
+        ("copa", &["accuracy"]),
+        ("flores:en-hi", &["bleu", "chrf", "chrf++"]),
+        ("tico:en-ta", &["bleu", "chrf"]),
+        ("xlsum:hi", &["rouge1", "rouge2", "rougeL"]),
+        ("xlsum:en", &["rouge1", "rougeL"]),
+        ("ilsum", &["rouge1"]),
+        ("scitldr", &["rouge1", "rouge2", "rougeL"]),
+        ("bbc", &["rougeL"]),
+        ("mltext:hi", &["perplexity"]),
+    ];
+    for m in &models {
+        for (task, metrics) in cases {
+            let out = ok(&["eval", "--model", m.to_str().unwrap(), "--task", task, "--limit", "3", "--max-new-tokens", "6", "--data-dir", data_s, "--json"]);
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{task}: {e}: {out}"));
+            assert_eq!(v["n_examples"], 3, "{task}: {out}");
+            for k in metrics {
+                let x = v["metrics"][k].as_f64().unwrap_or_else(|| panic!("{task}: no metric {k}: {out}"));
+                assert!(x.is_finite() && x >= 0.0, "{task}: {k} = {x}");
+            }
+        }
+    }
+    // Predictions are written with --out, one JSON line per example.
+    let dir = tempdir("eval");
+    ok(&["eval", "--model", models[0].to_str().unwrap(), "--task", "copa", "--limit", "5", "--data-dir", data_s, "--out", dir.to_str().unwrap()]);
+    let preds = std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
+    assert_eq!(preds.lines().count(), 5);
+    // A split the data does not have is one clear error naming the dataset and the split.
+    let line = fails(&["eval", "--model", models[0].to_str().unwrap(), "--task", "ethos", "--split", "test", "--data-dir", data_s]);
+    assert!(line.contains("ethos") && line.contains("test"), "{line}");
+    let line = fails(&["eval", "--model", models[0].to_str().unwrap(), "--task", "ethos", "--data-dir", dir.join("nowhere").to_str().unwrap()]);
+    assert!(line.contains("ethos") && line.contains("nowhere"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,89 @@
+//! Typed errors. Messages say what was expected, what was found and where, and end without a
+//! period (the convention of `hetfed_core::Error`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing of a dataset was found where the data directory says it should be.
+    #[error(
+        "dataset `{dataset}` not found: looked for {} (data directory {root}, {origin}); the public copy is at {url}",
+        paths(looked_at)
+    )]
+    MissingDataset { dataset: String, looked_at: Vec<PathBuf>, root: PathBuf, origin: String, url: String },
+    /// The dataset is there but the requested split is not.
+    #[error("dataset `{dataset}`: split `{split}` is not present: looked for {}{}", paths(looked_at), note_suffix(note))]
+    MissingSplit { dataset: String, split: String, looked_at: Vec<PathBuf>, note: String },
+    /// The dataset is there but not for this language.
+    #[error("dataset `{dataset}`: language `{lang}` not found: looked for {}; available: {}", paths(looked_at), list(available))]
+    MissingLanguage { dataset: String, lang: String, looked_at: Vec<PathBuf>, available: Vec<String> },
+    /// A file does not have the documented layout.
+    #[error("{}{}: {msg}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Format {
+        path: PathBuf,
+        /// 1-based line number, when the problem is on one line.
+        line: Option<usize>,
+        msg: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad task spec, dataset name, template or partition argument.
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_owned(), source }
+    }
+    pub(crate) fn format(path: &Path, line: Option<usize>, msg: impl Into<String>) -> Self {
+        Error::Format { path: path.to_owned(), line, msg: msg.into() }
+    }
+    pub(crate) fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
+    }
+}
+
+impl From<Error> for hetfed_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { path, source } => hetfed_core::Error::Io { path, source },
+            other => hetfed_core::Error::Msg(other.to_string()),
+        }
+    }
+}
+
+fn paths(p: &[PathBuf]) -> String {
+    let mut s = String::new();
+    for (i, p) in p.iter().enumerate() {
+        if i > 0 {
+            s.push_str(" or ");
+        }
+        let _ = write!(s, "{}", p.display());
+    }
+    s
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn note_suffix(note: &str) -> String {
+    if note.is_empty() {
+        String::new()
+    } else {
+        format!(" ({note})")
+    }
+}

@@ -1,0 +1,271 @@
+//! The evaluation runner: one function that scores any causal LM on any hetfed task, so the same
+//! code evaluates clients (small models) and the server (large model).
+//!
+//! - choice tasks (classification, reasoning): each candidate continuation is scored by its
+//!   log-likelihood after the prompt (batched); the prediction is the best candidate (length
+//!   normalised or not, configurable); accuracy and macro-F1;
+//! - generation tasks (translation, summarization): greedy KV-cached decoding, cut at the first
+//!   newline or end-of-sequence; BLEU/chrF/chrF++ or ROUGE against the references;
+//! - language modelling: perplexity over the texts.
+//!
+//! All scores are on a 0–100 scale except perplexity. Evaluation is deterministic.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use hetfed_data::{DatasetSpec, Items, TaskKind, TaskSpec};
+use hetfed_model::generate::{generate, SamplingConfig};
+use hetfed_model::score::continuation_logprobs;
+use hetfed_model::tokenizers::Tokenizer;
+use hetfed_model::CausalLm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    Metric(#[from] hetfed_metrics::Error),
+    #[error("tokenising: {0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalOptions {
+    /// Sequences per forward pass when scoring.
+    pub batch_size: usize,
+    /// Longest generated output, in tokens.
+    pub max_new_tokens: usize,
+    /// Longest sequence the model sees (prompt + continuation), in tokens; prompts lose their
+    /// start first. Set it to the model's context length.
+    pub max_len: usize,
+    /// Choice tasks: compare mean log-prob per token (true) or the sum (false). `None` = the
+    /// task kind's default: normalised for reasoning (alternatives differ in length), summed for
+    /// classification (label words are short and fixed).
+    pub length_normalise: Option<bool>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            max_new_tokens: 64,
+            max_len: 2048,
+            length_normalise: None,
+        }
+    }
+}
+
+/// One example's outcome, for `--out` files and error analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub id: String,
+    /// Choice tasks: the chosen candidate; generation: the output text; LM: empty.
+    pub prediction: String,
+    /// Choice tasks: the gold candidate; generation: the first reference.
+    pub gold: String,
+    /// Choice tasks: the per-candidate scores; LM: the text's total log-likelihood.
+    pub scores: Vec<f32>,
+}
+
+/// The result of evaluating a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub task: String,
+    pub n_examples: usize,
+    /// Metric name → value (0–100, perplexity as is).
+    pub metrics: BTreeMap<String, f64>,
+    pub seconds: f64,
+    pub examples_per_s: f64,
+    #[serde(skip)]
+    pub predictions: Vec<Prediction>,
+}
+
+struct Tok<'a> {
+    tok: &'a Tokenizer,
+    max_len: usize,
+}
+
+impl Tok<'_> {
+    fn ids(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self.tok.encode(text, special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    }
+    /// Cuts the start of `prompt` so that `prompt + room` tokens fit in `max_len` (the end of a
+    /// prompt, next to the answer, matters most).
+    fn fit(&self, mut prompt: Vec<u32>, room: usize) -> Vec<u32> {
+        let keep = self.max_len.saturating_sub(room).max(1);
+        if prompt.len() > keep {
+            prompt.drain(..prompt.len() - keep);
+        }
+        prompt
+    }
+    fn text(&self, ids: &[u32]) -> Result<String> {
+        self.tok.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+}
+
+/// Evaluates `model` on `items` of `task`, calling `progress(done, total)` as examples finish.
+pub fn evaluate(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    eos: Option<u32>,
+    task: &TaskSpec,
+    items: &Items,
+    opts: &EvalOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
+    let t0 = Instant::now();
+    let tok = Tok { tok: tokenizer, max_len: opts.max_len };
+    let total = items.len();
+    if total == 0 {
+        return Err(Error::Msg(format!("task `{}`: expected at least one example, found none", task.name)));
+    }
+    let mut metrics = BTreeMap::new();
+    let mut predictions = Vec::with_capacity(total);
+    match items {
+        Items::Choice(v) => {
+            let normalise = opts.length_normalise.unwrap_or(task.kind == TaskKind::Reasoning);
+            let (mut gold, mut pred) = (Vec::with_capacity(total), Vec::with_capacity(total));
+            let chunk = opts.batch_size.max(1);
+            for (c, items) in v.chunks(chunk).enumerate() {
+                let mut pairs = Vec::new();
+                for it in items {
+                    let cands: Vec<Vec<u32>> = it.candidates.iter().map(|c| tok.ids(c, false)).collect::<Result<_>>()?;
+                    let longest = cands.iter().map(Vec::len).max().unwrap_or(0);
+                    let p = tok.fit(tok.ids(&it.prompt, true)?, longest);
+                    for c in cands {
+                        pairs.push((p.clone(), c));
+                    }
+                }
+                let scores = continuation_logprobs(model, &pairs, opts.batch_size)?;
+                let mut k = 0;
+                for it in items {
+                    let s: Vec<f32> = scores[k..k + it.candidates.len()].iter().map(|s| if normalise { s.mean() } else { s.sum }).collect();
+                    k += it.candidates.len();
+                    let best = argmax(&s);
+                    gold.push(it.gold);
+                    pred.push(best);
+                    predictions.push(Prediction {
+                        id: it.id.clone(),
+                        prediction: it.candidates[best].clone(),
+                        gold: it.candidates.get(it.gold).cloned().unwrap_or_default(),
+                        scores: s,
+                    });
+                }
+                progress(((c + 1) * chunk).min(total), total);
+            }
+            metrics.insert("accuracy".into(), 100.0 * hetfed_metrics::classification::accuracy(&gold, &pred)?);
+            if task.kind == TaskKind::Classification {
+                metrics.insert("macro_f1".into(), 100.0 * hetfed_metrics::classification::macro_f1(&gold, &pred)?);
+            }
+        }
+        Items::Generation(v) => {
+            let cfg = SamplingConfig { max_new_tokens: opts.max_new_tokens, ..Default::default() };
+            let mut hyps = Vec::with_capacity(total);
+            for (i, it) in v.iter().enumerate() {
+                let p = tok.fit(tok.ids(&it.prompt, true)?, opts.max_new_tokens);
+                let out = generate(model, &p, &cfg, eos)?;
+                let text = tok.text(&out)?;
+                // Answers are one line: the prompt formats put the answer after a label.
+                let text = text.split('\n').next().unwrap_or("").trim().to_string();
+                predictions.push(Prediction {
+                    id: it.id.clone(),
+                    prediction: text.clone(),
+                    gold: it.references.first().cloned().unwrap_or_default(),
+                    scores: Vec::new(),
+                });
+                hyps.push(text);
+                progress(i + 1, total);
+            }
+            let refs: Vec<Vec<String>> = v.iter().map(|it| it.references.clone()).collect();
+            generation_metrics(task, &hyps, &refs, &mut metrics)?;
+        }
+        Items::Lm(v) => {
+            let mut pairs = Vec::with_capacity(total);
+            for it in v {
+                // Perplexity of text longer than the context: score its first max_len tokens.
+                let p = tok.ids(&it.prompt, true)?;
+                let mut t = tok.ids(&it.text, false)?;
+                t.truncate(opts.max_len.saturating_sub(p.len()).max(1));
+                pairs.push((p, t));
+            }
+            let (mut nll, mut n) = (0f64, 0u64);
+            for (c, chunk) in pairs.chunks(opts.batch_size.max(1)).enumerate() {
+                for (s, it) in continuation_logprobs(model, chunk, opts.batch_size)?.into_iter().zip(&v[c * opts.batch_size.max(1)..]) {
+                    nll -= s.sum as f64;
+                    n += s.n_tokens as u64;
+                    predictions.push(Prediction { id: it.id.clone(), prediction: String::new(), gold: String::new(), scores: vec![s.sum] });
+                }
+                progress(((c + 1) * opts.batch_size.max(1)).min(total), total);
+            }
+            metrics.insert("perplexity".into(), hetfed_metrics::classification::perplexity(nll, n)?);
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(EvalReport {
+        task: task.name.clone(),
+        n_examples: total,
+        metrics,
+        seconds,
+        examples_per_s: total as f64 / seconds.max(1e-9),
+        predictions,
+    })
+}
+
+/// BLEU and chrF/chrF++ for translation; ROUGE for summarization (rouge-score with the Porter
+/// stemmer for English, XL-Sum's multilingual ROUGE otherwise). References per example may vary
+/// in number (SciTLDR): BLEU/chrF use as many reference streams as the fewest-referenced example
+/// has, ROUGE takes the best reference per example.
+fn generation_metrics(task: &TaskSpec, hyps: &[String], refs: &[Vec<String>], out: &mut BTreeMap<String, f64>) -> Result<()> {
+    match task.kind {
+        TaskKind::Translation => {
+            let k = refs.iter().map(Vec::len).min().unwrap_or(0).max(1);
+            let streams: Vec<Vec<String>> = (0..k).map(|j| refs.iter().map(|r| r.get(j).cloned().unwrap_or_default()).collect()).collect();
+            out.insert("bleu".into(), hetfed_metrics::bleu::corpus_bleu(hyps, &streams)?.score);
+            let chrf = |w| hetfed_metrics::chrf::corpus_chrf(hyps, &streams, hetfed_metrics::chrf::CHAR_ORDER, w, hetfed_metrics::chrf::BETA);
+            out.insert("chrf".into(), chrf(0)?);
+            out.insert("chrf++".into(), chrf(hetfed_metrics::chrf::CHRF_PP_WORD_ORDER)?);
+        }
+        TaskKind::Summarization => {
+            let scorer = match summary_language(&task.dataset) {
+                None => hetfed_metrics::rouge::Rouge::new(true),
+                Some(lang) => hetfed_metrics::rouge::Rouge::multilingual(&lang)?,
+            };
+            let s = scorer.corpus_per_example(hyps, refs)?;
+            out.insert("rouge1".into(), s.rouge1);
+            out.insert("rouge2".into(), s.rouge2);
+            out.insert("rougeL".into(), s.rouge_l);
+        }
+        other => return Err(Error::Msg(format!("task `{}`: {other} is not a generation task", task.name))),
+    }
+    Ok(())
+}
+
+/// The XL-Sum language name for multilingual ROUGE, or `None` for English (rouge-score).
+fn summary_language(d: &DatasetSpec) -> Option<String> {
+    match d {
+        DatasetSpec::XlSum { lang } => {
+            let name = hetfed_data::lang::xlsum_name(lang);
+            (name != "english").then_some(name)
+        }
+        DatasetSpec::Ilsum => Some("hindi".into()),
+        _ => None,
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,98 @@
+//! `hetfed eval`: a model (optionally with an adapter or task vector) on one task's split.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use hetfed_data::{DataDir, Split, TaskRegistry};
+use hetfed_eval::{evaluate, EvalOptions};
+
+use crate::commands::{load, progress_bar, ModelArgs};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Task: ethos, copa, xcopa:<lang>, flores:<src>-<tgt>, tico:<src>-<tgt>, in22-gen:<src>-<tgt>,
+    /// in22-conv:<src>-<tgt>, xlsum:<lang>, ilsum, scitldr, bbc, mltext:<lang>, or one defined in --tasks
+    #[arg(long)]
+    pub task: String,
+    /// train, dev (validation) or test
+    #[arg(long, default_value = "dev")]
+    pub split: String,
+    /// Evaluate only the first N examples
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Data directory (default: $HETFED_DATA_DIR, else the per-user cache directory)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A TOML file of task definitions ([[task]] tables) that add to or override the built-ins
+    #[arg(long, value_name = "FILE")]
+    pub tasks: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Longest generated output (translation, summarization), in tokens
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Longest sequence in tokens (default: the model's context length); prompts lose their start
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Choice tasks: compare mean log-prob per token (true) or the sum (false); default by task kind
+    #[arg(long)]
+    pub length_normalise: Option<bool>,
+    /// Write predictions.jsonl and metrics.json here
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print exactly one JSON object with the metrics
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let registry = match &a.tasks {
+        Some(p) => TaskRegistry::from_toml_file(p)?,
+        None => TaskRegistry::new(),
+    };
+    let task = registry.get(&a.task)?;
+    let split: Split = a.split.parse()?;
+    let dir = DataDir::resolve(a.data_dir.as_deref())?;
+    let mut examples = task.load(&dir, split)?;
+    if let Some(n) = a.limit {
+        let keep: Vec<usize> = (0..examples.len().min(n)).collect();
+        examples = examples.subset(&keep)?;
+    }
+    let l = load(&a.m)?;
+    let tok = l.ck.tokenizer()?;
+    let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
+    let items = task.to_items(&examples, Some(&counter))?;
+    let max_len = a.max_len.unwrap_or_else(|| l.ck.arch.max_positions(&l.ck.config_json));
+    let opts = EvalOptions { batch_size: a.batch_size, max_new_tokens: a.max_new_tokens, max_len, length_normalise: a.length_normalise };
+    let pb = progress_bar(items.len() as u64, &format!("eval {}", task.name));
+    let report = evaluate(l.model.as_ref(), tok, l.ck.arch.eos_token_id(), &task, &items, &opts, |done, total| {
+        pb.set_position(done as u64);
+        let secs = pb.elapsed().as_secs_f64().max(1e-9);
+        pb.set_message(format!("{:.1} examples/s", done as f64 / secs));
+        let _ = total;
+    })?;
+    pb.finish_and_clear();
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let mut lines = String::new();
+        for p in &report.predictions {
+            lines.push_str(&serde_json::to_string(p)?);
+            lines.push('\n');
+        }
+        hetfed_core::write_atomic(&out.join("predictions.jsonl"), lines.as_bytes())?;
+        hetfed_core::write_atomic(&out.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "task": report.task, "split": split.as_str(), "n_examples": report.n_examples, "metrics": report.metrics }));
+    } else {
+        println!("{} ({} split, {} examples, {:.1} examples/s)", report.task, split.as_str(), report.n_examples, report.examples_per_s);
+        for (k, v) in &report.metrics {
+            println!("  {k:<12} {v:.2}");
+        }
+    }
+    Ok(())
+}
