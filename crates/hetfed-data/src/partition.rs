@@ -107,7 +107,10 @@ impl SplitMix64 {
 #[serde(tag = "scheme", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PartitionScheme {
     Iid,
+    /// Label skew: each class is spread over clients by Dirichlet(alpha) shares.
     Dirichlet { alpha: f64 },
+    /// Quantity skew: client sizes follow Dirichlet(alpha) shares, labels stay IID.
+    Quantity { alpha: f64 },
 }
 
 impl PartitionScheme {
@@ -116,6 +119,7 @@ impl PartitionScheme {
         match *self {
             PartitionScheme::Iid => iid(labels.len(), n_clients, seed),
             PartitionScheme::Dirichlet { alpha } => dirichlet(labels, n_clients, alpha, seed),
+            PartitionScheme::Quantity { alpha } => quantity(labels.len(), n_clients, alpha, seed),
         }
     }
 }
@@ -197,6 +201,55 @@ pub fn dirichlet(labels: &[usize], n_clients: usize, alpha: f64, seed: u64) -> R
     Ok(parts)
 }
 
+/// Quantity-skew split of `0..n`: client sizes are Dirichlet(alpha) shares of `n` (every client
+/// gets at least one example: each starts with one and the shares apportion the rest), the
+/// examples themselves are dealt at random. Small alpha = very unequal sizes.
+pub fn quantity(n: usize, n_clients: usize, alpha: f64, seed: u64) -> Result<Vec<Vec<usize>>> {
+    check_sizes(n, n_clients)?;
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(Error::config(format!("quantity-skew alpha must be positive and finite, found {alpha}")));
+    }
+    let mut rng = SplitMix64::new(seed);
+    let mut idx: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut idx);
+    let shares = rng.dirichlet(alpha, n_clients);
+    let extra = apportion(&shares, n - n_clients);
+    let mut start = 0;
+    Ok(extra
+        .iter()
+        .map(|&k| {
+            let mut part = idx[start..start + k + 1].to_vec();
+            start += k + 1;
+            part.sort_unstable();
+            part
+        })
+        .collect())
+}
+
+/// One task per client: client `c` works on task `c % n_tasks` (so every task has a client when
+/// `n_clients >= n_tasks`), and the clients sharing a task split its `task_sizes[t]` examples IID.
+/// Returns `(task_idx, example indices within that task)` per client.
+pub fn one_task_per_client(task_sizes: &[usize], n_clients: usize, seed: u64) -> Result<Vec<(usize, Vec<usize>)>> {
+    if task_sizes.is_empty() {
+        return Err(Error::config("expected at least one task, found none"));
+    }
+    if n_clients < task_sizes.len() {
+        return Err(Error::config(format!(
+            "one task per client needs at least one client per task: expected >= {} clients, found {n_clients}",
+            task_sizes.len()
+        )));
+    }
+    let mut out: Vec<(usize, Vec<usize>)> = (0..n_clients).map(|c| (c % task_sizes.len(), Vec::new())).collect();
+    for (t, &size) in task_sizes.iter().enumerate() {
+        let clients: Vec<usize> = (0..n_clients).filter(|c| c % task_sizes.len() == t).collect();
+        let parts = iid(size, clients.len(), seed ^ (t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
+        for (c, part) in clients.into_iter().zip(parts) {
+            out[c].1 = part;
+        }
+    }
+    Ok(out)
+}
+
 /// Statistics of one client's share.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientStats {
@@ -207,6 +260,25 @@ pub struct ClientStats {
     /// Shannon entropy of the client's label distribution, in bits (0 = one class;
     /// `log2(n_classes)` = uniform).
     pub label_entropy_bits: f64,
+    /// Tokens in the client's examples, when the caller counted them (see
+    /// [`with_token_counts`]); 0 otherwise.
+    #[serde(default)]
+    pub n_tokens: usize,
+}
+
+/// Fills `n_tokens` of each client from per-example token counts.
+pub fn with_token_counts(mut stats: Vec<ClientStats>, parts: &[Vec<usize>], tokens_per_example: &[usize]) -> Result<Vec<ClientStats>> {
+    for (s, part) in stats.iter_mut().zip(parts) {
+        s.n_tokens = part
+            .iter()
+            .map(|&i| {
+                tokens_per_example.get(i).copied().ok_or_else(|| {
+                    Error::config(format!("client {} holds example {i}, expected < {} token counts", s.client_idx, tokens_per_example.len()))
+                })
+            })
+            .sum::<Result<usize>>()?;
+    }
+    Ok(stats)
 }
 
 /// Shannon entropy in bits of a histogram (0 for an empty one).
@@ -215,7 +287,8 @@ pub fn entropy_bits(hist: &[usize]) -> f64 {
     if total == 0 {
         return 0.0;
     }
-    -hist
+    // `0.0 - x` rather than `-x`: a single class gives +0, not -0.
+    0.0 - hist
         .iter()
         .filter(|&&h| h > 0)
         .map(|&h| {
@@ -239,7 +312,7 @@ pub fn partition_stats(parts: &[Vec<usize>], labels: &[usize], n_classes: usize)
                     .ok_or_else(|| Error::config(format!("client {client_idx} holds example {i}, expected < {} examples", labels.len())))?;
                 label_hist[*l] += 1;
             }
-            Ok(ClientStats { client_idx, n_examples: part.len(), label_entropy_bits: entropy_bits(&label_hist), label_hist })
+            Ok(ClientStats { client_idx, n_examples: part.len(), label_entropy_bits: entropy_bits(&label_hist), label_hist, n_tokens: 0 })
         })
         .collect()
 }

@@ -117,3 +117,43 @@ fn ethos_labels_split_among_clients() {
     assert_eq!(client.len(), stats[0].n_examples);
     assert_eq!(client.labels().unwrap().iter().filter(|&&l| l == 1).count(), stats[0].label_hist[1]);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn quantity_skew_is_a_partition_and_deterministic(n_clients in 1usize..20, extra in 0usize..300, alpha in 0.05f64..50.0, seed in any::<u64>()) {
+        let n = n_clients + extra;
+        let a = hetfed_data::partition::quantity(n, n_clients, alpha, seed).unwrap();
+        assert_partition(&a, n, n_clients);
+        prop_assert_eq!(&a, &hetfed_data::partition::quantity(n, n_clients, alpha, seed).unwrap());
+    }
+
+    #[test]
+    fn one_task_per_client_covers_every_task_once(sizes in proptest::collection::vec(1usize..60, 1..5), more in 0usize..6, seed in any::<u64>()) {
+        let n_clients = sizes.len() + more;
+        // Enough examples for every client sharing a task.
+        let sizes: Vec<usize> = sizes.iter().map(|s| s + n_clients).collect();
+        let out = hetfed_data::partition::one_task_per_client(&sizes, n_clients, seed).unwrap();
+        prop_assert_eq!(out.len(), n_clients);
+        for (t, &size) in sizes.iter().enumerate() {
+            let parts: Vec<Vec<usize>> = out.iter().filter(|(tt, _)| *tt == t).map(|(_, p)| p.clone()).collect();
+            prop_assert!(!parts.is_empty());
+            let k = parts.len();
+            assert_partition(&parts, size, k);
+        }
+        prop_assert_eq!(&out, &hetfed_data::partition::one_task_per_client(&sizes, n_clients, seed).unwrap());
+    }
+}
+
+#[test]
+fn small_alpha_quantity_skew_is_unequal_and_token_counts_add_up() {
+    let parts = hetfed_data::partition::quantity(1000, 10, 0.1, 3).unwrap();
+    let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+    assert!(sizes.iter().max().unwrap() > &(5 * sizes.iter().min().unwrap()), "{sizes:?}");
+    let labels = vec![0usize; 1000];
+    let tokens: Vec<usize> = (0..1000).map(|i| i % 7 + 1).collect();
+    let stats = hetfed_data::partition::with_token_counts(hetfed_data::partition_stats(&parts, &labels, 1).unwrap(), &parts, &tokens).unwrap();
+    assert_eq!(stats.iter().map(|s| s.n_tokens).sum::<usize>(), tokens.iter().sum::<usize>());
+    assert!(hetfed_data::partition::one_task_per_client(&[5, 5], 1, 0).is_err());
+}

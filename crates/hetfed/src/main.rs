@@ -5,6 +5,7 @@
 
 mod bench;
 mod commands;
+mod data;
 mod demo;
 mod eval;
 mod metric;
@@ -48,6 +49,9 @@ enum Command {
     /// Task vectors: difference of two models, apply to a base, inspect
     #[command(subcommand)]
     Taskvec(commands::TaskvecCmd),
+    /// Task data: export fine-tuning JSONL, partition among clients
+    #[command(subcommand)]
+    Data(data::DataCmd),
     /// Evaluate a model on a task (accuracy, BLEU/chrF, ROUGE or perplexity)
     Eval(Box<eval::EvalArgs>),
     /// Corpus BLEU, chrF/chrF++ or ROUGE of a hypothesis file against reference files
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate(*a),
         Command::Finetune(a) => commands::finetune(*a),
         Command::Taskvec(c) => commands::taskvec(c),
+        Command::Data(c) => data::run(c),
         Command::Eval(a) => eval::run(*a),
         Command::Metric(a) => metric::run(a),
         Command::Bench(a) => bench::run(a),

@@ -91,6 +91,8 @@ fn every_command_has_help() {
         vec!["taskvec", "from-peft", "--help"],
         vec!["metric", "--help"],
         vec!["eval", "--help"],
+        vec!["data", "export", "--help"],
+        vec!["data", "partition", "--help"],
         vec!["bench", "--help"],
         vec!["demo", "--help"],
     ] {
@@ -425,5 +427,34 @@ fn eval_runs_every_task_on_shared_data() {
     assert!(line.contains("ethos") && line.contains("test"), "{line}");
     let line = fails(&["eval", "--model", models[0].to_str().unwrap(), "--task", "ethos", "--data-dir", dir.join("nowhere").to_str().unwrap()]);
     assert!(line.contains("ethos") && line.contains("nowhere"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn data_export_feeds_finetune_and_partition_covers_every_example() {
+    let Some(data) = hetfed_shared("data") else { return };
+    let data_s = data.to_str().unwrap();
+    let dir = tempdir("data");
+    let jsonl = dir.join("copa.jsonl");
+    ok(&["data", "export", "--task", "copa", "--data-dir", data_s, "--out", jsonl.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&jsonl).unwrap().lines().count(), 640);
+    // The exported file is what finetune reads.
+    let base = fixtures().join("bloom_h3");
+    ok(&["finetune", "--model", base.to_str().unwrap(), "--train", jsonl.to_str().unwrap(), "--out", dir.join("ft").to_str().unwrap(), "--lora-rank", "2", "--max-steps", "2"]);
+
+    let parts = dir.join("parts");
+    let out = ok(&["data", "partition", "--task", "ethos", "--data-dir", data_s, "--clients", "5", "--scheme", "dirichlet", "--alpha", "0.3", "--seed", "9", "--model", base.to_str().unwrap(), "--out", parts.to_str().unwrap()]);
+    let stats: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(stats.len(), 5);
+    let total: u64 = stats.iter().map(|s| s["n_examples"].as_u64().unwrap()).sum();
+    assert_eq!(total, 645, "every Ethos train example goes to exactly one client");
+    assert!(stats.iter().all(|s| s["n_tokens"].as_u64().unwrap() > 0));
+    let lines: usize = (0..5).map(|i| std::fs::read_to_string(parts.join(format!("client_{i}.jsonl"))).unwrap().lines().count()).sum();
+    assert_eq!(lines, 645);
+    // Same seed, same split.
+    let again = ok(&["data", "partition", "--task", "ethos", "--data-dir", data_s, "--clients", "5", "--scheme", "dirichlet", "--alpha", "0.3", "--seed", "9", "--model", base.to_str().unwrap()]);
+    assert_eq!(out, again);
+    let line = fails(&["data", "partition", "--task", "flores:en-hi", "--split", "dev", "--data-dir", data_s, "--clients", "2", "--scheme", "dirichlet"]);
+    assert!(line.contains("labels"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
