@@ -4,7 +4,7 @@
 //! - choice tasks (classification, reasoning): each candidate continuation is scored by its
 //!   log-likelihood after the prompt (batched); the prediction is the best candidate (length
 //!   normalised or not, configurable); accuracy and macro-F1;
-//! - generation tasks (translation, summarization): greedy KV-cached decoding, cut at the first
+//! - generation tasks (translation, summarization): batched greedy KV-cached decoding, cut at the first
 //!   newline or end-of-sequence; BLEU/chrF/chrF++ or ROUGE against the references;
 //! - language modelling: perplexity over the texts.
 //!
@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use hetfed_data::{DatasetSpec, Items, TaskKind, TaskSpec};
-use hetfed_model::generate::{generate, SamplingConfig};
+use hetfed_model::generate::{generate_batch, SamplingConfig};
 use hetfed_model::score::continuation_logprobs;
 use hetfed_model::tokenizers::Tokenizer;
 use hetfed_model::CausalLm;
@@ -168,22 +168,31 @@ pub fn evaluate(
         }
         Items::Generation(v) => {
             let cfg = SamplingConfig { max_new_tokens: opts.max_new_tokens, ..Default::default() };
-            let mut hyps = Vec::with_capacity(total);
-            for (i, it) in v.iter().enumerate() {
-                let p = tok.fit(tok.ids(&it.prompt, true)?, opts.max_new_tokens);
-                let out = generate(model, &p, &cfg, eos)?;
-                let text = tok.text(&out)?;
-                // Answers are one line: the prompt formats put the answer after a label.
-                let text = text.split('\n').next().unwrap_or("").trim().to_string();
+            let prompts: Vec<Vec<u32>> = v.iter().map(|it| Ok(tok.fit(tok.ids(&it.prompt, true)?, opts.max_new_tokens))).collect::<Result<_>>()?;
+            // Batches of similar prompt length waste little on padding; outputs return in order.
+            let mut order: Vec<usize> = (0..total).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+            let mut outputs = vec![String::new(); total];
+            let mut done = 0;
+            for chunk in order.chunks(opts.batch_size.max(1)) {
+                let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+                for (&i, out) in chunk.iter().zip(generate_batch(model, &batch, &cfg, eos)?) {
+                    let out: Vec<u32> = out.into_iter().take_while(|&t| Some(t) != eos).collect();
+                    // Answers are one line: the prompt formats put the answer after a label.
+                    outputs[i] = tok.text(&out)?.split('\n').next().unwrap_or("").trim().to_string();
+                }
+                done += chunk.len();
+                progress(done, total);
+            }
+            for (it, text) in v.iter().zip(&outputs) {
                 predictions.push(Prediction {
                     id: it.id.clone(),
                     prediction: text.clone(),
                     gold: it.references.first().cloned().unwrap_or_default(),
                     scores: Vec::new(),
                 });
-                hyps.push(text);
-                progress(i + 1, total);
             }
+            let hyps = outputs;
             let refs: Vec<Vec<String>> = v.iter().map(|it| it.references.clone()).collect();
             generation_metrics(task, &hyps, &refs, &mut metrics)?;
         }

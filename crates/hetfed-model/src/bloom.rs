@@ -141,7 +141,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, slopes: &[f32], cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, slopes: &[f32], lp: Option<&[usize]>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, hd) = (self.n_head, self.head_dim);
         // Fused layout per head: [.., n_head, 3, head_dim].
@@ -151,7 +151,7 @@ impl Attention {
         if let Some((c, idx)) = cache {
             (k, v) = c.append(idx, k, v)?;
         }
-        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(slopes))?;
+        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(slopes), lp)?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.dense.forward(&ctx)
     }
@@ -186,10 +186,10 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, slopes: &[f32], cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, slopes: &[f32], lp: Option<&[usize]>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
         let residual = if self.residual_post_ln { &ln } else { x };
-        let attn = (self.self_attention.forward(&ln, slopes, cache)? + residual)?;
+        let attn = (self.self_attention.forward(&ln, slopes, lp, cache)? + residual)?;
         let ln = self.post_attention_layernorm.forward(&attn)?;
         let residual = if self.residual_post_ln { &ln } else { &attn };
         let hidden = ops::gelu_tanh(&self.dense_h_to_4h.forward(&ln)?)?;
@@ -227,13 +227,13 @@ impl Model {
 }
 
 impl CausalLm for Model {
-    fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn forward_padded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
         // ALiBi and the causal mask live in the fused attention softmax (ops::causal_softmax).
         let (b, t) = ids.dims2()?;
         let mut x = embed(&self.word_embeddings, ids)?;
         x = self.word_embeddings_layernorm.forward(&x)?;
         for (idx, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, &self.slopes, cache.as_deref_mut().map(|c| (c, idx)))?;
+            x = block.forward(&x, &self.slopes, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?;
         }
         let x = self.ln_f.forward(&x)?;
         let logits = ops::linear(&x.reshape((b * t, self.cfg.hidden_size))?, &self.word_embeddings, None)?;

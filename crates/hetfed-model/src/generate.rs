@@ -67,6 +67,52 @@ pub fn generate_with(
     Ok(out)
 }
 
+/// Continues several prompts at once: left-padded into one batch (the padding is masked and not
+/// counted as positions), prefilled once, then one token per row per step through the KV cache.
+/// Greedy decoding gives exactly what [`generate`] gives for each prompt alone. A row stops after
+/// `eos`; the batch stops when every row has. Returns each row's new tokens.
+pub fn generate_batch(model: &dyn CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig, eos: Option<u32>) -> Result<Vec<Vec<u32>>> {
+    if prompts.iter().any(Vec::is_empty) {
+        candle_core::bail!("generation needs prompts of at least one token, found an empty one");
+    }
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let left_pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+    let mut ids = Vec::with_capacity(b * t);
+    for p in prompts {
+        // Padding id 0 is never attended to, so its value does not matter.
+        ids.extend(std::iter::repeat_n(0u32, t - p.len()));
+        ids.extend_from_slice(p);
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut cache = KvCache::new(model.n_layers());
+    let mut out = vec![Vec::with_capacity(cfg.max_new_tokens); b];
+    let mut done = vec![false; b];
+    let mut input = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    for _ in 0..cfg.max_new_tokens {
+        let step = input.dim(1)?;
+        let logits = model.forward_padded(&input, Some(&mut cache), Some(&left_pad))?;
+        let last = logits.narrow(1, step - 1, 1)?.squeeze(1)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(b);
+        for (row, l) in last.iter().enumerate() {
+            let tok = if done[row] { eos.unwrap_or(0) } else { pick(l, cfg, &mut rng) };
+            if !done[row] {
+                out[row].push(tok);
+                done[row] = Some(tok) == eos;
+            }
+            next.push(tok);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        input = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+    }
+    Ok(out)
+}
+
 /// Chooses the next token from logits: argmax when greedy, else a draw from the tempered,
 /// top-k / top-p filtered distribution.
 pub fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {

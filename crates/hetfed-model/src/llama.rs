@@ -151,7 +151,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, lp: Option<&[usize]>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
@@ -163,7 +163,7 @@ impl Attention {
         }
         let rep = self.n_head / self.n_kv;
         let (k, v) = if rep == 1 { (k, v) } else { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) };
-        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
+        let ctx = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None, lp)?;
         self.o_proj.forward(&ctx.transpose(1, 2)?.reshape((b, t, self.n_head * hd))?)
     }
 }
@@ -221,12 +221,14 @@ impl Model {
         })
     }
 
-    /// cos/sin tables `[t, head_dim]` for positions `past..past+t`.
-    fn rope_tables(&self, past: usize, t: usize, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables for positions `past..past+t`: `[t, head_dim]`, or `[b, 1, t, head_dim]`
+    /// with each row's positions shifted back by its left padding.
+    fn rope_tables(&self, past: usize, t: usize, left_pad: Option<&[usize]>, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half * 2);
-        let mut sin = Vec::with_capacity(t * half * 2);
-        for p in past..past + t {
+        let rows: Vec<usize> = left_pad.map_or_else(|| vec![0], <[usize]>::to_vec);
+        let mut cos = Vec::with_capacity(rows.len() * t * half * 2);
+        let mut sin = Vec::with_capacity(rows.len() * t * half * 2);
+        for p in rows.iter().flat_map(|&lp| (past..past + t).map(move |p| p.saturating_sub(lp))) {
             for _ in 0..2 {
                 for &f in &self.inv_freq {
                     // Computed in f32 like HF (position · inv_freq in float32).
@@ -236,23 +238,24 @@ impl Model {
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (t, 2 * half), dev)?,
-            Tensor::from_vec(sin, (t, 2 * half), dev)?,
-        ))
+        let shape: Vec<usize> = match left_pad {
+            None => vec![t, 2 * half],
+            Some(lp) => vec![lp.len(), 1, t, 2 * half],
+        };
+        Ok((Tensor::from_vec(cos, shape.clone(), dev)?, Tensor::from_vec(sin, shape, dev)?))
     }
 }
 
 impl CausalLm for Model {
-    fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn forward_padded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
         let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
-        let (cos, sin) = self.rope_tables(past, t, dev)?;
+        let (cos, sin) = self.rope_tables(past, t, left_pad, dev)?;
         let mut x = embed(&self.embed_tokens, ids)?;
         for (idx, l) in self.layers.iter().enumerate() {
             let hn = ops::rms_norm(&x, &l.input_layernorm, l.eps)?;
-            x = (x + l.self_attn.forward(&hn, &cos, &sin, cache.as_deref_mut().map(|c| (c, idx)))?)?;
+            x = (x + l.self_attn.forward(&hn, &cos, &sin, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?)?;
             let hn = ops::rms_norm(&x, &l.post_attention_layernorm, l.eps)?;
             let gate = l.mlp.gate_proj.forward(&hn)?.silu()?;
             let up = l.mlp.up_proj.forward(&hn)?;

@@ -12,7 +12,13 @@ pub trait CausalLm: Send + Sync {
     ///
     /// Batches of different lengths are right-padded: the causal mask already keeps every real
     /// token from seeing the padding after it, so positions and outputs of real tokens are exact.
-    fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.forward_padded(ids, cache, None)
+    }
+    /// Like [`CausalLm::forward`] for a left-padded batch: row `b` starts with `left_pad[b]`
+    /// padding tokens, which no token attends to and which do not count as positions. (What
+    /// batched generation uses; the padding rows' own outputs are meaningless.)
+    fn forward_padded(&self, ids: &Tensor, cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor>;
     fn n_layers(&self) -> usize;
     fn vocab_size(&self) -> usize;
 }
@@ -91,9 +97,9 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// Causal attention `softmax(q·kᵀ·scale [+ ALiBi])·v` for `q: [b, h, t, d]` and
 /// `k, v: [b, h, past + t, d]`; query `i` sees keys `0..=past + i`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slopes: Option<&[f32]>) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slopes: Option<&[f32]>, left_pad: Option<&[usize]>) -> Result<Tensor> {
     let past = k.dim(2)? - q.dim(2)?;
     let scores = q.matmul(&k.t()?)?;
-    let probs = crate::ops::causal_softmax(&scores, scale, slopes, past)?;
+    let probs = crate::ops::causal_softmax(&scores, scale, slopes, past, left_pad)?;
     probs.matmul(&v.contiguous()?)
 }

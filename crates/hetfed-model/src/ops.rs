@@ -260,6 +260,9 @@ struct CausalSoftmax {
     /// Per-head ALiBi slopes (BLOOM); empty for none (Llama).
     slopes: Vec<f32>,
     past: usize,
+    /// Per batch row, the number of leading padding keys to mask (left-padded batches); empty
+    /// for none.
+    left_pad: Vec<usize>,
 }
 
 impl CausalSoftmax {
@@ -277,19 +280,29 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(st, l, "causal_softmax")?;
         let (_, h, t, s) = l.shape().dims4()?;
-        if s != self.past + t || (!self.slopes.is_empty() && self.slopes.len() != h) {
-            bail!("causal_softmax: expected {} keys and {h} slopes, found {s} and {}", self.past + t, self.slopes.len());
+        let b = l.shape().dims()[0];
+        if s != self.past + t || (!self.slopes.is_empty() && self.slopes.len() != h) || (!self.left_pad.is_empty() && self.left_pad.len() != b) {
+            bail!(
+                "causal_softmax: expected {} keys, {h} slopes and {b} padding counts, found {s}, {} and {}",
+                self.past + t,
+                self.slopes.len(),
+                self.left_pad.len()
+            );
         }
         let mut out = vec![0f32; x.len()];
         par_rows_mut(&mut out, s, |r, o| {
             let (head, i) = self.row_info(r, h, t);
-            let n = self.past + i + 1; // visible keys
-            let xr = &x[r * s..r * s + n];
-            let slope = self.slopes.get(head).copied().unwrap_or(0.0);
-            for (j, (oj, &xj)) in o[..n].iter_mut().zip(xr).enumerate() {
-                *oj = self.scale * xj + slope * j as f32;
+            let lo = self.left_pad.get(r / (h * t)).copied().unwrap_or(0);
+            let n = self.past + i + 1; // keys up to and including this position
+            if lo >= n {
+                return; // a padding query sees no real key: its output stays 0
             }
-            let vis = &mut o[..n];
+            let xr = &x[r * s + lo..r * s + n];
+            let slope = self.slopes.get(head).copied().unwrap_or(0.0);
+            for (j, (oj, &xj)) in o[lo..n].iter_mut().zip(xr).enumerate() {
+                *oj = self.scale * xj + slope * (lo + j) as f32;
+            }
+            let vis = &mut o[lo..n];
             let m = max_f32(vis);
             let z = exp_sub_in_place(vis, m);
             scale_in_place(vis, 1.0 / z);
@@ -304,13 +317,14 @@ impl CustomOp1 for CausalSoftmax {
 }
 
 /// Causal attention probabilities from raw scores `[b, h, t, past + t]`: query `i` sees keys
-/// `0..=past + i`; `slopes` (one per head) add BLOOM's ALiBi bias `slope·j`, which equals
-/// `slope·(j - i)` after normalisation. With a backward pass.
-pub fn causal_softmax(scores: &Tensor, scale: f64, slopes: Option<&[f32]>, past: usize) -> Result<Tensor> {
+/// `left_pad[b]..=past + i`; `slopes` (one per head) add BLOOM's ALiBi bias `slope·j`, which
+/// equals `slope·(j - i)` (and `slope·(j - left_pad)`) after normalisation. With a backward pass.
+pub fn causal_softmax(scores: &Tensor, scale: f64, slopes: Option<&[f32]>, past: usize, left_pad: Option<&[usize]>) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
         slopes: slopes.map(<[f32]>::to_vec).unwrap_or_default(),
         past,
+        left_pad: left_pad.map(<[usize]>::to_vec).unwrap_or_default(),
     })
 }
 
@@ -921,7 +935,7 @@ mod tests {
         let slopes = [0.5f32, 0.25, 0.125];
         let scale = 0.3;
         check_grads(
-            |ts| causal_softmax(&ts[0], scale, Some(&slopes), past).unwrap(),
+            |ts| causal_softmax(&ts[0], scale, Some(&slopes), past, None).unwrap(),
             |ts| {
                 let s = past + t;
                 let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { -1e30 })).collect();

@@ -188,3 +188,19 @@ fn sharded_checkpoint_with_bf16_shard_loads() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn batched_left_padded_generation_equals_one_by_one() {
+    use hetfed_model::generate::{generate, generate_batch, SamplingConfig};
+    for name in ["bloom_h6_noprefix", "llama_gqa", "llama_tied"] {
+        let ck = Checkpoint::load(&fixture(name)).unwrap();
+        let model = ck.model(None).unwrap();
+        let prompts = vec![vec![1u32, 17, 42, 99, 5, 230, 7], vec![1, 8], vec![1, 250, 3, 3, 60]];
+        let cfg = SamplingConfig { max_new_tokens: 9, ..Default::default() };
+        let batched = generate_batch(model.as_ref(), &prompts, &cfg, None).unwrap();
+        for (p, got) in prompts.iter().zip(&batched) {
+            let alone = generate(model.as_ref(), p, &cfg, None).unwrap();
+            assert_eq!(got, &alone, "{name}: batched greedy decoding differs for prompt {p:?}");
+        }
+    }
+}
