@@ -130,21 +130,16 @@ fn prompt_tokens_carry_no_loss_and_long_prompts_keep_their_end() {
 #[test]
 fn lora_finetune_of_tinystories_lowers_held_out_loss() {
     let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else { return };
-    let Some(csv) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos/Ethos_Dataset_Binary.csv") else { return };
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let ck = Checkpoint::load(&dir).unwrap();
-    let text = std::fs::read_to_string(csv).unwrap();
-    let examples: Vec<Example> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let (c, v) = l.rsplit_once(';')?;
-            let hate = v.trim().parse::<f64>().ok()? >= 0.5;
-            Some(Example { prompt: format!("Comment: {c}\nIs this hate speech?"), target: if hate { " yes".into() } else { " no".into() } })
-        })
-        .collect();
-    // The file is sorted by label: draw both splits across all of it, disjointly.
-    let train: Vec<Example> = examples.iter().step_by(8).take(96).cloned().collect();
-    let held: Vec<Example> = examples.iter().skip(4).step_by(16).take(48).cloned().collect();
+    let dir = hetfed_data::DataDir::new(data.parent().unwrap());
+    let task = hetfed_data::task::builtin("ethos").unwrap();
+    let pairs = |split| -> Vec<Example> {
+        let ex = task.load(&dir, split).unwrap();
+        task.to_prompt_target(&ex, None).unwrap().into_iter().map(|p| Example { prompt: p.prompt, target: p.target }).collect()
+    };
+    let train: Vec<Example> = pairs(hetfed_data::Split::Train).into_iter().take(96).collect();
+    let held: Vec<Example> = pairs(hetfed_data::Split::Dev).into_iter().take(48).collect();
     let (train, held) = (&train[..], &held[..]);
     let tok = ck.tokenizer().unwrap();
     let train = encode(tok, train, 64, Some(2)).unwrap();
