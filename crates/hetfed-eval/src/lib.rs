@@ -4,7 +4,8 @@
 //! - choice tasks (classification, reasoning): each candidate continuation is scored by its
 //!   log-likelihood after the prompt (batched); the prediction is the best candidate (length
 //!   normalised or not, configurable); accuracy and macro-F1;
-//! - generation tasks (translation, summarization): batched greedy KV-cached decoding, cut at the first
+//! - generation tasks (translation, summarization): batched greedy KV-cached decoding (or beam
+//!   search), cut at the first
 //!   newline or end-of-sequence; BLEU/chrF/chrF++ or ROUGE against the references;
 //! - language modelling: perplexity over the texts.
 //!
@@ -16,7 +17,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use hetfed_data::{DatasetSpec, Items, TaskKind, TaskSpec};
-use hetfed_model::generate::{generate_batch, SamplingConfig};
+use hetfed_model::generate::{beam_search, generate_batch, SamplingConfig};
 use hetfed_model::score::continuation_logprobs;
 use hetfed_model::tokenizers::Tokenizer;
 use hetfed_model::CausalLm;
@@ -46,6 +47,8 @@ pub struct EvalOptions {
     /// Longest sequence the model sees (prompt + continuation), in tokens; prompts lose their
     /// start first. Set it to the model's context length.
     pub max_len: usize,
+    /// Generation: beam width; 1 = greedy decoding (batched across examples).
+    pub num_beams: usize,
     /// Choice tasks: compare mean log-prob per token (true) or the sum (false). `None` = the
     /// task kind's default: normalised for reasoning (alternatives differ in length), summed for
     /// classification (label words are short and fixed).
@@ -58,6 +61,7 @@ impl Default for EvalOptions {
             batch_size: 16,
             max_new_tokens: 64,
             max_len: 2048,
+            num_beams: 1,
             length_normalise: None,
         }
     }
@@ -176,7 +180,12 @@ pub fn evaluate(
             let mut done = 0;
             for chunk in order.chunks(opts.batch_size.max(1)) {
                 let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-                for (&i, out) in chunk.iter().zip(generate_batch(model, &batch, &cfg, eos)?) {
+                let outs = if opts.num_beams > 1 {
+                    batch.iter().map(|p| beam_search(model, p, opts.num_beams, opts.max_new_tokens, 1.0, eos)).collect::<candle_core::Result<Vec<_>>>()?
+                } else {
+                    generate_batch(model, &batch, &cfg, eos)?
+                };
+                for (&i, out) in chunk.iter().zip(outs) {
                     let out: Vec<u32> = out.into_iter().take_while(|&t| Some(t) != eos).collect();
                     // Answers are one line: the prompt formats put the answer after a label.
                     outputs[i] = tok.text(&out)?.split('\n').next().unwrap_or("").trim().to_string();

@@ -162,3 +162,79 @@ fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// Beam search (deterministic): keeps the `num_beams` best partial continuations by total
+/// log-probability; a beam that emits `eos` is finished. Finished and still-open beams are ranked by
+/// `sum_logprob / length^length_penalty` (Hugging Face's convention, with `length_penalty` 1.0 the
+/// mean log-prob per token). The beams advance together as one batch through a shared KV cache
+/// whose rows are reordered after each step. Returns the best continuation's new tokens.
+pub fn beam_search(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    num_beams: usize,
+    max_new_tokens: usize,
+    length_penalty: f64,
+    eos: Option<u32>,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        candle_core::bail!("generation needs a prompt of at least one token, found an empty one");
+    }
+    let k = num_beams.max(1);
+    let mut cache = KvCache::new(model.n_layers());
+    let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu)?;
+    let logits = model.forward(&ids, Some(&mut cache))?;
+    let mut last: Vec<Vec<f32>> = vec![logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_vec1::<f32>()?];
+    // Open beams: (tokens, sum of log-probs); initially one empty beam.
+    let mut beams: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0)];
+    let mut finished: Vec<(Vec<u32>, f64)> = Vec::new();
+    let rank = |toks: &[u32], s: f64| s / (toks.len().max(1) as f64).powf(length_penalty);
+    for _ in 0..max_new_tokens {
+        // Every (beam, token) candidate, best first.
+        let mut cands: Vec<(usize, u32, f64)> = Vec::new();
+        for (b, l) in last.iter().enumerate() {
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + l.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+            let mut idx: Vec<usize> = (0..l.len()).collect();
+            let top = (2 * k).min(l.len());
+            idx.select_nth_unstable_by(top - 1, |&x, &y| l[y].total_cmp(&l[x]));
+            for &t in &idx[..top] {
+                cands.push((b, t as u32, beams[b].1 + (l[t] - lse) as f64));
+            }
+        }
+        cands.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+        let mut next: Vec<(usize, Vec<u32>, f64)> = Vec::new();
+        for (b, t, s) in cands {
+            let mut toks = beams[b].0.clone();
+            toks.push(t);
+            if Some(t) == eos {
+                finished.push((toks, s));
+            } else {
+                next.push((b, toks, s));
+            }
+            if next.len() == k {
+                break;
+            }
+        }
+        // Stop when no beam is open or `k` have finished.
+        if next.is_empty() || finished.len() >= k {
+            break;
+        }
+        let rows: Vec<u32> = next.iter().map(|(b, _, _)| *b as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+        for layer in cache.layers.iter_mut().flatten() {
+            *layer = (layer.0.index_select(&rows, 0)?, layer.1.index_select(&rows, 0)?);
+        }
+        let input: Vec<u32> = next.iter().map(|(_, toks, _)| *toks.last().expect("a beam has a token")).collect();
+        let input = Tensor::from_vec(input, (next.len(), 1), &Device::Cpu)?;
+        let logits = model.forward(&input, Some(&mut cache))?;
+        last = logits.squeeze(1)?.to_vec2::<f32>()?;
+        beams = next.into_iter().map(|(_, t, s)| (t, s)).collect();
+    }
+    finished.extend(beams);
+    let best = finished
+        .into_iter()
+        .max_by(|a, b| rank(&a.0, a.1).total_cmp(&rank(&b.0, b.1)))
+        .map(|(t, _)| t)
+        .unwrap_or_default();
+    Ok(best)
+}

@@ -204,3 +204,23 @@ fn batched_left_padded_generation_equals_one_by_one() {
         }
     }
 }
+
+#[test]
+fn beam_search_with_one_beam_is_greedy_and_more_beams_score_no_worse() {
+    use hetfed_model::generate::{beam_search, generate, SamplingConfig};
+    for name in ["bloom_h3", "llama_gqa"] {
+        let ck = Checkpoint::load(&fixture(name)).unwrap();
+        let model = ck.model(None).unwrap();
+        let prompt = vec![1u32, 17, 42, 99];
+        let greedy = generate(model.as_ref(), &prompt, &SamplingConfig { max_new_tokens: 8, ..Default::default() }, None).unwrap();
+        assert_eq!(beam_search(model.as_ref(), &prompt, 1, 8, 1.0, None).unwrap(), greedy, "{name}");
+        // With equal lengths (no eos), a wider beam finds a sequence at least as likely.
+        let logp = |cont: &[u32]| -> f32 {
+            let seq: Vec<u32> = prompt.iter().chain(cont).copied().collect();
+            hetfed_model::score::sequence_logprobs(model.as_ref(), &[seq], 1).unwrap()[0][prompt.len() - 1..].iter().sum()
+        };
+        let wide = beam_search(model.as_ref(), &prompt, 4, 8, 1.0, None).unwrap();
+        assert_eq!(wide.len(), 8);
+        assert!(logp(&wide) >= logp(&greedy) - 1e-4, "{name}: beam {} < greedy {}", logp(&wide), logp(&greedy));
+    }
+}

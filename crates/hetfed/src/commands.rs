@@ -111,6 +111,9 @@ pub struct GenerateArgs {
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Beam search with this many beams (deterministic; excludes sampling)
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
     /// Print {"prompt_tokens", "tokens", "text"} as one JSON object
     #[arg(long)]
     pub json: bool,
@@ -130,7 +133,15 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let ids = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising --prompt: {e}"))?.get_ids().to_vec();
     let cfg = SamplingConfig { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let t0 = std::time::Instant::now();
-    let new = hetfed_model::generate::generate(l.model.as_ref(), &ids, &cfg, l.ck.arch.eos_token_id())?;
+    let eos = l.ck.arch.eos_token_id();
+    let new = if a.num_beams > 1 {
+        if a.temperature > 0.0 {
+            bail!("--num-beams {}: beam search is deterministic; expected --temperature 0, found {}", a.num_beams, a.temperature);
+        }
+        hetfed_model::generate::beam_search(l.model.as_ref(), &ids, a.num_beams, a.max_new_tokens, 1.0, eos)?
+    } else {
+        hetfed_model::generate::generate(l.model.as_ref(), &ids, &cfg, eos)?
+    };
     let secs = t0.elapsed().as_secs_f64();
     let text = tok.decode(&new, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
     if a.json {

@@ -35,6 +35,9 @@ pub struct EvalArgs {
     /// Longest generated output (translation, summarization), in tokens
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Beam width for generation tasks (1 = greedy)
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
     /// Longest sequence in tokens (default: the model's context length); prompts lose their start
     #[arg(long)]
     pub max_len: Option<usize>,
@@ -67,7 +70,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let items = task.to_items(&examples, Some(&counter))?;
     let max_len = a.max_len.unwrap_or_else(|| l.ck.arch.max_positions(&l.ck.config_json));
-    let opts = EvalOptions { batch_size: a.batch_size, max_new_tokens: a.max_new_tokens, max_len, length_normalise: a.length_normalise };
+    let opts = EvalOptions { batch_size: a.batch_size, max_new_tokens: a.max_new_tokens, max_len, num_beams: a.num_beams, length_normalise: a.length_normalise };
     let pb = progress_bar(items.len() as u64, &format!("eval {}", task.name));
     let report = evaluate(l.model.as_ref(), tok, l.ck.arch.eos_token_id(), &task, &items, &opts, |done, total| {
         pb.set_position(done as u64);

@@ -417,6 +417,10 @@ fn eval_runs_every_task_on_shared_data() {
             }
         }
     }
+    // Beam search output is scored the same way.
+    let out = ok(&["eval", "--model", models[0].to_str().unwrap(), "--task", "flores:en-fr", "--limit", "2", "--num-beams", "3", "--max-new-tokens", "5", "--data-dir", data_s, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["metrics"]["chrf"].as_f64().is_some(), "{out}");
     // Predictions are written with --out, one JSON line per example.
     let dir = tempdir("eval");
     ok(&["eval", "--model", models[0].to_str().unwrap(), "--task", "copa", "--limit", "5", "--data-dir", data_s, "--out", dir.to_str().unwrap()]);
