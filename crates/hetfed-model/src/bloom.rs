@@ -86,6 +86,58 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Freshly initialised weights as BLOOM initialises them: linear and embedding matrices
+    /// ~ N(0, 0.02), LayerNorm gains 1, biases 0. Deterministic under `seed`.
+    pub fn random_weights(&self, seed: u64) -> candle_core::Result<TensorMap> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut weights = TensorMap::new();
+        for (name, shape) in self.param_shapes() {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else if shape.len() == 1 {
+                vec![1.0; n]
+            } else {
+                // Box-Muller: N(0, 1) from two uniforms.
+                (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+                        0.02 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                    })
+                    .collect()
+            };
+            weights.insert(name, Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?);
+        }
+        Ok(weights)
+    }
+
+    /// The `config.json` that `transformers` reads for this model.
+    pub fn hf_config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["BloomForCausalLM"],
+            "model_type": "bloom",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "apply_residual_connection_post_layernorm": self.apply_residual_connection_post_layernorm,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "slow_but_exact": false,
+            "pretraining_tp": 1,
+            "use_cache": true,
+            "tie_word_embeddings": true,
+        })
+    }
+}
+
 /// Canonical names: add the `transformer.` prefix where missing; drop the tied `lm_head.weight`
 /// (it is the embedding matrix).
 pub fn canonicalize(raw: TensorMap) -> TensorMap {

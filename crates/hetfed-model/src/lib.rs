@@ -12,6 +12,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod score;
+pub mod tokenizer;
 
 pub use tokenizers;
 pub use checkpoint::{Arch, Checkpoint, ModelIdentity};

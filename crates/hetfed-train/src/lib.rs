@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod pretrain;
 
 use std::collections::BTreeMap;
 use std::path::Path;

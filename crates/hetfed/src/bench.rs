@@ -10,7 +10,6 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 
-use hetfed_core::TensorMap;
 use hetfed_model::{bloom, Arch, Checkpoint};
 use hetfed_train::{Encoded, TrainConfig, Trainer};
 
@@ -50,25 +49,7 @@ fn reference_checkpoint() -> Result<Checkpoint> {
         eos_token_id: Some(2),
         pad_token_id: Some(3),
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut weights = TensorMap::new();
-    for (name, shape) in cfg.param_shapes() {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else if shape.len() == 1 {
-            vec![1.0; n]
-        } else {
-            // N(0, 0.02) like BLOOM's init, via Box-Muller.
-            (0..n)
-                .map(|_| {
-                    let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
-                    0.02 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-                })
-                .collect()
-        };
-        weights.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
-    }
+    let weights = cfg.random_weights(0)?;
     Ok(Checkpoint {
         dir: PathBuf::from("<bench>"),
         config_json: serde_json::to_value(&cfg)?,

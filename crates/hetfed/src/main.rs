@@ -9,6 +9,7 @@ mod data;
 mod demo;
 mod eval;
 mod metric;
+mod pretrain;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,11 @@ enum Command {
     /// Task vectors: difference of two models, apply to a base, inspect
     #[command(subcommand)]
     Taskvec(commands::TaskvecCmd),
+    /// Train a byte-level BPE tokenizer
+    #[command(subcommand)]
+    Tokenizer(pretrain::TokenizerCmd),
+    /// Pretrain a BLOOM-architecture model from scratch (recipe in a TOML file)
+    Pretrain(pretrain::PretrainArgs),
     /// Task data: export fine-tuning JSONL, partition among clients
     #[command(subcommand)]
     Data(data::DataCmd),
@@ -88,6 +94,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate(*a),
         Command::Finetune(a) => commands::finetune(*a),
         Command::Taskvec(c) => commands::taskvec(c),
+        Command::Tokenizer(c) => pretrain::tokenizer(c),
+        Command::Pretrain(a) => pretrain::pretrain(a),
         Command::Data(c) => data::run(c),
         Command::Eval(a) => eval::run(*a),
         Command::Metric(a) => metric::run(a),
