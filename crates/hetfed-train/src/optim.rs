@@ -42,6 +42,7 @@ pub fn lr_at(base: f64, schedule: Schedule, warmup: usize, total: usize, step: u
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,

@@ -73,6 +73,15 @@ enum Command {
 /// the kernel zero fresh pages each time (20% of a step in `perf`).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// An error as one line: multi-line messages (TOML parse errors point at the line and column on
+/// separate lines) are joined, and any backtrace a dependency attached is dropped.
+fn one_line(msg: &str) -> String {
+    let msg = msg.split("\nStack backtrace:").next().unwrap_or(msg);
+    let msg = msg.split("\nstack backtrace:").next().unwrap_or(msg);
+    let joined: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' ')).collect();
+    joined.join(" ").trim_end_matches('.').to_string()
+}
+
 fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
@@ -105,10 +114,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the context chain, without any backtrace a dependency may have attached.
-            let msg = format!("{e:#}");
-            let first = msg.lines().next().unwrap_or("").trim_end_matches('.');
-            eprintln!("error: {first}");
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
