@@ -278,6 +278,24 @@ fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {
     Ok(c)
 }
 
+/// A flag that the first Ctrl-C sets (the run then saves its state and stops); a second Ctrl-C
+/// ends the process at once.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    stop
+}
+
+/// Opens a file for appending (metrics logs survive `--resume`).
+pub fn open_append(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))
+}
+
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
@@ -315,22 +333,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let total = tr.total_steps(train.len());
     let pb = progress_bar(total as u64, "finetune");
     pb.set_position(tr.step as u64);
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while the state is saved still ends the process (default handler is gone,
-        // so exit explicitly).
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(a.out.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}", a.out.join("metrics.jsonl").display()))?;
+    let stop = stop_flag();
+    let mut metrics = open_append(&a.out.join("metrics.jsonl"))?;
     let every = a.checkpoint_every.max(1);
     tr.train(
         &train,

@@ -1,8 +1,7 @@
 //! `hetfed tokenizer train` and `hetfed pretrain`: hetfed's own base models from scratch.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -113,20 +112,8 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let total = tr.total_steps(corpus.train.len());
     let pb = crate::commands::progress_bar(total as u64, "pretrain");
     pb.set_position(tr.step as u64);
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(a.out.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}", a.out.join("metrics.jsonl").display()))?;
+    let stop = crate::commands::stop_flag();
+    let mut metrics = crate::commands::open_append(&a.out.join("metrics.jsonl"))?;
     let t0 = std::time::Instant::now();
     tr.train(
         &corpus.train,
