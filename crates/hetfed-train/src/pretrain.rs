@@ -84,6 +84,30 @@ pub struct Corpus {
     pub train_tokens: usize,
     /// Lines (documents) per source, for the model card.
     pub sources: BTreeMap<String, usize>,
+    /// Perplexity of an add-one-smoothed unigram model of the training tokens on each language's
+    /// held-out lines: the floor a pretrained model must beat by far.
+    pub unigram_ppl: BTreeMap<String, f64>,
+}
+
+/// Add-one-smoothed unigram perplexity of `held` (every token after the first of each sequence)
+/// under token counts from `train_stream`.
+fn unigram_ppl(train_stream: &[u32], vocab: usize, held: &[Encoded]) -> f64 {
+    let mut counts = vec![1u64; vocab];
+    for &t in train_stream {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1;
+        }
+    }
+    let total: u64 = counts.iter().sum();
+    let (mut nll, mut n) = (0f64, 0usize);
+    for e in held {
+        for &t in &e.ids[e.prompt_len..] {
+            let c = counts.get(t as usize).copied().unwrap_or(1);
+            nll -= (c as f64 / total as f64).ln();
+            n += 1;
+        }
+    }
+    (nll / n.max(1) as f64).exp()
 }
 
 fn texts_of(ex: &Examples) -> Vec<String> {
@@ -140,13 +164,15 @@ pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u
         add(format!("{} (train split)", spec.name), texts_of(&ex), &mut stream)?;
     }
     let train_tokens = stream.len();
+    let vocab = tok.get_vocab_size(true);
+    let unigram_ppl = held_out.iter().map(|(l, h)| (l.clone(), unigram_ppl(&stream, vocab, h))).collect();
     // Packed: consecutive `seq_len` windows of the token stream (documents separated by eos);
     // the loss covers every position after the first.
     let train: Vec<Encoded> = stream.chunks_exact(cfg.seq_len).map(|c| Encoded { ids: c.to_vec(), prompt_len: 1 }).collect();
     if train.is_empty() {
         return Err(Error::msg(format!("the corpus has {train_tokens} tokens, fewer than one sequence of {}", cfg.seq_len)));
     }
-    Ok(Corpus { train, held_out, train_tokens, sources })
+    Ok(Corpus { train, held_out, train_tokens, sources, unigram_ppl })
 }
 
 /// A randomly initialised BLOOM checkpoint for `tok` (BLOOM's init, deterministic under `seed`).

@@ -151,6 +151,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         "steps": tr.step,
         "sources": corpus.sources,
         "held_out_ppl": ppl,
+        "unigram_ppl": corpus.unigram_ppl,
     });
     hetfed_core::write_atomic(&a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("{summary}");

@@ -492,6 +492,8 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     for lang in ["en", "hi"] {
         let p = summary["held_out_ppl"][lang].as_f64().unwrap();
         assert!(p.is_finite() && p > 1.0 && p < 1000.0, "{lang}: {p}");
+        let u = summary["unigram_ppl"][lang].as_f64().unwrap();
+        assert!(u.is_finite() && u > 1.0, "{lang}: unigram {u}");
     }
     let model = run1.join("model");
     let (tokens, lps) = score_json(&["score", "--model", model.to_str().unwrap(), "--text", "the cat", "--json"]);
