@@ -124,27 +124,42 @@ fn ids(tok: &Tokenizer, s: &str) -> Result<Vec<u32>> {
     Ok(tok.encode(s, false).map_err(|e| Error::msg(format!("tokenising: {e}")))?.get_ids().to_vec())
 }
 
-/// Reads, tokenises and packs the corpus. Only `train` splits feed training; the held-out lines
-/// come from `mltext`'s dev split, which no training text overlaps (hetfed-data's split rule).
-pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u32) -> Result<Corpus> {
-    let mut stream: Vec<u32> = Vec::new();
-    let mut sources = BTreeMap::new();
-    let mut held_out = BTreeMap::new();
-    let mut add = |name: String, texts: Vec<String>, stream: &mut Vec<u32>| -> Result<()> {
-        sources.insert(name, texts.len());
-        for t in texts {
-            stream.extend(ids(tok, &t)?);
-            stream.push(eos);
-        }
-        Ok(())
-    };
+/// The corpus's training text by source, in order: each language's `mltext` train split, then
+/// each task's *train* split. Never dev or test text, so a tokenizer trained on it has not seen
+/// the held-out lines either.
+pub fn training_texts(cfg: &PretrainConfig, dir: &DataDir) -> Result<Vec<(String, Vec<String>)>> {
+    let mut out = Vec::new();
     for lang in &cfg.languages {
         let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
         let mut train = texts_of(&spec.load(dir, Split::Train).map_err(|e| Error::msg(e.to_string()))?);
         if let Some(m) = cfg.max_lines_per_language {
             train.truncate(m);
         }
-        add(format!("mltext:{lang}"), train, &mut stream)?;
+        out.push((format!("mltext:{lang}"), train));
+    }
+    for task in &cfg.tasks {
+        let spec = hetfed_data::task::builtin(task).map_err(|e| Error::msg(e.to_string()))?;
+        let ex = spec.load(dir, Split::Train).map_err(|e| Error::msg(e.to_string()))?;
+        out.push((format!("{} (train split)", spec.name), texts_of(&ex)));
+    }
+    Ok(out)
+}
+
+/// Reads, tokenises and packs the corpus. Only `train` splits feed training; the held-out lines
+/// come from `mltext`'s dev split, which no training text overlaps (hetfed-data's split rule).
+pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u32) -> Result<Corpus> {
+    let mut stream: Vec<u32> = Vec::new();
+    let mut sources = BTreeMap::new();
+    for (name, texts) in training_texts(cfg, dir)? {
+        sources.insert(name, texts.len());
+        for t in texts {
+            stream.extend(ids(tok, &t)?);
+            stream.push(eos);
+        }
+    }
+    let mut held_out = BTreeMap::new();
+    for lang in &cfg.languages {
+        let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
         let dev = texts_of(&spec.load(dir, Split::Dev).map_err(|e| Error::msg(e.to_string()))?);
         let held: Vec<Encoded> = dev
             .iter()
@@ -157,11 +172,6 @@ pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u
             })
             .collect::<Result<_>>()?;
         held_out.insert(lang.clone(), held);
-    }
-    for task in &cfg.tasks {
-        let spec = hetfed_data::task::builtin(task).map_err(|e| Error::msg(e.to_string()))?;
-        let ex = spec.load(dir, Split::Train).map_err(|e| Error::msg(e.to_string()))?;
-        add(format!("{} (train split)", spec.name), texts_of(&ex), &mut stream)?;
     }
     let train_tokens = stream.len();
     let vocab = tok.get_vocab_size(true);

@@ -14,11 +14,18 @@ use hetfed_train::{eval_loss, Trainer};
 
 #[derive(Subcommand)]
 pub enum TokenizerCmd {
-    /// Train a byte-level BPE tokenizer (<unk>, <s>, </s>, <pad>; BOS prepended) on text files
+    /// Train a byte-level BPE tokenizer (<unk>, <s>, </s>, <pad>; BOS prepended) on text files,
+    /// or on the training text of a pretraining recipe (--recipe: train splits only)
     Train {
         /// Text files, one sentence or document per line
-        #[arg(long, required = true, num_args = 1..)]
+        #[arg(long, num_args = 1.., required_unless_present = "recipe", conflicts_with = "recipe")]
         input: Vec<PathBuf>,
+        /// Train on this pretraining recipe's corpus (mltext train split + task train splits)
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<PathBuf>,
+        /// Data directory for --recipe (default: $HETFED_DATA_DIR, else the per-user cache)
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
         #[arg(long, default_value_t = 2)]
@@ -29,7 +36,21 @@ pub enum TokenizerCmd {
 }
 
 pub fn tokenizer(c: TokenizerCmd) -> Result<()> {
-    let TokenizerCmd::Train { input, vocab_size, min_frequency, out } = c;
+    let TokenizerCmd::Train { mut input, recipe, data_dir, vocab_size, min_frequency, out } = c;
+    // A recipe's corpus is written to one text file per source beside the output, which then
+    // also serve the tokens-per-character report.
+    if let Some(r) = &recipe {
+        let cfg = read_recipe(r)?;
+        let dir = DataDir::resolve(data_dir.as_deref())?;
+        let texts_dir = out.with_extension("corpus");
+        std::fs::create_dir_all(&texts_dir).with_context(|| format!("creating {}", texts_dir.display()))?;
+        for (name, texts) in hetfed_train::pretrain::training_texts(&cfg, &dir)? {
+            let file = texts_dir.join(format!("{}.txt", name.replace([':', ' ', '(', ')'], "_")));
+            let body: String = texts.iter().map(|t| t.replace('\n', " ") + "\n").collect();
+            hetfed_core::write_atomic(&file, body.as_bytes())?;
+            input.push(file);
+        }
+    }
     let files: Vec<String> = input.iter().map(|p| p.display().to_string()).collect();
     let t0 = std::time::Instant::now();
     let tok = hetfed_model::tokenizer::train_bpe(&files, vocab_size, min_frequency)?;
@@ -45,6 +66,13 @@ pub fn tokenizer(c: TokenizerCmd) -> Result<()> {
         println!("{:<48} {:>14.3}", f.display(), hetfed_model::tokenizer::tokens_per_char(&tok, &lines)?);
     }
     Ok(())
+}
+
+fn read_recipe(path: &Path) -> Result<PretrainConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg: PretrainConfig = toml::from_str(&text).with_context(|| format!("{}: expected a pretraining recipe", path.display()))?;
+    cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(cfg)
 }
 
 #[derive(Args)]
@@ -77,9 +105,7 @@ fn held_out_ppl(tr: &Trainer, held: &std::collections::BTreeMap<String, Vec<hetf
 }
 
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: PretrainConfig = toml::from_str(&text).with_context(|| format!("{}: expected a pretraining recipe", a.config.display()))?;
-    cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    let cfg = read_recipe(&a.config)?;
     let dtype = match a.dtype.as_str() {
         "f16" => DType::F16,
         "bf16" => DType::BF16,

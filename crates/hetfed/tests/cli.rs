@@ -485,6 +485,10 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     let cfg = dir.join("recipe.toml");
     std::fs::write(&cfg, recipe(4)).unwrap();
     let data_s = data.to_str().unwrap();
+    // The tokenizer can also be trained on exactly the recipe's training text (train splits only).
+    let tok2 = dir.join("from-recipe/tokenizer.json");
+    let out = ok(&["tokenizer", "train", "--recipe", cfg.to_str().unwrap(), "--data-dir", data_s, "--vocab-size", "400", "--out", tok2.to_str().unwrap()]);
+    assert!(tok2.exists() && out.contains("mltext_hi.txt") && out.contains("ethos"), "{out}");
     let run1 = dir.join("run1");
     let out = ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", run1.to_str().unwrap(), "--data-dir", data_s]);
     let summary: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
