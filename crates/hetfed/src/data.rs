@@ -61,12 +61,16 @@ pub enum Scheme {
     Quantity,
 }
 
-fn load(t: &TaskArgs) -> Result<(hetfed_data::TaskSpec, hetfed_data::Examples)> {
-    let registry = match &t.tasks {
+/// The built-in tasks, plus (or overridden by) those in a `--tasks` TOML file.
+pub fn task_registry(tasks: Option<&std::path::Path>) -> Result<TaskRegistry> {
+    Ok(match tasks {
         Some(p) => TaskRegistry::from_toml_file(p)?,
         None => TaskRegistry::new(),
-    };
-    let task = registry.get(&t.task)?;
+    })
+}
+
+fn load(t: &TaskArgs) -> Result<(hetfed_data::TaskSpec, hetfed_data::Examples)> {
+    let task = task_registry(t.tasks.as_deref())?.get(&t.task)?;
     let split: Split = t.split.parse()?;
     let examples = task.load(&DataDir::resolve(t.data_dir.as_deref())?, split)?;
     Ok((task, examples))

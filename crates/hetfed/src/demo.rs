@@ -13,7 +13,7 @@ use clap::Args;
 use hetfed_data::{DataDir, Split};
 use hetfed_eval::{evaluate, EvalOptions};
 use hetfed_model::generate::SamplingConfig;
-use hetfed_model::{Arch, Checkpoint, LoraConfig};
+use hetfed_model::{Checkpoint, LoraConfig};
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Example, TrainConfig, Trainer};
 
@@ -63,12 +63,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .map(|p| Example { prompt: p.prompt, target: p.target })
         .collect();
     let dev_items = task.to_items(&dev_ex, Some(&counter))?;
-    let targets = match ck.arch {
-        Arch::Llama(_) => ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].as_slice(),
-        Arch::Bloom(_) => ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"].as_slice(),
-    };
     let cfg = TrainConfig {
-        lora: Some(LoraConfig { rank: 8, alpha: 16.0, dropout: 0.05, targets: targets.iter().map(|s| s.to_string()).collect() }),
+        lora: Some(LoraConfig { rank: 8, alpha: 16.0, dropout: 0.05, targets: crate::commands::default_targets(&ck) }),
         lr: 3e-3,
         epochs: a.epochs,
         batch_size: 16,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use hetfed_data::{DataDir, Split, TaskRegistry};
+use hetfed_data::{DataDir, Split};
 use hetfed_eval::{evaluate, EvalOptions};
 
 use crate::commands::{load, progress_bar, ModelArgs};
@@ -53,11 +53,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let registry = match &a.tasks {
-        Some(p) => TaskRegistry::from_toml_file(p)?,
-        None => TaskRegistry::new(),
-    };
-    let task = registry.get(&a.task)?;
+    let task = crate::data::task_registry(a.tasks.as_deref())?.get(&a.task)?;
     let split: Split = a.split.parse()?;
     let dir = DataDir::resolve(a.data_dir.as_deref())?;
     let mut examples = task.load(&dir, split)?;
