@@ -1,0 +1,14 @@
+//! hetfed's federated protocol, independent of any model code.
+//!
+//! - [`types`]: the domain messages (register, instructions, upload header, evaluation report).
+//! - [`service`]: the [`FedService`] trait the server implements. The client is written against
+//!   `Arc<dyn FedService>`: in simulation that is the server object itself (the in-memory
+//!   transport); in deployment it is [`grpc::GrpcClient`], which forwards every call over gRPC + TLS
+//!   to [`grpc::serve`] wrapping the same server object. One server and one client code path.
+//! - [`grpc`], [`tls`]: the tonic transport, protobuf schema under `proto/`, certificates.
+
+pub mod service;
+pub mod types;
+
+pub use service::{body_from_bytes, collect_body, ByteStream, Caller, FedService, Secret, ServiceError};
+pub use types::*;

@@ -1,0 +1,100 @@
+//! Domain messages of the federated protocol. The protobuf schema (`proto/hetfed/v1/fed.proto`)
+//! mirrors these; free-form parts (fit configuration, metrics) travel as JSON or maps.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What a client declares when it registers. Only aggregate statistics of its data, never examples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClientInfo {
+    pub client_id: String,
+    /// Model architecture (`model_type` of its base, e.g. "bloom").
+    pub arch: String,
+    /// Content hash of the client's base weights (`ModelIdentity::weights_hash`).
+    pub base_hash: String,
+    /// e.g. "lora", "full", "f16", "int8".
+    pub capabilities: Vec<String>,
+    pub stats: DataStats,
+}
+
+/// Aggregate statistics of a client's private training data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DataStats {
+    pub tasks: Vec<String>,
+    pub n_examples: u64,
+    pub n_tokens: u64,
+    /// Label → count (classification tasks; empty otherwise).
+    pub label_hist: BTreeMap<String, u64>,
+    pub label_entropy_bits: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RegisterReply {
+    /// The run this server is executing (clients log it; a changed id after reconnect means a new run).
+    pub run_id: String,
+    pub message: String,
+}
+
+/// The answer to a (long-polled) request for instructions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Instruction {
+    /// Train in this round.
+    Fit(FitIns),
+    /// Nothing for this client yet; ask again (the server held the poll as long as it could).
+    Wait,
+    /// The run is over; the client exits.
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitIns {
+    pub round: u64,
+    /// Hash of the weights the client must start from: its own base hash, or the server's global
+    /// model (then the client fetches it with [`crate::FedService::fetch_model`] if it lacks it).
+    pub model_version: String,
+    /// Strategy-defined configuration as JSON (epochs, lr, proximal_mu, encoding, ...).
+    pub config: serde_json::Value,
+    /// Unix milliseconds after which the server stops accepting this round's updates.
+    pub deadline_unix_ms: u64,
+}
+
+/// Sent before an update's bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UploadHeader {
+    pub round: u64,
+    pub client_id: String,
+    pub n_examples: u64,
+    /// Total length of the body in bytes.
+    pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of the body.
+    pub sha256: String,
+    /// e.g. "f32", "f16", "int8", "lora" (the body is a task vector's safetensors bytes).
+    pub encoding: String,
+    /// Client-side metrics of this fit (train loss, validation gain, train seconds, ...).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UploadReply {
+    pub accepted: bool,
+    /// True when the same client already uploaded for this round (the retry is accepted once, not twice).
+    pub duplicate: bool,
+    pub reason: String,
+}
+
+/// Metadata of a model download.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ModelHeader {
+    pub version: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct EvalReport {
+    pub round: u64,
+    pub client_id: String,
+    pub n_examples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
