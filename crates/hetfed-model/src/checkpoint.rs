@@ -75,6 +75,14 @@ impl Arch {
     }
 
     /// A stable hash of the typed config (what determines the network's shape and math).
+    /// The linear layers LoRA adapts by default: every projection of attention and MLP.
+    pub fn default_lora_targets(&self) -> Vec<String> {
+        match self {
+            Arch::Bloom(_) => ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec(),
+            Arch::Llama(_) => ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
+        }
+    }
+
     pub fn config_hash(&self) -> String {
         let s = match self {
             Arch::Bloom(c) => serde_json::to_string(c),

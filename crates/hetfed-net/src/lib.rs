@@ -6,9 +6,16 @@
 //!   transport); in deployment it is [`grpc::GrpcClient`], which forwards every call over gRPC + TLS
 //!   to [`grpc::serve`] wrapping the same server object. One server and one client code path.
 //! - [`grpc`], [`tls`]: the tonic transport, protobuf schema under `proto/`, certificates.
+//! - [`error`]: [`NetError`], the errors of setting the transport up.
 
+pub mod error;
+pub mod grpc;
 pub mod service;
+pub mod tls;
 pub mod types;
 
+pub use error::NetError;
+pub use grpc::{serve, serve_with_listener, GrpcClient, Limits};
 pub use service::{body_from_bytes, collect_body, ByteStream, Caller, FedService, Secret, ServiceError};
+pub use tls::{generate_dev_certs, install_crypto_provider, CertPaths, ClientTls, ServerTls};
 pub use types::*;

@@ -217,6 +217,29 @@ proptest! {
     }
 
     #[test]
+    fn int8_round_trip_is_within_half_a_step_per_row(tv in dims().prop_flat_map(|(o, i)| any_tv(o, i))) {
+        let bytes = tv.to_bytes_int8().unwrap();
+        let back = TaskVector::from_bytes(&bytes, std::path::Path::new("<int8>")).unwrap();
+        prop_assert_eq!(&back.base, &tv.base);
+        prop_assert_eq!(back.lora_config(), tv.lora_config());
+        let stored = |t: &TaskVector| match &t.kind { Delta::Full(m) | Delta::Lora { factors: m, .. } => m.clone() };
+        let (a, b) = (stored(&tv), stored(&back));
+        prop_assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, t) in &a {
+            let rows = if t.rank() >= 2 { t.dims()[0] } else { 1 };
+            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+            let cols = x.len() / rows.max(1);
+            for (r, (xr, yr)) in x.chunks(cols.max(1)).zip(y.chunks(cols.max(1))).enumerate() {
+                let step = xr.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                for (u, v) in xr.iter().zip(yr) {
+                    prop_assert!((u - v).abs() <= 0.5 * step * 1.0001 + 1e-12, "{} row {}: {} vs {}", name, r, u, v);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn peft_round_trips(tv in dims().prop_flat_map(|(o, i)| lora_tv(o, i, &["h.0.q", "h.1.k"]))) {
         let dir = tmp("adapter");
         export_peft(&tv, &dir, "bigscience/bloom-560m").unwrap();
@@ -474,4 +497,14 @@ fn peft_import_rejects_options_that_change_the_math() {
     std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
     let err = import_peft(&dir).unwrap_err().to_string();
     assert!(err.contains("lora_A"), "{err}");
+}
+
+#[test]
+fn int8_is_about_a_quarter_of_f32() {
+    let w = Tensor::randn(0f32, 0.02, (256, 512), &Device::Cpu).unwrap();
+    let mut m = TensorMap::new();
+    m.insert("h.0.w".into(), w);
+    let tv = TaskVector { base: bloom(), kind: Delta::Full(m) };
+    let (q, f) = (tv.to_bytes_int8().unwrap().len(), tv.to_bytes(DType::F32).unwrap().len());
+    assert!((q as f64) < 0.27 * f as f64, "int8 {q} bytes vs f32 {f}");
 }

@@ -228,10 +228,7 @@ struct FileConfig {
 
 /// LoRA targets when none are given: every attention and MLP projection of the architecture.
 pub fn default_targets(ck: &Checkpoint) -> Vec<String> {
-    match ck.arch {
-        hetfed_model::Arch::Bloom(_) => vec!["query_key_value".into(), "dense".into(), "dense_h_to_4h".into(), "dense_4h_to_h".into()],
-        hetfed_model::Arch::Llama(_) => ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
-    }
+    ck.arch.default_lora_targets()
 }
 
 fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {

@@ -1,0 +1,341 @@
+//! The federated client: registers with aggregate statistics of its private data, then per
+//! round trains locally from the round's model, evaluates on its own held-out slice, encodes the
+//! update and uploads it. Written against `Arc<dyn FedService>`: the server object itself in
+//! simulation, a gRPC client in deployment. Examples never leave this module.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use candle_core::DType;
+use futures::StreamExt;
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_data::{Items, TaskSpec};
+use hetfed_eval::{evaluate, EvalOptions};
+use hetfed_model::{Checkpoint, LoraConfig, ModelIdentity};
+use hetfed_net::{body_from_bytes, Caller, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction, ServiceError, UploadHeader};
+use hetfed_taskvec::TaskVector;
+use hetfed_train::{Example, TrainConfig, Trainer};
+
+use crate::strategy::FitConfig;
+use crate::sys;
+
+/// A client's private data: training pairs and a local held-out slice.
+pub struct ClientData {
+    pub task: TaskSpec,
+    pub train: Vec<Example>,
+    pub val: Vec<Example>,
+    pub val_items: Items,
+    pub stats: DataStats,
+}
+
+pub struct ClientOptions {
+    pub caller: Caller,
+    /// The client's own base model (architecture, tokenizer, and the weights of rounds that
+    /// start from it).
+    pub base: Checkpoint,
+    pub data: ClientData,
+    pub eval_opts: EvalOptions,
+    /// How long one long poll may wait.
+    pub poll_wait: Duration,
+    /// First retry delay after a transport failure (doubles up to 30 s).
+    pub backoff: Duration,
+    /// Give up after this long without reaching the server.
+    pub give_up_after: Duration,
+}
+
+/// What a client did over a run.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSummary {
+    pub rounds_trained: Vec<u64>,
+    pub refused: Vec<(u64, String)>,
+}
+
+/// One round's local training result.
+pub struct LocalUpdate {
+    pub bytes: Vec<u8>,
+    pub n_examples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Trains one round from `weights` (the round's model, whose identity is `identity`) and returns
+/// the encoded update and its metrics. Pure computation: usable without any server.
+pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdentity, cfg: &FitConfig, data: &ClientData, eval_opts: &EvalOptions) -> Result<LocalUpdate> {
+    let t0 = Instant::now();
+    let cpu0 = sys::cpu_seconds();
+    let ck = Checkpoint { dir: base.dir.clone(), arch: base.arch.clone(), weights, tokenizer: base.tokenizer.clone(), config_json: base.config_json.clone() };
+    let tok = ck.tokenizer()?;
+    let eos = ck.arch.eos_token_id();
+    let train = hetfed_train::encode(tok, &data.train, cfg.max_len, eos)?;
+    let val = hetfed_train::encode(tok, &data.val, cfg.max_len, eos)?;
+    let lora = (cfg.lora_rank > 0).then(|| LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, dropout: 0.0, targets: ck.arch.default_lora_targets() });
+    let tcfg = TrainConfig {
+        lora,
+        lr: cfg.lr,
+        epochs: cfg.epochs.max(1),
+        max_steps: cfg.max_steps,
+        batch_size: cfg.batch_size,
+        max_len: cfg.max_len,
+        proximal_mu: cfg.proximal_mu,
+        warmup_steps: 0,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let mut tr = Trainer::new(&ck, tcfg, None)?;
+    let val_before = if val.is_empty() { f64::NAN } else { tr.eval_loss(&val)? };
+    let mut losses = Vec::new();
+    tr.train(&train, |r, _| {
+        losses.push(r.loss);
+        Ok(())
+    }, || false)?;
+    let val_after = if val.is_empty() { f64::NAN } else { tr.eval_loss(&val)? };
+    let train_s = t0.elapsed().as_secs_f64();
+    let mut metrics = BTreeMap::new();
+    if !data.val_items.is_empty() {
+        let r = evaluate(tr.model(), tok, eos, &data.task, &data.val_items, eval_opts, |_, _| {}).map_err(|e| Error::msg(format!("local evaluation: {e}")))?;
+        for (k, v) in r.metrics {
+            metrics.insert(format!("eval:{}/{k}", data.task.name), v);
+        }
+    }
+    let tv = match tr.lora() {
+        Some(set) => TaskVector::from_lora(identity.clone(), set)?,
+        None => {
+            let tuned = tr.weights().ok_or_else(|| Error::msg("full fine-tuning produced no weights"))?;
+            TaskVector::full_diff(identity.clone(), &ck.weights, &tuned)?
+        }
+    };
+    let bytes = match cfg.encoding.as_str() {
+        "f16" => tv.to_bytes(DType::F16)?,
+        "int8" => tv.to_bytes_int8()?,
+        _ => tv.to_bytes(DType::F32)?,
+    };
+    let tail = losses.len().div_ceil(4).max(1);
+    let train_loss = losses.iter().rev().take(tail).sum::<f64>() / tail.min(losses.len()).max(1) as f64;
+    metrics.insert("train_loss".into(), train_loss);
+    metrics.insert("train_steps".into(), tr.step as f64);
+    metrics.insert("val_loss_before".into(), val_before);
+    metrics.insert("val_loss_after".into(), val_after);
+    metrics.insert("val_gain".into(), val_before - val_after);
+    metrics.insert("train_s".into(), train_s);
+    metrics.insert("cpu_s".into(), sys::cpu_seconds() - cpu0);
+    metrics.insert("peak_rss_bytes".into(), sys::peak_rss_bytes() as f64);
+    metrics.retain(|_, v| v.is_finite());
+    Ok(LocalUpdate { bytes, n_examples: data.train.len() as u64, metrics })
+}
+
+/// The client's registration message.
+pub fn client_info(opts: &ClientOptions) -> Result<ClientInfo> {
+    let id = opts.base.identity()?;
+    Ok(ClientInfo {
+        client_id: opts.caller.client_id.clone(),
+        arch: id.arch,
+        base_hash: id.weights_hash,
+        capabilities: vec!["lora".into(), "full".into(), "f16".into(), "int8".into()],
+        stats: opts.data.stats.clone(),
+    })
+}
+
+struct Retry {
+    delay: Duration,
+    first: Duration,
+    since: Option<Instant>,
+    give_up: Duration,
+}
+
+impl Retry {
+    fn new(first: Duration, give_up: Duration) -> Self {
+        Self { delay: first, first, since: None, give_up }
+    }
+    /// Sleeps before the next attempt, or fails once the server has been unreachable too long.
+    async fn wait(&mut self, e: &ServiceError) -> Result<()> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() > self.give_up {
+            return Err(Error::msg(format!("server unreachable for {} s, giving up: {e}", self.give_up.as_secs())));
+        }
+        tracing::warn!("{e}; retrying in {:.1} s", self.delay.as_secs_f64());
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(30));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.delay = self.first;
+        self.since = None;
+    }
+}
+
+/// Runs the client until the server says the run is over.
+pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Result<ClientSummary> {
+    let opts = Arc::new(opts);
+    let info = client_info(&opts)?;
+    let base_identity = opts.base.identity()?;
+    let caller = &opts.caller;
+    let mut retry = Retry::new(opts.backoff, opts.give_up_after);
+    let mut summary = ClientSummary::default();
+    let mut last_round = 0u64;
+    // The weights of the last model version received: (version, weights).
+    let mut cached: Option<(String, Arc<TensorMap>)> = None;
+    let mut registered = false;
+    loop {
+        if !registered {
+            match service.register(caller, info.clone()).await {
+                Ok(r) => {
+                    tracing::info!("client {} registered with run {}", caller.client_id, r.run_id);
+                    registered = true;
+                    retry.reset();
+                }
+                Err(e) if e.is_retryable() => {
+                    retry.wait(&e).await?;
+                    continue;
+                }
+                Err(e) => return Err(Error::msg(format!("client {}: registration refused: {e}", caller.client_id))),
+            }
+        }
+        let ins = match service.instructions(caller, last_round, opts.poll_wait).await {
+            Ok(i) => {
+                retry.reset();
+                i
+            }
+            Err(ServiceError::NotFound(_)) => {
+                registered = false;
+                continue;
+            }
+            Err(e) if e.is_retryable() => {
+                retry.wait(&e).await?;
+                registered = false;
+                continue;
+            }
+            Err(e) => return Err(Error::msg(format!("client {}: {e}", caller.client_id))),
+        };
+        let fit = match ins {
+            Instruction::Done => return Ok(summary),
+            Instruction::Wait => continue,
+            Instruction::Fit(f) => f,
+        };
+        match fit_round(&service, &opts, &fit, &base_identity, &mut cached, &mut retry).await {
+            Ok(Some(reason)) => summary.refused.push((fit.round, reason)),
+            Ok(None) => summary.rounds_trained.push(fit.round),
+            Err(FitError::Reregister) => {
+                registered = false;
+                continue;
+            }
+            Err(FitError::Fatal(e)) => return Err(e),
+        }
+        last_round = fit.round;
+    }
+}
+
+enum FitError {
+    Reregister,
+    Fatal(Error),
+}
+
+impl From<Error> for FitError {
+    fn from(e: Error) -> Self {
+        FitError::Fatal(e)
+    }
+}
+
+/// One round; `Ok(Some(reason))` when the server refused the update.
+async fn fit_round(
+    service: &Arc<dyn FedService>,
+    opts: &Arc<ClientOptions>,
+    fit: &FitIns,
+    base_identity: &ModelIdentity,
+    cached: &mut Option<(String, Arc<TensorMap>)>,
+    retry: &mut Retry,
+) -> std::result::Result<Option<String>, FitError> {
+    let caller = &opts.caller;
+    let cfg: FitConfig = serde_json::from_value(fit.config.clone()).map_err(|e| Error::msg(format!("round {}: expected a fit configuration, found {}: {e}", fit.round, fit.config)))?;
+    cfg.validate().map_err(Error::msg)?;
+    // The round's starting weights: our base, the cached global model, or a download.
+    let weights: Arc<TensorMap> = if fit.model_version == base_identity.weights_hash {
+        Arc::new(opts.base.weights.clone())
+    } else if let Some((_, w)) = cached.as_ref().filter(|(v, _)| *v == fit.model_version) {
+        w.clone()
+    } else {
+        let w = loop {
+            match download(service, caller, &fit.model_version).await {
+                Ok(w) => break w,
+                Err(DownloadError::Service(ServiceError::NotFound(m))) if m.contains("not registered") => return Err(FitError::Reregister),
+                Err(DownloadError::Service(e)) if e.is_retryable() => retry.wait(&e).await?,
+                Err(DownloadError::Service(e)) => return Ok(Some(format!("model download refused: {e}"))),
+                Err(DownloadError::Local(e)) => return Err(FitError::Fatal(e)),
+            }
+        };
+        let w = Arc::new(w);
+        *cached = Some((fit.model_version.clone(), w.clone()));
+        w
+    };
+    let identity = ModelIdentity { weights_hash: fit.model_version.clone(), ..base_identity.clone() };
+    let o = opts.clone();
+    let cfg2 = cfg.clone();
+    let upd = tokio::task::spawn_blocking(move || train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts))
+        .await
+        .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
+    let bytes = Bytes::from(upd.bytes);
+    let header = UploadHeader {
+        round: fit.round,
+        client_id: caller.client_id.clone(),
+        n_examples: upd.n_examples,
+        size_bytes: bytes.len() as u64,
+        sha256: hetfed_core::sha256_hex(&bytes),
+        encoding: if cfg.lora_rank > 0 { format!("lora-{}", cfg.encoding) } else { cfg.encoding.clone() },
+        metrics: upd.metrics.clone(),
+    };
+    // Uploads are idempotent per (client, round): a retry after a lost reply is accepted once.
+    loop {
+        match service.upload(caller, header.clone(), body_from_bytes(bytes.clone(), 1 << 20)).await {
+            Ok(r) if r.accepted => break,
+            Ok(r) => {
+                tracing::warn!("round {}: update refused: {}", fit.round, r.reason);
+                return Ok(Some(r.reason));
+            }
+            Err(ServiceError::NotFound(_)) => return Err(FitError::Reregister),
+            Err(e) if e.is_retryable() => retry.wait(&e).await?,
+            Err(e @ (ServiceError::FailedPrecondition(_) | ServiceError::PermissionDenied(_))) => {
+                tracing::warn!("round {}: {e}", fit.round);
+                return Ok(Some(e.to_string()));
+            }
+            Err(e) => return Err(FitError::Fatal(Error::msg(format!("round {}: upload failed: {e}", fit.round)))),
+        }
+    }
+    let report = EvalReport {
+        round: fit.round,
+        client_id: caller.client_id.clone(),
+        n_examples: opts.data.val.len() as u64,
+        metrics: upd.metrics.iter().filter(|(k, _)| k.starts_with("eval:") || k.starts_with("val_loss")).map(|(k, v)| (k.clone(), *v)).collect(),
+    };
+    if let Err(e) = service.report_eval(caller, report).await {
+        tracing::warn!("round {}: evaluation report not delivered: {e}", fit.round);
+    }
+    Ok(None)
+}
+
+enum DownloadError {
+    Service(ServiceError),
+    Local(Error),
+}
+
+async fn download(service: &Arc<dyn FedService>, caller: &Caller, version: &str) -> std::result::Result<TensorMap, DownloadError> {
+    let (header, mut body) = service.fetch_model(caller, version).await.map_err(DownloadError::Service)?;
+    let mut data = Vec::with_capacity(header.size_bytes as usize);
+    while let Some(chunk) = body.next().await {
+        data.extend_from_slice(&chunk.map_err(DownloadError::Service)?);
+    }
+    let got = hetfed_core::sha256_hex(&data);
+    if got != header.sha256 || data.len() as u64 != header.size_bytes {
+        return Err(DownloadError::Service(ServiceError::Unavailable(format!(
+            "model download damaged: expected {} bytes with sha256 {}, found {} bytes with {got}",
+            header.size_bytes,
+            header.sha256,
+            data.len()
+        ))));
+    }
+    let (weights, _) = hetfed_core::tensors_from_bytes(&data, std::path::Path::new("<model download>"), true).map_err(DownloadError::Local)?;
+    let hash = hetfed_core::tensor_map_hash(&weights).map_err(DownloadError::Local)?;
+    if hash != version {
+        return Err(DownloadError::Local(Error::msg(format!("downloaded model: expected version {version}, found weights hashing to {hash}"))));
+    }
+    Ok(weights)
+}

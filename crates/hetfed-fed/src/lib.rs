@@ -1,0 +1,15 @@
+//! hetfed's federated runtime.
+//!
+//! - [`strategy`]: the pure `Strategy` interface and the homogeneous baselines (FedAvg, FedProx,
+//!   FedAdam/FedYogi/FedAdagrad, task arithmetic).
+//! - [`server`]: the server, implementing `hetfed_net::FedService`.
+//! - [`client`]: the client loop, written against `Arc<dyn FedService>`.
+//! - [`config`], [`sim`]: one TOML config for simulation and deployment; the in-process simulation.
+
+pub mod client;
+pub mod server;
+pub mod strategy;
+pub mod sys;
+pub mod validate;
+
+pub use strategy::{FitConfig, Sampling, Strategy, StrategyConfig};

@@ -1,0 +1,729 @@
+//! The federated server: registration and authentication, the round loop (sampling, deadline,
+//! quorum), validation of every update, streaming aggregation through a [`Strategy`], server-side
+//! evaluation, metrics and atomic checkpoints. It implements [`FedService`], so simulation calls
+//! it directly and deployment wraps it in `hetfed_net::grpc::serve`: one code path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use candle_core::DType;
+use futures::StreamExt;
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_data::{Items, TaskSpec};
+use hetfed_eval::{evaluate, EvalOptions};
+use hetfed_model::{Checkpoint, ModelIdentity};
+use hetfed_net::{
+    body_from_bytes, ByteStream, Caller, ClientInfo, EvalReport, FedService, FitIns, Instruction, ModelHeader, RegisterReply, ServiceError, UploadHeader, UploadReply,
+};
+use hetfed_taskvec::TaskVector;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::strategy::{AggregateReport, Failure, FitResult, Strategy};
+use crate::sys;
+use crate::validate::validate_update;
+
+/// Who may connect: client id → SHA-256 of its token (the server never stores tokens), and the
+/// revoked ids.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    token_hashes: BTreeMap<String, String>,
+    revoked: BTreeSet<String>,
+}
+
+impl Auth {
+    pub fn add_token(&mut self, client_id: &str, token: &str) {
+        self.token_hashes.insert(client_id.to_string(), hetfed_core::sha256_hex(token.as_bytes()));
+    }
+
+    pub fn add_token_hash(&mut self, client_id: &str, sha256_hex: &str) {
+        self.token_hashes.insert(client_id.to_string(), sha256_hex.to_ascii_lowercase());
+    }
+
+    pub fn revoke(&mut self, client_id: &str) {
+        self.revoked.insert(client_id.to_string());
+    }
+
+    pub fn len(&self) -> usize {
+        self.token_hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.token_hashes.is_empty()
+    }
+
+    /// Refuses unknown ids, wrong tokens (compared in constant time) and revoked clients.
+    pub fn check(&self, caller: &Caller) -> std::result::Result<(), ServiceError> {
+        let Some(expected) = self.token_hashes.get(&caller.client_id) else {
+            return Err(ServiceError::Unauthenticated(format!("unknown client id {:?}", caller.client_id)));
+        };
+        let got = hetfed_core::sha256_hex(caller.token.expose().as_bytes());
+        let diff = expected.bytes().zip(got.bytes()).fold(expected.len() ^ got.len(), |acc, (a, b)| acc | (a ^ b) as usize);
+        if diff != 0 {
+            return Err(ServiceError::Unauthenticated(format!("wrong token for client {:?}", caller.client_id)));
+        }
+        if self.revoked.contains(&caller.client_id) {
+            return Err(ServiceError::PermissionDenied(format!("client {:?} is revoked", caller.client_id)));
+        }
+        Ok(())
+    }
+}
+
+/// A task the server evaluates its model on each round.
+pub struct EvalTask {
+    pub spec: TaskSpec,
+    pub items: Items,
+}
+
+/// Server-side evaluation.
+pub struct ServerEval {
+    pub tasks: Vec<EvalTask>,
+    pub opts: EvalOptions,
+    /// Evaluate every this many rounds (and always after the last and before the first).
+    pub every: u64,
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub run_dir: PathBuf,
+    pub rounds: u64,
+    pub seed: u64,
+    /// Registered clients needed before the first round (and after a restart).
+    pub min_clients: usize,
+    /// Accepted updates needed to aggregate a round; fewer leaves the model unchanged.
+    pub quorum: usize,
+    pub round_timeout: Duration,
+    pub register_timeout: Duration,
+    pub max_update_norm: f64,
+    pub max_update_bytes: u64,
+    /// Longest a long poll is held.
+    pub max_poll: Duration,
+    pub auth: Auth,
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// The run's configuration, recorded in `metrics.jsonl`.
+    pub config_json: Value,
+    pub strategy_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Registering,
+    Fit,
+    Closed,
+    Done,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    InProgress,
+    Accepted { n_examples: u64, metrics: BTreeMap<String, f64>, bytes: u64, norm: f64, upload_s: f64 },
+    Rejected { reason: String, bytes: u64 },
+}
+
+struct State {
+    clients: BTreeMap<String, ClientInfo>,
+    round: u64,
+    phase: Phase,
+    global: Arc<TensorMap>,
+    identity: ModelIdentity,
+    model_bytes: Bytes,
+    selected: BTreeMap<String, FitIns>,
+    outcomes: BTreeMap<String, Outcome>,
+    bytes_down: BTreeMap<String, u64>,
+    /// Clients told the run is over.
+    finished: BTreeSet<String>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub rounds_completed: u64,
+    pub model_version: String,
+    pub final_eval: BTreeMap<String, f64>,
+    pub wall_s: f64,
+}
+
+/// The federated server (see the module docs).
+pub struct Server {
+    opts: ServerOptions,
+    base: Checkpoint,
+    eval: Option<ServerEval>,
+    strategy: Mutex<Box<dyn Strategy>>,
+    state: Mutex<State>,
+    changed: tokio::sync::watch::Sender<u64>,
+    log: Mutex<std::fs::File>,
+    run_id: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn model_bytes(weights: &TensorMap) -> Result<Bytes> {
+    Ok(Bytes::from(hetfed_core::tensors_to_bytes(weights, DType::F32, &BTreeMap::new())?))
+}
+
+fn internal(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Internal(e.to_string())
+}
+
+const LATEST: &str = "LATEST";
+
+impl Server {
+    /// A server whose global model starts as `base` (its weights), or as the latest checkpoint in
+    /// the run directory when `opts.resume` is set.
+    pub fn new(opts: ServerOptions, base: Checkpoint, strategy: Box<dyn Strategy>, eval: Option<ServerEval>) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&opts.run_dir).map_err(|e| Error::io(&opts.run_dir, e))?;
+        let mut strategy = strategy;
+        let mut global = base.weights.clone();
+        let mut round = 0;
+        let metrics_path = opts.run_dir.join("metrics.jsonl");
+        let mut run_id = format!("{:016x}", crate::strategy::mix(opts.seed, unix_ms()));
+        if opts.resume {
+            let ck = load_checkpoint(&opts.run_dir)?;
+            global = ck.weights;
+            round = ck.round;
+            run_id = ck.run_id;
+            strategy.load_state(ck.strategy_json, ck.strategy_tensors)?;
+            truncate_metrics(&metrics_path, round)?;
+        } else if metrics_path.exists() {
+            return Err(Error::msg(format!(
+                "{}: a run already exists here; pass --resume to continue it or choose another --out",
+                opts.run_dir.display()
+            )));
+        }
+        let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(&global)?, ..base.identity()? };
+        let bytes = model_bytes(&global)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+        let (changed, _) = tokio::sync::watch::channel(0u64);
+        let server = Arc::new(Self {
+            base,
+            eval,
+            strategy: Mutex::new(strategy),
+            state: Mutex::new(State {
+                clients: BTreeMap::new(),
+                round,
+                phase: Phase::Registering,
+                global: Arc::new(global),
+                identity,
+                model_bytes: bytes,
+                selected: BTreeMap::new(),
+                outcomes: BTreeMap::new(),
+                bytes_down: BTreeMap::new(),
+                finished: BTreeSet::new(),
+            }),
+            changed,
+            log: Mutex::new(log),
+            run_id,
+            opts,
+        });
+        if server.opts.resume {
+            server.event(json!({"event": "resume", "round": round, "time_unix_ms": unix_ms()}));
+        }
+        Ok(server)
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The current global weights.
+    pub fn global(&self) -> Arc<TensorMap> {
+        lock(&self.state).global.clone()
+    }
+
+    /// Whether every registered client has been told that the run is over.
+    pub fn all_finished(&self) -> bool {
+        let st = lock(&self.state);
+        st.phase == Phase::Done && st.clients.keys().all(|c| st.finished.contains(c))
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn event(&self, v: Value) {
+        let mut f = lock(&self.log);
+        let line = v.to_string();
+        if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+            tracing::error!("writing metrics.jsonl: {e}");
+        }
+    }
+
+    fn spool_dir(&self, round: u64) -> PathBuf {
+        self.opts.run_dir.join("spool").join(format!("round-{round}"))
+    }
+
+    /// Runs every round, then tells clients the run is over.
+    pub async fn run(self: &Arc<Self>) -> Result<RunSummary> {
+        let t0 = Instant::now();
+        let start = lock(&self.state).round;
+        if start == 0 {
+            self.event(json!({
+                "event": "run_start", "run_id": self.run_id, "strategy": self.opts.strategy_name,
+                "rounds": self.opts.rounds, "clients": self.opts.auth.token_hashes.keys().collect::<Vec<_>>(),
+                "config": self.opts.config_json, "time_unix_ms": unix_ms(),
+            }));
+        }
+        let mut final_eval = BTreeMap::new();
+        if start == 0 && self.eval.is_some() {
+            let t = Instant::now();
+            final_eval = self.server_eval().await?;
+            self.event(json!({"event": "round", "round": 0, "server_eval": final_eval, "server_eval_s": t.elapsed().as_secs_f64()}));
+        }
+        for round in start + 1..=self.opts.rounds {
+            final_eval = self.run_round(round).await?;
+        }
+        {
+            let mut st = lock(&self.state);
+            st.phase = Phase::Done;
+        }
+        self.notify();
+        let wall_s = t0.elapsed().as_secs_f64();
+        let rounds_completed = self.opts.rounds;
+        self.event(json!({"event": "run_end", "rounds_completed": rounds_completed, "wall_s": wall_s, "time_unix_ms": unix_ms()}));
+        let model_version = lock(&self.state).identity.weights_hash.clone();
+        Ok(RunSummary { rounds_completed, model_version, final_eval, wall_s })
+    }
+
+    async fn wait_for_clients(&self) -> Result<()> {
+        let deadline = Instant::now() + self.opts.register_timeout;
+        loop {
+            let mut rx = self.changed.subscribe();
+            let n = lock(&self.state).clients.len();
+            if n >= self.opts.min_clients {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(Error::msg(format!(
+                    "expected at least {} registered clients (server.min_clients), found {n} after waiting {} s (server.register_timeout_s)",
+                    self.opts.min_clients,
+                    self.opts.register_timeout.as_secs()
+                )));
+            }
+        }
+    }
+
+    async fn run_round(self: &Arc<Self>, round: u64) -> Result<BTreeMap<String, f64>> {
+        self.wait_for_clients().await?;
+        let t_round = Instant::now();
+        let (cpu0, available) = (sys::cpu_seconds(), lock(&self.state).clients.values().cloned().collect::<Vec<_>>());
+        let plan = lock(&self.strategy).configure_fit(round, &available);
+        if plan.is_empty() {
+            return Err(Error::msg(format!("round {round}: the strategy selected no client among {}", available.len())));
+        }
+        let deadline = Instant::now() + self.opts.round_timeout;
+        let deadline_ms = unix_ms() + self.opts.round_timeout.as_millis() as u64;
+        {
+            let mut st = lock(&self.state);
+            st.round = round;
+            st.phase = Phase::Fit;
+            st.outcomes.clear();
+            st.bytes_down.clear();
+            let version = st.identity.weights_hash.clone();
+            st.selected = plan
+                .iter()
+                .map(|(id, cfg)| {
+                    let config = serde_json::to_value(cfg).unwrap_or(Value::Null);
+                    (id.clone(), FitIns { round, model_version: version.clone(), config, deadline_unix_ms: deadline_ms })
+                })
+                .collect();
+        }
+        self.notify();
+        tracing::info!("round {round}: {} clients selected", plan.len());
+        // Wait until every selected client has a final outcome, or the deadline.
+        loop {
+            let mut rx = self.changed.subscribe();
+            let all = {
+                let st = lock(&self.state);
+                st.selected.keys().all(|c| matches!(st.outcomes.get(c), Some(Outcome::Accepted { .. } | Outcome::Rejected { .. })))
+            };
+            if all || tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                break;
+            }
+        }
+        let (outcomes, selected, bytes_down) = {
+            let mut st = lock(&self.state);
+            st.phase = Phase::Closed;
+            (std::mem::take(&mut st.outcomes), st.selected.clone(), std::mem::take(&mut st.bytes_down))
+        };
+        self.notify();
+        let mut failures = Vec::new();
+        let mut accepted = Vec::new();
+        for id in selected.keys() {
+            match outcomes.get(id) {
+                Some(Outcome::Accepted { n_examples, metrics, .. }) => accepted.push((id.clone(), *n_examples, metrics.clone())),
+                Some(Outcome::Rejected { reason, .. }) => failures.push(Failure { client_id: id.clone(), reason: format!("rejected: {reason}") }),
+                Some(Outcome::InProgress) => failures.push(Failure { client_id: id.clone(), reason: "upload unfinished at the deadline".into() }),
+                None => failures.push(Failure { client_id: id.clone(), reason: "no update before the deadline (client slow or disconnected)".into() }),
+            }
+        }
+        // Aggregate from the spool, in client-id order, one update in memory at a time.
+        let t_agg = Instant::now();
+        let report = if accepted.len() >= self.opts.quorum.max(1) {
+            let this = self.clone();
+            let failures2 = failures.clone();
+            let acc = accepted.clone();
+            let rep = tokio::task::spawn_blocking(move || this.aggregate(round, &acc, &failures2))
+                .await
+                .map_err(|e| Error::msg(format!("aggregation task failed: {e}")))??;
+            Some(rep)
+        } else {
+            tracing::warn!("round {round}: {} of {} updates accepted, quorum {}: model unchanged", accepted.len(), selected.len(), self.opts.quorum);
+            None
+        };
+        let aggregate_s = t_agg.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(self.spool_dir(round));
+        let t_eval = Instant::now();
+        let every = self.eval.as_ref().map_or(0, |e| e.every.max(1));
+        let server_eval = if self.eval.is_some() && (round % every == 0 || round == self.opts.rounds) {
+            self.server_eval().await?
+        } else {
+            BTreeMap::new()
+        };
+        let server_eval_s = t_eval.elapsed().as_secs_f64();
+        self.save_checkpoint(round)?;
+        // Metrics: one line per selected client, then the round.
+        let (mut up_total, mut down_total) = (0u64, 0u64);
+        for id in selected.keys() {
+            let down = bytes_down.get(id).copied().unwrap_or(0);
+            down_total += down;
+            let mut line = json!({"event": "client_round", "round": round, "client": id, "bytes_down": down});
+            match outcomes.get(id) {
+                Some(Outcome::Accepted { n_examples, metrics, bytes, norm, upload_s }) => {
+                    up_total += bytes;
+                    let eval: BTreeMap<&str, f64> = metrics.iter().filter_map(|(k, v)| k.strip_prefix("eval:").map(|k| (k, *v))).collect();
+                    let m = |k: &str| metrics.get(k).copied();
+                    line["status"] = json!("ok");
+                    line["examples"] = json!(n_examples);
+                    line["bytes_up"] = json!(bytes);
+                    line["update_norm"] = json!(norm);
+                    line["upload_s"] = json!(upload_s);
+                    line["train_s"] = json!(m("train_s"));
+                    line["train_loss"] = json!(m("train_loss"));
+                    line["val_loss_before"] = json!(m("val_loss_before"));
+                    line["val_loss_after"] = json!(m("val_loss_after"));
+                    line["cpu_s"] = json!(m("cpu_s"));
+                    line["peak_rss_bytes"] = json!(m("peak_rss_bytes"));
+                    line["eval"] = json!(eval);
+                    if let Some(w) = report.as_ref().and_then(|r| r.weights.get(id)) {
+                        line["weight"] = json!(w);
+                    }
+                }
+                Some(Outcome::Rejected { reason, bytes }) => {
+                    up_total += bytes;
+                    line["status"] = json!("rejected");
+                    line["reason"] = json!(reason);
+                    line["bytes_up"] = json!(bytes);
+                }
+                _ => {
+                    let reason = failures.iter().find(|f| &f.client_id == id).map(|f| f.reason.clone()).unwrap_or_default();
+                    line["status"] = json!("failed");
+                    line["reason"] = json!(reason);
+                }
+            }
+            self.event(line);
+        }
+        let n_ok = accepted.len();
+        let n_rej = outcomes.values().filter(|o| matches!(o, Outcome::Rejected { .. })).count();
+        let report = report.unwrap_or_default();
+        self.event(json!({
+            "event": "round", "round": round, "selected": selected.len(), "ok": n_ok, "rejected": n_rej,
+            "failed": selected.len() - n_ok - n_rej, "aggregated": report.n_aggregated > 0, "quorum": self.opts.quorum,
+            "alphas": report.weights, "applied_norm": report.applied_norm,
+            "aggregate_s": aggregate_s, "server_eval_s": server_eval_s, "wall_s": t_round.elapsed().as_secs_f64(),
+            "bytes_up": up_total, "bytes_down": down_total, "server_eval": server_eval,
+            "server_cpu_s": sys::cpu_seconds() - cpu0, "server_rss_bytes": sys::rss_bytes(),
+            "model_version": lock(&self.state).identity.weights_hash,
+        }));
+        Ok(server_eval)
+    }
+
+    fn aggregate(&self, round: u64, accepted: &[(String, u64, BTreeMap<String, f64>)], failures: &[Failure]) -> Result<AggregateReport> {
+        let spool = self.spool_dir(round);
+        let mut global = (*lock(&self.state).global).clone();
+        let mut iter = accepted.iter().map(|(id, n, metrics)| {
+            let path = spool.join(format!("{id}.safetensors"));
+            let tv = TaskVector::load(&path)?;
+            Ok(FitResult { client_id: id.clone(), n_examples: *n, metrics: metrics.clone(), delta: tv.materialize()? })
+        });
+        let report = lock(&self.strategy).aggregate_fit(round, &mut global, &mut iter, failures)?;
+        let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(&global)?, ..lock(&self.state).identity.clone() };
+        let bytes = model_bytes(&global)?;
+        let mut st = lock(&self.state);
+        st.global = Arc::new(global);
+        st.identity = identity;
+        st.model_bytes = bytes;
+        Ok(report)
+    }
+
+    async fn server_eval(self: &Arc<Self>) -> Result<BTreeMap<String, f64>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, f64>> {
+            let Some(ev) = &this.eval else { return Ok(BTreeMap::new()) };
+            let global = this.global();
+            let model = this.base.arch.build(&global, &this.base.source(), None)?;
+            let tok = this.base.tokenizer()?;
+            let mut out = BTreeMap::new();
+            for t in &ev.tasks {
+                let r = evaluate(model.as_ref(), tok, this.base.arch.eos_token_id(), &t.spec, &t.items, &ev.opts, |_, _| {})
+                    .map_err(|e| Error::msg(format!("server evaluation of {}: {e}", t.spec.name)))?;
+                for (k, v) in r.metrics {
+                    out.insert(format!("{}/{k}", t.spec.name), v);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::msg(format!("evaluation task failed: {e}")))?
+    }
+
+    fn save_checkpoint(&self, round: u64) -> Result<()> {
+        let root = self.opts.run_dir.join("checkpoints");
+        let dir = root.join(format!("round-{round}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let global = self.global();
+        hetfed_core::save_safetensors(&global, DType::F32, &BTreeMap::new(), &dir.join("model.safetensors"))?;
+        let (sjson, stensors) = lock(&self.strategy).state();
+        hetfed_core::save_safetensors(&stensors, DType::F32, &BTreeMap::new(), &dir.join("strategy.safetensors"))?;
+        let state = json!({"round": round, "run_id": self.run_id, "seed": self.opts.seed, "strategy": self.opts.strategy_name, "strategy_state": sjson});
+        hetfed_core::write_atomic(&dir.join("state.json"), state.to_string().as_bytes())?;
+        // The pointer flips atomically once the checkpoint is complete; older ones are removed after.
+        hetfed_core::write_atomic(&root.join(LATEST), format!("round-{round}").as_bytes())?;
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("round-") && name != format!("round-{round}") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn authed(&self, caller: &Caller) -> std::result::Result<(), ServiceError> {
+        self.opts.auth.check(caller)
+    }
+
+    fn registered(&self, caller: &Caller) -> std::result::Result<(), ServiceError> {
+        self.authed(caller)?;
+        if !lock(&self.state).clients.contains_key(&caller.client_id) {
+            return Err(ServiceError::NotFound(format!("client {:?} is not registered (register again)", caller.client_id)));
+        }
+        Ok(())
+    }
+
+    async fn receive(&self, header: &UploadHeader, mut body: ByteStream, path: &Path) -> std::result::Result<u64, ServiceError> {
+        let tmp = path.with_extension("part");
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(internal)?;
+        let mut hasher = Sha256::new();
+        let mut n = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            n += chunk.len() as u64;
+            if n > header.size_bytes {
+                return Err(ServiceError::InvalidArgument(format!("expected {} bytes as declared, received more", header.size_bytes)));
+            }
+            hasher.update(&chunk);
+            f.write_all(&chunk).await.map_err(internal)?;
+        }
+        f.flush().await.map_err(internal)?;
+        if n != header.size_bytes {
+            return Err(ServiceError::InvalidArgument(format!("expected {} bytes as declared, received {n}", header.size_bytes)));
+        }
+        let got: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if got != header.sha256.to_ascii_lowercase() {
+            return Err(ServiceError::InvalidArgument(format!("checksum mismatch: declared sha256 {}, received {got}", header.sha256)));
+        }
+        tokio::fs::rename(&tmp, path).await.map_err(internal)?;
+        Ok(n)
+    }
+}
+
+struct LoadedCheckpoint {
+    round: u64,
+    run_id: String,
+    weights: TensorMap,
+    strategy_json: Value,
+    strategy_tensors: TensorMap,
+}
+
+fn load_checkpoint(run_dir: &Path) -> Result<LoadedCheckpoint> {
+    let root = run_dir.join("checkpoints");
+    let latest = root.join(LATEST);
+    let name = std::fs::read_to_string(&latest)
+        .map_err(|e| Error::msg(format!("--resume: expected a checkpoint pointer at {}, found none ({e})", latest.display())))?;
+    let dir = root.join(name.trim());
+    let state_path = dir.join("state.json");
+    let state: Value = serde_json::from_slice(&hetfed_core::read_file(&state_path)?)
+        .map_err(|e| Error::Format { path: state_path.clone(), msg: format!("expected JSON: {e}") })?;
+    let round = state["round"].as_u64().ok_or_else(|| Error::Format { path: state_path.clone(), msg: "expected a `round` number".into() })?;
+    let run_id = state["run_id"].as_str().unwrap_or_default().to_string();
+    let (weights, _) = hetfed_core::load_safetensors(&dir.join("model.safetensors"))?;
+    let (strategy_tensors, _) = hetfed_core::load_safetensors(&dir.join("strategy.safetensors"))?;
+    Ok(LoadedCheckpoint { round, run_id, weights, strategy_json: state["strategy_state"].clone(), strategy_tensors })
+}
+
+/// Drops metrics of rounds after the checkpoint (they are run again), keeping everything else.
+fn truncate_metrics(path: &Path, round: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| match serde_json::from_str::<Value>(l) {
+            Ok(v) => v["round"].as_u64().is_none_or(|r| r <= round) && v["event"] != "run_end",
+            Err(_) => false,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    hetfed_core::write_atomic(path, kept.as_bytes())
+}
+
+#[async_trait::async_trait]
+impl FedService for Server {
+    async fn register(&self, caller: &Caller, info: ClientInfo) -> std::result::Result<RegisterReply, ServiceError> {
+        self.authed(caller)?;
+        if info.client_id != caller.client_id {
+            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot register as {:?}", caller.client_id, info.client_id)));
+        }
+        let expected = self.base.identity().map_err(internal)?;
+        if info.arch != expected.arch {
+            return Err(ServiceError::FailedPrecondition(format!("expected a client model of architecture {}, found {}", expected.arch, info.arch)));
+        }
+        tracing::info!("client {} registered ({} examples)", info.client_id, info.stats.n_examples);
+        lock(&self.state).clients.insert(info.client_id.clone(), info);
+        self.notify();
+        Ok(RegisterReply { run_id: self.run_id.clone(), message: "registered".into() })
+    }
+
+    async fn instructions(&self, caller: &Caller, after_round: u64, wait: Duration) -> std::result::Result<Instruction, ServiceError> {
+        self.registered(caller)?;
+        let deadline = Instant::now() + wait.min(self.opts.max_poll);
+        loop {
+            let mut rx = self.changed.subscribe();
+            {
+                let mut st = lock(&self.state);
+                if st.phase == Phase::Done {
+                    st.finished.insert(caller.client_id.clone());
+                    drop(st);
+                    self.notify();
+                    return Ok(Instruction::Done);
+                }
+                if st.phase == Phase::Fit && st.round > after_round && !st.outcomes.contains_key(&caller.client_id) {
+                    if let Some(ins) = st.selected.get(&caller.client_id) {
+                        return Ok(Instruction::Fit(ins.clone()));
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Ok(Instruction::Wait);
+            }
+        }
+    }
+
+    async fn fetch_model(&self, caller: &Caller, version: &str) -> std::result::Result<(ModelHeader, ByteStream), ServiceError> {
+        self.registered(caller)?;
+        let mut st = lock(&self.state);
+        if st.identity.weights_hash != version {
+            return Err(ServiceError::NotFound(format!("model version {version} is not the current one ({})", st.identity.weights_hash)));
+        }
+        let bytes = st.model_bytes.clone();
+        *st.bytes_down.entry(caller.client_id.clone()).or_default() += bytes.len() as u64;
+        let header = ModelHeader { version: version.to_string(), size_bytes: bytes.len() as u64, sha256: hetfed_core::sha256_hex(&bytes) };
+        Ok((header, body_from_bytes(bytes, 1 << 20)))
+    }
+
+    async fn upload(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> std::result::Result<UploadReply, ServiceError> {
+        self.registered(caller)?;
+        if header.client_id != caller.client_id {
+            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot upload for {:?}", caller.client_id, header.client_id)));
+        }
+        if header.size_bytes > self.opts.max_update_bytes {
+            return Err(ServiceError::ResourceExhausted(format!("expected an update of at most {} bytes, found {}", self.opts.max_update_bytes, header.size_bytes)));
+        }
+        let id = caller.client_id.clone();
+        let (identity, global) = {
+            let mut st = lock(&self.state);
+            if header.round != st.round || st.phase != Phase::Fit {
+                let why = if header.round < st.round || (header.round == st.round && st.phase != Phase::Fit) { "late: the round is closed" } else { "not open yet" };
+                return Err(ServiceError::FailedPrecondition(format!("update for round {} refused ({why}; current round {})", header.round, st.round)));
+            }
+            if !st.selected.contains_key(&id) {
+                return Err(ServiceError::PermissionDenied(format!("client {id:?} is not selected in round {}", st.round)));
+            }
+            match st.outcomes.get(&id) {
+                Some(Outcome::Accepted { .. }) => return Ok(UploadReply { accepted: true, duplicate: true, reason: "already received for this round".into() }),
+                Some(Outcome::Rejected { reason, .. }) => return Ok(UploadReply { accepted: false, duplicate: true, reason: reason.clone() }),
+                Some(Outcome::InProgress) => return Err(ServiceError::FailedPrecondition("an upload for this round is already in progress".into())),
+                None => {}
+            }
+            st.outcomes.insert(id.clone(), Outcome::InProgress);
+            (st.identity.clone(), st.global.clone())
+        };
+        let t0 = Instant::now();
+        let dir = self.spool_dir(header.round);
+        let path = dir.join(format!("{id}.safetensors"));
+        let received = async {
+            tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+            self.receive(&header, body, &path).await
+        }
+        .await;
+        let bytes = match received {
+            Ok(n) => n,
+            Err(e) => {
+                // A broken transfer leaves no trace: the client may retry.
+                lock(&self.state).outcomes.remove(&id);
+                self.notify();
+                return Err(e);
+            }
+        };
+        let upload_s = t0.elapsed().as_secs_f64();
+        let (max_norm, p2) = (self.opts.max_update_norm, path.clone());
+        let verdict = tokio::task::spawn_blocking(move || -> std::result::Result<f64, String> {
+            let data = std::fs::read(&p2).map_err(|e| e.to_string())?;
+            validate_update(&data, &identity, &global, max_norm).map(|(_, _, norm)| norm)
+        })
+        .await
+        .map_err(internal)?;
+        let mut st = lock(&self.state);
+        if st.round != header.round || st.phase != Phase::Fit {
+            let _ = std::fs::remove_file(&path);
+            return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round)));
+        }
+        let reply = match verdict {
+            Ok(norm) => {
+                st.outcomes.insert(id, Outcome::Accepted { n_examples: header.n_examples, metrics: header.metrics, bytes, norm, upload_s });
+                UploadReply { accepted: true, duplicate: false, reason: String::new() }
+            }
+            Err(reason) => {
+                tracing::warn!("round {}: update of {id} rejected: {reason}", header.round);
+                let _ = std::fs::remove_file(&path);
+                st.outcomes.insert(id, Outcome::Rejected { reason: reason.clone(), bytes });
+                UploadReply { accepted: false, duplicate: false, reason }
+            }
+        };
+        drop(st);
+        self.notify();
+        Ok(reply)
+    }
+
+    async fn report_eval(&self, caller: &Caller, report: EvalReport) -> std::result::Result<(), ServiceError> {
+        self.registered(caller)?;
+        if report.client_id != caller.client_id {
+            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot report for {:?}", caller.client_id, report.client_id)));
+        }
+        self.event(json!({"event": "client_eval", "round": report.round, "client": report.client_id, "examples": report.n_examples, "eval": report.metrics}));
+        Ok(())
+    }
+}
