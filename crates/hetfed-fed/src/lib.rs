@@ -13,3 +13,7 @@ pub mod sys;
 pub mod validate;
 
 pub use strategy::{FitConfig, Sampling, Strategy, StrategyConfig};
+pub mod config;
+pub mod sim;
+
+pub use config::RunConfig;

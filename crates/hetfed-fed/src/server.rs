@@ -244,6 +244,13 @@ impl Server {
         lock(&self.state).global.clone()
     }
 
+    /// `(round, clients selected, final outcomes so far, registered clients)` for progress displays.
+    pub fn progress(&self) -> (u64, usize, usize, usize) {
+        let st = lock(&self.state);
+        let done = st.outcomes.values().filter(|o| !matches!(o, Outcome::InProgress)).count();
+        (st.round, st.selected.len(), done, st.clients.len())
+    }
+
     /// Whether every registered client has been told that the run is over.
     pub fn all_finished(&self) -> bool {
         let st = lock(&self.state);

@@ -8,6 +8,7 @@ mod commands;
 mod data;
 mod demo;
 mod eval;
+mod fed;
 mod metric;
 mod pretrain;
 
@@ -64,6 +65,16 @@ enum Command {
     Metric(metric::MetricArgs),
     /// Training and inference throughput on the reference shape, side by side with PyTorch
     Bench(bench::BenchArgs),
+    /// Run a federated simulation: server and clients in one process (the main job)
+    Simulate(Box<fed::SimulateArgs>),
+    /// Run a federated server over gRPC + TLS (config with a [deploy] section)
+    Server(Box<fed::ServerArgs>),
+    /// Run a federated client that connects to a server over gRPC + TLS
+    Client(Box<fed::ClientArgs>),
+    /// Write development TLS certificates and client tokens for a deployment
+    Certs(fed::CertsArgs),
+    /// Write report.html (charts of metrics per round and client) for a run directory
+    Report(fed::ReportArgs),
     /// A tour of the foundation on a real model: generate, score, LoRA fine-tune, task vector
     Demo(demo::DemoArgs),
 }
@@ -110,6 +121,11 @@ fn main() -> ExitCode {
         Command::Metric(a) => metric::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Simulate(a) => fed::simulate(*a),
+        Command::Server(a) => fed::server(*a),
+        Command::Client(a) => fed::client(*a),
+        Command::Certs(a) => fed::certs(a),
+        Command::Report(a) => fed::report(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

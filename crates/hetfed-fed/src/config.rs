@@ -1,0 +1,227 @@
+//! One TOML file configures a federated run: `hetfed simulate` reads all of it, `hetfed server`
+//! and `hetfed client` read the same file (plus `[deploy]`). Relative paths are relative to the
+//! file's directory. Every error names the key, the value found and what is allowed.
+
+use std::path::{Path, PathBuf};
+
+use hetfed_core::{Error, Result};
+use hetfed_data::PartitionScheme;
+use serde::{Deserialize, Serialize};
+
+use crate::strategy::{FitConfig, Sampling, StrategyConfig};
+
+/// The embedded default (`hetfed simulate` with no `--config`): paths relative to `configs/`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/simulate.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub run: RunSection,
+    pub server: ServerSection,
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// What each selected client does in a round.
+    #[serde(default)]
+    pub client: FitConfig,
+    pub data: DataSection,
+    #[serde(default)]
+    pub deploy: Option<DeploySection>,
+    /// Directory that relative paths refer to (the config file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSection {
+    pub rounds: u64,
+    pub seed: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self { rounds: 3, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// The server's model directory (HF layout).
+    pub model: PathBuf,
+    #[serde(default = "d_min_clients")]
+    pub min_clients: usize,
+    /// Accepted updates needed to aggregate a round.
+    #[serde(default = "d_quorum")]
+    pub quorum: usize,
+    #[serde(default = "d_round_timeout")]
+    pub round_timeout_s: f64,
+    #[serde(default = "d_register_timeout")]
+    pub register_timeout_s: f64,
+    #[serde(default = "d_max_norm")]
+    pub max_update_norm: f64,
+    #[serde(default = "d_max_mib")]
+    pub max_update_mib: u64,
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+fn d_min_clients() -> usize {
+    1
+}
+fn d_quorum() -> usize {
+    1
+}
+fn d_round_timeout() -> f64 {
+    600.0
+}
+fn d_register_timeout() -> f64 {
+    120.0
+}
+fn d_max_norm() -> f64 {
+    1000.0
+}
+fn d_max_mib() -> u64 {
+    8192
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Tasks the server evaluates its model on (their dev split); empty disables it.
+    pub tasks: Vec<String>,
+    /// At most this many examples per task (the first ones of the split); 0 = all.
+    pub max_examples: usize,
+    pub every: u64,
+    pub batch_size: usize,
+    pub max_len: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self { tasks: vec![], max_examples: 0, every: 1, batch_size: 16, max_len: 128 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// The clients' task (its train split is partitioned among them).
+    pub task: String,
+    pub num_clients: usize,
+    #[serde(default = "d_partition")]
+    pub partition: PartitionScheme,
+    /// Cap on each client's share (the first examples of its share); 0 = no cap.
+    #[serde(default)]
+    pub max_examples_per_client: usize,
+    /// Fraction of each client's share kept as its local held-out slice.
+    #[serde(default = "d_val_fraction")]
+    pub val_fraction: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn d_partition() -> PartitionScheme {
+    PartitionScheme::Iid
+}
+fn d_val_fraction() -> f64 {
+    0.1
+}
+
+/// Deployment: where the server listens, where clients connect, certificates and tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploySection {
+    /// Server: address to listen on, e.g. "127.0.0.1:50051" or "0.0.0.0:50051".
+    pub listen: String,
+    /// Clients: the server's URL, e.g. "https://127.0.0.1:50051".
+    pub server: String,
+    /// Name the server's certificate must carry (e.g. "localhost").
+    #[serde(default = "d_domain")]
+    pub domain: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require client certificates signed by `ca` (mutual TLS) besides tokens.
+    #[serde(default)]
+    pub mutual_tls: bool,
+    /// TOML table `client id = "sha256 of its token"` (written by `hetfed certs`).
+    pub tokens: PathBuf,
+    /// Clients refused even with a valid token.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+}
+
+fn d_domain() -> String {
+    "localhost".into()
+}
+
+impl RunConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_toml(&text, base, &path.display().to_string())
+    }
+
+    /// The embedded default; its paths are relative to `configs/` of the working directory.
+    pub fn embedded_default() -> Result<Self> {
+        Self::from_toml(DEFAULT_CONFIG, PathBuf::from("configs"), "the embedded default config")
+    }
+
+    pub fn from_toml(text: &str, base_dir: PathBuf, origin: &str) -> Result<Self> {
+        let mut c: RunConfig = toml::from_str(text).map_err(|e| Error::msg(format!("{origin}: {}", e.to_string().trim())))?;
+        c.base_dir = base_dir;
+        c.validate().map_err(|e| Error::msg(format!("{origin}: {e}")))?;
+        Ok(c)
+    }
+
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn strategy_name(&self) -> &'static str {
+        self.strategy.build(self.sampling, self.client.clone(), 0).name()
+    }
+
+    /// Client ids: `c0`, `c1`, ...
+    pub fn client_ids(&self) -> Vec<String> {
+        (0..self.data.num_clients).map(|i| format!("c{i}")).collect()
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let s = &self.server;
+        if self.run.rounds == 0 {
+            return Err("run.rounds: expected at least 1, found 0".into());
+        }
+        if self.data.num_clients == 0 {
+            return Err("data.num_clients: expected at least 1, found 0".into());
+        }
+        if s.min_clients > self.data.num_clients {
+            return Err(format!("server.min_clients: expected at most data.num_clients = {}, found {}", self.data.num_clients, s.min_clients));
+        }
+        if s.quorum == 0 || s.quorum > self.data.num_clients {
+            return Err(format!("server.quorum: expected 1..={}, found {}", self.data.num_clients, s.quorum));
+        }
+        for (k, v) in [("server.round_timeout_s", s.round_timeout_s), ("server.register_timeout_s", s.register_timeout_s), ("server.max_update_norm", s.max_update_norm)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("{k}: expected a positive number, found {v}"));
+            }
+        }
+        if !(0.0..0.9).contains(&self.data.val_fraction) {
+            return Err(format!("data.val_fraction: expected a number in [0, 0.9), found {}", self.data.val_fraction));
+        }
+        if !(self.sampling.fraction_fit > 0.0 && self.sampling.fraction_fit <= 1.0) {
+            return Err(format!("sampling.fraction_fit: expected a number in (0, 1], found {}", self.sampling.fraction_fit));
+        }
+        self.strategy.validate()?;
+        self.client.validate()?;
+        Ok(())
+    }
+}

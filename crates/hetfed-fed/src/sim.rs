@@ -1,0 +1,179 @@
+//! Building servers and clients from a [`RunConfig`], and the in-process simulation: the server
+//! object and N clients in one process, talking through the in-memory transport (the client
+//! holds `Arc<dyn FedService>` = the server itself). Deployment builds the same objects and puts
+//! gRPC in between.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hetfed_core::{Error, Result};
+use hetfed_data::{partition::entropy_bits, DataDir, Split};
+use hetfed_eval::EvalOptions;
+use hetfed_model::Checkpoint;
+use hetfed_net::{Caller, DataStats, FedService, Secret};
+use hetfed_train::Example;
+
+use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
+use crate::config::RunConfig;
+use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOptions};
+
+/// Loads client `index`'s private share of the configured task: the partition of the train
+/// split, capped, cut into local train and held-out slices, with its statistics.
+pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint) -> Result<ClientData> {
+    let d = &cfg.data;
+    if index >= d.num_clients {
+        return Err(Error::msg(format!("client index: expected 0..{}, found {index}", d.num_clients)));
+    }
+    let err = |e: hetfed_data::Error| Error::msg(e.to_string());
+    let task = hetfed_data::task::builtin(&d.task).map_err(err)?;
+    let examples = task.load(dir, Split::Train).map_err(err)?;
+    let labels = examples.labels().unwrap_or_else(|| vec![0; examples.len()]);
+    let parts = d.partition.split(&labels, d.num_clients, d.seed).map_err(err)?;
+    let mut mine = parts[index].clone();
+    if d.max_examples_per_client > 0 {
+        mine.truncate(d.max_examples_per_client);
+    }
+    let n_val = ((mine.len() as f64) * d.val_fraction).round() as usize;
+    let n_val = n_val.min(mine.len().saturating_sub(1));
+    let (train_idx, val_idx) = mine.split_at(mine.len() - n_val);
+    let tok = ck.tokenizer()?;
+    let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
+    let pairs = |idx: &[usize]| -> Result<Vec<Example>> {
+        let sub = examples.subset(idx).map_err(err)?;
+        Ok(task.to_prompt_target(&sub, Some(&counter)).map_err(err)?.into_iter().map(|p| Example { prompt: p.prompt, target: p.target }).collect())
+    };
+    let train = pairs(train_idx)?;
+    let val = pairs(val_idx)?;
+    let val_items = task.to_items(&examples.subset(val_idx).map_err(err)?, Some(&counter)).map_err(err)?;
+    let mut hist = BTreeMap::new();
+    let mut counts = vec![0usize; task.label_words.len()];
+    if examples.labels().is_some() {
+        for &i in train_idx {
+            if let Some(c) = counts.get_mut(labels[i]) {
+                *c += 1;
+            }
+        }
+        for (w, c) in task.label_words.iter().zip(&counts) {
+            hist.insert(w.trim().to_string(), *c as u64);
+        }
+    }
+    let n_tokens = train.iter().map(|e| counter(&e.prompt) + counter(&e.target)).sum::<usize>() as u64;
+    let stats = DataStats { tasks: vec![task.name.clone()], n_examples: train.len() as u64, n_tokens, label_hist: hist, label_entropy_bits: entropy_bits(&counts) };
+    Ok(ClientData { task, train, val, val_items, stats })
+}
+
+/// The server's evaluation tasks (dev splits).
+pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Option<ServerEval>> {
+    let e = &cfg.server.eval;
+    if e.tasks.is_empty() {
+        return Ok(None);
+    }
+    let tok = ck.tokenizer()?;
+    let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
+    let err = |e: hetfed_data::Error| Error::msg(e.to_string());
+    let mut tasks = Vec::new();
+    for name in &e.tasks {
+        let spec = hetfed_data::task::builtin(name).map_err(err)?;
+        let mut ex = spec.load(dir, Split::Dev).map_err(err)?;
+        if e.max_examples > 0 && ex.len() > e.max_examples {
+            ex = ex.subset(&(0..e.max_examples).collect::<Vec<_>>()).map_err(err)?;
+        }
+        let items = spec.to_items(&ex, Some(&counter)).map_err(err)?;
+        tasks.push(EvalTask { spec, items });
+    }
+    Ok(Some(ServerEval { tasks, opts: eval_options(cfg), every: e.every }))
+}
+
+pub fn eval_options(cfg: &RunConfig) -> EvalOptions {
+    EvalOptions { batch_size: cfg.server.eval.batch_size, max_len: cfg.server.eval.max_len, ..Default::default() }
+}
+
+/// The server of a run.
+pub fn build_server(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, auth: Auth, resume: bool) -> Result<Arc<Server>> {
+    let ck = Checkpoint::load(&cfg.path(&cfg.server.model))?;
+    let eval = server_eval(cfg, dir, &ck)?;
+    let strategy = cfg.strategy.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+    let s = &cfg.server;
+    let opts = ServerOptions {
+        run_dir: run_dir.to_path_buf(),
+        rounds: cfg.run.rounds,
+        seed: cfg.run.seed,
+        min_clients: s.min_clients,
+        quorum: s.quorum,
+        round_timeout: Duration::from_secs_f64(s.round_timeout_s),
+        register_timeout: Duration::from_secs_f64(s.register_timeout_s),
+        max_update_norm: s.max_update_norm,
+        max_update_bytes: s.max_update_mib << 20,
+        max_poll: Duration::from_secs(20),
+        auth,
+        resume,
+        config_json: serde_json::to_value(cfg).unwrap_or_default(),
+        strategy_name: strategy.name().to_string(),
+    };
+    Server::new(opts, ck, strategy, eval)
+}
+
+/// Client `index`'s options (its model is the server's model directory in homogeneous runs).
+pub fn build_client(cfg: &RunConfig, dir: &DataDir, index: usize, caller: Caller, model: Option<&Path>) -> Result<ClientOptions> {
+    let model_dir: PathBuf = model.map(Path::to_path_buf).unwrap_or_else(|| cfg.path(&cfg.server.model));
+    let base = Checkpoint::load(&model_dir)?;
+    let data = client_data(cfg, dir, index, &base)?;
+    Ok(ClientOptions {
+        caller,
+        base,
+        data,
+        eval_opts: eval_options(cfg),
+        poll_wait: Duration::from_secs(10),
+        backoff: Duration::from_millis(200),
+        give_up_after: Duration::from_secs(120),
+    })
+}
+
+/// A random token (simulation: the server checks tokens exactly as in deployment).
+pub fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What a simulation returns.
+pub struct SimOutcome {
+    pub summary: RunSummary,
+    pub clients: Vec<(String, ClientSummary)>,
+    pub server: Arc<Server>,
+}
+
+/// Runs the whole federation in this process.
+pub async fn simulate(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, resume: bool) -> Result<SimOutcome> {
+    simulate_with(cfg, dir, run_dir, resume, |_| {}).await
+}
+
+/// [`simulate`], handing the server to `on_server` once built (for progress displays).
+pub async fn simulate_with(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, resume: bool, on_server: impl FnOnce(Arc<Server>)) -> Result<SimOutcome> {
+    let ids = cfg.client_ids();
+    let mut auth = Auth::default();
+    let tokens: Vec<String> = ids.iter().map(|_| random_token()).collect();
+    for (id, t) in ids.iter().zip(&tokens) {
+        auth.add_token(id, t);
+    }
+    let server = build_server(cfg, dir, run_dir, auth, resume)?;
+    on_server(server.clone());
+    let mut handles = Vec::new();
+    for (i, (id, t)) in ids.iter().zip(tokens).enumerate() {
+        let caller = Caller { client_id: id.clone(), token: Secret::new(t) };
+        let opts = build_client(cfg, dir, i, caller, None)?;
+        let svc: Arc<dyn FedService> = server.clone();
+        let id = id.clone();
+        handles.push(tokio::spawn(async move { (id, run_client(svc, opts).await) }));
+    }
+    let summary = server.run().await?;
+    let mut clients = Vec::new();
+    for h in handles {
+        let (id, r) = h.await.map_err(|e| Error::msg(format!("client task failed: {e}")))?;
+        clients.push((id.clone(), r.map_err(|e| Error::msg(format!("client {id}: {e}")))?));
+    }
+    Ok(SimOutcome { summary, clients, server })
+}
