@@ -182,6 +182,10 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
                 Ok(r) => {
                     tracing::info!("client {} registered with run {}", caller.client_id, r.run_id);
                     registered = true;
+                    // The server is the source of truth: after a server restart (resume) a round
+                    // this client already trained may be open again, and the server only offers
+                    // it to clients it holds no update from.
+                    last_round = 0;
                     retry.reset();
                 }
                 Err(e) if e.is_retryable() => {

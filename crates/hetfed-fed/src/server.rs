@@ -401,7 +401,6 @@ impl Server {
             BTreeMap::new()
         };
         let server_eval_s = t_eval.elapsed().as_secs_f64();
-        self.save_checkpoint(round)?;
         // Metrics: one line per selected client, then the round.
         let (mut up_total, mut down_total) = (0u64, 0u64);
         for id in selected.keys() {
@@ -455,6 +454,9 @@ impl Server {
             "server_cpu_s": sys::cpu_seconds() - cpu0, "server_rss_bytes": sys::rss_bytes(),
             "model_version": lock(&self.state).identity.weights_hash,
         }));
+        // After the round's metrics: a crash in between re-runs the round on resume, and resume
+        // drops that round's lines first, so metrics.jsonl never holds a round twice.
+        self.save_checkpoint(round)?;
         Ok(server_eval)
     }
 

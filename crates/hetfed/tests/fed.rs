@@ -1,0 +1,278 @@
+//! The federated runtime end to end with real processes on loopback: one `hetfed server` and
+//! three `hetfed client`s over gRPC + TLS against the in-process `hetfed simulate`, a client
+//! killed mid-round, and a server killed and resumed. Every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hetfed"))
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hetfed-fed-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/base-small").canonicalize().expect("models/base-small is committed")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A small, fast run: three IID clients with 16 Ethos examples each, a few LoRA steps per round.
+fn write_config(dir: &Path, rounds: u64, round_timeout_s: f64, port: u16) -> PathBuf {
+    let cfg = format!(
+        r#"
+[run]
+rounds = {rounds}
+seed = 3
+
+[server]
+model = "{model}"
+min_clients = 3
+quorum = 2
+round_timeout_s = {round_timeout_s}
+register_timeout_s = 90
+
+[server.eval]
+tasks = ["ethos"]
+max_examples = 24
+
+[strategy]
+name = "fedavg"
+
+[client]
+epochs = 1
+max_steps = 3
+batch_size = 4
+lr = 3e-3
+max_len = 64
+lora_rank = 4
+encoding = "f16"
+
+[data]
+task = "ethos"
+num_clients = 3
+partition = {{ scheme = "iid" }}
+max_examples_per_client = 16
+val_fraction = 0.25
+
+[deploy]
+listen = "127.0.0.1:{port}"
+server = "https://127.0.0.1:{port}"
+domain = "localhost"
+ca = "certs/ca.pem"
+cert = "certs/server.pem"
+key = "certs/server.key"
+tokens = "certs/tokens.toml"
+"#,
+        model = model_dir().display()
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, cfg).unwrap();
+    let out = bin().args(["certs", "--out"]).arg(dir.join("certs")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p
+}
+
+/// Kills its process when dropped, so a failing test leaves nothing running.
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Waits for a clean exit, at most `limit`.
+    fn finish(&mut self, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.0.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                assert!(st.success(), "{} exited with {st}: {err}", self.1);
+                return;
+            }
+            assert!(t.elapsed() < limit, "{} still running after {limit:?}", self.1);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn server(cfg: &Path, data: &Path, out: &Path, resume: bool) -> Proc {
+    let mut c = bin();
+    c.arg("server").arg("--config").arg(cfg).arg("--data-dir").arg(data).arg("--out").arg(out);
+    if resume {
+        c.arg("--resume");
+    }
+    Proc(c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap(), "server")
+}
+
+fn client(cfg: &Path, data: &Path, id: &str, log: bool) -> Proc {
+    let dir = cfg.parent().unwrap();
+    let mut c = bin();
+    c.arg("client").arg("--config").arg(cfg).arg("--data-dir").arg(data).args(["--id", id]).arg("--token-file").arg(dir.join(format!("certs/{id}.token")));
+    if log {
+        c.env("HETFED_LOG", "info");
+    }
+    Proc(c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap(), "client")
+}
+
+fn events(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn round_event(run_dir: &Path, round: u64) -> Option<Value> {
+    events(run_dir).into_iter().find(|e| e["event"] == "round" && e["round"] == round)
+}
+
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn simulate(cfg: &Path, data: &Path, out: &Path) {
+    let o = bin().arg("simulate").arg("--config").arg(cfg).arg("--data-dir").arg(data).arg("--out").arg(out).output().unwrap();
+    assert!(o.status.success(), "simulate failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+#[test]
+fn grpc_deployment_equals_the_in_memory_simulation() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("equal");
+    let cfg = write_config(&dir, 2, 120.0, free_port());
+    simulate(&cfg, &data, &dir.join("sim"));
+    let mut srv = server(&cfg, &data, &dir.join("srv"), false);
+    let mut clients: Vec<Proc> = ["c0", "c1", "c2"].iter().map(|id| client(&cfg, &data, id, false)).collect();
+    srv.finish(LIMIT);
+    for c in &mut clients {
+        c.finish(Duration::from_secs(60));
+    }
+    for round in 1..=2 {
+        let (a, b) = (round_event(&dir.join("sim"), round).unwrap(), round_event(&dir.join("srv"), round).unwrap());
+        assert_eq!(a["ok"], 3, "round {round}: {a}");
+        assert_eq!(a["model_version"], b["model_version"], "round {round}: simulation and deployment diverge");
+        assert_eq!(a["server_eval"], b["server_eval"]);
+        assert_eq!(a["bytes_up"], b["bytes_up"]);
+    }
+    assert!(dir.join("srv/report.html").exists() && dir.join("sim/report.html").exists());
+    // The model moved: round 2's model differs from round 1's.
+    assert_ne!(round_event(&dir.join("srv"), 1).unwrap()["model_version"], round_event(&dir.join("srv"), 2).unwrap()["model_version"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_client_fails_its_round_and_rejoins_the_next() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("kill-client");
+    let cfg = write_config(&dir, 2, 15.0, free_port());
+    let run = dir.join("srv");
+    let mut srv = server(&cfg, &data, &run, false);
+    let mut c0 = client(&cfg, &data, "c0", false);
+    let mut c1 = client(&cfg, &data, "c1", false);
+    // c2 dies right after registering: round 1 (which starts once all three are registered) selects it.
+    let mut c2 = client(&cfg, &data, "c2", true);
+    let mut lines = BufReader::new(c2.0.stderr.take().unwrap()).lines();
+    let t = Instant::now();
+    loop {
+        let line = lines.next().expect("c2 exited before registering").unwrap();
+        if line.contains("registered with run") {
+            break;
+        }
+        assert!(t.elapsed() < LIMIT, "c2 never registered");
+    }
+    drop(c2);
+    wait_for(LIMIT, "round 1 to close", || round_event(&run, 1).is_some());
+    let mut c2 = client(&cfg, &data, "c2", false);
+    srv.finish(LIMIT);
+    for c in [&mut c0, &mut c1, &mut c2] {
+        c.finish(Duration::from_secs(60));
+    }
+    let ev = events(&run);
+    let status = |round: u64, id: &str| ev.iter().find(|e| e["event"] == "client_round" && e["round"] == round && e["client"] == id).cloned().unwrap();
+    let r1 = status(1, "c2");
+    assert_eq!(r1["status"], "failed", "{r1}");
+    assert!(r1["reason"].as_str().unwrap().contains("deadline"), "{r1}");
+    assert_eq!(round_event(&run, 1).unwrap()["ok"], 2, "round 1 aggregates by quorum");
+    assert_eq!(round_event(&run, 1).unwrap()["aggregated"], true);
+    assert_eq!(status(2, "c2")["status"], "ok", "c2 rejoins in round 2");
+    assert_eq!(round_event(&run, 2).unwrap()["ok"], 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_server_killed_after_round_two_resumes_to_the_same_model() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("resume");
+    let cfg = write_config(&dir, 3, 120.0, free_port());
+    simulate(&cfg, &data, &dir.join("sim"));
+    let run = dir.join("srv");
+    let srv = server(&cfg, &data, &run, false);
+    let mut clients: Vec<Proc> = ["c0", "c1", "c2"].iter().map(|id| client(&cfg, &data, id, false)).collect();
+    let latest = run.join("checkpoints/LATEST");
+    wait_for(LIMIT, "the round-2 checkpoint", || std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() == "round-2"));
+    drop(srv); // SIGKILL
+    let mut srv = server(&cfg, &data, &run, true);
+    srv.finish(LIMIT);
+    for c in &mut clients {
+        c.finish(Duration::from_secs(60));
+    }
+    let (a, b) = (round_event(&dir.join("sim"), 3).unwrap(), round_event(&run, 3).unwrap());
+    assert_eq!(a["model_version"], b["model_version"], "resumed run diverges from the uninterrupted one");
+    assert_eq!(a["server_eval"], b["server_eval"]);
+    let rounds: Vec<u64> = events(&run).iter().filter(|e| e["event"] == "round").filter_map(|e| e["round"].as_u64()).collect();
+    assert_eq!(rounds, vec![0, 1, 2, 3], "each round logged once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_client_with_a_wrong_token_is_refused() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("auth");
+    let cfg = write_config(&dir, 1, 30.0, free_port());
+    let _srv = server(&cfg, &data, &dir.join("srv"), false);
+    std::fs::write(dir.join("bad.token"), "not-the-token").unwrap();
+    let out = bin()
+        .arg("client")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--id", "c1", "--token-file"])
+        .arg(dir.join("bad.token"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unauthenticated") && err.contains("wrong token"), "{err}");
+    assert!(!err.contains("not-the-token"), "the token leaked into the error: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
