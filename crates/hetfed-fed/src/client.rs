@@ -297,7 +297,9 @@ async fn fit_round(
             }
             Err(ServiceError::NotFound(_)) => return Err(FitError::Reregister),
             Err(e) if e.is_retryable() => retry.wait(&e).await?,
-            Err(e @ (ServiceError::FailedPrecondition(_) | ServiceError::PermissionDenied(_))) => {
+            // Refusals of this update (late, not selected, too large, malformed, server trouble
+            // with it) cost this round only; authentication failures end the client.
+            Err(e @ (ServiceError::FailedPrecondition(_) | ServiceError::PermissionDenied(_) | ServiceError::ResourceExhausted(_) | ServiceError::InvalidArgument(_) | ServiceError::Internal(_))) => {
                 tracing::warn!("round {}: {e}", fit.round);
                 return Ok(Some(e.to_string()));
             }

@@ -191,14 +191,20 @@ impl Server {
         let mut round = 0;
         let metrics_path = opts.run_dir.join("metrics.jsonl");
         let mut run_id = format!("{:016x}", crate::strategy::mix(opts.seed, unix_ms()));
-        if opts.resume {
+        let has_checkpoint = opts.run_dir.join("checkpoints").join(LATEST).exists();
+        if opts.resume && !has_checkpoint {
+            // The run stopped before its first checkpoint: nothing to keep, start it again.
+            tracing::warn!("{}: no checkpoint yet, starting the run from round 0", opts.run_dir.display());
+            hetfed_core::write_atomic(&metrics_path, b"")?;
+        }
+        if opts.resume && has_checkpoint {
             let ck = load_checkpoint(&opts.run_dir)?;
             global = ck.weights;
             round = ck.round;
             run_id = ck.run_id;
             strategy.load_state(ck.strategy_json, ck.strategy_tensors)?;
             truncate_metrics(&metrics_path, round)?;
-        } else if metrics_path.exists() {
+        } else if !opts.resume && metrics_path.exists() {
             return Err(Error::msg(format!(
                 "{}: a run already exists here; pass --resume to continue it or choose another --out",
                 opts.run_dir.display()
@@ -315,9 +321,9 @@ impl Server {
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
                 return Err(Error::msg(format!(
-                    "expected at least {} registered clients (server.min_clients), found {n} after waiting {} s (server.register_timeout_s)",
+                    "expected at least {} registered clients (server.min_clients), found {n} after waiting {:.1} s (server.register_timeout_s)",
                     self.opts.min_clients,
-                    self.opts.register_timeout.as_secs()
+                    self.opts.register_timeout.as_secs_f64()
                 )));
             }
         }
@@ -395,7 +401,7 @@ impl Server {
         let _ = std::fs::remove_dir_all(self.spool_dir(round));
         let t_eval = Instant::now();
         let every = self.eval.as_ref().map_or(0, |e| e.every.max(1));
-        let server_eval = if self.eval.is_some() && (round % every == 0 || round == self.opts.rounds) {
+        let server_eval = if self.eval.is_some() && (round.is_multiple_of(every) || round == self.opts.rounds) {
             self.server_eval().await?
         } else {
             BTreeMap::new()
@@ -691,8 +697,14 @@ impl FedService for Server {
         let bytes = match received {
             Ok(n) => n,
             Err(e) => {
+                let mut st = lock(&self.state);
+                if st.round != header.round || st.phase != Phase::Fit {
+                    // The round closed under the transfer (and its spool went with it).
+                    return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round)));
+                }
                 // A broken transfer leaves no trace: the client may retry.
-                lock(&self.state).outcomes.remove(&id);
+                st.outcomes.remove(&id);
+                drop(st);
                 self.notify();
                 return Err(e);
             }
