@@ -211,6 +211,9 @@ def main():
                     help="shared folder holding models/tinystories-656k (default: <repo>/../shared)")
     ap.add_argument("--keep", type=pathlib.Path, help="work in this directory and keep it (default: a temporary one)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max allowed |log-prob difference| (default 1e-4)")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                    help="check this model directory too (repeatable), e.g. base-small=models/base-small")
+    ap.add_argument("--only-models", action="store_true", help="check only the --model directories, not the fixtures")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -223,6 +226,13 @@ def main():
         bases.append(("tinystories-656k", ts))
     else:
         print(f"[skip] {ts} not found")
+    if args.only_models:
+        bases = []
+    for m in args.model:
+        name, _, d = m.partition("=")
+        if not d:
+            ap.error(f"--model: expected NAME=DIR, found {m!r}")
+        bases.append((name, pathlib.Path(d).resolve()))
 
     with tempfile.TemporaryDirectory(prefix="hetfed-check-export-") as tmp:
         work = args.keep.resolve() if args.keep else pathlib.Path(tmp)
