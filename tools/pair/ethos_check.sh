@@ -9,7 +9,7 @@ mkdir -p "$out"
 $hetfed data export --task ethos --split train --data-dir "$data" --out "$out/ethos-train.jsonl"
 $hetfed eval --model "$model" --task ethos --split dev --data-dir "$data" --max-len 128 --json > "$out/zero-shot.json"
 $hetfed finetune --model "$model" --train "$out/ethos-train.jsonl" --out "$out/ft" \
-  --lora-rank 8 --lora-alpha 16 --lr 3e-3 --epochs 3 --batch-size 16 --warmup-steps 10 --max-len 128 --seed 0 > "$out/finetune.log"
+  --lora-rank 8 --lora-alpha 16 --lr "${LR:-1e-3}" --epochs "${EPOCHS:-6}" --batch-size 16 --warmup-steps 10 --max-len 128 --seed 0 > "$out/finetune.log"
 $hetfed eval --model "$model" --adapter "$out/ft/adapter" --task ethos --split dev --data-dir "$data" --max-len 128 --json > "$out/finetuned.json"
 python3 - "$out" <<'PY'
 import json, sys

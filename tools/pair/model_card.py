@@ -10,6 +10,7 @@ side-by-side perplexity table. Standard library only.
 """
 
 import argparse
+import re
 import json
 import pathlib
 
@@ -31,6 +32,8 @@ def main():
     ap.add_argument("--run", required=True, type=pathlib.Path)
     ap.add_argument("--ethos", required=True, type=pathlib.Path)
     ap.add_argument("--other", type=pathlib.Path)
+    ap.add_argument("--tokenizer-report", type=pathlib.Path,
+                    help="the output of `hetfed tokenizer train --recipe` (its tokens/char table)")
     ap.add_argument("--out", required=True, type=pathlib.Path)
     a = ap.parse_args()
     summary, lines, config = load_run(a.run)
@@ -110,9 +113,23 @@ def main():
         for e in evals:
             w(f"| {e['step']} | " + " | ".join(f"{e['held_out_ppl'][c]:.1f}" for c in codes) + " |")
         w("")
+    if a.tokenizer_report:
+        rows = []
+        for line in a.tokenizer_report.read_text().splitlines():
+            m = re.match(r"\S*?([^/\s]+)\.txt\s+([0-9.]+)$", line.strip())
+            if m:
+                rows.append((m.group(1), m.group(2)))
+        if rows:
+            w("## Tokenizer coverage\n")
+            w("Tokens per character of the shared tokenizer on each training source (lower is better; "
+              "byte-level BPE never produces `<unk>`):\n")
+            w("| source | tokens/char |\n|---|---|")
+            for name, v in rows:
+                w(f"| {name} | {v} |")
+            w("")
     w("## Fine-tuning check: Ethos hate-speech classification\n")
     z, f = ethos["zero_shot"], ethos["finetuned"]
-    w(f"LoRA (rank 8, alpha 16, lr 3e-3, 3 epochs, batch 16) on the {ethos.get('n_train', 645)} examples of the "
+    w(f"LoRA (rank 8, alpha 16, lr 1e-3, 6 epochs, batch 16, 10 warmup steps, cosine) on the {ethos.get('n_train', 645)} examples of the "
       f"Ethos train split with `hetfed finetune`, evaluated with `hetfed eval` on the {ethos['n_examples']} "
       f"dev examples (label words ` no` / ` yes` scored by log-likelihood; majority class 57.3%):\n")
     w("| | accuracy | macro-F1 |\n|---|---|---|")
