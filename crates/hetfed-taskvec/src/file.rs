@@ -191,7 +191,7 @@ const SCALE_SUFFIX: &str = ".__scale";
 fn rows_cols(t: &candle_core::Tensor) -> (usize, usize) {
     let n = t.elem_count();
     let rows = if t.rank() >= 2 { t.dims()[0] } else { 1 };
-    (rows, if rows == 0 { 0 } else { n / rows })
+    (rows, n.checked_div(rows).unwrap_or(0))
 }
 
 fn quantize_int8(t: &candle_core::Tensor) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
