@@ -9,6 +9,8 @@ mod data;
 mod demo;
 mod eval;
 mod fed;
+#[cfg(feature = "hub")]
+mod hub;
 mod metric;
 mod pretrain;
 
@@ -75,6 +77,10 @@ enum Command {
     Certs(fed::CertsArgs),
     /// Write report.html (charts of metrics per round and client) for a run directory
     Report(fed::ReportArgs),
+    /// Download a Hugging Face model (built with --features hub)
+    #[cfg(feature = "hub")]
+    #[command(subcommand)]
+    Hub(hub::HubCmd),
     /// A tour of the foundation on a real model: generate, score, LoRA fine-tune, task vector
     Demo(demo::DemoArgs),
 }
@@ -126,6 +132,8 @@ fn main() -> ExitCode {
         Command::Client(a) => fed::client(*a),
         Command::Certs(a) => fed::certs(a),
         Command::Report(a) => fed::report(a),
+        #[cfg(feature = "hub")]
+        Command::Hub(c) => hub::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
