@@ -43,6 +43,8 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// Give up after this long without reaching the server.
     pub give_up_after: Duration,
+    /// Called with one line per finished round (the CLI prints it; simulation passes `None`).
+    pub on_round: Option<Arc<dyn Fn(String) + Send + Sync>>,
 }
 
 /// What a client did over a run.
@@ -136,7 +138,9 @@ pub fn client_info(opts: &ClientOptions) -> Result<ClientInfo> {
     })
 }
 
-struct Retry {
+/// Exponential backoff (doubling up to 30 s) while the server is unreachable; gives up after
+/// `give_up` without success. Shared by every retried call and by the deployment's connect loop.
+pub struct Retry {
     delay: Duration,
     first: Duration,
     since: Option<Instant>,
@@ -144,11 +148,11 @@ struct Retry {
 }
 
 impl Retry {
-    fn new(first: Duration, give_up: Duration) -> Self {
+    pub fn new(first: Duration, give_up: Duration) -> Self {
         Self { delay: first, first, since: None, give_up }
     }
     /// Sleeps before the next attempt, or fails once the server has been unreachable too long.
-    async fn wait(&mut self, e: &ServiceError) -> Result<()> {
+    pub async fn wait(&mut self, e: &(dyn std::fmt::Display + Sync)) -> Result<()> {
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() > self.give_up {
             return Err(Error::msg(format!("server unreachable for {} s, giving up: {e}", self.give_up.as_secs())));
@@ -158,7 +162,7 @@ impl Retry {
         self.delay = (self.delay * 2).min(Duration::from_secs(30));
         Ok(())
     }
-    fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.delay = self.first;
         self.since = None;
     }
@@ -216,7 +220,14 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
             Instruction::Wait => continue,
             Instruction::Fit(f) => f,
         };
-        match fit_round(&service, &opts, &fit, &base_identity, &mut cached, &mut retry).await {
+        let outcome = fit_round(&service, &opts, &fit, &base_identity, &mut cached, &mut retry).await;
+        if let (Some(f), Ok(o)) = (&opts.on_round, &outcome) {
+            f(match o {
+                Some(reason) => format!("round {}: update refused: {reason}", fit.round),
+                None => format!("round {}: trained and uploaded", fit.round),
+            });
+        }
+        match outcome {
             Ok(Some(reason)) => summary.refused.push((fit.round, reason)),
             Ok(None) => summary.rounds_trained.push(fit.round),
             Err(FitError::Reregister) => {

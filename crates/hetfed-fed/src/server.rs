@@ -303,6 +303,8 @@ impl Server {
             let mut st = lock(&self.state);
             st.phase = Phase::Done;
         }
+        // Each round's spool is removed when it closes; the empty root goes with the run.
+        let _ = std::fs::remove_dir(self.opts.run_dir.join("spool"));
         self.notify();
         let wall_s = t0.elapsed().as_secs_f64();
         let rounds_completed = self.opts.rounds;

@@ -128,6 +128,7 @@ pub fn build_client(cfg: &RunConfig, dir: &DataDir, index: usize, caller: Caller
         poll_wait: Duration::from_secs(10),
         backoff: Duration::from_millis(200),
         give_up_after: Duration::from_secs(120),
+        on_round: None,
     })
 }
 

@@ -211,28 +211,21 @@ pub fn client(a: ClientArgs) -> Result<()> {
         None => std::env::var("HETFED_TOKEN").context("expected --token-file or the HETFED_TOKEN variable, found neither")?,
     };
     let caller = Caller { client_id: a.id.clone(), token: Secret::new(token) };
-    let opts = hetfed_fed::sim::build_client(&cfg, &dir, index, caller.clone(), a.model.as_deref())?;
-    let mut tls = ClientTls::from_files(&cfg.path(&dep.ca), dep.domain.clone(), None)?;
-    if dep.mutual_tls {
-        let cert = cfg.path(&dep.ca).with_file_name("client.pem");
-        let key = cfg.path(&dep.ca).with_file_name("client.key");
-        tls = ClientTls::from_files(&cfg.path(&dep.ca), dep.domain.clone(), Some((&cert, &key)))?;
-    }
-    let rt = runtime()?;
+    let mut opts = hetfed_fed::sim::build_client(&cfg, &dir, index, caller.clone(), a.model.as_deref())?;
     let id = a.id.clone();
+    let prefix = id.clone();
+    opts.on_round = Some(Arc::new(move |line: String| println!("client {prefix}: {line}")));
+    let ca = cfg.path(&dep.ca);
+    let identity = dep.mutual_tls.then(|| (ca.with_file_name("client.pem"), ca.with_file_name("client.key")));
+    let tls = ClientTls::from_files(&ca, dep.domain.clone(), identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))?;
+    let rt = runtime()?;
     let summary = rt.block_on(async move {
-        // The server may not be up yet: retry the connection with backoff for up to two minutes.
-        let t = tokio::time::Instant::now();
-        let mut delay = Duration::from_millis(200);
+        // The server may not be up yet: connect with the client's backoff for up to two minutes.
+        let mut retry = hetfed_fed::client::Retry::new(Duration::from_millis(200), Duration::from_secs(120));
         let conn = loop {
             match GrpcClient::connect(&dep.server, tls.clone(), caller.clone(), Limits::default(), Duration::from_secs(10)).await {
                 Ok(c) => break c,
-                Err(e) if t.elapsed() < Duration::from_secs(120) => {
-                    tracing::warn!("{e}; retrying in {:.1} s", delay.as_secs_f64());
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(anyhow::Error::from(e)),
+                Err(e) => retry.wait(&e).await?,
             }
         };
         let svc: Arc<dyn FedService> = Arc::new(conn);
