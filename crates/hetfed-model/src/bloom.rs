@@ -207,6 +207,44 @@ impl Attention {
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.dense.forward(&ctx)
     }
+
+    /// Like `forward` (no cache), also returning the flattened `[b·t, h]` queries, keys, values
+    /// (head-major) and attention context.
+    fn capture(&self, x: &Tensor, slopes: &[f32]) -> Result<(Tensor, [Tensor; 4])> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, hd) = (self.n_head, self.head_dim);
+        let qkv = self.query_key_value.forward(x)?.reshape((b, t, nh, 3, hd))?;
+        let flat = |i: usize| -> Result<Tensor> { qkv.narrow(3, i, 1)?.squeeze(3)?.reshape((b * t, nh * hd)) };
+        let (fq, fk, fv) = (flat(0)?, flat(1)?, flat(2)?);
+        let part = |i: usize| -> Result<Tensor> { qkv.narrow(3, i, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous() };
+        let ctx = attention(&part(0)?, &part(1)?, &part(2)?, 1.0 / (hd as f64).sqrt(), Some(slopes), None)?;
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = self.dense.forward(&ctx)?;
+        Ok((out, [fq, fk, fv, ctx.reshape((b * t, nh * hd))?]))
+    }
+}
+
+/// What one BLOOM block reads and writes on calibration text, each flattened to `[b·t, d]`:
+/// the spaces a map between two models' blocks is fitted on.
+pub struct BlockActivations {
+    /// Residual stream entering the block.
+    pub resid_in: Tensor,
+    /// `input_layernorm` output: what `query_key_value` reads.
+    pub attn_in: Tensor,
+    /// Queries, keys and values (head-major, `n_head·head_dim`): what `query_key_value` writes.
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Attention context: what `self_attention.dense` reads.
+    pub ctx: Tensor,
+    /// `post_attention_layernorm` output: what `dense_h_to_4h` reads.
+    pub mlp_in: Tensor,
+    /// `dense_h_to_4h` output before GELU: what it writes.
+    pub mlp_pre: Tensor,
+    /// GELU output: what `dense_4h_to_h` reads.
+    pub mlp_hidden: Tensor,
+    /// Residual stream leaving the block.
+    pub resid_out: Tensor,
 }
 
 struct Block {
@@ -278,6 +316,48 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Runs `ids` (`[batch, seq]`, no padding) and returns every block's activations
+    /// ([`BlockActivations`]); the logits are not computed.
+    pub fn capture(&self, ids: &Tensor) -> Result<Vec<BlockActivations>> {
+        let (b, t) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let flat = |x: &Tensor, d: usize| x.reshape((b * t, d));
+        let mut x = embed(&self.word_embeddings, ids)?;
+        x = self.word_embeddings_layernorm.forward(&x)?;
+        let mut out = Vec::with_capacity(self.h.len());
+        for block in &self.h {
+            let ln = block.input_layernorm.forward(&x)?;
+            let residual = if block.residual_post_ln { &ln } else { &x };
+            let (attn_out, [q, k, v, ctx]) = block.self_attention.capture(&ln, &self.slopes)?;
+            let attn = (attn_out + residual)?;
+            let ln2 = block.post_attention_layernorm.forward(&attn)?;
+            let residual = if block.residual_post_ln { &ln2 } else { &attn };
+            let pre = block.dense_h_to_4h.forward(&ln2)?;
+            let hidden = ops::gelu_tanh(&pre)?;
+            let next = (block.dense_4h_to_h.forward(&hidden)? + residual)?;
+            out.push(BlockActivations {
+                resid_in: flat(&x, h)?,
+                attn_in: flat(&ln, h)?,
+                q,
+                k,
+                v,
+                ctx,
+                mlp_in: flat(&ln2, h)?,
+                mlp_pre: flat(&pre, 4 * h)?,
+                mlp_hidden: flat(&hidden, 4 * h)?,
+                resid_out: flat(&next, h)?,
+            });
+            x = next;
+        }
+        Ok(out)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
 impl CausalLm for Model {
     fn forward_padded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
         // ALiBi and the causal mask live in the fused attention softmax (ops::causal_softmax).
@@ -302,6 +382,27 @@ impl CausalLm for Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capture_reproduces_the_forward_pass() {
+        let cfg = Config { vocab_size: 50, hidden_size: 16, n_layer: 2, n_head: 4, layer_norm_epsilon: 1e-5, apply_residual_connection_post_layernorm: false, bos_token_id: None, eos_token_id: None, pad_token_id: None };
+        let w = cfg.random_weights(3).unwrap();
+        let m = Model::new(&cfg, &Weights { map: &w, source: "test" }, None).unwrap();
+        let ids = Tensor::new(&[[1u32, 7, 3, 9, 2], [4, 4, 8, 0, 1]], &candle_core::Device::Cpu).unwrap();
+        let acts = m.capture(&ids).unwrap();
+        assert_eq!(acts.len(), 2);
+        assert_eq!(acts[0].mlp_hidden.dims(), &[10, 64]);
+        assert_eq!(acts[1].q.dims(), &[10, 16]);
+        // The last block's output through ln_f and the tied head gives the model's logits.
+        let x = m.ln_f.forward(&acts[1].resid_out).unwrap();
+        let logits = ops::linear(&x, &m.word_embeddings, None).unwrap();
+        let want = m.forward(&ids, None).unwrap().reshape((10, 50)).unwrap();
+        let diff = (logits - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        // Block 1 reads what block 0 wrote.
+        let d = (&acts[0].resid_out - &acts[1].resid_in).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0);
+    }
 
     #[test]
     fn alibi_slopes_match_bloom_for_powers_of_two_and_not() {

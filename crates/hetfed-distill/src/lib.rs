@@ -1,0 +1,464 @@
+//! Server-side ensemble distillation: the alternative to projecting small-model task vectors
+//! onto the large model.
+//!
+//! FedDF (Lin et al., 2006.07242) fuses heterogeneous client models by distilling their
+//! ensemble into the server model on unlabeled data. hetfed needs no public data set: the
+//! server holds each client's small base model and its task vector, so it can rebuild every
+//! fine-tuned small model (a *teacher*); it samples text from the large model itself
+//! ([`sample_texts`]), computes the weighted ensemble's next-token distributions on that text
+//! ([`ensemble_targets`]), and trains the large model (the *student*, LoRA or full) to match them
+//! with a KL loss ([`distill`]). The result is a dense update of the student's weights, usable
+//! wherever a projected task vector would be.
+//!
+//! Teachers and student must share a tokenizer; this crate checks that their vocabulary sizes
+//! agree. The KL loss is built from plain candle ops that all have backward passes (candle's
+//! fused softmax has none), and every trainable parameter is required to receive a gradient.
+
+#![warn(missing_docs)]
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_model::generate::{generate_batch, SamplingConfig};
+use hetfed_model::{ops, CausalLm, Checkpoint, LoraConfig, LoraSet};
+use hetfed_train::{lr_at, AdamW, AdamWConfig, Schedule};
+
+/// The global gradient norm is clipped to this value before every optimizer step.
+pub const MAX_GRAD_NORM: f64 = 1.0;
+
+/// Rows generated together by [`sample_texts`] (bounds the KV cache of a large model).
+const SAMPLE_CHUNK: usize = 32;
+
+/// Sequences of equal length that [`ensemble_targets`] runs through a teacher at once.
+const TEACHER_CHUNK: usize = 16;
+
+/// Everything that determines a distillation run (TOML/JSON with every field optional).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillConfig {
+    /// LoRA rank of the student's adapters; 0 trains every parameter (full fine-tuning).
+    pub lora_rank: usize,
+    /// LoRA alpha (the adapter's output is scaled by `lora_alpha / lora_rank`).
+    pub lora_alpha: f64,
+    /// Peak AdamW learning rate (cosine decay to 0 over `steps`, no warmup).
+    pub lr: f64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+    /// Softmax temperature applied to teacher and student logits alike.
+    pub temperature: f64,
+    /// Number of sequences to sample from the student (for the caller's [`sample_texts`]).
+    pub n_prompts: usize,
+    /// Tokens per sampled sequence, start token included (for the caller's [`sample_texts`]).
+    pub seq_len: usize,
+    /// Seed of the LoRA initialisation and of the batch order (and, by convention, of sampling).
+    pub seed: u64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lr: 1e-3,
+            steps: 30,
+            batch_size: 8,
+            temperature: 1.0,
+            n_prompts: 64,
+            seq_len: 48,
+            seed: 0,
+        }
+    }
+}
+
+impl DistillConfig {
+    /// Checks that every field is in range; the message names the offending field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.lora_rank > 0 && !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(format!("lora_alpha must be positive and finite, found {}", self.lora_alpha));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!("lr must be positive and finite, found {}", self.lr));
+        }
+        if self.batch_size == 0 {
+            return Err("batch_size must be at least 1, found 0".into());
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(format!("temperature must be positive and finite, found {}", self.temperature));
+        }
+        if self.n_prompts == 0 {
+            return Err("n_prompts must be at least 1, found 0".into());
+        }
+        if self.seq_len < 2 {
+            return Err(format!("seq_len must be at least 2 (the start token and one sampled token), found {}", self.seq_len));
+        }
+        Ok(())
+    }
+
+    /// The LoRA config this run uses for `arch` (`None` for full fine-tuning).
+    pub fn lora_config(&self, arch: &hetfed_model::Arch) -> Option<LoraConfig> {
+        (self.lora_rank > 0).then(|| LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            dropout: 0.0,
+            targets: arch.default_lora_targets(),
+        })
+    }
+}
+
+/// What [`distill`] produces.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillReport {
+    /// Dense change of the student's canonical weights, keyed as in `Checkpoint::weights`: with
+    /// LoRA, `B·A·scale` for each adapted `<module>.weight` (only those keys); with full
+    /// fine-tuning, `trained - initial` for every weight.
+    #[serde(skip)]
+    pub delta: TensorMap,
+    /// Mean KL(target ‖ student) per position over all sequences, before training.
+    pub kl_before: f64,
+    /// The same after training.
+    pub kl_after: f64,
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Wall-clock seconds of the whole run (evaluations included).
+    pub seconds: f64,
+}
+
+fn cerr(e: candle_core::Error) -> Error {
+    Error::Candle(e)
+}
+
+/// `n` sequences of `len` tokens sampled from `model` itself: each starts with `start_token`
+/// (e.g. the eos/bos id) followed by `len - 1` tokens drawn at temperature 1 from the full
+/// distribution (no top-k/top-p, no stop at eos), deterministic under `seed`.
+pub fn sample_texts(model: &dyn CausalLm, start_token: u32, n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+    if len < 2 {
+        return Err(Error::msg(format!("sampled sequences need at least 2 tokens (start + 1), found len {len}")));
+    }
+    if start_token as usize >= model.vocab_size() {
+        return Err(Error::msg(format!(
+            "start token {start_token} is outside the model's vocabulary of {}",
+            model.vocab_size()
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut chunk_idx = 0u64;
+    while out.len() < n {
+        let rows = (n - out.len()).min(SAMPLE_CHUNK);
+        let cfg = SamplingConfig {
+            max_new_tokens: len - 1,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            seed: seed.wrapping_add(chunk_idx.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        };
+        let prompts = vec![vec![start_token]; rows];
+        for new in generate_batch(model, &prompts, &cfg, None).map_err(cerr)? {
+            let mut s = Vec::with_capacity(len);
+            s.push(start_token);
+            s.extend(new);
+            out.push(s);
+        }
+        chunk_idx += 1;
+    }
+    Ok(out)
+}
+
+/// Checks that `seqs` is non-empty, every sequence non-empty, and every id below `vocab`.
+fn check_seqs(seqs: &[Vec<u32>], vocab: usize) -> Result<()> {
+    if seqs.is_empty() {
+        return Err(Error::msg("expected at least one sequence, found none"));
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        if s.is_empty() {
+            return Err(Error::msg(format!("sequence {i} is empty")));
+        }
+        if let Some(&t) = s.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::msg(format!("sequence {i} has token {t}, outside the vocabulary of {vocab}")));
+        }
+    }
+    Ok(())
+}
+
+/// Per sequence, the `[len, vocab]` next-token probabilities of the teacher ensemble:
+/// `Σ_k w_k·softmax(logits_k / temperature) / Σ_k w_k`. Weights must be finite and `>= 0` with a
+/// positive sum; all teachers must have the same vocabulary size.
+pub fn ensemble_targets(teachers: &[(&dyn CausalLm, f64)], seqs: &[Vec<u32>], temperature: f64) -> Result<Vec<Tensor>> {
+    if teachers.is_empty() {
+        return Err(Error::msg("expected at least one teacher, found none"));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::msg(format!("temperature must be positive and finite, found {temperature}")));
+    }
+    if let Some((i, (_, w))) = teachers.iter().enumerate().find(|(_, (_, w))| !(w.is_finite() && *w >= 0.0)) {
+        return Err(Error::msg(format!("teacher {i} has weight {w}: weights must be finite and >= 0")));
+    }
+    let total: f64 = teachers.iter().map(|(_, w)| w).sum();
+    if total <= 0.0 {
+        return Err(Error::msg("teacher weights sum to 0: at least one must be positive"));
+    }
+    let vocab = teachers[0].0.vocab_size();
+    if let Some((i, (t, _))) = teachers.iter().enumerate().find(|(_, (t, _))| t.vocab_size() != vocab) {
+        return Err(Error::msg(format!(
+            "teacher {i} has a vocabulary of {}, teacher 0 one of {vocab}: teachers must share a tokenizer",
+            t.vocab_size()
+        )));
+    }
+    check_seqs(seqs, vocab)?;
+    let mut out: Vec<Option<Tensor>> = vec![None; seqs.len()];
+    // Consecutive sequences of equal length go through each teacher as one batch.
+    let mut start = 0;
+    while start < seqs.len() {
+        let len = seqs[start].len();
+        let mut end = start + 1;
+        while end < seqs.len() && end - start < TEACHER_CHUNK && seqs[end].len() == len {
+            end += 1;
+        }
+        let rows = end - start;
+        let ids: Vec<u32> = seqs[start..end].iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(ids, (rows, len), &Device::Cpu)?;
+        let mut mix: Option<Tensor> = None;
+        for (model, w) in teachers {
+            if *w == 0.0 {
+                continue;
+            }
+            let logits = (model.forward(&ids, None)? / temperature)?;
+            let p = (ops::softmax_last_dim(&logits)? * (w / total))?;
+            mix = Some(match mix {
+                None => p,
+                Some(m) => (m + p)?,
+            });
+        }
+        let mix = mix.expect("a teacher has positive weight").detach();
+        for r in 0..rows {
+            out[start + r] = Some(mix.get(r)?.contiguous()?);
+        }
+        start = end;
+    }
+    Ok(out.into_iter().map(|t| t.expect("every sequence filled")).collect())
+}
+
+/// The trainable student: the network built over LoRA adapters or tracked weights.
+struct Student {
+    model: Box<dyn CausalLm>,
+    lora: Option<LoraSet>,
+    /// Full fine-tuning: the tracked weights (canonical names).
+    full: Option<TensorMap>,
+    vars: Vec<(String, Var)>,
+}
+
+impl Student {
+    fn new(ck: &Checkpoint, cfg: &DistillConfig) -> Result<Self> {
+        match cfg.lora_config(&ck.arch) {
+            Some(lcfg) => {
+                let set = LoraSet::init(&lcfg, &ck.weights, cfg.seed)?;
+                let model = ck.arch.build(&ck.weights, &ck.source(), Some(&set))?;
+                let vars = set.vars();
+                Ok(Self { model, lora: Some(set), full: None, vars })
+            }
+            None => {
+                let vars: Vec<(String, Var)> = ck
+                    .weights
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
+                    .collect::<candle_core::Result<_>>()?;
+                let tracked: TensorMap = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+                let model = ck.arch.build(&tracked, &ck.source(), None)?;
+                Ok(Self { model, lora: None, full: Some(tracked), vars })
+            }
+        }
+    }
+
+    /// The dense change of the canonical weights relative to `ck`.
+    fn delta(&self, ck: &Checkpoint) -> Result<TensorMap> {
+        let mut out = TensorMap::new();
+        if let Some(set) = &self.lora {
+            for module in set.factors.keys() {
+                let d = set.delta(module)?.expect("module has factors");
+                out.insert(format!("{module}.weight"), d);
+            }
+        }
+        if let Some(full) = &self.full {
+            for (k, t) in full {
+                out.insert(k.clone(), (t.detach() - ck.weights[k].to_dtype(DType::F32)?)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The distillation data, checked: sequences, targets and each target's `Σ p·ln p`.
+struct Data<'a> {
+    seqs: &'a [Vec<u32>],
+    targets: &'a [Tensor],
+    /// Per sequence, `Σ_positions Σ_v p·ln p` (the constant part of the KL).
+    plogp: Vec<f64>,
+    vocab: usize,
+    temperature: f64,
+}
+
+impl<'a> Data<'a> {
+    fn new(seqs: &'a [Vec<u32>], targets: &'a [Tensor], vocab: usize, temperature: f64) -> Result<Self> {
+        check_seqs(seqs, vocab)?;
+        if targets.len() != seqs.len() {
+            return Err(Error::msg(format!(
+                "expected one target per sequence, found {} targets for {} sequences",
+                targets.len(),
+                seqs.len()
+            )));
+        }
+        let mut plogp = Vec::with_capacity(seqs.len());
+        for (i, (s, t)) in seqs.iter().zip(targets).enumerate() {
+            if t.dims() != [s.len(), vocab] {
+                let hint = match t.dims() {
+                    [_, v] if *v != vocab => format!(
+                        " (the teachers' vocabulary is {v}, the student's {vocab}: they must share a tokenizer)"
+                    ),
+                    _ => String::new(),
+                };
+                return Err(Error::Shape {
+                    name: format!("target {i}"),
+                    expected: vec![s.len(), vocab],
+                    found: t.dims().to_vec(),
+                    where_: Some(format!("distillation targets{hint}")),
+                });
+            }
+            let p = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            plogp.push(p.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum());
+        }
+        Ok(Self { seqs, targets, plogp, vocab, temperature })
+    }
+
+    fn n_positions(&self, idx: &[usize]) -> usize {
+        idx.iter().map(|&i| self.seqs[i].len()).sum()
+    }
+
+    /// Σ over the positions of sequences `idx` of KL(target ‖ softmax(student logits / T)),
+    /// differentiable w.r.t. the student's parameters. Built from candle ops with backward passes
+    /// only: `log q = z - ln Σ exp z` with `z = logits/T - max` (the max is detached; the
+    /// log-softmax does not depend on it). Right-padding gets zero target rows, so contributes 0.
+    fn sum_kl(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        let b = idx.len();
+        let t = idx.iter().map(|&i| self.seqs[i].len()).max().unwrap_or(0);
+        let mut ids = vec![0u32; b * t];
+        let mut rows = Vec::with_capacity(b);
+        let mut const_part = 0.0;
+        for (r, &i) in idx.iter().enumerate() {
+            let s = &self.seqs[i];
+            ids[r * t..r * t + s.len()].copy_from_slice(s);
+            let tg = self.targets[i].to_dtype(DType::F32)?;
+            rows.push(if s.len() < t {
+                Tensor::cat(&[&tg, &Tensor::zeros((t - s.len(), self.vocab), DType::F32, &Device::Cpu)?], 0)?
+            } else {
+                tg
+            });
+            const_part += self.plogp[i];
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+        let p = Tensor::stack(&rows, 0)?;
+        let logits = (model.forward(&ids, None)? / self.temperature)?;
+        let z = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
+        let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let logq = z.broadcast_sub(&lse)?;
+        let cross = (p * logq)?.sum_all()?;
+        Ok((cross.neg()? + const_part)?)
+    }
+
+    /// Mean KL per position over all sequences (evaluated in batches of `batch`).
+    fn mean_kl(&self, model: &dyn CausalLm, batch: usize) -> Result<f64> {
+        let all: Vec<usize> = (0..self.seqs.len()).collect();
+        let mut sum = 0.0;
+        for chunk in all.chunks(batch.max(1)) {
+            sum += self.sum_kl(model, chunk)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(sum / self.n_positions(&all) as f64)
+    }
+}
+
+/// The sequence indices of every step: per epoch a seeded shuffle cut into batches (the last
+/// batch of an epoch may be smaller), as many epochs as `steps` needs.
+fn plan(n: usize, batch: usize, steps: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut out = Vec::with_capacity(steps);
+    let mut epoch = 0u64;
+    while out.len() < steps {
+        let mut idx: Vec<usize> = (0..n).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch + 1));
+        idx.shuffle(&mut rng);
+        out.extend(idx.chunks(batch).map(<[usize]>::to_vec));
+        epoch += 1;
+    }
+    out.truncate(steps);
+    out
+}
+
+/// Gradients of `loss` for every variable, in order; a variable the loss does not reach is an
+/// error (it means an op without a backward pass froze it).
+fn grads_of(loss: &Tensor, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    let g = loss.backward()?;
+    vars.iter()
+        .map(|(name, v)| {
+            g.get(v.as_tensor())
+                .cloned()
+                .ok_or_else(|| Error::msg(format!("parameter `{name}` received no gradient from the KL loss")))
+        })
+        .collect()
+}
+
+/// Distils the teacher ensemble's `targets` (from [`ensemble_targets`], one `[len, vocab]`
+/// tensor per sequence of `seqs`) into `student`: LoRA on `student.arch.default_lora_targets()`
+/// (or every weight when `cfg.lora_rank == 0`), loss = mean over the batch's positions of
+/// KL(target ‖ softmax(student logits / T)), AdamW (no weight decay) with cosine decay from
+/// `cfg.lr`, gradient norm clipped to [`MAX_GRAD_NORM`]. Deterministic under `cfg.seed`.
+/// `progress(step, loss)` is called after each step (steps counted from 1).
+pub fn distill(
+    student: &Checkpoint,
+    targets: &[Tensor],
+    seqs: &[Vec<u32>],
+    cfg: &DistillConfig,
+    mut progress: impl FnMut(usize, f64),
+) -> Result<DistillReport> {
+    let t0 = Instant::now();
+    cfg.validate().map_err(Error::msg)?;
+    let vocab = student.arch.vocab_size();
+    let data = Data::new(seqs, targets, vocab, cfg.temperature)?;
+    let st = Student::new(student, cfg)?;
+    let kl_before = data.mean_kl(st.model.as_ref(), cfg.batch_size)?;
+    let mut opt = AdamW::new(st.vars.clone(), AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() })?;
+    for (step, batch) in plan(seqs.len(), cfg.batch_size, cfg.steps, cfg.seed).into_iter().enumerate() {
+        let n_pos = data.n_positions(&batch);
+        let loss = (data.sum_kl(st.model.as_ref(), &batch)? / n_pos as f64)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss_value.is_finite() {
+            return Err(Error::msg(format!("distillation loss became {loss_value} at step {}", step + 1)));
+        }
+        let mut grads = grads_of(&loss, opt.vars())?;
+        let mut sq = 0.0;
+        for g in &grads {
+            sq += hetfed_core::sq_norm(g)?;
+        }
+        let norm = sq.sqrt();
+        if norm > MAX_GRAD_NORM {
+            let c = MAX_GRAD_NORM / (norm + 1e-6);
+            grads = grads.into_iter().map(|g| g * c).collect::<candle_core::Result<_>>()?;
+        }
+        opt.step(&grads, lr_at(cfg.lr, Schedule::Cosine, 0, cfg.steps, step))?;
+        progress(step + 1, loss_value);
+    }
+    let kl_after = data.mean_kl(st.model.as_ref(), cfg.batch_size)?;
+    Ok(DistillReport {
+        delta: st.delta(student)?,
+        kl_before,
+        kl_after,
+        steps: cfg.steps,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+use std::path::PathBuf;
+
+use rand::{Rng, SeedableRng};
+
+use hetfed_model::{bloom, Arch};
+
+use super::*;
+
+fn config(vocab: usize) -> bloom::Config {
+    bloom::Config {
+        vocab_size: vocab,
+        hidden_size: 16,
+        n_layer: 2,
+        n_head: 2,
+        layer_norm_epsilon: 1e-5,
+        apply_residual_connection_post_layernorm: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        pad_token_id: Some(3),
+    }
+}
+
+fn checkpoint(cfg: bloom::Config, weights: TensorMap) -> Checkpoint {
+    Checkpoint {
+        dir: PathBuf::from("<test>"),
+        config_json: cfg.hf_config_json(),
+        arch: Arch::Bloom(cfg),
+        weights,
+        tokenizer: None,
+    }
+}
+
+/// A tiny random BLOOM whose embeddings are scaled up so its next-token distributions are far
+/// from uniform (BLOOM's 0.02 init gives near-uniform logits, and near-zero KLs).
+fn tiny(vocab: usize, seed: u64) -> Checkpoint {
+    let cfg = config(vocab);
+    let mut w = cfg.random_weights(seed).unwrap();
+    let e = "transformer.word_embeddings.weight";
+    w.insert(e.into(), (&w[e] * 25.0).unwrap());
+    checkpoint(cfg, w)
+}
+
+/// `ck` with N(0, std²) noise added to every linear weight (what LoRA can adapt).
+fn perturbed(ck: &Checkpoint, seed: u64, std: f32) -> Checkpoint {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let linear = hetfed_model::lora::linear_modules(&ck.weights);
+    let mut w = ck.weights.clone();
+    for module in linear.keys() {
+        let name = format!("{module}.weight");
+        let t = &w[&name];
+        let noise: Vec<f32> = (0..t.elem_count())
+            .map(|_| {
+                let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+                std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            })
+            .collect();
+        let n = Tensor::from_vec(noise, t.dims(), &Device::Cpu).unwrap();
+        let v = (t + n).unwrap();
+        w.insert(name, v);
+    }
+    let Arch::Bloom(cfg) = &ck.arch else { unreachable!() };
+    checkpoint(cfg.clone(), w)
+}
+
+fn quick_cfg(lora_rank: usize) -> DistillConfig {
+    DistillConfig {
+        lora_rank,
+        lr: 1e-2,
+        steps: 40,
+        batch_size: 8,
+        n_prompts: 24,
+        seq_len: 12,
+        ..DistillConfig::default()
+    }
+}
+
+fn seqs_of(ck: &Checkpoint, cfg: &DistillConfig) -> Vec<Vec<u32>> {
+    let m = ck.model(None).unwrap();
+    sample_texts(m.as_ref(), 2, cfg.n_prompts, cfg.seq_len, cfg.seed).unwrap()
+}
+
+fn targets_of(teacher: &Checkpoint, seqs: &[Vec<u32>], temperature: f64) -> Vec<Tensor> {
+    let m = teacher.model(None).unwrap();
+    ensemble_targets(&[(m.as_ref(), 1.0)], seqs, temperature).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn config_defaults_validate_and_reject_bad_values() {
+    let d = DistillConfig::default();
+    d.validate().unwrap();
+    assert_eq!((d.lora_rank, d.steps, d.batch_size, d.n_prompts, d.seq_len), (8, 30, 8, 64, 48));
+    for bad in [
+        DistillConfig { lr: 0.0, ..d.clone() },
+        DistillConfig { batch_size: 0, ..d.clone() },
+        DistillConfig { temperature: 0.0, ..d.clone() },
+        DistillConfig { seq_len: 1, ..d.clone() },
+        DistillConfig { n_prompts: 0, ..d.clone() },
+        DistillConfig { lora_alpha: f64::NAN, ..d.clone() },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+    // Full fine-tuning ignores lora_alpha.
+    DistillConfig { lora_rank: 0, lora_alpha: 0.0, ..d.clone() }.validate().unwrap();
+    // serde: every field optional, unknown fields rejected.
+    let parsed: DistillConfig = serde_json::from_str(r#"{"steps": 5}"#).unwrap();
+    assert_eq!(parsed, DistillConfig { steps: 5, ..d });
+    assert!(serde_json::from_str::<DistillConfig>(r#"{"stepz": 5}"#).is_err());
+}
+
+#[test]
+fn sample_texts_is_deterministic_and_starts_with_the_start_token() {
+    let ck = tiny(64, 1);
+    let m = ck.model(None).unwrap();
+    let a = sample_texts(m.as_ref(), 2, 40, 10, 7).unwrap();
+    let b = sample_texts(m.as_ref(), 2, 40, 10, 7).unwrap();
+    let c = sample_texts(m.as_ref(), 2, 40, 10, 8).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_eq!(a.len(), 40);
+    assert!(a.iter().all(|s| s.len() == 10 && s[0] == 2 && s.iter().all(|&t| t < 64)));
+    // Sampled, not greedy: the rows differ.
+    assert!(a.iter().any(|s| s != &a[0]));
+    assert!(sample_texts(m.as_ref(), 64, 1, 10, 0).is_err());
+    assert!(sample_texts(m.as_ref(), 2, 1, 1, 0).is_err());
+}
+
+/// Every trainable parameter must get a non-zero gradient from the KL loss (an op without a
+/// backward pass would silently freeze it).
+#[test]
+fn every_trainable_parameter_gets_a_nonzero_gradient() {
+    let student = tiny(64, 1);
+    let teacher = perturbed(&student, 9, 0.3);
+    for rank in [4, 0] {
+        let cfg = DistillConfig { temperature: 2.0, ..quick_cfg(rank) };
+        let seqs = seqs_of(&student, &cfg);
+        let targets = targets_of(&teacher, &seqs, cfg.temperature);
+        let st = Student::new(&student, &cfg).unwrap();
+        if let Some(set) = &st.lora {
+            // B starts at 0, which zeroes A's gradient; give B values so both are exercised.
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            for f in set.factors.values() {
+                let v: Vec<f32> = (0..f.b.elem_count()).map(|_| rng.random_range(-0.1..0.1)).collect();
+                f.b.set(&Tensor::from_vec(v, f.b.dims(), &Device::Cpu).unwrap()).unwrap();
+            }
+            assert_eq!(st.vars.len(), 2 * 4 * 2, "A and B of 4 targets in 2 layers");
+        } else {
+            assert_eq!(st.vars.len(), student.weights.len());
+        }
+        let data = Data::new(&seqs, &targets, 64, cfg.temperature).unwrap();
+        let idx: Vec<usize> = (0..seqs.len()).collect();
+        let loss = data.sum_kl(st.model.as_ref(), &idx).unwrap();
+        let grads = grads_of(&loss, &st.vars).unwrap();
+        for ((name, _), g) in st.vars.iter().zip(&grads) {
+            let n = hetfed_core::sq_norm(g).unwrap();
+            assert!(n > 0.0 && n.is_finite(), "rank {rank}: `{name}` has gradient norm² {n}");
+        }
+    }
+}
+
+/// The KL loss's gradient matches a finite difference (so the composition is the right function).
+#[test]
+fn kl_gradient_matches_finite_difference() {
+    let student = tiny(64, 1);
+    let teacher = perturbed(&student, 9, 0.3);
+    let cfg = DistillConfig { temperature: 1.5, ..quick_cfg(0) };
+    let seqs = seqs_of(&student, &cfg)[..4].to_vec();
+    let targets = targets_of(&teacher, &seqs, cfg.temperature);
+    let st = Student::new(&student, &cfg).unwrap();
+    let data = Data::new(&seqs, &targets, 64, cfg.temperature).unwrap();
+    let idx = [0, 1, 2, 3];
+    let name = "transformer.h.1.mlp.dense_4h_to_h.weight";
+    let (i, (_, var)) = st.vars.iter().enumerate().find(|(_, (n, _))| n == name).unwrap();
+    let grads = grads_of(&data.sum_kl(st.model.as_ref(), &idx).unwrap(), &st.vars).unwrap();
+    let g = grads[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let j = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+    let orig = var.as_tensor().detach().copy().unwrap();
+    let eps = 1e-2f32;
+    let eval = |delta: f32| {
+        let mut v = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[j] += delta;
+        var.set(&Tensor::from_vec(v, orig.dims(), &Device::Cpu).unwrap()).unwrap();
+        data.sum_kl(st.model.as_ref(), &idx).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+    var.set(&orig).unwrap();
+    assert!((fd - g[j]).abs() < 0.05 * g[j].abs() + 1e-4, "finite difference {fd} vs gradient {}", g[j]);
+}
+
+fn check_distils(rank: usize) {
+    let student = tiny(64, 1);
+    let teacher = perturbed(&student, 9, 0.3);
+    let cfg = quick_cfg(rank);
+    let seqs = seqs_of(&student, &cfg);
+    let targets = targets_of(&teacher, &seqs, cfg.temperature);
+    let mut losses = Vec::new();
+    let r = distill(&student, &targets, &seqs, &cfg, |s, l| losses.push((s, l))).unwrap();
+    assert_eq!(r.steps, cfg.steps);
+    assert_eq!(losses.len(), cfg.steps);
+    assert_eq!(losses.last().unwrap().0, cfg.steps);
+    assert!(r.kl_before > 1e-2, "rank {rank}: teacher too close to the student: KL {}", r.kl_before);
+    assert!(r.kl_after < 0.5 * r.kl_before, "rank {rank}: KL {} -> {}", r.kl_before, r.kl_after);
+    // The delta is the whole change: the student's weights plus it reproduce kl_after.
+    if rank > 0 {
+        let n_linear = hetfed_model::lora::linear_modules(&student.weights).len();
+        assert_eq!(r.delta.len(), n_linear);
+    } else {
+        assert_eq!(r.delta.len(), student.weights.len());
+    }
+    let mut w = student.weights.clone();
+    for (k, d) in &r.delta {
+        assert_eq!(w[k].dims(), d.dims(), "{k}");
+        let v = (&w[k] + d).unwrap();
+        w.insert(k.clone(), v);
+    }
+    let Arch::Bloom(c) = &student.arch else { unreachable!() };
+    let trained = checkpoint(c.clone(), w).model(None).unwrap();
+    let data = Data::new(&seqs, &targets, 64, cfg.temperature).unwrap();
+    let kl = data.mean_kl(trained.as_ref(), 8).unwrap();
+    assert!((kl - r.kl_after).abs() < 1e-4 * (1.0 + r.kl_after), "rank {rank}: {kl} vs {}", r.kl_after);
+    // Deterministic under the seed.
+    let r2 = distill(&student, &targets, &seqs, &cfg, |_, _| {}).unwrap();
+    assert_eq!(r2.kl_after, r.kl_after);
+    for (k, d) in &r.delta {
+        assert_eq!(max_abs_diff(d, &r2.delta[k]), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn lora_distillation_reduces_kl() {
+    check_distils(8);
+}
+
+#[test]
+fn full_distillation_reduces_kl() {
+    check_distils(0);
+}
+
+#[test]
+fn a_student_teaching_itself_starts_at_zero_kl() {
+    let student = tiny(64, 1);
+    for temperature in [1.0, 2.0] {
+        let cfg = DistillConfig { temperature, steps: 3, ..quick_cfg(4) };
+        let seqs = seqs_of(&student, &cfg);
+        let targets = targets_of(&student, &seqs, cfg.temperature);
+        let r = distill(&student, &targets, &seqs, &cfg, |_, _| {}).unwrap();
+        assert!(r.kl_before.abs() < 1e-5, "T {temperature}: KL {}", r.kl_before);
+        assert!(r.kl_after.abs() < 1e-3, "T {temperature}: KL {}", r.kl_after);
+    }
+}
+
+#[test]
+fn ensemble_targets_are_the_weighted_mixture() {
+    let a = tiny(64, 1);
+    let b = tiny(64, 2);
+    let (ma, mb) = (a.model(None).unwrap(), b.model(None).unwrap());
+    let mut seqs = seqs_of(&a, &quick_cfg(4))[..5].to_vec();
+    seqs[3].truncate(7); // different lengths are fine
+    let t = 1.7;
+    let mix = ensemble_targets(&[(ma.as_ref(), 3.0), (mb.as_ref(), 1.0)], &seqs, t).unwrap();
+    let only_b = ensemble_targets(&[(ma.as_ref(), 0.0), (mb.as_ref(), 2.5)], &seqs, t).unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(mix[i].dims(), [s.len(), 64]);
+        let sums = mix[i].sum(1).unwrap().to_vec1::<f32>().unwrap();
+        assert!(sums.iter().all(|x| (x - 1.0).abs() < 1e-5), "{sums:?}");
+        let ids = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
+        let soft = |m: &dyn CausalLm| {
+            let l = (m.forward(&ids, None).unwrap().squeeze(0).unwrap() / t).unwrap();
+            let e = l.broadcast_sub(&l.max_keepdim(1).unwrap()).unwrap().exp().unwrap();
+            e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap()
+        };
+        let (pa, pb) = (soft(ma.as_ref()), soft(mb.as_ref()));
+        assert!(max_abs_diff(&only_b[i], &pb) < 1e-6);
+        let want = ((pa * 0.75).unwrap() + (pb * 0.25).unwrap()).unwrap();
+        assert!(max_abs_diff(&mix[i], &want) < 1e-6);
+    }
+    // The two teachers really differ, so the checks above can fail.
+    assert!(max_abs_diff(&mix[0], &only_b[0]) > 1e-3);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let student = tiny(64, 1);
+    let small = tiny(32, 2);
+    let (ms, m32) = (student.model(None).unwrap(), small.model(None).unwrap());
+    let cfg = quick_cfg(4);
+    let seqs = seqs_of(&small, &cfg); // ids < 32, valid for both vocabularies
+    let msg = |e: Error| e.to_string();
+    // Teachers with different vocabularies.
+    let e = ensemble_targets(&[(ms.as_ref(), 1.0), (m32.as_ref(), 1.0)], &seqs, 1.0).unwrap_err();
+    assert!(msg(e).contains("vocabulary"));
+    // Teacher vocabulary differs from the student's.
+    let t32 = ensemble_targets(&[(m32.as_ref(), 1.0)], &seqs, 1.0).unwrap();
+    let e = distill(&student, &t32, &seqs, &cfg, |_, _| {}).unwrap_err();
+    assert!(msg(e).contains("tokenizer"));
+    // Empty sequence lists or sequences.
+    assert!(ensemble_targets(&[(ms.as_ref(), 1.0)], &[], 1.0).is_err());
+    assert!(ensemble_targets(&[(ms.as_ref(), 1.0)], &[vec![]], 1.0).is_err());
+    assert!(distill(&student, &[], &[], &cfg, |_, _| {}).is_err());
+    // Weights: all zero, negative, NaN; no teacher at all.
+    assert!(ensemble_targets(&[(ms.as_ref(), 0.0), (ms.as_ref(), 0.0)], &seqs, 1.0).is_err());
+    assert!(ensemble_targets(&[(ms.as_ref(), -1.0), (ms.as_ref(), 2.0)], &seqs, 1.0).is_err());
+    assert!(ensemble_targets(&[(ms.as_ref(), f64::NAN)], &seqs, 1.0).is_err());
+    assert!(ensemble_targets(&[], &seqs, 1.0).is_err());
+    // Token outside the vocabulary; bad temperature.
+    assert!(ensemble_targets(&[(m32.as_ref(), 1.0)], &[vec![2, 40]], 1.0).is_err());
+    assert!(ensemble_targets(&[(ms.as_ref(), 1.0)], &seqs, 0.0).is_err());
+    // Target count or length mismatch; invalid config.
+    let t64 = ensemble_targets(&[(ms.as_ref(), 1.0)], &seqs, 1.0).unwrap();
+    assert!(distill(&student, &t64[1..], &seqs, &cfg, |_, _| {}).is_err());
+    let mut short = seqs.clone();
+    short[0].pop();
+    assert!(distill(&student, &t64, &short, &cfg, |_, _| {}).is_err());
+    assert!(distill(&student, &t64, &seqs, &DistillConfig { batch_size: 0, ..cfg.clone() }, |_, _| {}).is_err());
+    // And the valid combination works.
+    distill(&student, &t64, &seqs, &DistillConfig { steps: 1, ..cfg }, |_, _| {}).unwrap();
+}

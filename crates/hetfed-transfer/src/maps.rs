@@ -1,0 +1,450 @@
+//! [`PairMaps`]: every map between one small and one large BLOOM model, how they were fitted,
+//! and their on-disk cache.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_model::{Arch, Checkpoint, ModelIdentity};
+use hetfed_project::{
+    fit_procrustes, fit_ridge, fit_weight_space, pair_layers, random_orthogonal, split_rows_interleaved, Centring, Map, WeightFitOptions,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::calibration::{capture, Space};
+
+/// The linear modules of a BLOOM block that updates are projected for, as named under
+/// `transformer.h.{i}.`.
+pub const MODULES: [&str; 4] = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
+
+/// The spaces a module reads (`T_in`) and writes (`T_out`, three for the fused QKV).
+fn module_spaces(module: &str) -> (Vec<Space>, Space) {
+    match module {
+        "self_attention.query_key_value" => (vec![Space::Q, Space::K, Space::V], Space::AttnIn),
+        "self_attention.dense" => (vec![Space::Resid], Space::Ctx),
+        // GELU is elementwise, so the pre-activation space has the coordinates of the GELU
+        // output; the latter is fitted because it spans the whole space (pre-activations span
+        // at most the hidden size, which would leave most of the map undetermined).
+        "mlp.dense_h_to_4h" => (vec![Space::MlpHidden], Space::MlpIn),
+        _ => (vec![Space::Resid], Space::MlpHidden),
+    }
+}
+
+/// How the maps are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Ridge least squares on centred calibration activations.
+    Ridge,
+    /// Orthogonal Procrustes on centred calibration activations (Theseus / Ariadne).
+    Procrustes,
+    /// Data-free LiGO-style fit `A·W_s·B^T ≈ W_l` on the base weights, per module.
+    WeightSpace,
+    /// Haar-random semi-orthogonal maps: the control every method must beat.
+    Random,
+    /// `[I; 0]`: the control "coordinates already agree".
+    Identity,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Ridge => "ridge",
+            Method::Procrustes => "procrustes",
+            Method::WeightSpace => "weight_space",
+            Method::Random => "random",
+            Method::Identity => "identity",
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "ridge" => Method::Ridge,
+            "procrustes" => Method::Procrustes,
+            "weight_space" | "weight-space" => Method::WeightSpace,
+            "random" => Method::Random,
+            "identity" => Method::Identity,
+            _ => return Err(format!("expected a map method (ridge, procrustes, weight_space, random, identity), found {s:?}")),
+        })
+    }
+}
+
+/// Settings of a fit (part of the cache key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapConfig {
+    pub method: Method,
+    /// Ridge strength relative to the mean eigenvalue of `X_s^T·X_s`:
+    /// `lambda = ridge·trace(X_s^T·X_s)/d_s`.
+    pub ridge: f64,
+    /// Small layer for each large layer; empty = `round(j·(L_s-1)/(L_l-1))`.
+    pub pairing: Vec<usize>,
+    /// Fraction of the calibration sequences held out to measure each map's explained variance.
+    pub held_out: f64,
+    /// Seed of the random control maps.
+    pub seed: u64,
+}
+
+impl Default for MapConfig {
+    fn default() -> Self {
+        Self { method: Method::Procrustes, ridge: 1e-2, pairing: Vec::new(), held_out: 0.2, seed: 0 }
+    }
+}
+
+impl MapConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.ridge >= 0.0 && self.ridge.is_finite()) {
+            return Err(format!("maps.ridge: expected a number >= 0, found {}", self.ridge));
+        }
+        if !(0.0..0.9).contains(&self.held_out) {
+            return Err(format!("maps.held_out: expected a fraction in [0, 0.9), found {}", self.held_out));
+        }
+        Ok(())
+    }
+}
+
+/// The maps of one module of one large layer.
+#[derive(Debug, Clone)]
+pub struct ModuleMaps {
+    /// Output maps: one, or Q, K, V for the fused attention projection.
+    pub out: Vec<Map>,
+    pub input: Map,
+}
+
+/// What the fit of one large layer achieved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerFit {
+    pub large_layer: usize,
+    pub small_layer: usize,
+    /// Space → R² of its map on the held-out calibration tokens (1 perfect, 0 = predicting the
+    /// mean, negative = worse). For the weight-space method: the maps of the first module that
+    /// reads or writes the space.
+    pub explained_variance: BTreeMap<String, f64>,
+    pub seconds: f64,
+}
+
+/// What a whole fit achieved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitSummary {
+    pub method: Method,
+    pub layers: Vec<LayerFit>,
+    /// R² of the embedding map on held-out tokens (block 0's input).
+    pub embed_explained_variance: f64,
+    /// Mean R² over every layer and space.
+    pub mean_explained_variance: f64,
+    pub tokens_fit: usize,
+    pub tokens_held_out: usize,
+    /// Seconds for capture plus fit.
+    pub seconds: f64,
+    /// What the calibration text was (part of the cache key).
+    pub calibration: String,
+}
+
+/// Every map between a small and a large BLOOM model (see the crate docs).
+#[derive(Debug, Clone)]
+pub struct PairMaps {
+    pub small: ModelIdentity,
+    pub large: ModelIdentity,
+    pub config: MapConfig,
+    /// Large layer → small layer.
+    pub pairing: Vec<usize>,
+    pub n_head_small: usize,
+    pub n_head_large: usize,
+    /// Per large layer, module (see [`MODULES`]) → maps.
+    pub layers: Vec<BTreeMap<String, ModuleMaps>>,
+    /// Maps embedding rows (the residual space entering block 0).
+    pub embed: Map,
+    pub summary: FitSummary,
+}
+
+fn bloom_cfg(ck: &Checkpoint) -> Result<&hetfed_model::bloom::Config> {
+    match &ck.arch {
+        Arch::Bloom(c) => Ok(c),
+        other => Err(Error::msg(format!("{}: projection supports BLOOM models, found {}", ck.source(), other.model_type()))),
+    }
+}
+
+fn mix(seed: u64, x: u64) -> u64 {
+    let mut z = seed ^ x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Centred fit and held-out halves of one space on both sides.
+struct Paired {
+    fit_s: Tensor,
+    fit_l: Tensor,
+    ho_s: Option<Tensor>,
+    ho_l: Option<Tensor>,
+}
+
+fn split_centre(xs: &Tensor, xl: &Tensor, n_fit: usize) -> Result<Paired> {
+    let n = xs.dim(0)?;
+    let centre = |x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
+        let fit = x.narrow(0, 0, n_fit)?;
+        let mu = fit.mean_keepdim(0)?;
+        let f = fit.broadcast_sub(&mu)?;
+        let h = if n > n_fit { Some(x.narrow(0, n_fit, n - n_fit)?.broadcast_sub(&mu)?) } else { None };
+        Ok((f, h))
+    };
+    let (fit_s, ho_s) = centre(xs)?;
+    let (fit_l, ho_l) = centre(xl)?;
+    Ok(Paired { fit_s, fit_l, ho_s, ho_l })
+}
+
+fn r2(map: &Map, p: &Paired) -> Result<f64> {
+    match (&p.ho_s, &p.ho_l) {
+        (Some(s), Some(l)) => map.explained_variance(s, l),
+        _ => map.explained_variance(&p.fit_s, &p.fit_l),
+    }
+}
+
+fn fit_one(method: Method, p: &Paired, ridge: f64, seed: u64) -> Result<Map> {
+    let (d_s, d_l) = (p.fit_s.dim(1)?, p.fit_l.dim(1)?);
+    Ok(match method {
+        Method::Ridge => {
+            let tr = hetfed_core::sq_norm(&p.fit_s)?;
+            fit_ridge(&p.fit_s, &p.fit_l, ridge * tr / d_s as f64, Centring::None)?.0
+        }
+        Method::Procrustes => fit_procrustes(&p.fit_s, &p.fit_l, Centring::None)?.0,
+        Method::Random => random_orthogonal(d_l, d_s, seed)?,
+        Method::Identity => Map::identity(d_l, d_s)?,
+        Method::WeightSpace => return Err(Error::msg("weight-space maps are fitted from weights, not activations")),
+    })
+}
+
+impl PairMaps {
+    /// Fits every map between `small` and `large` (both BLOOM, one vocabulary) on the
+    /// calibration sequences `seqs` (described by `calibration` for reports and the cache key).
+    pub fn fit(small: &Checkpoint, large: &Checkpoint, seqs: &[Vec<u32>], calibration: &str, cfg: &MapConfig) -> Result<Self> {
+        cfg.validate().map_err(Error::msg)?;
+        let t0 = Instant::now();
+        let (cs, cl) = (bloom_cfg(small)?, bloom_cfg(large)?);
+        if cs.vocab_size != cl.vocab_size {
+            return Err(Error::msg(format!(
+                "projection needs one tokenizer for both models: expected equal vocabularies, found {} ({}) and {} ({})",
+                cs.vocab_size,
+                small.source(),
+                cl.vocab_size,
+                large.source()
+            )));
+        }
+        let pairing = if cfg.pairing.is_empty() {
+            pair_layers(cs.n_layer, cl.n_layer)?
+        } else {
+            if cfg.pairing.len() != cl.n_layer || cfg.pairing.iter().any(|&i| i >= cs.n_layer) {
+                return Err(Error::msg(format!(
+                    "maps.pairing: expected {} entries (one per large layer), each below {} (small layers), found {:?}",
+                    cl.n_layer, cs.n_layer, cfg.pairing
+                )));
+            }
+            cfg.pairing.clone()
+        };
+        let n_seqs = seqs.len();
+        let n_ho_seqs = ((n_seqs as f64) * cfg.held_out).round() as usize;
+        let n_fit_seqs = n_seqs - n_ho_seqs.min(n_seqs.saturating_sub(1));
+        let len = seqs.first().map(Vec::len).unwrap_or(0);
+        let n_fit = n_fit_seqs * len;
+        let acts_s = capture(small, seqs, 16)?;
+        let acts_l = capture(large, seqs, 16)?;
+        let mut layers = Vec::with_capacity(cl.n_layer);
+        let mut fits = Vec::with_capacity(cl.n_layer);
+        for (j, &i) in pairing.iter().enumerate() {
+            let tl = Instant::now();
+            let paired = |space: Space| -> Result<Paired> { split_centre(&acts_s[i][&space], &acts_l[j][&space], n_fit) };
+            let mut r2s = BTreeMap::new();
+            let mut modules = BTreeMap::new();
+            if cfg.method == Method::WeightSpace {
+                for m in MODULES {
+                    let mm = weight_space_module(small, large, i, j, m, cs.n_head, cl.n_head)?;
+                    let (outs, input) = module_spaces(m);
+                    for (space, map) in outs.iter().zip(&mm.out).chain(std::iter::once((&input, &mm.input))) {
+                        if !r2s.contains_key(space.name()) {
+                            r2s.insert(space.name().to_string(), r2(map, &paired(*space)?)?);
+                        }
+                    }
+                    modules.insert(m.to_string(), mm);
+                }
+            } else {
+                let mut maps = BTreeMap::new();
+                for space in Space::ALL.into_iter().filter(|s| !matches!(s, Space::ResidIn | Space::MlpPre)) {
+                    let p = paired(space)?;
+                    let map = fit_one(cfg.method, &p, cfg.ridge, mix(cfg.seed, (j * 16 + space as usize) as u64))?;
+                    r2s.insert(space.name().to_string(), r2(&map, &p)?);
+                    maps.insert(space, map);
+                }
+                for m in MODULES {
+                    let (outs, input) = module_spaces(m);
+                    modules.insert(m.to_string(), ModuleMaps { out: outs.iter().map(|s| maps[s].clone()).collect(), input: maps[&input].clone() });
+                }
+            }
+            layers.push(modules);
+            fits.push(LayerFit { large_layer: j, small_layer: i, explained_variance: r2s, seconds: tl.elapsed().as_secs_f64() });
+        }
+        let p0 = split_centre(&acts_s[0][&Space::ResidIn], &acts_l[0][&Space::ResidIn], n_fit)?;
+        let embed = if cfg.method == Method::WeightSpace {
+            let es = &small.weights["transformer.word_embeddings.weight"];
+            let el = &large.weights["transformer.word_embeddings.weight"];
+            fit_procrustes(es, el, Centring::None)?.0
+        } else {
+            fit_one(cfg.method, &p0, cfg.ridge, mix(cfg.seed, u64::MAX))?
+        };
+        let embed_explained_variance = r2(&embed, &p0)?;
+        let all: Vec<f64> = fits.iter().flat_map(|f| f.explained_variance.values().copied()).filter(|v| v.is_finite()).collect();
+        let mean_explained_variance = all.iter().sum::<f64>() / all.len().max(1) as f64;
+        let summary = FitSummary {
+            method: cfg.method,
+            layers: fits,
+            embed_explained_variance,
+            mean_explained_variance,
+            tokens_fit: n_fit,
+            tokens_held_out: (n_seqs - n_fit_seqs) * len,
+            seconds: t0.elapsed().as_secs_f64(),
+            calibration: calibration.to_string(),
+        };
+        Ok(Self {
+            small: small.identity()?,
+            large: large.identity()?,
+            config: cfg.clone(),
+            pairing,
+            n_head_small: cs.n_head,
+            n_head_large: cl.n_head,
+            layers,
+            embed,
+            summary,
+        })
+    }
+
+    /// The cache file name for this pair, settings and calibration: both models' identities go
+    /// into the key, so a changed model never reuses stale maps.
+    pub fn cache_file(small: &ModelIdentity, large: &ModelIdentity, cfg: &MapConfig, calibration: &str) -> String {
+        let key = json!({"small": small, "large": large, "config": cfg, "calibration": calibration, "format": FORMAT});
+        let h = hetfed_core::sha256_hex(key.to_string().as_bytes());
+        format!("maps-{}-{}.safetensors", cfg.method.name(), &h[..16])
+    }
+
+    /// The maps from `cache_dir` when fitted before for exactly these models, settings and
+    /// calibration; otherwise fits them on `calibration_seqs()` and saves them there. Returns the
+    /// maps and whether they came from the cache.
+    pub fn load_or_fit(
+        cache_dir: &Path,
+        small: &Checkpoint,
+        large: &Checkpoint,
+        calibration: &str,
+        cfg: &MapConfig,
+        calibration_seqs: impl FnOnce() -> Result<Vec<Vec<u32>>>,
+    ) -> Result<(Self, bool)> {
+        let (si, li) = (small.identity()?, large.identity()?);
+        let path: PathBuf = cache_dir.join(Self::cache_file(&si, &li, cfg, calibration));
+        if path.exists() {
+            let maps = Self::load(&path)?;
+            if maps.small == si && maps.large == li && &maps.config == cfg {
+                return Ok((maps, true));
+            }
+            tracing::warn!("{}: cached maps are for other models or settings; fitting again", path.display());
+        }
+        let seqs = calibration_seqs()?;
+        let maps = Self::fit(small, large, &seqs, calibration, cfg)?;
+        std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+        maps.save(&path)?;
+        Ok((maps, false))
+    }
+
+    /// Writes the maps as safetensors, with identities, settings and the fit summary as JSON
+    /// metadata.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let dev = Device::Cpu;
+        let mut t = TensorMap::new();
+        t.insert("embed".into(), self.embed.to_tensor(&dev)?);
+        for (j, layer) in self.layers.iter().enumerate() {
+            for (m, mm) in layer {
+                t.insert(format!("L{j}.{m}.in"), mm.input.to_tensor(&dev)?);
+                for (p, o) in mm.out.iter().enumerate() {
+                    t.insert(format!("L{j}.{m}.out{p}"), o.to_tensor(&dev)?);
+                }
+            }
+        }
+        let meta = json!({
+            "small": self.small, "large": self.large, "config": self.config, "pairing": self.pairing,
+            "n_head_small": self.n_head_small, "n_head_large": self.n_head_large, "summary": self.summary,
+        });
+        let mut md = BTreeMap::new();
+        md.insert("hetfed.format".to_string(), FORMAT.to_string());
+        md.insert("hetfed.pair_maps".to_string(), meta.to_string());
+        hetfed_core::save_safetensors(&t, DType::F32, &md, path)
+    }
+
+    /// Reads maps written by [`PairMaps::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let (mut t, md) = hetfed_core::load_safetensors(path)?;
+        let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
+        if md.get("hetfed.format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad(format!("expected hetfed pair maps (format {FORMAT}), found format {:?}", md.get("hetfed.format"))));
+        }
+        let meta: serde_json::Value = serde_json::from_str(md.get("hetfed.pair_maps").map(String::as_str).unwrap_or("")).map_err(|e| bad(format!("expected JSON metadata: {e}")))?;
+        let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata lacks `{k}`")));
+        let parse = |k: &str| -> Result<serde_json::Value> { field(k) };
+        let small: ModelIdentity = serde_json::from_value(parse("small")?).map_err(|e| bad(e.to_string()))?;
+        let large: ModelIdentity = serde_json::from_value(parse("large")?).map_err(|e| bad(e.to_string()))?;
+        let config: MapConfig = serde_json::from_value(parse("config")?).map_err(|e| bad(e.to_string()))?;
+        let pairing: Vec<usize> = serde_json::from_value(parse("pairing")?).map_err(|e| bad(e.to_string()))?;
+        let summary: FitSummary = serde_json::from_value(parse("summary")?).map_err(|e| bad(e.to_string()))?;
+        let n_head_small = parse("n_head_small")?.as_u64().unwrap_or(0) as usize;
+        let n_head_large = parse("n_head_large")?.as_u64().unwrap_or(0) as usize;
+        let mut take = |k: &str| -> Result<Map> { Map::from_tensor(&t.remove(k).ok_or_else(|| bad(format!("expected tensor `{k}`, found none")))?) };
+        let embed = take("embed")?;
+        let mut layers = Vec::with_capacity(pairing.len());
+        for j in 0..pairing.len() {
+            let mut modules = BTreeMap::new();
+            for m in MODULES {
+                let input = take(&format!("L{j}.{m}.in"))?;
+                let parts = if m == MODULES[0] { 3 } else { 1 };
+                let out = (0..parts).map(|p| take(&format!("L{j}.{m}.out{p}"))).collect::<Result<_>>()?;
+                modules.insert(m.to_string(), ModuleMaps { out, input });
+            }
+            layers.push(modules);
+        }
+        Ok(Self { small, large, config, pairing, n_head_small, n_head_large, layers, embed, summary })
+    }
+
+    /// Refuses an update made from any base other than this pair's small model.
+    pub fn check_base(&self, base: &ModelIdentity) -> Result<()> {
+        if base != &self.small {
+            return Err(Error::msg(format!(
+                "expected an update of the small model these maps were fitted for, {}, found one of {}; fit maps for that model first",
+                self.small, base
+            )));
+        }
+        Ok(())
+    }
+}
+
+const FORMAT: &str = "pair-maps-1";
+
+/// Data-free maps of one module: per output part `A_p` from `A·W_s^p·B^T ≈ W_l^p`, and the input
+/// map `B` from the whole (stacked) matrix.
+fn weight_space_module(small: &Checkpoint, large: &Checkpoint, i: usize, j: usize, m: &str, nh_s: usize, nh_l: usize) -> Result<ModuleMaps> {
+    let ws = small.weights.get(&format!("transformer.h.{i}.{m}.weight")).ok_or_else(|| Error::msg(format!("{}: missing transformer.h.{i}.{m}.weight", small.source())))?;
+    let wl = large.weights.get(&format!("transformer.h.{j}.{m}.weight")).ok_or_else(|| Error::msg(format!("{}: missing transformer.h.{j}.{m}.weight", large.source())))?;
+    let opts = WeightFitOptions::default();
+    let whole = fit_weight_space(std::slice::from_ref(ws), std::slice::from_ref(wl), &opts)?;
+    if m == MODULES[0] {
+        let ps = split_rows_interleaved(ws, nh_s, 3)?;
+        let pl = split_rows_interleaved(wl, nh_l, 3)?;
+        let out = ps
+            .iter()
+            .zip(&pl)
+            .map(|(s, l)| Ok(fit_weight_space(std::slice::from_ref(s), std::slice::from_ref(l), &opts)?.out_map))
+            .collect::<Result<_>>()?;
+        Ok(ModuleMaps { out, input: whole.in_map })
+    } else {
+        Ok(ModuleMaps { out: vec![whole.out_map], input: whole.in_map })
+    }
+}

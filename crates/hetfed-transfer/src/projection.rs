@@ -1,0 +1,177 @@
+//! Projecting a small model's task vector into the large model's weight space.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_project::{concat_rows_interleaved, matrix_to_tensor, project_full, project_lora, project_vector, split_rows_interleaved};
+use hetfed_taskvec::{Delta, TaskVector};
+use serde::Serialize;
+
+use crate::maps::{ModuleMaps, PairMaps, MODULES};
+
+/// One projected module.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProjectedModule {
+    /// The large model's module (`transformer.h.{j}.{module}`).
+    pub name: String,
+    /// The small model's module it came from.
+    pub from: String,
+    /// Frobenius norm of the (effective) update before and after projection.
+    pub norm_in: f64,
+    pub norm_out: f64,
+}
+
+/// What a projection did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ProjectReport {
+    pub modules: Vec<ProjectedModule>,
+    /// Parameters of the small update with no counterpart (LayerNorm gains and biases), with
+    /// their norms: left out of the projected update.
+    pub dropped: Vec<(String, f64)>,
+    pub seconds: f64,
+}
+
+/// `transformer.h.{i}.{module}` → `(i, module)` for the projected modules.
+fn parse_module(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("transformer.h.")?;
+    let (i, module) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    MODULES.contains(&module).then_some((i, module))
+}
+
+fn norm(t: &Tensor) -> Result<f64> {
+    Ok(hetfed_core::sq_norm(t)?.sqrt())
+}
+
+impl PairMaps {
+    /// Large layers paired with small layer `i`.
+    fn targets_of(&self, i: usize) -> Vec<usize> {
+        self.pairing.iter().enumerate().filter(|(_, &s)| s == i).map(|(j, _)| j).collect()
+    }
+
+    fn maps(&self, j: usize, module: &str) -> &ModuleMaps {
+        &self.layers[j][module]
+    }
+
+    /// Projects `tv` (made from this pair's small model) into the large model: the result is a
+    /// task vector of the large model, LoRA with the same rank and scaling when `tv` is LoRA,
+    /// dense otherwise. A small layer's update goes to every large layer paired with it.
+    pub fn project(&self, tv: &TaskVector) -> Result<(TaskVector, ProjectReport)> {
+        self.check_base(&tv.base)?;
+        let t0 = Instant::now();
+        let mut report = ProjectReport::default();
+        let kind = match &tv.kind {
+            Delta::Lora { config, factors } => {
+                let mut out = TensorMap::new();
+                let scale = config.scale();
+                for (name, a) in factors {
+                    let Some(module_full) = name.strip_suffix(".lora_A") else { continue };
+                    let b = factors
+                        .get(&format!("{module_full}.lora_B"))
+                        .ok_or_else(|| Error::msg(format!("LoRA update has `{name}` but no `{module_full}.lora_B`")))?;
+                    let (i, module) = parse_module(module_full).ok_or_else(|| {
+                        Error::msg(format!("expected LoRA factors of BLOOM's linear modules ({}), found `{module_full}`", MODULES.join(", ")))
+                    })?;
+                    let norm_in = norm(&b.matmul(a)?)? * scale;
+                    for j in self.targets_of(i) {
+                        let (b2, a2) = self.project_factors(j, module, b, a)?;
+                        let large = format!("transformer.h.{j}.{module}");
+                        report.modules.push(ProjectedModule { name: large.clone(), from: module_full.to_string(), norm_in, norm_out: norm(&b2.matmul(&a2)?)? * scale });
+                        out.insert(format!("{large}.lora_A"), a2);
+                        out.insert(format!("{large}.lora_B"), b2);
+                    }
+                }
+                Delta::Lora { config: config.clone(), factors: out }
+            }
+            Delta::Full(delta) => {
+                let mut out = TensorMap::new();
+                for (name, d) in delta {
+                    if name == "transformer.word_embeddings.weight" {
+                        // Rows are residual-space vectors: dE_l = dE_s·T^T.
+                        let tt = matrix_to_tensor(&self.embed.matrix().transpose(), d.device())?;
+                        let p = d.to_dtype(DType::F32)?.matmul(&tt)?;
+                        report.modules.push(ProjectedModule { name: name.clone(), from: name.clone(), norm_in: norm(d)?, norm_out: norm(&p)? });
+                        out.insert(name.clone(), p);
+                        continue;
+                    }
+                    let parsed = name
+                        .strip_suffix(".weight")
+                        .map(|m| (m, true))
+                        .or_else(|| name.strip_suffix(".bias").map(|m| (m, false)))
+                        .and_then(|(m, w)| parse_module(m).map(|(i, module)| (i, module, w)));
+                    let Some((i, module, is_weight)) = parsed else {
+                        if name.contains("layernorm") || name.starts_with("transformer.ln_f") {
+                            report.dropped.push((name.clone(), norm(d)?));
+                            continue;
+                        }
+                        return Err(Error::msg(format!("expected parameters of a BLOOM model, found `{name}` in the update")));
+                    };
+                    for j in self.targets_of(i) {
+                        let p = if is_weight { self.project_dense(j, module, d)? } else { self.project_bias(j, module, d)? };
+                        let large = format!("transformer.h.{j}.{module}.{}", if is_weight { "weight" } else { "bias" });
+                        report.modules.push(ProjectedModule { name: large.clone(), from: name.clone(), norm_in: norm(d)?, norm_out: norm(&p)? });
+                        out.insert(large, p);
+                    }
+                }
+                Delta::Full(out)
+            }
+        };
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok((TaskVector { base: self.large.clone(), kind }, report))
+    }
+
+    /// `(T_out·B, A·T_in^T)`, per Q/K/V part for the fused attention projection.
+    fn project_factors(&self, j: usize, module: &str, b: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mm = self.maps(j, module);
+        if mm.out.len() == 1 {
+            return project_lora(b, a, &mm.out[0], &mm.input);
+        }
+        let parts = split_rows_interleaved(b, self.n_head_small, 3)?;
+        let mut bs = Vec::with_capacity(3);
+        let mut a_out = None;
+        for (p, t) in parts.iter().zip(&mm.out) {
+            let (b2, a2) = project_lora(p, a, t, &mm.input)?;
+            bs.push(b2);
+            a_out = Some(a2);
+        }
+        let a2 = a_out.ok_or_else(|| Error::msg("fused QKV: expected three parts"))?;
+        Ok((concat_rows_interleaved(&bs, self.n_head_large)?, a2))
+    }
+
+    fn project_dense(&self, j: usize, module: &str, d: &Tensor) -> Result<Tensor> {
+        let mm = self.maps(j, module);
+        if mm.out.len() == 1 {
+            return project_full(d, &mm.out[0], &mm.input);
+        }
+        let parts = split_rows_interleaved(d, self.n_head_small, 3)?;
+        let ps = parts.iter().zip(&mm.out).map(|(p, t)| project_full(p, t, &mm.input)).collect::<Result<Vec<_>>>()?;
+        concat_rows_interleaved(&ps, self.n_head_large)
+    }
+
+    fn project_bias(&self, j: usize, module: &str, d: &Tensor) -> Result<Tensor> {
+        let mm = self.maps(j, module);
+        if mm.out.len() == 1 {
+            return project_vector(d, &mm.out[0]);
+        }
+        let parts = split_rows_interleaved(d, self.n_head_small, 3)?;
+        let ps = parts.iter().zip(&mm.out).map(|(p, t)| project_vector(p, t)).collect::<Result<Vec<_>>>()?;
+        concat_rows_interleaved(&ps, self.n_head_large)
+    }
+
+    /// Explained variance per space averaged over layers (for reports).
+    pub fn mean_explained_variance_by_space(&self) -> BTreeMap<String, f64> {
+        let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for l in &self.summary.layers {
+            for (k, v) in &l.explained_variance {
+                if v.is_finite() {
+                    let e = acc.entry(k.clone()).or_default();
+                    e.0 += v;
+                    e.1 += 1;
+                }
+            }
+        }
+        acc.into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect()
+    }
+}
