@@ -29,6 +29,10 @@ pub struct RunConfig {
     pub data: DataSection,
     #[serde(default)]
     pub deploy: Option<DeploySection>,
+    /// Heterogeneous federation: clients train their own small models and the server projects
+    /// (or distils) their updates into its larger one.
+    #[serde(default)]
+    pub transfer: Option<crate::hetero::TransferConfig>,
     /// Directory that relative paths refer to (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -98,11 +102,14 @@ pub struct EvalSection {
     pub every: u64,
     pub batch_size: usize,
     pub max_len: usize,
+    /// Lines of general held-out text (`mltext` English dev split) whose perplexity measures
+    /// forgetting each evaluation (`general/ppl`); 0 = off.
+    pub general_lines: usize,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { tasks: vec![], max_examples: 0, every: 1, batch_size: 16, max_len: 128 }
+        Self { tasks: vec![], max_examples: 0, every: 1, batch_size: 16, max_len: 128, general_lines: 0 }
     }
 }
 
@@ -187,6 +194,12 @@ impl RunConfig {
     }
 
     pub fn strategy_name(&self) -> &'static str {
+        if let Some(t) = &self.transfer {
+            return match t.aggregation {
+                crate::hetero::Aggregation::Projection => "hetero_projection",
+                crate::hetero::Aggregation::Distillation => "hetero_distillation",
+            };
+        }
         self.strategy.build(self.sampling, self.client.clone(), 0).name()
     }
 
@@ -222,6 +235,9 @@ impl RunConfig {
         }
         self.strategy.validate()?;
         self.client.validate()?;
+        if let Some(t) = &self.transfer {
+            t.validate()?;
+        }
         Ok(())
     }
 }

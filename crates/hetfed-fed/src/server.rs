@@ -87,6 +87,9 @@ pub struct ServerEval {
     pub opts: EvalOptions,
     /// Evaluate every this many rounds (and always after the last and before the first).
     pub every: u64,
+    /// General held-out text (never trained on): its perplexity, `general/ppl`, measures
+    /// forgetting. Empty = not measured.
+    pub general: Vec<hetfed_train::Encoded>,
 }
 
 /// How the server runs.
@@ -130,6 +133,8 @@ enum Outcome {
 
 struct State {
     clients: BTreeMap<String, ClientInfo>,
+    /// Heterogeneous runs: each client's own base (identity and weights) its updates are made from.
+    client_bases: BTreeMap<String, (ModelIdentity, Arc<TensorMap>)>,
     round: u64,
     phase: Phase,
     global: Arc<TensorMap>,
@@ -220,6 +225,7 @@ impl Server {
             strategy: Mutex::new(strategy),
             state: Mutex::new(State {
                 clients: BTreeMap::new(),
+                client_bases: BTreeMap::new(),
                 round,
                 phase: Phase::Registering,
                 global: Arc::new(global),
@@ -348,11 +354,13 @@ impl Server {
             st.outcomes.clear();
             st.bytes_down.clear();
             let version = st.identity.weights_hash.clone();
+            let versions: BTreeMap<String, String> = st.client_bases.iter().map(|(id, (i, _))| (id.clone(), i.weights_hash.clone())).collect();
             st.selected = plan
                 .iter()
                 .map(|(id, cfg)| {
                     let config = serde_json::to_value(cfg).unwrap_or(Value::Null);
-                    (id.clone(), FitIns { round, model_version: version.clone(), config, deadline_unix_ms: deadline_ms })
+                    let model_version = versions.get(id).cloned().unwrap_or_else(|| version.clone());
+                    (id.clone(), FitIns { round, model_version, config, deadline_unix_ms: deadline_ms })
                 })
                 .collect();
         }
@@ -456,7 +464,7 @@ impl Server {
         self.event(json!({
             "event": "round", "round": round, "selected": selected.len(), "ok": n_ok, "rejected": n_rej,
             "failed": selected.len() - n_ok - n_rej, "aggregated": report.n_aggregated > 0, "quorum": self.opts.quorum,
-            "alphas": report.weights, "applied_norm": report.applied_norm,
+            "alphas": report.weights, "applied_norm": report.applied_norm, "aggregation": report.details,
             "aggregate_s": aggregate_s, "server_eval_s": server_eval_s, "wall_s": t_round.elapsed().as_secs_f64(),
             "bytes_up": up_total, "bytes_down": down_total, "server_eval": server_eval,
             "server_cpu_s": sys::cpu_seconds() - cpu0, "server_rss_bytes": sys::rss_bytes(),
@@ -474,7 +482,7 @@ impl Server {
         let mut iter = accepted.iter().map(|(id, n, metrics)| {
             let path = spool.join(format!("{id}.safetensors"));
             let tv = TaskVector::load(&path)?;
-            Ok(FitResult { client_id: id.clone(), n_examples: *n, metrics: metrics.clone(), delta: tv.materialize()? })
+            Ok(FitResult { client_id: id.clone(), base_hash: tv.base.weights_hash.clone(), n_examples: *n, metrics: metrics.clone(), delta: tv.materialize()? })
         });
         let report = lock(&self.strategy).aggregate_fit(round, &mut global, &mut iter, failures)?;
         let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(&global)?, ..lock(&self.state).identity.clone() };
@@ -490,18 +498,7 @@ impl Server {
         let this = self.clone();
         tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, f64>> {
             let Some(ev) = &this.eval else { return Ok(BTreeMap::new()) };
-            let global = this.global();
-            let model = this.base.arch.build(&global, &this.base.source(), None)?;
-            let tok = this.base.tokenizer()?;
-            let mut out = BTreeMap::new();
-            for t in &ev.tasks {
-                let r = evaluate(model.as_ref(), tok, this.base.arch.eos_token_id(), &t.spec, &t.items, &ev.opts, |_, _| {})
-                    .map_err(|e| Error::msg(format!("server evaluation of {}: {e}", t.spec.name)))?;
-                for (k, v) in r.metrics {
-                    out.insert(format!("{}/{k}", t.spec.name), v);
-                }
-            }
-            Ok(out)
+            evaluate_weights(&this.base, &this.global(), ev)
         })
         .await
         .map_err(|e| Error::msg(format!("evaluation task failed: {e}")))?
@@ -569,6 +566,26 @@ impl Server {
     }
 }
 
+/// Evaluates `weights` (a model of `base`'s architecture and tokenizer) on the server's tasks:
+/// `task/metric` for each, and `general/ppl` when general text is configured.
+pub fn evaluate_weights(base: &Checkpoint, weights: &TensorMap, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
+    let model = base.arch.build(weights, &base.source(), None)?;
+    let tok = base.tokenizer()?;
+    let mut out = BTreeMap::new();
+    for t in &ev.tasks {
+        let r = evaluate(model.as_ref(), tok, base.arch.eos_token_id(), &t.spec, &t.items, &ev.opts, |_, _| {})
+            .map_err(|e| Error::msg(format!("server evaluation of {}: {e}", t.spec.name)))?;
+        for (k, v) in r.metrics {
+            out.insert(format!("{}/{k}", t.spec.name), v);
+        }
+    }
+    if !ev.general.is_empty() {
+        let loss = hetfed_train::eval_loss(model.as_ref(), &ev.general, ev.opts.batch_size)?;
+        out.insert("general/ppl".into(), loss.exp());
+    }
+    Ok(out)
+}
+
 struct LoadedCheckpoint {
     round: u64,
     run_id: String,
@@ -618,8 +635,15 @@ impl FedService for Server {
         if info.arch != expected.arch {
             return Err(ServiceError::FailedPrecondition(format!("expected a client model of architecture {}, found {}", expected.arch, info.arch)));
         }
+        let own_base = lock(&self.strategy).client_base(&info).map_err(ServiceError::FailedPrecondition)?;
         tracing::info!("client {} registered ({} examples)", info.client_id, info.stats.n_examples);
-        lock(&self.state).clients.insert(info.client_id.clone(), info);
+        let mut st = lock(&self.state);
+        match own_base {
+            Some(b) => st.client_bases.insert(info.client_id.clone(), b),
+            None => st.client_bases.remove(&info.client_id),
+        };
+        st.clients.insert(info.client_id.clone(), info);
+        drop(st);
         self.notify();
         Ok(RegisterReply { run_id: self.run_id.clone(), message: "registered".into() })
     }
@@ -686,7 +710,10 @@ impl FedService for Server {
                 None => {}
             }
             st.outcomes.insert(id.clone(), Outcome::InProgress);
-            (st.identity.clone(), st.global.clone())
+            match st.client_bases.get(&id) {
+                Some((i, w)) => (i.clone(), w.clone()),
+                None => (st.identity.clone(), st.global.clone()),
+            }
         };
         let t0 = Instant::now();
         let dir = self.spool_dir(header.round);

@@ -15,6 +15,8 @@ use hetfed_model::Checkpoint;
 use hetfed_net::{Caller, DataStats, FedService, Secret};
 use hetfed_train::Example;
 
+use crate::hetero::{fisher_diagonal, Calibration, Continual, Hetero, SmallBase, TransferConfig};
+use hetfed_transfer::PairMaps;
 use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
 use crate::config::RunConfig;
 use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOptions};
@@ -67,7 +69,7 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
 /// The server's evaluation tasks (dev splits).
 pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Option<ServerEval>> {
     let e = &cfg.server.eval;
-    if e.tasks.is_empty() {
+    if e.tasks.is_empty() && e.general_lines == 0 {
         return Ok(None);
     }
     let tok = ck.tokenizer()?;
@@ -83,7 +85,27 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
         let items = spec.to_items(&ex, Some(&counter)).map_err(err)?;
         tasks.push(EvalTask { spec, items });
     }
-    Ok(Some(ServerEval { tasks, opts: eval_options(cfg), every: e.every }))
+    let mut general = Vec::new();
+    if e.general_lines > 0 {
+        let eos = ck.arch.eos_token_id().unwrap_or(0);
+        for line in general_text(dir, Split::Dev, e.general_lines)? {
+            let mut ids = vec![eos];
+            ids.extend(tok.encode(line.as_str(), false).map_err(|e| Error::msg(format!("tokenising: {e}")))?.get_ids());
+            ids.truncate(e.max_len.max(2));
+            general.push(hetfed_train::Encoded { ids, prompt_len: 1 });
+        }
+    }
+    Ok(Some(ServerEval { tasks, opts: eval_options(cfg), every: e.every, general }))
+}
+
+/// Up to `n` lines of the server's general text: `mltext` English, `split`.
+pub fn general_text(dir: &DataDir, split: Split, n: usize) -> Result<Vec<String>> {
+    let spec: hetfed_data::DatasetSpec = "mltext:en".parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
+    let ex = spec.load(dir, split).map_err(|e| Error::msg(e.to_string()))?;
+    let hetfed_data::Examples::Text(v) = ex else {
+        return Err(Error::msg("mltext: expected text examples"));
+    };
+    Ok(v.into_iter().take(n).map(|e| e.text).collect())
 }
 
 pub fn eval_options(cfg: &RunConfig) -> EvalOptions {
@@ -94,7 +116,10 @@ pub fn eval_options(cfg: &RunConfig) -> EvalOptions {
 pub fn build_server(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, auth: Auth, resume: bool) -> Result<Arc<Server>> {
     let ck = Checkpoint::load(&cfg.path(&cfg.server.model))?;
     let eval = server_eval(cfg, dir, &ck)?;
-    let strategy = cfg.strategy.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+    let strategy: Box<dyn crate::Strategy> = match &cfg.transfer {
+        Some(t) => Box::new(build_hetero(cfg, t, dir, &ck)?),
+        None => cfg.strategy.build(cfg.sampling, cfg.client.clone(), cfg.run.seed),
+    };
     let s = &cfg.server;
     let opts = ServerOptions {
         run_dir: run_dir.to_path_buf(),
@@ -115,9 +140,71 @@ pub fn build_server(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, auth: Auth, 
     Server::new(opts, ck, strategy, eval)
 }
 
-/// Client `index`'s options (its model is the server's model directory in homogeneous runs).
+/// The calibration sequences of a heterogeneous run (server-owned: sampled from its model or
+/// its own general text; never client data).
+pub fn calibration_sequences(t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Vec<Vec<u32>>> {
+    let eos = large.arch.eos_token_id().unwrap_or(0);
+    match t.calibration {
+        Calibration::Sample => {
+            let model = large.model(None)?;
+            hetfed_transfer::sample_sequences(model.as_ref(), eos, t.calibration_sequences, t.calibration_len, t.maps.seed)
+        }
+        Calibration::Text => {
+            let texts = general_text(dir, Split::Train, 20 * t.calibration_sequences)?;
+            hetfed_transfer::text_sequences(large.tokenizer()?, &texts, eos, t.calibration_sequences, t.calibration_len)
+        }
+    }
+}
+
+/// The small base models of a heterogeneous run with their maps (fitted, or from the cache).
+pub fn small_bases(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Vec<SmallBase>> {
+    let cache = t.cache_dir.clone().unwrap_or_else(|| PathBuf::from("runs/maps"));
+    let mut calib: Option<Vec<Vec<u32>>> = None;
+    let mut out: Vec<SmallBase> = Vec::new();
+    for m in &t.client_models {
+        let small = Checkpoint::load(&cfg.path(m))?;
+        let identity = small.identity()?;
+        if out.iter().any(|s| s.identity == identity) {
+            continue;
+        }
+        let (maps, cached) = PairMaps::load_or_fit(&cache, &small, large, &t.calibration_key(), &t.maps, || match &calib {
+            Some(c) => Ok(c.clone()),
+            None => {
+                let c = calibration_sequences(t, dir, large)?;
+                calib = Some(c.clone());
+                Ok(c)
+            }
+        })?;
+        tracing::info!(
+            "maps {} → {} ({}): {}, mean held-out R² {:.3}, fitted in {:.1} s",
+            small.source(),
+            large.source(),
+            t.maps.method.name(),
+            if cached { "from the cache" } else { "fitted" },
+            maps.summary.mean_explained_variance,
+            maps.summary.seconds
+        );
+        out.push(SmallBase { checkpoint: Arc::new(small), identity, maps });
+    }
+    Ok(out)
+}
+
+fn build_hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Hetero> {
+    let smalls = small_bases(cfg, t, dir, large)?;
+    let fisher = if t.continual == Continual::Fisher { Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?) } else { None };
+    // The strategy needs the server model's architecture only (its weights are the global model).
+    let large = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: Default::default(), tokenizer: None, config_json: large.config_json.clone() };
+    Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, Arc::new(large), smalls, fisher)
+}
+
+/// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs
+/// `transfer.client_models[index mod len]`, else the server's model.
 pub fn build_client(cfg: &RunConfig, dir: &DataDir, index: usize, caller: Caller, model: Option<&Path>) -> Result<ClientOptions> {
-    let model_dir: PathBuf = model.map(Path::to_path_buf).unwrap_or_else(|| cfg.path(&cfg.server.model));
+    let default_model = match &cfg.transfer {
+        Some(t) if !t.client_models.is_empty() => cfg.path(&t.client_models[index % t.client_models.len()]),
+        _ => cfg.path(&cfg.server.model),
+    };
+    let model_dir: PathBuf = model.map(Path::to_path_buf).unwrap_or(default_model);
     let base = Checkpoint::load(&model_dir)?;
     let data = client_data(cfg, dir, index, &base)?;
     Ok(ClientOptions {

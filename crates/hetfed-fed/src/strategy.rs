@@ -78,6 +78,9 @@ impl FitConfig {
 #[derive(Debug, Clone)]
 pub struct FitResult {
     pub client_id: String,
+    /// Weights hash of the model the update was made from (the round's global model, or in a
+    /// heterogeneous run the client's own base).
+    pub base_hash: String,
     pub n_examples: u64,
     pub metrics: BTreeMap<String, f64>,
     pub delta: TensorMap,
@@ -98,6 +101,9 @@ pub struct AggregateReport {
     pub n_aggregated: usize,
     /// Norm of the change applied to the global model.
     pub applied_norm: f64,
+    /// Strategy-specific record of the aggregation (logged with the round).
+    #[serde(default)]
+    pub details: serde_json::Value,
 }
 
 /// Client sampling of a round.
@@ -161,6 +167,13 @@ pub trait Strategy: Send {
         results: &mut dyn Iterator<Item = Result<FitResult>>,
         failures: &[Failure],
     ) -> Result<AggregateReport>;
+
+    /// The model `client` trains from: `Ok(None)` for the round's global model (homogeneous
+    /// federation), `Ok(Some((identity, weights)))` for a base of the client's own (heterogeneous:
+    /// updates are checked against it), `Err(reason)` to refuse the client at registration.
+    fn client_base(&self, _client: &ClientInfo) -> std::result::Result<Option<(hetfed_model::ModelIdentity, std::sync::Arc<TensorMap>)>, String> {
+        Ok(None)
+    }
 
     /// State to checkpoint (JSON and tensors); restoring it with [`Strategy::load_state`] makes a
     /// resumed run identical to an uninterrupted one.
@@ -282,14 +295,14 @@ impl StrategyConfig {
 
 /// What every built-in strategy shares: sampling and the client configuration.
 #[derive(Debug, Clone)]
-struct Base {
-    sampling: Sampling,
-    client: FitConfig,
-    seed: u64,
+pub(crate) struct Base {
+    pub(crate) sampling: Sampling,
+    pub(crate) client: FitConfig,
+    pub(crate) seed: u64,
 }
 
 impl Base {
-    fn configure(&self, round: u64, available: &[ClientInfo], mu: f64) -> Vec<(String, FitConfig)> {
+    pub(crate) fn configure(&self, round: u64, available: &[ClientInfo], mu: f64) -> Vec<(String, FitConfig)> {
         sample_clients(available, self.sampling, self.seed, round)
             .into_iter()
             .map(|id| {
@@ -403,7 +416,7 @@ impl Strategy for FedAvg {
             return Ok(AggregateReport { n_aggregated: n, ..Default::default() });
         };
         let applied_norm = apply_delta(global, &mean, self.server_lr)?;
-        Ok(AggregateReport { weights, n_aggregated: n, applied_norm })
+        Ok(AggregateReport { weights, n_aggregated: n, applied_norm, ..Default::default() })
     }
 }
 
@@ -477,7 +490,7 @@ impl Strategy for FedOpt {
             self.v.insert(name.clone(), v);
         }
         let applied_norm = apply_delta(global, &step, self.p.eta)?;
-        Ok(AggregateReport { weights, n_aggregated: n, applied_norm })
+        Ok(AggregateReport { weights, n_aggregated: n, applied_norm, ..Default::default() })
     }
 
     fn state(&self) -> (serde_json::Value, TensorMap) {
@@ -528,7 +541,7 @@ impl Strategy for TaskArithmetic {
         let n = acc.weights.len();
         let weights = acc.weights.keys().map(|k| (k.clone(), self.scale)).collect();
         let applied_norm = apply_delta(global, &acc.sum, self.scale)?;
-        Ok(AggregateReport { weights, n_aggregated: n, applied_norm })
+        Ok(AggregateReport { weights, n_aggregated: n, applied_norm, ..Default::default() })
     }
 }
 

@@ -18,7 +18,7 @@ fn vals(m: &TensorMap) -> BTreeMap<String, Vec<f32>> {
 }
 
 fn result(id: &str, n: u64, delta: TensorMap) -> FitResult {
-    FitResult { client_id: id.into(), n_examples: n, metrics: BTreeMap::new(), delta }
+    FitResult { client_id: id.into(), base_hash: String::new(), n_examples: n, metrics: BTreeMap::new(), delta }
 }
 
 fn aggregate(cfg: &StrategyConfig, global: &TensorMap, results: Vec<FitResult>) -> TensorMap {

@@ -13,6 +13,7 @@ mod fed;
 mod hub;
 mod metric;
 mod pretrain;
+mod transfer;
 
 use std::process::ExitCode;
 
@@ -75,6 +76,10 @@ enum Command {
     Client(Box<fed::ClientArgs>),
     /// Write development TLS certificates and client tokens for a deployment
     Certs(fed::CertsArgs),
+    /// Project a small model's task vector into a larger model's weight space (fitted maps)
+    Project(Box<transfer::ProjectArgs>),
+    /// Run an experiment sweep (rows × seeds) and write its table (EXPERIMENTS.md)
+    Sweep(transfer::SweepArgs),
     /// Write report.html (charts of metrics per round and client) for a run directory
     Report(fed::ReportArgs),
     /// Download a Hugging Face model (built with --features hub)
@@ -132,6 +137,8 @@ fn main() -> ExitCode {
         Command::Client(a) => fed::client(*a),
         Command::Certs(a) => fed::certs(a),
         Command::Report(a) => fed::report(a),
+        Command::Project(a) => transfer::project(*a),
+        Command::Sweep(a) => transfer::sweep(a),
         #[cfg(feature = "hub")]
         Command::Hub(c) => hub::run(c),
     };

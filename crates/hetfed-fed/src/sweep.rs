@@ -1,0 +1,380 @@
+//! Experiment sweeps: the table of EXPERIMENTS.md from one config.
+//!
+//! A sweep takes a heterogeneous run config (`base`), a list of seeds and a list of rows. Per
+//! seed (which sets `run.seed`, `data.seed` and `transfer.maps.seed`) it evaluates every row
+//! on the server's evaluation tasks:
+//!
+//! - `zero_shot`: the large base model as it is;
+//! - `central`: the large model LoRA-fine-tuned on the pooled client data (all clients' shares,
+//!   the same rounds × epochs): the upper bound no federation reaches without sharing data;
+//! - `local_only`: each client fine-tunes the small model on its own share only, for the same
+//!   rounds (mean over clients);
+//! - `fedavg_small`: FedAvg among the small clients (homogeneous federation of small models);
+//! - `hetero`: the heterogeneous strategy with the row's `transfer` settings merged over the
+//!   base config's `[transfer]` table.
+//!
+//! In a heterogeneous run clients always train from their own base with seeds fixed by
+//! `(seed, round, client)`, so their updates do not depend on the server: the sweep trains them
+//! once per seed and feeds the same updates to every `hetero` row through the same
+//! [`Strategy`] the server uses, exactly as `hetfed simulate` would (minus the transport).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_data::{DataDir, PartitionScheme};
+use hetfed_model::{Checkpoint, ModelIdentity};
+use hetfed_net::ClientInfo;
+use hetfed_taskvec::TaskVector;
+use serde::{Deserialize, Serialize};
+
+use crate::client::{train_round, ClientData};
+use crate::config::RunConfig;
+use crate::hetero::{fisher_diagonal, Continual, Hetero, TransferConfig};
+use crate::server::{evaluate_weights, ServerEval};
+use crate::sim::{calibration_sequences, client_data, eval_options, server_eval, small_bases};
+use crate::strategy::{apply_delta, FitConfig, FitResult, Strategy, StrategyConfig};
+
+/// What a sweep row computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowKind {
+    ZeroShot,
+    Central,
+    LocalOnly,
+    FedavgSmall,
+    Hetero,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Row {
+    pub name: String,
+    pub kind: RowKind,
+    /// `hetero` rows: settings merged over the base config's `[transfer]`.
+    #[serde(default)]
+    pub transfer: Option<toml::Value>,
+}
+
+/// A sweep config (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// The heterogeneous run config the rows vary (relative to the sweep config).
+    pub base: PathBuf,
+    pub seeds: Vec<u64>,
+    #[serde(rename = "row")]
+    pub rows: Vec<Row>,
+}
+
+/// One row's outcome for one seed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    pub metrics: BTreeMap<String, f64>,
+    /// Bytes each client sends and receives per round (mean).
+    pub bytes_per_client_round: f64,
+    /// Seconds the server spends aggregating per round (mean).
+    pub server_s_per_round: f64,
+    /// Which model the metrics are of: "large" or "small".
+    pub model: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowResult {
+    pub name: String,
+    pub kind: RowKind,
+    /// Seed → cell.
+    pub cells: BTreeMap<u64, Cell>,
+}
+
+fn merge(base: &mut toml::Value, over: &toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(bv) => merge(bv, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+impl SweepConfig {
+    pub fn from_file(path: &Path) -> Result<(Self, PathBuf)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: SweepConfig = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {}", path.display(), e.to_string().trim())))?;
+        if c.seeds.is_empty() || c.rows.is_empty() {
+            return Err(Error::msg(format!("{}: expected at least one seed and one [[row]], found {} and {}", path.display(), c.seeds.len(), c.rows.len())));
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for r in &c.rows {
+            if r.transfer.is_some() && r.kind != RowKind::Hetero {
+                return Err(Error::msg(format!("{}: row {:?}: `transfer` settings apply to kind = \"hetero\" rows only", path.display(), r.name)));
+            }
+        }
+        Ok((c, dir))
+    }
+}
+
+/// The base run config for `seed`, with `transfer` overrides merged in.
+fn run_config(base_path: &Path, seed: u64, transfer: Option<&toml::Value>) -> Result<RunConfig> {
+    let text = std::fs::read_to_string(base_path).map_err(|e| Error::io(base_path, e))?;
+    let mut v: toml::Value = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", base_path.display())))?;
+    let mut over = toml::map::Map::new();
+    let mut run = toml::map::Map::new();
+    run.insert("seed".into(), toml::Value::Integer(seed as i64));
+    over.insert("run".into(), toml::Value::Table(run));
+    let mut data = toml::map::Map::new();
+    data.insert("seed".into(), toml::Value::Integer(seed as i64));
+    over.insert("data".into(), toml::Value::Table(data));
+    let mut t = toml::map::Map::new();
+    let mut maps = toml::map::Map::new();
+    maps.insert("seed".into(), toml::Value::Integer(seed as i64));
+    t.insert("maps".into(), toml::Value::Table(maps));
+    let mut t = toml::Value::Table(t);
+    if let Some(o) = transfer {
+        merge(&mut t, o);
+    }
+    over.insert("transfer".into(), t);
+    merge(&mut v, &toml::Value::Table(over));
+    let text = toml::to_string(&v).map_err(|e| Error::msg(e.to_string()))?;
+    let base_dir = base_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    RunConfig::from_toml(&text, base_dir, &base_path.display().to_string())
+}
+
+struct Update {
+    delta: TensorMap,
+    metrics: BTreeMap<String, f64>,
+    n_examples: u64,
+    bytes: usize,
+}
+
+fn local_update(ck: &Checkpoint, weights: &TensorMap, cfg: &FitConfig, data: &ClientData, cfg_run: &RunConfig) -> Result<Update> {
+    let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(weights)?, ..ck.identity()? };
+    let up = train_round(ck, weights.clone(), &identity, cfg, data, &eval_options(cfg_run))?;
+    let tv = TaskVector::from_bytes(&up.bytes, Path::new("<update>"))?;
+    Ok(Update { delta: tv.materialize()?, metrics: up.metrics, n_examples: up.n_examples, bytes: up.bytes.len() })
+}
+
+fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec<ClientInfo>> {
+    let id = small.identity()?;
+    Ok(ids
+        .iter()
+        .zip(datas)
+        .map(|(c, d)| ClientInfo { client_id: c.clone(), arch: id.arch.clone(), base_hash: id.weights_hash.clone(), capabilities: vec![], stats: d.stats.clone() })
+        .collect())
+}
+
+/// Runs the sweep; `progress` gets one line per finished row and seed. Results are also written
+/// to `out/results.json` after every cell, so an interrupted sweep keeps what it finished.
+pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMut(String)) -> Result<Vec<RowResult>> {
+    let (sweep, sdir) = SweepConfig::from_file(path)?;
+    let base_path = sdir.join(&sweep.base);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut results: Vec<RowResult> = sweep.rows.iter().map(|r| RowResult { name: r.name.clone(), kind: r.kind, cells: BTreeMap::new() }).collect();
+    for &seed in &sweep.seeds {
+        let cfg = run_config(&base_path, seed, None)?;
+        let t = cfg.transfer.clone().ok_or_else(|| Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display())))?;
+        let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
+        let small = Checkpoint::load(&cfg.path(&t.client_models[0]))?;
+        let ev = server_eval(&cfg, dir, &large)?.ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
+        let ids = cfg.client_ids();
+        let datas: Vec<ClientData> = (0..ids.len()).map(|i| client_data(&cfg, dir, i, &small)).collect::<Result<_>>()?;
+        let infos = infos(&datas, &ids, &small)?;
+        let plan_strategy = || StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+        // Clients' heterogeneous-round updates, trained once per seed.
+        let mut hetero_updates: Option<Vec<Vec<(String, Update)>>> = None;
+        for (ri, row) in sweep.rows.iter().enumerate() {
+            let t0 = Instant::now();
+            let cell = match row.kind {
+                RowKind::ZeroShot => Cell { metrics: evaluate_weights(&large, &large.weights, &ev)?, model: "large".into(), ..Default::default() },
+                RowKind::Central => central(&cfg, dir, &large, &ev)?,
+                RowKind::LocalOnly => local_only(&cfg, &small, &datas, &ids, &infos, &ev)?,
+                RowKind::FedavgSmall => fedavg_small(&cfg, &small, &datas, &ids, &infos, &ev)?,
+                RowKind::Hetero => {
+                    if hetero_updates.is_none() {
+                        let mut per_round = Vec::new();
+                        let mut plan = plan_strategy();
+                        for round in 1..=cfg.run.rounds {
+                            let mut ups = Vec::new();
+                            for (cid, fc) in plan.configure_fit(round, &infos) {
+                                let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
+                                ups.push((cid, local_update(&small, &small.weights, &fc, &datas[i], &cfg)?));
+                            }
+                            per_round.push(ups);
+                        }
+                        hetero_updates = Some(per_round);
+                    }
+                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref())?;
+                    let rt = rcfg.transfer.clone().unwrap_or_default();
+                    hetero(&rcfg, &rt, dir, &large, &infos, hetero_updates.as_deref().unwrap_or_default(), &ev)?
+                }
+            };
+            progress(format!(
+                "seed {seed} · {} · {} ({:.0} s)",
+                row.name,
+                cell.metrics.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", "),
+                t0.elapsed().as_secs_f64()
+            ));
+            results[ri].cells.insert(seed, cell);
+            let json = serde_json::to_string_pretty(&results).map_err(|e| Error::msg(e.to_string()))?;
+            hetfed_core::write_atomic(&out.join("results.json"), json.as_bytes())?;
+        }
+    }
+    Ok(results)
+}
+
+fn central(cfg: &RunConfig, dir: &DataDir, large: &Checkpoint, ev: &ServerEval) -> Result<Cell> {
+    let mut pooled = cfg.clone();
+    pooled.data.num_clients = 1;
+    pooled.data.partition = PartitionScheme::Iid;
+    let data = client_data(&pooled, dir, 0, large)?;
+    let ids = vec!["central".to_string()];
+    let infos = infos(std::slice::from_ref(&data), &ids, large)?;
+    let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+    let mut w = large.weights.clone();
+    for round in 1..=cfg.run.rounds {
+        for (_, fc) in plan.configure_fit(round, &infos) {
+            let u = local_update(large, &w, &fc, &data, cfg)?;
+            apply_delta(&mut w, &u.delta, 1.0)?;
+        }
+    }
+    Ok(Cell { metrics: evaluate_weights(large, &w, ev)?, model: "large".into(), ..Default::default() })
+}
+
+fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[String], infos: &[ClientInfo], ev: &ServerEval) -> Result<Cell> {
+    let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+    let mut weights: Vec<TensorMap> = vec![small.weights.clone(); ids.len()];
+    for round in 1..=cfg.run.rounds {
+        for (cid, fc) in plan.configure_fit(round, infos) {
+            let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
+            let u = local_update(small, &weights[i], &fc, &datas[i], cfg)?;
+            apply_delta(&mut weights[i], &u.delta, 1.0)?;
+        }
+    }
+    let mut sum: BTreeMap<String, f64> = BTreeMap::new();
+    for w in &weights {
+        for (k, v) in evaluate_weights(small, w, ev)? {
+            *sum.entry(k).or_default() += v / ids.len() as f64;
+        }
+    }
+    Ok(Cell { metrics: sum, model: "small".into(), ..Default::default() })
+}
+
+fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[String], infos: &[ClientInfo], ev: &ServerEval) -> Result<Cell> {
+    let mut strategy = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+    let mut global = small.weights.clone();
+    let model_bytes = hetfed_core::tensors_to_bytes(&global, candle_core::DType::F32, &BTreeMap::new())?.len();
+    let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
+    for round in 1..=cfg.run.rounds {
+        let hash = hetfed_core::tensor_map_hash(&global)?;
+        let mut results = Vec::new();
+        for (cid, fc) in strategy.configure_fit(round, infos) {
+            let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
+            let u = local_update(small, &global, &fc, &datas[i], cfg)?;
+            bytes += u.bytes + model_bytes;
+            n_client_rounds += 1;
+            results.push(Ok(FitResult { client_id: cid, base_hash: hash.clone(), n_examples: u.n_examples, metrics: u.metrics, delta: u.delta }));
+        }
+        let t = Instant::now();
+        strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
+        server_s += t.elapsed().as_secs_f64();
+    }
+    Ok(Cell {
+        metrics: evaluate_weights(small, &global, ev)?,
+        bytes_per_client_round: bytes as f64 / n_client_rounds.max(1) as f64,
+        server_s_per_round: server_s / cfg.run.rounds as f64,
+        model: "small".into(),
+    })
+}
+
+fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint, infos: &[ClientInfo], updates: &[Vec<(String, Update)>], ev: &ServerEval) -> Result<Cell> {
+    let smalls = small_bases(cfg, t, dir, large)?;
+    let base_hash = smalls.first().map(|s| s.identity.weights_hash.clone()).unwrap_or_default();
+    let fisher = if t.continual == Continual::Fisher { Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?) } else { None };
+    let large_arc = std::sync::Arc::new(Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() });
+    let mut strategy = Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, large_arc, smalls, fisher)?;
+    let mut global = large.weights.clone();
+    let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
+    for (r, ups) in updates.iter().enumerate() {
+        let round = r as u64 + 1;
+        strategy.configure_fit(round, infos);
+        let results: Vec<Result<FitResult>> = ups
+            .iter()
+            .map(|(cid, u)| {
+                bytes += u.bytes;
+                n_client_rounds += 1;
+                Ok(FitResult { client_id: cid.clone(), base_hash: base_hash.clone(), n_examples: u.n_examples, metrics: u.metrics.clone(), delta: u.delta.clone() })
+            })
+            .collect();
+        let t0 = Instant::now();
+        strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
+        server_s += t0.elapsed().as_secs_f64();
+    }
+    Ok(Cell {
+        metrics: evaluate_weights(large, &global, ev)?,
+        bytes_per_client_round: bytes as f64 / n_client_rounds.max(1) as f64,
+        server_s_per_round: server_s / updates.len().max(1) as f64,
+        model: "large".into(),
+    })
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
+    (m, var.sqrt())
+}
+
+/// The EXPERIMENTS.md table: mean ± sample std over seeds per row and metric, forgetting as
+/// the change of general perplexity against the large zero-shot row of the same seed.
+pub fn render_table(results: &[RowResult]) -> String {
+    let metrics: Vec<String> = {
+        let mut k: Vec<String> = results.iter().flat_map(|r| r.cells.values().flat_map(|c| c.metrics.keys().cloned())).collect();
+        k.sort();
+        k.dedup();
+        k
+    };
+    let zero = results.iter().find(|r| r.kind == RowKind::ZeroShot);
+    let mut s = String::from("| row | model |");
+    for m in &metrics {
+        s += &format!(" {m} |");
+    }
+    s += " forgetting (Δ general ppl) | bytes / client / round | server s / round |\n|---|---|";
+    for _ in 0..metrics.len() + 3 {
+        s += "---|";
+    }
+    s += "\n";
+    let fmt = |v: &[f64], digits: usize| -> String {
+        if v.is_empty() {
+            return "–".into();
+        }
+        let (m, sd) = mean_std(v);
+        format!("{m:.digits$} ± {sd:.digits$}")
+    };
+    for r in results {
+        let model = r.cells.values().next().map(|c| c.model.clone()).unwrap_or_default();
+        s += &format!("| {} | {model} |", r.name);
+        for m in &metrics {
+            let v: Vec<f64> = r.cells.values().filter_map(|c| c.metrics.get(m).copied()).collect();
+            s += &format!(" {} |", fmt(&v, 1));
+        }
+        let forget: Vec<f64> = r
+            .cells
+            .iter()
+            .filter(|_| model == "large")
+            .filter_map(|(seed, c)| Some(c.metrics.get("general/ppl")? - zero?.cells.get(seed)?.metrics.get("general/ppl")?))
+            .collect();
+        s += &format!(" {} |", fmt(&forget, 1));
+        let bytes: Vec<f64> = r.cells.values().map(|c| c.bytes_per_client_round).filter(|b| *b > 0.0).collect();
+        s += &format!(" {} |", if bytes.is_empty() { "–".into() } else { format!("{:.0}", mean_std(&bytes).0) });
+        let secs: Vec<f64> = r.cells.values().map(|c| c.server_s_per_round).filter(|b| *b > 0.0).collect();
+        s += &format!(" {} |\n", if secs.is_empty() { "–".into() } else { format!("{:.2}", mean_std(&secs).0) });
+    }
+    s
+}

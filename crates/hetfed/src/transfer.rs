@@ -1,0 +1,110 @@
+//! Heterogeneous transfer commands: `project` (a small model's task vector into a large model,
+//! offline) and `sweep` (the EXPERIMENTS.md table).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::Args;
+use hetfed_data::DataDir;
+use hetfed_model::Checkpoint;
+use hetfed_taskvec::TaskVector;
+use hetfed_transfer::{sample_sequences, MapConfig, Method, PairMaps};
+
+#[derive(Args)]
+pub struct ProjectArgs {
+    /// The small model the task vector was made from (HF directory)
+    #[arg(long, value_name = "DIR")]
+    pub small: PathBuf,
+    /// The large model to project into (HF directory, same tokenizer)
+    #[arg(long, value_name = "DIR")]
+    pub large: PathBuf,
+    /// The small model's task vector (hetfed taskvec file)
+    #[arg(long, value_name = "FILE")]
+    pub taskvec: PathBuf,
+    /// Where to write the projected task vector (of the large model)
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Map method: procrustes, ridge, weight_space, random (control) or identity (control)
+    #[arg(long, default_value = "procrustes")]
+    pub method: Method,
+    /// Calibration sequences sampled from the large model
+    #[arg(long, default_value_t = 64)]
+    pub calibration_sequences: usize,
+    /// Tokens per calibration sequence
+    #[arg(long, default_value_t = 32)]
+    pub calibration_len: usize,
+    /// Seed of the calibration sampling and of random maps
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Map cache directory
+    #[arg(long, value_name = "DIR", default_value = "runs/maps")]
+    pub cache_dir: PathBuf,
+    /// Scale of the projected update
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+pub fn project(a: ProjectArgs) -> Result<()> {
+    let small = Checkpoint::load(&a.small)?;
+    let large = Checkpoint::load(&a.large)?;
+    let tv = TaskVector::load(&a.taskvec)?;
+    let cfg = MapConfig { method: a.method, seed: a.seed, ..Default::default() };
+    let key = format!("sample:n={}:len={}", a.calibration_sequences, a.calibration_len);
+    let (maps, cached) = PairMaps::load_or_fit(&a.cache_dir, &small, &large, &key, &cfg, || {
+        let model = large.model(None)?;
+        sample_sequences(model.as_ref(), large.arch.eos_token_id().unwrap_or(0), a.calibration_sequences, a.calibration_len, a.seed)
+    })?;
+    let (p, report) = maps.project(&tv)?;
+    let p = if a.scale != 1.0 { p.scale(a.scale)? } else { p };
+    p.save(&a.out, DType::F32).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "maps ({}): {} in {:.1} s, mean held-out explained variance {:.3} (embedding {:.3})",
+        a.method.name(),
+        if cached { "from the cache" } else { "fitted" },
+        maps.summary.seconds,
+        maps.summary.mean_explained_variance,
+        maps.summary.embed_explained_variance
+    );
+    for (space, r2) in maps.mean_explained_variance_by_space() {
+        println!("  {space:<10} R² {r2:.3}");
+    }
+    let (n_in, n_out) = report.modules.iter().fold((0.0, 0.0), |(x, y), m| (x + m.norm_in * m.norm_in, y + m.norm_out * m.norm_out));
+    println!(
+        "projected {} modules (norm {:.4} → {:.4}), dropped {} parameters; wrote {}",
+        report.modules.len(),
+        f64::sqrt(n_in),
+        f64::sqrt(n_out),
+        report.dropped.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SweepArgs {
+    /// Sweep config (TOML: base run config, seeds, rows)
+    #[arg(long, value_name = "FILE", default_value = "configs/sweep.toml")]
+    pub config: PathBuf,
+    /// Output directory: results.json and table.md
+    #[arg(long, value_name = "DIR", default_value = "runs/sweep")]
+    pub out: PathBuf,
+    /// Data directory (default: $HETFED_DATA_DIR, else ../shared/data)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+pub fn sweep(a: SweepArgs) -> Result<()> {
+    let data_dir = a
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os(hetfed_data::DATA_DIR_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("../shared/data"));
+    let dir = DataDir::resolve(Some(&data_dir))?;
+    let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, |line| println!("{line}"))?;
+    let table = hetfed_fed::sweep::render_table(&results);
+    let path = a.out.join("table.md");
+    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    println!("\n{table}\nresults  {}\ntable    {}", a.out.join("results.json").display(), path.display());
+    Ok(())
+}
