@@ -517,3 +517,44 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     assert!(line.contains("state.safetensors"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+#[test]
+fn project_moves_a_small_models_task_vector_into_the_large_model() {
+    let (small, large) = (models().join("base-small"), models().join("base-large"));
+    let dir = tempdir("project");
+    let train = dir.join("train.jsonl");
+    write_jsonl(&train);
+    let run = dir.join("ft");
+    ok(&["finetune", "--model", small.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", run.to_str().unwrap(), "--lora-rank", "4", "--epochs", "1", "--lr", "0.01", "--batch-size", "8", "--seed", "1"]);
+    let tv = run.join("taskvec.safetensors");
+    let out = dir.join("projected.safetensors");
+    let cache = dir.join("maps");
+    let args = |method: &str| -> Vec<String> {
+        ["project", "--small", small.to_str().unwrap(), "--large", large.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", method, "--calibration-sequences", "16", "--calibration-len", "16", "--cache-dir", cache.to_str().unwrap()]
+            .map(String::from)
+            .to_vec()
+    };
+    let a: Vec<String> = args("procrustes");
+    let first = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(first.contains("fitted") && first.contains("explained variance"), "{first}");
+    let second = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(second.contains("from the cache"), "{second}");
+    let info: serde_json::Value = serde_json::from_str(ok(&["taskvec", "info", out.to_str().unwrap(), "--json"]).trim()).unwrap();
+    assert_eq!(info["kind"], "lora");
+    // The projected vector belongs to the large model: it applies there and changes its scores.
+    let text = "question 3: is it so? yes";
+    let (_, plain) = score_json(&["score", "--model", large.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, moved) = score_json(&["score", "--model", large.to_str().unwrap(), "--taskvec", out.to_str().unwrap(), "--text", text, "--json"]);
+    assert!(max_diff(&plain, &moved) > 1e-5, "the projected update changed nothing");
+    // ...and not to the small one.
+    let line = fails(&["score", "--model", small.to_str().unwrap(), "--taskvec", out.to_str().unwrap(), "--text", text]);
+    assert!(line.contains("config"), "{line}");
+    // A task vector of another base is refused with a clear error.
+    let line = fails(&["project", "--small", large.to_str().unwrap(), "--large", large.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", dir.join("x").to_str().unwrap(), "--calibration-sequences", "8", "--calibration-len", "8", "--cache-dir", cache.to_str().unwrap()]);
+    assert!(line.contains("expected an update of the small model"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,6 +30,22 @@ fn free_port() -> u16 {
 
 /// A small, fast run: three IID clients with 16 Ethos examples each, a few LoRA steps per round.
 fn write_config(dir: &Path, rounds: u64, round_timeout_s: f64, port: u16) -> PathBuf {
+    write_config_with(dir, rounds, round_timeout_s, port, &model_dir(), "")
+}
+
+/// The same run made heterogeneous: the server holds base-large, clients train base-small.
+fn write_hetero_config(dir: &Path, rounds: u64, port: u16) -> PathBuf {
+    let small = model_dir();
+    let large = small.parent().unwrap().join("base-large");
+    let transfer = format!(
+        "\n[transfer]\nclient_models = [\"{}\"]\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\nlars = 0.02\n",
+        small.display(),
+        dir.join("maps").display()
+    );
+    write_config_with(dir, rounds, 120.0, port, &large, &transfer)
+}
+
+fn write_config_with(dir: &Path, rounds: u64, round_timeout_s: f64, port: u16, model: &Path, extra: &str) -> PathBuf {
     let cfg = format!(
         r#"
 [run]
@@ -74,8 +90,8 @@ ca = "certs/ca.pem"
 cert = "certs/server.pem"
 key = "certs/server.key"
 tokens = "certs/tokens.toml"
-"#,
-        model = model_dir().display()
+{extra}"#,
+        model = model.display()
     );
     let p = dir.join("run.toml");
     std::fs::write(&p, cfg).unwrap();
@@ -183,6 +199,36 @@ fn grpc_deployment_equals_the_in_memory_simulation() {
     assert!(dir.join("srv/report.html").exists() && dir.join("sim/report.html").exists());
     // The model moved: round 2's model differs from round 1's.
     assert_ne!(round_event(&dir.join("srv"), 1).unwrap()["model_version"], round_event(&dir.join("srv"), 2).unwrap()["model_version"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn heterogeneous_grpc_deployment_equals_the_simulation() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("hetero");
+    let cfg = write_hetero_config(&dir, 2, free_port());
+    simulate(&cfg, &data, &dir.join("sim"));
+    // The server process finds the maps the simulation fitted in the shared cache.
+    let mut srv = server(&cfg, &data, &dir.join("srv"), false);
+    let mut clients: Vec<Proc> = ["c0", "c1", "c2"].iter().map(|id| client(&cfg, &data, id, false)).collect();
+    srv.finish(LIMIT);
+    for c in &mut clients {
+        c.finish(Duration::from_secs(60));
+    }
+    for round in 1..=2 {
+        let (a, b) = (round_event(&dir.join("sim"), round).unwrap(), round_event(&dir.join("srv"), round).unwrap());
+        assert_eq!(a["ok"], 3, "round {round}: {a}");
+        assert_eq!(a["model_version"], b["model_version"], "round {round}: simulation and deployment diverge");
+        assert_eq!(a["server_eval"], b["server_eval"]);
+        // Every client's alpha is logged with its parts; clients never download the large model.
+        for id in ["c0", "c1", "c2"] {
+            assert!(b["aggregation"]["alpha"][id]["alpha"].as_f64().unwrap() > 0.0, "{b}");
+        }
+        assert_eq!(b["bytes_down"], 0, "{b}");
+    }
+    assert_ne!(round_event(&dir.join("srv"), 1).unwrap()["model_version"], round_event(&dir.join("srv"), 2).unwrap()["model_version"]);
+    assert_eq!(std::fs::read_dir(dir.join("maps")).unwrap().count(), 1, "one cached map file for the pair");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

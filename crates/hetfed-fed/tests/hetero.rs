@@ -1,0 +1,192 @@
+//! The heterogeneous strategy: aggregation invariants (order, identical updates, zero weights),
+//! and a heterogeneous server that hands clients their own base, projects their updates into
+//! its larger model, and refuses clients whose base it has no maps for. Tiny random BLOOM
+//! models; updates are built by hand.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use hetfed_core::TensorMap;
+use hetfed_fed::hetero::{Hetero, SmallBase, TransferConfig};
+use hetfed_fed::server::{Auth, Server, ServerOptions};
+use hetfed_fed::strategy::FitResult;
+use hetfed_fed::{FitConfig, Sampling, Strategy};
+use hetfed_merge::AlphaConfig;
+use hetfed_model::{bloom, Arch, Checkpoint};
+use hetfed_net::{body_from_bytes, Caller, ClientInfo, DataStats, FedService, Instruction, Secret, ServiceError, UploadHeader};
+use hetfed_taskvec::{Delta, TaskVector};
+use hetfed_transfer::{MapConfig, PairMaps};
+
+fn cfg(h: usize, layers: usize, heads: usize) -> bloom::Config {
+    bloom::Config { vocab_size: 32, hidden_size: h, n_layer: layers, n_head: heads, layer_norm_epsilon: 1e-5, apply_residual_connection_post_layernorm: false, bos_token_id: None, eos_token_id: None, pad_token_id: None }
+}
+
+fn model(c: &bloom::Config, seed: u64) -> Checkpoint {
+    Checkpoint { dir: PathBuf::from(format!("random-{seed}")), arch: Arch::Bloom(c.clone()), weights: c.random_weights(seed).unwrap(), tokenizer: None, config_json: c.hf_config_json() }
+}
+
+fn calib() -> Vec<Vec<u32>> {
+    (0..24u32).map(|i| (0..12u32).map(|j| (i * 7 + j * 13 + i * j) % 32).collect()).collect()
+}
+
+fn small_base(small: &Checkpoint, large: &Checkpoint) -> SmallBase {
+    let maps = PairMaps::fit(small, large, &calib(), "test", &MapConfig::default()).unwrap();
+    let ck = Checkpoint { dir: small.dir.clone(), arch: small.arch.clone(), weights: small.weights.clone(), tokenizer: None, config_json: small.config_json.clone() };
+    SmallBase { checkpoint: Arc::new(ck), identity: small.identity().unwrap(), maps }
+}
+
+fn strategy(small: &Checkpoint, large: &Checkpoint, t: TransferConfig) -> Hetero {
+    let lc = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() };
+    Hetero::new(t, Sampling::default(), FitConfig::default(), 0, Arc::new(lc), vec![small_base(small, large)], None).unwrap()
+}
+
+fn transfer() -> TransferConfig {
+    TransferConfig { client_models: vec![PathBuf::from("small")], ..Default::default() }
+}
+
+/// A dense update of the small model's MLP input projections.
+fn update(small: &Checkpoint, seed: u64) -> TensorMap {
+    let mut d = TensorMap::new();
+    for (k, w) in &small.weights {
+        if k.ends_with("dense_h_to_4h.weight") || k.ends_with("query_key_value.weight") {
+            let t = Tensor::randn(0f32, 1.0, w.dims(), &Device::Cpu).unwrap();
+            let t = (t * (0.01 * (1.0 + seed as f64))).unwrap();
+            d.insert(k.clone(), t);
+        }
+    }
+    d
+}
+
+fn result(id: &str, base: &str, n: u64, gain: f64, delta: TensorMap) -> FitResult {
+    let metrics = BTreeMap::from([("val_gain".to_string(), gain)]);
+    FitResult { client_id: id.into(), base_hash: base.into(), n_examples: n, metrics, delta }
+}
+
+fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
+    a.iter().map(|(k, t)| (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()).fold(0.0, f32::max)
+}
+
+fn aggregate(s: &mut Hetero, global: &TensorMap, results: Vec<FitResult>) -> TensorMap {
+    let mut g = global.clone();
+    s.aggregate_fit(1, &mut g, &mut results.into_iter().map(Ok), &[]).unwrap();
+    g
+}
+
+#[test]
+fn aggregation_is_order_free_averages_identical_updates_and_ignores_zero_weights() {
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let h = small.identity().unwrap().weights_hash;
+    let (u1, u2, u3) = (update(&small, 1), update(&small, 2), update(&small, 3));
+    let t = transfer();
+    // Order.
+    let a = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone()), result("b", &h, 30, 0.2, u2.clone()), result("c", &h, 20, 0.1, u3.clone())]);
+    let b = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("c", &h, 20, 0.1, u3.clone()), result("a", &h, 10, 0.5, u1.clone()), result("b", &h, 30, 0.2, u2.clone())]);
+    assert!(max_diff(&a, &b) < 1e-6);
+    assert!(max_diff(&a, &large.weights) > 1e-4, "the update must change the model");
+    // Identical updates with identical signals = that one update.
+    let one = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone())]);
+    let three = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone()), result("b", &h, 10, 0.5, u1.clone()), result("c", &h, 10, 0.5, u1.clone())]);
+    assert!(max_diff(&one, &three) < 1e-6);
+    // A client whose alpha is zero (no examples) changes nothing.
+    let with_zero = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone()), result("z", &h, 0, 0.5, u3.clone())]);
+    assert!(max_diff(&one, &with_zero) < 1e-6);
+    // Uniform alphas: the plain mean of the projections.
+    let uniform = TransferConfig { alpha: AlphaConfig::uniform(), ..t.clone() };
+    let mean = aggregate(&mut strategy(&small, &large, uniform.clone()), &large.weights, vec![result("a", &h, 1, 0.9, u1.clone()), result("b", &h, 99, 0.1, u2.clone())]);
+    let maps = small_base(&small, &large).maps;
+    let proj = |u: &TensorMap| maps.project(&TaskVector { base: small.identity().unwrap(), kind: Delta::Full(u.clone()) }).unwrap().0.materialize().unwrap();
+    let (p1, p2) = (proj(&u1), proj(&u2));
+    let mut want = large.weights.clone();
+    for (k, d) in &p1 {
+        let step = ((d + &p2[k]).unwrap() * 0.5).unwrap();
+        want.insert(k.clone(), (&want[k] + step).unwrap());
+    }
+    assert!(max_diff(&mean, &want) < 1e-5);
+    // LARS caps every parameter's step at c·||W||.
+    let capped = TransferConfig { lars: Some(1e-4), ..t };
+    let g = aggregate(&mut strategy(&small, &large, capped), &large.weights, vec![result("a", &h, 10, 0.5, u1)]);
+    for (k, w) in &large.weights {
+        let step = hetfed_core::sq_norm(&(&g[k] - w).unwrap()).unwrap().sqrt();
+        assert!(step <= 1e-4 * hetfed_core::sq_norm(w).unwrap().sqrt() * 1.001 + 1e-9, "{k}");
+    }
+}
+
+#[test]
+fn an_update_of_an_unknown_base_is_refused() {
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let other = model(&cfg(8, 1, 2), 5);
+    let mut s = strategy(&small, &large, transfer());
+    let mut g = large.weights.clone();
+    let h = other.identity().unwrap().weights_hash;
+    let e = s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 1, 0.1, update(&other, 1)))].into_iter(), &[]).unwrap_err().to_string();
+    assert!(e.contains("for which the server has no maps"), "{e}");
+}
+
+fn info(id: &str, ck: &Checkpoint) -> ClientInfo {
+    let i = ck.identity().unwrap();
+    ClientInfo { client_id: id.into(), arch: i.arch, base_hash: i.weights_hash, capabilities: vec![], stats: DataStats { n_examples: 10, ..Default::default() } }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_bases() {
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let other = model(&cfg(8, 1, 2), 5);
+    let dir = tempfile::tempdir().unwrap();
+    let mut auth = Auth::default();
+    for id in ["c0", "c1"] {
+        auth.add_token(id, &format!("token-{id}"));
+    }
+    let opts = ServerOptions {
+        run_dir: dir.path().to_path_buf(),
+        rounds: 1,
+        seed: 0,
+        min_clients: 1,
+        quorum: 1,
+        round_timeout: Duration::from_secs(20),
+        register_timeout: Duration::from_secs(20),
+        max_update_norm: 100.0,
+        max_update_bytes: 1 << 24,
+        max_poll: Duration::from_millis(500),
+        auth,
+        resume: false,
+        config_json: serde_json::Value::Null,
+        strategy_name: "hetero_projection".into(),
+    };
+    let strategy = Box::new(strategy(&small, &large, transfer()));
+    let large_ck = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: large.weights.clone(), tokenizer: None, config_json: large.config_json.clone() };
+    let server = Server::new(opts, large_ck, strategy, None).unwrap();
+    let caller = |id: &str| Caller { client_id: id.into(), token: Secret::new(format!("token-{id}")) };
+    // A client of another small model: refused with the reason.
+    match server.register(&caller("c1"), info("c1", &other)).await {
+        Err(ServiceError::FailedPrecondition(m)) => assert!(m.contains("projection maps"), "{m}"),
+        r => panic!("expected a refusal, found {r:?}"),
+    }
+    server.register(&caller("c0"), info("c0", &small)).await.unwrap();
+    let run = {
+        let s = server.clone();
+        tokio::spawn(async move { s.run().await })
+    };
+    let fit = loop {
+        match tokio::time::timeout(Duration::from_secs(20), server.instructions(&caller("c0"), 0, Duration::from_secs(5))).await.unwrap().unwrap() {
+            Instruction::Fit(f) => break f,
+            Instruction::Wait => continue,
+            Instruction::Done => panic!("run ended early"),
+        }
+    };
+    // The client trains from its own base.
+    assert_eq!(fit.model_version, small.identity().unwrap().weights_hash);
+    let tv = TaskVector { base: small.identity().unwrap(), kind: Delta::Full(update(&small, 1)) };
+    let bytes = bytes::Bytes::from(tv.to_bytes(candle_core::DType::F32).unwrap());
+    let header = UploadHeader { round: 1, client_id: "c0".into(), n_examples: 10, size_bytes: bytes.len() as u64, sha256: hetfed_core::sha256_hex(&bytes), encoding: "f32".into(), metrics: BTreeMap::new() };
+    let reply = server.upload(&caller("c0"), header, body_from_bytes(bytes, 1 << 16)).await.unwrap();
+    assert!(reply.accepted, "{}", reply.reason);
+    tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap().unwrap();
+    let g = server.global();
+    assert!(max_diff(&g, &large.weights) > 1e-5, "the large model must change");
+    for (k, w) in &large.weights {
+        assert_eq!(g[k].dims(), w.dims());
+    }
+}
