@@ -346,6 +346,23 @@ impl Strategy for Hetero {
         Ok(AggregateReport { weights: alphas, n_aggregated: n, applied_norm, details })
     }
 
+    fn run_info(&self) -> serde_json::Value {
+        let maps: Vec<serde_json::Value> = self
+            .smalls
+            .values()
+            .map(|s| {
+                json!({
+                    "small": s.checkpoint.source(), "small_hash": s.identity.weights_hash, "method": s.maps.config.method,
+                    "pairing": s.maps.pairing, "fit_s": s.maps.summary.seconds,
+                    "mean_explained_variance": s.maps.summary.mean_explained_variance,
+                    "explained_variance_by_space": s.maps.mean_explained_variance_by_space(),
+                    "layers": s.maps.summary.layers, "calibration": s.maps.summary.calibration,
+                })
+            })
+            .collect();
+        json!({"maps": maps})
+    }
+
     fn state(&self) -> (serde_json::Value, TensorMap) {
         (serde_json::Value::Null, self.memory.to_tensors())
     }

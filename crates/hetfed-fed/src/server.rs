@@ -293,7 +293,7 @@ impl Server {
             self.event(json!({
                 "event": "run_start", "run_id": self.run_id, "strategy": self.opts.strategy_name,
                 "rounds": self.opts.rounds, "clients": self.opts.auth.token_hashes.keys().collect::<Vec<_>>(),
-                "config": self.opts.config_json, "time_unix_ms": unix_ms(),
+                "config": self.opts.config_json, "strategy_info": lock(&self.strategy).run_info(), "time_unix_ms": unix_ms(),
             }));
         }
         let mut final_eval = BTreeMap::new();

@@ -175,6 +175,11 @@ pub trait Strategy: Send {
         Ok(None)
     }
 
+    /// What the strategy wants recorded once at the start of the run (e.g. fitted maps).
+    fn run_info(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// State to checkpoint (JSON and tensors); restoring it with [`Strategy::load_state`] makes a
     /// resumed run identical to an uninterrupted one.
     fn state(&self) -> (serde_json::Value, TensorMap) {

@@ -190,3 +190,34 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
         assert_eq!(g[k].dims(), w.dims());
     }
 }
+
+#[test]
+fn clients_of_two_widths_aggregate_into_one_server_model() {
+    let (s8, s12, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(12, 2, 3), 3), model(&cfg(16, 2, 4), 2));
+    let lc = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() };
+    let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, Arc::new(lc), vec![small_base(&s8, &large), small_base(&s12, &large)], None).unwrap();
+    let info = s.run_info();
+    assert_eq!(info["maps"].as_array().unwrap().len(), 2);
+    let (h8, h12) = (s8.identity().unwrap().weights_hash, s12.identity().unwrap().weights_hash);
+    let both = aggregate(&mut s, &large.weights, vec![result("a", &h8, 10, 0.5, update(&s8, 1)), result("b", &h12, 10, 0.5, update(&s12, 2))]);
+    let only8 = aggregate(&mut strategy(&s8, &large, transfer()), &large.weights, vec![result("a", &h8, 10, 0.5, update(&s8, 1))]);
+    assert!(max_diff(&both, &large.weights) > 1e-5);
+    assert!(max_diff(&both, &only8) > 1e-6, "the second width's update must count");
+}
+
+#[test]
+fn distillation_moves_the_server_model_toward_the_clients() {
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let h = small.identity().unwrap().weights_hash;
+    let t = TransferConfig {
+        aggregation: hetfed_fed::hetero::Aggregation::Distillation,
+        distill: hetfed_distill::DistillConfig { steps: 4, n_prompts: 8, seq_len: 8, batch_size: 4, ..Default::default() },
+        ..transfer()
+    };
+    let mut s = strategy(&small, &large, t);
+    let mut g = large.weights.clone();
+    let rep = s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 10, 0.5, update(&small, 1)))].into_iter(), &[]).unwrap();
+    let d = &rep.details["distill"];
+    assert!(d["kl_after"].as_f64().unwrap() < d["kl_before"].as_f64().unwrap(), "{d}");
+    assert!(max_diff(&g, &large.weights) > 1e-6);
+}
