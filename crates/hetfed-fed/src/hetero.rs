@@ -102,6 +102,12 @@ pub struct TransferConfig {
     pub continual: Continual,
     pub fisher_strength: f64,
     pub ortho_memory: usize,
+    /// Clients send task vectors relative to their fixed base every round, so by default each
+    /// round's aggregate is added to the server model (`W ← W + eta·dW`, the proposal's rule)
+    /// and repeated rounds of the same task stack up. With `anchor = true` each round's
+    /// aggregate instead replaces the last one: `W = W_0 + eta·dW_t` (task arithmetic on the
+    /// server's starting model), so rounds refine one estimate instead of accumulating.
+    pub anchor: bool,
     pub distill: DistillConfig,
 }
 
@@ -124,6 +130,7 @@ impl Default for TransferConfig {
             continual: Continual::None,
             fisher_strength: 1.0,
             ortho_memory: 8,
+            anchor: false,
             distill: DistillConfig::default(),
         }
     }
@@ -185,6 +192,8 @@ pub struct Hetero {
     stats: BTreeMap<String, DataStats>,
     fisher: Option<TensorMap>,
     memory: OrthoMemory,
+    /// The server model before the first aggregation (`anchor = true`).
+    anchor: Option<TensorMap>,
 }
 
 impl Hetero {
@@ -203,6 +212,7 @@ impl Hetero {
             stats: BTreeMap::new(),
             fisher,
             memory,
+            anchor: None,
         })
     }
 
@@ -332,6 +342,10 @@ impl Strategy for Hetero {
                 details["orthogonal_removed"] = json!(removed);
             }
         }
+        if self.cfg.anchor {
+            let w0 = self.anchor.get_or_insert_with(|| global.clone());
+            *global = w0.clone();
+        }
         if let Some(c) = self.cfg.lars {
             let factors = hetfed_merge::trust_ratio(global, &mut change, c)?;
             let capped = factors.values().filter(|f| **f < 1.0).count();
@@ -364,11 +378,17 @@ impl Strategy for Hetero {
     }
 
     fn state(&self) -> (serde_json::Value, TensorMap) {
-        (serde_json::Value::Null, self.memory.to_tensors())
+        let mut t = self.memory.to_tensors();
+        if let Some(a) = &self.anchor {
+            t.extend(a.iter().map(|(k, v)| (format!("anchor.{k}"), v.clone())));
+        }
+        (serde_json::Value::Null, t)
     }
 
     fn load_state(&mut self, _json: serde_json::Value, tensors: TensorMap) -> Result<()> {
-        self.memory = OrthoMemory::from_tensors(self.cfg.ortho_memory, tensors)?;
+        let (anchor, memory): (TensorMap, TensorMap) = tensors.into_iter().partition(|(k, _)| k.starts_with("anchor."));
+        self.memory = OrthoMemory::from_tensors(self.cfg.ortho_memory, memory)?;
+        self.anchor = (!anchor.is_empty()).then(|| anchor.into_iter().map(|(k, v)| (k["anchor.".len()..].to_string(), v)).collect());
         Ok(())
     }
 }

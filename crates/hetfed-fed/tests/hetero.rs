@@ -221,3 +221,31 @@ fn distillation_moves_the_server_model_toward_the_clients() {
     assert!(d["kl_after"].as_f64().unwrap() < d["kl_before"].as_f64().unwrap(), "{d}");
     assert!(max_diff(&g, &large.weights) > 1e-6);
 }
+
+#[test]
+fn anchored_rounds_replace_each_other_and_survive_a_checkpoint() {
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let h = small.identity().unwrap().weights_hash;
+    let u = update(&small, 1);
+    let anchored = TransferConfig { anchor: true, ..transfer() };
+    // Accumulating: the same update twice moves the model twice as far; anchored: once.
+    let mut acc = strategy(&small, &large, transfer());
+    let mut anc = strategy(&small, &large, anchored.clone());
+    let (mut ga, mut gb) = (large.weights.clone(), large.weights.clone());
+    for round in 1..=2 {
+        acc.aggregate_fit(round, &mut ga, &mut vec![Ok(result("a", &h, 10, 0.5, u.clone()))].into_iter(), &[]).unwrap();
+        anc.aggregate_fit(round, &mut gb, &mut vec![Ok(result("a", &h, 10, 0.5, u.clone()))].into_iter(), &[]).unwrap();
+    }
+    let once = aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![result("a", &h, 10, 0.5, u.clone())]);
+    assert!(max_diff(&gb, &once) < 1e-6);
+    assert!(max_diff(&ga, &once) > 1e-5);
+    // The anchor is part of the strategy's state: a restored strategy continues identically.
+    let (json, tensors) = anc.state();
+    let mut restored = strategy(&small, &large, anchored);
+    restored.load_state(json, tensors).unwrap();
+    let (mut g1, mut g2) = (gb.clone(), gb.clone());
+    let u2 = update(&small, 2);
+    anc.aggregate_fit(3, &mut g1, &mut vec![Ok(result("a", &h, 10, 0.5, u2.clone()))].into_iter(), &[]).unwrap();
+    restored.aggregate_fit(3, &mut g2, &mut vec![Ok(result("a", &h, 10, 0.5, u2))].into_iter(), &[]).unwrap();
+    assert_eq!(max_diff(&g1, &g2), 0.0);
+}
