@@ -135,6 +135,19 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         serde_json::to_string(&cfg.data.partition)?,
         cfg.path(&cfg.server.model).display()
     );
+    if let Some(t) = &cfg.transfer {
+        let smalls: Vec<String> = t.client_models.iter().map(|m| cfg.path(m).display().to_string()).collect();
+        println!(
+            "clients train {}; the server {} their updates (maps: {}, fitted once and cached in {})",
+            smalls.join(", "),
+            match t.aggregation {
+                hetfed_fed::hetero::Aggregation::Projection => "projects",
+                hetfed_fed::hetero::Aggregation::Distillation => "distils",
+            },
+            t.maps.method.name(),
+            t.cache_dir.clone().unwrap_or_else(|| PathBuf::from("runs/maps")).display()
+        );
+    }
     let rt = runtime()?;
     let out = a.out.clone();
     let summary = rt.block_on(async move {

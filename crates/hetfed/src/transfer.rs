@@ -92,9 +92,21 @@ pub struct SweepArgs {
     /// Data directory (default: $HETFED_DATA_DIR, else ../shared/data)
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Only render table.md again from --out's results.json (no training)
+    #[arg(long)]
+    pub table_only: bool,
 }
 
 pub fn sweep(a: SweepArgs) -> Result<()> {
+    if a.table_only {
+        let path = a.out.join("results.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let results: Vec<hetfed_fed::sweep::RowResult> = serde_json::from_str(&text).with_context(|| format!("{}: expected the results of hetfed sweep", path.display()))?;
+        let table = hetfed_fed::sweep::render_table(&results);
+        std::fs::write(a.out.join("table.md"), &table)?;
+        println!("{table}");
+        return Ok(());
+    }
     let data_dir = a
         .data_dir
         .clone()
