@@ -179,5 +179,18 @@ fn config_errors_name_the_key() {
     assert!(e.contains("server.quorum") && e.contains('9') && e.contains("t.toml"), "{e}");
     let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\nbogus = 1\n[data]\ntask = \"ethos\"\nnum_clients = 3\n", ".".into(), "t.toml").unwrap_err().to_string();
     assert!(e.contains("bogus"), "{e}");
-    hetfed_fed::RunConfig::embedded_default().unwrap();
+    let cfg = hetfed_fed::RunConfig::embedded_default().unwrap();
+    assert!(cfg.transfer.is_some(), "the embedded default is heterogeneous");
+    let t = "[server]\nmodel = \"m\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n[transfer]\nclient_models = [\"s\"]\n";
+    let e = hetfed_fed::RunConfig::from_toml(&format!("{t}lars = -1.0\n"), ".".into(), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("transfer.lars") && e.contains("-1"), "{e}");
+    let e = hetfed_fed::RunConfig::from_toml(&format!("{t}[transfer.maps]\nmethod = \"magic\"\n"), ".".into(), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("magic"), "{e}");
+    let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n[transfer]\n", ".".into(), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("transfer.client_models"), "{e}");
+    // The committed configs parse.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    hetfed_fed::RunConfig::from_file(&root.join("fedavg-small.toml")).unwrap();
+    let (sweep, _) = hetfed_fed::sweep::SweepConfig::from_file(&root.join("sweep.toml")).unwrap();
+    assert!(sweep.rows.len() >= 10 && sweep.seeds.len() >= 3);
 }
