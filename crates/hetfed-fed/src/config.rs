@@ -105,11 +105,13 @@ pub struct EvalSection {
     /// Lines of general held-out text (`mltext` English dev split) whose perplexity measures
     /// forgetting each evaluation (`general/ppl`); 0 = off.
     pub general_lines: usize,
+    /// The split the tasks are evaluated on: "dev" (default) or "test".
+    pub split: String,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { tasks: vec![], max_examples: 0, every: 1, batch_size: 16, max_len: 128, general_lines: 0 }
+        Self { tasks: vec![], max_examples: 0, every: 1, batch_size: 16, max_len: 128, general_lines: 0, split: "dev".into() }
     }
 }
 
@@ -237,6 +239,9 @@ impl RunConfig {
         self.client.validate()?;
         if let Some(t) = &self.transfer {
             t.validate()?;
+        }
+        if !matches!(self.server.eval.split.as_str(), "dev" | "test") {
+            return Err(format!("server.eval.split: expected \"dev\" or \"test\", found {:?}", self.server.eval.split));
         }
         Ok(())
     }

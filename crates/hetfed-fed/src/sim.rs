@@ -78,7 +78,8 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
     let mut tasks = Vec::new();
     for name in &e.tasks {
         let spec = hetfed_data::task::builtin(name).map_err(err)?;
-        let mut ex = spec.load(dir, Split::Dev).map_err(err)?;
+        let split = if e.split == "test" { Split::Test } else { Split::Dev };
+        let mut ex = spec.load(dir, split).map_err(err)?;
         if e.max_examples > 0 && ex.len() > e.max_examples {
             ex = ex.subset(&(0..e.max_examples).collect::<Vec<_>>()).map_err(err)?;
         }

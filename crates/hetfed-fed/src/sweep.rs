@@ -13,6 +13,8 @@
 //! - `hetero`: the heterogeneous strategy with the row's `transfer` settings merged over the
 //!   base config's `[transfer]` table.
 //!
+//! `eval_split = "test"` evaluates every row on the tasks' test splits instead.
+//!
 //! In a heterogeneous run clients always train from their own base with seeds fixed by
 //! `(seed, round, client)`, so their updates do not depend on the server: the sweep trains them
 //! once per seed and feeds the same updates to every `hetero` row through the same
@@ -64,6 +66,9 @@ pub struct SweepConfig {
     /// The heterogeneous run config the rows vary (relative to the sweep config).
     pub base: PathBuf,
     pub seeds: Vec<u64>,
+    /// Evaluate on this split instead of the base config's (`server.eval.split`).
+    #[serde(default)]
+    pub eval_split: Option<String>,
     #[serde(rename = "row")]
     pub rows: Vec<Row>,
 }
@@ -122,7 +127,7 @@ impl SweepConfig {
 }
 
 /// The base run config for `seed`, with `transfer` overrides merged in.
-fn run_config(base_path: &Path, seed: u64, transfer: Option<&toml::Value>) -> Result<RunConfig> {
+fn run_config(base_path: &Path, seed: u64, transfer: Option<&toml::Value>, eval_split: Option<&str>) -> Result<RunConfig> {
     let text = std::fs::read_to_string(base_path).map_err(|e| Error::io(base_path, e))?;
     let mut v: toml::Value = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", base_path.display())))?;
     let mut over = toml::map::Map::new();
@@ -141,6 +146,13 @@ fn run_config(base_path: &Path, seed: u64, transfer: Option<&toml::Value>) -> Re
         merge(&mut t, o);
     }
     over.insert("transfer".into(), t);
+    if let Some(split) = eval_split {
+        let mut eval = toml::map::Map::new();
+        eval.insert("split".into(), toml::Value::String(split.to_string()));
+        let mut server = toml::map::Map::new();
+        server.insert("eval".into(), toml::Value::Table(eval));
+        over.insert("server".into(), toml::Value::Table(server));
+    }
     merge(&mut v, &toml::Value::Table(over));
     let text = toml::to_string(&v).map_err(|e| Error::msg(e.to_string()))?;
     let base_dir = base_path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -178,7 +190,7 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMu
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut results: Vec<RowResult> = sweep.rows.iter().map(|r| RowResult { name: r.name.clone(), kind: r.kind, cells: BTreeMap::new() }).collect();
     for &seed in &sweep.seeds {
-        let cfg = run_config(&base_path, seed, None)?;
+        let cfg = run_config(&base_path, seed, None, sweep.eval_split.as_deref())?;
         let t = cfg.transfer.clone().ok_or_else(|| Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display())))?;
         let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
         let small = Checkpoint::load(&cfg.path(&t.client_models[0]))?;
@@ -210,7 +222,7 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMu
                         }
                         hetero_updates = Some(per_round);
                     }
-                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref())?;
+                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split.as_deref())?;
                     let rt = rcfg.transfer.clone().unwrap_or_default();
                     hetero(&rcfg, &rt, dir, &large, &infos, hetero_updates.as_deref().unwrap_or_default(), &ev)?
                 }

@@ -188,6 +188,8 @@ fn config_errors_name_the_key() {
     assert!(e.contains("magic"), "{e}");
     let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n[transfer]\n", ".".into(), "t.toml").unwrap_err().to_string();
     assert!(e.contains("transfer.client_models"), "{e}");
+    let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\n[server.eval]\nsplit = \"holdout\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n", ".".into(), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("server.eval.split") && e.contains("holdout"), "{e}");
     // The committed configs parse.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     hetfed_fed::RunConfig::from_file(&root.join("fedavg-small.toml")).unwrap();

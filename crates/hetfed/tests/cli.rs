@@ -97,6 +97,13 @@ fn every_command_has_help() {
         vec!["data", "partition", "--help"],
         vec!["bench", "--help"],
         vec!["demo", "--help"],
+        vec!["simulate", "--help"],
+        vec!["server", "--help"],
+        vec!["client", "--help"],
+        vec!["certs", "--help"],
+        vec!["report", "--help"],
+        vec!["project", "--help"],
+        vec!["sweep", "--help"],
     ] {
         let out = ok(&cmd);
         assert!(out.contains("Usage:"), "{cmd:?}: {out}");
