@@ -160,6 +160,70 @@ impl PairMaps {
         concat_rows_interleaved(&ps, self.n_head_large)
     }
 
+    /// The reverse direction, for personalisation: a task vector of the *large* model moved into
+    /// the small one with the transposed maps, `dW_s = T_out^T·dW_l·T_in` (biases `T_out^T·db`,
+    /// embedding rows `dE_l·T`), averaged over the large layers paired with each small layer.
+    /// LoRA factors are multiplied out first (the result is dense). For semi-orthogonal maps
+    /// this inverts [`PairMaps::project`] on the directions the small model has.
+    pub fn project_back(&self, tv: &TaskVector) -> Result<(TaskVector, ProjectReport)> {
+        if tv.base != self.large {
+            return Err(Error::msg(format!(
+                "expected an update of the large model these maps were fitted for, {}, found one of {}",
+                self.large, tv.base
+            )));
+        }
+        let t0 = Instant::now();
+        let mut report = ProjectReport::default();
+        let mut acc: BTreeMap<String, (Tensor, usize)> = BTreeMap::new();
+        for (name, d) in tv.materialize()? {
+            let d = d.to_dtype(DType::F32)?;
+            if name == "transformer.word_embeddings.weight" {
+                let t = matrix_to_tensor(self.embed.matrix(), d.device())?;
+                let p = d.matmul(&t)?;
+                report.modules.push(ProjectedModule { name: name.clone(), from: name.clone(), norm_in: norm(&d)?, norm_out: norm(&p)? });
+                acc.insert(name, (p, 1));
+                continue;
+            }
+            let parsed = name
+                .strip_suffix(".weight")
+                .map(|m| (m, true))
+                .or_else(|| name.strip_suffix(".bias").map(|m| (m, false)))
+                .and_then(|(m, w)| parse_module(m).map(|(j, module)| (j, module, w)));
+            let Some((j, module, is_weight)) = parsed else {
+                report.dropped.push((name.clone(), norm(&d)?));
+                continue;
+            };
+            let i = *self.pairing.get(j).ok_or_else(|| Error::msg(format!("`{name}`: the large model has {} layers", self.pairing.len())))?;
+            let mm = self.maps(j, module);
+            let back = |part: &Tensor, out: &hetfed_project::Map| -> Result<Tensor> {
+                let to_t = matrix_to_tensor(&out.matrix().transpose(), part.device())?;
+                if is_weight {
+                    let ti = mm.input.to_tensor(part.device())?;
+                    Ok(to_t.matmul(part)?.matmul(&ti)?)
+                } else {
+                    Ok(to_t.matmul(&part.unsqueeze(1)?)?.squeeze(1)?)
+                }
+            };
+            let p = if mm.out.len() == 1 {
+                back(&d, &mm.out[0])?
+            } else {
+                let parts = split_rows_interleaved(&d, self.n_head_large, 3)?;
+                let ps = parts.iter().zip(&mm.out).map(|(p, t)| back(p, t)).collect::<Result<Vec<_>>>()?;
+                concat_rows_interleaved(&ps, self.n_head_small)?
+            };
+            let small = format!("transformer.h.{i}.{module}.{}", if is_weight { "weight" } else { "bias" });
+            report.modules.push(ProjectedModule { name: small.clone(), from: name.clone(), norm_in: norm(&d)?, norm_out: norm(&p)? });
+            let next = match acc.remove(&small) {
+                Some((a, n)) => ((a + p)?, n + 1),
+                None => (p, 1),
+            };
+            acc.insert(small, next);
+        }
+        let out = acc.into_iter().map(|(k, (t, n))| Ok((k, (t / n as f64)?))).collect::<Result<TensorMap>>()?;
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok((TaskVector { base: self.small.clone(), kind: Delta::Full(out) }, report))
+    }
+
     /// Explained variance per space averaged over layers (for reports).
     pub fn mean_explained_variance_by_space(&self) -> BTreeMap<String, f64> {
         let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();

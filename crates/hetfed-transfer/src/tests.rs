@@ -196,6 +196,12 @@ fn maps_between_a_model_and_its_rotated_copy_recover_the_rotation_and_transport_
     let moved = max_abs_diff(&a, &logits(&small, &small.weights, &probe));
     assert!(moved > 1e-2, "the update should change the model (moved {moved})");
     assert!(max_abs_diff(&a, &b) < 2e-3, "{}", max_abs_diff(&a, &b));
+    // ...and back: the reverse maps return the small update (personalisation direction).
+    let (back, _) = maps.project_back(&projected).unwrap();
+    assert_eq!(back.base, small.identity().unwrap());
+    let tuned_back = back.apply_unchecked(&small.weights, 1.0).unwrap();
+    assert!(max_abs_diff(&a, &logits(&small, &tuned_back, &probe)) < 2e-3);
+    assert!(maps.project_back(&tv).is_err(), "a small model's update cannot go back");
     // A dense update too.
     let dense = TaskVector { base: tv.base.clone(), kind: hetfed_taskvec::Delta::Full(tv.materialize().unwrap()) };
     let (pd, _) = maps.project(&dense).unwrap();
@@ -222,6 +228,16 @@ fn projection_into_a_wider_deeper_model_keeps_lora_rank_and_refuses_other_bases(
             assert!(numerical_rank(d, 1e-5).unwrap() <= 3, "{method:?} {name}");
         }
         assert!(numerical_rank(&dense["transformer.h.2.mlp.dense_h_to_4h.weight"], 1e-5).unwrap() == 3, "{method:?}");
+        // Semi-orthogonal maps (T^T·T = I) make the reverse projection an exact inverse, the
+        // duplicated deep layers averaging back to the one small layer.
+        if matches!(method, Method::Procrustes | Method::Random | Method::Identity) {
+            let (back, _) = maps.project_back(&p).unwrap();
+            let (orig, back) = (tv.materialize().unwrap(), back.materialize().unwrap());
+            assert_eq!(orig.len(), back.len());
+            for (k, t) in &orig {
+                assert!(max_abs_diff(t, &back[k]) < 1e-4, "{method:?} {k}");
+            }
+        }
         // A different small model's update is refused with a clear error.
         let other = random_model(&cs, 9);
         let e = maps.project(&lora_update(&other, 3, 4)).unwrap_err().to_string();

@@ -1,5 +1,5 @@
 //! Heterogeneous transfer commands: `project` (a small model's task vector into a large model,
-//! offline) and `sweep` (the EXPERIMENTS.md table).
+//! offline, or back with `--reverse`) and `sweep` (the EXPERIMENTS.md table).
 
 use std::path::PathBuf;
 
@@ -43,6 +43,10 @@ pub struct ProjectArgs {
     /// Scale of the projected update
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
+    /// The reverse direction (personalisation): --taskvec is a task vector of the *large* model,
+    /// moved into the small one with the transposed maps
+    #[arg(long)]
+    pub reverse: bool,
 }
 
 pub fn project(a: ProjectArgs) -> Result<()> {
@@ -55,13 +59,13 @@ pub fn project(a: ProjectArgs) -> Result<()> {
         let model = large.model(None)?;
         sample_sequences(model.as_ref(), large.arch.eos_token_id().unwrap_or(0), a.calibration_sequences, a.calibration_len, a.seed)
     })?;
-    let (p, report) = maps.project(&tv)?;
+    let (p, report) = if a.reverse { maps.project_back(&tv)? } else { maps.project(&tv)? };
     let p = if a.scale != 1.0 { p.scale(a.scale)? } else { p };
     p.save(&a.out, DType::F32).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
-        "maps ({}): {} in {:.1} s, mean held-out explained variance {:.3} (embedding {:.3})",
+        "maps ({}): {} {:.1} s, mean held-out explained variance {:.3} (embedding {:.3})",
         a.method.name(),
-        if cached { "from the cache" } else { "fitted" },
+        if cached { "from the cache, fitted once in" } else { "fitted in" },
         maps.summary.seconds,
         maps.summary.mean_explained_variance,
         maps.summary.embed_explained_variance

@@ -560,6 +560,16 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
     // ...and not to the small one.
     let line = fails(&["score", "--model", small.to_str().unwrap(), "--taskvec", out.to_str().unwrap(), "--text", text]);
     assert!(line.contains("config"), "{line}");
+    // --reverse brings the projected vector back into the small model (personalisation).
+    let back = dir.join("back.safetensors");
+    let mut r: Vec<String> = args("procrustes");
+    r[6] = out.to_str().unwrap().to_string();
+    r[8] = back.to_str().unwrap().to_string();
+    r.push("--reverse".into());
+    ok(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    let (_, small_plain) = score_json(&["score", "--model", small.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, small_back) = score_json(&["score", "--model", small.to_str().unwrap(), "--taskvec", back.to_str().unwrap(), "--text", text, "--json"]);
+    assert!(max_diff(&small_plain, &small_back) > 1e-5, "the reverse projection changed nothing");
     // A task vector of another base is refused with a clear error.
     let line = fails(&["project", "--small", large.to_str().unwrap(), "--large", large.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", dir.join("x").to_str().unwrap(), "--calibration-sequences", "8", "--calibration-len", "8", "--cache-dir", cache.to_str().unwrap()]);
     assert!(line.contains("expected an update of the small model"), "{line}");
