@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::Args;
 
-use hetfed_data::{DataDir, Split};
+use hetfed_data::Split;
 use hetfed_eval::{evaluate, EvalOptions};
 use hetfed_model::generate::SamplingConfig;
 use hetfed_model::{Checkpoint, LoraConfig};
@@ -47,12 +47,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let new = hetfed_model::generate::generate(base.as_ref(), &ids, &SamplingConfig { max_new_tokens: 40, ..Default::default() }, ck.arch.eos_token_id())?;
     println!("generate   {prompt}{}", tok.decode(&new, true).map_err(|e| anyhow::anyhow!("{e}"))?.replace('\n', " "));
 
-    let data_dir = a
-        .data_dir
-        .clone()
-        .or_else(|| std::env::var_os(hetfed_data::DATA_DIR_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("../shared/data"));
-    let dir = DataDir::resolve(Some(&data_dir))?;
+    let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
     let task = hetfed_data::task::builtin("ethos")?;
     let (train_ex, dev_ex) = (task.load(&dir, Split::Train)?, task.load(&dir, Split::Dev)?);
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);

@@ -29,13 +29,18 @@ impl ConfigArgs {
             Some(p) => RunConfig::from_file(p)?,
             None => RunConfig::embedded_default()?,
         };
-        let data_dir = self
-            .data_dir
-            .clone()
-            .or_else(|| std::env::var_os(hetfed_data::DATA_DIR_ENV).map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("../shared/data"));
-        Ok((cfg, DataDir::resolve(Some(&data_dir))?))
+        Ok((cfg, data_dir(self.data_dir.as_deref())?))
     }
+}
+
+/// The data directory of the federated commands: `--data-dir`, else `$HETFED_DATA_DIR`, else
+/// `../shared/data`.
+pub fn data_dir(flag: Option<&Path>) -> Result<DataDir> {
+    let d = flag
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(hetfed_data::DATA_DIR_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("../shared/data"));
+    Ok(DataDir::resolve(Some(&d))?)
 }
 
 #[derive(Args)]

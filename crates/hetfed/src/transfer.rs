@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::Args;
-use hetfed_data::DataDir;
 use hetfed_model::Checkpoint;
 use hetfed_taskvec::TaskVector;
 use hetfed_transfer::{sample_sequences, MapConfig, Method, PairMaps};
@@ -111,12 +110,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         println!("{table}");
         return Ok(());
     }
-    let data_dir = a
-        .data_dir
-        .clone()
-        .or_else(|| std::env::var_os(hetfed_data::DATA_DIR_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("../shared/data"));
-    let dir = DataDir::resolve(Some(&data_dir))?;
+    let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
     let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, |line| println!("{line}"))?;
     let table = hetfed_fed::sweep::render_table(&results);
     let path = a.out.join("table.md");

@@ -176,19 +176,25 @@ fn simulate(cfg: &Path, data: &Path, out: &Path) {
 
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// The run simulated in `dir/sim`, then deployed in `dir/srv`: one server and three client
+/// processes over gRPC + TLS, each finished within its limit.
+fn simulate_then_deploy(cfg: &Path, data: &Path, dir: &Path) {
+    simulate(cfg, data, &dir.join("sim"));
+    let mut srv = server(cfg, data, &dir.join("srv"), false);
+    let mut clients: Vec<Proc> = ["c0", "c1", "c2"].iter().map(|id| client(cfg, data, id, false)).collect();
+    srv.finish(LIMIT);
+    for c in &mut clients {
+        c.finish(Duration::from_secs(60));
+    }
+}
+
 #[test]
 fn grpc_deployment_equals_the_in_memory_simulation() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
     let dir = tempdir("equal");
     let cfg = write_config(&dir, 2, 120.0, free_port());
-    simulate(&cfg, &data, &dir.join("sim"));
-    let mut srv = server(&cfg, &data, &dir.join("srv"), false);
-    let mut clients: Vec<Proc> = ["c0", "c1", "c2"].iter().map(|id| client(&cfg, &data, id, false)).collect();
-    srv.finish(LIMIT);
-    for c in &mut clients {
-        c.finish(Duration::from_secs(60));
-    }
+    simulate_then_deploy(&cfg, &data, &dir);
     for round in 1..=2 {
         let (a, b) = (round_event(&dir.join("sim"), round).unwrap(), round_event(&dir.join("srv"), round).unwrap());
         assert_eq!(a["ok"], 3, "round {round}: {a}");
@@ -208,14 +214,8 @@ fn heterogeneous_grpc_deployment_equals_the_simulation() {
     let data = data.parent().unwrap().to_path_buf();
     let dir = tempdir("hetero");
     let cfg = write_hetero_config(&dir, 2, free_port());
-    simulate(&cfg, &data, &dir.join("sim"));
     // The server process finds the maps the simulation fitted in the shared cache.
-    let mut srv = server(&cfg, &data, &dir.join("srv"), false);
-    let mut clients: Vec<Proc> = ["c0", "c1", "c2"].iter().map(|id| client(&cfg, &data, id, false)).collect();
-    srv.finish(LIMIT);
-    for c in &mut clients {
-        c.finish(Duration::from_secs(60));
-    }
+    simulate_then_deploy(&cfg, &data, &dir);
     for round in 1..=2 {
         let (a, b) = (round_event(&dir.join("sim"), round).unwrap(), round_event(&dir.join("srv"), round).unwrap());
         assert_eq!(a["ok"], 3, "round {round}: {a}");
