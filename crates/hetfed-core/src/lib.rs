@@ -208,6 +208,15 @@ impl safetensors::View for TensorBytes {
     }
 }
 
+/// A derived seed for `(seed, x)`: the SplitMix64 finaliser of `seed ^ x·φ`. Every
+/// deterministic per-round, per-client or per-parameter seed in hetfed comes from it.
+pub fn mix_seed(seed: u64, x: u64) -> u64 {
+    let mut z = seed ^ x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Hex SHA-256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let mut h = Sha256::new();

@@ -178,16 +178,28 @@ impl TransferConfig {
 
 /// A small base model clients train from, with its maps into the server model.
 pub struct SmallBase {
-    pub checkpoint: Arc<Checkpoint>,
+    /// Architecture, config and source of the model (its weights live in `weights`).
+    pub checkpoint: Checkpoint,
+    /// Shared with every registered client of this base (updates are validated against it).
+    pub weights: Arc<TensorMap>,
     pub identity: ModelIdentity,
     pub maps: PairMaps,
+}
+
+impl SmallBase {
+    pub fn new(mut small: Checkpoint, maps: PairMaps) -> Result<Self> {
+        let identity = small.identity()?;
+        let weights = Arc::new(std::mem::take(&mut small.weights));
+        Ok(Self { checkpoint: small, weights, identity, maps })
+    }
 }
 
 /// The heterogeneous strategy (see the module docs).
 pub struct Hetero {
     base: Base,
     cfg: TransferConfig,
-    large: Arc<Checkpoint>,
+    /// The server model's architecture, config and source (its weights are the global model).
+    large: Checkpoint,
     smalls: BTreeMap<String, SmallBase>,
     stats: BTreeMap<String, DataStats>,
     fisher: Option<TensorMap>,
@@ -199,7 +211,7 @@ pub struct Hetero {
 impl Hetero {
     /// `smalls`: every small base clients may use, with fitted maps; `fisher`: the server model's
     /// diagonal Fisher (needed for [`Continual::Fisher`]).
-    pub fn new(cfg: TransferConfig, sampling: Sampling, client: FitConfig, seed: u64, large: Arc<Checkpoint>, smalls: Vec<SmallBase>, fisher: Option<TensorMap>) -> Result<Self> {
+    pub fn new(cfg: TransferConfig, sampling: Sampling, client: FitConfig, seed: u64, large: &Checkpoint, smalls: Vec<SmallBase>, fisher: Option<TensorMap>) -> Result<Self> {
         if cfg.continual == Continual::Fisher && fisher.is_none() {
             return Err(Error::msg("transfer.continual = \"fisher\" needs the server model's Fisher information, found none"));
         }
@@ -207,7 +219,7 @@ impl Hetero {
         Ok(Self {
             base: Base { sampling, client, seed },
             cfg,
-            large,
+            large: Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() },
             smalls: smalls.into_iter().map(|s| (s.identity.weights_hash.clone(), s)).collect(),
             stats: BTreeMap::new(),
             fisher,
@@ -234,12 +246,12 @@ impl Hetero {
     }
 
     /// The combined change of the server model (before continual protection, LARS and eta).
-    fn projected_change(&self, results: &[FitResult], alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
+    fn projected_change(&self, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
         let mut projected = Vec::with_capacity(results.len());
         let mut norms = BTreeMap::new();
         for r in results {
-            let sb = self.small_of(r)?;
-            let tv = TaskVector { base: sb.identity.clone(), kind: Delta::Full(r.delta.clone()) };
+            let sb = self.small_of(&r)?;
+            let tv = TaskVector { base: sb.identity.clone(), kind: Delta::Full(r.delta) };
             let (p, rep) = sb.maps.project(&tv)?;
             let (n_in, n_out): (f64, f64) = rep.modules.iter().fold((0.0, 0.0), |(a, b), m| (a + m.norm_in * m.norm_in, b + m.norm_out * m.norm_out));
             norms.insert(r.client_id.clone(), json!({"norm_small": n_in.sqrt(), "norm_projected": n_out.sqrt(), "dropped": rep.dropped.len(), "project_s": rep.seconds}));
@@ -247,7 +259,7 @@ impl Hetero {
             if self.cfg.combine == Combine::Dare {
                 d = hetfed_merge::dare(&d, self.cfg.dare_drop, crate::strategy::mix(self.base.seed, projected.len() as u64))?;
             }
-            projected.push((r.client_id.clone(), d));
+            projected.push((r.client_id, d));
         }
         details["projection"] = json!(norms);
         let weighted: Vec<(f64, &TensorMap)> = projected.iter().map(|(id, d)| (alphas[id], d)).collect();
@@ -266,7 +278,7 @@ impl Hetero {
         let mut teachers = Vec::with_capacity(results.len());
         for r in results {
             let sb = self.small_of(r)?;
-            let mut w = sb.checkpoint.weights.clone();
+            let mut w = (*sb.weights).clone();
             apply_delta(&mut w, &r.delta, 1.0)?;
             teachers.push((sb.checkpoint.arch.build(&w, &sb.checkpoint.source(), None)?, alphas[&r.client_id]));
         }
@@ -305,7 +317,7 @@ impl Strategy for Hetero {
 
     fn client_base(&self, info: &ClientInfo) -> std::result::Result<Option<(ModelIdentity, Arc<TensorMap>)>, String> {
         match self.smalls.get(&info.base_hash) {
-            Some(sb) => Ok(Some((sb.identity.clone(), Arc::new(sb.checkpoint.weights.clone())))),
+            Some(sb) => Ok(Some((sb.identity.clone(), sb.weights.clone()))),
             None => Err(format!(
                 "expected a client base model the server has projection maps for ({}), found base {}",
                 self.smalls.values().map(|s| format!("{} = {}", s.checkpoint.source(), short(&s.identity.weights_hash))).collect::<Vec<_>>().join(", "),
@@ -326,7 +338,7 @@ impl Strategy for Hetero {
         let alphas: BTreeMap<String, f64> = parts.iter().map(|(k, p)| (k.clone(), p.alpha)).collect();
         let mut details = json!({"alpha": parts});
         let mut change = match self.cfg.aggregation {
-            Aggregation::Projection => self.projected_change(&results, &alphas, &mut details)?,
+            Aggregation::Projection => self.projected_change(results, &alphas, &mut details)?,
             Aggregation::Distillation => self.distilled_change(round, global, &results, &alphas, &mut details)?,
         };
         match self.cfg.continual {

@@ -185,17 +185,17 @@ pub fn small_bases(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
             maps.summary.mean_explained_variance,
             maps.summary.seconds
         );
-        out.push(SmallBase { checkpoint: Arc::new(small), identity, maps });
+        out.push(SmallBase::new(small, maps)?);
     }
     Ok(out)
 }
 
-fn build_hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Hetero> {
+/// The heterogeneous strategy of a run: its small bases with their maps, and the server model's
+/// Fisher information when `transfer.continual = "fisher"`.
+pub fn build_hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Hetero> {
     let smalls = small_bases(cfg, t, dir, large)?;
     let fisher = if t.continual == Continual::Fisher { Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?) } else { None };
-    // The strategy needs the server model's architecture only (its weights are the global model).
-    let large = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: Default::default(), tokenizer: None, config_json: large.config_json.clone() };
-    Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, Arc::new(large), smalls, fisher)
+    Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, large, smalls, fisher)
 }
 
 /// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs

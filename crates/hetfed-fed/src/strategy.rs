@@ -138,10 +138,7 @@ pub fn sample_clients(available: &[ClientInfo], s: Sampling, seed: u64, round: u
 
 /// A seed for `(seed, round)` (SplitMix64 finaliser), also used for per-client training seeds.
 pub fn mix(seed: u64, x: u64) -> u64 {
-    let mut z = seed ^ x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    hetfed_core::mix_seed(seed, x)
 }
 
 /// The per-client, per-round training seed.

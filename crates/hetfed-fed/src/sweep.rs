@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{train_round, ClientData};
 use crate::config::RunConfig;
-use crate::hetero::{fisher_diagonal, Continual, Hetero, TransferConfig};
+use crate::hetero::TransferConfig;
 use crate::server::{evaluate_weights, ServerEval};
-use crate::sim::{calibration_sequences, client_data, eval_options, server_eval, small_bases};
+use crate::sim::{build_hetero, client_data, eval_options, server_eval};
 use crate::strategy::{apply_delta, FitConfig, FitResult, Strategy, StrategyConfig};
 
 /// What a sweep row computes.
@@ -306,11 +306,8 @@ fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: 
 }
 
 fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint, infos: &[ClientInfo], updates: &[Vec<(String, Update)>], ev: &ServerEval) -> Result<Cell> {
-    let smalls = small_bases(cfg, t, dir, large)?;
-    let base_hash = smalls.first().map(|s| s.identity.weights_hash.clone()).unwrap_or_default();
-    let fisher = if t.continual == Continual::Fisher { Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?) } else { None };
-    let large_arc = std::sync::Arc::new(Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() });
-    let mut strategy = Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, large_arc, smalls, fisher)?;
+    let mut strategy = build_hetero(cfg, t, dir, large)?;
+    let base_hash: BTreeMap<&str, &str> = infos.iter().map(|i| (i.client_id.as_str(), i.base_hash.as_str())).collect();
     let mut global = large.weights.clone();
     let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
     for (r, ups) in updates.iter().enumerate() {
@@ -321,7 +318,7 @@ fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint
             .map(|(cid, u)| {
                 bytes += u.bytes;
                 n_client_rounds += 1;
-                Ok(FitResult { client_id: cid.clone(), base_hash: base_hash.clone(), n_examples: u.n_examples, metrics: u.metrics.clone(), delta: u.delta.clone() })
+                Ok(FitResult { client_id: cid.clone(), base_hash: base_hash.get(cid.as_str()).copied().unwrap_or_default().to_string(), n_examples: u.n_examples, metrics: u.metrics.clone(), delta: u.delta.clone() })
             })
             .collect();
         let t0 = Instant::now();

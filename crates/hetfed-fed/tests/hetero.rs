@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
@@ -35,12 +34,11 @@ fn calib() -> Vec<Vec<u32>> {
 fn small_base(small: &Checkpoint, large: &Checkpoint) -> SmallBase {
     let maps = PairMaps::fit(small, large, &calib(), "test", &MapConfig::default()).unwrap();
     let ck = Checkpoint { dir: small.dir.clone(), arch: small.arch.clone(), weights: small.weights.clone(), tokenizer: None, config_json: small.config_json.clone() };
-    SmallBase { checkpoint: Arc::new(ck), identity: small.identity().unwrap(), maps }
+    SmallBase::new(ck, maps).unwrap()
 }
 
 fn strategy(small: &Checkpoint, large: &Checkpoint, t: TransferConfig) -> Hetero {
-    let lc = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() };
-    Hetero::new(t, Sampling::default(), FitConfig::default(), 0, Arc::new(lc), vec![small_base(small, large)], None).unwrap()
+    Hetero::new(t, Sampling::default(), FitConfig::default(), 0, large, vec![small_base(small, large)], None).unwrap()
 }
 
 fn transfer() -> TransferConfig {
@@ -194,8 +192,7 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
 #[test]
 fn clients_of_two_widths_aggregate_into_one_server_model() {
     let (s8, s12, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(12, 2, 3), 3), model(&cfg(16, 2, 4), 2));
-    let lc = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() };
-    let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, Arc::new(lc), vec![small_base(&s8, &large), small_base(&s12, &large)], None).unwrap();
+    let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large, vec![small_base(&s8, &large), small_base(&s12, &large)], None).unwrap();
     let info = s.run_info();
     assert_eq!(info["maps"].as_array().unwrap().len(), 2);
     let (h8, h12) = (s8.identity().unwrap().weights_hash, s12.identity().unwrap().weights_hash);

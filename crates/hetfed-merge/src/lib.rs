@@ -93,12 +93,9 @@ pub(crate) fn check_finite(name: &str, t: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// SplitMix64 finaliser of `seed ^ x·φ` (as `hetfed-fed`'s `mix`).
+/// SplitMix64 finaliser of `seed ^ x·φ` (`hetfed_core::mix_seed`).
 pub(crate) fn mix(seed: u64, x: u64) -> u64 {
-    let mut z = seed ^ x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    hetfed_core::mix_seed(seed, x)
 }
 
 /// FNV-1a 64 of a string: a stable (across platforms and releases) hash of a parameter name.

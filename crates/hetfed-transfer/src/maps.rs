@@ -170,12 +170,6 @@ fn bloom_cfg(ck: &Checkpoint) -> Result<&hetfed_model::bloom::Config> {
     }
 }
 
-fn mix(seed: u64, x: u64) -> u64 {
-    let mut z = seed ^ x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Centred fit and held-out halves of one space on both sides.
 struct Paired {
@@ -276,7 +270,7 @@ impl PairMaps {
                 let mut maps = BTreeMap::new();
                 for space in Space::ALL.into_iter().filter(|s| !matches!(s, Space::ResidIn | Space::MlpPre)) {
                     let p = paired(space)?;
-                    let map = fit_one(cfg.method, &p, cfg.ridge, mix(cfg.seed, (j * 16 + space as usize) as u64))?;
+                    let map = fit_one(cfg.method, &p, cfg.ridge, hetfed_core::mix_seed(cfg.seed, (j * 16 + space as usize) as u64))?;
                     r2s.insert(space.name().to_string(), r2(&map, &p)?);
                     maps.insert(space, map);
                 }
@@ -294,7 +288,7 @@ impl PairMaps {
             let el = &large.weights["transformer.word_embeddings.weight"];
             fit_procrustes(es, el, Centring::None)?.0
         } else {
-            fit_one(cfg.method, &p0, cfg.ridge, mix(cfg.seed, u64::MAX))?
+            fit_one(cfg.method, &p0, cfg.ridge, hetfed_core::mix_seed(cfg.seed, u64::MAX))?
         };
         let embed_explained_variance = r2(&embed, &p0)?;
         let all: Vec<f64> = fits.iter().flat_map(|f| f.explained_variance.values().copied()).filter(|v| v.is_finite()).collect();

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_project::{concat_rows_interleaved, matrix_to_tensor, project_full, project_lora, project_vector, split_rows_interleaved};
+use hetfed_project::{concat_rows_interleaved, matrix_to_tensor, project_full, project_lora, project_vector, split_rows_interleaved, Map};
 use hetfed_taskvec::{Delta, TaskVector};
 use serde::Serialize;
 
@@ -39,6 +39,15 @@ fn parse_module(name: &str) -> Option<(usize, &str)> {
     let (i, module) = rest.split_once('.')?;
     let i: usize = i.parse().ok()?;
     MODULES.contains(&module).then_some((i, module))
+}
+
+/// `transformer.h.{i}.{module}.weight|bias` → `(i, module, is_weight)` for the projected modules.
+fn parse_param(name: &str) -> Option<(usize, &str, bool)> {
+    let (m, is_weight) = match name.strip_suffix(".weight") {
+        Some(m) => (m, true),
+        None => (name.strip_suffix(".bias")?, false),
+    };
+    parse_module(m).map(|(i, module)| (i, module, is_weight))
 }
 
 fn norm(t: &Tensor) -> Result<f64> {
@@ -96,12 +105,7 @@ impl PairMaps {
                         out.insert(name.clone(), p);
                         continue;
                     }
-                    let parsed = name
-                        .strip_suffix(".weight")
-                        .map(|m| (m, true))
-                        .or_else(|| name.strip_suffix(".bias").map(|m| (m, false)))
-                        .and_then(|(m, w)| parse_module(m).map(|(i, module)| (i, module, w)));
-                    let Some((i, module, is_weight)) = parsed else {
+                    let Some((i, module, is_weight)) = parse_param(name) else {
                         if name.contains("layernorm") || name.starts_with("transformer.ln_f") {
                             report.dropped.push((name.clone(), norm(d)?));
                             continue;
@@ -109,7 +113,7 @@ impl PairMaps {
                         return Err(Error::msg(format!("expected parameters of a BLOOM model, found `{name}` in the update")));
                     };
                     for j in self.targets_of(i) {
-                        let p = if is_weight { self.project_dense(j, module, d)? } else { self.project_bias(j, module, d)? };
+                        let p = self.project_dense(j, module, d, is_weight)?;
                         let large = format!("transformer.h.{j}.{module}.{}", if is_weight { "weight" } else { "bias" });
                         report.modules.push(ProjectedModule { name: large.clone(), from: name.clone(), norm_in: norm(d)?, norm_out: norm(&p)? });
                         out.insert(large, p);
@@ -140,24 +144,22 @@ impl PairMaps {
         Ok((concat_rows_interleaved(&bs, self.n_head_large)?, a2))
     }
 
-    fn project_dense(&self, j: usize, module: &str, d: &Tensor) -> Result<Tensor> {
-        let mm = self.maps(j, module);
+    /// `f(part, T_out of the part)` for a module's output rows: the whole tensor for one output
+    /// map, or Q, K and V separately (BLOOM's per-head interleaved rows, split with `heads_in`
+    /// heads and joined with `heads_out`) for the fused attention projection.
+    fn per_part(d: &Tensor, mm: &ModuleMaps, heads_in: usize, heads_out: usize, f: impl Fn(&Tensor, &Map) -> Result<Tensor>) -> Result<Tensor> {
         if mm.out.len() == 1 {
-            return project_full(d, &mm.out[0], &mm.input);
+            return f(d, &mm.out[0]);
         }
-        let parts = split_rows_interleaved(d, self.n_head_small, 3)?;
-        let ps = parts.iter().zip(&mm.out).map(|(p, t)| project_full(p, t, &mm.input)).collect::<Result<Vec<_>>>()?;
-        concat_rows_interleaved(&ps, self.n_head_large)
+        let parts = split_rows_interleaved(d, heads_in, mm.out.len())?;
+        let ps = parts.iter().zip(&mm.out).map(|(p, t)| f(p, t)).collect::<Result<Vec<_>>>()?;
+        concat_rows_interleaved(&ps, heads_out)
     }
 
-    fn project_bias(&self, j: usize, module: &str, d: &Tensor) -> Result<Tensor> {
+    /// A dense weight (`T_out·dW·T_in^T`) or bias (`T_out·db`) update of large layer `j`.
+    fn project_dense(&self, j: usize, module: &str, d: &Tensor, is_weight: bool) -> Result<Tensor> {
         let mm = self.maps(j, module);
-        if mm.out.len() == 1 {
-            return project_vector(d, &mm.out[0]);
-        }
-        let parts = split_rows_interleaved(d, self.n_head_small, 3)?;
-        let ps = parts.iter().zip(&mm.out).map(|(p, t)| project_vector(p, t)).collect::<Result<Vec<_>>>()?;
-        concat_rows_interleaved(&ps, self.n_head_large)
+        Self::per_part(d, mm, self.n_head_small, self.n_head_large, |p, t| if is_weight { project_full(p, t, &mm.input) } else { project_vector(p, t) })
     }
 
     /// The reverse direction, for personalisation: a task vector of the *large* model moved into
@@ -184,33 +186,21 @@ impl PairMaps {
                 acc.insert(name, (p, 1));
                 continue;
             }
-            let parsed = name
-                .strip_suffix(".weight")
-                .map(|m| (m, true))
-                .or_else(|| name.strip_suffix(".bias").map(|m| (m, false)))
-                .and_then(|(m, w)| parse_module(m).map(|(j, module)| (j, module, w)));
-            let Some((j, module, is_weight)) = parsed else {
+            let Some((j, module, is_weight)) = parse_param(&name) else {
                 report.dropped.push((name.clone(), norm(&d)?));
                 continue;
             };
             let i = *self.pairing.get(j).ok_or_else(|| Error::msg(format!("`{name}`: the large model has {} layers", self.pairing.len())))?;
             let mm = self.maps(j, module);
-            let back = |part: &Tensor, out: &hetfed_project::Map| -> Result<Tensor> {
+            // The transposed maps: T_out^T·dW·T_in (weights), T_out^T·db (biases).
+            let p = Self::per_part(&d, mm, self.n_head_large, self.n_head_small, |part, out| {
                 let to_t = matrix_to_tensor(&out.matrix().transpose(), part.device())?;
                 if is_weight {
-                    let ti = mm.input.to_tensor(part.device())?;
-                    Ok(to_t.matmul(part)?.matmul(&ti)?)
+                    Ok(to_t.matmul(part)?.matmul(&mm.input.to_tensor(part.device())?)?)
                 } else {
                     Ok(to_t.matmul(&part.unsqueeze(1)?)?.squeeze(1)?)
                 }
-            };
-            let p = if mm.out.len() == 1 {
-                back(&d, &mm.out[0])?
-            } else {
-                let parts = split_rows_interleaved(&d, self.n_head_large, 3)?;
-                let ps = parts.iter().zip(&mm.out).map(|(p, t)| back(p, t)).collect::<Result<Vec<_>>>()?;
-                concat_rows_interleaved(&ps, self.n_head_small)?
-            };
+            })?;
             let small = format!("transformer.h.{i}.{module}.{}", if is_weight { "weight" } else { "bias" });
             report.modules.push(ProjectedModule { name: small.clone(), from: name.clone(), norm_in: norm(&d)?, norm_out: norm(&p)? });
             let next = match acc.remove(&small) {
