@@ -95,6 +95,22 @@ enum Command {
 /// the kernel zero fresh pages each time (20% of a step in `perf`).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// The error and its causes joined with ": " (as `{:#}`), leaving out a cause whose text the
+/// message already holds (`hetfed_core::Error::Io` prints its source itself).
+fn causes(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 /// An error as one line: multi-line messages (TOML parse errors point at the line and column on
 /// separate lines) are joined, and any backtrace a dependency attached is dropped.
 fn one_line(msg: &str) -> String {
@@ -145,7 +161,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            eprintln!("error: {}", one_line(&causes(&e)));
             ExitCode::from(2)
         }
     }

@@ -111,7 +111,13 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         return Ok(());
     }
     let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
-    let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, |line| println!("{line}"))?;
+    let (sweep, _) = hetfed_fed::sweep::SweepConfig::from_file(&a.config)?;
+    let pb = crate::commands::progress_bar((sweep.rows.len() * sweep.seeds.len()) as u64, "sweep");
+    let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, |line| {
+        pb.println(line);
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
     let table = hetfed_fed::sweep::render_table(&results);
     let path = a.out.join("table.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;

@@ -575,3 +575,12 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
     assert!(line.contains("expected an update of the small model"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_missing_file_is_named_once_with_its_cause_once() {
+    let line = fails(&["simulate", "--config", "no-such-run.toml"]);
+    assert!(line.contains("no-such-run.toml"), "{line}");
+    assert_eq!(line.matches("os error").count(), 1, "{line}");
+    let line = fails(&["sweep", "--config", "no-such-sweep.toml"]);
+    assert_eq!(line.matches("os error").count(), 1, "{line}");
+}
