@@ -15,7 +15,7 @@
 //! | COPA (+ Balanced-COPA mirrors) | `copa/` | original id ≤ 400, `% 5 != 0` | original id ≤ 400, `% 5 == 0` | original id > 400 |
 //! | XCOPA | `xcopa/<lang>/` | — | `val.<lang>.jsonl` | `test.<lang>.jsonl` |
 //! | FLORES-200 | `flores200/` | — | `dev/` | `devtest/` |
-//! | TICO-19 | `tico19/en-<lang>/` | — | sentences 0..1297 | sentences 1297.. |
+//! | TICO-19 | `tico19/en-<lang>/` | sentences 0..1297, `hash_mod(id, 5) != 0` | sentences 0..1297, `hash_mod(id, 5) == 0` | sentences 1297.. |
 //! | IN22 | `in22/IN22_testset/{gen,conv}/` | — | — | `test.<code>` |
 //! | XL-Sum | `xlsum/` | `<lang>_train` | `<lang>_val` | `<lang>_test` |
 //! | ILSUM Hindi (extract) | `ilsum_hindi_extract/` | hash rule on val file | hash rule on val file | test file |

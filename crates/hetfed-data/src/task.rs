@@ -207,6 +207,10 @@ pub struct GenerationItem {
     pub id: String,
     pub prompt: String,
     pub references: Vec<String>,
+    /// The first reference rendered by the task's target template, exactly as fine-tuning sees
+    /// it (what target NLL scores after the prompt).
+    #[serde(default)]
+    pub target: String,
 }
 
 /// A language-modelling item: score `text` after `prompt` (usually empty).
@@ -283,6 +287,42 @@ fn known_fields(kind: TaskKind, n_choices: usize) -> Vec<String> {
 const ANSWER_FIELDS: &[&str] = &["tgt", "summary"];
 
 impl TaskSpec {
+    /// The start of the prompt template that every example shares: the template up to its
+    /// first example-dependent field, with the task-level fields filled in (a translation's
+    /// language names and codes). `Article: {document}...` gives `Article:`; `Translate
+    /// {src_name} to {tgt_name}.\n{src_name}: {src}...` gives `Translate English to
+    /// Hindi.\nEnglish:`; a template that starts with an example's field gives `""`. The server
+    /// defines its tasks, so it may sample text after this prefix without any client data.
+    pub fn prompt_prefix(&self) -> String {
+        let langs = match &self.dataset {
+            DatasetSpec::Flores { src, tgt } | DatasetSpec::Tico { src, tgt } | DatasetSpec::In22 { src, tgt, .. } => Some((src.clone(), tgt.clone())),
+            _ => None,
+        };
+        let fixed = |k: &str| -> Option<String> {
+            let (src, tgt) = langs.as_ref()?;
+            Some(match k {
+                "src_name" => crate::lang::english_name(src),
+                "tgt_name" => crate::lang::english_name(tgt),
+                "src_lang" => src.clone(),
+                "tgt_lang" => tgt.clone(),
+                _ => return None,
+            })
+        };
+        let mut out = String::new();
+        let mut rest = self.prompt.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else { break };
+            match fixed(&rest[open + 1..open + close]) {
+                Some(v) => out.push_str(&v),
+                None => return out.trim_end().to_string(),
+            }
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        out.trim_end().to_string()
+    }
+
     /// Checks that the spec is coherent: kind fits the dataset, templates use known fields, the
     /// candidates fit the dataset's classes or alternatives, limits are positive.
     pub fn validate(&self) -> Result<()> {
@@ -402,10 +442,12 @@ impl TaskSpec {
             (TaskKind::Translation, Examples::Translation(v)) => Items::Generation(
                 v.iter()
                     .map(|e| {
+                        let look = |k: &str| translation_field(e, k);
                         Ok(GenerationItem {
                             id: e.id.clone(),
-                            prompt: r.prompt(&|k| translation_field(e, k))?,
+                            prompt: r.prompt(&look)?,
                             references: vec![e.tgt.trim().to_string()],
+                            target: r.target(&look)?,
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -413,10 +455,12 @@ impl TaskSpec {
             (TaskKind::Summarization, Examples::Summary(v)) => Items::Generation(
                 v.iter()
                     .map(|e| {
+                        let look = |k: &str| summary_field(e, k);
                         Ok(GenerationItem {
                             id: e.id.clone(),
-                            prompt: r.prompt(&|k| summary_field(e, k))?,
+                            prompt: r.prompt(&look)?,
                             references: e.references.clone(),
+                            target: r.target(&look)?,
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -737,6 +781,15 @@ fn lower_first(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prompt_prefix_is_the_shared_start_of_the_template() {
+        assert_eq!(builtin("bbc").unwrap().prompt_prefix(), "Article:");
+        assert_eq!(builtin("scitldr").unwrap().prompt_prefix(), "Abstract:");
+        assert_eq!(builtin("ethos").unwrap().prompt_prefix(), "Comment:");
+        assert_eq!(builtin("tico:en-hi").unwrap().prompt_prefix(), "Translate English to Hindi.\nEnglish:");
+        assert_eq!(builtin("copa").unwrap().prompt_prefix(), "");
+    }
+
     use super::*;
 
     #[test]

@@ -115,7 +115,7 @@ fn flores_release_layout_with_devtest() {
 }
 
 #[test]
-fn tico_upstream_files_are_cut_into_dev_and_test() {
+fn tico_upstream_files_are_cut_into_train_dev_and_test() {
     let t = TempDir::new("tico");
     let n = TICO_DEV_LINES + 3;
     let en: String = (0..n).map(|i| format!("en {i}\n")).collect();
@@ -125,9 +125,14 @@ fn tico_upstream_files_are_cut_into_dev_and_test() {
     t.write("tico19/en-hi/tico19-test.hi", hi);
     t.write("tico19/en-hi/tico19-test.en.info", info);
     let dir = t.data_dir();
+    let train = load_tico(&dir, "en", "hi", Split::Train).unwrap();
     let dev = load_tico(&dir, "en", "hi", Split::Dev).unwrap();
     let test = load_tico(&dir, "hi", "en", Split::Test).unwrap();
-    assert_eq!((dev.len(), test.len()), (TICO_DEV_LINES, 3));
+    assert_eq!((train.len() + dev.len(), test.len()), (TICO_DEV_LINES, 3));
+    // About a fifth of the first part is dev, chosen by sentence id, and the parts are disjoint.
+    assert!((200..320).contains(&dev.len()), "dev has {} sentences", dev.len());
+    assert!(dev.iter().all(|e| hetfed_data::datasets::tico_split(&e.id) == Split::Dev));
+    assert!(train.iter().all(|e| !dev.iter().any(|d| d.id == e.id)));
     assert_eq!((test[0].id.as_str(), test[0].src.as_str(), test[0].tgt.as_str()), ("DOC_12:1297", "hi 1297", "en 1297"));
     assert!(load_tico(&dir, "hi", "ta", Split::Dev).unwrap_err().to_string().contains("expected en-<lang> or <lang>-en"));
 }

@@ -16,6 +16,9 @@
 
 #![warn(missing_docs)]
 
+pub mod offset;
+pub use offset::OffsetLm;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -138,30 +141,37 @@ fn cerr(e: candle_core::Error) -> Error {
 /// (e.g. the eos/bos id) followed by `len - 1` tokens drawn at temperature 1 from the full
 /// distribution (no top-k/top-p, no stop at eos), deterministic under `seed`.
 pub fn sample_texts(model: &dyn CausalLm, start_token: u32, n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
-    if len < 2 {
-        return Err(Error::msg(format!("sampled sequences need at least 2 tokens (start + 1), found len {len}")));
-    }
-    if start_token as usize >= model.vocab_size() {
+    sample_after(model, &[start_token], n, len, seed)
+}
+
+/// `n` sequences of `len` tokens: `prefix` (e.g. the start token and a task's prompt prefix)
+/// followed by tokens drawn from `model` at temperature 1 (full distribution, no stop at eos),
+/// deterministic under `seed`.
+pub fn sample_after(model: &dyn CausalLm, prefix: &[u32], n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+    if prefix.is_empty() || len <= prefix.len() {
         return Err(Error::msg(format!(
-            "start token {start_token} is outside the model's vocabulary of {}",
-            model.vocab_size()
+            "sampled sequences need a prefix of at least one token and room for one more: found a prefix of {} tokens and len {len}",
+            prefix.len()
         )));
+    }
+    if let Some(&t) = prefix.iter().find(|&&t| t as usize >= model.vocab_size()) {
+        return Err(Error::msg(format!("prefix token {t} is outside the model's vocabulary of {}", model.vocab_size())));
     }
     let mut out = Vec::with_capacity(n);
     let mut chunk_idx = 0u64;
     while out.len() < n {
         let rows = (n - out.len()).min(SAMPLE_CHUNK);
         let cfg = SamplingConfig {
-            max_new_tokens: len - 1,
+            max_new_tokens: len - prefix.len(),
             temperature: 1.0,
             top_k: None,
             top_p: None,
             seed: seed.wrapping_add(chunk_idx.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
-        let prompts = vec![vec![start_token]; rows];
+        let prompts = vec![prefix.to_vec(); rows];
         for new in generate_batch(model, &prompts, &cfg, None).map_err(cerr)? {
             let mut s = Vec::with_capacity(len);
-            s.push(start_token);
+            s.extend_from_slice(prefix);
             s.extend(new);
             out.push(s);
         }

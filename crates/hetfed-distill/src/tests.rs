@@ -318,3 +318,87 @@ fn bad_inputs_are_errors() {
     // And the valid combination works.
     distill(&student, &t64, &seqs, &DistillConfig { steps: 1, ..cfg }, |_, _| {}).unwrap();
 }
+
+/// Log-softmax of one row, by hand in f64.
+fn log_softmax_row(x: &[f32]) -> Vec<f64> {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+#[test]
+fn offset_teacher_equals_a_hand_computation() {
+    let large = tiny(64, 1);
+    let base = tiny(64, 2);
+    let (t1, t2) = (perturbed(&base, 5, 0.3), perturbed(&base, 6, 0.3));
+    let (w1, w2) = (0.7, 1.3);
+    let lm = OffsetLm::new(
+        large.model(None).unwrap(),
+        vec![base.model(None).unwrap()],
+        vec![(0, t1.model(None).unwrap(), w1), (0, t2.model(None).unwrap(), w2)],
+    )
+    .unwrap();
+    assert_eq!(lm.n_layers(), 4 * 2);
+    let ids = Tensor::from_vec(vec![2u32, 7, 9, 11, 3], (1, 5), &Device::Cpu).unwrap();
+    let got = lm.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let rows = |ck: &Checkpoint| ck.model(None).unwrap().forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let (l, b, a1, a2) = (rows(&large), rows(&base), rows(&t1), rows(&t2));
+    for pos in 0..5 {
+        let (ll, lb, l1, l2) = (log_softmax_row(&l[pos]), log_softmax_row(&b[pos]), log_softmax_row(&a1[pos]), log_softmax_row(&a2[pos]));
+        let raw: Vec<f32> = (0..64).map(|v| (ll[v] + w1 * (l1[v] - lb[v]) + w2 * (l2[v] - lb[v])) as f32).collect();
+        let want = log_softmax_row(&raw);
+        for v in 0..64 {
+            assert!((got[pos][v] as f64 - want[v]).abs() < 1e-4, "position {pos}, token {v}: {} vs {}", got[pos][v], want[v]);
+        }
+        // A real offset: the teacher is not the large model.
+        assert!((0..64).any(|v| (want[v] - ll[v]).abs() > 1e-2));
+    }
+    // A zero weight gives the large model back.
+    let same = OffsetLm::new(large.model(None).unwrap(), vec![base.model(None).unwrap()], vec![(0, t1.model(None).unwrap(), 0.0)]).unwrap();
+    let s = same.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    for pos in 0..5 {
+        let ll = log_softmax_row(&l[pos]);
+        assert!((0..64).all(|v| (s[pos][v] as f64 - ll[v]).abs() < 1e-4));
+    }
+}
+
+#[test]
+fn offset_model_decodes_through_its_cache_like_a_full_forward() {
+    let large = tiny(64, 1);
+    let base = tiny(64, 2);
+    let lm = OffsetLm::new(large.model(None).unwrap(), vec![base.model(None).unwrap()], vec![(0, perturbed(&base, 5, 0.3).model(None).unwrap(), 1.0)]).unwrap();
+    let prompt = vec![2u32, 7, 9];
+    let cfg = hetfed_model::generate::SamplingConfig { max_new_tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0 };
+    let cached = hetfed_model::generate::generate(&lm, &prompt, &cfg, None).unwrap();
+    // Greedy decoding without a cache: argmax of a full forward each step.
+    let mut seq = prompt.clone();
+    for _ in 0..6 {
+        let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
+        let last = lm.forward(&ids, None).unwrap().squeeze(0).unwrap().get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+        let best = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
+        seq.push(best);
+    }
+    assert_eq!(cached, seq[3..].to_vec());
+}
+
+#[test]
+fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
+    let student = tiny(64, 1);
+    let base = tiny(64, 2);
+    let tuned = perturbed(&base, 5, 0.4);
+    let teacher = OffsetLm::new(student.model(None).unwrap(), vec![base.model(None).unwrap()], vec![(0, tuned.model(None).unwrap(), 1.0)]).unwrap();
+    let cfg = quick_cfg(8);
+    let seqs = sample_texts(&teacher, 2, cfg.n_prompts, cfg.seq_len, 3).unwrap();
+    let targets = ensemble_targets(&[(&teacher, 1.0)], &seqs, 1.0).unwrap();
+    let r = distill(&student, &targets, &seqs, &cfg, |_, _| {}).unwrap();
+    assert!(r.kl_before > 1e-2, "the offset changes the distribution: KL {}", r.kl_before);
+    assert!(r.kl_after < 0.5 * r.kl_before, "KL {} -> {}", r.kl_before, r.kl_after);
+}
+
+#[test]
+fn offset_model_refuses_another_vocabulary() {
+    let large = tiny(64, 1);
+    let other = tiny(48, 2);
+    let e = OffsetLm::new(large.model(None).unwrap(), vec![other.model(None).unwrap()], vec![]).err().unwrap().to_string();
+    assert!(e.contains("64") && e.contains("48"), "{e}");
+}

@@ -135,6 +135,7 @@ pub fn client_info(opts: &ClientOptions) -> Result<ClientInfo> {
         base_hash: id.weights_hash,
         capabilities: vec!["lora".into(), "full".into(), "f16".into(), "int8".into()],
         stats: opts.data.stats.clone(),
+        tokenizer_hash: opts.base.tokenizer_hash().unwrap_or_default(),
     })
 }
 

@@ -18,6 +18,19 @@
 //! model from its base and task vector, samples text from its own model, and trains its model
 //! (LoRA) on the alpha-weighted ensemble's next-token distributions; steps 4–6 apply to the
 //! resulting change.
+//!
+//! Logit offsets (proxy-tuning; `hetfed_distill::offset`) carry the clients' fine-tuning at the
+//! level of outputs: the teacher is
+//! `log_softmax(log p_L0 + Σ_i w_i·(log p_{S_i+τ_i} − log p_{S_i}))`, `L0` the server's starting
+//! model, `w_i = λ·alpha_i / Σ alpha` (normalised over the clients of the same task by default:
+//! specialists on different tasks add up, clients of one task average). With
+//! `aggregation = "offset_serving"` the server evaluates that teacher as it is (no weight
+//! changes: the upper reference); with `"offset_distillation"` it distils the teacher into its
+//! own model each round (LoRA, token-level KL over the vocabulary) on server-owned sequences:
+//! its general text, sequences sampled from the teacher after each task's prompt prefix, or
+//! both; `offset.init = "projection"` starts the student from the projected update. Offsets need
+//! one tokenizer on both sides: its identity is checked when the strategy is built and at every
+//! client's registration.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,9 +39,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_distill::DistillConfig;
+use hetfed_distill::{DistillConfig, OffsetLm};
 use hetfed_merge::{compute_alphas, AlphaConfig, ClientSignals, OrthoMemory};
-use hetfed_model::{ops, Checkpoint, ModelIdentity};
+use hetfed_model::{ops, CausalLm, Checkpoint, ModelIdentity};
 use hetfed_net::{ClientInfo, DataStats};
 use hetfed_taskvec::{Delta, TaskVector};
 use hetfed_transfer::{MapConfig, PairMaps, MODULES};
@@ -42,7 +55,154 @@ use crate::strategy::{apply_delta, AggregateReport, Base, Failure, FitConfig, Fi
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     Projection,
+    /// Ensemble distillation of the tuned small models (FedDF-style).
     Distillation,
+    /// Evaluate the large model plus the clients' logit offsets (no weight change).
+    OffsetServing,
+    /// Distil the offset teacher into the large model's weights each round.
+    OffsetDistillation,
+}
+
+impl Aggregation {
+    pub fn strategy_name(self) -> &'static str {
+        match self {
+            Aggregation::Projection => "hetero_projection",
+            Aggregation::Distillation => "hetero_distillation",
+            Aggregation::OffsetServing => "hetero_offset_serving",
+            Aggregation::OffsetDistillation => "hetero_offset_distillation",
+        }
+    }
+
+    fn uses_offsets(self) -> bool {
+        matches!(self, Aggregation::OffsetServing | Aggregation::OffsetDistillation)
+    }
+}
+
+/// How a projected update's size is set per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectionScale {
+    /// As the maps give it (orthogonal maps keep the small model's norm).
+    None,
+    /// Per module, `‖ΔW_L‖/‖W_L‖ = ‖ΔW_S‖/‖W_S‖`: the update changes the large weights by the
+    /// same fraction as it changed the small ones.
+    RelativeNorm,
+}
+
+/// Which clients' weights are normalised together for the offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetNormalise {
+    /// Within each task: specialists on different tasks each add a full offset (task
+    /// arithmetic), clients of one task average.
+    Task,
+    /// Over all clients of the round (`Σ w_i = λ`).
+    All,
+}
+
+/// One offset per client, or per small base (its clients' task vectors averaged first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetPer {
+    Client,
+    Base,
+}
+
+/// The sequences offset distillation trains on (all server-owned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetSequences {
+    /// The server's general text (`mltext` English train lines).
+    General,
+    /// Sampled from the offset teacher after each round task's prompt prefix.
+    Sampled,
+    /// Both.
+    Mixed,
+}
+
+/// Which offsets teach which distillation sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetRouting {
+    /// Sequences sampled after task `t`'s prefix are taught by `L0` plus task `t`'s offsets;
+    /// general text by `L0` alone (it keeps what the server knew).
+    Task,
+    /// Every sequence by `L0` plus every offset (the plain proxy-tuning sum).
+    Sum,
+}
+
+/// Where the offset-distillation student starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetInit {
+    /// The current global model.
+    Global,
+    /// The global model plus the projected update (projection, then distillation).
+    Projection,
+}
+
+/// The `[transfer.offset]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffsetConfig {
+    /// λ, the scale of every offset.
+    pub lambda: f64,
+    pub normalise: OffsetNormalise,
+    pub per: OffsetPer,
+    pub sequences: OffsetSequences,
+    pub routing: OffsetRouting,
+    /// Sequences of general text (`general` and `mixed`).
+    pub general_sequences: usize,
+    /// Sequences sampled per task of the round (`sampled` and `mixed`).
+    pub sampled_per_task: usize,
+    /// Tokens per distillation sequence (start token and prefix included).
+    pub seq_len: usize,
+    pub init: OffsetInit,
+}
+
+impl Default for OffsetConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 1.0,
+            normalise: OffsetNormalise::Task,
+            per: OffsetPer::Client,
+            sequences: OffsetSequences::Sampled,
+            routing: OffsetRouting::Task,
+            general_sequences: 64,
+            sampled_per_task: 32,
+            seq_len: 64,
+            init: OffsetInit::Global,
+        }
+    }
+}
+
+impl OffsetConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.lambda.is_finite() && self.lambda > 0.0 && self.lambda <= 100.0) {
+            return Err(format!("transfer.offset.lambda: expected a number in (0, 100], found {}", self.lambda));
+        }
+        if !(4..=4096).contains(&self.seq_len) {
+            return Err(format!("transfer.offset.seq_len: expected 4..=4096 tokens, found {}", self.seq_len));
+        }
+        let need_general = matches!(self.sequences, OffsetSequences::General | OffsetSequences::Mixed);
+        let need_sampled = matches!(self.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed);
+        if need_general && !(1..=100_000).contains(&self.general_sequences) {
+            return Err(format!("transfer.offset.general_sequences: expected 1..=100000, found {}", self.general_sequences));
+        }
+        if need_sampled && !(1..=100_000).contains(&self.sampled_per_task) {
+            return Err(format!("transfer.offset.sampled_per_task: expected 1..=100000, found {}", self.sampled_per_task));
+        }
+        Ok(())
+    }
+}
+
+/// Text the server owns, for offset distillation: general sequences and each task's
+/// tokenised prompt prefix (start token first). Never client data.
+#[derive(Debug, Clone, Default)]
+pub struct ServerText {
+    pub general: Vec<Vec<u32>>,
+    /// Task name → prefix ids.
+    pub prefixes: BTreeMap<String, Vec<u32>>,
 }
 
 /// How several projected updates are combined.
@@ -94,6 +254,8 @@ pub struct TransferConfig {
     pub alpha: AlphaConfig,
     /// Server rate `eta` on the combined update.
     pub eta: f64,
+    /// Per-layer size of projected updates.
+    pub scale: ProjectionScale,
     /// LARS trust ratio `c` (`||dW|| <= c·||W||` per parameter); none = no cap.
     pub lars: Option<f64>,
     pub combine: Combine,
@@ -109,6 +271,7 @@ pub struct TransferConfig {
     /// server's starting model), so rounds refine one estimate instead of accumulating.
     pub anchor: bool,
     pub distill: DistillConfig,
+    pub offset: OffsetConfig,
 }
 
 impl Default for TransferConfig {
@@ -123,6 +286,7 @@ impl Default for TransferConfig {
             maps: MapConfig::default(),
             alpha: AlphaConfig::default(),
             eta: 1.0,
+            scale: ProjectionScale::None,
             lars: None,
             combine: Combine::Mean,
             ties_top_k: 0.2,
@@ -132,6 +296,7 @@ impl Default for TransferConfig {
             ortho_memory: 8,
             anchor: false,
             distill: DistillConfig::default(),
+            offset: OffsetConfig::default(),
         }
     }
 }
@@ -166,7 +331,8 @@ impl TransferConfig {
         }
         self.maps.validate()?;
         self.alpha.validate()?;
-        self.distill.validate()?;
+        self.distill.validate().map_err(|e| format!("transfer.distill: {e}"))?;
+        self.offset.validate()?;
         Ok(())
     }
 
@@ -183,15 +349,35 @@ pub struct SmallBase {
     /// Shared with every registered client of this base (updates are validated against it).
     pub weights: Arc<TensorMap>,
     pub identity: ModelIdentity,
+    /// `Checkpoint::tokenizer_hash` of the base ("" when it has no tokenizer).
+    pub tokenizer_hash: String,
     pub maps: PairMaps,
 }
 
 impl SmallBase {
     pub fn new(mut small: Checkpoint, maps: PairMaps) -> Result<Self> {
         let identity = small.identity()?;
+        let tokenizer_hash = if small.tokenizer.is_some() { small.tokenizer_hash()? } else { String::new() };
         let weights = Arc::new(std::mem::take(&mut small.weights));
-        Ok(Self { checkpoint: small, weights, identity, maps })
+        Ok(Self { checkpoint: small, weights, identity, tokenizer_hash, maps })
     }
+
+    /// The client's fine-tuned small model: this base plus its dense update.
+    fn tuned(&self, delta: &TensorMap) -> Result<Box<dyn CausalLm>> {
+        let mut w = (*self.weights).clone();
+        apply_delta(&mut w, delta, 1.0)?;
+        self.checkpoint.arch.build(&w, &self.checkpoint.source(), None)
+    }
+}
+
+/// One logit offset: a small base (by weights hash), the dense update that tunes it, its weight.
+#[derive(Debug, Clone)]
+struct Offset {
+    base_hash: String,
+    /// The task of the client it came from ("" for offsets merged per base).
+    task: String,
+    delta: TensorMap,
+    weight: f64,
 }
 
 /// The heterogeneous strategy (see the module docs).
@@ -204,16 +390,42 @@ pub struct Hetero {
     stats: BTreeMap<String, DataStats>,
     fisher: Option<TensorMap>,
     memory: OrthoMemory,
-    /// The server model before the first aggregation (`anchor = true`).
+    /// The server model before the first aggregation (`anchor = true`, and the `L0` of the
+    /// offset teacher).
     anchor: Option<TensorMap>,
+    /// The large model's tokenizer identity.
+    tokenizer_hash: String,
+    text: ServerText,
+    /// Offset serving: the last round's offsets.
+    serving: Vec<Offset>,
 }
 
 impl Hetero {
     /// `smalls`: every small base clients may use, with fitted maps; `fisher`: the server model's
     /// diagonal Fisher (needed for [`Continual::Fisher`]).
-    pub fn new(cfg: TransferConfig, sampling: Sampling, client: FitConfig, seed: u64, large: &Checkpoint, smalls: Vec<SmallBase>, fisher: Option<TensorMap>) -> Result<Self> {
+    /// `text`: the server's own sequences for offset distillation (may be empty otherwise).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(cfg: TransferConfig, sampling: Sampling, client: FitConfig, seed: u64, large: &Checkpoint, smalls: Vec<SmallBase>, fisher: Option<TensorMap>, text: ServerText) -> Result<Self> {
         if cfg.continual == Continual::Fisher && fisher.is_none() {
             return Err(Error::msg("transfer.continual = \"fisher\" needs the server model's Fisher information, found none"));
+        }
+        let tokenizer_hash = if large.tokenizer.is_some() { large.tokenizer_hash()? } else { String::new() };
+        if cfg.aggregation.uses_offsets() {
+            for s in &smalls {
+                if s.tokenizer_hash != tokenizer_hash {
+                    return Err(Error::msg(format!(
+                        "logit offsets need one tokenizer: the server model {} has tokenizer {}, the client base {} has {}",
+                        large.source(),
+                        short_or_none(&tokenizer_hash),
+                        s.checkpoint.source(),
+                        short_or_none(&s.tokenizer_hash)
+                    )));
+                }
+            }
+            let general = matches!(cfg.offset.sequences, OffsetSequences::General | OffsetSequences::Mixed);
+            if cfg.aggregation == Aggregation::OffsetDistillation && general && text.general.is_empty() {
+                return Err(Error::msg("transfer.offset.sequences needs the server's general text, found none"));
+            }
         }
         let memory = OrthoMemory::new(cfg.ortho_memory);
         Ok(Self {
@@ -225,6 +437,9 @@ impl Hetero {
             fisher,
             memory,
             anchor: None,
+            tokenizer_hash,
+            text,
+            serving: Vec::new(),
         })
     }
 
@@ -246,7 +461,7 @@ impl Hetero {
     }
 
     /// The combined change of the server model (before continual protection, LARS and eta).
-    fn projected_change(&self, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
+    fn projected_change(&self, round: u64, global: &TensorMap, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
         let mut projected = Vec::with_capacity(results.len());
         let mut norms = BTreeMap::new();
         for r in results {
@@ -254,10 +469,14 @@ impl Hetero {
             let tv = TaskVector { base: sb.identity.clone(), kind: Delta::Full(r.delta) };
             let (p, rep) = sb.maps.project(&tv)?;
             let (n_in, n_out): (f64, f64) = rep.modules.iter().fold((0.0, 0.0), |(a, b), m| (a + m.norm_in * m.norm_in, b + m.norm_out * m.norm_out));
-            norms.insert(r.client_id.clone(), json!({"norm_small": n_in.sqrt(), "norm_projected": n_out.sqrt(), "dropped": rep.dropped.len(), "project_s": rep.seconds}));
             let mut d = p.materialize()?;
+            let mut scaled_norm = n_out.sqrt();
+            if self.cfg.scale == ProjectionScale::RelativeNorm {
+                scaled_norm = relative_norm_scale(&mut d, &rep.modules, &sb.weights, global)?;
+            }
+            norms.insert(r.client_id.clone(), json!({"norm_small": n_in.sqrt(), "norm_projected": n_out.sqrt(), "norm_scaled": scaled_norm, "dropped": rep.dropped.len(), "project_s": rep.seconds}));
             if self.cfg.combine == Combine::Dare {
-                d = hetfed_merge::dare(&d, self.cfg.dare_drop, crate::strategy::mix(self.base.seed, projected.len() as u64))?;
+                d = hetfed_merge::dare(&d, self.cfg.dare_drop, crate::strategy::mix(crate::strategy::mix(self.base.seed, round), projected.len() as u64))?;
             }
             projected.push((r.client_id, d));
         }
@@ -296,16 +515,223 @@ impl Hetero {
     }
 }
 
+impl Hetero {
+    /// The round's offsets: per client (or per base), with weights `λ·alpha` normalised over
+    /// the clients of one task (or over all).
+    fn offsets(&self, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>) -> Result<Vec<Offset>> {
+        let oc = &self.cfg.offset;
+        let task_of = |id: &str| self.stats.get(id).and_then(|s| s.tasks.first().cloned()).unwrap_or_default();
+        let mut group_sum: BTreeMap<String, f64> = BTreeMap::new();
+        for r in &results {
+            let key = match oc.normalise {
+                OffsetNormalise::Task => task_of(&r.client_id),
+                OffsetNormalise::All => String::new(),
+            };
+            *group_sum.entry(key).or_default() += alphas[&r.client_id];
+        }
+        let mut out: Vec<Offset> = Vec::new();
+        for r in results {
+            self.small_of(&r)?;
+            let key = match oc.normalise {
+                OffsetNormalise::Task => task_of(&r.client_id),
+                OffsetNormalise::All => String::new(),
+            };
+            let total = group_sum[&key];
+            let w = if total > 0.0 { oc.lambda * alphas[&r.client_id] / total } else { 0.0 };
+            match oc.per {
+                OffsetPer::Client => out.push(Offset { task: task_of(&r.client_id), base_hash: r.base_hash, delta: r.delta, weight: w }),
+                OffsetPer::Base => match out.iter_mut().find(|o| o.base_hash == r.base_hash) {
+                    // Accumulate `Σ w_i·τ_i` per base; divided by `Σ w_i` below.
+                    Some(o) => {
+                        apply_delta(&mut o.delta, &r.delta, w)?;
+                        o.weight += w;
+                    }
+                    None => {
+                        let mut d = r.delta;
+                        for t in d.values_mut() {
+                            *t = (&*t * w)?;
+                        }
+                        out.push(Offset { base_hash: r.base_hash, task: String::new(), delta: d, weight: w });
+                    }
+                },
+            }
+        }
+        if oc.per == OffsetPer::Base {
+            // One offset per base: the weighted mean of its clients' updates, with weight λ
+            // (λ per task group when normalising per task: the groups' weights add up).
+            for o in &mut out {
+                if o.weight > 0.0 {
+                    for t in o.delta.values_mut() {
+                        *t = (&*t / o.weight)?;
+                    }
+                }
+                o.weight = if oc.normalise == OffsetNormalise::Task { o.weight } else { oc.lambda };
+            }
+        }
+        Ok(out)
+    }
+
+    /// `L0 + Σ w_i·offset_i` as one model.
+    fn offset_model(&self, large: &TensorMap, offsets: &[Offset]) -> Result<OffsetLm> {
+        let l = self.large.arch.build(large, &self.large.source(), None)?;
+        let mut base_ids: Vec<&str> = Vec::new();
+        let mut bases = Vec::new();
+        let mut tuned = Vec::new();
+        for o in offsets {
+            let sb = self.smalls.get(&o.base_hash).ok_or_else(|| Error::msg(format!("offset of base {}, for which the server has no model", short(&o.base_hash))))?;
+            let b = match base_ids.iter().position(|h| *h == o.base_hash) {
+                Some(b) => b,
+                None => {
+                    base_ids.push(&o.base_hash);
+                    bases.push(sb.checkpoint.arch.build(&sb.weights, &sb.checkpoint.source(), None)?);
+                    bases.len() - 1
+                }
+            };
+            tuned.push((b, sb.tuned(&o.delta)?, o.weight));
+        }
+        OffsetLm::new(l, bases, tuned)
+    }
+
+    /// Offset distillation: the change of the server model that distils the offset teacher
+    /// (plus, with `init = "projection"`, the projected update it starts from).
+    fn offset_distilled_change(&self, round: u64, global: &TensorMap, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
+        let oc = &self.cfg.offset;
+        let tasks: Vec<String> = {
+            let mut t: Vec<String> = results.iter().filter_map(|r| self.stats.get(&r.client_id).and_then(|s| s.tasks.first().cloned())).collect();
+            t.sort();
+            t.dedup();
+            t
+        };
+        // The student's start: the global model, or the global model plus the projected update.
+        let mut start = global.clone();
+        let mut change = TensorMap::new();
+        if oc.init == OffsetInit::Projection {
+            let for_projection: Vec<FitResult> = results.clone();
+            change = self.projected_change(round, global, for_projection, alphas, details)?;
+            if let Some(c) = self.cfg.lars {
+                hetfed_merge::trust_ratio(global, &mut change, c)?;
+            }
+            for t in change.values_mut() {
+                *t = (&*t * self.cfg.eta)?;
+            }
+            apply_delta(&mut start, &change, 1.0)?;
+        }
+        let offsets = self.offsets(results, alphas)?;
+        let l0 = self.anchor.as_ref().unwrap_or(global);
+        // Routing by task: a task's sequences are taught by the teacher with that task's
+        // offsets only, general text by L0 itself (replay of what the server knew). Summing
+        // every offset everywhere (`routing = "sum"`) lets one specialist's offset act on
+        // another's domain. Offsets merged per base have no task, so they always sum.
+        let routed = oc.routing == OffsetRouting::Task && oc.per == OffsetPer::Client;
+        let all = self.offset_model(l0, &offsets)?;
+        let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.base.seed, round);
+        let dc = &self.cfg.distill;
+        let mut seqs: Vec<Vec<u32>> = Vec::new();
+        let mut targets: Vec<Tensor> = Vec::new();
+        if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
+            let general: Vec<Vec<u32>> = self.text.general.iter().take(oc.general_sequences).map(|s| s[..s.len().min(oc.seq_len)].to_vec()).collect();
+            let plain;
+            let teacher: &dyn CausalLm = if routed {
+                plain = self.offset_model(l0, &[])?;
+                &plain
+            } else {
+                &all
+            };
+            let t = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &general, dc.temperature)?;
+            targets.extend(t);
+            seqs.extend(general);
+        }
+        let mut sampled = BTreeMap::new();
+        if matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed) {
+            let eos = self.large.arch.eos_token_id().unwrap_or(0);
+            for (k, task) in tasks.iter().enumerate() {
+                let prefix = self.text.prefixes.get(task).cloned().unwrap_or_else(|| vec![eos]);
+                let prefix = prefix[..prefix.len().min(oc.seq_len / 2).max(1)].to_vec();
+                let own;
+                let teacher: &dyn CausalLm = if routed {
+                    let mine: Vec<Offset> = offsets.iter().filter(|o| &o.task == task).cloned().collect();
+                    own = self.offset_model(l0, &mine)?;
+                    &own
+                } else {
+                    &all
+                };
+                let s = hetfed_distill::sample_after(teacher, &prefix, oc.sampled_per_task, oc.seq_len, crate::strategy::mix(seed, k as u64 + 1))?;
+                targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &s, dc.temperature)?);
+                sampled.insert(task.clone(), s.len());
+                seqs.extend(s);
+            }
+        }
+        drop(all);
+        if seqs.is_empty() {
+            return Err(Error::msg("offset distillation: expected server sequences (general text or task prefixes), found none"));
+        }
+        let student = Checkpoint { dir: self.large.dir.clone(), arch: self.large.arch.clone(), weights: start, tokenizer: None, config_json: self.large.config_json.clone() };
+        let cfg = DistillConfig { seed, ..dc.clone() };
+        let rep = hetfed_distill::distill(&student, &targets, &seqs, &cfg, |_, _| {})?;
+        let weights: BTreeMap<String, f64> = offsets.iter().enumerate().map(|(i, o)| (format!("{i}:{}", if o.task.is_empty() { short(&o.base_hash) } else { o.task.clone() }), o.weight)).collect();
+        details["offset"] = json!({
+            "n_offsets": offsets.len(), "weights": weights, "tasks": tasks, "routed": routed, "sampled": sampled, "sequences": seqs.len(),
+            "kl_before": rep.kl_before, "kl_after": rep.kl_after, "steps": rep.steps, "distill_s": rep.seconds,
+        });
+        // The whole change from the global model: the projected start (if any) plus the distilled delta.
+        change_with(&mut change, &rep.delta)?;
+        Ok(change)
+    }
+}
+
+/// Adds `delta` into `acc` (keys missing from `acc` are inserted) and returns `acc`.
+fn change_with(acc: &mut TensorMap, delta: &TensorMap) -> Result<()> {
+    for (k, d) in delta {
+        let next = match acc.get(k) {
+            Some(a) => (a + d)?,
+            None => d.clone(),
+        };
+        acc.insert(k.clone(), next);
+    }
+    Ok(())
+}
+
+/// Scales each projected module so that `‖ΔW_L‖/‖W_L‖ = ‖ΔW_S‖/‖W_S‖` (the small update's
+/// relative size, measured on its own base); returns the scaled update's norm.
+fn relative_norm_scale(d: &mut TensorMap, modules: &[hetfed_transfer::ProjectedModule], small: &TensorMap, large: &TensorMap) -> Result<f64> {
+    let norm = |t: &Tensor| -> Result<f64> { Ok(hetfed_core::sq_norm(t)?.sqrt()) };
+    let param = |n: &str| if n.ends_with(".weight") || n.ends_with(".bias") { n.to_string() } else { format!("{n}.weight") };
+    for m in modules {
+        let key = param(&m.name);
+        let (Some(wl), Some(ws), Some(dl)) = (large.get(&key), small.get(&param(&m.from)), d.get(&key)) else { continue };
+        if m.norm_out <= 0.0 {
+            continue;
+        }
+        let (nl, ns) = (norm(wl)?, norm(ws)?);
+        if ns <= 0.0 {
+            continue;
+        }
+        let factor = (m.norm_in / ns) * nl / m.norm_out;
+        let scaled = (dl * factor)?;
+        d.insert(key, scaled);
+    }
+    let mut sq = 0.0;
+    for t in d.values() {
+        sq += hetfed_core::sq_norm(t)?;
+    }
+    Ok(sq.sqrt())
+}
+
 fn short(h: &str) -> String {
     h.chars().take(12).collect()
 }
 
+fn short_or_none(h: &str) -> String {
+    if h.is_empty() {
+        "none (no tokenizer.json)".into()
+    } else {
+        short(h)
+    }
+}
+
 impl Strategy for Hetero {
     fn name(&self) -> &'static str {
-        match self.cfg.aggregation {
-            Aggregation::Projection => "hetero_projection",
-            Aggregation::Distillation => "hetero_distillation",
-        }
+        self.cfg.aggregation.strategy_name()
     }
 
     fn configure_fit(&mut self, round: u64, available: &[ClientInfo]) -> Vec<(String, FitConfig)> {
@@ -317,6 +743,12 @@ impl Strategy for Hetero {
 
     fn client_base(&self, info: &ClientInfo) -> std::result::Result<Option<(ModelIdentity, Arc<TensorMap>)>, String> {
         match self.smalls.get(&info.base_hash) {
+            Some(sb) if self.cfg.aggregation.uses_offsets() && info.tokenizer_hash != sb.tokenizer_hash => Err(format!(
+                "logit offsets need the server's tokenizer: expected tokenizer {} (of {}), found {}",
+                short_or_none(&sb.tokenizer_hash),
+                sb.checkpoint.source(),
+                if info.tokenizer_hash.is_empty() { "none (the client did not name its tokenizer)".to_string() } else { short(&info.tokenizer_hash) }
+            )),
             Some(sb) => Ok(Some((sb.identity.clone(), sb.weights.clone()))),
             None => Err(format!(
                 "expected a client base model the server has projection maps for ({}), found base {}",
@@ -337,9 +769,21 @@ impl Strategy for Hetero {
         let parts = compute_alphas(&self.cfg.alpha, &signals)?;
         let alphas: BTreeMap<String, f64> = parts.iter().map(|(k, p)| (k.clone(), p.alpha)).collect();
         let mut details = json!({"alpha": parts});
+        if self.cfg.aggregation.uses_offsets() && self.anchor.is_none() {
+            // L0 of the offset teacher: the server model before its first aggregation.
+            self.anchor = Some(global.clone());
+        }
         let mut change = match self.cfg.aggregation {
-            Aggregation::Projection => self.projected_change(results, &alphas, &mut details)?,
+            Aggregation::Projection => self.projected_change(round, global, results, &alphas, &mut details)?,
             Aggregation::Distillation => self.distilled_change(round, global, &results, &alphas, &mut details)?,
+            Aggregation::OffsetServing => {
+                self.serving = self.offsets(results, &alphas)?;
+                let weights: Vec<f64> = self.serving.iter().map(|o| o.weight).collect();
+                details["offset"] = json!({"n_offsets": self.serving.len(), "weights": weights});
+                details["server_s"] = json!(t0.elapsed().as_secs_f64());
+                return Ok(AggregateReport { weights: alphas, n_aggregated: n, applied_norm: 0.0, details });
+            }
+            Aggregation::OffsetDistillation => self.offset_distilled_change(round, global, results, &alphas, &mut details)?,
         };
         match self.cfg.continual {
             Continual::None => {}
@@ -358,13 +802,17 @@ impl Strategy for Hetero {
             let w0 = self.anchor.get_or_insert_with(|| global.clone());
             *global = w0.clone();
         }
-        if let Some(c) = self.cfg.lars {
+        let lars = if self.cfg.aggregation == Aggregation::OffsetDistillation { None } else { self.cfg.lars };
+        if let Some(c) = lars {
             let factors = hetfed_merge::trust_ratio(global, &mut change, c)?;
             let capped = factors.values().filter(|f| **f < 1.0).count();
             let min = factors.values().copied().fold(1.0f64, f64::min);
             details["lars"] = json!({"capped": capped, "of": factors.len(), "min_factor": min});
         }
-        let applied_norm = apply_delta(global, &change, self.cfg.eta)?;
+        // The offset-distilled change is the student's whole move (eta already scaled any
+        // projected start), so it is applied as it is.
+        let eta = if self.cfg.aggregation == Aggregation::OffsetDistillation { 1.0 } else { self.cfg.eta };
+        let applied_norm = apply_delta(global, &change, eta)?;
         if self.cfg.continual == Continual::Orthogonal {
             self.memory.remember(&change)?;
         }
@@ -386,7 +834,14 @@ impl Strategy for Hetero {
                 })
             })
             .collect();
-        json!({"maps": maps})
+        json!({"maps": maps, "tokenizer_hash": self.tokenizer_hash})
+    }
+
+    fn serving_model(&self, _base: &Checkpoint, global: &TensorMap) -> Result<Option<Box<dyn CausalLm>>> {
+        if self.cfg.aggregation != Aggregation::OffsetServing || self.serving.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(self.offset_model(self.anchor.as_ref().unwrap_or(global), &self.serving)?)))
     }
 
     fn state(&self) -> (serde_json::Value, TensorMap) {
@@ -394,13 +849,27 @@ impl Strategy for Hetero {
         if let Some(a) = &self.anchor {
             t.extend(a.iter().map(|(k, v)| (format!("anchor.{k}"), v.clone())));
         }
-        (serde_json::Value::Null, t)
+        for (i, o) in self.serving.iter().enumerate() {
+            t.extend(o.delta.iter().map(|(k, v)| (format!("serving.{i}.{k}"), v.clone())));
+        }
+        let serving: Vec<serde_json::Value> = self.serving.iter().map(|o| json!({"base_hash": o.base_hash, "task": o.task, "weight": o.weight})).collect();
+        (json!({"serving": serving}), t)
     }
 
-    fn load_state(&mut self, _json: serde_json::Value, tensors: TensorMap) -> Result<()> {
-        let (anchor, memory): (TensorMap, TensorMap) = tensors.into_iter().partition(|(k, _)| k.starts_with("anchor."));
+    fn load_state(&mut self, json: serde_json::Value, tensors: TensorMap) -> Result<()> {
+        let (anchor, rest): (TensorMap, TensorMap) = tensors.into_iter().partition(|(k, _)| k.starts_with("anchor."));
+        let (serving, memory): (TensorMap, TensorMap) = rest.into_iter().partition(|(k, _)| k.starts_with("serving."));
         self.memory = OrthoMemory::from_tensors(self.cfg.ortho_memory, memory)?;
         self.anchor = (!anchor.is_empty()).then(|| anchor.into_iter().map(|(k, v)| (k["anchor.".len()..].to_string(), v)).collect());
+        self.serving = Vec::new();
+        for (i, o) in json["serving"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+            let prefix = format!("serving.{i}.");
+            let delta: TensorMap = serving.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone()))).collect();
+            let base_hash = o["base_hash"].as_str().unwrap_or_default().to_string();
+            let weight = o["weight"].as_f64().ok_or_else(|| Error::msg(format!("strategy state: offset {i} has no weight")))?;
+            let task = o["task"].as_str().unwrap_or_default().to_string();
+            self.serving.push(Offset { base_hash, task, delta, weight });
+        }
         Ok(())
     }
 }

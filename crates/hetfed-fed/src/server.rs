@@ -498,7 +498,12 @@ impl Server {
         let this = self.clone();
         tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, f64>> {
             let Some(ev) = &this.eval else { return Ok(BTreeMap::new()) };
-            evaluate_weights(&this.base, &this.global(), ev)
+            let global = this.global();
+            let serving = lock(&this.strategy).serving_model(&this.base, &global)?;
+            match serving {
+                Some(m) => evaluate_model(&this.base, m.as_ref(), ev),
+                None => evaluate_weights(&this.base, &global, ev),
+            }
         })
         .await
         .map_err(|e| Error::msg(format!("evaluation task failed: {e}")))?
@@ -570,17 +575,22 @@ impl Server {
 /// `task/metric` for each, and `general/ppl` when general text is configured.
 pub fn evaluate_weights(base: &Checkpoint, weights: &TensorMap, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
     let model = base.arch.build(weights, &base.source(), None)?;
+    evaluate_model(base, model.as_ref(), ev)
+}
+
+/// [`evaluate_weights`] for any model with `base`'s tokenizer (e.g. an offset-serving model).
+pub fn evaluate_model(base: &Checkpoint, model: &dyn hetfed_model::CausalLm, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
     let tok = base.tokenizer()?;
     let mut out = BTreeMap::new();
     for t in &ev.tasks {
-        let r = evaluate(model.as_ref(), tok, base.arch.eos_token_id(), &t.spec, &t.items, &ev.opts, |_, _| {})
+        let r = evaluate(model, tok, base.arch.eos_token_id(), &t.spec, &t.items, &ev.opts, |_, _| {})
             .map_err(|e| Error::msg(format!("server evaluation of {}: {e}", t.spec.name)))?;
         for (k, v) in r.metrics {
             out.insert(format!("{}/{k}", t.spec.name), v);
         }
     }
     if !ev.general.is_empty() {
-        let loss = hetfed_train::eval_loss(model.as_ref(), &ev.general, ev.opts.batch_size)?;
+        let loss = hetfed_train::eval_loss(model, &ev.general, ev.opts.batch_size)?;
         out.insert("general/ppl".into(), loss.exp());
     }
     Ok(out)

@@ -15,7 +15,7 @@ use hetfed_model::Checkpoint;
 use hetfed_net::{Caller, DataStats, FedService, Secret};
 use hetfed_train::Example;
 
-use crate::hetero::{fisher_diagonal, Calibration, Continual, Hetero, SmallBase, TransferConfig};
+use crate::hetero::{fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetSequences, ServerText, SmallBase, TransferConfig};
 use hetfed_transfer::PairMaps;
 use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
 use crate::config::RunConfig;
@@ -25,15 +25,17 @@ use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOption
 /// split, capped, cut into local train and held-out slices, with its statistics.
 pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint) -> Result<ClientData> {
     let d = &cfg.data;
-    if index >= d.num_clients {
-        return Err(Error::msg(format!("client index: expected 0..{}, found {index}", d.num_clients)));
-    }
+    let (group, in_group) = d.assignment(index).ok_or_else(|| Error::msg(format!("client index: expected 0..{}, found {index}", d.num_clients())))?;
     let err = |e: hetfed_data::Error| Error::msg(e.to_string());
-    let task = hetfed_data::task::builtin(&d.task).map_err(err)?;
+    let task = hetfed_data::task::builtin(&group.task).map_err(err)?;
     let examples = task.load(dir, Split::Train).map_err(err)?;
     let labels = examples.labels().unwrap_or_else(|| vec![0; examples.len()]);
-    let parts = d.partition.split(&labels, d.num_clients, d.seed).map_err(err)?;
-    let mut mine = parts[index].clone();
+    // Each group partitions its own task; the seed names the group so that two groups of one
+    // task do not get the same shares.
+    let group_idx = d.groups().iter().position(|g| *g == group).unwrap_or(0) as u64;
+    let seed = if group_idx == 0 { d.seed } else { hetfed_core::mix_seed(d.seed, group_idx) };
+    let parts = group.partition.unwrap_or(d.partition).split(&labels, group.clients, seed).map_err(err)?;
+    let mut mine = parts[in_group].clone();
     if d.max_examples_per_client > 0 {
         mine.truncate(d.max_examples_per_client);
     }
@@ -66,17 +68,25 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     Ok(ClientData { task, train, val, val_items, stats })
 }
 
-/// The server's evaluation tasks (dev splits).
+/// The server's evaluation tasks (dev splits): every task of the run's clients, then
+/// `server.eval.tasks` (forgetting monitors such as COPA). Evaluation is off when
+/// `server.eval.tasks` is empty and `general_lines` is 0.
 pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Option<ServerEval>> {
     let e = &cfg.server.eval;
     if e.tasks.is_empty() && e.general_lines == 0 {
         return Ok(None);
     }
+    let mut names = cfg.data.task_names();
+    for t in &e.tasks {
+        if !names.contains(t) {
+            names.push(t.clone());
+        }
+    }
     let tok = ck.tokenizer()?;
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let err = |e: hetfed_data::Error| Error::msg(e.to_string());
     let mut tasks = Vec::new();
-    for name in &e.tasks {
+    for name in &names {
         let spec = hetfed_data::task::builtin(name).map_err(err)?;
         let split = if e.split == "test" { Split::Test } else { Split::Dev };
         let mut ex = spec.load(dir, split).map_err(err)?;
@@ -110,7 +120,7 @@ pub fn general_text(dir: &DataDir, split: Split, n: usize) -> Result<Vec<String>
 }
 
 pub fn eval_options(cfg: &RunConfig) -> EvalOptions {
-    EvalOptions { batch_size: cfg.server.eval.batch_size, max_len: cfg.server.eval.max_len, ..Default::default() }
+    EvalOptions { batch_size: cfg.server.eval.batch_size, max_len: cfg.server.eval.max_len, max_new_tokens: cfg.server.eval.max_new_tokens, ..Default::default() }
 }
 
 /// The server of a run.
@@ -135,10 +145,20 @@ pub fn build_server(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, auth: Auth, 
         max_poll: Duration::from_secs(20),
         auth,
         resume,
-        config_json: serde_json::to_value(cfg).unwrap_or_default(),
+        config_json: run_config_json(cfg),
         strategy_name: strategy.name().to_string(),
     };
     Server::new(opts, ck, strategy, eval)
+}
+
+/// The run's config as `run_start` records it, with the server model's directory resolved (so
+/// that `hetfed export` finds it wherever the run was started from).
+fn run_config_json(cfg: &RunConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    let model = cfg.path(&cfg.server.model);
+    let model = std::fs::canonicalize(&model).unwrap_or(model);
+    v["server"]["model"] = serde_json::Value::String(model.display().to_string());
+    v
 }
 
 /// The calibration sequences of a heterogeneous run (server-owned: sampled from its model or
@@ -195,7 +215,34 @@ pub fn small_bases(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
 pub fn build_hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Hetero> {
     let smalls = small_bases(cfg, t, dir, large)?;
     let fisher = if t.continual == Continual::Fisher { Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?) } else { None };
-    Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, large, smalls, fisher)
+    let text = if t.aggregation == Aggregation::OffsetDistillation { server_text(cfg, t, dir, large)? } else { ServerText::default() };
+    Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, large, smalls, fisher, text)
+}
+
+/// The server's own text for offset distillation: general sequences (`mltext` English train
+/// lines, packed into windows of `offset.seq_len` tokens, each after the start token) and each
+/// run task's prompt prefix (the server defines its tasks' templates).
+pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<ServerText> {
+    let oc = &t.offset;
+    let eos = large.arch.eos_token_id().unwrap_or(0);
+    let tok = large.tokenizer()?;
+    let mut general = Vec::new();
+    if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
+        let texts = general_text(dir, Split::Train, 40 * oc.general_sequences)?;
+        let windows = hetfed_transfer::text_sequences(tok, &texts, eos, oc.general_sequences, oc.seq_len - 1)?;
+        general = windows.into_iter().map(|w| std::iter::once(eos).chain(w).collect()).collect();
+    }
+    let mut prefixes = BTreeMap::new();
+    for name in cfg.data.task_names() {
+        let spec = hetfed_data::task::builtin(&name).map_err(|e| Error::msg(e.to_string()))?;
+        let mut ids = vec![eos];
+        let prefix = spec.prompt_prefix();
+        if !prefix.is_empty() {
+            ids.extend(tok.encode(prefix.as_str(), false).map_err(|e| Error::msg(format!("tokenising the prefix of {name}: {e}")))?.get_ids());
+        }
+        prefixes.insert(spec.name.clone(), ids);
+    }
+    Ok(ServerText { general, prefixes })
 }
 
 /// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs

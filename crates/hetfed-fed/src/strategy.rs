@@ -177,6 +177,13 @@ pub trait Strategy: Send {
         serde_json::Value::Null
     }
 
+    /// The model the server evaluates when it is not just the global weights (`None`: build
+    /// the server architecture over `global`). Offset serving evaluates the large model with
+    /// its clients' logit offsets, leaving the weights as they are.
+    fn serving_model(&self, _base: &hetfed_model::Checkpoint, _global: &TensorMap) -> Result<Option<Box<dyn hetfed_model::CausalLm>>> {
+        Ok(None)
+    }
+
     /// State to checkpoint (JSON and tensors); restoring it with [`Strategy::load_state`] makes a
     /// resumed run identical to an uninterrupted one.
     fn state(&self) -> (serde_json::Value, TensorMap) {

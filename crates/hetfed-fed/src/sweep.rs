@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_data::{DataDir, PartitionScheme};
+use hetfed_data::DataDir;
 use hetfed_model::{Checkpoint, ModelIdentity};
 use hetfed_net::ClientInfo;
 use hetfed_taskvec::TaskVector;
@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::client::{train_round, ClientData};
 use crate::config::RunConfig;
 use crate::hetero::TransferConfig;
-use crate::server::{evaluate_weights, ServerEval};
+use crate::server::{evaluate_model, evaluate_weights, ServerEval};
 use crate::sim::{build_hetero, client_data, eval_options, server_eval};
 use crate::strategy::{apply_delta, FitConfig, FitResult, Strategy, StrategyConfig};
 
@@ -57,6 +57,10 @@ pub struct Row {
     /// `hetero` rows: settings merged over the base config's `[transfer]`.
     #[serde(default)]
     pub transfer: Option<toml::Value>,
+    /// The control every method must beat (the random map): the table says, per row and task,
+    /// whether the row's target NLL is below this row's by more than 2 std.
+    #[serde(default)]
+    pub control: bool,
 }
 
 /// A sweep config (TOML).
@@ -89,6 +93,8 @@ pub struct Cell {
 pub struct RowResult {
     pub name: String,
     pub kind: RowKind,
+    #[serde(default)]
+    pub control: bool,
     /// Seed → cell.
     pub cells: BTreeMap<u64, Cell>,
 }
@@ -175,10 +181,18 @@ fn local_update(ck: &Checkpoint, weights: &TensorMap, cfg: &FitConfig, data: &Cl
 
 fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec<ClientInfo>> {
     let id = small.identity()?;
+    let tok_hash = small.tokenizer_hash()?;
     Ok(ids
         .iter()
         .zip(datas)
-        .map(|(c, d)| ClientInfo { client_id: c.clone(), arch: id.arch.clone(), base_hash: id.weights_hash.clone(), capabilities: vec![], stats: d.stats.clone() })
+        .map(|(c, d)| ClientInfo {
+            client_id: c.clone(),
+            arch: id.arch.clone(),
+            base_hash: id.weights_hash.clone(),
+            capabilities: vec![],
+            stats: d.stats.clone(),
+            tokenizer_hash: tok_hash.clone(),
+        })
         .collect())
 }
 
@@ -188,7 +202,7 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMu
     let (sweep, sdir) = SweepConfig::from_file(path)?;
     let base_path = sdir.join(&sweep.base);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut results: Vec<RowResult> = sweep.rows.iter().map(|r| RowResult { name: r.name.clone(), kind: r.kind, cells: BTreeMap::new() }).collect();
+    let mut results: Vec<RowResult> = sweep.rows.iter().map(|r| RowResult { name: r.name.clone(), kind: r.kind, control: r.control, cells: BTreeMap::new() }).collect();
     for &seed in &sweep.seeds {
         let cfg = run_config(&base_path, seed, None, sweep.eval_split.as_deref())?;
         let t = cfg.transfer.clone().ok_or_else(|| Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display())))?;
@@ -241,11 +255,27 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMu
     Ok(results)
 }
 
+/// The upper bound: the large model fine-tuned on the union of every client's training share
+/// (all tasks pooled and shuffled together), for the same rounds × epochs.
 fn central(cfg: &RunConfig, dir: &DataDir, large: &Checkpoint, ev: &ServerEval) -> Result<Cell> {
-    let mut pooled = cfg.clone();
-    pooled.data.num_clients = 1;
-    pooled.data.partition = PartitionScheme::Iid;
-    let data = client_data(&pooled, dir, 0, large)?;
+    let mut data: Option<ClientData> = None;
+    for i in 0..cfg.data.num_clients() {
+        let d = client_data(cfg, dir, i, large)?;
+        match &mut data {
+            None => data = Some(ClientData { val: Vec::new(), val_items: empty_items(&d.val_items), ..d }),
+            Some(acc) => {
+                acc.train.extend(d.train);
+                acc.stats.n_examples += d.stats.n_examples;
+                acc.stats.n_tokens += d.stats.n_tokens;
+                for t in d.stats.tasks {
+                    if !acc.stats.tasks.contains(&t) {
+                        acc.stats.tasks.push(t);
+                    }
+                }
+            }
+        }
+    }
+    let data = data.ok_or_else(|| Error::msg("central: expected at least one client, found none"))?;
     let ids = vec!["central".to_string()];
     let infos = infos(std::slice::from_ref(&data), &ids, large)?;
     let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
@@ -259,6 +289,17 @@ fn central(cfg: &RunConfig, dir: &DataDir, large: &Checkpoint, ev: &ServerEval) 
     Ok(Cell { metrics: evaluate_weights(large, &w, ev)?, model: "large".into(), ..Default::default() })
 }
 
+fn empty_items(like: &hetfed_data::Items) -> hetfed_data::Items {
+    match like {
+        hetfed_data::Items::Choice(_) => hetfed_data::Items::Choice(Vec::new()),
+        hetfed_data::Items::Generation(_) => hetfed_data::Items::Generation(Vec::new()),
+        hetfed_data::Items::Lm(_) => hetfed_data::Items::Lm(Vec::new()),
+    }
+}
+
+/// Each client fine-tunes the small model on its own share only. A task's metrics are the mean
+/// over the clients that hold that task (a specialist is judged on its own task); metrics of
+/// tasks no client holds (forgetting monitors, general text) are the mean over all clients.
 fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[String], infos: &[ClientInfo], ev: &ServerEval) -> Result<Cell> {
     let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
     let mut weights: Vec<TensorMap> = vec![small.weights.clone(); ids.len()];
@@ -269,13 +310,20 @@ fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[
             apply_delta(&mut weights[i], &u.delta, 1.0)?;
         }
     }
-    let mut sum: BTreeMap<String, f64> = BTreeMap::new();
-    for w in &weights {
+    let held: Vec<String> = datas.iter().map(|d| d.task.name.clone()).collect();
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (w, d) in weights.iter().zip(datas) {
         for (k, v) in evaluate_weights(small, w, ev)? {
-            *sum.entry(k).or_default() += v / ids.len() as f64;
+            let task = k.split('/').next().unwrap_or_default();
+            let own = task == d.task.name;
+            if own || !held.iter().any(|h| h == task) {
+                let e = sums.entry(k).or_default();
+                e.0 += v;
+                e.1 += 1.0;
+            }
         }
     }
-    Ok(Cell { metrics: sum, model: "small".into(), ..Default::default() })
+    Ok(Cell { metrics: sums.into_iter().map(|(k, (s, n))| (k, s / n)).collect(), model: "small".into(), ..Default::default() })
 }
 
 fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[String], infos: &[ClientInfo], ev: &ServerEval) -> Result<Cell> {
@@ -325,8 +373,12 @@ fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint
         strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
         server_s += t0.elapsed().as_secs_f64();
     }
+    let metrics = match strategy.serving_model(large, &global)? {
+        Some(m) => evaluate_model(large, m.as_ref(), ev)?,
+        None => evaluate_weights(large, &global, ev)?,
+    };
     Ok(Cell {
-        metrics: evaluate_weights(large, &global, ev)?,
+        metrics,
         bytes_per_client_round: bytes as f64 / n_client_rounds.max(1) as f64,
         server_s_per_round: server_s / updates.len().max(1) as f64,
         model: "large".into(),
@@ -340,25 +392,26 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-/// The EXPERIMENTS.md table: mean ± sample std over seeds per row and metric, forgetting as
-/// the change of general perplexity against the large zero-shot row of the same seed.
+/// The EXPERIMENTS.md tables (mean ± sample std over seeds):
+///
+/// 1. target NLL per task (nats per target token);
+/// 2. the share of the central gain recovered per task, `(L_zero − L_row)/(L_zero − L_central)`
+///    computed per seed against the zero-shot and central rows of that seed; `▲` marks a row
+///    whose target NLL is below the control row's by more than 2 std of the per-seed
+///    difference (paired by seed);
+/// 3. each task's own metrics, forgetting (change of general perplexity against zero-shot of the
+///    same seed), bytes per client and round, server seconds per round.
 pub fn render_table(results: &[RowResult]) -> String {
-    let metrics: Vec<String> = {
+    let keys: Vec<String> = {
         let mut k: Vec<String> = results.iter().flat_map(|r| r.cells.values().flat_map(|c| c.metrics.keys().cloned())).collect();
         k.sort();
         k.dedup();
         k
     };
+    let tasks: Vec<String> = keys.iter().filter_map(|k| k.strip_suffix("/target_nll").map(str::to_string)).collect();
     let zero = results.iter().find(|r| r.kind == RowKind::ZeroShot);
-    let mut s = String::from("| row | model |");
-    for m in &metrics {
-        s += &format!(" {m} |");
-    }
-    s += " forgetting (Δ general ppl) | bytes / client / round | server s / round |\n|---|---|";
-    for _ in 0..metrics.len() + 3 {
-        s += "---|";
-    }
-    s += "\n";
+    let central = results.iter().find(|r| r.kind == RowKind::Central);
+    let control = results.iter().find(|r| r.control);
     let fmt = |v: &[f64], digits: usize| -> String {
         if v.is_empty() {
             return "–".into();
@@ -366,11 +419,104 @@ pub fn render_table(results: &[RowResult]) -> String {
         let (m, sd) = mean_std(v);
         format!("{m:.digits$} ± {sd:.digits$}")
     };
+    let per_seed = |r: &RowResult, key: &str| -> BTreeMap<u64, f64> { r.cells.iter().filter_map(|(seed, c)| Some((*seed, *c.metrics.get(key)?))).collect() };
+    let header = |cols: &[String]| -> String {
+        let mut h = String::from("| row | model |");
+        for c in cols {
+            h += &format!(" {c} |");
+        }
+        h += "\n|---|---|";
+        h += &"---|".repeat(cols.len());
+        h + "\n"
+    };
+    let model_of = |r: &RowResult| r.cells.values().next().map(|c| c.model.clone()).unwrap_or_default();
+
+    let mut s = String::from("**Target NLL** (nats per target token, lower is better)\n\n");
+    s += &header(&tasks);
     for r in results {
-        let model = r.cells.values().next().map(|c| c.model.clone()).unwrap_or_default();
+        s += &format!("| {} | {} |", r.name, model_of(r));
+        for t in &tasks {
+            let v: Vec<f64> = per_seed(r, &format!("{t}/target_nll")).into_values().collect();
+            s += &format!(" {} |", fmt(&v, 3));
+        }
+        s += "\n";
+    }
+
+    s += "\n**Share of the central gain recovered** in target NLL, `(L_zero − L_row)/(L_zero − L_central)`";
+    if let Some(c) = control {
+        s += &format!("; ▲ = target NLL below the control ({}) by more than 2 std of the per-seed difference", c.name);
+    }
+    s += "\n\n";
+    let gain_cols: Vec<String> = tasks.iter().map(|t| format!("{t} (central gain)")).collect();
+    s += &header(&gain_cols);
+    // The central gain per task, mean over seeds, is shown in the header row's first line.
+    s += "| *central gain, nats/token* | |";
+    for t in &tasks {
+        let key = format!("{t}/target_nll");
+        let g: Vec<f64> = match (zero, central) {
+            (Some(z), Some(c)) => {
+                let (zs, cs) = (per_seed(z, &key), per_seed(c, &key));
+                zs.iter().filter_map(|(seed, lz)| Some(lz - cs.get(seed)?)).collect()
+            }
+            _ => Vec::new(),
+        };
+        s += &format!(" {} |", fmt(&g, 3));
+    }
+    s += "\n";
+    for r in results {
+        if r.kind == RowKind::ZeroShot || r.kind == RowKind::Central {
+            continue;
+        }
+        s += &format!("| {} | {} |", r.name, model_of(r));
+        for t in &tasks {
+            let key = format!("{t}/target_nll");
+            let rs = per_seed(r, &key);
+            let share: Vec<f64> = match (zero, central) {
+                (Some(z), Some(c)) => {
+                    let (zs, cs) = (per_seed(z, &key), per_seed(c, &key));
+                    rs.iter()
+                        .filter_map(|(seed, lr)| {
+                            let (lz, lc) = (zs.get(seed)?, cs.get(seed)?);
+                            ((lz - lc).abs() > 1e-12).then(|| 100.0 * (lz - lr) / (lz - lc))
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            let mark = match control {
+                Some(c) if !std::ptr::eq(c, r) => {
+                    let cs = per_seed(c, &key);
+                    let d: Vec<f64> = rs.iter().filter_map(|(seed, lr)| Some(cs.get(seed)? - lr)).collect();
+                    let (m, sd) = mean_std(&d);
+                    if d.len() >= 2 && m > 2.0 * sd && m > 0.0 {
+                        " ▲"
+                    } else {
+                        ""
+                    }
+                }
+                _ => "",
+            };
+            s += &format!(" {}%{mark} |", fmt(&share, 0));
+        }
+        s += "\n";
+    }
+
+    let preferred = ["rougeL", "bleu", "chrf", "accuracy", "macro_f1"];
+    let mut metric_cols: Vec<String> = keys
+        .iter()
+        .filter(|k| k.split_once('/').is_some_and(|(_, m)| preferred.contains(&m)))
+        .cloned()
+        .collect();
+    metric_cols.sort_by_key(|k| (tasks.iter().position(|t| k.starts_with(&format!("{t}/"))).unwrap_or(usize::MAX), k.clone()));
+    let mut cols = metric_cols.clone();
+    cols.extend(["forgetting (Δ general ppl)".to_string(), "bytes / client / round".to_string(), "server s / round".to_string()]);
+    s += "\n**Task metrics** (0–100), forgetting, cost\n\n";
+    s += &header(&cols);
+    for r in results {
+        let model = model_of(r);
         s += &format!("| {} | {model} |", r.name);
-        for m in &metrics {
-            let v: Vec<f64> = r.cells.values().filter_map(|c| c.metrics.get(m).copied()).collect();
+        for m in &metric_cols {
+            let v: Vec<f64> = per_seed(r, m).into_values().collect();
             s += &format!(" {} |", fmt(&v, 1));
         }
         let forget: Vec<f64> = r

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use hetfed_core::TensorMap;
-use hetfed_fed::hetero::{Hetero, SmallBase, TransferConfig};
+use hetfed_fed::hetero::{Hetero, ServerText, SmallBase, TransferConfig};
 use hetfed_fed::server::{Auth, Server, ServerOptions};
 use hetfed_fed::strategy::FitResult;
 use hetfed_fed::{FitConfig, Sampling, Strategy};
@@ -38,7 +38,7 @@ fn small_base(small: &Checkpoint, large: &Checkpoint) -> SmallBase {
 }
 
 fn strategy(small: &Checkpoint, large: &Checkpoint, t: TransferConfig) -> Hetero {
-    Hetero::new(t, Sampling::default(), FitConfig::default(), 0, large, vec![small_base(small, large)], None).unwrap()
+    Hetero::new(t, Sampling::default(), FitConfig::default(), 0, large, vec![small_base(small, large)], None, ServerText::default()).unwrap()
 }
 
 fn transfer() -> TransferConfig {
@@ -125,7 +125,7 @@ fn an_update_of_an_unknown_base_is_refused() {
 
 fn info(id: &str, ck: &Checkpoint) -> ClientInfo {
     let i = ck.identity().unwrap();
-    ClientInfo { client_id: id.into(), arch: i.arch, base_hash: i.weights_hash, capabilities: vec![], stats: DataStats { n_examples: 10, ..Default::default() } }
+    ClientInfo { client_id: id.into(), arch: i.arch, base_hash: i.weights_hash, capabilities: vec![], stats: DataStats { n_examples: 10, ..Default::default() }, tokenizer_hash: String::new() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +192,7 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
 #[test]
 fn clients_of_two_widths_aggregate_into_one_server_model() {
     let (s8, s12, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(12, 2, 3), 3), model(&cfg(16, 2, 4), 2));
-    let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large, vec![small_base(&s8, &large), small_base(&s12, &large)], None).unwrap();
+    let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large, vec![small_base(&s8, &large), small_base(&s12, &large)], None, ServerText::default()).unwrap();
     let info = s.run_info();
     assert_eq!(info["maps"].as_array().unwrap().len(), 2);
     let (h8, h12) = (s8.identity().unwrap().weights_hash, s12.identity().unwrap().weights_hash);

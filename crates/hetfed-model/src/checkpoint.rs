@@ -194,6 +194,20 @@ impl Checkpoint {
         })
     }
 
+    /// The tokenizer's identity: a SHA-256 of its vocabulary, merges and added tokens (not of
+    /// the file's bytes, so formatting and normaliser metadata do not count). Two models whose
+    /// hashes agree map text to the same token ids, which output-level transfer (logit offsets,
+    /// distillation) needs.
+    pub fn tokenizer_hash(&self) -> Result<String> {
+        let tok = self.tokenizer()?;
+        let json: Value = serde_json::from_str(&tok.to_string(false).map_err(|e| Error::msg(format!("{}: serialising the tokenizer: {e}", self.dir.display())))?)
+            .map_err(|e| Error::msg(format!("{}: the tokenizer does not serialise to JSON: {e}", self.dir.display())))?;
+        let added: Vec<(Value, Value)> = json["added_tokens"].as_array().map(|v| v.iter().map(|t| (t["id"].clone(), t["content"].clone())).collect()).unwrap_or_default();
+        // serde_json's maps are ordered by key, so the vocabulary serialises canonically.
+        let canonical = serde_json::json!({"type": json["model"]["type"], "vocab": json["model"]["vocab"], "merges": json["model"]["merges"], "added": added});
+        Ok(hetfed_core::sha256_hex(canonical.to_string().as_bytes()))
+    }
+
     pub fn identity(&self) -> Result<ModelIdentity> {
         Ok(ModelIdentity {
             arch: self.arch.model_type().to_string(),

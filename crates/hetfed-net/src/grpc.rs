@@ -175,6 +175,7 @@ impl From<ClientInfo> for proto::ClientInfo {
             base_hash: c.base_hash,
             capabilities: c.capabilities,
             stats: Some(c.stats.into()),
+            tokenizer_hash: c.tokenizer_hash,
         }
     }
 }
@@ -187,6 +188,7 @@ impl From<proto::ClientInfo> for ClientInfo {
             base_hash: c.base_hash,
             capabilities: c.capabilities,
             stats: c.stats.map(Into::into).unwrap_or_default(),
+            tokenizer_hash: c.tokenizer_hash,
         }
     }
 }

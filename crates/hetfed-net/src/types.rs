@@ -16,6 +16,10 @@ pub struct ClientInfo {
     /// e.g. "lora", "full", "f16", "int8".
     pub capabilities: Vec<String>,
     pub stats: DataStats,
+    /// SHA-256 of the base's tokenizer vocabulary, merges and added tokens
+    /// (`Checkpoint::tokenizer_hash`); empty when the client does not say.
+    #[serde(default)]
+    pub tokenizer_hash: String,
 }
 
 /// Aggregate statistics of a client's private training data.

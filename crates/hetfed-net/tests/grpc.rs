@@ -200,6 +200,7 @@ async fn every_rpc_round_trips_over_tls() {
                 label_hist: BTreeMap::from([("pos".into(), 6), ("neg".into(), 4)]),
                 label_entropy_bits: 0.97,
             },
+            tokenizer_hash: "0123abcd".into(),
         };
         let reply = client.register(&me, info).await.unwrap();
         assert_eq!(reply, RegisterReply { run_id: "run-1".into(), message: "hello alice (1 tasks)".into() });

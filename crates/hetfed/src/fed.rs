@@ -132,12 +132,11 @@ fn finish(run_dir: &Path, summary: &hetfed_fed::server::RunSummary) -> Result<()
 pub fn simulate(a: SimulateArgs) -> Result<()> {
     let (cfg, dir) = a.c.load()?;
     println!(
-        "simulating {} rounds of {} with {} clients on {} ({}), server model {}",
+        "simulating {} rounds of {} with {} clients on {}, server model {}",
         cfg.run.rounds,
         cfg.strategy_name(),
-        cfg.data.num_clients,
-        cfg.data.task,
-        serde_json::to_string(&cfg.data.partition)?,
+        cfg.data.num_clients(),
+        cfg.data.describe(),
         cfg.path(&cfg.server.model).display()
     );
     if let Some(t) = &cfg.transfer {
@@ -148,6 +147,8 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
             match t.aggregation {
                 hetfed_fed::hetero::Aggregation::Projection => "projects",
                 hetfed_fed::hetero::Aggregation::Distillation => "distils",
+                hetfed_fed::hetero::Aggregation::OffsetServing => "serves the logit offsets of",
+                hetfed_fed::hetero::Aggregation::OffsetDistillation => "distils the logit offsets of",
             },
             t.maps.method.name(),
             t.cache_dir.clone().unwrap_or_else(|| PathBuf::from("runs/maps")).display()

@@ -8,6 +8,7 @@ mod commands;
 mod data;
 mod demo;
 mod eval;
+mod export;
 mod fed;
 #[cfg(feature = "hub")]
 mod hub;
@@ -82,6 +83,8 @@ enum Command {
     Sweep(transfer::SweepArgs),
     /// Write report.html (charts of metrics per round and client) for a run directory
     Report(fed::ReportArgs),
+    /// Write a run's global server model (a kept checkpoint) as a Hugging Face model directory
+    Export(export::ExportArgs),
     /// Download a Hugging Face model (built with --features hub)
     #[cfg(feature = "hub")]
     #[command(subcommand)]
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         Command::Client(a) => fed::client(*a),
         Command::Certs(a) => fed::certs(a),
         Command::Report(a) => fed::report(a),
+        Command::Export(a) => export::run(a),
         Command::Project(a) => transfer::project(*a),
         Command::Sweep(a) => transfer::sweep(a),
         #[cfg(feature = "hub")]

@@ -102,6 +102,7 @@ fn every_command_has_help() {
         vec!["client", "--help"],
         vec!["certs", "--help"],
         vec!["report", "--help"],
+        vec!["export", "--help"],
         vec!["project", "--help"],
         vec!["sweep", "--help"],
     ] {
@@ -583,4 +584,166 @@ fn a_missing_file_is_named_once_with_its_cause_once() {
     assert_eq!(line.matches("os error").count(), 1, "{line}");
     let line = fails(&["sweep", "--config", "no-such-sweep.toml"]);
     assert_eq!(line.matches("os error").count(), 1, "{line}");
+}
+
+/// A one-round FedAvg simulation of base-small (one client with a few Ethos examples, two LoRA
+/// steps, server evaluation on the first 12 dev examples) in `dir/run`.
+fn tiny_run(dir: &Path, data: &Path) -> PathBuf {
+    let cfg = format!(
+        r#"
+[run]
+rounds = 1
+seed = 7
+
+[server]
+model = "{}"
+min_clients = 1
+quorum = 1
+
+[server.eval]
+tasks = ["ethos"]
+max_examples = 12
+
+[strategy]
+name = "fedavg"
+
+[client]
+epochs = 1
+max_steps = 2
+batch_size = 4
+lr = 1e-2
+max_len = 64
+lora_rank = 4
+
+[data]
+task = "ethos"
+num_clients = 1
+max_examples_per_client = 12
+val_fraction = 0.25
+"#,
+        models().join("base-small").canonicalize().unwrap().display()
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let run = dir.join("run");
+    ok(&["simulate", "--config", path.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    run
+}
+
+/// The dtype of every tensor in a safetensors file, from its header.
+fn safetensors_dtypes(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__").map(|(_, v)| v["dtype"].as_str().unwrap().to_string()).collect()
+}
+
+fn events(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `hetfed export` writes the run's final global model as an HF directory: the checkpoint's
+/// tensors value for value (f32, canonical names), the base's config and tokenizer; `hetfed eval`
+/// on it reproduces the server's own final evaluation and `hetfed score` matches the checkpoint's
+/// weights exactly. Rounds that are not kept, a non-empty --out and an unrecorded base are clear
+/// one-line errors.
+#[test]
+fn export_writes_the_runs_global_model_as_an_hf_directory() {
+    let Some(data) = hetfed_shared("data") else { return };
+    let data_s = data.to_str().unwrap();
+    let dir = tempdir("export");
+    let run = tiny_run(&dir, &data);
+    let run_s = run.to_str().unwrap();
+    let out = dir.join("exported");
+    let out_s = out.to_str().unwrap();
+    let stdout = ok(&["export", run_s, "--out", out_s]);
+
+    let ev = events(&run);
+    let round1 = ev.iter().find(|e| e["event"] == "round" && e["round"] == 1).unwrap();
+    let version = round1["model_version"].as_str().unwrap();
+    assert!(stdout.contains("round 1") && stdout.contains(version) && stdout.contains(out_s), "{stdout}");
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    // The checkpoint's tensors, value for value, under canonical HF names, in f32.
+    let ck = run.join("checkpoints/round-1/model.safetensors");
+    let (want, _) = hetfed_core::load_safetensors(&ck).unwrap();
+    let (got, meta) = hetfed_core::load_safetensors(&out.join("model.safetensors")).unwrap();
+    assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    assert!(got.contains_key("transformer.word_embeddings.weight") && !got.contains_key("lm_head.weight"));
+    for (name, t) in &want {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = got[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(), "{name} differs");
+    }
+    assert!(safetensors_dtypes(&out.join("model.safetensors")).iter().all(|d| d == "F32"));
+    let base = models().join("base-small");
+    let cfg = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap() };
+    assert_eq!(cfg(&out), cfg(&base));
+
+    // `hetfed eval` on the export reproduces the server's final evaluation (same examples and options).
+    let eval = ok(&["eval", "--model", out_s, "--task", "ethos", "--limit", "12", "--batch-size", "16", "--max-len", "128", "--data-dir", data_s, "--json"]);
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    let metrics = eval["metrics"].as_object().unwrap();
+    assert!(metrics.contains_key("accuracy") && metrics.contains_key("target_nll"), "{eval}");
+    for (m, v) in metrics {
+        assert_eq!(v.as_f64(), round1["server_eval"][format!("ethos/{m}")].as_f64(), "{m}: {eval} vs {}", round1["server_eval"]);
+    }
+    // `hetfed score` on the export equals scoring the checkpoint's weights, and the run changed the model.
+    let manual = dir.join("manual");
+    std::fs::create_dir_all(&manual).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(base.join(f), manual.join(f)).unwrap();
+    }
+    std::fs::copy(&ck, manual.join("model.safetensors")).unwrap();
+    let text = "This is a perfectly friendly comment about the weather.";
+    let (t1, exported) = score_json(&["score", "--model", out_s, "--text", text, "--json"]);
+    let (t2, checkpoint) = score_json(&["score", "--model", manual.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, plain) = score_json(&["score", "--model", base.to_str().unwrap(), "--text", text, "--json"]);
+    assert_eq!(t1, t2);
+    assert_eq!(exported, checkpoint, "the export scores differently from the checkpoint's weights");
+    assert!(max_diff(&exported, &plain) > 0.0, "the run left the base model unchanged: the test shows nothing");
+
+    // A non-empty --out is refused unless --force.
+    let line = fails(&["export", run_s, "--out", out_s]);
+    assert!(line.contains(out_s) && line.contains("--force"), "{line}");
+    ok(&["export", run_s, "--out", out_s, "--force", "--round", "1"]);
+    // Only the latest round is kept: another round is one line naming the kept one.
+    let line = fails(&["export", run_s, "--round", "2", "--out", dir.join("r2").to_str().unwrap()]);
+    assert!(line.contains("--round 2") && line.contains("kept: round 1"), "{line}");
+    let line = fails(&["export", run_s, "--round", "0", "--out", dir.join("r0").to_str().unwrap()]);
+    assert!(line.contains("--round 0") && line.contains("kept: round 1"), "{line}");
+    // Another model's directory as --model is refused, naming a tensor.
+    let large = models().join("base-large");
+    let line = fails(&["export", run_s, "--model", large.to_str().unwrap(), "--out", dir.join("wrong").to_str().unwrap()]);
+    assert!(line.contains("--model") && line.contains("shape"), "{line}");
+
+    // A run whose config named its server model relatively (as configs/*.toml do) needs --model.
+    let rel = dir.join("run-relative");
+    std::fs::create_dir_all(rel.join("checkpoints")).unwrap();
+    copy_dir(&run.join("checkpoints/round-1"), &rel.join("checkpoints/round-1"));
+    std::fs::copy(run.join("checkpoints/LATEST"), rel.join("checkpoints/LATEST")).unwrap();
+    let abs = models().join("base-small").canonicalize().unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().replace(&format!("\"model\":{}", serde_json::json!(abs)), "\"model\":\"../models/base-small\"");
+    assert!(metrics.contains("../models/base-small"));
+    std::fs::write(rel.join("metrics.jsonl"), metrics).unwrap();
+    let line = fails(&["export", rel.to_str().unwrap(), "--out", dir.join("rel").to_str().unwrap()]);
+    assert!(line.contains("../models/base-small") && line.contains("--model"), "{line}");
+    let stdout = ok(&["export", rel.to_str().unwrap(), "--model", base.to_str().unwrap(), "--out", dir.join("rel").to_str().unwrap()]);
+    assert!(stdout.contains(version), "{stdout}");
+    assert_eq!(std::fs::read(dir.join("rel/model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn export_of_a_missing_or_unfinished_run_is_one_clear_line() {
+    let dir = tempdir("export-missing");
+    let nope = dir.join("no-such-run");
+    let line = fails(&["export", nope.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(line.contains("no-such-run") && line.contains("expected a run directory"), "{line}");
+    // A run directory without a completed round has no checkpoint to export.
+    let line = fails(&["export", dir.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(line.contains("LATEST") && line.contains("has not completed a round"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

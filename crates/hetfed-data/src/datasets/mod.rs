@@ -23,7 +23,7 @@ pub use copa::{copa_split, load_copa, load_xcopa};
 pub use ethos::{load_ethos, ETHOS_LABELS};
 pub use mltext::{load_mltext, mltext_files, mltext_split};
 pub use summarization::{load_bbc, load_ilsum, load_scitldr, load_xlsum};
-pub use translation::{load_flores, load_flores_lines, load_in22, load_tico, In22Subset, TICO_DEV_LINES};
+pub use translation::{load_flores, load_flores_lines, load_in22, load_tico, tico_split, In22Subset, TICO_DEV_LINES};
 
 /// A dataset and its parameters. The string form (used in TOML and task names):
 ///

@@ -9,8 +9,11 @@
 //! **TICO-19** (en↔hi/bn/mr/ta and any other `en-<lang>` folder): `tico19/en-<lang>/tico19.en-<lang>.{en,<lang>}`
 //! (+ optional `tico19.en-<lang>.info.tsv`, whose first column is the sentence id), or the upstream
 //! OPUS-MT-testsets names `tico19-test.{en,<lang>}` (+ `tico19-test.en.info`). Only TICO-19's test
-//! split is public in that form; it is cut at a document boundary: `dev` = sentences 0..1297,
-//! `test` = sentences 1297.. (the shared copy holds exactly the 1297 `dev` sentences). No train split.
+//! split is public in that form; it is cut at a document boundary into sentences 0..1297 (the part the
+//! shared copy holds) and `test` = sentences 1297... The first part is cut again, by sentence id, into
+//! `train` and `dev`: a sentence is `dev` iff `hash_mod(id, 5) == 0` ([`crate::split::hash_mod`],
+//! about one in five, 259 of 1297 for en-hi), else `train`. Sentences of one document can fall on
+//! both sides (TICO-19 has ten documents in that part, too few to split by document).
 //!
 //! **IN22** (the public `IN22_testset.zip` layout): `in22/IN22_testset/{gen,conv}/test.<code>`, also
 //! accepted as `in22/{gen,conv}/test.<code>`. A test set only. The Hugging Face copies
@@ -26,8 +29,17 @@ use crate::io::read_lines;
 use crate::lang::{flores_code, iso_code};
 use crate::split::Split;
 
-/// Number of TICO-19 test sentences in `dev`: documents up to, not including, `Wikipedia_handpicked_3`.
+/// Number of TICO-19 test sentences in `train` + `dev`: documents up to, not including, `Wikipedia_handpicked_3`.
 pub const TICO_DEV_LINES: usize = 1297;
+
+/// `train` or `dev` for a TICO-19 sentence of the first part (sentences 0..[`TICO_DEV_LINES`]).
+pub fn tico_split(id: &str) -> Split {
+    if crate::split::hash_mod(id, 5) == 0 {
+        Split::Dev
+    } else {
+        Split::Train
+    }
+}
 
 /// Which IN22 test set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,14 +167,6 @@ pub fn load_tico(dir: &DataDir, src: &str, tgt: &str, split: Split) -> Result<Ve
     let base = dir.dataset_dir(Dataset::Tico19);
     let pair = format!("en-{other}");
     let pair_dir = base.join(&pair);
-    if split == Split::Train {
-        return Err(Error::MissingSplit {
-            dataset: "tico".into(),
-            split: split.to_string(),
-            looked_at: vec![pair_dir],
-            note: format!("TICO-19 is a test set; it is cut into dev (sentences 0..{TICO_DEV_LINES}) and test (the rest)"),
-        });
-    }
     let ours = |l: &str| pair_dir.join(format!("tico19.{pair}.{l}"));
     let upstream = |l: &str| pair_dir.join(format!("tico19-test.{l}"));
     let (en_path, other_path, info) = if ours("en").exists() {
@@ -190,8 +194,8 @@ pub fn load_tico(dir: &DataDir, src: &str, tgt: &str, split: Split) -> Result<Ve
         ));
     }
     let range = match split {
-        Split::Dev => 0..en.len().min(TICO_DEV_LINES),
-        _ => en.len().min(TICO_DEV_LINES)..en.len(),
+        Split::Train | Split::Dev => 0..en.len().min(TICO_DEV_LINES),
+        Split::Test => en.len().min(TICO_DEV_LINES)..en.len(),
     };
     if range.is_empty() {
         return Err(Error::MissingSplit {
@@ -206,7 +210,11 @@ pub fn load_tico(dir: &DataDir, src: &str, tgt: &str, split: Split) -> Result<Ve
     }
     let (s, t, ps, pt) = if src == "en" { (en, xx, &en_path, &other_path) } else { (xx, en, &other_path, &en_path) };
     let pairs = zip_pair(ps, s, pt, t, &src, &tgt, |i| ids[i].clone())?;
-    Ok(pairs[range].to_vec())
+    let part = pairs[range].iter().cloned();
+    Ok(match split {
+        Split::Test => part.collect(),
+        _ => part.filter(|e| tico_split(&e.id) == split).collect(),
+    })
 }
 
 /// IN22 (`gen` or `conv`) sentence pairs for any two of its languages; `test` only. Ids are
