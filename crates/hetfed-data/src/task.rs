@@ -191,6 +191,15 @@ pub fn builtin(name: &str) -> Result<TaskSpec> {
     Ok(spec)
 }
 
+/// A piece of a task's example format ([`TaskSpec::skeleton`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TemplatePart {
+    /// Literal text every example has.
+    Text(String),
+    /// An example's field (a document, a summary, a source sentence).
+    Field(String),
+}
+
 /// A classification or reasoning item: score each candidate continuation after the prompt and
 /// compare the best with `gold`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,13 +296,14 @@ fn known_fields(kind: TaskKind, n_choices: usize) -> Vec<String> {
 const ANSWER_FIELDS: &[&str] = &["tgt", "summary"];
 
 impl TaskSpec {
-    /// The start of the prompt template that every example shares: the template up to its
-    /// first example-dependent field, with the task-level fields filled in (a translation's
-    /// language names and codes). `Article: {document}...` gives `Article:`; `Translate
-    /// {src_name} to {tgt_name}.\n{src_name}: {src}...` gives `Translate English to
-    /// Hindi.\nEnglish:`; a template that starts with an example's field gives `""`. The server
-    /// defines its tasks, so it may sample text after this prefix without any client data.
-    pub fn prompt_prefix(&self) -> String {
+    /// The task's example format as the server knows it without any example: the prompt
+    /// template then the target template, cut into literal text and example fields, with the
+    /// task-level fields filled in (a translation's language names and codes). `Article:
+    /// {document}\nSummary:` + ` {summary}` gives `[Text("Article: "), Field("document"),
+    /// Text("\nSummary:"), Field("summary")]` (a target's leading space goes with its field).
+    /// The server defines its tasks, so it may sample synthetic examples in this shape from a
+    /// model, with no client data.
+    pub fn skeleton(&self) -> Vec<TemplatePart> {
         let langs = match &self.dataset {
             DatasetSpec::Flores { src, tgt } | DatasetSpec::Tico { src, tgt } | DatasetSpec::In22 { src, tgt, .. } => Some((src.clone(), tgt.clone())),
             _ => None,
@@ -308,19 +318,42 @@ impl TaskSpec {
                 _ => return None,
             })
         };
-        let mut out = String::new();
-        let mut rest = self.prompt.as_str();
-        while let Some(open) = rest.find('{') {
-            out.push_str(&rest[..open]);
-            let Some(close) = rest[open..].find('}') else { break };
-            match fixed(&rest[open + 1..open + close]) {
-                Some(v) => out.push_str(&v),
-                None => return out.trim_end().to_string(),
+        let mut parts: Vec<TemplatePart> = Vec::new();
+        let mut text = String::new();
+        let target = self.target.as_deref().map(|t| t.trim_start()).unwrap_or_default();
+        for template in [self.prompt.as_str(), target] {
+            let mut rest = template;
+            while let Some(open) = rest.find('{') {
+                text.push_str(&rest[..open]);
+                let Some(close) = rest[open..].find('}') else { break };
+                let name = &rest[open + 1..open + close];
+                match fixed(name) {
+                    Some(v) => text.push_str(&v),
+                    None => {
+                        if !text.trim().is_empty() {
+                            parts.push(TemplatePart::Text(std::mem::take(&mut text)));
+                        }
+                        text.clear();
+                        parts.push(TemplatePart::Field(name.to_string()));
+                    }
+                }
+                rest = &rest[open + close + 1..];
             }
-            rest = &rest[open + close + 1..];
+            text.push_str(rest);
         }
-        out.push_str(rest);
-        out.trim_end().to_string()
+        if !text.trim().is_empty() {
+            parts.push(TemplatePart::Text(text));
+        }
+        parts
+    }
+
+    /// The start of the prompt every example shares: the skeleton's text before its first field
+    /// (`Article:`, `Translate English to Hindi.\nEnglish:`, or `""`).
+    pub fn prompt_prefix(&self) -> String {
+        match self.skeleton().first() {
+            Some(TemplatePart::Text(t)) => t.trim_end().to_string(),
+            _ => String::new(),
+        }
     }
 
     /// Checks that the spec is coherent: kind fits the dataset, templates use known fields, the
@@ -788,6 +821,12 @@ mod tests {
         assert_eq!(builtin("ethos").unwrap().prompt_prefix(), "Comment:");
         assert_eq!(builtin("tico:en-hi").unwrap().prompt_prefix(), "Translate English to Hindi.\nEnglish:");
         assert_eq!(builtin("copa").unwrap().prompt_prefix(), "");
+        use TemplatePart::{Field, Text};
+        let t = |s: &str| Text(s.to_string());
+        let f = |s: &str| Field(s.to_string());
+        assert_eq!(builtin("bbc").unwrap().skeleton(), [t("Article: "), f("document"), t("\nSummary:"), f("summary")]);
+        assert_eq!(builtin("tico:en-hi").unwrap().skeleton(), [t("Translate English to Hindi.\nEnglish: "), f("src"), t("\nHindi:"), f("tgt")]);
+        assert_eq!(builtin("ethos").unwrap().skeleton(), [t("Comment: "), f("text"), t("\nIs this comment hateful?")]);
     }
 
     use super::*;

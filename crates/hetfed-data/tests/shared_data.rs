@@ -80,15 +80,20 @@ fn flores_997_lines_per_language_any_pair() {
 fn tico_1297_lines_per_pair_both_directions() {
     let Some(dir) = shared_data("tico19") else { return };
     for lang in ["hi", "bn", "mr", "ta"] {
+        // The 1297 shared sentences are cut by sentence id into train and dev.
+        let train = load_tico(&dir, "en", lang, Split::Train).unwrap();
         let fwd = load_tico(&dir, "en", lang, Split::Dev).unwrap();
-        assert_eq!(fwd.len(), 1297, "en-{lang}");
-        assert_eq!(fwd[0].id, "CMU_1:1");
+        assert_eq!(train.len() + fwd.len(), 1297, "en-{lang}");
+        assert!((200..320).contains(&fwd.len()), "en-{lang}: dev has {}", fwd.len());
+        assert!(fwd.iter().all(|e| hetfed_data::datasets::tico_split(&e.id) == Split::Dev));
         let back = load_tico(&dir, lang, "en", Split::Dev).unwrap();
-        assert_eq!(back.len(), 1297);
+        assert_eq!(back.len(), fwd.len());
         assert_eq!((back[5].src.as_str(), back[5].tgt.as_str()), (fwd[5].tgt.as_str(), fwd[5].src.as_str()));
         missing_split(load_tico(&dir, "en", lang, Split::Test).unwrap_err(), "test");
     }
-    assert_eq!(load_tico(&dir, "en", "hin_Deva", Split::Dev).unwrap()[0].tgt, "ये लक्षण लगभग कितने समय से चल रहे हैं?");
+    let all: Vec<_> = load_tico(&dir, "en", "hin_Deva", Split::Train).unwrap().into_iter().chain(load_tico(&dir, "en", "hin_Deva", Split::Dev).unwrap()).collect();
+    let first = all.iter().find(|e| e.id == "CMU_1:1").expect("the first sentence is in train or dev");
+    assert_eq!(first.tgt, "ये लक्षण लगभग कितने समय से चल रहे हैं?");
     match load_tico(&dir, "en", "fr", Split::Dev).unwrap_err() {
         Error::MissingLanguage { available, .. } => assert_eq!(available, ["bn", "hi", "mr", "ta"]),
         other => panic!("expected MissingLanguage, found: {other}"),

@@ -180,6 +180,64 @@ pub fn sample_after(model: &dyn CausalLm, prefix: &[u32], n: usize, len: usize, 
     Ok(out)
 }
 
+/// A piece of a synthetic example for [`sample_template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Literal token ids every example has (a template's text).
+    Text(Vec<u32>),
+    /// A field the model writes (a document, a summary, a sentence).
+    Field,
+}
+
+/// `n` synthetic examples of `len` tokens in a task's shape: `start`, then each segment in
+/// turn, literal text copied and fields sampled from `model` at temperature 1 (no stop at
+/// eos). The free tokens are shared equally among the fields; a template that ends with text
+/// gets one more field after it (the answer). Deterministic under `seed`.
+pub fn sample_template(model: &dyn CausalLm, start: u32, segments: &[Segment], n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+    let mut parts: Vec<Segment> = segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
+    if !matches!(parts.last(), Some(Segment::Field)) {
+        parts.push(Segment::Field);
+    }
+    let literal: usize = parts.iter().map(|p| if let Segment::Text(t) = p { t.len() } else { 0 }).sum();
+    let fields = parts.iter().filter(|p| **p == Segment::Field).count();
+    let free = len.saturating_sub(1 + literal);
+    if free < fields {
+        return Err(Error::msg(format!(
+            "synthetic examples of {len} tokens: the template's text takes {literal} tokens, leaving {free} for {fields} fields (expected at least one each)"
+        )));
+    }
+    let mut rows: Vec<Vec<u32>> = vec![vec![start]; n];
+    let mut field_idx = 0usize;
+    for p in &parts {
+        match p {
+            Segment::Text(t) => rows.iter_mut().for_each(|r| r.extend_from_slice(t)),
+            Segment::Field => {
+                let budget = if field_idx + 1 == fields { free - (fields - 1) * (free / fields) } else { free / fields };
+                let step_seed = seed.wrapping_add((field_idx as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+                let mut out = Vec::with_capacity(n);
+                for (c, chunk) in rows.chunks(SAMPLE_CHUNK).enumerate() {
+                    let cfg = SamplingConfig {
+                        max_new_tokens: budget,
+                        temperature: 1.0,
+                        top_k: None,
+                        top_p: None,
+                        seed: step_seed.wrapping_add((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                    };
+                    for (row, new) in chunk.iter().zip(generate_batch(model, chunk, &cfg, None).map_err(cerr)?) {
+                        let mut r = row.clone();
+                        r.extend(new);
+                        out.push(r);
+                    }
+                }
+                rows = out;
+                field_idx += 1;
+            }
+        }
+    }
+    rows.iter_mut().for_each(|r| r.truncate(len));
+    Ok(rows)
+}
+
 /// Checks that `seqs` is non-empty, every sequence non-empty, and every id below `vocab`.
 fn check_seqs(seqs: &[Vec<u32>], vocab: usize) -> Result<()> {
     if seqs.is_empty() {

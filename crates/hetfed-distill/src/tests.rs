@@ -402,3 +402,23 @@ fn offset_model_refuses_another_vocabulary() {
     let e = OffsetLm::new(large.model(None).unwrap(), vec![other.model(None).unwrap()], vec![]).err().unwrap().to_string();
     assert!(e.contains("64") && e.contains("48"), "{e}");
 }
+
+#[test]
+fn template_samples_keep_the_literal_text_in_place() {
+    let m = tiny(64, 1).model(None).unwrap();
+    let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
+    let rows = sample_template(m.as_ref(), 2, &segs, 5, 20, 7).unwrap();
+    assert_eq!(rows.len(), 5);
+    // start, 2 literal, 8 sampled, 1 literal, 8 sampled: the 16 free tokens split evenly.
+    for r in &rows {
+        assert_eq!(r.len(), 20);
+        assert_eq!(&r[..3], &[2, 10, 11]);
+        assert_eq!(r[11], 12);
+    }
+    assert_ne!(rows[0][3..11], rows[1][3..11], "fields are sampled");
+    assert_eq!(rows, sample_template(m.as_ref(), 2, &segs, 5, 20, 7).unwrap(), "deterministic under the seed");
+    // A template ending in text gets an answer field after it.
+    let rows = sample_template(m.as_ref(), 2, &[Segment::Field, Segment::Text(vec![9])], 2, 9, 1).unwrap();
+    assert_eq!(rows[0][4], 9);
+    assert!(sample_template(m.as_ref(), 2, &[Segment::Text(vec![1; 10])], 2, 8, 1).unwrap_err().to_string().contains("leaving"));
+}

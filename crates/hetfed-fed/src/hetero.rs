@@ -114,7 +114,8 @@ pub enum OffsetPer {
 pub enum OffsetSequences {
     /// The server's general text (`mltext` English train lines).
     General,
-    /// Sampled from the offset teacher after each round task's prompt prefix.
+    /// Synthetic examples of each round task, sampled from the offset teacher in the task's
+    /// format (the templates' text kept, its fields written by the teacher).
     Sampled,
     /// Both.
     Mixed,
@@ -196,13 +197,14 @@ impl OffsetConfig {
     }
 }
 
-/// Text the server owns, for offset distillation: general sequences and each task's
-/// tokenised prompt prefix (start token first). Never client data.
+/// Text the server owns, for offset distillation: general sequences and each task's example
+/// format, tokenised (`TaskSpec::skeleton`: the templates' literal text and the fields a model
+/// fills in). Never client data.
 #[derive(Debug, Clone, Default)]
 pub struct ServerText {
     pub general: Vec<Vec<u32>>,
-    /// Task name → prefix ids.
-    pub prefixes: BTreeMap<String, Vec<u32>>,
+    /// Task name → its example format.
+    pub templates: BTreeMap<String, Vec<hetfed_distill::Segment>>,
 }
 
 /// How several projected updates are combined.
@@ -645,8 +647,7 @@ impl Hetero {
         if matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed) {
             let eos = self.large.arch.eos_token_id().unwrap_or(0);
             for (k, task) in tasks.iter().enumerate() {
-                let prefix = self.text.prefixes.get(task).cloned().unwrap_or_else(|| vec![eos]);
-                let prefix = prefix[..prefix.len().min(oc.seq_len / 2).max(1)].to_vec();
+                let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
                 let own;
                 let teacher: &dyn CausalLm = if routed {
                     let mine: Vec<Offset> = offsets.iter().filter(|o| &o.task == task).cloned().collect();
@@ -655,7 +656,7 @@ impl Hetero {
                 } else {
                     &all
                 };
-                let s = hetfed_distill::sample_after(teacher, &prefix, oc.sampled_per_task, oc.seq_len, crate::strategy::mix(seed, k as u64 + 1))?;
+                let s = hetfed_distill::sample_template(teacher, eos, &template, oc.sampled_per_task, oc.seq_len, crate::strategy::mix(seed, k as u64 + 1))?;
                 targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &s, dc.temperature)?);
                 sampled.insert(task.clone(), s.len());
                 seqs.extend(s);
@@ -837,11 +838,16 @@ impl Strategy for Hetero {
         json!({"maps": maps, "tokenizer_hash": self.tokenizer_hash})
     }
 
-    fn serving_model(&self, _base: &Checkpoint, global: &TensorMap) -> Result<Option<Box<dyn CausalLm>>> {
+    /// Offset serving: `L0` plus the last round's offsets. Routed by task (the default), a task
+    /// is served with its own clients' offsets only and general text by `L0` alone, as a server
+    /// that knows which task a request is for would serve it; summed, every offset always.
+    fn serving_model(&self, _base: &Checkpoint, global: &TensorMap, task: Option<&str>) -> Result<Option<Box<dyn CausalLm>>> {
         if self.cfg.aggregation != Aggregation::OffsetServing || self.serving.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Box::new(self.offset_model(self.anchor.as_ref().unwrap_or(global), &self.serving)?)))
+        let routed = self.cfg.offset.routing == OffsetRouting::Task && self.cfg.offset.per == OffsetPer::Client;
+        let offsets: Vec<Offset> = if routed { self.serving.iter().filter(|o| Some(o.task.as_str()) == task).cloned().collect() } else { self.serving.clone() };
+        Ok(Some(Box::new(self.offset_model(self.anchor.as_ref().unwrap_or(global), &offsets)?)))
     }
 
     fn state(&self) -> (serde_json::Value, TensorMap) {

@@ -499,11 +499,10 @@ impl Server {
         tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, f64>> {
             let Some(ev) = &this.eval else { return Ok(BTreeMap::new()) };
             let global = this.global();
-            let serving = lock(&this.strategy).serving_model(&this.base, &global)?;
-            match serving {
-                Some(m) => evaluate_model(&this.base, m.as_ref(), ev),
-                None => evaluate_weights(&this.base, &global, ev),
-            }
+            // The models are built under the strategy's lock (cheap: they share weights), and
+            // evaluated after it is released.
+            let served = Served::new(&this.base, &global, ev, &**lock(&this.strategy))?;
+            evaluate_served(&this.base, &served, ev)
         })
         .await
         .map_err(|e| Error::msg(format!("evaluation task failed: {e}")))?
@@ -574,15 +573,49 @@ impl Server {
 /// Evaluates `weights` (a model of `base`'s architecture and tokenizer) on the server's tasks:
 /// `task/metric` for each, and `general/ppl` when general text is configured.
 pub fn evaluate_weights(base: &Checkpoint, weights: &TensorMap, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
-    let model = base.arch.build(weights, &base.source(), None)?;
-    evaluate_model(base, model.as_ref(), ev)
+    evaluate_model(base, base.arch.build(weights, &base.source(), None)?, ev)
+}
+
+/// The models the server evaluates: the global model, or per task (and for general text) what
+/// the strategy serves instead (`Strategy::serving_model`).
+pub struct Served {
+    global: Box<dyn hetfed_model::CausalLm>,
+    per_task: BTreeMap<String, Box<dyn hetfed_model::CausalLm>>,
+    general: Option<Box<dyn hetfed_model::CausalLm>>,
+}
+
+impl Served {
+    pub fn new(base: &Checkpoint, global: &TensorMap, ev: &ServerEval, strategy: &dyn Strategy) -> Result<Self> {
+        let mut per_task = BTreeMap::new();
+        for t in &ev.tasks {
+            if let Some(m) = strategy.serving_model(base, global, Some(&t.spec.name))? {
+                per_task.insert(t.spec.name.clone(), m);
+            }
+        }
+        let general = strategy.serving_model(base, global, None)?;
+        Ok(Self { global: base.arch.build(global, &base.source(), None)?, per_task, general })
+    }
+
+    fn get(&self, task: Option<&str>) -> &dyn hetfed_model::CausalLm {
+        let m = match task {
+            Some(t) => self.per_task.get(t),
+            None => self.general.as_ref(),
+        };
+        m.unwrap_or(&self.global).as_ref()
+    }
 }
 
 /// [`evaluate_weights`] for any model with `base`'s tokenizer (e.g. an offset-serving model).
-pub fn evaluate_model(base: &Checkpoint, model: &dyn hetfed_model::CausalLm, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
+pub fn evaluate_model(base: &Checkpoint, model: Box<dyn hetfed_model::CausalLm>, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
+    evaluate_served(base, &Served { global: model, per_task: BTreeMap::new(), general: None }, ev)
+}
+
+/// Evaluates what the server serves on each task and on general text.
+pub fn evaluate_served(base: &Checkpoint, served: &Served, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
     let tok = base.tokenizer()?;
     let mut out = BTreeMap::new();
     for t in &ev.tasks {
+        let model = served.get(Some(&t.spec.name));
         let r = evaluate(model, tok, base.arch.eos_token_id(), &t.spec, &t.items, &ev.opts, |_, _| {})
             .map_err(|e| Error::msg(format!("server evaluation of {}: {e}", t.spec.name)))?;
         for (k, v) in r.metrics {
@@ -590,7 +623,7 @@ pub fn evaluate_model(base: &Checkpoint, model: &dyn hetfed_model::CausalLm, ev:
         }
     }
     if !ev.general.is_empty() {
-        let loss = hetfed_train::eval_loss(model, &ev.general, ev.opts.batch_size)?;
+        let loss = hetfed_train::eval_loss(served.get(None), &ev.general, ev.opts.batch_size)?;
         out.insert("general/ppl".into(), loss.exp());
     }
     Ok(out)

@@ -221,7 +221,7 @@ pub fn build_hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &
 
 /// The server's own text for offset distillation: general sequences (`mltext` English train
 /// lines, packed into windows of `offset.seq_len` tokens, each after the start token) and each
-/// run task's prompt prefix (the server defines its tasks' templates).
+/// run task's example format (the server defines its tasks' templates).
 pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<ServerText> {
     let oc = &t.offset;
     let eos = large.arch.eos_token_id().unwrap_or(0);
@@ -232,17 +232,22 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
         let windows = hetfed_transfer::text_sequences(tok, &texts, eos, oc.general_sequences, oc.seq_len - 1)?;
         general = windows.into_iter().map(|w| std::iter::once(eos).chain(w).collect()).collect();
     }
-    let mut prefixes = BTreeMap::new();
+    let mut templates = BTreeMap::new();
     for name in cfg.data.task_names() {
         let spec = hetfed_data::task::builtin(&name).map_err(|e| Error::msg(e.to_string()))?;
-        let mut ids = vec![eos];
-        let prefix = spec.prompt_prefix();
-        if !prefix.is_empty() {
-            ids.extend(tok.encode(prefix.as_str(), false).map_err(|e| Error::msg(format!("tokenising the prefix of {name}: {e}")))?.get_ids());
+        let mut segments = Vec::new();
+        for part in spec.skeleton() {
+            segments.push(match part {
+                hetfed_data::task::TemplatePart::Text(t) => {
+                    let ids = tok.encode(t.as_str(), false).map_err(|e| Error::msg(format!("tokenising the template of {name}: {e}")))?;
+                    hetfed_distill::Segment::Text(ids.get_ids().to_vec())
+                }
+                hetfed_data::task::TemplatePart::Field(_) => hetfed_distill::Segment::Field,
+            });
         }
-        prefixes.insert(spec.name.clone(), ids);
+        templates.insert(spec.name.clone(), segments);
     }
-    Ok(ServerText { general, prefixes })
+    Ok(ServerText { general, templates })
 }
 
 /// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs

@@ -177,10 +177,10 @@ pub trait Strategy: Send {
         serde_json::Value::Null
     }
 
-    /// The model the server evaluates when it is not just the global weights (`None`: build
-    /// the server architecture over `global`). Offset serving evaluates the large model with
-    /// its clients' logit offsets, leaving the weights as they are.
-    fn serving_model(&self, _base: &hetfed_model::Checkpoint, _global: &TensorMap) -> Result<Option<Box<dyn hetfed_model::CausalLm>>> {
+    /// The model the server evaluates on `task` (`None`: general text) when it is not just the
+    /// global weights (`None`: the server architecture over `global`). Offset serving evaluates
+    /// the large model with its clients' logit offsets, leaving the weights as they are.
+    fn serving_model(&self, _base: &hetfed_model::Checkpoint, _global: &TensorMap, _task: Option<&str>) -> Result<Option<Box<dyn hetfed_model::CausalLm>>> {
         Ok(None)
     }
 

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::client::{train_round, ClientData};
 use crate::config::RunConfig;
 use crate::hetero::TransferConfig;
-use crate::server::{evaluate_model, evaluate_weights, ServerEval};
+use crate::server::{evaluate_served, evaluate_weights, Served, ServerEval};
 use crate::sim::{build_hetero, client_data, eval_options, server_eval};
 use crate::strategy::{apply_delta, FitConfig, FitResult, Strategy, StrategyConfig};
 
@@ -373,10 +373,7 @@ fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint
         strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
         server_s += t0.elapsed().as_secs_f64();
     }
-    let metrics = match strategy.serving_model(large, &global)? {
-        Some(m) => evaluate_model(large, m.as_ref(), ev)?,
-        None => evaluate_weights(large, &global, ev)?,
-    };
+    let metrics = evaluate_served(large, &Served::new(large, &global, ev, &strategy)?, ev)?;
     Ok(Cell {
         metrics,
         bytes_per_client_round: bytes as f64 / n_client_rounds.max(1) as f64,

@@ -246,3 +246,77 @@ fn anchored_rounds_replace_each_other_and_survive_a_checkpoint() {
     restored.aggregate_fit(3, &mut g2, &mut vec![Ok(result("a", &h, 10, 0.5, u2))].into_iter(), &[]).unwrap();
     assert_eq!(max_diff(&g1, &g2), 0.0);
 }
+
+/// The embedded pair's tokenizer, and one that differs from it in one merge only.
+fn tokenizers() -> (hetfed_model::tokenizers::Tokenizer, hetfed_model::tokenizers::Tokenizer) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/base-small/tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mine: hetfed_model::tokenizers::Tokenizer = text.parse().unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["model"]["merges"].as_array_mut().unwrap().pop();
+    let other: hetfed_model::tokenizers::Tokenizer = v.to_string().parse().unwrap();
+    (mine, other)
+}
+
+fn with_tokenizer(ck: &Checkpoint, tok: &hetfed_model::tokenizers::Tokenizer) -> Checkpoint {
+    Checkpoint { dir: ck.dir.clone(), arch: ck.arch.clone(), weights: ck.weights.clone(), tokenizer: Some(tok.clone()), config_json: ck.config_json.clone() }
+}
+
+#[test]
+fn logit_offsets_refuse_another_tokenizer() {
+    let small = model(&cfg(8, 2, 2), 1);
+    let large = model(&cfg(16, 3, 4), 2);
+    let (tok, other) = tokenizers();
+    let offsets = TransferConfig { aggregation: hetfed_fed::hetero::Aggregation::OffsetServing, ..transfer() };
+    let base_with = |t: &hetfed_model::tokenizers::Tokenizer| {
+        let maps = PairMaps::fit(&small, &large, &calib(), "test", &MapConfig::default()).unwrap();
+        SmallBase::new(with_tokenizer(&small, t), maps).unwrap()
+    };
+    let large_tok = with_tokenizer(&large, &tok);
+    let (h_tok, h_other) = (large_tok.tokenizer_hash().unwrap(), with_tokenizer(&small, &other).tokenizer_hash().unwrap());
+    assert_ne!(h_tok, h_other, "one merge less is another tokenizer");
+    // When the strategy is built: a client base with another tokenizer, both named.
+    let e = Hetero::new(offsets.clone(), Sampling::default(), FitConfig::default(), 0, &large_tok, vec![base_with(&other)], None, ServerText::default()).err().unwrap().to_string();
+    assert!(e.contains("one tokenizer") && e.contains(&h_tok[..12]) && e.contains(&h_other[..12]), "{e}");
+    // Projection does not need one.
+    Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large_tok, vec![base_with(&other)], None, ServerText::default()).unwrap();
+    // At registration: a client naming another tokenizer (or none) is refused, both named.
+    let s = Hetero::new(offsets, Sampling::default(), FitConfig::default(), 0, &large_tok, vec![base_with(&tok)], None, ServerText::default()).unwrap();
+    let good = ClientInfo { tokenizer_hash: h_tok.clone(), ..info("a", &small) };
+    assert!(s.client_base(&good).unwrap().is_some());
+    let e = s.client_base(&ClientInfo { tokenizer_hash: h_other.clone(), ..info("b", &small) }).unwrap_err();
+    assert!(e.contains("expected tokenizer") && e.contains(&h_tok[..12]) && e.contains(&h_other[..12]), "{e}");
+    let e = s.client_base(&info("c", &small)).unwrap_err();
+    assert!(e.contains("did not name its tokenizer"), "{e}");
+}
+
+#[test]
+fn offset_serving_keeps_the_weights_and_serves_the_offset_model() {
+    let small = model(&cfg(8, 2, 2), 1);
+    let large = model(&cfg(16, 3, 4), 2);
+    let t = TransferConfig { aggregation: hetfed_fed::hetero::Aggregation::OffsetServing, ..transfer() };
+    let mut s = strategy(&small, &large, t);
+    let h = small.identity().unwrap().weights_hash;
+    assert!(s.serving_model(&large, &large.weights, Some("")).unwrap().is_none(), "nothing to serve before a round");
+    let mut g = large.weights.clone();
+    s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 5, 0.1, update(&small, 1)))].into_iter(), &[]).unwrap();
+    assert_eq!(max_diff(&g, &large.weights), 0.0, "serving changes no weight");
+    // The client has no task statistics here: its offset is the task "" one.
+    let served = s.serving_model(&large, &g, Some("")).unwrap().expect("an offset model");
+    let ids = Tensor::from_vec(vec![1u32, 5, 7], (1, 3), &Device::Cpu).unwrap();
+    let plain = large.model(None).unwrap().forward(&ids, None).unwrap();
+    let with = served.forward(&ids, None).unwrap();
+    let d = (hetfed_distill::offset::log_softmax(&plain).unwrap() - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d > 1e-4, "the offset changes the distribution ({d})");
+    // The served offsets survive a checkpoint.
+    let (json, tensors) = s.state();
+    let mut s2 = strategy(&small, &large, TransferConfig { aggregation: hetfed_fed::hetero::Aggregation::OffsetServing, ..transfer() });
+    s2.load_state(json, tensors).unwrap();
+    let again = s2.serving_model(&large, &g, Some("")).unwrap().unwrap().forward(&ids, None).unwrap();
+    // Routed by task, another task (or general text) is served by the large model alone.
+    let other = s2.serving_model(&large, &g, None).unwrap().unwrap().forward(&ids, None).unwrap();
+    let d0 = (hetfed_distill::offset::log_softmax(&plain).unwrap() - other).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d0 < 1e-5, "{d0}");
+    let with = served.forward(&ids, None).unwrap();
+    assert_eq!((again - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}

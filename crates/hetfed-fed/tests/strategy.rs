@@ -193,6 +193,55 @@ fn config_errors_name_the_key() {
     // The committed configs parse.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     hetfed_fed::RunConfig::from_file(&root.join("fedavg-small.toml")).unwrap();
+    hetfed_fed::RunConfig::from_file(&root.join("ethos-projection.toml")).unwrap();
+    for name in ["sweep.toml", "sweep-ethos.toml"] {
+        let (sweep, dir) = hetfed_fed::sweep::SweepConfig::from_file(&root.join(name)).unwrap();
+        assert!(sweep.rows.len() >= 10 && sweep.seeds.len() >= 3, "{name}");
+        hetfed_fed::RunConfig::from_file(&dir.join(&sweep.base)).unwrap();
+    }
     let (sweep, _) = hetfed_fed::sweep::SweepConfig::from_file(&root.join("sweep.toml")).unwrap();
-    assert!(sweep.rows.len() >= 10 && sweep.seeds.len() >= 3);
+    assert_eq!(sweep.rows.iter().filter(|r| r.control).count(), 1, "one control row");
+}
+
+fn run_config(data: &str) -> std::result::Result<hetfed_fed::RunConfig, String> {
+    hetfed_fed::RunConfig::from_toml(&format!("[server]\nmodel = \"m\"\n[data]\n{data}"), ".".into(), "t.toml").map_err(|e| e.to_string())
+}
+
+#[test]
+fn multi_task_configs_assign_each_task_to_its_clients_deterministically() {
+    // One task per client, in the order given.
+    let c = run_config("tasks = [\"bbc\", \"tico:en-hi\", \"ethos\"]\n").unwrap();
+    assert_eq!(c.data.num_clients(), 3);
+    assert_eq!(c.client_ids(), ["c0", "c1", "c2"]);
+    let tasks: Vec<(String, usize)> = (0..3).map(|i| c.data.assignment(i).map(|(g, k)| (g.task, k)).unwrap()).collect();
+    assert_eq!(tasks, [("bbc".to_string(), 0), ("tico:en-hi".to_string(), 0), ("ethos".to_string(), 0)]);
+    assert!(c.data.assignment(3).is_none());
+    assert_eq!(c.data.task_names(), ["bbc", "tico:en-hi", "ethos"]);
+    // Several clients per task.
+    let c = run_config("tasks = [\"bbc\", \"ethos\"]\nclients_per_task = 2\n").unwrap();
+    let tasks: Vec<(String, usize)> = (0..4).map(|i| c.data.assignment(i).map(|(g, k)| (g.task, k)).unwrap()).collect();
+    assert_eq!(tasks, [("bbc".into(), 0), ("bbc".into(), 1), ("ethos".into(), 0), ("ethos".into(), 1)]);
+    // Explicit groups with their own partitions; the same config gives the same assignment.
+    let text = "[[data.groups]]\ntask = \"ethos\"\nclients = 3\npartition = { scheme = \"dirichlet\", alpha = 0.5 }\n[[data.groups]]\ntask = \"copa\"\n";
+    let (a, b) = (run_config(text).unwrap(), run_config(text).unwrap());
+    assert_eq!(a.data.num_clients(), 4);
+    for i in 0..4 {
+        assert_eq!(a.data.assignment(i), b.data.assignment(i));
+    }
+    let (g, k) = a.data.assignment(2).unwrap();
+    assert_eq!((g.task.as_str(), k, g.partition), ("ethos", 2, Some(hetfed_data::PartitionScheme::Dirichlet { alpha: 0.5 })));
+    let (g, k) = a.data.assignment(3).unwrap();
+    assert_eq!((g.task.as_str(), k, g.partition), ("copa", 0, Some(hetfed_data::PartitionScheme::Iid)));
+    // Errors name the key.
+    let e = run_config("task = \"ethos\"\nnum_clients = 2\ntasks = [\"bbc\"]\n").unwrap_err();
+    assert!(e.contains("exactly one of"), "{e}");
+    let e = run_config("tasks = [\"bbc\", \"nope\"]\n").unwrap_err();
+    assert!(e.contains("nope"), "{e}");
+    let e = run_config("tasks = [\"bbc\"]\nnum_clients = 5\n").unwrap_err();
+    assert!(e.contains("data.num_clients") && e.contains('5'), "{e}");
+    let e = run_config("task = \"ethos\"\n").unwrap_err();
+    assert!(e.contains("data.num_clients"), "{e}");
+    // The embedded default is the proposal's scenario: specialists on different tasks.
+    let d = hetfed_fed::RunConfig::embedded_default().unwrap();
+    assert!(d.data.task_names().len() >= 6);
 }

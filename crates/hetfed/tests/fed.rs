@@ -322,3 +322,57 @@ fn a_client_with_a_wrong_token_is_refused() {
     assert!(!err.contains("not-the-token"), "the token leaked into the error: {err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Logit-offset distillation through the real round loop, deployed over gRPC + TLS exactly as
+/// simulated: three Ethos clients on base-small, the server distils their offsets into
+/// base-large on synthetic examples in Ethos's format and its general text.
+#[test]
+fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("offset");
+    let small = model_dir();
+    let large = small.parent().unwrap().join("base-large");
+    let transfer = format!(
+        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 6\ngeneral_sequences = 6\nseq_len = 32\n[transfer.distill]\nsteps = 4\nbatch_size = 4\n",
+        small.display(),
+        dir.join("maps").display()
+    );
+    let cfg = write_config_with(&dir, 1, 120.0, free_port(), &large, &transfer);
+    simulate_then_deploy(&cfg, &data, &dir);
+    let (a, b) = (round_event(&dir.join("sim"), 1).unwrap(), round_event(&dir.join("srv"), 1).unwrap());
+    assert_eq!(a["model_version"], b["model_version"], "deployment and simulation end on the same model");
+    assert_eq!(a["server_eval"], b["server_eval"]);
+    let o = &a["aggregation"]["offset"];
+    assert_eq!(o["routed"], true, "{o}");
+    assert_eq!(o["sequences"], 12, "{o}");
+    assert!(o["kl_after"].as_f64().unwrap() < o["kl_before"].as_f64().unwrap(), "{o}");
+    assert!(a["server_eval"]["ethos/target_nll"].is_number(), "{a}");
+}
+
+/// The embedded default (`hetfed simulate` with no arguments): six specialists on six tasks,
+/// offset distillation into the large model. It finishes within its budget and the server's
+/// target NLL improves on the tasks whose specialists improve on unseen text. ILSUM is left out:
+/// its specialist does not improve on the dev split (neither does the centrally fine-tuned large
+/// model; EXPERIMENTS.md).
+#[test]
+fn the_default_run_finishes_and_improves_target_nll() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("default");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let t = Instant::now();
+    let o = bin().current_dir(&root).arg("simulate").arg("--data-dir").arg(&data).arg("--out").arg(dir.join("run")).output().unwrap();
+    assert!(o.status.success(), "simulate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let secs = t.elapsed().as_secs_f64();
+    let run = dir.join("run");
+    let (zero, last) = (round_event(&run, 0).unwrap(), round_event(&run, 2).unwrap());
+    let nll = |e: &Value, task: &str| e["server_eval"][format!("{task}/target_nll")].as_f64().unwrap_or_else(|| panic!("{task}: {e}"));
+    for task in ["bbc", "scitldr", "tico:en-hi", "ethos", "copa"] {
+        assert!(nll(&last, task) < nll(&zero, task), "{task}: target NLL {} -> {}", nll(&zero, task), nll(&last, task));
+    }
+    nll(&last, "ilsum");
+    let ppl = |e: &Value| e["server_eval"]["general/ppl"].as_f64().unwrap();
+    assert!(ppl(&last) < 1.05 * ppl(&zero), "forgetting: general perplexity {} -> {}", ppl(&zero), ppl(&last));
+    eprintln!("the default run took {secs:.0} s");
+}
