@@ -393,11 +393,16 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 ///
 /// 1. target NLL per task (nats per target token);
 /// 2. the share of the central gain recovered per task, `(L_zero − L_row)/(L_zero − L_central)`
-///    computed per seed against the zero-shot and central rows of that seed; `▲` marks a row
-///    whose target NLL is below the control row's by more than 2 std of the per-seed
-///    difference (paired by seed);
+///    computed per seed against the zero-shot and central rows of that seed, for tasks whose
+///    mean central gain is at least [`MIN_CENTRAL_GAIN`] (a share of a gain near zero or below it
+///    means nothing); `▲` marks a row whose target NLL is below the control row's by more than
+///    2 std of the per-seed difference (paired by seed);
 /// 3. each task's own metrics, forgetting (change of general perplexity against zero-shot of the
 ///    same seed), bytes per client and round, server seconds per round.
+/// Nats per target token the central upper bound must gain over zero-shot for a task's share
+/// column to be shown.
+pub const MIN_CENTRAL_GAIN: f64 = 0.02;
+
 pub fn render_table(results: &[RowResult]) -> String {
     let keys: Vec<String> = {
         let mut k: Vec<String> = results.iter().flat_map(|r| r.cells.values().flat_map(|c| c.metrics.keys().cloned())).collect();
@@ -439,7 +444,7 @@ pub fn render_table(results: &[RowResult]) -> String {
         s += "\n";
     }
 
-    s += "\n**Share of the central gain recovered** in target NLL, `(L_zero − L_row)/(L_zero − L_central)`";
+    s += &format!("\n**Share of the central gain recovered** in target NLL, `(L_zero − L_row)/(L_zero − L_central)`, for tasks whose central gain is at least {MIN_CENTRAL_GAIN} nats/token (– otherwise)");
     if let Some(c) = control {
         s += &format!("; ▲ = target NLL below the control ({}) by more than 2 std of the per-seed difference", c.name);
     }
@@ -448,6 +453,7 @@ pub fn render_table(results: &[RowResult]) -> String {
     s += &header(&gain_cols);
     // The central gain per task, mean over seeds, is shown in the header row's first line.
     s += "| *central gain, nats/token* | |";
+    let mut shown: Vec<bool> = Vec::new();
     for t in &tasks {
         let key = format!("{t}/target_nll");
         let g: Vec<f64> = match (zero, central) {
@@ -457,6 +463,7 @@ pub fn render_table(results: &[RowResult]) -> String {
             }
             _ => Vec::new(),
         };
+        shown.push(!g.is_empty() && mean_std(&g).0 >= MIN_CENTRAL_GAIN);
         s += &format!(" {} |", fmt(&g, 3));
     }
     s += "\n";
@@ -465,7 +472,11 @@ pub fn render_table(results: &[RowResult]) -> String {
             continue;
         }
         s += &format!("| {} | {} |", r.name, model_of(r));
-        for t in &tasks {
+        for (ti, t) in tasks.iter().enumerate() {
+            if !shown[ti] {
+                s += " – |";
+                continue;
+            }
             let key = format!("{t}/target_nll");
             let rs = per_seed(r, &key);
             let share: Vec<f64> = match (zero, central) {
