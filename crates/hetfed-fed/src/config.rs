@@ -97,7 +97,7 @@ fn d_max_mib() -> u64 {
 pub struct EvalSection {
     /// Tasks the server evaluates its model on (their dev split); empty disables it.
     pub tasks: Vec<String>,
-    /// At most this many examples per task (the first ones of the split); 0 = all.
+    /// At most this many examples per task, evenly spaced over the split (`i·n/k`); 0 = all.
     pub max_examples: usize,
     pub every: u64,
     pub batch_size: usize,
@@ -148,7 +148,7 @@ pub struct DataSection {
     /// Explicit client groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<ClientGroup>,
-    /// Cap on each client's share (the first examples of its share); 0 = no cap.
+    /// Cap on each client's share (a seeded random sample of it); 0 = no cap.
     #[serde(default)]
     pub max_examples_per_client: usize,
     /// Fraction of each client's share kept as its local held-out slice.

@@ -35,7 +35,10 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     let group_idx = d.groups().iter().position(|g| *g == group).unwrap_or(0) as u64;
     let seed = if group_idx == 0 { d.seed } else { hetfed_core::mix_seed(d.seed, group_idx) };
     let parts = group.partition.unwrap_or(d.partition).split(&labels, group.clients, seed).map_err(err)?;
+    // The share in a seeded random order before the cap and the held-out cut: data files are
+    // often sorted (Ethos by label, BBC by topic), so the first N would be one class.
     let mut mine = parts[in_group].clone();
+    hetfed_data::partition::SplitMix64::new(hetfed_core::mix_seed(seed, 0x5EED_0000 + in_group as u64)).shuffle(&mut mine);
     if d.max_examples_per_client > 0 {
         mine.truncate(d.max_examples_per_client);
     }
@@ -91,7 +94,7 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
         let split = if e.split == "test" { Split::Test } else { Split::Dev };
         let mut ex = spec.load(dir, split).map_err(err)?;
         if e.max_examples > 0 && ex.len() > e.max_examples {
-            ex = ex.subset(&(0..e.max_examples).collect::<Vec<_>>()).map_err(err)?;
+            ex = ex.subset(&strided(ex.len(), e.max_examples)).map_err(err)?;
         }
         let items = spec.to_items(&ex, Some(&counter)).map_err(err)?;
         tasks.push(EvalTask { spec, items });
@@ -107,6 +110,13 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
         }
     }
     Ok(Some(ServerEval { tasks, opts: eval_options(cfg), every: e.every, general }))
+}
+
+/// `k` of `0..n`, evenly spaced (`i·n/k`): a subset that spans a sorted file, the same for
+/// every seed and every row of a sweep.
+pub fn strided(n: usize, k: usize) -> Vec<usize> {
+    let k = k.min(n);
+    (0..k).map(|i| i * n / k).collect()
 }
 
 /// Up to `n` lines of the server's general text: `mltext` English, `split`.
