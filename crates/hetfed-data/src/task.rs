@@ -347,15 +347,6 @@ impl TaskSpec {
         parts
     }
 
-    /// The start of the prompt every example shares: the skeleton's text before its first field
-    /// (`Article:`, `Translate English to Hindi.\nEnglish:`, or `""`).
-    pub fn prompt_prefix(&self) -> String {
-        match self.skeleton().first() {
-            Some(TemplatePart::Text(t)) => t.trim_end().to_string(),
-            _ => String::new(),
-        }
-    }
-
     /// Checks that the spec is coherent: kind fits the dataset, templates use known fields, the
     /// candidates fit the dataset's classes or alternatives, limits are positive.
     pub fn validate(&self) -> Result<()> {
@@ -815,12 +806,7 @@ fn lower_first(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn prompt_prefix_is_the_shared_start_of_the_template() {
-        assert_eq!(builtin("bbc").unwrap().prompt_prefix(), "Article:");
-        assert_eq!(builtin("scitldr").unwrap().prompt_prefix(), "Abstract:");
-        assert_eq!(builtin("ethos").unwrap().prompt_prefix(), "Comment:");
-        assert_eq!(builtin("tico:en-hi").unwrap().prompt_prefix(), "Translate English to Hindi.\nEnglish:");
-        assert_eq!(builtin("copa").unwrap().prompt_prefix(), "");
+    fn skeleton_splits_a_template_into_text_and_fields() {
         use TemplatePart::{Field, Text};
         let t = |s: &str| Text(s.to_string());
         let f = |s: &str| Field(s.to_string());

@@ -625,7 +625,8 @@ impl Hetero {
         // every offset everywhere (`routing = "sum"`) lets one specialist's offset act on
         // another's domain. Offsets merged per base have no task, so they always sum.
         let routed = oc.routing == OffsetRouting::Task && oc.per == OffsetPer::Client;
-        let all = self.offset_model(l0, &offsets)?;
+        // The summed teacher is built only when some sequence uses it.
+        let all = if routed { None } else { Some(self.offset_model(l0, &offsets)?) };
         let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.base.seed, round);
         let dc = &self.cfg.distill;
         let mut seqs: Vec<Vec<u32>> = Vec::new();
@@ -633,11 +634,12 @@ impl Hetero {
         if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
             let general: Vec<Vec<u32>> = self.text.general.iter().take(oc.general_sequences).map(|s| s[..s.len().min(oc.seq_len)].to_vec()).collect();
             let plain;
-            let teacher: &dyn CausalLm = if routed {
-                plain = self.offset_model(l0, &[])?;
-                &plain
-            } else {
-                &all
+            let teacher: &dyn CausalLm = match &all {
+                Some(all) => all,
+                None => {
+                    plain = self.offset_model(l0, &[])?;
+                    &plain
+                }
             };
             let t = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &general, dc.temperature)?;
             targets.extend(t);
@@ -649,12 +651,13 @@ impl Hetero {
             for (k, task) in tasks.iter().enumerate() {
                 let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
                 let own;
-                let teacher: &dyn CausalLm = if routed {
-                    let mine: Vec<Offset> = offsets.iter().filter(|o| &o.task == task).cloned().collect();
-                    own = self.offset_model(l0, &mine)?;
-                    &own
-                } else {
-                    &all
+                let teacher: &dyn CausalLm = match &all {
+                    Some(all) => all,
+                    None => {
+                        let mine: Vec<Offset> = offsets.iter().filter(|o| &o.task == task).cloned().collect();
+                        own = self.offset_model(l0, &mine)?;
+                        &own
+                    }
                 };
                 let s = hetfed_distill::sample_template(teacher, eos, &template, oc.sampled_per_task, oc.seq_len, crate::strategy::mix(seed, k as u64 + 1))?;
                 targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &s, dc.temperature)?);
