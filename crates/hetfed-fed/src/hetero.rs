@@ -364,21 +364,21 @@ impl SmallBase {
         Ok(Self { checkpoint: small, weights, identity, tokenizer_hash, maps })
     }
 
-    /// The client's fine-tuned small model: this base plus its dense update.
-    fn tuned(&self, delta: &TensorMap) -> Result<Box<dyn CausalLm>> {
-        let mut w = (*self.weights).clone();
-        apply_delta(&mut w, delta, 1.0)?;
+    /// The client's fine-tuned small model: this base plus its update (dense or LoRA factors).
+    fn tuned(&self, update: &TaskVector) -> Result<Box<dyn CausalLm>> {
+        let w = update.apply_unchecked(&self.weights, 1.0)?;
         self.checkpoint.arch.build(&w, &self.checkpoint.source(), None)
     }
 }
 
-/// One logit offset: a small base (by weights hash), the dense update that tunes it, its weight.
+/// One logit offset: a small base (by weights hash), the update that tunes it (a client's LoRA
+/// factors as uploaded, or the dense mean of a base's clients), its weight.
 #[derive(Debug, Clone)]
 struct Offset {
     base_hash: String,
     /// The task of the client it came from ("" for offsets merged per base).
     task: String,
-    delta: TensorMap,
+    update: TaskVector,
     weight: f64,
 }
 
@@ -457,8 +457,8 @@ impl Hetero {
     }
 
     fn small_of(&self, r: &FitResult) -> Result<&SmallBase> {
-        self.smalls.get(&r.base_hash).ok_or_else(|| {
-            Error::msg(format!("client {}: update of base {}, for which the server has no maps", r.client_id, short(&r.base_hash)))
+        self.smalls.get(r.base_hash()).ok_or_else(|| {
+            Error::msg(format!("client {}: update of base {}, for which the server has no maps", r.client_id, short(r.base_hash())))
         })
     }
 
@@ -468,8 +468,8 @@ impl Hetero {
         let mut norms = BTreeMap::new();
         for r in results {
             let sb = self.small_of(&r)?;
-            let tv = TaskVector { base: sb.identity.clone(), kind: Delta::Full(r.delta) };
-            let (p, rep) = sb.maps.project(&tv)?;
+            // LoRA factors project factor by factor (rank kept); dense updates module by module.
+            let (p, rep) = sb.maps.project(&r.update)?;
             let (n_in, n_out): (f64, f64) = rep.modules.iter().fold((0.0, 0.0), |(a, b), m| (a + m.norm_in * m.norm_in, b + m.norm_out * m.norm_out));
             let mut d = p.materialize()?;
             let mut scaled_norm = n_out.sqrt();
@@ -499,8 +499,7 @@ impl Hetero {
         let mut teachers = Vec::with_capacity(results.len());
         for r in results {
             let sb = self.small_of(r)?;
-            let mut w = (*sb.weights).clone();
-            apply_delta(&mut w, &r.delta, 1.0)?;
+            let w = r.update.apply_unchecked(&sb.weights, 1.0)?;
             teachers.push((sb.checkpoint.arch.build(&w, &sb.checkpoint.source(), None)?, alphas[&r.client_id]));
         }
         let student = Checkpoint { dir: self.large.dir.clone(), arch: self.large.arch.clone(), weights: global.clone(), tokenizer: None, config_json: self.large.config_json.clone() };
@@ -541,29 +540,34 @@ impl Hetero {
             let total = group_sum[&key];
             let w = if total > 0.0 { oc.lambda * alphas[&r.client_id] / total } else { 0.0 };
             match oc.per {
-                OffsetPer::Client => out.push(Offset { task: task_of(&r.client_id), base_hash: r.base_hash, delta: r.delta, weight: w }),
-                OffsetPer::Base => match out.iter_mut().find(|o| o.base_hash == r.base_hash) {
-                    // Accumulate `Σ w_i·τ_i` per base; divided by `Σ w_i` below.
-                    Some(o) => {
-                        apply_delta(&mut o.delta, &r.delta, w)?;
-                        o.weight += w;
-                    }
-                    None => {
-                        let mut d = r.delta;
-                        for t in d.values_mut() {
-                            *t = (&*t * w)?;
+                OffsetPer::Client => out.push(Offset { task: task_of(&r.client_id), base_hash: r.base_hash().to_string(), update: r.update, weight: w }),
+                OffsetPer::Base => {
+                    let d = r.delta()?;
+                    match out.iter_mut().find(|o| o.base_hash == r.base_hash()) {
+                        // Accumulate `Σ w_i·τ_i` per base (dense); divided by `Σ w_i` below.
+                        Some(o) => {
+                            let Delta::Full(acc) = &mut o.update.kind else { unreachable!("offsets per base are dense") };
+                            apply_delta(acc, &d, w)?;
+                            o.weight += w;
                         }
-                        out.push(Offset { base_hash: r.base_hash, task: String::new(), delta: d, weight: w });
+                        None => {
+                            let mut d = d;
+                            for t in d.values_mut() {
+                                *t = (&*t * w)?;
+                            }
+                            let base = r.update.base.clone();
+                            out.push(Offset { base_hash: r.base_hash().to_string(), task: String::new(), update: TaskVector { base, kind: Delta::Full(d) }, weight: w });
+                        }
                     }
-                },
+                }
             }
         }
         if oc.per == OffsetPer::Base {
             // One offset per base: the weighted mean of its clients' updates, with weight λ
             // (λ per task group when normalising per task: the groups' weights add up).
             for o in &mut out {
-                if o.weight > 0.0 {
-                    for t in o.delta.values_mut() {
+                if let (true, Delta::Full(d)) = (o.weight > 0.0, &mut o.update.kind) {
+                    for t in d.values_mut() {
                         *t = (&*t / o.weight)?;
                     }
                 }
@@ -589,7 +593,7 @@ impl Hetero {
                     bases.len() - 1
                 }
             };
-            tuned.push((b, sb.tuned(&o.delta)?, o.weight));
+            tuned.push((b, sb.tuned(&o.update)?, o.weight));
         }
         OffsetLm::new(l, bases, tuned)
     }
@@ -859,9 +863,14 @@ impl Strategy for Hetero {
             t.extend(a.iter().map(|(k, v)| (format!("anchor.{k}"), v.clone())));
         }
         for (i, o) in self.serving.iter().enumerate() {
-            t.extend(o.delta.iter().map(|(k, v)| (format!("serving.{i}.{k}"), v.clone())));
+            let (Delta::Full(m) | Delta::Lora { factors: m, .. }) = &o.update.kind;
+            t.extend(m.iter().map(|(k, v)| (format!("serving.{i}.{k}"), v.clone())));
         }
-        let serving: Vec<serde_json::Value> = self.serving.iter().map(|o| json!({"base_hash": o.base_hash, "task": o.task, "weight": o.weight})).collect();
+        let serving: Vec<serde_json::Value> = self
+            .serving
+            .iter()
+            .map(|o| json!({"base": o.update.base, "task": o.task, "weight": o.weight, "lora": o.update.lora_config()}))
+            .collect();
         (json!({"serving": serving}), t)
     }
 
@@ -873,11 +882,20 @@ impl Strategy for Hetero {
         self.serving = Vec::new();
         for (i, o) in json["serving"].as_array().cloned().unwrap_or_default().iter().enumerate() {
             let prefix = format!("serving.{i}.");
-            let delta: TensorMap = serving.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone()))).collect();
-            let base_hash = o["base_hash"].as_str().unwrap_or_default().to_string();
-            let weight = o["weight"].as_f64().ok_or_else(|| Error::msg(format!("strategy state: offset {i} has no weight")))?;
+            let tensors: TensorMap = serving.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone()))).collect();
+            let bad = |what: &str| Error::msg(format!("strategy state: offset {i}: expected {what}, found {}", o));
+            // States written before updates stayed factored name the base by hash only.
+            let base: ModelIdentity = match o["base_hash"].as_str() {
+                Some(h) if o["base"].is_null() => self.smalls.get(h).map(|sb| sb.identity.clone()).ok_or_else(|| bad("a small base the server holds"))?,
+                _ => serde_json::from_value(o["base"].clone()).map_err(|_| bad("a base identity"))?,
+            };
+            let weight = o["weight"].as_f64().ok_or_else(|| bad("a weight"))?;
             let task = o["task"].as_str().unwrap_or_default().to_string();
-            self.serving.push(Offset { base_hash, task, delta, weight });
+            let kind = match &o["lora"] {
+                serde_json::Value::Null => Delta::Full(tensors),
+                l => Delta::Lora { config: serde_json::from_value(l.clone()).map_err(|_| bad("a LoRA config"))?, factors: tensors },
+            };
+            self.serving.push(Offset { base_hash: base.weights_hash.clone(), task, update: TaskVector { base, kind }, weight });
         }
         Ok(())
     }

@@ -482,7 +482,7 @@ impl Server {
         let mut iter = accepted.iter().map(|(id, n, metrics)| {
             let path = spool.join(format!("{id}.safetensors"));
             let tv = TaskVector::load(&path)?;
-            Ok(FitResult { client_id: id.clone(), base_hash: tv.base.weights_hash.clone(), n_examples: *n, metrics: metrics.clone(), delta: tv.materialize()? })
+            FitResult::new(id.clone(), *n, metrics.clone(), tv)
         });
         let report = lock(&self.strategy).aggregate_fit(round, &mut global, &mut iter, failures)?;
         let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(&global)?, ..lock(&self.state).identity.clone() };

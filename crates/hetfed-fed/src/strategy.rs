@@ -73,17 +73,44 @@ impl FitConfig {
     }
 }
 
-/// One client's accepted update, as the strategy sees it: a dense delta (canonical parameter
-/// names, relative to the round's global model; LoRA factors already multiplied out).
+/// One client's accepted update, as the strategy sees it: the task vector as uploaded (LoRA
+/// factors stay factored, so projection keeps their rank and offsets rebuild the tuned model
+/// from them), in f32, with its base's identity: the round's global model, or in a
+/// heterogeneous run the client's own base. A strategy that needs the dense update calls
+/// [`FitResult::delta`].
 #[derive(Debug, Clone)]
 pub struct FitResult {
     pub client_id: String,
-    /// Weights hash of the model the update was made from (the round's global model, or in a
-    /// heterogeneous run the client's own base).
-    pub base_hash: String,
     pub n_examples: u64,
     pub metrics: BTreeMap<String, f64>,
-    pub delta: TensorMap,
+    pub update: hetfed_taskvec::TaskVector,
+}
+
+impl FitResult {
+    /// An update as a strategy sees it; its tensors are converted to f32 (uploads may be f16).
+    pub fn new(client_id: impl Into<String>, n_examples: u64, metrics: BTreeMap<String, f64>, mut update: hetfed_taskvec::TaskVector) -> Result<Self> {
+        let to_f32 = |m: &mut TensorMap| -> Result<()> {
+            for t in m.values_mut() {
+                *t = t.to_dtype(candle_core::DType::F32)?;
+            }
+            Ok(())
+        };
+        match &mut update.kind {
+            hetfed_taskvec::Delta::Full(m) => to_f32(m)?,
+            hetfed_taskvec::Delta::Lora { factors, .. } => to_f32(factors)?,
+        }
+        Ok(Self { client_id: client_id.into(), n_examples, metrics, update })
+    }
+
+    /// Weights hash of the model the update was made from.
+    pub fn base_hash(&self) -> &str {
+        &self.update.base.weights_hash
+    }
+
+    /// The dense update (`<module>.weight = B·A·scale` for LoRA factors).
+    pub fn delta(&self) -> Result<TensorMap> {
+        Ok(self.update.materialize()?)
+    }
 }
 
 /// A selected client that did not contribute, and why.
@@ -419,7 +446,7 @@ impl Strategy for FedAvg {
 
     fn aggregate_fit(&mut self, _round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
         let mut acc = WeightedSum::default();
-        drain(results, |r| acc.add(&r.client_id, &r.delta, r.n_examples as f64))?;
+        drain(results, |r| acc.add(&r.client_id, &r.delta()?, r.n_examples as f64))?;
         let n = acc.weights.len();
         let Some((mean, weights)) = acc.mean()? else {
             return Ok(AggregateReport { n_aggregated: n, ..Default::default() });
@@ -467,7 +494,7 @@ impl Strategy for FedOpt {
 
     fn aggregate_fit(&mut self, _round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
         let mut acc = WeightedSum::default();
-        drain(results, |r| acc.add(&r.client_id, &r.delta, r.n_examples as f64))?;
+        drain(results, |r| acc.add(&r.client_id, &r.delta()?, r.n_examples as f64))?;
         let n = acc.weights.len();
         let Some((delta, weights)) = acc.mean()? else {
             return Ok(AggregateReport { n_aggregated: n, ..Default::default() });
@@ -546,7 +573,7 @@ impl Strategy for TaskArithmetic {
 
     fn aggregate_fit(&mut self, _round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
         let mut acc = WeightedSum::default();
-        drain(results, |r| acc.add(&r.client_id, &r.delta, 1.0))?;
+        drain(results, |r| acc.add(&r.client_id, &r.delta()?, 1.0))?;
         let n = acc.weights.len();
         let weights = acc.weights.keys().map(|k| (k.clone(), self.scale)).collect();
         let applied_norm = apply_delta(global, &acc.sum, self.scale)?;

@@ -36,7 +36,7 @@ use crate::config::RunConfig;
 use crate::hetero::TransferConfig;
 use crate::server::{evaluate_served, evaluate_weights, Served, ServerEval};
 use crate::sim::{build_hetero, client_data, eval_options, server_eval};
-use crate::strategy::{apply_delta, FitConfig, FitResult, Strategy, StrategyConfig};
+use crate::strategy::{FitConfig, FitResult, Strategy, StrategyConfig};
 
 /// What a sweep row computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,7 +166,7 @@ fn run_config(base_path: &Path, seed: u64, transfer: Option<&toml::Value>, eval_
 }
 
 struct Update {
-    delta: TensorMap,
+    update: TaskVector,
     metrics: BTreeMap<String, f64>,
     n_examples: u64,
     bytes: usize,
@@ -176,7 +176,7 @@ fn local_update(ck: &Checkpoint, weights: &TensorMap, cfg: &FitConfig, data: &Cl
     let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(weights)?, ..ck.identity()? };
     let up = train_round(ck, weights.clone(), &identity, cfg, data, &eval_options(cfg_run))?;
     let tv = TaskVector::from_bytes(&up.bytes, Path::new("<update>"))?;
-    Ok(Update { delta: tv.materialize()?, metrics: up.metrics, n_examples: up.n_examples, bytes: up.bytes.len() })
+    Ok(Update { update: tv, metrics: up.metrics, n_examples: up.n_examples, bytes: up.bytes.len() })
 }
 
 fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec<ClientInfo>> {
@@ -283,7 +283,7 @@ fn central(cfg: &RunConfig, dir: &DataDir, large: &Checkpoint, ev: &ServerEval) 
     for round in 1..=cfg.run.rounds {
         for (_, fc) in plan.configure_fit(round, &infos) {
             let u = local_update(large, &w, &fc, &data, cfg)?;
-            apply_delta(&mut w, &u.delta, 1.0)?;
+            w = u.update.apply_unchecked(&w, 1.0)?;
         }
     }
     Ok(Cell { metrics: evaluate_weights(large, &w, ev)?, model: "large".into(), ..Default::default() })
@@ -307,7 +307,7 @@ fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[
         for (cid, fc) in plan.configure_fit(round, infos) {
             let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
             let u = local_update(small, &weights[i], &fc, &datas[i], cfg)?;
-            apply_delta(&mut weights[i], &u.delta, 1.0)?;
+            weights[i] = u.update.apply_unchecked(&weights[i], 1.0)?;
         }
     }
     let held: Vec<String> = datas.iter().map(|d| d.task.name.clone()).collect();
@@ -332,14 +332,13 @@ fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: 
     let model_bytes = hetfed_core::tensors_to_bytes(&global, candle_core::DType::F32, &BTreeMap::new())?.len();
     let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
     for round in 1..=cfg.run.rounds {
-        let hash = hetfed_core::tensor_map_hash(&global)?;
         let mut results = Vec::new();
         for (cid, fc) in strategy.configure_fit(round, infos) {
             let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
             let u = local_update(small, &global, &fc, &datas[i], cfg)?;
             bytes += u.bytes + model_bytes;
             n_client_rounds += 1;
-            results.push(Ok(FitResult { client_id: cid, base_hash: hash.clone(), n_examples: u.n_examples, metrics: u.metrics, delta: u.delta }));
+            results.push(FitResult::new(cid, u.n_examples, u.metrics, u.update));
         }
         let t = Instant::now();
         strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
@@ -355,7 +354,6 @@ fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: 
 
 fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint, infos: &[ClientInfo], updates: &[Vec<(String, Update)>], ev: &ServerEval) -> Result<Cell> {
     let mut strategy = build_hetero(cfg, t, dir, large)?;
-    let base_hash: BTreeMap<&str, &str> = infos.iter().map(|i| (i.client_id.as_str(), i.base_hash.as_str())).collect();
     let mut global = large.weights.clone();
     let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
     for (r, ups) in updates.iter().enumerate() {
@@ -366,7 +364,7 @@ fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint
             .map(|(cid, u)| {
                 bytes += u.bytes;
                 n_client_rounds += 1;
-                Ok(FitResult { client_id: cid.clone(), base_hash: base_hash.get(cid.as_str()).copied().unwrap_or_default().to_string(), n_examples: u.n_examples, metrics: u.metrics.clone(), delta: u.delta.clone() })
+                FitResult::new(cid.clone(), u.n_examples, u.metrics.clone(), u.update.clone())
             })
             .collect();
         let t0 = Instant::now();

@@ -58,9 +58,9 @@ fn update(small: &Checkpoint, seed: u64) -> TensorMap {
     d
 }
 
-fn result(id: &str, base: &str, n: u64, gain: f64, delta: TensorMap) -> FitResult {
+fn result(id: &str, base: &hetfed_model::ModelIdentity, n: u64, gain: f64, delta: TensorMap) -> FitResult {
     let metrics = BTreeMap::from([("val_gain".to_string(), gain)]);
-    FitResult { client_id: id.into(), base_hash: base.into(), n_examples: n, metrics, delta }
+    FitResult::new(id, n, metrics, hetfed_taskvec::TaskVector { base: base.clone(), kind: hetfed_taskvec::Delta::Full(delta) }).unwrap()
 }
 
 fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
@@ -76,7 +76,7 @@ fn aggregate(s: &mut Hetero, global: &TensorMap, results: Vec<FitResult>) -> Ten
 #[test]
 fn aggregation_is_order_free_averages_identical_updates_and_ignores_zero_weights() {
     let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
-    let h = small.identity().unwrap().weights_hash;
+    let h = small.identity().unwrap();
     let (u1, u2, u3) = (update(&small, 1), update(&small, 2), update(&small, 3));
     let t = transfer();
     // Order.
@@ -118,7 +118,7 @@ fn an_update_of_an_unknown_base_is_refused() {
     let other = model(&cfg(8, 1, 2), 5);
     let mut s = strategy(&small, &large, transfer());
     let mut g = large.weights.clone();
-    let h = other.identity().unwrap().weights_hash;
+    let h = other.identity().unwrap();
     let e = s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 1, 0.1, update(&other, 1)))].into_iter(), &[]).unwrap_err().to_string();
     assert!(e.contains("for which the server has no maps"), "{e}");
 }
@@ -195,7 +195,7 @@ fn clients_of_two_widths_aggregate_into_one_server_model() {
     let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large, vec![small_base(&s8, &large), small_base(&s12, &large)], None, ServerText::default()).unwrap();
     let info = s.run_info();
     assert_eq!(info["maps"].as_array().unwrap().len(), 2);
-    let (h8, h12) = (s8.identity().unwrap().weights_hash, s12.identity().unwrap().weights_hash);
+    let (h8, h12) = (s8.identity().unwrap(), s12.identity().unwrap());
     let both = aggregate(&mut s, &large.weights, vec![result("a", &h8, 10, 0.5, update(&s8, 1)), result("b", &h12, 10, 0.5, update(&s12, 2))]);
     let only8 = aggregate(&mut strategy(&s8, &large, transfer()), &large.weights, vec![result("a", &h8, 10, 0.5, update(&s8, 1))]);
     assert!(max_diff(&both, &large.weights) > 1e-5);
@@ -205,7 +205,7 @@ fn clients_of_two_widths_aggregate_into_one_server_model() {
 #[test]
 fn distillation_moves_the_server_model_toward_the_clients() {
     let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
-    let h = small.identity().unwrap().weights_hash;
+    let h = small.identity().unwrap();
     let t = TransferConfig {
         aggregation: hetfed_fed::hetero::Aggregation::Distillation,
         distill: hetfed_distill::DistillConfig { steps: 4, n_prompts: 8, seq_len: 8, batch_size: 4, ..Default::default() },
@@ -222,7 +222,7 @@ fn distillation_moves_the_server_model_toward_the_clients() {
 #[test]
 fn anchored_rounds_replace_each_other_and_survive_a_checkpoint() {
     let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
-    let h = small.identity().unwrap().weights_hash;
+    let h = small.identity().unwrap();
     let u = update(&small, 1);
     let anchored = TransferConfig { anchor: true, ..transfer() };
     // Accumulating: the same update twice moves the model twice as far; anchored: once.
@@ -296,7 +296,7 @@ fn offset_serving_keeps_the_weights_and_serves_the_offset_model() {
     let large = model(&cfg(16, 3, 4), 2);
     let t = TransferConfig { aggregation: hetfed_fed::hetero::Aggregation::OffsetServing, ..transfer() };
     let mut s = strategy(&small, &large, t);
-    let h = small.identity().unwrap().weights_hash;
+    let h = small.identity().unwrap();
     assert!(s.serving_model(&large, &large.weights, Some("")).unwrap().is_none(), "nothing to serve before a round");
     let mut g = large.weights.clone();
     s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 5, 0.1, update(&small, 1)))].into_iter(), &[]).unwrap();
@@ -319,4 +319,41 @@ fn offset_serving_keeps_the_weights_and_serves_the_offset_model() {
     assert!(d0 < 1e-5, "{d0}");
     let with = served.forward(&ids, None).unwrap();
     assert_eq!((again - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}
+
+/// LoRA factors of the small model's QKV and MLP input projections (rank 2), as a client uploads them.
+fn lora_update(small: &Checkpoint, seed: u64) -> TaskVector {
+    let config = hetfed_model::LoraConfig { rank: 2, alpha: 4.0, ..Default::default() };
+    let mut factors = TensorMap::new();
+    for (k, w) in &small.weights {
+        if let Some(module) = k.strip_suffix(".weight").filter(|m| m.ends_with("dense_h_to_4h") || m.ends_with("query_key_value")) {
+            let (out, inp) = (w.dims()[0], w.dims()[1]);
+            let s = 0.05 * (1.0 + seed as f64);
+            factors.insert(format!("{module}.lora_A"), (Tensor::randn(0f32, 1.0, (2, inp), &Device::Cpu).unwrap() * s).unwrap());
+            factors.insert(format!("{module}.lora_B"), (Tensor::randn(0f32, 1.0, (out, 2), &Device::Cpu).unwrap() * s).unwrap());
+        }
+    }
+    TaskVector { base: small.identity().unwrap(), kind: Delta::Lora { config, factors } }
+}
+
+#[test]
+fn a_factored_update_aggregates_like_its_dense_product() {
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let tv = lora_update(&small, 1);
+    let dense = TaskVector { base: tv.base.clone(), kind: Delta::Full(tv.materialize().unwrap()) };
+    let fit = |u: TaskVector| FitResult::new("a", 10, BTreeMap::from([("val_gain".to_string(), 0.5)]), u).unwrap();
+    // Projection: factor by factor (rank kept) against the dense module-by-module path.
+    let f = aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![fit(tv.clone())]);
+    let d = aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![fit(dense.clone())]);
+    assert!(max_diff(&f, &large.weights) > 1e-5, "the factored update must move the model");
+    assert!(max_diff(&f, &d) < 1e-5, "factored and dense projections differ by {}", max_diff(&f, &d));
+    // The rebuilt client model (distillation's teacher) is the same from factors as from the product.
+    let t = TransferConfig {
+        aggregation: hetfed_fed::hetero::Aggregation::Distillation,
+        distill: hetfed_distill::DistillConfig { steps: 2, n_prompts: 4, seq_len: 6, batch_size: 2, ..Default::default() },
+        ..transfer()
+    };
+    let f = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![fit(tv)]);
+    let d = aggregate(&mut strategy(&small, &large, t), &large.weights, vec![fit(dense)]);
+    assert!(max_diff(&f, &d) < 1e-5, "distillation from factors and from the dense update differ by {}", max_diff(&f, &d));
 }

@@ -18,7 +18,8 @@ fn vals(m: &TensorMap) -> BTreeMap<String, Vec<f32>> {
 }
 
 fn result(id: &str, n: u64, delta: TensorMap) -> FitResult {
-    FitResult { client_id: id.into(), base_hash: String::new(), n_examples: n, metrics: BTreeMap::new(), delta }
+    let base = hetfed_model::ModelIdentity { arch: "bloom".into(), config_hash: String::new(), weights_hash: String::new() };
+    FitResult::new(id, n, BTreeMap::new(), hetfed_taskvec::TaskVector { base, kind: hetfed_taskvec::Delta::Full(delta) }).unwrap()
 }
 
 fn aggregate(cfg: &StrategyConfig, global: &TensorMap, results: Vec<FitResult>) -> TensorMap {
