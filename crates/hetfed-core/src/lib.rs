@@ -60,7 +60,14 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Parses safetensors bytes into a map of f32 (or integer) CPU tensors. Floating point tensors
 /// stored as f16 or bf16 are widened to f32 when `to_f32` is set.
+///
+/// The bytes come from outside (a file, an upload), so the parse runs behind [`guard::parse`]:
+/// whatever they hold, the result is `Ok` or an error naming `path`, never a panic.
 pub fn tensors_from_bytes(bytes: &[u8], path: &Path, to_f32: bool) -> Result<(TensorMap, BTreeMap<String, String>)> {
+    guard::parse(path, "a safetensors file", || tensors_from_bytes_inner(bytes, path, to_f32))
+}
+
+fn tensors_from_bytes_inner(bytes: &[u8], path: &Path, to_f32: bool) -> Result<(TensorMap, BTreeMap<String, String>)> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
         path: path.to_owned(),
         msg: e.to_string(),
@@ -132,19 +139,52 @@ pub fn load_safetensors(path: &Path) -> Result<(TensorMap, BTreeMap<String, Stri
 }
 
 /// Serialises a tensor map to safetensors bytes, converting floats to `dtype` (f32, f16 or bf16).
+///
+/// The bytes are a function of the arguments alone: tensors are laid out as the `safetensors`
+/// crate lays them out (descending dtype alignment, then name) and the metadata is written in key
+/// order. (`safetensors::serialize` takes the metadata as a `HashMap`, whose order changes from
+/// run to run, so two identical runs wrote different files.)
 pub fn tensors_to_bytes(map: &TensorMap, dtype: DType, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
-    let mut owned: Vec<(String, Tensor)> = Vec::with_capacity(map.len());
+    let mut views: Vec<(&String, TensorBytes)> = Vec::with_capacity(map.len());
     for (k, t) in map {
         let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t.clone() };
-        owned.push((k.clone(), t.contiguous()?));
+        views.push((k, TensorBytes::new(&t.contiguous()?)?));
     }
-    let meta: std::collections::HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let meta = if meta.is_empty() { None } else { Some(meta) };
-    let views: Vec<(String, TensorBytes)> = owned
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), TensorBytes::new(t)?)))
-        .collect::<Result<_>>()?;
-    safetensors::tensor::serialize(views, meta).map_err(|e| Error::msg(format!("serialising safetensors: {e}")))
+    views.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
+    let json = |e: serde_json::Error| Error::msg(format!("serialising a safetensors header: {e}"));
+    let mut header = String::from("{");
+    if !metadata.is_empty() {
+        // A BTreeMap serialises in key order.
+        header.push_str("\"__metadata__\":");
+        header.push_str(&serde_json::to_string(metadata).map_err(json)?);
+    }
+    let mut offset = 0usize;
+    for (name, t) in &views {
+        let info = safetensors::tensor::TensorInfo {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data_offsets: (offset, offset + t.data.len()),
+        };
+        offset += t.data.len();
+        if header.len() > 1 {
+            header.push(',');
+        }
+        header.push_str(&serde_json::to_string(name).map_err(json)?);
+        header.push(':');
+        header.push_str(&serde_json::to_string(&info).map_err(json)?);
+    }
+    header.push('}');
+    // The data starts 8-byte aligned, as safetensors writes it.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for (_, t) in &views {
+        out.extend_from_slice(&t.data);
+    }
+    Ok(out)
 }
 
 /// Writes a tensor map atomically (temporary file + rename), so an interrupted write never
@@ -154,19 +194,51 @@ pub fn save_safetensors(map: &TensorMap, dtype: DType, metadata: &BTreeMap<Strin
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, durably:
+/// the temporary file is flushed to disk (`fsync`) before the rename and the directory after it,
+/// so after a crash or a power cut `path` holds either its old contents or all of `bytes`, and
+/// once this returns `Ok` the new contents survive a power cut.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    sync_dir(dir.unwrap_or(Path::new(".")))
+}
+
+/// Flushes a directory's entries (a rename in it) to disk. Only Unix can open a directory to
+/// `fsync` it; file systems that cannot sync a directory (`EINVAL`) are not an error.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        if let Err(e) = synced {
+            if e.kind() != std::io::ErrorKind::InvalidInput {
+                return Err(Error::io(dir, e));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 struct TensorBytes {
@@ -190,21 +262,6 @@ impl TensorBytes {
             other => return Err(Error::msg(format!("cannot serialise dtype {other:?}"))),
         };
         Ok(Self { dtype, shape, data })
-    }
-}
-
-impl safetensors::View for TensorBytes {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
     }
 }
 
@@ -271,6 +328,49 @@ mod tests {
     }
 
     #[test]
+    fn serialised_bytes_are_deterministic_and_read_by_safetensors() {
+        let mut m = TensorMap::new();
+        m.insert("z".into(), Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap());
+        m.insert("a".into(), Tensor::new(&[3u8, 4, 5], &Device::Cpu).unwrap());
+        m.insert("m".into(), Tensor::new(&[[7i64]], &Device::Cpu).unwrap());
+        let meta: BTreeMap<String, String> = (0..16).map(|i| (format!("key.{i:02}"), format!("value {i}"))).collect();
+        let bytes = tensors_to_bytes(&m, DType::F32, &meta).unwrap();
+        // Metadata in key order, so the same map gives the same bytes in every process.
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        let positions: Vec<usize> = meta.keys().map(|k| header.find(k.as_str()).unwrap()).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{header}");
+        assert_eq!(n % 8, 0);
+        // With at most one metadata key there is no order to choose: the bytes are safetensors' own.
+        let one: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        for meta in [BTreeMap::new(), one] {
+            let ours = tensors_to_bytes(&m, DType::F16, &meta).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&ours).unwrap();
+            let theirs = safetensors::serialize(st.tensors(), (!meta.is_empty()).then(|| meta.clone().into_iter().collect())).unwrap();
+            assert_eq!(ours, theirs);
+        }
+        let (back, meta2) = tensors_from_bytes(&bytes, Path::new("mem"), true).unwrap();
+        assert_eq!(meta2, meta);
+        assert_eq!(tensor_map_hash(&back).unwrap(), tensor_map_hash(&m).unwrap());
+    }
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("hetfed-core-atomic-{}", std::process::id()));
+        let path = dir.join("sub/x.json");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new contents").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.json")]);
+        // A failed write leaves the old file and no temporary behind.
+        let blocked = dir.join("sub/x.json/inner.bin");
+        assert!(write_atomic(&blocked, b"y").is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn truncated_safetensors_is_a_clear_error() {
         let mut m = TensorMap::new();
         m.insert("w".into(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
@@ -278,6 +378,101 @@ mod tests {
         let err = tensors_from_bytes(&bytes[..bytes.len() - 7], Path::new("x.safetensors"), true).unwrap_err();
         let s = err.to_string();
         assert!(s.starts_with("x.safetensors: not a valid safetensors file"), "{s}");
+    }
+}
+
+/// The boundary between hetfed and the files it reads from outside (configs, tokenizers,
+/// safetensors, task vectors, uploads): a parser of a dependency may panic on bytes it does not
+/// expect (the `tokenizers` crate does on a truncated `tokenizer.json`), and a panic must never
+/// reach a user. [`guard::parse`] turns it into the same one-line error as any other bad input.
+pub mod guard {
+    use std::cell::Cell;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::path::Path;
+    use std::sync::Once;
+
+    use crate::{Error, Result};
+
+    thread_local! {
+        /// How many [`parse`] calls this thread is inside; while positive, panics are not printed.
+        static QUIET: Cell<u32> = const { Cell::new(0) };
+    }
+    static HOOK: Once = Once::new();
+
+    /// Installs (once) a panic hook that stays silent for panics of a thread inside [`parse`]
+    /// and hands every other panic to the hook that was there before. (A program that sets its
+    /// own hook should do so before the first parse: a hook set later replaces this one, and
+    /// caught panics would then be printed, though still caught.)
+    fn install_hook() {
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if QUIET.with(Cell::get) == 0 {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    struct Quiet;
+    impl Quiet {
+        fn enter() -> Self {
+            QUIET.with(|q| q.set(q.get() + 1));
+            Quiet
+        }
+    }
+    impl Drop for Quiet {
+        fn drop(&mut self) {
+            QUIET.with(|q| q.set(q.get().saturating_sub(1)));
+        }
+    }
+
+    /// Runs `f`, which parses data from `path` that should be `expected` (e.g. "a Hugging Face
+    /// tokenizer"), and returns its result; a panic inside `f` becomes
+    /// `<path>: expected <expected>, found data its parser cannot read (<panic message>)`, on one
+    /// line, and prints nothing.
+    pub fn parse<T>(path: &Path, expected: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        install_hook();
+        let outcome = {
+            let _quiet = Quiet::enter();
+            catch_unwind(AssertUnwindSafe(f))
+        };
+        outcome.unwrap_or_else(|payload| {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::Format {
+                path: path.to_owned(),
+                msg: format!("expected {expected}, found data its parser cannot read ({})", one_line(&why, 300)),
+            })
+        })
+    }
+
+    /// `s` on one line (whitespace runs collapsed), at most `max` characters.
+    pub fn one_line(s: &str, max: usize) -> String {
+        let joined = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        if joined.chars().count() <= max {
+            joined
+        } else {
+            let cut: String = joined.chars().take(max).collect();
+            format!("{cut}...")
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_panic_becomes_a_one_line_error_naming_the_file() {
+            let err = parse::<()>(Path::new("x/tokenizer.json"), "a tokenizer", || panic!("bad\nthing")).unwrap_err();
+            assert_eq!(err.to_string(), "x/tokenizer.json: expected a tokenizer, found data its parser cannot read (bad thing)");
+            // Results pass through, and the thread is not left quiet.
+            assert_eq!(parse(Path::new("p"), "x", || Ok(3)).unwrap(), 3);
+            assert_eq!(QUIET.with(Cell::get), 0);
+        }
     }
 }
 

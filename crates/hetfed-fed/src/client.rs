@@ -14,7 +14,7 @@ use hetfed_core::{Error, Result, TensorMap};
 use hetfed_data::{Items, TaskSpec};
 use hetfed_eval::{evaluate, EvalOptions};
 use hetfed_model::{Checkpoint, LoraConfig, ModelIdentity};
-use hetfed_net::{body_from_bytes, Caller, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction, ServiceError, UploadHeader};
+use hetfed_net::{body_from_bytes, Caller, Classify, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction, ServiceError, UploadHeader};
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Example, TrainConfig, Trainer};
 
@@ -141,6 +141,11 @@ pub fn client_info(opts: &ClientOptions) -> Result<ClientInfo> {
 
 /// Exponential backoff (doubling up to 30 s) while the server is unreachable; gives up after
 /// `give_up` without success. Shared by every retried call and by the deployment's connect loop.
+///
+/// Only transient failures are waited on ([`hetfed_net::Classify`], the one classification of
+/// transport and call errors): a permanent one (URL scheme, TLS trust, the server's name, the
+/// client's certificate, credentials, revocation, protocol version) fails at once with its cause,
+/// as no amount of waiting changes it.
 pub struct Retry {
     delay: Duration,
     first: Duration,
@@ -152,17 +157,25 @@ impl Retry {
     pub fn new(first: Duration, give_up: Duration) -> Self {
         Self { delay: first, first, since: None, give_up }
     }
-    /// Sleeps before the next attempt, or fails once the server has been unreachable too long.
-    pub async fn wait(&mut self, e: &(dyn std::fmt::Display + Sync)) -> Result<()> {
-        let since = *self.since.get_or_insert_with(Instant::now);
-        if since.elapsed() > self.give_up {
-            return Err(Error::msg(format!("server unreachable for {} s, giving up: {e}", self.give_up.as_secs())));
+
+    /// After a failed attempt: fails at once if `e` is permanent, or once the server has been
+    /// unreachable for `give_up`; otherwise sleeps before the next attempt (never past `give_up`).
+    pub async fn wait<E: Classify + Sync + ?Sized>(&mut self, e: &E) -> Result<()> {
+        if e.is_permanent() {
+            return Err(Error::msg(format!("{e} (a permanent failure: not retried)")));
         }
-        tracing::warn!("{e}; retrying in {:.1} s", self.delay.as_secs_f64());
-        tokio::time::sleep(self.delay).await;
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let left = self.give_up.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(Error::msg(format!("server unreachable for {:.0} s, giving up: {e}", self.give_up.as_secs_f64())));
+        }
+        let delay = self.delay.min(left);
+        tracing::warn!("{e}; retrying in {:.1} s", delay.as_secs_f64());
+        tokio::time::sleep(delay).await;
         self.delay = (self.delay * 2).min(Duration::from_secs(30));
         Ok(())
     }
+
     pub fn reset(&mut self) {
         self.delay = self.first;
         self.since = None;
@@ -193,7 +206,7 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
                     last_round = 0;
                     retry.reset();
                 }
-                Err(e) if e.is_retryable() => {
+                Err(e) if !e.is_permanent() => {
                     retry.wait(&e).await?;
                     continue;
                 }
@@ -209,7 +222,7 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
                 registered = false;
                 continue;
             }
-            Err(e) if e.is_retryable() => {
+            Err(e) if !e.is_permanent() => {
                 retry.wait(&e).await?;
                 registered = false;
                 continue;
@@ -274,7 +287,7 @@ async fn fit_round(
             match download(service, caller, &fit.model_version).await {
                 Ok(w) => break w,
                 Err(DownloadError::Service(ServiceError::NotFound(m))) if m.contains("not registered") => return Err(FitError::Reregister),
-                Err(DownloadError::Service(e)) if e.is_retryable() => retry.wait(&e).await?,
+                Err(DownloadError::Service(e)) if !e.is_permanent() => retry.wait(&e).await?,
                 Err(DownloadError::Service(e)) => return Ok(Some(format!("model download refused: {e}"))),
                 Err(DownloadError::Local(e)) => return Err(FitError::Fatal(e)),
             }
@@ -308,7 +321,7 @@ async fn fit_round(
                 return Ok(Some(r.reason));
             }
             Err(ServiceError::NotFound(_)) => return Err(FitError::Reregister),
-            Err(e) if e.is_retryable() => retry.wait(&e).await?,
+            Err(e) if !e.is_permanent() => retry.wait(&e).await?,
             // Refusals of this update (late, not selected, too large, malformed, server trouble
             // with it) cost this round only; authentication failures end the client.
             Err(e @ (ServiceError::FailedPrecondition(_) | ServiceError::PermissionDenied(_) | ServiceError::ResourceExhausted(_) | ServiceError::InvalidArgument(_) | ServiceError::Internal(_))) => {

@@ -2,6 +2,10 @@
 //! quorum), validation of every update, streaming aggregation through a [`Strategy`], server-side
 //! evaluation, metrics and atomic checkpoints. It implements [`FedService`], so simulation calls
 //! it directly and deployment wraps it in `hetfed_net::grpc::serve`: one code path.
+//!
+//! Refusals are audited: every refused registration and upload, and every call refused for its
+//! credentials, is one `{"event": "refused", ...}` line in `metrics.jsonl` (see [`Server::audit`]),
+//! never with the token. Each round's uploads: see [`FedService::upload`] on [`Server`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -131,6 +135,24 @@ enum Outcome {
     Rejected { reason: String, bytes: u64 },
 }
 
+/// Uploads streamed into the spool at once; later ones wait, unread. Each costs the server about
+/// two chunks (the transport's decoder, the spool file's buffer), so this bounds the memory of
+/// uploads independently of the number of clients; it is large enough that a few clients on slow
+/// links do not hold up everyone's uploads.
+const RECEPTIONS: usize = 16;
+
+/// Audit records of refusals written in full per minute; beyond, they are counted, and the count
+/// is written as one `refused_suppressed` line (a flood of bad calls cannot fill the disk).
+const AUDIT_PER_MINUTE: u32 = 120;
+/// Longest claimed client id and reason an audit record keeps (both may come from the caller).
+const AUDIT_MAX_CHARS: usize = 256;
+
+struct AuditWindow {
+    start: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
 struct State {
     clients: BTreeMap<String, ClientInfo>,
     /// Heterogeneous runs: each client's own base (identity and weights) its updates are made from.
@@ -165,6 +187,12 @@ pub struct Server {
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
     log: Mutex<std::fs::File>,
+    audit: Mutex<AuditWindow>,
+    /// Uploads received at once (each holds a chunk in the transport's decoder and the spool
+    /// file's buffer); the others wait, unread, holding at most the transport's window each.
+    receptions: tokio::sync::Semaphore,
+    /// Uploads validated at once (each validation holds one update in memory).
+    validations: tokio::sync::Semaphore,
     run_id: String,
 }
 
@@ -238,6 +266,9 @@ impl Server {
             }),
             changed,
             log: Mutex::new(log),
+            audit: Mutex::new(AuditWindow { start: Instant::now(), written: 0, suppressed: 0 }),
+            receptions: tokio::sync::Semaphore::new(RECEPTIONS),
+            validations: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8)),
             run_id,
             opts,
         });
@@ -281,6 +312,64 @@ impl Server {
         }
     }
 
+    /// Records a refused call (audit): one `metrics.jsonl` line
+    /// `{"event": "refused", "call", "client" (the id claimed), "reason", "peer" (remote address or
+    /// null), "upload_round" (the round an upload named, else null), "server_round", "time_unix_ms"}`
+    /// and a warning in the log. The token is never written: it is not part of the record, and a
+    /// reason or id that happens to contain it has it replaced by `***`. At most
+    /// [`AUDIT_PER_MINUTE`] records a minute; the rest are counted into one `refused_suppressed`
+    /// line `{"count", "window_s", "time_unix_ms"}` written before the next record (or at the end
+    /// of the run).
+    pub fn audit(&self, call: &str, caller: &Caller, upload_round: Option<u64>, reason: &str) {
+        let token = caller.token.expose();
+        let clean = |s: &str| -> String {
+            let s = if token.is_empty() { s.to_owned() } else { s.replace(token, "***") };
+            let mut out: String = s.chars().take(AUDIT_MAX_CHARS).collect();
+            if out.len() < s.len() {
+                out.push('…');
+            }
+            out
+        };
+        let (client, reason) = (clean(&caller.client_id), clean(reason));
+        let peer = hetfed_net::peer_addr().map(|a| a.to_string());
+        let suppressed = {
+            let mut w = lock(&self.audit);
+            let mut flushed = None;
+            if w.start.elapsed() >= Duration::from_secs(60) {
+                flushed = Some(std::mem::take(&mut w.suppressed)).filter(|n| *n > 0);
+                w.start = Instant::now();
+                w.written = 0;
+            }
+            if w.written >= AUDIT_PER_MINUTE {
+                w.suppressed += 1;
+                if let Some(n) = flushed {
+                    // Not expected (a fresh window writes first), but never lose a count.
+                    w.suppressed += n;
+                }
+                return;
+            }
+            w.written += 1;
+            flushed
+        };
+        if let Some(n) = suppressed {
+            self.event(json!({"event": "refused_suppressed", "count": n, "window_s": 60, "time_unix_ms": unix_ms()}));
+        }
+        tracing::warn!(call, client = %client, peer = ?peer, "refused: {reason}");
+        let server_round = lock(&self.state).round;
+        self.event(json!({
+            "event": "refused", "call": call, "client": client, "reason": reason, "peer": peer,
+            "upload_round": upload_round, "server_round": server_round, "time_unix_ms": unix_ms(),
+        }));
+    }
+
+    /// Writes the count of audit records suppressed in the current window, if any.
+    fn flush_audit(&self) {
+        let n = std::mem::take(&mut lock(&self.audit).suppressed);
+        if n > 0 {
+            self.event(json!({"event": "refused_suppressed", "count": n, "window_s": 60, "time_unix_ms": unix_ms()}));
+        }
+    }
+
     fn spool_dir(&self, round: u64) -> PathBuf {
         self.opts.run_dir.join("spool").join(format!("round-{round}"))
     }
@@ -312,6 +401,7 @@ impl Server {
         // Each round's spool is removed when it closes; the empty root goes with the run.
         let _ = std::fs::remove_dir(self.opts.run_dir.join("spool"));
         self.notify();
+        self.flush_audit();
         let wall_s = t0.elapsed().as_secs_f64();
         let rounds_completed = self.opts.rounds;
         self.event(json!({"event": "run_end", "rounds_completed": rounds_completed, "wall_s": wall_s, "time_unix_ms": unix_ms()}));
@@ -463,11 +553,11 @@ impl Server {
         let report = report.unwrap_or_default();
         self.event(json!({
             "event": "round", "round": round, "selected": selected.len(), "ok": n_ok, "rejected": n_rej,
-            "failed": selected.len() - n_ok - n_rej, "aggregated": report.n_aggregated > 0, "quorum": self.opts.quorum,
+            "failed": selected.len() - n_ok - n_rej, "aggregated": report.n_aggregated > 0, "n_aggregated": report.n_aggregated, "quorum": self.opts.quorum,
             "alphas": report.weights, "applied_norm": report.applied_norm, "aggregation": report.details,
             "aggregate_s": aggregate_s, "server_eval_s": server_eval_s, "wall_s": t_round.elapsed().as_secs_f64(),
             "bytes_up": up_total, "bytes_down": down_total, "server_eval": server_eval,
-            "server_cpu_s": sys::cpu_seconds() - cpu0, "server_rss_bytes": sys::rss_bytes(),
+            "server_cpu_s": sys::cpu_seconds() - cpu0, "server_rss_bytes": sys::rss_bytes(), "server_peak_rss_bytes": sys::peak_rss_bytes(),
             "model_version": lock(&self.state).identity.weights_hash,
         }));
         // After the round's metrics: a crash in between re-runs the round on resume, and resume
@@ -531,21 +621,37 @@ impl Server {
         Ok(())
     }
 
-    fn authed(&self, caller: &Caller) -> std::result::Result<(), ServiceError> {
-        self.opts.auth.check(caller)
+    /// The caller's credentials; refusals of calls other than register and upload (which audit
+    /// every refusal themselves) are audited here under `call`.
+    fn authed(&self, call: Option<&str>, caller: &Caller) -> std::result::Result<(), ServiceError> {
+        let r = self.opts.auth.check(caller);
+        if let (Some(call), Err(e)) = (call, &r) {
+            self.audit(call, caller, None, &e.to_string());
+        }
+        r
     }
 
-    fn registered(&self, caller: &Caller) -> std::result::Result<(), ServiceError> {
-        self.authed(caller)?;
+    fn registered(&self, call: Option<&str>, caller: &Caller) -> std::result::Result<(), ServiceError> {
+        self.authed(call, caller)?;
         if !lock(&self.state).clients.contains_key(&caller.client_id) {
             return Err(ServiceError::NotFound(format!("client {:?} is not registered (register again)", caller.client_id)));
         }
         Ok(())
     }
 
-    async fn receive(&self, header: &UploadHeader, mut body: ByteStream, path: &Path) -> std::result::Result<u64, ServiceError> {
+    /// Streams `body` to `path` through `path.part` (renamed once complete and checked); on any
+    /// failure the partial file is removed.
+    async fn receive(&self, header: &UploadHeader, body: ByteStream, path: &Path) -> std::result::Result<u64, ServiceError> {
         let tmp = path.with_extension("part");
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(internal)?;
+        let r = Self::receive_to(header, body, &tmp, path).await;
+        if r.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        r
+    }
+
+    async fn receive_to(header: &UploadHeader, mut body: ByteStream, tmp: &Path, path: &Path) -> std::result::Result<u64, ServiceError> {
+        let mut f = tokio::fs::File::create(tmp).await.map_err(internal)?;
         let mut hasher = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
@@ -558,6 +664,7 @@ impl Server {
             f.write_all(&chunk).await.map_err(internal)?;
         }
         f.flush().await.map_err(internal)?;
+        drop(f);
         if n != header.size_bytes {
             return Err(ServiceError::InvalidArgument(format!("expected {} bytes as declared, received {n}", header.size_bytes)));
         }
@@ -565,8 +672,188 @@ impl Server {
         if got != header.sha256.to_ascii_lowercase() {
             return Err(ServiceError::InvalidArgument(format!("checksum mismatch: declared sha256 {}, received {got}", header.sha256)));
         }
-        tokio::fs::rename(&tmp, path).await.map_err(internal)?;
+        tokio::fs::rename(tmp, path).await.map_err(internal)?;
         Ok(n)
+    }
+
+    async fn register_checked(&self, caller: &Caller, info: ClientInfo) -> std::result::Result<RegisterReply, ServiceError> {
+        self.authed(None, caller)?;
+        if info.client_id != caller.client_id {
+            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot register as {:?}", caller.client_id, info.client_id)));
+        }
+        let expected = self.base.identity().map_err(internal)?;
+        if info.arch != expected.arch {
+            return Err(ServiceError::FailedPrecondition(format!("expected a client model of architecture {}, found {}", expected.arch, info.arch)));
+        }
+        let own_base = lock(&self.strategy).client_base(&info).map_err(ServiceError::FailedPrecondition)?;
+        tracing::info!("client {} registered ({} examples)", info.client_id, info.stats.n_examples);
+        let mut st = lock(&self.state);
+        match own_base {
+            Some(b) => st.client_bases.insert(info.client_id.clone(), b),
+            None => st.client_bases.remove(&info.client_id),
+        };
+        st.clients.insert(info.client_id.clone(), info);
+        drop(st);
+        self.notify();
+        Ok(RegisterReply { run_id: self.run_id.clone(), message: "registered".into() })
+    }
+
+    async fn upload_checked(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> std::result::Result<UploadReply, ServiceError> {
+        self.registered(None, caller)?;
+        if header.client_id != caller.client_id {
+            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot upload for {:?}", caller.client_id, header.client_id)));
+        }
+        if header.size_bytes > self.opts.max_update_bytes {
+            return Err(ServiceError::ResourceExhausted(format!("expected an update of at most {} bytes, found {}", self.opts.max_update_bytes, header.size_bytes)));
+        }
+        let id = caller.client_id.clone();
+        let (identity, global, previous) = {
+            let mut st = lock(&self.state);
+            if header.round != st.round || st.phase != Phase::Fit {
+                let why = if header.round < st.round || (header.round == st.round && st.phase != Phase::Fit) { "late: the round is closed" } else { "not open yet" };
+                return Err(ServiceError::FailedPrecondition(format!("update for round {} refused ({why}; current round {})", header.round, st.round)));
+            }
+            if !st.selected.contains_key(&id) {
+                return Err(ServiceError::PermissionDenied(format!("client {id:?} is not selected in round {}", st.round)));
+            }
+            // Only an accepted update uses up the client's turn; a rejected one may be replaced.
+            let previous = match st.outcomes.get(&id) {
+                Some(Outcome::Accepted { .. }) => return Ok(UploadReply { accepted: true, duplicate: true, reason: "already received for this round".into() }),
+                Some(Outcome::InProgress) => return Err(ServiceError::FailedPrecondition("an upload for this round is already in progress".into())),
+                Some(rejected @ Outcome::Rejected { .. }) => Some(rejected.clone()),
+                None => None,
+            };
+            st.outcomes.insert(id.clone(), Outcome::InProgress);
+            let (identity, global) = match st.client_bases.get(&id) {
+                Some((i, w)) => (i.clone(), w.clone()),
+                None => (st.identity.clone(), st.global.clone()),
+            };
+            (identity, global, previous)
+        };
+        let t0 = Instant::now();
+        let dir = self.spool_dir(header.round);
+        let path = dir.join(format!("{id}.safetensors"));
+        // From here until a final outcome is recorded, a failure or a dropped call (the client
+        // disconnected) undoes the upload: the spool file goes, the previous outcome comes back.
+        let mut in_flight = InFlight { server: self, caller: caller.clone(), round: header.round, path: path.clone(), previous, armed: true };
+        let received = async {
+            let _slot = self.receptions.acquire().await.map_err(internal)?;
+            {
+                let st = lock(&self.state);
+                if st.round != header.round || st.phase != Phase::Fit {
+                    // Closed while this upload waited: do not read it, nor re-create the spool.
+                    return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed before the upload could be read)", header.round)));
+                }
+            }
+            tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+            self.receive(&header, body, &path).await
+        }
+        .await;
+        let bytes = match received {
+            Ok(n) => n,
+            Err(e) => {
+                return Err(if in_flight.undo() {
+                    // A broken transfer leaves no trace: the client may retry.
+                    e
+                } else {
+                    // The round closed under the transfer (and its spool went with it).
+                    ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round))
+                });
+            }
+        };
+        let upload_s = t0.elapsed().as_secs_f64();
+        let (max_norm, p2) = (self.opts.max_update_norm, path.clone());
+        // Validation reads the whole update: a bounded number at once bounds the memory they take.
+        let permit = self.validations.acquire().await.map_err(internal)?;
+        let verdict = tokio::task::spawn_blocking(move || -> std::result::Result<f64, String> {
+            let data = std::fs::read(&p2).map_err(|e| e.to_string())?;
+            validate_update(&data, &identity, &global, max_norm).map(|(_, _, norm)| norm)
+        })
+        .await;
+        drop(permit);
+        let verdict = match verdict {
+            Ok(v) => v,
+            Err(e) => {
+                in_flight.undo();
+                return Err(internal(e));
+            }
+        };
+        let mut st = lock(&self.state);
+        in_flight.armed = false;
+        if st.round != header.round || st.phase != Phase::Fit {
+            drop(st);
+            in_flight.remove_files();
+            return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round)));
+        }
+        let reply = match verdict {
+            Ok(norm) => {
+                st.outcomes.insert(id, Outcome::Accepted { n_examples: header.n_examples, metrics: header.metrics, bytes, norm, upload_s });
+                UploadReply { accepted: true, duplicate: false, reason: String::new() }
+            }
+            Err(reason) => {
+                tracing::warn!("round {}: update of {id} rejected: {reason}", header.round);
+                let _ = std::fs::remove_file(&path);
+                st.outcomes.insert(id, Outcome::Rejected { reason: reason.clone(), bytes });
+                UploadReply { accepted: false, duplicate: false, reason }
+            }
+        };
+        drop(st);
+        self.notify();
+        Ok(reply)
+    }
+}
+
+/// An upload between its admission (outcome `InProgress`) and its final outcome. Undone when it
+/// fails or when its future is dropped (the client disconnected mid-transfer, the call was
+/// cancelled): the spool file and its partial file are removed, the client's previous outcome
+/// (none, or a rejection) is restored if the round is still open, and a dropped upload is audited.
+struct InFlight<'a> {
+    server: &'a Server,
+    caller: Caller,
+    round: u64,
+    path: PathBuf,
+    previous: Option<Outcome>,
+    armed: bool,
+}
+
+impl InFlight<'_> {
+    /// Undoes the upload; whether its round is still open.
+    fn undo(&mut self) -> bool {
+        self.armed = false;
+        self.remove_files();
+        let mut st = lock(&self.server.state);
+        let open = st.round == self.round && st.phase == Phase::Fit;
+        if open && matches!(st.outcomes.get(&self.caller.client_id), Some(Outcome::InProgress)) {
+            match self.previous.take() {
+                Some(o) => st.outcomes.insert(self.caller.client_id.clone(), o),
+                None => st.outcomes.remove(&self.caller.client_id),
+            };
+        }
+        drop(st);
+        self.server.notify();
+        open
+    }
+
+    fn remove_files(&self) {
+        let _ = std::fs::remove_file(self.path.with_extension("part"));
+        let _ = std::fs::remove_file(&self.path);
+        // A transfer that outlived its round may have re-created the round's spool directory.
+        let st = lock(&self.server.state);
+        if st.round != self.round || st.phase != Phase::Fit {
+            drop(st);
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.undo();
+            self.server.audit("upload", &self.caller, Some(self.round), "the upload was abandoned mid-transfer (the client disconnected or cancelled the call)");
+        }
     }
 }
 
@@ -669,30 +956,17 @@ fn truncate_metrics(path: &Path, round: u64) -> Result<()> {
 
 #[async_trait::async_trait]
 impl FedService for Server {
+    /// Registers (or re-registers) a client. Every refusal is audited (see [`Server::audit`]).
     async fn register(&self, caller: &Caller, info: ClientInfo) -> std::result::Result<RegisterReply, ServiceError> {
-        self.authed(caller)?;
-        if info.client_id != caller.client_id {
-            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot register as {:?}", caller.client_id, info.client_id)));
+        let r = self.register_checked(caller, info).await;
+        if let Err(e) = &r {
+            self.audit("register", caller, None, &e.to_string());
         }
-        let expected = self.base.identity().map_err(internal)?;
-        if info.arch != expected.arch {
-            return Err(ServiceError::FailedPrecondition(format!("expected a client model of architecture {}, found {}", expected.arch, info.arch)));
-        }
-        let own_base = lock(&self.strategy).client_base(&info).map_err(ServiceError::FailedPrecondition)?;
-        tracing::info!("client {} registered ({} examples)", info.client_id, info.stats.n_examples);
-        let mut st = lock(&self.state);
-        match own_base {
-            Some(b) => st.client_bases.insert(info.client_id.clone(), b),
-            None => st.client_bases.remove(&info.client_id),
-        };
-        st.clients.insert(info.client_id.clone(), info);
-        drop(st);
-        self.notify();
-        Ok(RegisterReply { run_id: self.run_id.clone(), message: "registered".into() })
+        r
     }
 
     async fn instructions(&self, caller: &Caller, after_round: u64, wait: Duration) -> std::result::Result<Instruction, ServiceError> {
-        self.registered(caller)?;
+        self.registered(Some("instructions"), caller)?;
         let deadline = Instant::now() + wait.min(self.opts.max_poll);
         loop {
             let mut rx = self.changed.subscribe();
@@ -717,7 +991,7 @@ impl FedService for Server {
     }
 
     async fn fetch_model(&self, caller: &Caller, version: &str) -> std::result::Result<(ModelHeader, ByteStream), ServiceError> {
-        self.registered(caller)?;
+        self.registered(Some("fetch_model"), caller)?;
         let mut st = lock(&self.state);
         if st.identity.weights_hash != version {
             return Err(ServiceError::NotFound(format!("model version {version} is not the current one ({})", st.identity.weights_hash)));
@@ -728,91 +1002,30 @@ impl FedService for Server {
         Ok((header, body_from_bytes(bytes, 1 << 20)))
     }
 
+    /// Receives a client's update for the open round into the spool, validates it, and records
+    /// its outcome.
+    ///
+    /// One accepted update per client and round: only an *accepted* update uses up the client's
+    /// turn. A later upload in the same round is answered `accepted, duplicate` and not counted
+    /// again. A *refused* upload does not use up the turn: a broken transfer (checksum, size, a
+    /// disconnect) leaves no trace, and an update rejected by validation (wrong base, norm, shape)
+    /// is replaced by a corrected upload made while the round is still open, which is then
+    /// accepted as the client's one update (the round's metrics show the last outcome; every
+    /// refusal is audited when it happens). The round does not wait for such a retry: it closes
+    /// at its deadline or as soon as every selected client has an accepted or rejected update.
     async fn upload(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> std::result::Result<UploadReply, ServiceError> {
-        self.registered(caller)?;
-        if header.client_id != caller.client_id {
-            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot upload for {:?}", caller.client_id, header.client_id)));
+        let round = header.round;
+        let r = self.upload_checked(caller, header, body).await;
+        match &r {
+            Err(e) => self.audit("upload", caller, Some(round), &e.to_string()),
+            Ok(reply) if !reply.accepted => self.audit("upload", caller, Some(round), &format!("rejected: {}", reply.reason)),
+            Ok(_) => {}
         }
-        if header.size_bytes > self.opts.max_update_bytes {
-            return Err(ServiceError::ResourceExhausted(format!("expected an update of at most {} bytes, found {}", self.opts.max_update_bytes, header.size_bytes)));
-        }
-        let id = caller.client_id.clone();
-        let (identity, global) = {
-            let mut st = lock(&self.state);
-            if header.round != st.round || st.phase != Phase::Fit {
-                let why = if header.round < st.round || (header.round == st.round && st.phase != Phase::Fit) { "late: the round is closed" } else { "not open yet" };
-                return Err(ServiceError::FailedPrecondition(format!("update for round {} refused ({why}; current round {})", header.round, st.round)));
-            }
-            if !st.selected.contains_key(&id) {
-                return Err(ServiceError::PermissionDenied(format!("client {id:?} is not selected in round {}", st.round)));
-            }
-            match st.outcomes.get(&id) {
-                Some(Outcome::Accepted { .. }) => return Ok(UploadReply { accepted: true, duplicate: true, reason: "already received for this round".into() }),
-                Some(Outcome::Rejected { reason, .. }) => return Ok(UploadReply { accepted: false, duplicate: true, reason: reason.clone() }),
-                Some(Outcome::InProgress) => return Err(ServiceError::FailedPrecondition("an upload for this round is already in progress".into())),
-                None => {}
-            }
-            st.outcomes.insert(id.clone(), Outcome::InProgress);
-            match st.client_bases.get(&id) {
-                Some((i, w)) => (i.clone(), w.clone()),
-                None => (st.identity.clone(), st.global.clone()),
-            }
-        };
-        let t0 = Instant::now();
-        let dir = self.spool_dir(header.round);
-        let path = dir.join(format!("{id}.safetensors"));
-        let received = async {
-            tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
-            self.receive(&header, body, &path).await
-        }
-        .await;
-        let bytes = match received {
-            Ok(n) => n,
-            Err(e) => {
-                let mut st = lock(&self.state);
-                if st.round != header.round || st.phase != Phase::Fit {
-                    // The round closed under the transfer (and its spool went with it).
-                    return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round)));
-                }
-                // A broken transfer leaves no trace: the client may retry.
-                st.outcomes.remove(&id);
-                drop(st);
-                self.notify();
-                return Err(e);
-            }
-        };
-        let upload_s = t0.elapsed().as_secs_f64();
-        let (max_norm, p2) = (self.opts.max_update_norm, path.clone());
-        let verdict = tokio::task::spawn_blocking(move || -> std::result::Result<f64, String> {
-            let data = std::fs::read(&p2).map_err(|e| e.to_string())?;
-            validate_update(&data, &identity, &global, max_norm).map(|(_, _, norm)| norm)
-        })
-        .await
-        .map_err(internal)?;
-        let mut st = lock(&self.state);
-        if st.round != header.round || st.phase != Phase::Fit {
-            let _ = std::fs::remove_file(&path);
-            return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round)));
-        }
-        let reply = match verdict {
-            Ok(norm) => {
-                st.outcomes.insert(id, Outcome::Accepted { n_examples: header.n_examples, metrics: header.metrics, bytes, norm, upload_s });
-                UploadReply { accepted: true, duplicate: false, reason: String::new() }
-            }
-            Err(reason) => {
-                tracing::warn!("round {}: update of {id} rejected: {reason}", header.round);
-                let _ = std::fs::remove_file(&path);
-                st.outcomes.insert(id, Outcome::Rejected { reason: reason.clone(), bytes });
-                UploadReply { accepted: false, duplicate: false, reason }
-            }
-        };
-        drop(st);
-        self.notify();
-        Ok(reply)
+        r
     }
 
     async fn report_eval(&self, caller: &Caller, report: EvalReport) -> std::result::Result<(), ServiceError> {
-        self.registered(caller)?;
+        self.registered(Some("report_eval"), caller)?;
         if report.client_id != caller.client_id {
             return Err(ServiceError::PermissionDenied(format!("client {:?} cannot report for {:?}", caller.client_id, report.client_id)));
         }

@@ -197,13 +197,27 @@ fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec
 }
 
 /// Runs the sweep; `progress` gets one line per finished row and seed. Results are also written
-/// to `out/results.json` after every cell, so an interrupted sweep keeps what it finished.
-pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMut(String)) -> Result<Vec<RowResult>> {
+/// to `out/results.json` after every cell, so an interrupted sweep keeps what it finished; with
+/// `resume`, the cells already there (same row name and kind, same seed) are kept and not rerun.
+pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, resume: bool, mut progress: impl FnMut(String)) -> Result<Vec<RowResult>> {
     let (sweep, sdir) = SweepConfig::from_file(path)?;
     let base_path = sdir.join(&sweep.base);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut results: Vec<RowResult> = sweep.rows.iter().map(|r| RowResult { name: r.name.clone(), kind: r.kind, control: r.control, cells: BTreeMap::new() }).collect();
+    let saved = out.join("results.json");
+    if resume && saved.exists() {
+        let text = std::fs::read_to_string(&saved).map_err(|e| Error::io(&saved, e))?;
+        let old: Vec<RowResult> = serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: expected the results of hetfed sweep: {e}", saved.display())))?;
+        for r in &mut results {
+            if let Some(o) = old.iter().find(|o| o.name == r.name && o.kind == r.kind) {
+                r.cells = o.cells.iter().filter(|(s, _)| sweep.seeds.contains(s)).map(|(s, c)| (*s, c.clone())).collect();
+            }
+        }
+    }
     for &seed in &sweep.seeds {
+        if results.iter().all(|r| r.cells.contains_key(&seed)) {
+            continue;
+        }
         let cfg = run_config(&base_path, seed, None, sweep.eval_split.as_deref())?;
         let t = cfg.transfer.clone().ok_or_else(|| Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display())))?;
         let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
@@ -216,6 +230,9 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, mut progress: impl FnMu
         // Clients' heterogeneous-round updates, trained once per seed.
         let mut hetero_updates: Option<Vec<Vec<(String, Update)>>> = None;
         for (ri, row) in sweep.rows.iter().enumerate() {
+            if results[ri].cells.contains_key(&seed) {
+                continue;
+            }
             let t0 = Instant::now();
             let cell = match row.kind {
                 RowKind::ZeroShot => Cell { metrics: evaluate_weights(&large, &large.weights, &ev)?, model: "large".into(), ..Default::default() },

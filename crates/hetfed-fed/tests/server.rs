@@ -362,11 +362,6 @@ async fn invalid_updates_are_rejected_and_logged() {
         for (id, data, why) in &cases {
             let r = send(&s, id, round, data, 1).await.unwrap();
             assert!(!r.accepted && !r.duplicate && r.reason.contains(why), "{id}: {r:?}");
-            if *id == "nan" {
-                // A rejected client cannot replace its update in the same round.
-                let again = send(&s, id, round, &bytes_of(&tv(&base_id, delta(10, 0.01))), 1).await.unwrap();
-                assert!(!again.accepted && again.duplicate && again.reason == r.reason, "{again:?}");
-            }
         }
         h.await.unwrap().unwrap();
         // Only the good update, with all the weight, reached the model.
@@ -381,6 +376,117 @@ async fn invalid_updates_are_rejected_and_logged() {
         let r = round_line(&ev, round);
         assert_eq!((r["ok"].as_u64(), r["rejected"].as_u64(), r["failed"].as_u64()), (Some(1), Some(6), Some(0)), "{r}");
         assert_eq!(r["aggregated"], true);
+        // Each rejection was also audited when it happened.
+        for (id, _, why) in &cases {
+            let a = refused(&ev, "upload", id);
+            assert_eq!(a.len(), 1, "{id}: {a:?}");
+            assert!(a[0]["reason"].as_str().unwrap().contains(why) && a[0]["upload_round"] == round, "{}", a[0]);
+        }
+    })
+    .await
+}
+
+/// The audit records of refused calls by `call` claiming to be `id`.
+fn refused<'a>(ev: &'a [Value], call: &str, id: &str) -> Vec<&'a Value> {
+    ev.iter().filter(|e| e["event"] == "refused" && e["call"] == call && e["client"] == id).collect()
+}
+
+/// Only an accepted update uses up a client's turn: after a rejection, a corrected upload in the
+/// same round is accepted (and aggregated once); after an acceptance, another upload is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_update_can_be_corrected_within_the_round() {
+    within(async {
+        let (m, run) = (model_dir(), tempfile::tempdir().unwrap());
+        let base_id = base_identity(m.path());
+        let s = server(m.path(), opts(run.path(), &["a", "b"], 1, 2), &FEDAVG).unwrap();
+        register(&s, &["a", "b"]).await;
+        let h = spawn_run(&s);
+        let round = next_fit(&s, "a", 0).await.round;
+        let (da, db) = (delta(1, 0.01), delta(2, 0.01));
+        let bad = send(&s, "a", round, &bytes_of(&tv(&base_id, delta(9, 100.0))), 5).await.unwrap();
+        assert!(!bad.accepted && !bad.duplicate && bad.reason.contains("norm"), "{bad:?}");
+        // A broken transfer in between changes nothing.
+        let good = bytes_of(&tv(&base_id, da.clone()));
+        let r = s.upload(&caller("a"), header("a", round, &good, 2), body(&good[..10])).await;
+        assert!(matches!(r, Err(ServiceError::InvalidArgument(_))), "{r:?}");
+        let fixed = send(&s, "a", round, &good, 2).await.unwrap();
+        assert!(fixed.accepted && !fixed.duplicate, "{fixed:?}");
+        let again = send(&s, "a", round, &bytes_of(&tv(&base_id, delta(3, 0.01))), 9).await.unwrap();
+        assert!(again.accepted && again.duplicate, "{again:?}");
+        assert!(send(&s, "b", round, &bytes_of(&tv(&base_id, db.clone())), 1).await.unwrap().accepted);
+        h.await.unwrap().unwrap();
+        let expected = plus(&base_weights(m.path()), &[(2.0 / 3.0, &da), (1.0 / 3.0, &db)]);
+        let d = max_diff(&s.global(), &expected);
+        assert!(d <= 1e-6, "global differs from base + (2·da + db)/3 by {d}");
+        let ev = events(run.path());
+        let l = client_line(&ev, round, "a");
+        assert_eq!((l["status"].as_str(), l["examples"].as_u64()), (Some("ok"), Some(2)), "{l}");
+        assert_eq!((round_line(&ev, round)["ok"].as_u64(), round_line(&ev, round)["rejected"].as_u64()), (Some(2), Some(0)));
+        // The rejection and the broken transfer are in the audit trail, the duplicate is not.
+        let a = refused(&ev, "upload", "a");
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert!(a[0]["reason"].as_str().unwrap().contains("norm") && a[1]["reason"].as_str().unwrap().contains("received"), "{a:?}");
+        assert!(!run.path().join("spool").exists(), "the spool is removed with the run");
+    })
+    .await
+}
+
+/// Refused registrations (wrong token, revoked, unknown id, another id) and calls with bad
+/// credentials leave an audit record in metrics.jsonl: the id claimed and the reason, never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_audited_without_the_token() {
+    within(async {
+        let (m, run) = (model_dir(), tempfile::tempdir().unwrap());
+        let mut o = opts(run.path(), &["a", "r"], 1, 1);
+        o.auth.revoke("r");
+        o.min_clients = 1;
+        let s = server(m.path(), o, &FEDAVG).unwrap();
+        let secret = "s3cret-token-never-logged";
+        let wrong = Caller { client_id: "a".into(), token: Secret::new(secret) };
+        assert!(s.register(&wrong, info("a")).await.is_err());
+        let revoked = Caller { client_id: "r".into(), token: Secret::new("token-r") };
+        assert!(s.register(&revoked, info("r")).await.is_err());
+        // An id that carries the token, and a huge id: kept short, token masked.
+        let sneaky = Caller { client_id: format!("x-{secret}"), token: Secret::new(secret) };
+        assert!(s.register(&sneaky, info("x")).await.is_err());
+        let huge = Caller { client_id: "z".repeat(100_000), token: Secret::new(secret) };
+        assert!(s.register(&huge, info("z")).await.is_err());
+        assert!(s.register(&caller("a"), info("b")).await.is_err());
+        assert!(s.instructions(&wrong, 0, Duration::ZERO).await.is_err());
+        assert!(s.upload(&wrong, header("a", 1, b"x", 1), body(b"x")).await.is_err());
+        // An authenticated client that is not registered (yet) is not an audit matter.
+        assert!(s.instructions(&caller("a"), 0, Duration::ZERO).await.is_err());
+        let text = std::fs::read_to_string(run.path().join("metrics.jsonl")).unwrap();
+        assert!(!text.contains(secret), "the token leaked into metrics.jsonl: {text}");
+        assert!(text.len() < 10_000, "audit records are bounded: {} bytes", text.len());
+        let ev = events(run.path());
+        let reg = |id: &str| refused(&ev, "register", id);
+        assert!(reg("a").iter().any(|e| e["reason"].as_str().unwrap().contains("wrong token")), "{ev:?}");
+        assert!(reg("a").iter().any(|e| e["reason"].as_str().unwrap().contains("cannot register as")), "{ev:?}");
+        assert!(reg("r")[0]["reason"].as_str().unwrap().contains("revoked"), "{ev:?}");
+        assert_eq!(reg("x-***").len(), 1, "{ev:?}");
+        for e in of(&ev, "refused") {
+            // In simulation there is no peer address; over gRPC there is (see the deployment test).
+            assert!(e["peer"].is_null() && e["time_unix_ms"].as_u64().unwrap() > 0 && e.get("round").is_none(), "{e}");
+            assert!(e["client"].as_str().unwrap().chars().count() <= 257, "{e}");
+        }
+        assert_eq!(refused(&ev, "instructions", "a").len(), 1);
+        assert_eq!(refused(&ev, "upload", "a").len(), 1);
+        assert_eq!(of(&ev, "refused").len(), 7, "{ev:?}");
+        // A flood of refusals is bounded: 120 records a minute, the rest counted at the end.
+        for _ in 0..300 {
+            assert!(s.register(&wrong, info("a")).await.is_err());
+        }
+        assert_eq!(of(&events(run.path()), "refused").len(), 120);
+        register(&s, &["a"]).await;
+        let h = spawn_run(&s);
+        let round = next_fit(&s, "a", 0).await.round;
+        assert!(send(&s, "a", round, &bytes_of(&tv(&base_identity(m.path()), delta(1, 0.01))), 1).await.unwrap().accepted);
+        h.await.unwrap().unwrap();
+        let ev = events(run.path());
+        let sup = of(&ev, "refused_suppressed");
+        assert!(sup.len() == 1 && sup[0]["count"] == 307 - 120, "{sup:?}");
+        assert!(!std::fs::read_to_string(run.path().join("metrics.jsonl")).unwrap().contains(secret));
     })
     .await
 }
@@ -622,6 +728,181 @@ async fn upload_in_flight_at_deadline_is_refused_as_late() {
         let l = client_line(&ev, round, "a");
         assert!(l["status"] == "failed" && l["reason"].as_str().unwrap().contains("unfinished"), "{l}");
         assert_eq!(max_diff(&s.global(), &base_weights(m.path())), 0.0);
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deployment: the server behind gRPC + TLS on loopback, the client's connect and retry loops.
+
+/// The server behind `serve_with_listener` on 127.0.0.1 with development certificates.
+struct Deployed {
+    _certs_dir: TempDir,
+    certs: hetfed_net::CertPaths,
+    endpoint: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    grpc: tokio::task::JoinHandle<Result<(), hetfed_net::NetError>>,
+}
+
+impl Deployed {
+    async fn start(s: &Arc<Server>) -> Self {
+        let certs_dir = tempfile::tempdir().unwrap();
+        let certs = hetfed_net::generate_dev_certs(certs_dir.path(), &[]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let tls = hetfed_net::ServerTls::from_dev_certs(&certs, false).unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let svc: Arc<dyn FedService> = s.clone();
+        let grpc = tokio::spawn(hetfed_net::serve_with_listener(svc, listener, tls, hetfed_net::Limits::default(), async move {
+            let _ = rx.await;
+        }));
+        Self { _certs_dir: certs_dir, certs, endpoint, stop: Some(stop), grpc }
+    }
+
+    fn tls(&self, domain: &str) -> hetfed_net::ClientTls {
+        hetfed_net::ClientTls::from_dev_certs(&self.certs, domain).unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        (&mut self.grpc).await.unwrap().unwrap();
+    }
+}
+
+/// `hetfed client`'s connect loop: connect, and on failure `Retry::wait` (first delay 200 ms, as
+/// the CLI), giving up after `give_up`. Returns the outcome and the number of attempts.
+async fn connect_with_retry(endpoint: &str, tls: hetfed_net::ClientTls, who: Caller, give_up: Duration) -> (hetfed_core::Result<hetfed_net::GrpcClient>, u32) {
+    let mut retry = hetfed_fed::client::Retry::new(Duration::from_millis(200), give_up);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match hetfed_net::GrpcClient::connect(endpoint, tls.clone(), who.clone(), hetfed_net::Limits::default(), Duration::from_secs(10)).await {
+            Ok(c) => return (Ok(c), attempts),
+            Err(e) => {
+                if let Err(e) = retry.wait(&e).await {
+                    return (Err(e), attempts);
+                }
+            }
+        }
+    }
+}
+
+/// A client of the tiny model with no data: enough to register (it never trains here).
+fn client_options(m: &Path, who: Caller) -> hetfed_fed::client::ClientOptions {
+    hetfed_fed::client::ClientOptions {
+        caller: who,
+        base: Checkpoint::load(m).unwrap(),
+        data: hetfed_fed::client::ClientData {
+            task: hetfed_data::builtin("ethos").unwrap(),
+            train: Vec::new(),
+            val: Vec::new(),
+            val_items: hetfed_data::Items::Choice(Vec::new()),
+            stats: Default::default(),
+        },
+        eval_opts: Default::default(),
+        poll_wait: Duration::from_millis(200),
+        backoff: Duration::from_millis(200),
+        give_up_after: Duration::from_secs(120),
+        on_round: None,
+    }
+}
+
+/// Permanent failures end the client at once with their cause (no 120 s of backoff): the http
+/// scheme, a CA that did not sign the server's certificate, a TLS domain the certificate does not
+/// name, a wrong token, a revoked client. A transient one (nothing listening) is retried until
+/// the bound, then reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_end_the_client_at_once() {
+    within(async {
+        let (m, run) = (model_dir(), tempfile::tempdir().unwrap());
+        let mut o = opts(run.path(), &["a", "r"], 1, 1);
+        o.auth.revoke("r");
+        let s = server(m.path(), o, &FEDAVG).unwrap();
+        let d = Deployed::start(&s).await;
+        let fast = |what: &str, t: std::time::Instant, msg: &str, needle: &str| {
+            assert!(t.elapsed() < Duration::from_secs(5), "{what}: {:?} before failing: {msg}", t.elapsed());
+            assert!(msg.contains(needle), "{what}: expected {needle:?} in {msg:?}");
+        };
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = hetfed_net::generate_dev_certs(other_dir.path(), &[]).unwrap();
+        let wrong_ca = hetfed_net::ClientTls::from_files(&other.ca_cert, "127.0.0.1", None).unwrap();
+        let http = d.endpoint.replace("https://", "http://");
+        let cases = [
+            ("http scheme", http.as_str(), d.tls("127.0.0.1"), "https://"),
+            ("wrong CA", d.endpoint.as_str(), wrong_ca, "not signed by a CA this client trusts"),
+            ("wrong domain", d.endpoint.as_str(), d.tls("fed.example.org"), "does not name \"fed.example.org\""),
+        ];
+        for (what, endpoint, tls, needle) in cases {
+            let t = std::time::Instant::now();
+            let (r, attempts) = connect_with_retry(endpoint, tls, caller("a"), Duration::from_secs(120)).await;
+            let msg = r.err().unwrap_or_else(|| panic!("{what}: connected")).to_string();
+            fast(what, t, &msg, needle);
+            assert!(msg.contains("not retried") && attempts == 1, "{what}: {attempts} attempts: {msg}");
+        }
+        // Connected, but refused at registration: the client ends at once.
+        for (who, needle) in [(Caller { client_id: "a".into(), token: Secret::new("token-r") }, "wrong token"), (caller("r"), "revoked")] {
+            let t = std::time::Instant::now();
+            let (conn, _) = connect_with_retry(&d.endpoint, d.tls("127.0.0.1"), who.clone(), Duration::from_secs(120)).await;
+            let svc: Arc<dyn FedService> = Arc::new(conn.unwrap());
+            let r = hetfed_fed::client::run_client(svc, client_options(m.path(), who)).await;
+            let msg = r.expect_err("a refused client must fail").to_string();
+            fast(needle, t, &msg, needle);
+            assert!(msg.contains("registration refused"), "{msg}");
+        }
+        // The refusals were audited with the peer's loopback address, and without the token.
+        let ev = events(run.path());
+        let a = refused(&ev, "register", "a");
+        assert_eq!(a.len(), 1, "{ev:?}");
+        assert!(a[0]["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{}", a[0]);
+        assert!(!std::fs::read_to_string(run.path().join("metrics.jsonl")).unwrap().contains("token-r"));
+        assert_eq!(refused(&ev, "register", "r").len(), 1, "{ev:?}");
+        d.stop().await;
+
+        // Transient: nothing listens on the port any more. Retried with backoff, bounded.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = format!("https://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let t = std::time::Instant::now();
+        let (r, attempts) = connect_with_retry(&closed, hetfed_net::ClientTls::from_dev_certs(&other, "127.0.0.1").unwrap(), caller("a"), Duration::from_millis(1500)).await;
+        let msg = r.expect_err("nothing listens").to_string();
+        let took = t.elapsed();
+        assert!(attempts >= 3 && msg.contains("unreachable") && msg.contains(&closed), "{attempts} attempts: {msg}");
+        assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(10), "gave up after {took:?}");
+    })
+    .await
+}
+
+/// An upload whose call is dropped midway (the client disconnected; over gRPC the server drops
+/// the call) is undone at once: no partial file stays in the spool, the client may upload again
+/// in the same round, and the abandoned attempt is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_upload_is_undone() {
+    within(async {
+        let (m, run) = (model_dir(), tempfile::tempdir().unwrap());
+        let base_id = base_identity(m.path());
+        let s = server(m.path(), opts(run.path(), &["a"], 1, 1), &FEDAVG).unwrap();
+        register(&s, &["a"]).await;
+        let h = spawn_run(&s);
+        let round = next_fit(&s, "a", 0).await.round;
+        let data = bytes_of(&tv(&base_id, delta(1, 0.01)));
+        let head = Bytes::copy_from_slice(&data[..64]);
+        let stalled: ByteStream = Box::pin(futures::stream::iter([Ok(head)]).chain(futures::stream::pending()));
+        let (s2, hdr) = (s.clone(), header("a", round, &data, 1));
+        let call = tokio::spawn(async move { s2.upload(&caller("a"), hdr, stalled).await });
+        let part = run.path().join(format!("spool/round-{round}/a.part"));
+        while !part.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        assert!(!part.exists(), "the partial file outlived the call");
+        let r = send(&s, "a", round, &data, 1).await.unwrap();
+        assert!(r.accepted && !r.duplicate, "{r:?}");
+        h.await.unwrap().unwrap();
+        let ev = events(run.path());
+        assert_eq!(client_line(&ev, round, "a")["status"], "ok");
+        let a = refused(&ev, "upload", "a");
+        assert!(a.len() == 1 && a[0]["reason"].as_str().unwrap().contains("abandoned"), "{a:?}");
     })
     .await
 }

@@ -39,8 +39,50 @@ impl Arch {
             Arch::Bloom(c) => c.validate(),
             Arch::Llama(c) => c.validate(),
         };
-        check.map_err(fmt)?;
+        check.map_err(&fmt)?;
+        arch.check_sizes().map_err(fmt)?;
         Ok(arch)
+    }
+
+    /// Parses the bytes of a `config.json` (`path` names it in errors) into the architecture and
+    /// the raw JSON. Any bytes give `Ok` or an error naming the file, never a panic.
+    pub fn from_config_bytes(bytes: &[u8], path: &Path) -> Result<(Self, Value)> {
+        hetfed_core::guard::parse(path, "a model config (config.json)", || {
+            let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::Format {
+                path: path.to_owned(),
+                msg: format!("expected JSON: {e}"),
+            })?;
+            Ok((Self::from_config(&v, path)?, v))
+        })
+    }
+
+    /// Sizes no real checkpoint exceeds. A damaged config (a digit too many) would otherwise
+    /// describe a model whose parameter list alone does not fit in memory, or whose shapes
+    /// overflow when multiplied.
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        const MAX_LAYERS: usize = 4096;
+        const MAX_DIM: usize = 1 << 24;
+        let (layers, dims): (usize, Vec<(&str, usize)>) = match self {
+            Arch::Bloom(c) => (c.n_layer, vec![("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size), ("n_head", c.n_head)]),
+            Arch::Llama(c) => (
+                c.num_hidden_layers,
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("hidden_size", c.hidden_size),
+                    ("intermediate_size", c.intermediate_size),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("num_key_value_heads", c.num_key_value_heads.unwrap_or(0)),
+                    ("head_dim", c.head_dim.unwrap_or(0)),
+                ],
+            ),
+        };
+        if layers > MAX_LAYERS {
+            return Err(format!("expected at most {MAX_LAYERS} layers, found {layers}"));
+        }
+        if let Some((k, v)) = dims.into_iter().find(|(_, v)| *v > MAX_DIM) {
+            return Err(format!("expected `{k}` of at most {MAX_DIM}, found {v}"));
+        }
+        Ok(())
     }
 
     pub fn model_type(&self) -> &'static str {
@@ -148,28 +190,32 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Loads an HF directory. Weights stored as f32, f16 or bf16 are widened to f32.
+    ///
+    /// `dir` must be the directory itself: a path to a file in it (`.../config.json`) is refused
+    /// with an error that says so and names the directory to pass instead, rather than guessing
+    /// which model was meant. Every file is read behind [`hetfed_core::guard::parse`], so a
+    /// damaged or truncated file is an error naming it, never a panic.
     pub fn load(dir: &Path) -> Result<Self> {
+        const EXPECTED: &str = "expected a model directory (config.json, model.safetensors, tokenizer.json)";
+        if dir.is_file() {
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            return Err(Error::msg(format!(
+                "{}: {EXPECTED}, found a file (pass its directory, {})",
+                dir.display(),
+                parent.display()
+            )));
+        }
         if !dir.is_dir() {
-            return Err(Error::msg(format!("{}: expected a model directory (config.json, model.safetensors, tokenizer.json), found no such directory", dir.display())));
+            let found = if dir.exists() { "something that is not a directory" } else { "no such directory" };
+            return Err(Error::msg(format!("{}: {EXPECTED}, found {found}", dir.display())));
         }
         let cfg_path = dir.join("config.json");
         let bytes = hetfed_core::read_file(&cfg_path)?;
-        let config_json: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
-            path: cfg_path.clone(),
-            msg: format!("expected JSON: {e}"),
-        })?;
-        let arch = Arch::from_config(&config_json, &cfg_path)?;
+        let (arch, config_json) = Arch::from_config_bytes(&bytes, &cfg_path)?;
         let raw = load_weights(dir)?;
         let weights = validate_weights(&arch, arch.canonicalize(raw), dir)?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() {
-            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Format {
-                path: tok_path.clone(),
-                msg: format!("expected a Hugging Face tokenizer: {e}"),
-            })?)
-        } else {
-            None
-        };
+        let tokenizer = if tok_path.exists() { Some(crate::tokenizer::load(&tok_path)?) } else { None };
         Ok(Self {
             dir: dir.to_owned(),
             arch,
@@ -228,7 +274,7 @@ impl Checkpoint {
         for extra in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
             let src = self.dir.join(extra);
             if src.exists() {
-                std::fs::copy(&src, out.join(extra)).map_err(|e| Error::io(&src, e))?;
+                hetfed_core::write_atomic(&out.join(extra), &hetfed_core::read_file(&src)?)?;
             }
         }
         Ok(())
@@ -253,6 +299,13 @@ fn load_weights(dir: &Path) -> Result<TensorMap> {
         let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
         let mut out = TensorMap::new();
         for f in files {
+            // Shards sit next to the index; a path elsewhere is a damaged (or hostile) index.
+            if Path::new(f).file_name() != Some(std::ffi::OsStr::new(f)) {
+                return Err(Error::Format {
+                    path: index.clone(),
+                    msg: format!("expected shard file names in `weight_map`, found {f:?}"),
+                });
+            }
             out.extend(hetfed_core::load_safetensors(&dir.join(f))?.0);
         }
         return Ok(out);

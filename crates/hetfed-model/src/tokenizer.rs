@@ -1,5 +1,7 @@
-//! Training hetfed's own byte-level BPE tokenizers (the `tokenizers` crate's trainer), with the
-//! special tokens `<unk>`=0, `<s>`=1 (prepended as BOS), `</s>`=2, `<pad>`=3.
+//! Loading `tokenizer.json` files safely ([`load`], [`from_bytes`]: a malformed file is an error,
+//! never a panic of the `tokenizers` crate), and training hetfed's own byte-level BPE tokenizers
+//! (the `tokenizers` crate's trainer), with the special tokens `<unk>`=0, `<s>`=1 (prepended as
+//! BOS), `</s>`=2, `<pad>`=3.
 
 use std::path::Path;
 
@@ -54,6 +56,29 @@ pub fn train_bpe(files: &[String], vocab_size: usize, min_frequency: u64) -> Res
     // Round-trip through JSON into the generic `Tokenizer` every loader uses.
     let json = tok.to_string(false).map_err(|e| Error::msg(format!("serialising the tokenizer: {e}")))?;
     Tokenizer::from_bytes(json.as_bytes()).map_err(|e| Error::msg(format!("reloading the tokenizer: {e}")))
+}
+
+/// Loads a `tokenizer.json`. See [`from_bytes`].
+pub fn load(path: &Path) -> Result<Tokenizer> {
+    from_bytes(&hetfed_core::read_file(path)?, path)
+}
+
+/// Parses the bytes of a `tokenizer.json` (`path` names it in errors). The `tokenizers` crate
+/// panics on some malformed files (a truncated one, in its decoder section), so the parse, and
+/// one encode and decode of a short text that would meet the same defects later, run behind
+/// [`hetfed_core::guard::parse`]: any bytes give `Ok` or a one-line error naming the file.
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
+    hetfed_core::guard::parse(path, "a Hugging Face tokenizer (tokenizer.json)", || {
+        let tok = Tokenizer::from_bytes(bytes).map_err(|e| Error::Format {
+            path: path.to_owned(),
+            msg: format!("expected a Hugging Face tokenizer: {}", hetfed_core::guard::one_line(&e.to_string(), 300)),
+        })?;
+        // Errors here are the caller's to meet (and report) when it tokenises; panics are not.
+        if let Ok(enc) = tok.encode("hetfed: ok, 1 2 3 \u{e9}\u{2713}", true) {
+            let _ = tok.decode(enc.get_ids(), false);
+        }
+        Ok(tok)
+    })
 }
 
 /// Tokens per character of `lines` (lower is better compression).

@@ -15,8 +15,14 @@
 //! [`Limits::max_upload_bytes`].
 //!
 //! Errors: each [`ServiceError`] variant maps to one gRPC status code and back (variant and message
-//! survive the round trip); transport failures and other codes become
-//! [`ServiceError::Unavailable`], which clients retry.
+//! survive the round trip). Of the other outcomes, a TLS refusal under a call (an untrusted or
+//! misnamed server certificate after a reconnect, a client certificate the server refuses) becomes
+//! [`ServiceError::Unauthenticated`] and `Unimplemented` (another protocol version) becomes
+//! [`ServiceError::FailedPrecondition`], both permanent; network failures and the remaining codes
+//! become [`ServiceError::Unavailable`], which clients retry (see [`crate::Classify`]).
+//!
+//! The server side records each call's peer address in a task-local: the service reads it with
+//! [`peer_addr`] (e.g. for audit records of refused calls) without it being part of [`Caller`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,7 +38,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::error::{error_chain, NetError};
+use crate::error::{error_chain, tls_refusal, ErrorClass, NetError};
 use crate::service::{ByteStream, Caller, FedService, Secret, ServiceError};
 use crate::tls::{install_crypto_provider, ClientTls, ServerTls};
 use crate::types::*;
@@ -66,11 +72,17 @@ pub struct Limits {
     pub chunk_bytes: usize,
     /// Largest upload body the server accepts.
     pub max_upload_bytes: u64,
+    /// The server's HTTP/2 flow-control window, per call and per connection: the most a client
+    /// can have sent that the server has not read yet. It bounds what an upload waiting for the
+    /// server costs the server's memory (one window per connection, instead of the 1 MiB hyper
+    /// would grant), and a single upload's rate (one window per round trip: 256 KiB at 50 ms is
+    /// 5 MB/s). At least 65 535 (HTTP/2's initial window).
+    pub window_bytes: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_message_bytes: 8 << 20, chunk_bytes: 1 << 20, max_upload_bytes: 8 << 30 }
+        Self { max_message_bytes: 8 << 20, chunk_bytes: 1 << 20, max_upload_bytes: 8 << 30, window_bytes: 256 << 10 }
     }
 }
 
@@ -82,6 +94,9 @@ impl Limits {
     pub fn validate(&self) -> Result<(), NetError> {
         if self.chunk_bytes == 0 {
             return Err(NetError::Limits("expected chunk_bytes > 0, found 0".into()));
+        }
+        if self.window_bytes < 65_535 {
+            return Err(NetError::Limits(format!("expected window_bytes >= 65535 (HTTP/2's initial window), found {}", self.window_bytes)));
         }
         if self.chunk_bytes.saturating_add(Self::FRAMING) > self.max_message_bytes {
             return Err(NetError::Limits(format!(
@@ -117,6 +132,12 @@ impl From<ServiceError> for Status {
 impl From<Status> for ServiceError {
     fn from(s: Status) -> Self {
         let msg = s.message().to_owned();
+        // The TLS layer refusing the peer is permanent whatever code tonic gave the failure.
+        if !matches!(s.code(), Code::Ok | Code::Unauthenticated | Code::PermissionDenied) {
+            if let Some(why) = std::error::Error::source(&s).and_then(|e| tls_refusal(e, None)) {
+                return ServiceError::Unauthenticated(why);
+            }
+        }
         match s.code() {
             Code::Unauthenticated => ServiceError::Unauthenticated(msg),
             Code::PermissionDenied => ServiceError::PermissionDenied(msg),
@@ -127,6 +148,7 @@ impl From<Status> for ServiceError {
             Code::NotFound => ServiceError::NotFound(msg),
             Code::Internal => ServiceError::Internal(msg),
             Code::Unavailable => ServiceError::Unavailable(msg),
+            Code::Unimplemented => ServiceError::FailedPrecondition(format!("the server does not implement this call (another hetfed protocol version?): {msg}")),
             // Transport failures (Unknown, Cancelled, ...) and codes the protocol does not use: retry.
             code => {
                 let detail = match std::error::Error::source(&s).map(error_chain) {
@@ -385,10 +407,23 @@ pub async fn serve_with_listener(
         .map_err(|e| NetError::Tls { context: format!("server on {addr}"), reason: error_chain(&e) })?
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(limits.window_bytes)
+        .initial_connection_window_size(limits.window_bytes)
         .add_service(fed)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(|e| NetError::Serve { addr, reason: error_chain(&e) })
+}
+
+tokio::task_local! {
+    static PEER: Option<SocketAddr>;
+}
+
+/// The remote address of the gRPC call the current task is serving, when [`serve`] runs the
+/// service (`None` elsewhere, e.g. in simulation). For logs and audit records only: the address
+/// proves nothing about who the caller is.
+pub fn peer_addr() -> Option<SocketAddr> {
+    PEER.try_with(|p| *p).ok().flatten()
 }
 
 /// Adapts a [`FedService`] to the generated `Fed` server trait.
@@ -420,16 +455,18 @@ type FetchModelStream = Pin<Box<dyn Stream<Item = Result<proto::FetchModelRespon
 impl Fed for Adapter {
     async fn register(&self, req: Request<proto::RegisterRequest>) -> Result<Response<proto::RegisterResponse>, Status> {
         let caller = caller_of(req.metadata())?;
+        let peer = req.remote_addr();
         let info = req.into_inner().info.ok_or_else(|| Status::invalid_argument("RegisterRequest without info"))?;
         tracing::debug!(client_id = %caller.client_id, "register");
-        Ok(Response::new(self.inner.register(&caller, info.into()).await?.into()))
+        Ok(Response::new(PEER.scope(peer, self.inner.register(&caller, info.into())).await?.into()))
     }
 
     async fn instructions(&self, req: Request<proto::InstructionsRequest>) -> Result<Response<proto::InstructionsResponse>, Status> {
         let caller = caller_of(req.metadata())?;
+        let peer = req.remote_addr();
         let proto::InstructionsRequest { after_round, wait_ms } = req.into_inner();
         let wait = Duration::from_millis(wait_ms).min(MAX_LONG_POLL);
-        Ok(Response::new(self.inner.instructions(&caller, after_round, wait).await?.into()))
+        Ok(Response::new(PEER.scope(peer, self.inner.instructions(&caller, after_round, wait)).await?.into()))
     }
 
     type FetchModelStream = FetchModelStream;
@@ -437,9 +474,10 @@ impl Fed for Adapter {
     async fn fetch_model(&self, req: Request<proto::FetchModelRequest>) -> Result<Response<FetchModelStream>, Status> {
         use fetch_model_response::Msg;
         let caller = caller_of(req.metadata())?;
+        let peer = req.remote_addr();
         let version = req.into_inner().version;
         tracing::debug!(client_id = %caller.client_id, %version, "fetch_model");
-        let (header, body) = self.inner.fetch_model(&caller, &version).await?;
+        let (header, body) = PEER.scope(peer, self.inner.fetch_model(&caller, &version)).await?;
         let first = proto::FetchModelResponse { msg: Some(Msg::Header(header.into())) };
         let chunks = rechunk(body, self.limits.chunk_bytes)
             .map(|r| r.map(|b| proto::FetchModelResponse { msg: Some(Msg::Chunk(b)) }).map_err(Status::from));
@@ -449,6 +487,7 @@ impl Fed for Adapter {
     async fn upload(&self, req: Request<Streaming<proto::UploadRequest>>) -> Result<Response<proto::UploadResponse>, Status> {
         use upload_request::Msg;
         let caller = caller_of(req.metadata())?;
+        let peer = req.remote_addr();
         let mut messages = req.into_inner();
         let header: UploadHeader = match messages.message().await? {
             Some(proto::UploadRequest { msg: Some(Msg::Header(h)) }) => h.into(),
@@ -468,13 +507,14 @@ impl Fed for Adapter {
             Err(status) => Err(status.into()),
         });
         let body = checked_body(chunks, header.size_bytes, "upload");
-        Ok(Response::new(self.inner.upload(&caller, header, body).await?.into()))
+        Ok(Response::new(PEER.scope(peer, self.inner.upload(&caller, header, body)).await?.into()))
     }
 
     async fn report_eval(&self, req: Request<proto::ReportEvalRequest>) -> Result<Response<proto::ReportEvalResponse>, Status> {
         let caller = caller_of(req.metadata())?;
+        let peer = req.remote_addr();
         let report = req.into_inner().report.ok_or_else(|| Status::invalid_argument("ReportEvalRequest without report"))?;
-        self.inner.report_eval(&caller, report.into()).await?;
+        PEER.scope(peer, self.inner.report_eval(&caller, report.into())).await?;
         Ok(Response::new(proto::ReportEvalResponse {}))
     }
 }
@@ -503,8 +543,10 @@ impl GrpcClient {
         install_crypto_provider();
         let bad = |reason: String| NetError::Endpoint { endpoint: endpoint.to_owned(), reason };
         let ep = Endpoint::from_shared(endpoint.to_owned()).map_err(|e| bad(error_chain(&e)))?;
-        if ep.uri().scheme_str() != Some("https") {
-            return Err(bad(format!("found the scheme {:?}", ep.uri().scheme_str().unwrap_or("(none)"))));
+        match ep.uri().scheme_str() {
+            Some("https") => {}
+            Some("http") => return Err(bad("found http://: the server only speaks TLS (use https://)".into())),
+            other => return Err(bad(format!("found the scheme {:?}", other.unwrap_or("(none)")))),
         }
         let ep = ep
             .tls_config(tls.to_tonic()?)
@@ -514,19 +556,46 @@ impl GrpcClient {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let failed = |reason: String| NetError::Connect { endpoint: endpoint.to_owned(), reason };
+        let failed = |reason: String, class: ErrorClass| NetError::Connect { endpoint: endpoint.to_owned(), reason, class };
         let channel = tokio::time::timeout(connect_timeout, ep.connect())
             .await
-            .map_err(|_| failed(format!("no TLS connection within {connect_timeout:?}")))?
-            .map_err(|e| {
-                let reason = error_chain(&e);
-                if reason.contains("certificate") {
-                    failed(format!("{reason} (check that the server's certificate is signed by the CA in ClientTls::ca_pem and names {:?})", tls.domain))
-                } else {
-                    failed(reason)
-                }
+            .map_err(|_| failed(format!("no TLS connection within {connect_timeout:?}"), ErrorClass::Transient))?
+            .map_err(|e| match tls_refusal(&e, Some(&tls.domain)) {
+                // The TLS layer refused: trying again cannot help.
+                Some(why) => failed(why, ErrorClass::Permanent),
+                // The network failed (nothing listening, reset, unreachable, timeout): maybe later.
+                None => failed(error_chain(&e), ErrorClass::Transient),
             })?;
-        Ok(Self { channel, caller, limits })
+        let this = Self { channel, caller, limits };
+        this.probe(connect_timeout).await.map_err(|(reason, class)| failed(reason, class))?;
+        Ok(this)
+    }
+
+    /// One call without credentials, which a hetfed server answers `Unauthenticated` without
+    /// involving its service: proves that the server speaks this protocol and kept the connection.
+    /// Under TLS 1.3 a server refuses a client certificate (or its absence) only after the
+    /// client's side of the handshake is over, by closing the connection: a connection closed
+    /// before this first answer is that refusal, and permanent.
+    async fn probe(&self, timeout: Duration) -> Result<(), (String, ErrorClass)> {
+        let mut client = self.client();
+        let call = client.register(Request::new(proto::RegisterRequest { info: None }));
+        let status = match tokio::time::timeout(timeout, call).await {
+            Err(_) => return Err((format!("no answer to a first call within {timeout:?}"), ErrorClass::Transient)),
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(s)) if s.code() == Code::Unauthenticated => return Ok(()),
+            Ok(Err(s)) => s,
+        };
+        let chain = error_chain(&status);
+        match ServiceError::from(status) {
+            ServiceError::Unavailable(m) if ["connection closed", "connection reset", "broken pipe"].iter().any(|p| chain.contains(p)) => Err((
+                format!("the server closed the connection right after the TLS handshake ({m}): it refuses this client's certificate (mutual TLS needs a client certificate signed by the server's client CA)"),
+                ErrorClass::Permanent,
+            )),
+            ServiceError::Unavailable(m) => Err((m, ErrorClass::Transient)),
+            // The TLS layer's refusal, explained by the conversion.
+            ServiceError::Unauthenticated(m) => Err((m, ErrorClass::Permanent)),
+            e => Err((format!("the server refused a first call: {e}"), ErrorClass::Permanent)),
+        }
     }
 
     /// The caller used for calls whose own caller has an empty client id.
@@ -650,6 +719,10 @@ mod tests {
         }
         assert!(ServiceError::from(Status::cancelled("x")).is_retryable());
         assert!(ServiceError::from(Status::unknown("x")).is_retryable());
+        assert!(ServiceError::from(Status::deadline_exceeded("x")).is_retryable());
+        // Another protocol version: permanent.
+        let e = ServiceError::from(Status::unimplemented("x"));
+        assert!(matches!(&e, ServiceError::FailedPrecondition(m) if m.contains("protocol version")), "{e:?}");
     }
 
     #[test]
@@ -657,6 +730,7 @@ mod tests {
         assert!(Limits::default().validate().is_ok());
         assert!(Limits { chunk_bytes: 0, ..Limits::default() }.validate().is_err());
         assert!(Limits { chunk_bytes: 8 << 20, ..Limits::default() }.validate().is_err());
+        assert!(Limits { window_bytes: 1000, ..Limits::default() }.validate().is_err());
     }
 
     #[tokio::test]

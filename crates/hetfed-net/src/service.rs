@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
+use crate::error::{Classify, ErrorClass};
 use crate::types::*;
 
 /// A body of bytes streamed in chunks (uploads and model downloads): no size cap, bounded memory.
@@ -80,9 +81,23 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// Whether a client should retry the same call later (transport trouble), as opposed to a refusal.
+    /// Whether a client should retry the same call later (transport trouble), as opposed to a
+    /// refusal: the [`ErrorClass::Transient`] errors of [`Classify`].
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ServiceError::Unavailable(_))
+        self.class() == ErrorClass::Transient
+    }
+}
+
+impl Classify for ServiceError {
+    /// Only `Unavailable` (the connection failed or timed out, the server is shutting down) is
+    /// transient. Every other error is the server's answer to this request (or, for
+    /// `Unauthenticated` raised by the transport, the TLS layer refusing the peer) and would be
+    /// the same answer again.
+    fn class(&self) -> ErrorClass {
+        match self {
+            ServiceError::Unavailable(_) => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        }
     }
 }
 

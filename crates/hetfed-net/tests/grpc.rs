@@ -321,33 +321,102 @@ async fn every_service_error_survives_the_wire() {
     .await
 }
 
+/// A connection attempt that must fail permanently, fast, with `needle` in its message.
+async fn refused_at_once(what: &str, attempt: impl Future<Output = Result<GrpcClient, NetError>>, needle: &str) -> NetError {
+    let t = Instant::now();
+    let err = attempt.await.expect_err(what);
+    let msg = err.to_string();
+    assert!(t.elapsed() < Duration::from_secs(5), "{what}: took {:?}: {msg}", t.elapsed());
+    assert!(err.is_permanent(), "{what}: expected a permanent failure, got {err:?}");
+    assert!(msg.contains(needle), "{what}: expected {needle:?} in {msg:?}");
+    eprintln!("{what}: {msg}");
+    err
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_server_is_refused_clearly() {
     bounded(async {
         let fx = Fixture::start(Limits::default(), false, Bytes::new()).await;
         let other = tempfile::tempdir().unwrap();
         let other_certs = generate_dev_certs(other.path(), &[]).unwrap();
+
+        // Wrong CA: permanent, naming the endpoint and the CA.
         let tls = ClientTls::from_files(&other_certs.ca_cert, "127.0.0.1", None).unwrap();
-        let err = fx.client_with(tls, "alice", "alice-token").await.unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, NetError::Connect { .. }), "{msg}");
-        assert!(msg.contains(&fx.endpoint) && msg.to_lowercase().contains("certificate"), "{msg}");
+        let err = refused_at_once("wrong CA", fx.client_with(tls, "alice", "alice-token"), "not signed by a CA this client trusts").await;
+        assert!(matches!(err, NetError::Connect { class: ErrorClass::Permanent, .. }), "{err:?}");
+        assert!(err.to_string().contains(&fx.endpoint), "{err}");
 
-        // Wrong expected name: also refused.
+        // Wrong expected name: permanent, naming the name.
         let tls = ClientTls::from_dev_certs(&fx.certs, "example.org").unwrap();
-        assert!(fx.client_with(tls, "alice", "alice-token").await.is_err());
+        refused_at_once("wrong domain", fx.client_with(tls, "alice", "alice-token"), "does not name \"example.org\"").await;
 
-        // Nothing listening: a clear connect error, not a hang.
+        // Plain http is not accepted, whatever listens there.
+        let tls = ClientTls::from_dev_certs(&fx.certs, "127.0.0.1").unwrap();
+        let http = fx.endpoint.replace("https://", "http://");
+        let err = refused_at_once("http scheme", GrpcClient::connect(&http, tls.clone(), alice(), Limits::default(), Duration::from_secs(5)), "http://").await;
+        assert!(matches!(err, NetError::Endpoint { .. }), "{err}");
+        refused_at_once("no scheme", GrpcClient::connect("ftp://127.0.0.1:1", tls.clone(), alice(), Limits::default(), Duration::from_secs(5)), "ftp").await;
+
+        // Nothing listening: a clear connect error, not a hang, and transient (the server may come).
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("https://{}", closed.local_addr().unwrap());
         drop(closed);
-        let tls = ClientTls::from_dev_certs(&fx.certs, "127.0.0.1").unwrap();
+        let t = Instant::now();
         let err = GrpcClient::connect(&endpoint, tls.clone(), alice(), Limits::default(), Duration::from_secs(5)).await.unwrap_err();
         assert!(err.to_string().contains(&endpoint), "{err}");
+        assert!(!err.is_permanent() && matches!(err, NetError::Connect { class: ErrorClass::Transient, .. }), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        fx.stop().await;
+    })
+    .await
+}
 
-        // Plain http is not accepted.
-        let err = GrpcClient::connect("http://127.0.0.1:1", tls, alice(), Limits::default(), Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(err, NetError::Endpoint { .. }), "{err}");
+/// An https URL whose port answers in plain text (an http server, or some other service): the
+/// TLS layer refuses it, permanently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_text_server_is_refused_clearly() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = generate_dev_certs(dir.path(), &[]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("https://{}", listener.local_addr().unwrap());
+        let plain = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            for _ in 0..4 {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+            }
+        });
+        let tls = ClientTls::from_dev_certs(&certs, "127.0.0.1").unwrap();
+        refused_at_once("plain text server", GrpcClient::connect(&endpoint, tls, alice(), Limits::default(), Duration::from_secs(5)), "TLS").await;
+        plain.abort();
+    })
+    .await
+}
+
+/// Every call error is classified in one place: only `Unavailable` is transient.
+#[test]
+fn service_errors_are_classified() {
+    for round in 1..=8 {
+        let e = error_for_round(round).unwrap();
+        assert_eq!(e.is_permanent(), !matches!(e, ServiceError::Unavailable(_)), "{e:?}");
+        assert_eq!(e.is_retryable(), !e.is_permanent(), "{e:?}");
+    }
+    let setup = NetError::Endpoint { endpoint: "http://x".into(), reason: "r".into() };
+    assert_eq!(setup.class(), ErrorClass::Permanent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_a_permanent_refusal() {
+    bounded(async {
+        let fx = Fixture::start(Limits::default(), false, Bytes::new()).await;
+        let client = fx.client("alice", "bob-token").await;
+        let t = Instant::now();
+        let err = client.register(&Caller::default(), ClientInfo::default()).await.unwrap_err();
+        assert!(matches!(&err, ServiceError::Unauthenticated(m) if m.contains("alice") && !m.contains("bob-token")), "{err:?}");
+        assert!(err.is_permanent() && t.elapsed() < Duration::from_secs(5), "{err:?} after {:?}", t.elapsed());
         fx.stop().await;
     })
     .await
@@ -360,12 +429,24 @@ async fn mutual_tls_requires_a_client_certificate() {
         let client = fx.client("alice", "alice-token").await;
         client.report_eval(&alice(), EvalReport::default()).await.unwrap();
 
+        // Without a client certificate: refused, permanently, either at connect time or (TLS 1.3
+        // may only reveal the refusal then) on the first call.
         let tls = ClientTls::from_files(&fx.certs.ca_cert, "127.0.0.1", None).unwrap();
-        // TLS 1.3 may only reveal the refusal on the first call.
-        if let Ok(client) = fx.client_with(tls, "alice", "alice-token").await {
-            let err = client.report_eval(&alice(), EvalReport::default()).await.unwrap_err();
-            assert!(err.is_retryable(), "{err:?}");
-        }
+        let t = Instant::now();
+        let msg = match fx.client_with(tls, "alice", "alice-token").await {
+            Ok(client) => {
+                let err = client.report_eval(&alice(), EvalReport::default()).await.unwrap_err();
+                assert!(err.is_permanent(), "{err:?}");
+                err.to_string()
+            }
+            Err(err) => {
+                assert!(err.is_permanent(), "{err:?}");
+                err.to_string()
+            }
+        };
+        assert!(msg.contains("certificate"), "{msg}");
+        eprintln!("mutual TLS without a client certificate: {msg}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         fx.stop().await;
     })
     .await

@@ -70,14 +70,19 @@ impl TaskVector {
     }
 
     /// Parses the bytes of a saved task vector; `origin` names their source in errors.
+    ///
+    /// Any bytes give `Ok` or an error naming `origin`, never a panic. Parsing checks the file is
+    /// well formed; whether it fits a model is [`TaskVector::validate`]'s question.
     pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
-        let (tensors, meta) = hetfed_core::tensors_from_bytes(bytes, origin, true)?;
-        let tensors = if meta.get(META_DTYPE).map(String::as_str) == Some("int8") {
-            dequantize_int8(tensors, origin)?
-        } else {
-            tensors
-        };
-        Self::from_parts(tensors, &meta, origin)
+        hetfed_core::guard::parse(origin, "a hetfed task vector", || {
+            let (tensors, meta) = hetfed_core::tensors_from_bytes(bytes, origin, true)?;
+            let tensors = if meta.get(META_DTYPE).map(String::as_str) == Some("int8") {
+                dequantize_int8(tensors, origin)?
+            } else {
+                tensors
+            };
+            Self::from_parts(tensors, &meta, origin)
+        })
     }
 
     fn to_parts(&self, dtype: DType) -> Result<(&TensorMap, BTreeMap<String, String>)> {

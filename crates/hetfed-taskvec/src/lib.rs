@@ -9,8 +9,13 @@
 //! sum is exact and still low rank. They are made dense only when a caller asks
 //! ([`TaskVector::materialize`]) or when a LoRA vector is added to a dense one.
 //!
+//! Before a task vector from outside touches a model it passes [`TaskVector::validate`] (base
+//! identity, names, shapes, finite values, norm bound): the federated server's uploads and the
+//! command line share that one check ([`TaskVector::apply_validated`]).
+//!
 //! This crate does no I/O beyond (de)serialising task vectors ([`TaskVector::save`],
-//! [`TaskVector::load`]) and PEFT adapters ([`peft`]).
+//! [`TaskVector::load`]) and PEFT adapters ([`peft`]). Files are parsed behind
+//! [`hetfed_core::guard::parse`]: any bytes give a task vector or a one-line error, never a panic.
 
 mod arith;
 mod file;
@@ -18,12 +23,14 @@ mod lora;
 pub mod peft;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 use candle_core::{DType, Tensor};
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_model::{LoraConfig, LoraSet, ModelIdentity};
 
 pub use file::{FORMAT, META_FORMAT};
+pub use validate::{all_finite, Checked};
 
 /// What a fine-tuning run changed.
 #[derive(Debug, Clone)]

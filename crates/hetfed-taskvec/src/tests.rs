@@ -508,3 +508,77 @@ fn int8_is_about_a_quarter_of_f32() {
     let (q, f) = (tv.to_bytes_int8().unwrap().len(), tv.to_bytes(DType::F32).unwrap().len());
     assert!((q as f64) < 0.27 * f as f64, "int8 {q} bytes vs f32 {f}");
 }
+
+// ---- determinism and the shared validation ----
+
+#[test]
+fn identical_task_vectors_write_identical_bytes() {
+    for tv in [small_lora(), TaskVector { base: bloom(), kind: Delta::Full(small_base()) }] {
+        let (a, b) = (tmp("a.safetensors"), tmp("b.safetensors"));
+        tv.save(&a, DType::F32).unwrap();
+        tv.clone().save(&b, DType::F32).unwrap();
+        let bytes = std::fs::read(&a).unwrap();
+        assert_eq!(bytes, std::fs::read(&b).unwrap(), "two saves of one task vector differ");
+        assert_eq!(bytes, tv.to_bytes(DType::F32).unwrap());
+        assert_eq!(tv.to_bytes_int8().unwrap(), tv.to_bytes_int8().unwrap());
+        // Metadata keys in order: the header reads the same in every process.
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        let keys: Vec<usize> = ["hetfed.base.arch", "hetfed.base.config_hash", "hetfed.base.weights_hash", "hetfed.dtype", "hetfed.format", "hetfed.kind"]
+            .iter()
+            .map(|k| header.find(k).unwrap())
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{header}");
+    }
+}
+
+fn dense_tv(entries: &[(&str, Tensor)]) -> TaskVector {
+    let map: TensorMap = entries.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
+    TaskVector { base: bloom(), kind: Delta::Full(map) }
+}
+
+#[test]
+fn validation_refuses_what_the_server_refuses() {
+    let base = small_base();
+    let what = "the base model";
+    let err = |tv: &TaskVector, max: f64| tv.validate(&bloom(), &base, what, max).unwrap_err().to_string();
+    let ok = small_lora().validate(&bloom(), &base, what, f64::INFINITY).unwrap();
+    assert!((ok.norm - 40f64.sqrt()).abs() < 1e-6 && ok.delta.contains_key("h.0.q.weight"));
+
+    let nan = dense_tv(&[("h.0.q.bias", Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap())]);
+    assert!(err(&nan, f64::INFINITY).contains("`h.0.q.bias`: expected finite values, found NaN"));
+    let inf = dense_tv(&[("h.0.q.bias", Tensor::new(&[f32::INFINITY, 0.0], &Device::Cpu).unwrap())]);
+    assert!(err(&inf, f64::INFINITY).contains("finite"));
+    let unknown = dense_tv(&[("h.9.q.bias", Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap())]);
+    assert!(err(&unknown, 1.0).contains("`h.9.q.bias` is not a parameter of the base model"));
+    let shape = dense_tv(&[("h.0.q.bias", Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap())]);
+    assert!(err(&shape, 1.0).contains("expected shape [2], found [3]"));
+    assert!(err(&dense_tv(&[]), 1.0).contains("at least one updated parameter"));
+    assert!(err(&small_lora(), 1.0).contains("expected an update norm <= 1, found 6.3246"));
+    let other = TaskVector { base: ident("bloom", "z"), ..small_lora() };
+    let e = err(&other, 1.0);
+    assert!(e.starts_with("expected an update of the base model bloom") && e.contains(&ident("bloom", "z").to_string()), "{e}");
+
+    // LoRA factors far larger than the model are refused on their shapes, before `B·A` exists.
+    let mut huge = TensorMap::new();
+    huge.insert("h.0.q.lora_A".into(), Tensor::zeros((1, 1 << 20), DType::F32, &Device::Cpu).unwrap());
+    huge.insert("h.0.q.lora_B".into(), Tensor::zeros((1 << 20, 1), DType::F32, &Device::Cpu).unwrap());
+    let cfg = small_lora().lora_config().unwrap().clone();
+    let huge = TaskVector::from_lora_factors(bloom(), cfg, huge).unwrap();
+    assert!(err(&huge, 1.0).contains("expected shape [2, 3], found [1048576, 1048576]"));
+}
+
+#[test]
+fn apply_validated_is_apply_for_good_input_and_refuses_the_rest() {
+    let base = small_base();
+    let tv = small_lora();
+    let a = tv.apply_validated(&bloom(), &base, 0.5, "the base model").unwrap();
+    assert_equal(&a, &tv.apply(&bloom(), &base, 0.5).unwrap());
+    let e = tv.apply_validated(&bloom(), &base, f64::NAN, "the base model").unwrap_err().to_string();
+    assert!(e.contains("finite scale"), "{e}");
+    let e = tv.apply_validated(&bloom(), &base, 1e39, "the base model").unwrap_err().to_string();
+    assert!(e.contains("`h.0.q.weight`") && e.contains("finite"), "overflow to infinity is refused: {e}");
+    let nan = dense_tv(&[("h.0.q.bias", Tensor::new(&[f32::NAN, 0.0], &Device::Cpu).unwrap())]);
+    let e = nan.apply_validated(&bloom(), &base, 1.0, "the base model").unwrap_err().to_string();
+    assert!(e.contains("NaN"), "{e}");
+}

@@ -373,6 +373,41 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// Makes a `metrics.jsonl` of step rows agree with a run that continues after optimizer step
+/// `step` (the step of the state it resumes from, or 0 for a fresh start): drops every row whose
+/// `"step"` is greater, which the run is about to log again, and a torn last line (a crash in the
+/// middle of a write). Other lines are kept as they are. Returns how many lines were dropped; the
+/// file is rewritten (atomically) only when there are any, and a missing file is no error.
+///
+/// Without this, a run killed after logging step 7 but checkpointed at step 5 logs steps 6 and 7
+/// twice once resumed.
+pub fn truncate_log_after(path: &Path, step: usize) -> Result<usize> {
+    let text = match std::fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0;
+    let torn_tail = !text.is_empty() && !text.ends_with('\n');
+    let n_lines = text.lines().count();
+    for (i, line) in text.lines().enumerate() {
+        let parsed = serde_json::from_str::<serde_json::Value>(line).ok();
+        let row_step = parsed.as_ref().and_then(|v| v.get("step")).and_then(serde_json::Value::as_u64);
+        let torn = torn_tail && i + 1 == n_lines && parsed.is_none();
+        if torn || row_step.is_some_and(|s| s > step as u64) {
+            dropped += 1;
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if dropped > 0 {
+        hetfed_core::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(dropped)
+}
+
 /// Mean target-token loss of a model over encoded examples.
 pub fn eval_loss(model: &dyn CausalLm, data: &[Encoded], batch_size: usize) -> Result<f64> {
     let mut sum = 0.0;
@@ -388,4 +423,24 @@ pub fn eval_loss(model: &dyn CausalLm, data: &[Encoded], batch_size: usize) -> R
         }
     }
     Ok(sum / n.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn truncating_the_log_drops_rows_after_the_step_and_a_torn_tail() {
+        let dir = std::env::temp_dir().join(format!("hetfed-train-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        assert_eq!(super::truncate_log_after(&path, 3).unwrap(), 0, "a missing log is no error");
+        let rows: String = (1..=5).map(|s| format!("{{\"step\":{s},\"loss\":1.0}}\n")).collect();
+        std::fs::write(&path, format!("{{\"event\":\"note\"}}\n{rows}{{\"step\":6,\"lo")).unwrap();
+        assert_eq!(super::truncate_log_after(&path, 3).unwrap(), 3);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"event\":\"note\"}\n{\"step\":1,\"loss\":1.0}\n{\"step\":2,\"loss\":1.0}\n{\"step\":3,\"loss\":1.0}\n");
+        assert_eq!(super::truncate_log_after(&path, 3).unwrap(), 0, "nothing more to drop");
+        assert_eq!(super::truncate_log_after(&path, 0).unwrap(), 3, "a fresh start keeps no step rows");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"event\":\"note\"}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -15,7 +15,7 @@ use hetfed_train::{Encoded, TrainConfig, Trainer};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Measured steps (after 2 warm-up steps) for training and for inference
+    /// Measured steps (after 2 warm-up steps) for training and for inference: 1..=10000
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
     /// Python interpreter with torch + transformers for the side-by-side baseline; "none" skips it
@@ -134,6 +134,7 @@ fn measure_torch(a: &BenchArgs, threads: usize) -> Result<Option<Rates>> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    crate::limits::int("--steps", a.steps, 1, 10_000)?;
     let threads = rayon::current_num_threads();
     let rust = measure_rust(a.steps)?;
     let torch = measure_torch(&a, threads)?;

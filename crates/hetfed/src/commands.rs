@@ -9,10 +9,13 @@ use candle_core::DType;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use hetfed_fed::config::Interval;
 use hetfed_model::generate::SamplingConfig;
 use hetfed_model::{CausalLm, Checkpoint, LoraConfig, LoraSet};
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Schedule, TrainConfig, Trainer};
+
+use crate::limits;
 
 /// Which weights to run: a base model, optionally with a LoRA adapter or a task vector.
 #[derive(Args, Clone)]
@@ -26,7 +29,7 @@ pub struct ModelArgs {
     /// A hetfed task vector to add to the model's weights
     #[arg(long, value_name = "FILE")]
     pub taskvec: Option<PathBuf>,
-    /// Scale of the task vector
+    /// Scale of the task vector (a finite number)
     #[arg(long, default_value_t = 1.0, requires = "taskvec")]
     pub lambda: f64,
 }
@@ -38,6 +41,9 @@ pub struct Loaded {
 }
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    if !args.lambda.is_finite() {
+        bail!("--lambda: expected a finite number, found {}", args.lambda);
+    }
     let mut ck = Checkpoint::load(&args.model)?;
     let lora = match &args.adapter {
         Some(dir) => {
@@ -49,7 +55,8 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if let Some(path) = &args.taskvec {
         let tv = TaskVector::load(path)?;
         let id = ck.identity()?;
-        ck.weights = tv.apply(&id, &ck.weights, args.lambda).with_context(|| format!("applying {}", path.display()))?;
+        // The same validation as the server's for an upload (identity, names, shapes, finite values).
+        ck.weights = tv.apply_validated(&id, &ck.weights, args.lambda, "the base model").with_context(|| format!("applying {}", path.display()))?;
     }
     let model = ck.model(lora.as_ref())?;
     Ok(Loaded { ck, model })
@@ -59,21 +66,34 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// Text to score (the tokenizer adds its special tokens, e.g. BOS)
-    #[arg(long)]
-    pub text: String,
+    /// Text to score (the tokenizer adds its special tokens, e.g. BOS); tokens beyond the
+    /// model's context are dropped (said on stderr)
+    #[arg(long, required_unless_present = "text_file", conflicts_with = "text_file")]
+    pub text: Option<String>,
+    /// Read the text to score from this file instead (UTF-8, at most 1 MiB; one final line
+    /// ending is dropped)
+    #[arg(long, value_name = "FILE")]
+    pub text_file: Option<PathBuf>,
     /// Print exactly one JSON object {"tokens": [...], "logprobs": [...]}
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
+    let from = if a.text_file.is_some() { "--text-file" } else { "--text" };
+    let text = limits::read_text(a.text, a.text_file.as_deref(), "--text")?;
     let l = load(&a.m)?;
     let tok = l.ck.tokenizer()?;
-    let enc = tok.encode(a.text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising --text: {e}"))?;
-    let ids = enc.get_ids().to_vec();
+    let enc = tok.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising {from}: {e}"))?;
+    let mut ids = enc.get_ids().to_vec();
     if ids.is_empty() {
-        bail!("--text: expected text that encodes to at least one token, found none");
+        bail!("{from}: expected text that encodes to at least one token, found none");
+    }
+    // Attention over n tokens holds heads × n² scores: never more than the model's context.
+    let ctx = limits::context(&l.ck);
+    if ids.len() > ctx {
+        eprintln!("note: {from} is {} tokens, more than the context of {} ({ctx} tokens); scoring its first {ctx}", ids.len(), a.m.model.display());
+        ids.truncate(ctx);
     }
     let lp = hetfed_model::score::sequence_logprobs(l.model.as_ref(), std::slice::from_ref(&ids), 1)?
         .pop()
@@ -97,21 +117,30 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// Prompt to continue
-    #[arg(long)]
-    pub prompt: String,
+    /// Prompt to continue; it loses its start when prompt and new tokens exceed the model's
+    /// context (said on stderr)
+    #[arg(long, required_unless_present = "text_file", conflicts_with = "text_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file instead (UTF-8, at most 1 MiB; one final line ending is
+    /// dropped)
+    #[arg(long, value_name = "FILE", visible_alias = "prompt-file")]
+    pub text_file: Option<PathBuf>,
+    /// Tokens to generate: 1..=the model's context − 1
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 decodes greedily
+    /// Sampling temperature, a finite number >= 0; 0 decodes greedily
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Sample from the K most likely tokens: 1..=the vocabulary size
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches P: (0, 1]
     #[arg(long)]
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Beam search with this many beams (deterministic; excludes sampling)
+    /// Beam search with this many beams (deterministic; excludes sampling): 1..=min(64, the
+    /// vocabulary size)
     #[arg(long, default_value_t = 1)]
     pub num_beams: usize,
     /// Print {"prompt_tokens", "tokens", "text"} as one JSON object
@@ -120,17 +149,42 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    if a.temperature < 0.0 {
-        bail!("--temperature: expected a value >= 0, found {}", a.temperature);
-    }
+    // What needs no model first, so a bad flag fails before anything loads.
+    limits::real("--temperature", a.temperature, Interval::NON_NEGATIVE)?;
     if let Some(p) = a.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            bail!("--top-p: expected a value in (0, 1], found {p}");
-        }
+        limits::real("--top-p", p, Interval::left_open(0.0, 1.0))?;
     }
+    if let Some(k) = a.top_k {
+        limits::at_least("--top-k", k, 1)?;
+    }
+    limits::int("--num-beams", a.num_beams, 1, limits::MAX_BEAMS)?;
+    limits::at_least("--max-new-tokens", a.max_new_tokens, 1)?;
+    let from = if a.text_file.is_some() { "--text-file" } else { "--prompt" };
+    let prompt = limits::read_text(a.prompt, a.text_file.as_deref(), "--prompt")?;
     let l = load(&a.m)?;
+    let vocab = l.ck.arch.vocab_size();
+    if let Some(k) = a.top_k {
+        limits::int("--top-k", k, 1, vocab)?;
+    }
+    limits::beams("--num-beams", a.num_beams, &l.ck)?;
+    limits::new_tokens("--max-new-tokens", a.max_new_tokens, &l.ck)?;
     let tok = l.ck.tokenizer()?;
-    let ids = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising --prompt: {e}"))?.get_ids().to_vec();
+    let mut ids = tok.encode(prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising {from}: {e}"))?.get_ids().to_vec();
+    if ids.is_empty() {
+        bail!("{from}: expected text that encodes to at least one token, found none");
+    }
+    // The prompt and the new tokens together fit the model's context.
+    let room = limits::context(&l.ck) - a.max_new_tokens;
+    if ids.len() > room {
+        eprintln!(
+            "note: {from} is {} tokens; with --max-new-tokens {} the context of {} ({} tokens) leaves room for its last {room}",
+            ids.len(),
+            a.max_new_tokens,
+            a.m.model.display(),
+            limits::context(&l.ck)
+        );
+        ids.drain(..ids.len() - room);
+    }
     let cfg = SamplingConfig { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let t0 = std::time::Instant::now();
     let eos = l.ck.arch.eos_token_id();
@@ -147,7 +201,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::json!({ "prompt_tokens": ids, "tokens": new, "text": text }));
     } else {
-        println!("{}{}", a.prompt, text);
+        println!("{prompt}{text}");
         tracing::info!(tokens = new.len(), tokens_per_s = new.len() as f64 / secs, "generated");
     }
     Ok(())
@@ -171,45 +225,57 @@ pub struct FinetuneArgs {
     /// A TOML file with a [train] table (TrainConfig fields); flags override it
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// LoRA rank; without it every parameter is trained
+    /// LoRA rank, 1..=min(in, out) of the smallest adapted layer; without it (and without a
+    /// [train.lora] table) every parameter is trained
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// LoRA alpha, a finite number > 0 (default: twice the rank)
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// LoRA dropout: [0, 1)
     #[arg(long)]
     pub lora_dropout: Option<f64>,
     /// Comma-separated module names or suffixes (default: the architecture's attention and MLP projections)
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
+    /// Peak learning rate: (0, 10]
     #[arg(long)]
     pub lr: Option<f64>,
+    /// 1..=10000
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// 1..=10000000
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// 1..=4096
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Batches per optimizer step: 1..=4096
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// 0..=10000000
     #[arg(long)]
     pub warmup_steps: Option<usize>,
     /// constant, linear or cosine
     #[arg(long)]
     pub schedule: Option<Schedule>,
-    /// Clip the global gradient norm (0 disables)
+    /// Clip the global gradient norm, a finite number >= 0 (0 disables)
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// AdamW weight decay: [0, 1]
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Longest sequence in tokens (prompts lose their start first)
+    /// Longest sequence in tokens (prompts lose their start first): 2..=the model's context
+    /// (default 256, or the context when it is shorter)
     #[arg(long)]
     pub max_len: Option<usize>,
-    /// FedProx coefficient mu: adds mu/2·||w - w_start||² to the loss
+    /// FedProx coefficient mu: adds mu/2·||w - w_start||² to the loss; [0, 1000000]
     #[arg(long)]
     pub proximal_mu: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Save a resumable state every N optimizer steps (and always at the end or on Ctrl-C)
+    /// Save a resumable state every N optimizer steps (and always at the end or on Ctrl-C):
+    /// 1..=10000000
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
     /// Continue from OUT/state.safetensors
@@ -232,14 +298,21 @@ pub fn default_targets(ck: &Checkpoint) -> Vec<String> {
 }
 
 fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {
+    // Whether the file sets `max_len` (the default adapts to a short context; a value never does).
+    let mut file_max_len = false;
     let mut c = match &a.config {
         Some(p) => {
             let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let f: FileConfig = toml::from_str(&s).with_context(|| format!("{}: expected TOML with a [train] table", p.display()))?;
+            let raw: toml::Value = toml::from_str(&s).with_context(|| format!("{}: expected TOML", p.display()))?;
+            file_max_len = raw.get("train").and_then(|t| t.get("max_len")).is_some();
             f.train.unwrap_or_default()
         }
         None => TrainConfig::default(),
     };
+    if a.max_len.is_none() && !file_max_len {
+        c.max_len = c.max_len.min(limits::context(ck));
+    }
     if a.lora_rank.is_some() || a.lora_alpha.is_some() || a.lora_targets.is_some() || a.lora_dropout.is_some() {
         let mut l = c.lora.take().unwrap_or(LoraConfig { targets: default_targets(ck), ..Default::default() });
         if let Some(r) = a.lora_rank {
@@ -272,8 +345,64 @@ fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {
     if let Some(w) = a.weight_decay {
         c.adamw.weight_decay = w;
     }
+    check_train_limits(a, &c, ck)?;
     c.validate().map_err(|e| anyhow::anyhow!("training config: {e}"))?;
     Ok(c)
+}
+
+/// Every number of the training configuration against its range (see [`crate::limits`]),
+/// before anything is allocated. A value from a flag is named by the flag; one from `--config`
+/// by its key in the file.
+fn check_train_limits(a: &FinetuneArgs, c: &TrainConfig, ck: &Checkpoint) -> Result<()> {
+    let file = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let name = |flag_given: bool, flag: &str, key: &str| if flag_given || a.config.is_none() { flag.to_string() } else { format!("{file}: train.{key}") };
+    let int = |given: bool, flag: &str, key: &str, v: usize, lo: usize, hi: usize| limits::int(&name(given, flag, key), v, lo, hi);
+    let real = |given: bool, flag: &str, key: &str, v: f64, range: Interval| limits::real(&name(given, flag, key), v, range);
+    if let Some(l) = &c.lora {
+        let targets_given = a.lora_targets.is_some();
+        let Some(max) = hetfed_fed::config::max_lora_rank(&ck.arch, &l.targets) else {
+            bail!(
+                "{}: expected names (or name suffixes) of linear layers of {} such as {}, found {:?}, which match none",
+                name(targets_given, "--lora-targets", "lora.targets"),
+                a.model.display(),
+                ck.arch.default_lora_targets().join(","),
+                l.targets
+            );
+        };
+        let rank = name(a.lora_rank.is_some(), "--lora-rank", "lora.rank");
+        if l.rank < 1 || l.rank > max {
+            bail!("{rank}: expected 1..={max} (min(in, out) of the smallest adapted layer of {}), found {}", a.model.display(), l.rank);
+        }
+        real(a.lora_alpha.is_some(), "--lora-alpha", "lora.alpha", l.alpha, Interval::POSITIVE)?;
+        real(a.lora_dropout.is_some(), "--lora-dropout", "lora.dropout", l.dropout, Interval::right_open(0.0, 1.0))?;
+    }
+    real(a.lr.is_some(), "--lr", "lr", c.lr, Interval::left_open(0.0, 10.0))?;
+    int(a.epochs.is_some(), "--epochs", "epochs", c.epochs, 1, 10_000)?;
+    if let Some(m) = c.max_steps {
+        int(a.max_steps.is_some(), "--max-steps", "max_steps", m, 1, 10_000_000)?;
+    }
+    int(a.batch_size.is_some(), "--batch-size", "batch_size", c.batch_size, 1, hetfed_fed::config::MAX_BATCH)?;
+    int(a.grad_accum.is_some(), "--grad-accum", "grad_accum", c.grad_accum, 1, 4096)?;
+    int(a.warmup_steps.is_some(), "--warmup-steps", "warmup_steps", c.warmup_steps, 0, 10_000_000)?;
+    if let Some(g) = c.max_grad_norm {
+        real(a.max_grad_norm.is_some(), "--max-grad-norm", "max_grad_norm", g, Interval::NON_NEGATIVE)?;
+    }
+    if let Some(g) = a.max_grad_norm {
+        limits::real("--max-grad-norm", g, Interval::NON_NEGATIVE)?;
+    }
+    real(a.weight_decay.is_some(), "--weight-decay", "adamw.weight_decay", c.adamw.weight_decay, Interval::closed(0.0, 1.0))?;
+    // Only the file sets these (the defaults are in range).
+    for (key, v, range) in [("beta1", c.adamw.beta1, Interval::right_open(0.0, 1.0)), ("beta2", c.adamw.beta2, Interval::right_open(0.0, 1.0)), ("eps", c.adamw.eps, Interval::left_open(0.0, 1.0))] {
+        limits::real(&format!("{file}: train.adamw.{key}"), v, range)?;
+    }
+    let ctx = limits::context(ck);
+    let max_len = name(a.max_len.is_some(), "--max-len", "max_len");
+    if c.max_len < 2 || c.max_len > ctx {
+        bail!("{max_len}: expected 2..={ctx} (the context of {}), found {}", a.model.display(), c.max_len);
+    }
+    real(a.proximal_mu.is_some(), "--proximal-mu", "proximal_mu", c.proximal_mu, Interval::closed(0.0, 1e6))?;
+    limits::int("--checkpoint-every", a.checkpoint_every, 1, 10_000_000)?;
+    Ok(())
 }
 
 /// A flag that the first Ctrl-C sets (the run then saves its state and stops); a second Ctrl-C
@@ -324,6 +453,9 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         }
         tr.load_state(&state_path)?;
     }
+    // Rows logged after the state being resumed (or, on a fresh start, by an earlier run into this
+    // directory) are about to be logged again: drop them so every step has one row.
+    hetfed_train::truncate_log_after(&a.out.join("metrics.jsonl"), tr.step)?;
     let before = match &eval {
         Some(e) => Some(tr.eval_loss(e)?),
         None => None,
@@ -333,7 +465,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     pb.set_position(tr.step as u64);
     let stop = stop_flag();
     let mut metrics = open_append(&a.out.join("metrics.jsonl"))?;
-    let every = a.checkpoint_every.max(1);
+    let every = a.checkpoint_every;
     tr.train(
         &train,
         |r, t| {
@@ -365,7 +497,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     };
     tv.save(&a.out.join("taskvec.safetensors"), DType::F32)?;
     if a.export_model || tr.lora().is_none() {
-        let merged = tv.apply(&id, &ck.weights, 1.0)?;
+        let merged = tv.apply_validated(&id, &ck.weights, 1.0, "the base model")?;
         ck.save_as(&merged, &a.out.join("model"), DType::F32)?;
     }
     let after = match &eval {
@@ -448,7 +580,8 @@ pub fn taskvec(c: TaskvecCmd) -> Result<()> {
         TaskvecCmd::Apply { base, taskvec, lambda, out } => {
             let b = Checkpoint::load(&base)?;
             let tv = TaskVector::load(&taskvec)?;
-            let w = tv.apply(&b.identity()?, &b.weights, lambda)?;
+            // The same validation as the server's for an upload (identity, names, shapes, finite values).
+            let w = tv.apply_validated(&b.identity()?, &b.weights, lambda, "the base model").with_context(|| format!("applying {}", taskvec.display()))?;
             b.save_as(&w, &out, DType::F32)?;
             println!("wrote {}", out.display());
         }

@@ -36,11 +36,12 @@ pub enum DataCmd {
     Partition {
         #[command(flatten)]
         t: TaskArgs,
+        /// Number of clients: 1..=1024
         #[arg(long)]
         clients: usize,
         #[arg(long, value_enum, default_value = "iid")]
         scheme: Scheme,
-        /// Concentration for dirichlet (label skew) and quantity (size skew)
+        /// Concentration for dirichlet (label skew) and quantity (size skew): (0, 1000000]
         #[arg(long, default_value_t = 0.5)]
         alpha: f64,
         #[arg(long, default_value_t = 0)]
@@ -85,6 +86,10 @@ pub fn run(c: DataCmd) -> Result<()> {
             println!("wrote {} examples of {} ({}) to {}", pairs.len(), task.name, t.split, out.display());
         }
         DataCmd::Partition { t, clients, scheme, alpha, seed, model, out } => {
+            crate::limits::int("--clients", clients, 1, hetfed_fed::config::MAX_CLIENTS)?;
+            if !matches!(scheme, Scheme::Iid) {
+                crate::limits::real("--alpha", alpha, hetfed_fed::config::Interval::left_open(0.0, 1e6))?;
+            }
             let (task, examples) = load(&t)?;
             let labels = examples.labels();
             let n = examples.len();
@@ -99,7 +104,7 @@ pub fn run(c: DataCmd) -> Result<()> {
             let mut stats = partition_stats(&parts, &labels, 0)?;
             if let Some(dir) = model {
                 let path = dir.join("tokenizer.json");
-                let tok = hetfed_model::tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: expected a Hugging Face tokenizer: {e}", path.display()))?;
+                let tok = hetfed_model::tokenizer::load(&path)?;
                 let count = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
                 let tokens: Vec<usize> = pairs.iter().map(|p| count(&p.prompt) + count(&p.target)).collect();
                 stats = with_token_counts(stats, &parts, &tokens)?;

@@ -28,6 +28,7 @@ pub struct DemoArgs {
     /// Where to write the task vector and adapter
     #[arg(long, value_name = "DIR", default_value = "hetfed-demo")]
     pub out: PathBuf,
+    /// Fine-tuning epochs: 1..=100
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
     #[arg(long, default_value_t = 0)]
@@ -35,6 +36,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
+    crate::limits::int("--epochs", a.epochs, 1, 100)?;
     let model_dir = a.model.clone().unwrap_or_else(|| PathBuf::from("../shared/models/tinystories-656k"));
     let ck = Checkpoint::load(&model_dir)?;
     let tok = ck.tokenizer()?;

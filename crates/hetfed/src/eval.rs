@@ -9,6 +9,7 @@ use hetfed_data::{DataDir, Split};
 use hetfed_eval::{evaluate, EvalOptions};
 
 use crate::commands::{load, progress_bar, ModelArgs};
+use crate::limits;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -21,7 +22,8 @@ pub struct EvalArgs {
     /// train, dev (validation) or test
     #[arg(long, default_value = "dev")]
     pub split: String,
-    /// Evaluate only the first N examples
+    /// Evaluate only N examples, evenly spaced over the split (`i·n/N`, as the server's
+    /// `[server.eval] max_examples`; at least 1)
     #[arg(long)]
     pub limit: Option<usize>,
     /// Data directory (default: $HETFED_DATA_DIR, else the per-user cache directory)
@@ -30,15 +32,18 @@ pub struct EvalArgs {
     /// A TOML file of task definitions ([[task]] tables) that add to or override the built-ins
     #[arg(long, value_name = "FILE")]
     pub tasks: Option<PathBuf>,
+    /// Sequences per forward pass: 1..=4096
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Longest generated output (translation, summarization), in tokens
+    /// Longest generated output (translation, summarization), in tokens: 1..=the model's
+    /// context − 1
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Beam width for generation tasks (1 = greedy)
+    /// Beam width for generation tasks (1 = greedy): 1..=min(64, the vocabulary size)
     #[arg(long, default_value_t = 1)]
     pub num_beams: usize,
-    /// Longest sequence in tokens (default: the model's context length); prompts lose their start
+    /// Longest sequence in tokens, 2..=the model's context (default: the context); prompts
+    /// lose their start
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Choice tasks: compare mean log-prob per token (true) or the sum (false); default by task kind
@@ -53,19 +58,34 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    limits::int("--batch-size", a.batch_size, 1, hetfed_fed::config::MAX_BATCH)?;
+    limits::int("--num-beams", a.num_beams, 1, limits::MAX_BEAMS)?;
+    limits::at_least("--max-new-tokens", a.max_new_tokens, 1)?;
+    if let Some(n) = a.limit {
+        limits::at_least("--limit", n, 1)?;
+    }
+    if let Some(n) = a.max_len {
+        limits::at_least("--max-len", n, 2)?;
+    }
+    // The model first: its limits (context, vocabulary) are checked before any data is read.
+    let l = load(&a.m)?;
+    limits::beams("--num-beams", a.num_beams, &l.ck)?;
+    limits::new_tokens("--max-new-tokens", a.max_new_tokens, &l.ck)?;
+    if let Some(n) = a.max_len {
+        limits::seq_len("--max-len", n, 2, &l.ck)?;
+    }
     let task = crate::data::task_registry(a.tasks.as_deref())?.get(&a.task)?;
     let split: Split = a.split.parse()?;
     let dir = DataDir::resolve(a.data_dir.as_deref())?;
     let mut examples = task.load(&dir, split)?;
     if let Some(n) = a.limit {
-        let keep: Vec<usize> = (0..examples.len().min(n)).collect();
-        examples = examples.subset(&keep)?;
+        // Evenly spaced, as the server's `max_examples`: files are often sorted by label.
+        examples = examples.subset(&hetfed_fed::sim::strided(examples.len(), n))?;
     }
-    let l = load(&a.m)?;
     let tok = l.ck.tokenizer()?;
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let items = task.to_items(&examples, Some(&counter))?;
-    let max_len = a.max_len.unwrap_or_else(|| l.ck.arch.max_positions(&l.ck.config_json));
+    let max_len = a.max_len.unwrap_or_else(|| limits::context(&l.ck));
     let opts = EvalOptions { batch_size: a.batch_size, max_new_tokens: a.max_new_tokens, max_len, num_beams: a.num_beams, length_normalise: a.length_normalise };
     let pb = progress_bar(items.len() as u64, &format!("eval {}", task.name));
     let report = evaluate(l.model.as_ref(), tok, l.ck.arch.eos_token_id(), &task, &items, &opts, |done, total| {

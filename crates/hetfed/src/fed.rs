@@ -24,11 +24,15 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> Result<(RunConfig, DataDir)> {
+    /// The run configuration, checked against its models' limits (LoRA rank, context) before
+    /// any model loads; `client_model` is `hetfed client --model`.
+    fn load(&self, client_model: Option<&Path>) -> Result<(RunConfig, DataDir)> {
         let cfg = match &self.config {
             Some(p) => RunConfig::from_file(p)?,
             None => RunConfig::embedded_default()?,
         };
+        let origin = self.config.as_ref().map_or_else(|| "the embedded default config".to_string(), |p| p.display().to_string());
+        cfg.check_models(client_model).with_context(|| origin)?;
         Ok((cfg, data_dir(self.data_dir.as_deref())?))
     }
 }
@@ -130,7 +134,7 @@ fn finish(run_dir: &Path, summary: &hetfed_fed::server::RunSummary) -> Result<()
 }
 
 pub fn simulate(a: SimulateArgs) -> Result<()> {
-    let (cfg, dir) = a.c.load()?;
+    let (cfg, dir) = a.c.load(None)?;
     println!(
         "simulating {} rounds of {} with {} clients on {}, server model {}",
         cfg.run.rounds,
@@ -181,7 +185,7 @@ fn read_tokens(path: &Path) -> Result<BTreeMap<String, String>> {
 }
 
 pub fn server(a: ServerArgs) -> Result<()> {
-    let (cfg, dir) = a.c.load()?;
+    let (cfg, dir) = a.c.load(None)?;
     let Some(dep) = cfg.deploy.clone() else { bail!("the config has no [deploy] section (listen, server, ca, cert, key, tokens)") };
     let mut auth = Auth::default();
     for (id, hash) in read_tokens(&cfg.path(&dep.tokens))? {
@@ -218,7 +222,7 @@ pub fn server(a: ServerArgs) -> Result<()> {
 }
 
 pub fn client(a: ClientArgs) -> Result<()> {
-    let (cfg, dir) = a.c.load()?;
+    let (cfg, dir) = a.c.load(a.model.as_deref())?;
     let Some(dep) = cfg.deploy.clone() else { bail!("the config has no [deploy] section (server, ca, domain)") };
     let index: usize = a
         .id

@@ -12,6 +12,7 @@ mod export;
 mod fed;
 #[cfg(feature = "hub")]
 mod hub;
+mod limits;
 mod metric;
 mod pretrain;
 mod transfer;
@@ -37,7 +38,7 @@ struct Cli {
     /// Log more (-v info, -vv debug); the HETFED_LOG variable overrides it.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    /// Worker threads for the numeric kernels (default: all cores).
+    /// Worker threads for the numeric kernels, 1..=1024 (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -135,6 +136,10 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HETFED_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Some(n) = cli.threads {
+        if let Err(e) = limits::int("--threads", n, 1, limits::MAX_THREADS) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
         // Ignored if already initialised; both paths end with the pool sized as asked.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

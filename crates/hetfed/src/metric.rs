@@ -34,7 +34,7 @@ pub struct MetricArgs {
     /// ROUGE: Porter-stem English tokens (rouge-score's use_stemmer)
     #[arg(long)]
     pub stem: bool,
-    /// chrF: word n-gram order (2 = chrF++)
+    /// chrF: word n-gram order (2 = chrF++): 0..=6
     #[arg(long, default_value_t = 0)]
     pub word_order: usize,
     /// Print exactly one JSON object on the 0-100 scale
@@ -64,6 +64,7 @@ fn xlsum_lang(l: &str) -> &str {
 }
 
 pub fn run(a: MetricArgs) -> Result<()> {
+    crate::limits::int("--word-order", a.word_order, 0, 6)?;
     let hyps = read_lines(&a.hyp)?;
     let refs: Vec<Vec<String>> = a.refs.iter().map(|p| read_lines(p)).collect::<Result<_>>()?;
     for (p, r) in a.refs.iter().zip(&refs) {

@@ -8,7 +8,6 @@ use candle_core::DType;
 use clap::{Args, Subcommand};
 
 use hetfed_data::DataDir;
-use hetfed_model::tokenizers::Tokenizer;
 use hetfed_train::pretrain::{build_corpus, init_model, PretrainConfig};
 use hetfed_train::{eval_loss, Trainer};
 
@@ -26,6 +25,7 @@ pub enum TokenizerCmd {
         /// Data directory for --recipe (default: $HETFED_DATA_DIR, else the per-user cache)
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Vocabulary size: 260..=1000000 (256 bytes and the special tokens at least)
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
         #[arg(long, default_value_t = 2)]
@@ -37,6 +37,7 @@ pub enum TokenizerCmd {
 
 pub fn tokenizer(c: TokenizerCmd) -> Result<()> {
     let TokenizerCmd::Train { mut input, recipe, data_dir, vocab_size, min_frequency, out } = c;
+    crate::limits::int("--vocab-size", vocab_size, 256 + hetfed_model::tokenizer::SPECIAL_TOKENS.len(), 1_000_000)?;
     // A recipe's corpus is written to one text file per source beside the output, which then
     // also serve the tokens-per-character report.
     if let Some(r) = &recipe {
@@ -116,7 +117,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         bail!("--resume: expected {}, found no such file", state.display());
     }
     let tok_path = if cfg.tokenizer.is_relative() { a.config.parent().unwrap_or(Path::new(".")).join(&cfg.tokenizer) } else { cfg.tokenizer.clone() };
-    let tok = Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: expected a tokenizer.json (make one with `hetfed tokenizer train`): {e}", tok_path.display()))?;
+    let tok = hetfed_model::tokenizer::load(&tok_path).map_err(|e| anyhow::anyhow!("{e} (make one with `hetfed tokenizer train`)"))?;
     let ck = init_model(&cfg.model, tok.clone(), cfg.train.seed)?;
     let eos = ck.arch.eos_token_id().context("the tokenizer has no </s>")?;
     let dir = DataDir::resolve(a.data_dir.as_deref())?;
@@ -135,6 +136,8 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     if a.resume {
         tr.load_state(&state)?;
     }
+    // Rows logged after the saved state (a crash between the two) would repeat on resume.
+    hetfed_train::truncate_log_after(&a.out.join("metrics.jsonl"), tr.step)?;
     let total = tr.total_steps(corpus.train.len());
     let pb = crate::commands::progress_bar(total as u64, "pretrain");
     pb.set_position(tr.step as u64);

@@ -27,10 +27,11 @@ pub struct ProjectArgs {
     /// Map method: procrustes, ridge, weight_space, random (control) or identity (control)
     #[arg(long, default_value = "procrustes")]
     pub method: Method,
-    /// Calibration sequences sampled from the large model
+    /// Calibration sequences sampled from the large model: 2..=4096, and at most 65536
+    /// calibration tokens in all
     #[arg(long, default_value_t = 64)]
     pub calibration_sequences: usize,
-    /// Tokens per calibration sequence
+    /// Tokens per calibration sequence: 4..=4096, at most the context of both models
     #[arg(long, default_value_t = 32)]
     pub calibration_len: usize,
     /// Seed of the calibration sampling and of random maps
@@ -39,7 +40,7 @@ pub struct ProjectArgs {
     /// Map cache directory
     #[arg(long, value_name = "DIR", default_value = "runs/maps")]
     pub cache_dir: PathBuf,
-    /// Scale of the projected update
+    /// Scale of the projected update (a finite number)
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
     /// The reverse direction (personalisation): --taskvec is a task vector of the *large* model,
@@ -49,8 +50,25 @@ pub struct ProjectArgs {
 }
 
 pub fn project(a: ProjectArgs) -> Result<()> {
+    use crate::limits;
+    use hetfed_fed::config::MAX_CALIBRATION_TOKENS;
+    limits::int("--calibration-sequences", a.calibration_sequences, 2, 4096)?;
+    limits::int("--calibration-len", a.calibration_len, 4, 4096)?;
+    if a.calibration_sequences * a.calibration_len > MAX_CALIBRATION_TOKENS {
+        anyhow::bail!(
+            "--calibration-sequences × --calibration-len: expected at most {MAX_CALIBRATION_TOKENS} calibration tokens, found {} × {} = {}",
+            a.calibration_sequences,
+            a.calibration_len,
+            a.calibration_sequences * a.calibration_len
+        );
+    }
+    if !a.scale.is_finite() {
+        anyhow::bail!("--scale: expected a finite number, found {}", a.scale);
+    }
     let small = Checkpoint::load(&a.small)?;
     let large = Checkpoint::load(&a.large)?;
+    limits::seq_len("--calibration-len", a.calibration_len, 4, &small)?;
+    limits::seq_len("--calibration-len", a.calibration_len, 4, &large)?;
     let tv = TaskVector::load(&a.taskvec)?;
     let cfg = MapConfig { method: a.method, seed: a.seed, ..Default::default() };
     let key = format!("sample:n={}:len={}", a.calibration_sequences, a.calibration_len);
@@ -98,6 +116,9 @@ pub struct SweepArgs {
     /// Only render table.md again from --out's results.json (no training)
     #[arg(long)]
     pub table_only: bool,
+    /// Keep the cells already in --out's results.json (same row and seed) and run only the rest
+    #[arg(long, conflicts_with = "table_only")]
+    pub resume: bool,
 }
 
 pub fn sweep(a: SweepArgs) -> Result<()> {
@@ -113,8 +134,13 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
     let (sweep, _) = hetfed_fed::sweep::SweepConfig::from_file(&a.config)?;
     let pb = crate::commands::progress_bar((sweep.rows.len() * sweep.seeds.len()) as u64, "sweep");
-    let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, |line| {
-        pb.println(line);
+    let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, a.resume, |line| {
+        // One line per finished cell, on a terminal above the bar, otherwise (a log file) on stderr.
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
         pb.inc(1);
     })?;
     pb.finish_and_clear();

@@ -747,3 +747,299 @@ fn export_of_a_missing_or_unfinished_run_is_one_clear_line() {
     assert!(line.contains("LATEST") && line.contains("has not completed a round"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs a command that must be refused by clap (rc 2, usage on stderr); returns stderr.
+fn refused_by_clap(args: &[&str]) -> String {
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "hetfed {args:?}: expected exit code 2, stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn generation_flags_out_of_range_are_one_line_naming_flag_value_and_range() {
+    let m = models().join("base-small");
+    let m = m.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m, "--prompt", "hi"];
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let line = gen(&["--num-beams", "0"]);
+    assert!(line.contains("--num-beams") && line.contains("1..=64") && line.contains("found 0"), "{line}");
+    let line = gen(&["--num-beams", "100000", "--max-new-tokens", "5"]);
+    assert!(line.contains("--num-beams") && line.contains("1..=64") && line.contains("100000"), "{line}");
+    let line = gen(&["--temperature", "NaN"]);
+    assert!(line.contains("--temperature") && line.contains("NaN") && line.contains(">= 0"), "{line}");
+    let line = gen(&["--temperature=-1"]);
+    assert!(line.contains("--temperature") && line.contains("-1"), "{line}");
+    let line = gen(&["--top-k", "0", "--temperature", "0.7"]);
+    assert!(line.contains("--top-k") && line.contains("found 0"), "{line}");
+    // Past the vocabulary (8192 tokens) once the model is known.
+    let line = gen(&["--top-k", "9000", "--temperature", "0.7"]);
+    assert!(line.contains("--top-k") && line.contains("1..=8192") && line.contains("9000"), "{line}");
+    let line = gen(&["--top-p", "NaN", "--temperature", "0.7"]);
+    assert!(line.contains("--top-p") && line.contains("NaN"), "{line}");
+    // base-small's context is 2048 tokens: at most 2047 new ones after a one-token prompt.
+    let line = gen(&["--max-new-tokens", "100000"]);
+    assert!(line.contains("--max-new-tokens") && line.contains("1..=2047") && line.contains("100000"), "{line}");
+    let line = gen(&["--max-new-tokens", "0"]);
+    assert!(line.contains("--max-new-tokens") && line.contains("found 0"), "{line}");
+    let line = gen(&["--lambda", "inf", "--taskvec", "x.safetensors"]);
+    assert!(line.contains("--lambda") && line.contains("inf"), "{line}");
+    let line = fails(&["--threads", "0", "generate", "--model", m, "--prompt", "hi"]);
+    assert!(line.contains("--threads") && line.contains("1..=1024") && line.contains("found 0"), "{line}");
+    // eval checks its flags before reading any data.
+    for (flag, value) in [("--num-beams", "0"), ("--batch-size", "0"), ("--max-new-tokens", "100000"), ("--limit", "0"), ("--max-len", "100000")] {
+        let line = fails(&["eval", "--model", m, "--task", "ethos", "--data-dir", "/nonexistent-hetfed-data", flag, value]);
+        assert!(line.contains(flag) && line.contains(value), "{line}");
+    }
+}
+
+#[test]
+fn finetune_refuses_a_lora_rank_beyond_the_models_layers() {
+    let m = models().join("base-small");
+    let dir = tempdir("rank");
+    let train = dir.join("train.jsonl");
+    write_jsonl(&train);
+    let out = dir.join("o");
+    let base = ["finetune", "--model", m.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    // base-small is 128 wide: no adapted layer admits a rank above 128.
+    let line = with(&["--lora-rank", "1000"]);
+    assert!(line.contains("--lora-rank") && line.contains("1..=128") && line.contains("1000"), "{line}");
+    let line = with(&["--lora-rank", "0"]);
+    assert!(line.contains("--lora-rank") && line.contains("found 0"), "{line}");
+    let line = with(&["--lora-rank", "4", "--lora-targets", "no_such_layer"]);
+    assert!(line.contains("--lora-targets") && line.contains("no_such_layer"), "{line}");
+    let line = with(&["--lora-rank", "4", "--lora-dropout", "1.5"]);
+    assert!(line.contains("--lora-dropout") && line.contains("1.5"), "{line}");
+    let line = with(&["--max-len", "0"]);
+    assert!(line.contains("--max-len") && line.contains("found 0"), "{line}");
+    let line = with(&["--max-len", "5000"]);
+    assert!(line.contains("--max-len") && line.contains("2..=2048") && line.contains("5000"), "{line}");
+    let line = with(&["--lr", "NaN"]);
+    assert!(line.contains("--lr") && line.contains("NaN"), "{line}");
+    let line = with(&["--max-grad-norm=-1"]);
+    assert!(line.contains("--max-grad-norm") && line.contains("-1"), "{line}");
+    let line = with(&["--batch-size", "0"]);
+    assert!(line.contains("--batch-size") && line.contains("found 0"), "{line}");
+    let line = with(&["--checkpoint-every", "0"]);
+    assert!(line.contains("--checkpoint-every") && line.contains("found 0"), "{line}");
+    // A value from --config is named by its key in the file.
+    let cfg = dir.join("ft.toml");
+    std::fs::write(&cfg, "[train]\nmax_len = 0\n").unwrap();
+    let line = with(&["--config", cfg.to_str().unwrap()]);
+    assert!(line.contains("train.max_len") && line.contains("ft.toml") && line.contains("found 0"), "{line}");
+    assert!(!out.exists(), "nothing is written before the limits are checked");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn text_file_scores_and_generates_as_the_same_text_inline() {
+    let m = fixtures().join("bloom_h3");
+    let m = m.to_str().unwrap();
+    let dir = tempdir("text-file");
+    let text = "question 3: is it so? yes";
+    let file = dir.join("text.txt");
+    // A file holding one line: its final newline is not part of the text.
+    std::fs::write(&file, format!("{text}\n")).unwrap();
+    let inline = score_json(&["score", "--model", m, "--text", text, "--json"]);
+    let from_file = score_json(&["score", "--model", m, "--text-file", file.to_str().unwrap(), "--json"]);
+    assert_eq!(inline.0, from_file.0, "the same tokens");
+    assert_eq!(inline.1, from_file.1, "the same log-probs");
+    assert!(!inline.0.is_empty());
+    let g = |src: &[&str]| {
+        let mut args = vec!["generate", "--model", m, "--max-new-tokens", "6", "--json"];
+        args.extend_from_slice(src);
+        ok(&args)
+    };
+    assert_eq!(g(&["--prompt", text]), g(&["--text-file", file.to_str().unwrap()]));
+    // Exclusive with --text / --prompt (clap's own usage error, exit code 2).
+    let err = refused_by_clap(&["score", "--model", m, "--text", text, "--text-file", file.to_str().unwrap()]);
+    assert!(err.contains("--text-file") && err.contains("cannot be used with"), "{err}");
+    let err = refused_by_clap(&["generate", "--model", m, "--prompt", text, "--text-file", file.to_str().unwrap()]);
+    assert!(err.contains("--text-file") && err.contains("cannot be used with"), "{err}");
+    let err = refused_by_clap(&["score", "--model", m]);
+    assert!(err.contains("--text"), "{err}");
+    // A missing file and an oversized one are one line naming the flag.
+    let line = fails(&["score", "--model", m, "--text-file", dir.join("none.txt").to_str().unwrap()]);
+    assert!(line.contains("--text-file") && line.contains("none.txt"), "{line}");
+    let big = dir.join("big.txt");
+    std::fs::write(&big, "a".repeat((1 << 20) + 1)).unwrap();
+    let line = fails(&["score", "--model", m, "--text-file", big.to_str().unwrap()]);
+    assert!(line.contains("--text-file") && line.contains("1048577"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn input_beyond_the_models_context_is_truncated_and_said_on_stderr() {
+    // llama_tied has max_position_embeddings = 128.
+    let m = fixtures().join("llama_tied");
+    let m = m.to_str().unwrap();
+    let dir = tempdir("long");
+    let file = dir.join("long.txt");
+    std::fs::write(&file, "the quick brown fox jumps over the lazy dog. ".repeat(200)).unwrap();
+    let o = run(&["score", "--model", m, "--text-file", file.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 128, "scored the context's first 128 tokens");
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), 127);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("note:") && err.contains("128"), "{err}");
+    // The scored tokens are the text's first ones (up to where a shorter prefix's last tokens
+    // could merge differently with what follows).
+    let short = score_json(&["score", "--model", m, "--text", "the quick brown fox jumps over the lazy dog.", "--json"]);
+    let all: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let k = short.0.len() - 2;
+    assert!(k >= 4, "{:?}", short.0);
+    assert_eq!(&all[..k], &short.0[..k]);
+    // generate keeps the prompt's end so prompt and new tokens fit the context.
+    let o = run(&["generate", "--model", m, "--text-file", file.to_str().unwrap(), "--max-new-tokens", "8", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 120);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("note:"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_configs_out_of_range_are_refused_before_any_model_or_data_loads() {
+    let dir = tempdir("cfg-limits");
+    let model = models().join("base-small").canonicalize().unwrap();
+    let write = |name: &str, client: &str, server: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("[server]\nmodel = {:?}\n{server}\n[client]\n{client}\n[data]\ntask = \"ethos\"\nnum_clients = 1\n", model.display().to_string())).unwrap();
+        p
+    };
+    let no_data = dir.join("no-data");
+    for (client, server, want) in [
+        ("lora_rank = 100000", "", "client.lora_rank"),
+        // Within the static range, beyond base-small's 128-wide layers.
+        ("lora_rank = 1000", "", "1..=128"),
+        ("max_len = 0", "", "client.max_len"),
+        ("max_len = 4096", "", "2..=2048"),
+        ("", "max_update_mib = 0", "server.max_update_mib"),
+    ] {
+        let p = write("run.toml", client, server);
+        let line = fails(&["simulate", "--config", p.to_str().unwrap(), "--data-dir", no_data.to_str().unwrap(), "--out", dir.join("out").to_str().unwrap()]);
+        assert!(line.contains(want) && line.contains("run.toml"), "{client} {server}: {line}");
+    }
+    assert!(!dir.join("out").exists(), "nothing ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Files from outside are parsed behind a boundary: a truncated tokenizer.json (on which the
+/// `tokenizers` crate panics) is one line naming the file, and a file given as `--model` says so.
+#[test]
+fn a_truncated_tokenizer_is_one_line_naming_it_not_a_panic() {
+    let dir = tempdir("trunc-tok");
+    let model = dir.join("m");
+    copy_dir(&models().join("base-small"), &model);
+    let tok = std::fs::read(model.join("tokenizer.json")).unwrap();
+    std::fs::write(model.join("tokenizer.json"), &tok[..1000]).unwrap();
+    let line = fails(&["score", "--model", model.to_str().unwrap(), "--text", "hi"]);
+    assert!(line.contains("tokenizer.json") && line.contains("expected a Hugging Face tokenizer"), "{line}");
+    let cfg = models().join("base-small/config.json");
+    let line = fails(&["score", "--model", cfg.to_str().unwrap(), "--text", "hi"]);
+    assert!(line.contains("expected a model directory") && line.contains("found a file"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy of the bloom_h3 fixture whose `transformer.h.0.input_layernorm.weight` is changed by
+/// `f` (a task vector of it against the fixture then holds that change).
+fn changed_fixture(dir: &Path, name: &str, f: impl Fn(&mut [f32])) -> PathBuf {
+    let out = dir.join(name);
+    copy_dir(&fixtures().join("bloom_h3"), &out);
+    let path = out.join("model.safetensors");
+    let (mut map, meta) = hetfed_core::load_safetensors(&path).unwrap();
+    let key = map.keys().find(|k| k.ends_with("h.0.input_layernorm.weight")).unwrap().clone();
+    let t = &map[&key];
+    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    f(&mut v);
+    let changed = candle_core::Tensor::from_vec(v, t.dims(), &candle_core::Device::Cpu).unwrap();
+    map.insert(key, changed);
+    hetfed_core::save_safetensors(&map, candle_core::DType::F32, &meta, &path).unwrap();
+    out
+}
+
+/// `taskvec apply` and `--taskvec` run the server's validation of an update: a task vector
+/// holding NaN is refused (exit code 2, one line) and no model is written. And identical
+/// commands write identical task vector bytes.
+#[test]
+fn taskvec_apply_refuses_a_nan_task_vector_as_the_server_does() {
+    let dir = tempdir("nan-tv");
+    let base = fixtures().join("bloom_h3");
+    let base_s = base.to_str().unwrap();
+    let nan_model = changed_fixture(&dir, "nan", |v| v[1] = f32::NAN);
+    let tv = dir.join("nan.safetensors");
+    ok(&["taskvec", "diff", "--base", base_s, "--finetuned", nan_model.to_str().unwrap(), "--out", tv.to_str().unwrap()]);
+    let out = dir.join("applied");
+    let line = fails(&["taskvec", "apply", "--base", base_s, "--taskvec", tv.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(line.contains("nan.safetensors") && line.contains("input_layernorm.weight") && line.contains("expected finite values, found NaN"), "{line}");
+    assert!(!out.exists(), "no model is written");
+    let line = fails(&["score", "--model", base_s, "--taskvec", tv.to_str().unwrap(), "--text", "hi"]);
+    assert!(line.contains("expected finite values"), "{line}");
+
+    // A finite change applies; two identical diffs are byte-identical files.
+    let good_model = changed_fixture(&dir, "good", |v| v[1] += 0.25);
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    for p in [&a, &b] {
+        ok(&["taskvec", "diff", "--base", base_s, "--finetuned", good_model.to_str().unwrap(), "--out", p.to_str().unwrap()]);
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "identical runs, different bytes");
+    ok(&["taskvec", "apply", "--base", base_s, "--taskvec", a.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(out.join("model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn logged_steps(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step")?.as_u64())
+        .collect()
+}
+
+/// A run killed after logging steps past its last checkpoint logs those steps again when
+/// resumed; `--resume` drops the stale rows first, so every step has exactly one row.
+#[test]
+fn finetune_resume_leaves_one_row_per_step() {
+    let base = fixtures().join("bloom_h3");
+    let dir = tempdir("resume-rows");
+    let train = dir.join("train.jsonl");
+    write_jsonl(&train);
+    let run = dir.join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["finetune", "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", run.to_str().unwrap(), "--lora-rank", "2", "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--seed", "2"]
+            .map(String::from)
+            .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    fn refs(a: &[String]) -> Vec<&str> {
+        a.iter().map(String::as_str).collect()
+    }
+    ok(&refs(&args(&[])));
+    assert_eq!(logged_steps(&run), [1, 2, 3, 4]);
+    // The crash: the last checkpoint is step 2 (the state says so), steps 3 and 4 were logged,
+    // and the last write was torn.
+    let state = run.join("state.safetensors");
+    let (map, mut meta) = hetfed_core::load_safetensors(&state).unwrap();
+    meta.insert("step".into(), "2".into());
+    meta.insert("opt_t".into(), "2".into());
+    hetfed_core::save_safetensors(&map, candle_core::DType::F32, &meta, &state).unwrap();
+    let mut log = std::fs::OpenOptions::new().append(true).open(run.join("metrics.jsonl")).unwrap();
+    std::io::Write::write_all(&mut log, b"{\"step\":5,\"lo").unwrap();
+    drop(log);
+    ok(&refs(&args(&["--resume"])));
+    assert_eq!(logged_steps(&run), [1, 2, 3, 4], "one row per step after --resume");
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "no torn line is left: {text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
