@@ -5,13 +5,15 @@
 //!
 //! - Every round completes; no update is lost or counted twice: per round, the server aggregates
 //!   exactly the clients whose upload it accepted (`n_aggregated`, the FedAvg weights), and the
-//!   final model equals the base plus the example-weighted mean of exactly those updates.
+//!   final model equals the base plus the example-weighted mean of exactly those updates
+//!   (200 clients, 3 rounds, 1 MiB updates; and in every other scenario).
 //! - Memory: the server runs in a child process (this test binary started again on the ignored
 //!   test `load_server_process`), so that its memory is its own and not the clients'. Once set up
 //!   (model loaded, listener bound) it resets its peak RSS (`5` into `/proc/self/clear_refs`) and
-//!   at the end of the run reports its growth: `VmHWM` − `VmRSS` at the reset. The growth with
-//!   50, 100 and 200 clients must not rise by more than one update's size per 50 clients, plus a
-//!   fixed slack of [`SLACK`] for allocator noise (glibc arenas, tokio's blocking threads).
+//!   at the end of the run reports its growth: `VmHWM` − `VmRSS` at the reset (glibc set to
+//!   return large freed blocks and to use two arenas, so that the peak follows live memory). The
+//!   growth with 50, 100 and 200 clients (16 MiB updates, all sent at once) must not rise by more
+//!   than one update's size per 50 clients, plus a fixed slack of [`SLACK`] for allocator noise.
 //! - Disconnects: clients that drop their upload midway leave nothing in the spool, and the round
 //!   closes with the others (quorum) at its deadline.
 //!
@@ -505,9 +507,6 @@ async fn disconnects_mid_upload_leave_no_trace() {
     // Each dropped upload was undone and audited when it happened.
     let audited: BTreeSet<String> = m.events.iter().filter(|e| e["event"] == "refused" && e["call"] == "upload").map(|e| e["client"].as_str().unwrap().to_owned()).collect();
     assert_eq!(audited, gone);
-    if let Some(e) = m.events.iter().find(|e| e["event"] == "refused") {
-        eprintln!("load: a dropped upload's audit record: {e}");
-    }
     // While the round was open, the spool held nothing of the clients gone (the others' updates,
     // complete or still arriving, only).
     let (open, files) = m.spool_snapshot.clone().unwrap();
