@@ -13,7 +13,7 @@ use futures::StreamExt;
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_data::{Items, TaskSpec};
 use hetfed_eval::{evaluate, EvalOptions};
-use hetfed_model::{Checkpoint, LoraConfig, ModelIdentity};
+use hetfed_model::{Checkpoint, LoraConfig, LoraSet, ModelIdentity};
 use hetfed_net::{body_from_bytes, Caller, Classify, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction, ServiceError, UploadHeader};
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Example, TrainConfig, Trainer};
@@ -59,11 +59,18 @@ pub struct LocalUpdate {
     pub bytes: Vec<u8>,
     pub n_examples: u64,
     pub metrics: BTreeMap<String, f64>,
+    /// The trained LoRA factors in f32 (`<module>.lora_A` / `.lora_B`), for a client that keeps
+    /// its adapter across rounds (`FitConfig::keep_adapter`); `None` for full fine-tuning.
+    pub adapter: Option<TensorMap>,
 }
 
 /// Trains one round from `weights` (the round's model, whose identity is `identity`) and returns
 /// the encoded update and its metrics. Pure computation: usable without any server.
-pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdentity, cfg: &FitConfig, data: &ClientData, eval_opts: &EvalOptions) -> Result<LocalUpdate> {
+///
+/// `adapter`: LoRA factors to continue from (the client's previous round, see
+/// `FitConfig::keep_adapter`) instead of fresh ones. The update is then the whole change from
+/// `weights`, and `val_gain` is measured against `weights` without any adapter.
+pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdentity, cfg: &FitConfig, data: &ClientData, eval_opts: &EvalOptions, adapter: Option<&TensorMap>) -> Result<LocalUpdate> {
     let t0 = Instant::now();
     let cpu0 = sys::cpu_seconds();
     let ck = Checkpoint { dir: base.dir.clone(), arch: base.arch.clone(), weights, tokenizer: base.tokenizer.clone(), config_json: base.config_json.clone() };
@@ -84,8 +91,20 @@ pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdenti
         seed: cfg.seed,
         ..Default::default()
     };
-    let mut tr = Trainer::new(&ck, tcfg, None)?;
-    let val_before = if val.is_empty() { f64::NAN } else { tr.eval_loss(&val)? };
+    let start = match (adapter, &tcfg.lora) {
+        (Some(a), Some(lcfg)) => Some(LoraSet::from_tensors(lcfg, a)?),
+        _ => None,
+    };
+    let continued = start.is_some();
+    let mut tr = Trainer::new(&ck, tcfg, start)?;
+    let val_before = if val.is_empty() {
+        f64::NAN
+    } else if continued {
+        let plain = ck.arch.build(&ck.weights, &ck.source(), None)?;
+        hetfed_train::eval_loss(plain.as_ref(), &val, cfg.batch_size)?
+    } else {
+        tr.eval_loss(&val)?
+    };
     let mut losses = Vec::new();
     tr.train(&train, |r, _| {
         losses.push(r.loss);
@@ -100,6 +119,7 @@ pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdenti
             metrics.insert(format!("eval:{}/{k}", data.task.name), v);
         }
     }
+    let adapter = tr.lora().map(|set| set.to_tensors());
     let tv = match tr.lora() {
         Some(set) => TaskVector::from_lora(identity.clone(), set)?,
         None => {
@@ -123,7 +143,7 @@ pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdenti
     metrics.insert("cpu_s".into(), sys::cpu_seconds() - cpu0);
     metrics.insert("peak_rss_bytes".into(), sys::peak_rss_bytes() as f64);
     metrics.retain(|_, v| v.is_finite());
-    Ok(LocalUpdate { bytes, n_examples: data.train.len() as u64, metrics })
+    Ok(LocalUpdate { bytes, n_examples: data.train.len() as u64, metrics, adapter })
 }
 
 /// The client's registration message.
@@ -193,6 +213,9 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
     let mut last_round = 0u64;
     // The weights of the last model version received: (version, weights).
     let mut cached: Option<(String, Arc<TensorMap>)> = None;
+    // The adapter this client trained last and the model version it was trained on (kept
+    // across rounds with `FitConfig::keep_adapter`).
+    let mut adapter: Option<(String, TensorMap)> = None;
     let mut registered = false;
     loop {
         if !registered {
@@ -234,7 +257,7 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
             Instruction::Wait => continue,
             Instruction::Fit(f) => f,
         };
-        let outcome = fit_round(&service, &opts, &fit, &base_identity, &mut cached, &mut retry).await;
+        let outcome = fit_round(&service, &opts, &fit, &base_identity, &mut cached, &mut adapter, &mut retry).await;
         if let (Some(f), Ok(o)) = (&opts.on_round, &outcome) {
             f(match o {
                 Some(reason) => format!("round {}: update refused: {reason}", fit.round),
@@ -272,6 +295,7 @@ async fn fit_round(
     fit: &FitIns,
     base_identity: &ModelIdentity,
     cached: &mut Option<(String, Arc<TensorMap>)>,
+    adapter: &mut Option<(String, TensorMap)>,
     retry: &mut Retry,
 ) -> std::result::Result<Option<String>, FitError> {
     let caller = &opts.caller;
@@ -299,9 +323,15 @@ async fn fit_round(
     let identity = ModelIdentity { weights_hash: fit.model_version.clone(), ..base_identity.clone() };
     let o = opts.clone();
     let cfg2 = cfg.clone();
-    let upd = tokio::task::spawn_blocking(move || train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts))
+    let prev = adapter.as_ref().filter(|(v, _)| cfg.keep_adapter && *v == fit.model_version).map(|(_, a)| a.clone());
+    let mut upd = tokio::task::spawn_blocking(move || train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref()))
         .await
         .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
+    // Kept whether or not the server accepts the upload: the next upload is again the whole
+    // change from the base, so nothing depends on this one arriving.
+    if cfg.keep_adapter {
+        *adapter = upd.adapter.take().map(|a| (fit.model_version.clone(), a));
+    }
     let bytes = Bytes::from(upd.bytes);
     let header = UploadHeader {
         round: fit.round,

@@ -33,6 +33,11 @@ pub struct FitConfig {
     pub encoding: String,
     /// Seed of the client's shuffling, adapter initialisation and dropout in this round.
     pub seed: u64,
+    /// Continue the client's own LoRA adapter from its previous round instead of a fresh one,
+    /// when the round starts from the model that adapter was trained on (in heterogeneous runs
+    /// always: the client's own base). A specialist then keeps learning across rounds, as the
+    /// central and local-only baselines do, and each upload is its whole change from the base.
+    pub keep_adapter: bool,
 }
 
 impl Default for FitConfig {
@@ -48,6 +53,7 @@ impl Default for FitConfig {
             proximal_mu: 0.0,
             encoding: "f32".into(),
             seed: 0,
+            keep_adapter: false,
         }
     }
 }
@@ -68,6 +74,9 @@ impl FitConfig {
         }
         if !(self.proximal_mu >= 0.0 && self.proximal_mu.is_finite()) {
             return Err(format!("client.proximal_mu: expected a number >= 0, found {}", self.proximal_mu));
+        }
+        if self.keep_adapter && self.lora_rank == 0 {
+            return Err("client.keep_adapter: expected LoRA training (client.lora_rank >= 1), found full fine-tuning (lora_rank = 0)".into());
         }
         Ok(())
     }

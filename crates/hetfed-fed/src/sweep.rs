@@ -172,9 +172,15 @@ struct Update {
     bytes: usize,
 }
 
-fn local_update(ck: &Checkpoint, weights: &TensorMap, cfg: &FitConfig, data: &ClientData, cfg_run: &RunConfig) -> Result<Update> {
+/// One client's round, as `train_round` does it in a federated run; `adapter` is the client's
+/// kept LoRA adapter (`client.keep_adapter`), continued and replaced.
+fn local_update(ck: &Checkpoint, weights: &TensorMap, cfg: &FitConfig, data: &ClientData, cfg_run: &RunConfig, adapter: &mut Option<TensorMap>) -> Result<Update> {
     let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(weights)?, ..ck.identity()? };
-    let up = train_round(ck, weights.clone(), &identity, cfg, data, &eval_options(cfg_run))?;
+    let prev = if cfg.keep_adapter { adapter.take() } else { None };
+    let up = train_round(ck, weights.clone(), &identity, cfg, data, &eval_options(cfg_run), prev.as_ref())?;
+    if cfg.keep_adapter {
+        *adapter = up.adapter;
+    }
     let tv = TaskVector::from_bytes(&up.bytes, Path::new("<update>"))?;
     Ok(Update { update: tv, metrics: up.metrics, n_examples: up.n_examples, bytes: up.bytes.len() })
 }
@@ -243,11 +249,12 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, resume: bool, mut progr
                     if hetero_updates.is_none() {
                         let mut per_round = Vec::new();
                         let mut plan = plan_strategy();
+                        let mut adapters: Vec<Option<TensorMap>> = vec![None; ids.len()];
                         for round in 1..=cfg.run.rounds {
                             let mut ups = Vec::new();
                             for (cid, fc) in plan.configure_fit(round, &infos) {
                                 let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-                                ups.push((cid, local_update(&small, &small.weights, &fc, &datas[i], &cfg)?));
+                                ups.push((cid, local_update(&small, &small.weights, &fc, &datas[i], &cfg, &mut adapters[i])?));
                             }
                             per_round.push(ups);
                         }
@@ -299,7 +306,7 @@ fn central(cfg: &RunConfig, dir: &DataDir, large: &Checkpoint, ev: &ServerEval) 
     let mut w = large.weights.clone();
     for round in 1..=cfg.run.rounds {
         for (_, fc) in plan.configure_fit(round, &infos) {
-            let u = local_update(large, &w, &fc, &data, cfg)?;
+            let u = local_update(large, &w, &fc, &data, cfg, &mut None)?;
             w = u.update.apply_unchecked(&w, 1.0)?;
         }
     }
@@ -323,7 +330,7 @@ fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[
     for round in 1..=cfg.run.rounds {
         for (cid, fc) in plan.configure_fit(round, infos) {
             let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-            let u = local_update(small, &weights[i], &fc, &datas[i], cfg)?;
+            let u = local_update(small, &weights[i], &fc, &datas[i], cfg, &mut None)?;
             weights[i] = u.update.apply_unchecked(&weights[i], 1.0)?;
         }
     }
@@ -352,7 +359,7 @@ fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: 
         let mut results = Vec::new();
         for (cid, fc) in strategy.configure_fit(round, infos) {
             let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-            let u = local_update(small, &global, &fc, &datas[i], cfg)?;
+            let u = local_update(small, &global, &fc, &datas[i], cfg, &mut None)?;
             bytes += u.bytes + model_bytes;
             n_client_rounds += 1;
             results.push(FitResult::new(cid, u.n_examples, u.metrics, u.update));
