@@ -27,12 +27,7 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("shape mismatch for `{name}`: expected {expected:?}, found {found:?}{}", where_.as_ref().map(|w| format!(" in {w}")).unwrap_or_default())]
-    Shape {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-        where_: Option<String>,
-    },
+    Shape { name: String, expected: Vec<usize>, found: Vec<usize>, where_: Option<String> },
     #[error("{0}")]
     Msg(String),
     #[error(transparent)]
@@ -46,10 +41,7 @@ impl Error {
         Error::Msg(m.into())
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }
 
@@ -68,14 +60,10 @@ pub fn tensors_from_bytes(bytes: &[u8], path: &Path, to_f32: bool) -> Result<(Te
 }
 
 fn tensors_from_bytes_inner(bytes: &[u8], path: &Path, to_f32: bool) -> Result<(TensorMap, BTreeMap<String, String>)> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
-        path: path.to_owned(),
-        msg: e.to_string(),
-    })?;
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-        path: path.to_owned(),
-        msg: e.to_string(),
-    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })?;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })?;
     let mut out = TensorMap::new();
     for (name, view) in st.tensors() {
         let t = tensor_from_view(&view, path, &name)?;
@@ -121,7 +109,9 @@ fn tensor_from_view(view: &safetensors::tensor::TensorView<'_>, path: &Path, nam
         other => {
             return Err(Error::Format {
                 path: path.to_owned(),
-                msg: format!("tensor `{name}`: expected dtype f32, f16, bf16, f64, i64, i32, u32 or u8, found {other:?}"),
+                msg: format!(
+                    "tensor `{name}`: expected dtype f32, f16, bf16, f64, i64, i32, u32 or u8, found {other:?}"
+                ),
             })
         }
     };
@@ -204,10 +194,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -252,12 +239,24 @@ impl TensorBytes {
         let shape = t.dims().to_vec();
         let flat = t.flatten_all()?;
         let (dtype, data) = match t.dtype() {
-            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::BF16 => (safetensors::Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::F32 => {
+                (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            DType::F16 => {
+                (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            DType::BF16 => {
+                (safetensors::Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            DType::F64 => {
+                (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            DType::I64 => {
+                (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            DType::U32 => {
+                (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
             DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
             other => return Err(Error::msg(format!("cannot serialise dtype {other:?}"))),
         };
@@ -346,7 +345,9 @@ mod tests {
         for meta in [BTreeMap::new(), one] {
             let ours = tensors_to_bytes(&m, DType::F16, &meta).unwrap();
             let st = safetensors::SafeTensors::deserialize(&ours).unwrap();
-            let theirs = safetensors::serialize(st.tensors(), (!meta.is_empty()).then(|| meta.clone().into_iter().collect())).unwrap();
+            let theirs =
+                safetensors::serialize(st.tensors(), (!meta.is_empty()).then(|| meta.clone().into_iter().collect()))
+                    .unwrap();
             assert_eq!(ours, theirs);
         }
         let (back, meta2) = tensors_from_bytes(&bytes, Path::new("mem"), true).unwrap();
@@ -361,7 +362,8 @@ mod tests {
         write_atomic(&path, b"old").unwrap();
         write_atomic(&path, b"new contents").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
-        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.json")]);
         // A failed write leaves the old file and no temporary behind.
         let blocked = dir.join("sub/x.json/inner.bin");
@@ -468,7 +470,10 @@ pub mod guard {
         #[test]
         fn a_panic_becomes_a_one_line_error_naming_the_file() {
             let err = parse::<()>(Path::new("x/tokenizer.json"), "a tokenizer", || panic!("bad\nthing")).unwrap_err();
-            assert_eq!(err.to_string(), "x/tokenizer.json: expected a tokenizer, found data its parser cannot read (bad thing)");
+            assert_eq!(
+                err.to_string(),
+                "x/tokenizer.json: expected a tokenizer, found data its parser cannot read (bad thing)"
+            );
             // Results pass through, and the thread is not left quiet.
             assert_eq!(parse(Path::new("p"), "x", || Ok(3)).unwrap(), 3);
             assert_eq!(QUIET.with(Cell::get), 0);

@@ -14,10 +14,18 @@ pub enum Error {
     )]
     MissingDataset { dataset: String, looked_at: Vec<PathBuf>, root: PathBuf, origin: String, url: String },
     /// The dataset is there but the requested split is not.
-    #[error("dataset `{dataset}`: split `{split}` is not present: looked for {}{}", paths(looked_at), note_suffix(note))]
+    #[error(
+        "dataset `{dataset}`: split `{split}` is not present: looked for {}{}",
+        paths(looked_at),
+        note_suffix(note)
+    )]
     MissingSplit { dataset: String, split: String, looked_at: Vec<PathBuf>, note: String },
     /// The dataset is there but not for this language.
-    #[error("dataset `{dataset}`: language `{lang}` not found: looked for {}; available: {}", paths(looked_at), list(available))]
+    #[error(
+        "dataset `{dataset}`: language `{lang}` not found: looked for {}; available: {}",
+        paths(looked_at),
+        list(available)
+    )]
     MissingLanguage { dataset: String, lang: String, looked_at: Vec<PathBuf>, available: Vec<String> },
     /// A file does not have the documented layout.
     #[error("{}{}: {msg}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]

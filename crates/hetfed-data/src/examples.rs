@@ -97,7 +97,11 @@ impl Examples {
     pub fn subset(&self, indices: &[usize]) -> Result<Examples> {
         fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Result<Vec<T>> {
             idx.iter()
-                .map(|&i| v.get(i).cloned().ok_or_else(|| Error::config(format!("example index {i} out of range: expected < {}", v.len()))))
+                .map(|&i| {
+                    v.get(i)
+                        .cloned()
+                        .ok_or_else(|| Error::config(format!("example index {i} out of range: expected < {}", v.len())))
+                })
                 .collect()
         }
         Ok(match self {

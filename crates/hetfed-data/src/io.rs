@@ -9,7 +9,11 @@ use crate::error::{Error, Result};
 pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let mut s = String::from_utf8(bytes).map_err(|e| {
-        Error::format(path, None, format!("expected UTF-8 text, found an invalid byte at offset {}", e.utf8_error().valid_up_to()))
+        Error::format(
+            path,
+            None,
+            format!("expected UTF-8 text, found an invalid byte at offset {}", e.utf8_error().valid_up_to()),
+        )
     })?;
     if s.starts_with('\u{feff}') {
         s.drain(..3);
@@ -32,8 +36,8 @@ pub(crate) fn read_jsonl<T: DeserializeOwned>(path: &Path, what: &str) -> Result
         if line.trim().is_empty() {
             continue;
         }
-        let row =
-            serde_json::from_str(line).map_err(|e| Error::format(path, Some(i + 1), format!("expected a JSON object {what}: {e}")))?;
+        let row = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, Some(i + 1), format!("expected a JSON object {what}: {e}")))?;
         out.push((i + 1, row));
     }
     Ok(out)
@@ -105,8 +109,11 @@ pub(crate) fn parse_dsv(text: &str, delim: char, path: &Path) -> Result<Vec<(usi
 /// The names of the sub-folders of `d`, sorted (none when `d` cannot be read).
 pub(crate) fn subdirs(d: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(d) else { return Vec::new() };
-    let mut v: Vec<String> =
-        rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect();
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
     v.sort();
     v
 }

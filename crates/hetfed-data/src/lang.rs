@@ -22,9 +22,9 @@ const LANGS: &[(&str, &str, &str, &str)] = &[
 ];
 
 fn find(code: &str) -> Option<&'static (&'static str, &'static str, &'static str, &'static str)> {
-    LANGS
-        .iter()
-        .find(|(iso, flores, name, xlsum)| [*iso, *flores, *name, *xlsum].iter().any(|c| !c.is_empty() && c.eq_ignore_ascii_case(code)))
+    LANGS.iter().find(|(iso, flores, name, xlsum)| {
+        [*iso, *flores, *name, *xlsum].iter().any(|c| !c.is_empty() && c.eq_ignore_ascii_case(code))
+    })
 }
 
 /// The FLORES-200 code (`eng_Latn`) for an ISO code or name; unknown codes pass through.

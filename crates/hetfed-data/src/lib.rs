@@ -57,7 +57,7 @@ pub use examples::{ChoiceExample, ClassificationExample, Examples, SummaryExampl
 pub use partition::{partition_stats, ClientStats, PartitionScheme};
 pub use split::Split;
 pub use task::{
-    builtin, write_prompt_target_jsonl, ChoiceItem, GenerationItem, Items, LmItem, PromptTarget, TaskKind, TaskRegistry, TaskSpec,
-    BUILTIN_TASKS,
+    builtin, write_prompt_target_jsonl, ChoiceItem, GenerationItem, Items, LmItem, PromptTarget, TaskKind,
+    TaskRegistry, TaskSpec, BUILTIN_TASKS,
 };
 pub use truncate::{keep_end, keep_start, Length, TokenCounter};

@@ -108,9 +108,13 @@ impl SplitMix64 {
 pub enum PartitionScheme {
     Iid,
     /// Label skew: each class is spread over clients by Dirichlet(alpha) shares.
-    Dirichlet { alpha: f64 },
+    Dirichlet {
+        alpha: f64,
+    },
     /// Quantity skew: client sizes follow Dirichlet(alpha) shares, labels stay IID.
-    Quantity { alpha: f64 },
+    Quantity {
+        alpha: f64,
+    },
 }
 
 impl PartitionScheme {
@@ -190,7 +194,9 @@ pub fn dirichlet(labels: &[usize], n_clients: usize, alpha: f64, seed: u64) -> R
     }
     for c in 0..n_clients {
         if parts[c].is_empty() {
-            let donor = (0..n_clients).max_by(|&a, &b| parts[a].len().cmp(&parts[b].len()).then(b.cmp(&a))).expect("n_clients >= 1");
+            let donor = (0..n_clients)
+                .max_by(|&a, &b| parts[a].len().cmp(&parts[b].len()).then(b.cmp(&a)))
+                .expect("n_clients >= 1");
             let moved = parts[donor].pop().expect("the largest client has at least 2 examples when one is empty");
             parts[c].push(moved);
         }
@@ -267,13 +273,21 @@ pub struct ClientStats {
 }
 
 /// Fills `n_tokens` of each client from per-example token counts.
-pub fn with_token_counts(mut stats: Vec<ClientStats>, parts: &[Vec<usize>], tokens_per_example: &[usize]) -> Result<Vec<ClientStats>> {
+pub fn with_token_counts(
+    mut stats: Vec<ClientStats>,
+    parts: &[Vec<usize>],
+    tokens_per_example: &[usize],
+) -> Result<Vec<ClientStats>> {
     for (s, part) in stats.iter_mut().zip(parts) {
         s.n_tokens = part
             .iter()
             .map(|&i| {
                 tokens_per_example.get(i).copied().ok_or_else(|| {
-                    Error::config(format!("client {} holds example {i}, expected < {} token counts", s.client_idx, tokens_per_example.len()))
+                    Error::config(format!(
+                        "client {} holds example {i}, expected < {} token counts",
+                        s.client_idx,
+                        tokens_per_example.len()
+                    ))
                 })
             })
             .sum::<Result<usize>>()?;
@@ -307,12 +321,21 @@ pub fn partition_stats(parts: &[Vec<usize>], labels: &[usize], n_classes: usize)
         .map(|(client_idx, part)| {
             let mut label_hist = vec![0; n_classes];
             for &i in part {
-                let l = labels
-                    .get(i)
-                    .ok_or_else(|| Error::config(format!("client {client_idx} holds example {i}, expected < {} examples", labels.len())))?;
+                let l = labels.get(i).ok_or_else(|| {
+                    Error::config(format!(
+                        "client {client_idx} holds example {i}, expected < {} examples",
+                        labels.len()
+                    ))
+                })?;
                 label_hist[*l] += 1;
             }
-            Ok(ClientStats { client_idx, n_examples: part.len(), label_entropy_bits: entropy_bits(&label_hist), label_hist, n_tokens: 0 })
+            Ok(ClientStats {
+                client_idx,
+                n_examples: part.len(),
+                label_entropy_bits: entropy_bits(&label_hist),
+                label_hist,
+                n_tokens: 0,
+            })
         })
         .collect()
 }

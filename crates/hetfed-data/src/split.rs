@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn split_names_parse() {
-        for (s, want) in [("train", Split::Train), ("validation", Split::Dev), ("DEV", Split::Dev), ("devtest", Split::Test)] {
+        for (s, want) in
+            [("train", Split::Train), ("validation", Split::Dev), ("DEV", Split::Dev), ("devtest", Split::Test)]
+        {
             assert_eq!(s.parse::<Split>().unwrap(), want);
         }
         assert!("training".parse::<Split>().unwrap_err().to_string().contains("unknown split `training`"));

@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::datasets::DatasetSpec;
 use crate::dir::DataDir;
 use crate::error::{Error, Result};
-use crate::examples::{ChoiceExample, ClassificationExample, Examples, SummaryExample, TextExample, TranslationExample};
+use crate::examples::{
+    ChoiceExample, ClassificationExample, Examples, SummaryExample, TextExample, TranslationExample,
+};
 use crate::lang::english_name;
 use crate::split::Split;
 use crate::template::{check, placeholders, render};
@@ -265,7 +267,9 @@ pub struct PromptTarget {
 pub fn write_prompt_target_jsonl(path: &Path, pairs: &[PromptTarget]) -> Result<()> {
     let mut out = String::new();
     for p in pairs {
-        out.push_str(&serde_json::to_string(p).map_err(|e| Error::config(format!("serialising a prompt/target pair: {e}")))?);
+        out.push_str(
+            &serde_json::to_string(p).map_err(|e| Error::config(format!("serialising a prompt/target pair: {e}")))?,
+        );
         out.push('\n');
     }
     hetfed_core::write_atomic(path, out.as_bytes()).map_err(|e| match e {
@@ -305,7 +309,9 @@ impl TaskSpec {
     /// model, with no client data.
     pub fn skeleton(&self) -> Vec<TemplatePart> {
         let langs = match &self.dataset {
-            DatasetSpec::Flores { src, tgt } | DatasetSpec::Tico { src, tgt } | DatasetSpec::In22 { src, tgt, .. } => Some((src.clone(), tgt.clone())),
+            DatasetSpec::Flores { src, tgt } | DatasetSpec::Tico { src, tgt } | DatasetSpec::In22 { src, tgt, .. } => {
+                Some((src.clone(), tgt.clone()))
+            }
             _ => None,
         };
         let fixed = |k: &str| -> Option<String> {
@@ -372,7 +378,11 @@ impl TaskSpec {
         }
         let is_choice = matches!(self.kind, TaskKind::Classification | TaskKind::Reasoning);
         match (&self.target, is_choice) {
-            (Some(_), true) => return Err(bad("`target` is not used by choice tasks: the target is the gold label word or choice".into())),
+            (Some(_), true) => {
+                return Err(bad(
+                    "`target` is not used by choice tasks: the target is the gold label word or choice".into()
+                ))
+            }
             (None, false) => return Err(bad(format!("a {} task needs a `target` template", self.kind))),
             (Some(t), false) => check(t, &known, &ctx("target"))?,
             (None, true) => {}
@@ -439,7 +449,8 @@ impl TaskSpec {
     /// Parses one spec from TOML: the keys of [`TaskSpec`], plus an optional `base = "<built-in
     /// task>"` whose values the others override (then `name` defaults to the base's).
     pub fn from_toml_str(text: &str) -> Result<TaskSpec> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| Error::config(format!("task spec: {}", toml_error(&e, Some(text)))))?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| Error::config(format!("task spec: {}", toml_error(&e, Some(text)))))?;
         spec_from_table(None, table)
     }
 
@@ -462,7 +473,9 @@ impl TaskSpec {
             (TaskKind::Classification, Examples::Classification(v)) => {
                 Items::Choice(v.iter().map(|e| r.classification(e)).collect::<Result<_>>()?)
             }
-            (TaskKind::Reasoning, Examples::Choice(v)) => Items::Choice(v.iter().map(|e| r.reasoning(e)).collect::<Result<_>>()?),
+            (TaskKind::Reasoning, Examples::Choice(v)) => {
+                Items::Choice(v.iter().map(|e| r.reasoning(e)).collect::<Result<_>>()?)
+            }
             (TaskKind::Translation, Examples::Translation(v)) => Items::Generation(
                 v.iter()
                     .map(|e| {
@@ -492,7 +505,11 @@ impl TaskSpec {
             (TaskKind::LanguageModelling, Examples::Text(v)) => Items::Lm(
                 v.iter()
                     .map(|e| {
-                        Ok(LmItem { id: e.id.clone(), prompt: r.prompt(&|k| text_field(e, k))?, text: r.target(&|k| text_field(e, k))? })
+                        Ok(LmItem {
+                            id: e.id.clone(),
+                            prompt: r.prompt(&|k| text_field(e, k))?,
+                            text: r.target(&|k| text_field(e, k))?,
+                        })
                     })
                     .collect::<Result<_>>()?,
             ),
@@ -502,7 +519,11 @@ impl TaskSpec {
 
     /// Fine-tuning pairs, one per example: the prompt, and the gold candidate (choice tasks) or
     /// the filled `target` template (others; summaries use their first reference).
-    pub fn to_prompt_target(&self, examples: &Examples, counter: Option<&dyn TokenCounter>) -> Result<Vec<PromptTarget>> {
+    pub fn to_prompt_target(
+        &self,
+        examples: &Examples,
+        counter: Option<&dyn TokenCounter>,
+    ) -> Result<Vec<PromptTarget>> {
         self.validate()?;
         let r = Renderer { spec: self, counter };
         let cut = |t: String| -> Result<String> {
@@ -513,12 +534,23 @@ impl TaskSpec {
         };
         match (self.kind, examples) {
             (TaskKind::Classification | TaskKind::Reasoning, Examples::Classification(_) | Examples::Choice(_)) => {
-                let Items::Choice(items) = self.to_items(examples, counter)? else { unreachable!("choice kinds give choice items") };
-                items.into_iter().map(|it| Ok(PromptTarget { target: cut(it.candidates[it.gold].clone())?, prompt: it.prompt })).collect()
+                let Items::Choice(items) = self.to_items(examples, counter)? else {
+                    unreachable!("choice kinds give choice items")
+                };
+                items
+                    .into_iter()
+                    .map(|it| Ok(PromptTarget { target: cut(it.candidates[it.gold].clone())?, prompt: it.prompt }))
+                    .collect()
             }
-            (TaskKind::Translation, Examples::Translation(v)) => v.iter().map(|e| r.pair(&|k| translation_field(e, k))).collect(),
-            (TaskKind::Summarization, Examples::Summary(v)) => v.iter().map(|e| r.pair(&|k| summary_field(e, k))).collect(),
-            (TaskKind::LanguageModelling, Examples::Text(v)) => v.iter().map(|e| r.pair(&|k| text_field(e, k))).collect(),
+            (TaskKind::Translation, Examples::Translation(v)) => {
+                v.iter().map(|e| r.pair(&|k| translation_field(e, k))).collect()
+            }
+            (TaskKind::Summarization, Examples::Summary(v)) => {
+                v.iter().map(|e| r.pair(&|k| summary_field(e, k))).collect()
+            }
+            (TaskKind::LanguageModelling, Examples::Text(v)) => {
+                v.iter().map(|e| r.pair(&|k| text_field(e, k))).collect()
+            }
             _ => Err(self.mismatch(examples)),
         }
     }
@@ -546,7 +578,9 @@ fn check_len(l: &Length, what: &str) -> std::result::Result<(), String> {
 fn toml_error(e: &toml::de::Error, text: Option<&str>) -> String {
     let flat = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     match (text, e.span()) {
-        (Some(t), Some(span)) => format!("line {}: {}", t[..span.start.min(t.len())].matches('\n').count() + 1, flat(e.message())),
+        (Some(t), Some(span)) => {
+            format!("line {}: {}", t[..span.start.min(t.len())].matches('\n').count() + 1, flat(e.message()))
+        }
         // Without source text the display is the message plus the key path (`in `max_prompt``).
         _ => flat(&e.to_string()),
     }
@@ -558,14 +592,20 @@ fn spec_from_table(name: Option<&str>, mut table: toml::Table) -> Result<TaskSpe
         Some(toml::Value::String(b)) => {
             toml::Table::try_from(builtin(&b)?).map_err(|e| Error::config(format!("{label}: base `{b}`: {e}")))?
         }
-        Some(other) => return Err(Error::config(format!("{label}: expected `base` to be a built-in task name string, found {other}"))),
+        Some(other) => {
+            return Err(Error::config(format!(
+                "{label}: expected `base` to be a built-in task name string, found {other}"
+            )))
+        }
         None => toml::Table::new(),
     };
     merged.extend(table);
     if let Some(n) = name {
         merged.insert("name".into(), toml::Value::String(n.to_string()));
     }
-    let spec: TaskSpec = toml::Value::Table(merged).try_into().map_err(|e| Error::config(format!("{label}: {}", toml_error(&e, None))))?;
+    let spec: TaskSpec = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e| Error::config(format!("{label}: {}", toml_error(&e, None))))?;
     spec.validate()?;
     Ok(spec)
 }
@@ -605,7 +645,8 @@ impl TaskRegistry {
             #[serde(default)]
             tasks: BTreeMap<String, toml::Table>,
         }
-        let file: File = toml::from_str(text).map_err(|e| Error::config(format!("task registry: {}", toml_error(&e, Some(text)))))?;
+        let file: File = toml::from_str(text)
+            .map_err(|e| Error::config(format!("task registry: {}", toml_error(&e, Some(text)))))?;
         let mut reg = Self::new();
         for (name, table) in file.tasks {
             reg.custom.insert(name.clone(), spec_from_table(Some(&name), table)?);
@@ -637,7 +678,10 @@ impl TaskRegistry {
             if self.custom.is_empty() {
                 e
             } else {
-                Error::config(format!("{e} (custom tasks: {})", self.custom.keys().cloned().collect::<Vec<_>>().join(", ")))
+                Error::config(format!(
+                    "{e} (custom tasks: {})",
+                    self.custom.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
             }
         })
     }
@@ -699,7 +743,10 @@ impl Renderer<'_> {
     fn classification(&self, e: &ClassificationExample) -> Result<ChoiceItem> {
         let n = self.spec.label_words.len();
         if e.label >= n {
-            return Err(Error::config(format!("task `{}`: example {} has label {}, expected < {n}", self.spec.name, e.id, e.label)));
+            return Err(Error::config(format!(
+                "task `{}`: example {} has label {}, expected < {n}",
+                self.spec.name, e.id, e.label
+            )));
         }
         Ok(ChoiceItem {
             id: e.id.clone(),
@@ -811,7 +858,10 @@ mod tests {
         let t = |s: &str| Text(s.to_string());
         let f = |s: &str| Field(s.to_string());
         assert_eq!(builtin("bbc").unwrap().skeleton(), [t("Article: "), f("document"), t("\nSummary:"), f("summary")]);
-        assert_eq!(builtin("tico:en-hi").unwrap().skeleton(), [t("Translate English to Hindi.\nEnglish: "), f("src"), t("\nHindi:"), f("tgt")]);
+        assert_eq!(
+            builtin("tico:en-hi").unwrap().skeleton(),
+            [t("Translate English to Hindi.\nEnglish: "), f("src"), t("\nHindi:"), f("tgt")]
+        );
         assert_eq!(builtin("ethos").unwrap().skeleton(), [t("Comment: "), f("text"), t("\nIs this comment hateful?")]);
     }
 

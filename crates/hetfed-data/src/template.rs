@@ -99,7 +99,8 @@ mod tests {
 
     #[test]
     fn malformed_templates_are_clear_errors() {
-        for (t, msg) in [("a {x", "close a `{`"), ("a } b", "lone `}`"), ("{}", "field name"), ("{a b}", "field name")] {
+        for (t, msg) in [("a {x", "close a `{`"), ("a } b", "lone `}`"), ("{}", "field name"), ("{a b}", "field name")]
+        {
             let e = placeholders(t).unwrap_err().to_string();
             assert!(e.contains(msg), "{t}: {e}");
         }

@@ -34,7 +34,8 @@ fn boundaries(s: &str) -> Vec<usize> {
 }
 
 fn need_counter(counter: Option<&dyn TokenCounter>) -> Result<&dyn TokenCounter> {
-    counter.ok_or_else(|| Error::config("a limit in tokens needs a token counter: pass one, or give the limit in chars"))
+    counter
+        .ok_or_else(|| Error::config("a limit in tokens needs a token counter: pass one, or give the limit in chars"))
 }
 
 /// The longest suffix of `text` within `max` (what a prompt keeps: its end, next to the
@@ -43,7 +44,11 @@ pub fn keep_end<'a>(text: &'a str, max: Length, counter: Option<&dyn TokenCounte
     match max {
         Length::Chars(n) => {
             let count = text.chars().count();
-            Ok(if count <= n { text } else { &text[text.char_indices().nth(count - n).map_or(text.len(), |(i, _)| i)..] })
+            Ok(if count <= n {
+                text
+            } else {
+                &text[text.char_indices().nth(count - n).map_or(text.len(), |(i, _)| i)..]
+            })
         }
         Length::Tokens(n) => {
             let c = need_counter(counter)?;

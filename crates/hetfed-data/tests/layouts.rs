@@ -133,8 +133,14 @@ fn tico_upstream_files_are_cut_into_train_dev_and_test() {
     assert!((200..320).contains(&dev.len()), "dev has {} sentences", dev.len());
     assert!(dev.iter().all(|e| hetfed_data::datasets::tico_split(&e.id) == Split::Dev));
     assert!(train.iter().all(|e| !dev.iter().any(|d| d.id == e.id)));
-    assert_eq!((test[0].id.as_str(), test[0].src.as_str(), test[0].tgt.as_str()), ("DOC_12:1297", "hi 1297", "en 1297"));
-    assert!(load_tico(&dir, "hi", "ta", Split::Dev).unwrap_err().to_string().contains("expected en-<lang> or <lang>-en"));
+    assert_eq!(
+        (test[0].id.as_str(), test[0].src.as_str(), test[0].tgt.as_str()),
+        ("DOC_12:1297", "hi 1297", "en 1297")
+    );
+    assert!(load_tico(&dir, "hi", "ta", Split::Dev)
+        .unwrap_err()
+        .to_string()
+        .contains("expected en-<lang> or <lang>-en"));
 }
 
 #[test]
@@ -160,7 +166,10 @@ fn bbc_kaggle_folders_with_a_cp1252_file() {
     for i in 0..40 {
         let cat = if i % 2 == 0 { "sport" } else { "tech" };
         let title = format!("Title {i}");
-        t.write(&format!("{root}/News Articles/{cat}/{i:03}.txt"), format!("{title}\n\nBody of article {i}. More text.\n"));
+        t.write(
+            &format!("{root}/News Articles/{cat}/{i:03}.txt"),
+            format!("{title}\n\nBody of article {i}. More text.\n"),
+        );
         t.write(&format!("{root}/Summaries/{cat}/{i:03}.txt"), format!("Body of article {i}."));
         n += 1;
     }
@@ -187,7 +196,10 @@ fn full_upstream_ethos_gets_the_held_out_rows_as_test() {
     let t = TempDir::new("ethos");
     let mut csv = String::from("comment;isHate\n");
     for i in 0..200 {
-        csv.push_str(&format!("\"comment number {i}; with a semicolon\";{}\n", if i % 3 == 0 { "0.6666666666666666" } else { "0.0" }));
+        csv.push_str(&format!(
+            "\"comment number {i}; with a semicolon\";{}\n",
+            if i % 3 == 0 { "0.6666666666666666" } else { "0.0" }
+        ));
     }
     t.write("ethos/ethos_data/Ethos_Dataset_Binary.csv", csv);
     let dir = t.data_dir();

@@ -153,7 +153,12 @@ fn small_alpha_quantity_skew_is_unequal_and_token_counts_add_up() {
     assert!(sizes.iter().max().unwrap() > &(5 * sizes.iter().min().unwrap()), "{sizes:?}");
     let labels = vec![0usize; 1000];
     let tokens: Vec<usize> = (0..1000).map(|i| i % 7 + 1).collect();
-    let stats = hetfed_data::partition::with_token_counts(hetfed_data::partition_stats(&parts, &labels, 1).unwrap(), &parts, &tokens).unwrap();
+    let stats = hetfed_data::partition::with_token_counts(
+        hetfed_data::partition_stats(&parts, &labels, 1).unwrap(),
+        &parts,
+        &tokens,
+    )
+    .unwrap();
     assert_eq!(stats.iter().map(|s| s.n_tokens).sum::<usize>(), tokens.iter().sum::<usize>());
     assert!(hetfed_data::partition::one_task_per_client(&[5, 5], 1, 0).is_err());
 }

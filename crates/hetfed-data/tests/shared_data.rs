@@ -62,7 +62,10 @@ fn flores_997_lines_per_language_any_pair() {
     let pairs = load_flores(&dir, "tam_Taml", "guj_Gujr", Split::Dev).unwrap();
     assert_eq!(pairs.len(), 997);
     let en_hi = load_flores(&dir, "en", "hi", Split::Dev).unwrap();
-    assert_eq!((en_hi[0].src_lang.as_str(), en_hi[0].tgt_lang.as_str(), en_hi[0].id.as_str()), ("eng_Latn", "hin_Deva", "dev-1"));
+    assert_eq!(
+        (en_hi[0].src_lang.as_str(), en_hi[0].tgt_lang.as_str(), en_hi[0].id.as_str()),
+        ("eng_Latn", "hin_Deva", "dev-1")
+    );
     assert!(en_hi[0].src.starts_with("On Monday, scientists from the Stanford University School of Medicine"));
     missing_split(load_flores(&dir, "eng_Latn", "hin_Deva", Split::Test).unwrap_err(), "test");
     missing_split(load_flores(&dir, "eng_Latn", "hin_Deva", Split::Train).unwrap_err(), "train");
@@ -91,7 +94,11 @@ fn tico_1297_lines_per_pair_both_directions() {
         assert_eq!((back[5].src.as_str(), back[5].tgt.as_str()), (fwd[5].tgt.as_str(), fwd[5].src.as_str()));
         missing_split(load_tico(&dir, "en", lang, Split::Test).unwrap_err(), "test");
     }
-    let all: Vec<_> = load_tico(&dir, "en", "hin_Deva", Split::Train).unwrap().into_iter().chain(load_tico(&dir, "en", "hin_Deva", Split::Dev).unwrap()).collect();
+    let all: Vec<_> = load_tico(&dir, "en", "hin_Deva", Split::Train)
+        .unwrap()
+        .into_iter()
+        .chain(load_tico(&dir, "en", "hin_Deva", Split::Dev).unwrap())
+        .collect();
     let first = all.iter().find(|e| e.id == "CMU_1:1").expect("the first sentence is in train or dev");
     assert_eq!(first.tgt, "ये लक्षण लगभग कितने समय से चल रहे हैं?");
     match load_tico(&dir, "en", "fr", Split::Dev).unwrap_err() {
@@ -107,7 +114,9 @@ fn in22_absent_is_a_clear_missing_dataset_error() {
     let msg = e.to_string();
     assert!(matches!(e, Error::MissingDataset { .. }), "{msg}");
     assert!(
-        msg.contains("dataset `in22` not found") && msg.contains("IN22_testset") && msg.contains("github.com/AI4Bharat/IndicTrans2"),
+        msg.contains("dataset `in22` not found")
+            && msg.contains("IN22_testset")
+            && msg.contains("github.com/AI4Bharat/IndicTrans2"),
         "{msg}"
     );
 }
@@ -168,7 +177,9 @@ fn mltext_lines_per_language() {
     let Some(dir) = shared_data("mltext") else { return };
     // (lang, all lines, dev lines): totals are the PROVENANCE line counts summed over sources;
     // dev counts cross-checked with Python (sha256(normalize(line)) % 10 == 0).
-    for (lang, total, dev) in [("en", 60_795, 6016), ("hi", 8923, 871), ("te", 68_538, 6998), ("mr", 19_561, 1905), ("bn", 3094, 302)] {
+    for (lang, total, dev) in
+        [("en", 60_795, 6016), ("hi", 8923, 871), ("te", 68_538, 6998), ("mr", 19_561, 1905), ("bn", 3094, 302)]
+    {
         let t = load_mltext(&dir, lang, Split::Train, None).unwrap().len();
         let d = load_mltext(&dir, lang, Split::Dev, None).unwrap().len();
         assert_eq!((t + d, d), (total, dev), "{lang}");

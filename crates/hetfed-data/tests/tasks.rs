@@ -4,7 +4,9 @@
 mod common;
 
 use common::{shared_data, TempDir};
-use hetfed_data::{builtin, write_prompt_target_jsonl, Examples, Items, Length, Split, TaskKind, TaskRegistry, TaskSpec, TokenCounter};
+use hetfed_data::{
+    builtin, write_prompt_target_jsonl, Examples, Items, Length, Split, TaskKind, TaskRegistry, TaskSpec, TokenCounter,
+};
 
 #[test]
 fn ethos_items_are_label_word_choices() {
@@ -109,7 +111,10 @@ fn prompt_target_jsonl_has_the_finetune_line_format() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let obj = v.as_object().unwrap();
         assert_eq!(obj.len(), 2);
-        assert_eq!((obj["prompt"].as_str().unwrap(), obj["target"].as_str().unwrap()), (p.prompt.as_str(), p.target.as_str()));
+        assert_eq!(
+            (obj["prompt"].as_str().unwrap(), obj["target"].as_str().unwrap()),
+            (p.prompt.as_str(), p.target.as_str())
+        );
     }
 }
 
@@ -136,7 +141,10 @@ fn toml_registry_overrides_and_defines_tasks() {
     )
     .unwrap();
     let short = reg.get("ethos-short").unwrap();
-    assert_eq!((short.name.as_str(), short.max_prompt, short.label_words[1].as_str()), ("ethos-short", Some(Length::Chars(200)), " Yes"));
+    assert_eq!(
+        (short.name.as_str(), short.max_prompt, short.label_words[1].as_str()),
+        ("ethos-short", Some(Length::Chars(200)), " Yes")
+    );
     assert_eq!(short.prompt, builtin("ethos").unwrap().prompt);
     assert!(reg.get("copa-then").unwrap().connectors.is_empty());
     assert_eq!(reg.get("hi-ta").unwrap().target.as_deref(), Some(" {tgt}"));

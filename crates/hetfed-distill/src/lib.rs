@@ -99,7 +99,10 @@ impl DistillConfig {
             return Err("n_prompts must be at least 1, found 0".into());
         }
         if self.seq_len < 2 {
-            return Err(format!("seq_len must be at least 2 (the start token and one sampled token), found {}", self.seq_len));
+            return Err(format!(
+                "seq_len must be at least 2 (the start token and one sampled token), found {}",
+                self.seq_len
+            ));
         }
         Ok(())
     }
@@ -155,7 +158,10 @@ pub fn sample_after(model: &dyn CausalLm, prefix: &[u32], n: usize, len: usize, 
         )));
     }
     if let Some(&t) = prefix.iter().find(|&&t| t as usize >= model.vocab_size()) {
-        return Err(Error::msg(format!("prefix token {t} is outside the model's vocabulary of {}", model.vocab_size())));
+        return Err(Error::msg(format!(
+            "prefix token {t} is outside the model's vocabulary of {}",
+            model.vocab_size()
+        )));
     }
     let mut out = Vec::with_capacity(n);
     let mut chunk_idx = 0u64;
@@ -193,8 +199,16 @@ pub enum Segment {
 /// turn, literal text copied and fields sampled from `model` at temperature 1 (no stop at
 /// eos). The free tokens are shared equally among the fields; a template that ends with text
 /// gets one more field after it (the answer). Deterministic under `seed`.
-pub fn sample_template(model: &dyn CausalLm, start: u32, segments: &[Segment], n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
-    let mut parts: Vec<Segment> = segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
+pub fn sample_template(
+    model: &dyn CausalLm,
+    start: u32,
+    segments: &[Segment],
+    n: usize,
+    len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    let mut parts: Vec<Segment> =
+        segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
     if !matches!(parts.last(), Some(Segment::Field)) {
         parts.push(Segment::Field);
     }
@@ -212,7 +226,8 @@ pub fn sample_template(model: &dyn CausalLm, start: u32, segments: &[Segment], n
         match p {
             Segment::Text(t) => rows.iter_mut().for_each(|r| r.extend_from_slice(t)),
             Segment::Field => {
-                let budget = if field_idx + 1 == fields { free - (fields - 1) * (free / fields) } else { free / fields };
+                let budget =
+                    if field_idx + 1 == fields { free - (fields - 1) * (free / fields) } else { free / fields };
                 let step_seed = seed.wrapping_add((field_idx as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
                 let mut out = Vec::with_capacity(n);
                 for (c, chunk) in rows.chunks(SAMPLE_CHUNK).enumerate() {

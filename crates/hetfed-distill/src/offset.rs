@@ -38,7 +38,11 @@ impl OffsetLm {
     /// `bases`: the distinct small base models; `tuned`: each offset's base index, tuned model
     /// and weight `w_i` (finite; may be negative to subtract a task). Every model must have the
     /// large model's vocabulary size.
-    pub fn new(large: Box<dyn CausalLm>, bases: Vec<Box<dyn CausalLm>>, tuned: Vec<(usize, Box<dyn CausalLm>, f64)>) -> Result<Self> {
+    pub fn new(
+        large: Box<dyn CausalLm>,
+        bases: Vec<Box<dyn CausalLm>>,
+        tuned: Vec<(usize, Box<dyn CausalLm>, f64)>,
+    ) -> Result<Self> {
         let vocab = large.vocab_size();
         for (i, b) in bases.iter().enumerate() {
             if b.vocab_size() != vocab {
@@ -53,7 +57,10 @@ impl OffsetLm {
                 return Err(Error::msg(format!("offset {k}: expected a base index below {}, found {b}", bases.len())));
             }
             if t.vocab_size() != vocab {
-                return Err(Error::msg(format!("logit offsets need one vocabulary: the large model has {vocab} tokens, tuned model {k} has {}", t.vocab_size())));
+                return Err(Error::msg(format!(
+                    "logit offsets need one vocabulary: the large model has {vocab} tokens, tuned model {k} has {}",
+                    t.vocab_size()
+                )));
             }
             if !w.is_finite() {
                 return Err(Error::msg(format!("offset {k}: expected a finite weight, found {w}")));
@@ -68,12 +75,19 @@ impl OffsetLm {
     }
 
     fn models(&self) -> impl Iterator<Item = &dyn CausalLm> {
-        std::iter::once(self.large.as_ref()).chain(self.bases.iter().map(|b| b.as_ref())).chain(self.tuned.iter().map(|(_, t, _)| t.as_ref()))
+        std::iter::once(self.large.as_ref())
+            .chain(self.bases.iter().map(|b| b.as_ref()))
+            .chain(self.tuned.iter().map(|(_, t, _)| t.as_ref()))
     }
 }
 
 impl CausalLm for OffsetLm {
-    fn forward_padded(&self, ids: &Tensor, cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> candle_core::Result<Tensor> {
+    fn forward_padded(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        left_pad: Option<&[usize]>,
+    ) -> candle_core::Result<Tensor> {
         // Every model's output, each with its own slice of the cache's layers.
         let mut outs = Vec::with_capacity(1 + self.bases.len() + self.tuned.len());
         match cache {

@@ -341,20 +341,33 @@ fn offset_teacher_equals_a_hand_computation() {
     assert_eq!(lm.n_layers(), 4 * 2);
     let ids = Tensor::from_vec(vec![2u32, 7, 9, 11, 3], (1, 5), &Device::Cpu).unwrap();
     let got = lm.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-    let rows = |ck: &Checkpoint| ck.model(None).unwrap().forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let rows = |ck: &Checkpoint| {
+        ck.model(None).unwrap().forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+    };
     let (l, b, a1, a2) = (rows(&large), rows(&base), rows(&t1), rows(&t2));
     for pos in 0..5 {
-        let (ll, lb, l1, l2) = (log_softmax_row(&l[pos]), log_softmax_row(&b[pos]), log_softmax_row(&a1[pos]), log_softmax_row(&a2[pos]));
+        let (ll, lb, l1, l2) =
+            (log_softmax_row(&l[pos]), log_softmax_row(&b[pos]), log_softmax_row(&a1[pos]), log_softmax_row(&a2[pos]));
         let raw: Vec<f32> = (0..64).map(|v| (ll[v] + w1 * (l1[v] - lb[v]) + w2 * (l2[v] - lb[v])) as f32).collect();
         let want = log_softmax_row(&raw);
         for v in 0..64 {
-            assert!((got[pos][v] as f64 - want[v]).abs() < 1e-4, "position {pos}, token {v}: {} vs {}", got[pos][v], want[v]);
+            assert!(
+                (got[pos][v] as f64 - want[v]).abs() < 1e-4,
+                "position {pos}, token {v}: {} vs {}",
+                got[pos][v],
+                want[v]
+            );
         }
         // A real offset: the teacher is not the large model.
         assert!((0..64).any(|v| (want[v] - ll[v]).abs() > 1e-2));
     }
     // A zero weight gives the large model back.
-    let same = OffsetLm::new(large.model(None).unwrap(), vec![base.model(None).unwrap()], vec![(0, t1.model(None).unwrap(), 0.0)]).unwrap();
+    let same = OffsetLm::new(
+        large.model(None).unwrap(),
+        vec![base.model(None).unwrap()],
+        vec![(0, t1.model(None).unwrap(), 0.0)],
+    )
+    .unwrap();
     let s = same.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
     for pos in 0..5 {
         let ll = log_softmax_row(&l[pos]);
@@ -366,15 +379,27 @@ fn offset_teacher_equals_a_hand_computation() {
 fn offset_model_decodes_through_its_cache_like_a_full_forward() {
     let large = tiny(64, 1);
     let base = tiny(64, 2);
-    let lm = OffsetLm::new(large.model(None).unwrap(), vec![base.model(None).unwrap()], vec![(0, perturbed(&base, 5, 0.3).model(None).unwrap(), 1.0)]).unwrap();
+    let lm = OffsetLm::new(
+        large.model(None).unwrap(),
+        vec![base.model(None).unwrap()],
+        vec![(0, perturbed(&base, 5, 0.3).model(None).unwrap(), 1.0)],
+    )
+    .unwrap();
     let prompt = vec![2u32, 7, 9];
-    let cfg = hetfed_model::generate::SamplingConfig { max_new_tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0 };
+    let cfg = hetfed_model::generate::SamplingConfig {
+        max_new_tokens: 6,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+    };
     let cached = hetfed_model::generate::generate(&lm, &prompt, &cfg, None).unwrap();
     // Greedy decoding without a cache: argmax of a full forward each step.
     let mut seq = prompt.clone();
     for _ in 0..6 {
         let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
-        let last = lm.forward(&ids, None).unwrap().squeeze(0).unwrap().get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+        let last =
+            lm.forward(&ids, None).unwrap().squeeze(0).unwrap().get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
         let best = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
         seq.push(best);
     }
@@ -386,7 +411,12 @@ fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
     let student = tiny(64, 1);
     let base = tiny(64, 2);
     let tuned = perturbed(&base, 5, 0.4);
-    let teacher = OffsetLm::new(student.model(None).unwrap(), vec![base.model(None).unwrap()], vec![(0, tuned.model(None).unwrap(), 1.0)]).unwrap();
+    let teacher = OffsetLm::new(
+        student.model(None).unwrap(),
+        vec![base.model(None).unwrap()],
+        vec![(0, tuned.model(None).unwrap(), 1.0)],
+    )
+    .unwrap();
     let cfg = quick_cfg(8);
     let seqs = sample_texts(&teacher, 2, cfg.n_prompts, cfg.seq_len, 3).unwrap();
     let targets = ensemble_targets(&[(&teacher, 1.0)], &seqs, 1.0).unwrap();
@@ -399,7 +429,8 @@ fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
 fn offset_model_refuses_another_vocabulary() {
     let large = tiny(64, 1);
     let other = tiny(48, 2);
-    let e = OffsetLm::new(large.model(None).unwrap(), vec![other.model(None).unwrap()], vec![]).err().unwrap().to_string();
+    let e =
+        OffsetLm::new(large.model(None).unwrap(), vec![other.model(None).unwrap()], vec![]).err().unwrap().to_string();
     assert!(e.contains("64") && e.contains("48"), "{e}");
 }
 
@@ -420,5 +451,8 @@ fn template_samples_keep_the_literal_text_in_place() {
     // A template ending in text gets an answer field after it.
     let rows = sample_template(m.as_ref(), 2, &[Segment::Field, Segment::Text(vec![9])], 2, 9, 1).unwrap();
     assert_eq!(rows[0][4], 9);
-    assert!(sample_template(m.as_ref(), 2, &[Segment::Text(vec![1; 10])], 2, 8, 1).unwrap_err().to_string().contains("leaving"));
+    assert!(sample_template(m.as_ref(), 2, &[Segment::Text(vec![1; 10])], 2, 8, 1)
+        .unwrap_err()
+        .to_string()
+        .contains("leaving"));
 }

@@ -63,13 +63,7 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self {
-            batch_size: 16,
-            max_new_tokens: 64,
-            max_len: 2048,
-            num_beams: 1,
-            length_normalise: None,
-        }
+        Self { batch_size: 16, max_new_tokens: 64, max_len: 2048, num_beams: 1, length_normalise: None }
     }
 }
 
@@ -148,7 +142,8 @@ pub fn evaluate(
             for (c, items) in v.chunks(chunk).enumerate() {
                 let mut pairs = Vec::new();
                 for it in items {
-                    let cands: Vec<Vec<u32>> = it.candidates.iter().map(|c| tok.ids(c, false)).collect::<Result<_>>()?;
+                    let cands: Vec<Vec<u32>> =
+                        it.candidates.iter().map(|c| tok.ids(c, false)).collect::<Result<_>>()?;
                     let longest = cands.iter().map(Vec::len).max().unwrap_or(0);
                     let p = tok.fit(tok.ids(&it.prompt, true)?, longest);
                     for c in cands {
@@ -162,7 +157,10 @@ pub fn evaluate(
                         nll -= g.sum as f64;
                         n_target += g.n_tokens;
                     }
-                    let s: Vec<f32> = scores[k..k + it.candidates.len()].iter().map(|s| if normalise { s.mean() } else { s.sum }).collect();
+                    let s: Vec<f32> = scores[k..k + it.candidates.len()]
+                        .iter()
+                        .map(|s| if normalise { s.mean() } else { s.sum })
+                        .collect();
                     k += it.candidates.len();
                     let best = argmax(&s);
                     gold.push(it.gold);
@@ -184,7 +182,10 @@ pub fn evaluate(
         }
         Items::Generation(v) => {
             let cfg = SamplingConfig { max_new_tokens: opts.max_new_tokens, ..Default::default() };
-            let prompts: Vec<Vec<u32>> = v.iter().map(|it| Ok(tok.fit(tok.ids(&it.prompt, true)?, opts.max_new_tokens))).collect::<Result<_>>()?;
+            let prompts: Vec<Vec<u32>> = v
+                .iter()
+                .map(|it| Ok(tok.fit(tok.ids(&it.prompt, true)?, opts.max_new_tokens)))
+                .collect::<Result<_>>()?;
             // Batches of similar prompt length waste little on padding; outputs return in order.
             let mut order: Vec<usize> = (0..total).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
@@ -193,7 +194,10 @@ pub fn evaluate(
             for chunk in order.chunks(opts.batch_size.max(1)) {
                 let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
                 let outs = if opts.num_beams > 1 {
-                    batch.iter().map(|p| beam_search(model, p, opts.num_beams, opts.max_new_tokens, 1.0, eos)).collect::<candle_core::Result<Vec<_>>>()?
+                    batch
+                        .iter()
+                        .map(|p| beam_search(model, p, opts.num_beams, opts.max_new_tokens, 1.0, eos))
+                        .collect::<candle_core::Result<Vec<_>>>()?
                 } else {
                     generate_batch(model, &batch, &cfg, eos)?
                 };
@@ -218,7 +222,16 @@ pub fn evaluate(
             generation_metrics(task, &hyps, &refs, &mut metrics)?;
             let targets: Vec<(&str, String)> = v
                 .iter()
-                .map(|it| (it.prompt.as_str(), if it.target.is_empty() { format!(" {}", it.references.first().map(String::as_str).unwrap_or("")) } else { it.target.clone() }))
+                .map(|it| {
+                    (
+                        it.prompt.as_str(),
+                        if it.target.is_empty() {
+                            format!(" {}", it.references.first().map(String::as_str).unwrap_or(""))
+                        } else {
+                            it.target.clone()
+                        },
+                    )
+                })
                 .collect();
             metrics.insert("target_nll".into(), target_nll(model, &tok, &targets, opts.batch_size)?);
         }
@@ -233,10 +246,18 @@ pub fn evaluate(
             }
             let (mut nll, mut n) = (0f64, 0u64);
             for (c, chunk) in pairs.chunks(opts.batch_size.max(1)).enumerate() {
-                for (s, it) in continuation_logprobs(model, chunk, opts.batch_size)?.into_iter().zip(&v[c * opts.batch_size.max(1)..]) {
+                for (s, it) in continuation_logprobs(model, chunk, opts.batch_size)?
+                    .into_iter()
+                    .zip(&v[c * opts.batch_size.max(1)..])
+                {
                     nll -= s.sum as f64;
                     n += s.n_tokens as u64;
-                    predictions.push(Prediction { id: it.id.clone(), prediction: String::new(), gold: String::new(), scores: vec![s.sum] });
+                    predictions.push(Prediction {
+                        id: it.id.clone(),
+                        prediction: String::new(),
+                        gold: String::new(),
+                        scores: vec![s.sum],
+                    });
                 }
                 progress(((c + 1) * opts.batch_size.max(1)).min(total), total);
             }
@@ -279,13 +300,27 @@ fn target_nll(model: &dyn CausalLm, tok: &Tok<'_>, pairs: &[(&str, String)], bat
 /// stemmer for English, XL-Sum's multilingual ROUGE otherwise). References per example may vary
 /// in number (SciTLDR): BLEU/chrF use as many reference streams as the fewest-referenced example
 /// has, ROUGE takes the best reference per example.
-fn generation_metrics(task: &TaskSpec, hyps: &[String], refs: &[Vec<String>], out: &mut BTreeMap<String, f64>) -> Result<()> {
+fn generation_metrics(
+    task: &TaskSpec,
+    hyps: &[String],
+    refs: &[Vec<String>],
+    out: &mut BTreeMap<String, f64>,
+) -> Result<()> {
     match task.kind {
         TaskKind::Translation => {
             let k = refs.iter().map(Vec::len).min().unwrap_or(0).max(1);
-            let streams: Vec<Vec<String>> = (0..k).map(|j| refs.iter().map(|r| r.get(j).cloned().unwrap_or_default()).collect()).collect();
+            let streams: Vec<Vec<String>> =
+                (0..k).map(|j| refs.iter().map(|r| r.get(j).cloned().unwrap_or_default()).collect()).collect();
             out.insert("bleu".into(), hetfed_metrics::bleu::corpus_bleu(hyps, &streams)?.score);
-            let chrf = |w| hetfed_metrics::chrf::corpus_chrf(hyps, &streams, hetfed_metrics::chrf::CHAR_ORDER, w, hetfed_metrics::chrf::BETA);
+            let chrf = |w| {
+                hetfed_metrics::chrf::corpus_chrf(
+                    hyps,
+                    &streams,
+                    hetfed_metrics::chrf::CHAR_ORDER,
+                    w,
+                    hetfed_metrics::chrf::BETA,
+                )
+            };
             out.insert("chrf".into(), chrf(0)?);
             out.insert("chrf++".into(), chrf(hetfed_metrics::chrf::CHRF_PP_WORD_ORDER)?);
         }

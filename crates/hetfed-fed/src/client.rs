@@ -14,7 +14,10 @@ use hetfed_core::{Error, Result, TensorMap};
 use hetfed_data::{Items, TaskSpec};
 use hetfed_eval::{evaluate, EvalOptions};
 use hetfed_model::{Checkpoint, LoraConfig, LoraSet, ModelIdentity};
-use hetfed_net::{body_from_bytes, Caller, Classify, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction, ServiceError, UploadHeader};
+use hetfed_net::{
+    body_from_bytes, Caller, Classify, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction,
+    ServiceError, UploadHeader,
+};
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Example, TrainConfig, Trainer};
 
@@ -70,15 +73,34 @@ pub struct LocalUpdate {
 /// `adapter`: LoRA factors to continue from (the client's previous round, see
 /// `FitConfig::keep_adapter`) instead of fresh ones. The update is then the whole change from
 /// `weights`, and `val_gain` is measured against `weights` without any adapter.
-pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdentity, cfg: &FitConfig, data: &ClientData, eval_opts: &EvalOptions, adapter: Option<&TensorMap>) -> Result<LocalUpdate> {
+pub fn train_round(
+    base: &Checkpoint,
+    weights: TensorMap,
+    identity: &ModelIdentity,
+    cfg: &FitConfig,
+    data: &ClientData,
+    eval_opts: &EvalOptions,
+    adapter: Option<&TensorMap>,
+) -> Result<LocalUpdate> {
     let t0 = Instant::now();
     let cpu0 = sys::cpu_seconds();
-    let ck = Checkpoint { dir: base.dir.clone(), arch: base.arch.clone(), weights, tokenizer: base.tokenizer.clone(), config_json: base.config_json.clone() };
+    let ck = Checkpoint {
+        dir: base.dir.clone(),
+        arch: base.arch.clone(),
+        weights,
+        tokenizer: base.tokenizer.clone(),
+        config_json: base.config_json.clone(),
+    };
     let tok = ck.tokenizer()?;
     let eos = ck.arch.eos_token_id();
     let train = hetfed_train::encode(tok, &data.train, cfg.max_len, eos)?;
     let val = hetfed_train::encode(tok, &data.val, cfg.max_len, eos)?;
-    let lora = (cfg.lora_rank > 0).then(|| LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, dropout: 0.0, targets: ck.arch.default_lora_targets() });
+    let lora = (cfg.lora_rank > 0).then(|| LoraConfig {
+        rank: cfg.lora_rank,
+        alpha: cfg.lora_alpha,
+        dropout: 0.0,
+        targets: ck.arch.default_lora_targets(),
+    });
     let tcfg = TrainConfig {
         lora,
         lr: cfg.lr,
@@ -106,15 +128,20 @@ pub fn train_round(base: &Checkpoint, weights: TensorMap, identity: &ModelIdenti
         tr.eval_loss(&val)?
     };
     let mut losses = Vec::new();
-    tr.train(&train, |r, _| {
-        losses.push(r.loss);
-        Ok(())
-    }, || false)?;
+    tr.train(
+        &train,
+        |r, _| {
+            losses.push(r.loss);
+            Ok(())
+        },
+        || false,
+    )?;
     let val_after = if val.is_empty() { f64::NAN } else { tr.eval_loss(&val)? };
     let train_s = t0.elapsed().as_secs_f64();
     let mut metrics = BTreeMap::new();
     if !data.val_items.is_empty() {
-        let r = evaluate(tr.model(), tok, eos, &data.task, &data.val_items, eval_opts, |_, _| {}).map_err(|e| Error::msg(format!("local evaluation: {e}")))?;
+        let r = evaluate(tr.model(), tok, eos, &data.task, &data.val_items, eval_opts, |_, _| {})
+            .map_err(|e| Error::msg(format!("local evaluation: {e}")))?;
         for (k, v) in r.metrics {
             metrics.insert(format!("eval:{}/{k}", data.task.name), v);
         }
@@ -187,7 +214,10 @@ impl Retry {
         let since = *self.since.get_or_insert_with(Instant::now);
         let left = self.give_up.saturating_sub(since.elapsed());
         if left.is_zero() {
-            return Err(Error::msg(format!("server unreachable for {:.0} s, giving up: {e}", self.give_up.as_secs_f64())));
+            return Err(Error::msg(format!(
+                "server unreachable for {:.0} s, giving up: {e}",
+                self.give_up.as_secs_f64()
+            )));
         }
         let delay = self.delay.min(left);
         tracing::warn!("{e}; retrying in {:.1} s", delay.as_secs_f64());
@@ -299,7 +329,9 @@ async fn fit_round(
     retry: &mut Retry,
 ) -> std::result::Result<Option<String>, FitError> {
     let caller = &opts.caller;
-    let cfg: FitConfig = serde_json::from_value(fit.config.clone()).map_err(|e| Error::msg(format!("round {}: expected a fit configuration, found {}: {e}", fit.round, fit.config)))?;
+    let cfg: FitConfig = serde_json::from_value(fit.config.clone()).map_err(|e| {
+        Error::msg(format!("round {}: expected a fit configuration, found {}: {e}", fit.round, fit.config))
+    })?;
     cfg.validate().map_err(Error::msg)?;
     // The round's starting weights: our base, the cached global model, or a download.
     let weights: Arc<TensorMap> = if fit.model_version == base_identity.weights_hash {
@@ -310,7 +342,9 @@ async fn fit_round(
         let w = loop {
             match download(service, caller, &fit.model_version).await {
                 Ok(w) => break w,
-                Err(DownloadError::Service(ServiceError::NotFound(m))) if m.contains("not registered") => return Err(FitError::Reregister),
+                Err(DownloadError::Service(ServiceError::NotFound(m))) if m.contains("not registered") => {
+                    return Err(FitError::Reregister)
+                }
                 Err(DownloadError::Service(e)) if !e.is_permanent() => retry.wait(&e).await?,
                 Err(DownloadError::Service(e)) => return Ok(Some(format!("model download refused: {e}"))),
                 Err(DownloadError::Local(e)) => return Err(FitError::Fatal(e)),
@@ -324,9 +358,11 @@ async fn fit_round(
     let o = opts.clone();
     let cfg2 = cfg.clone();
     let prev = adapter.as_ref().filter(|(v, _)| cfg.keep_adapter && *v == fit.model_version).map(|(_, a)| a.clone());
-    let mut upd = tokio::task::spawn_blocking(move || train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref()))
-        .await
-        .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
+    let mut upd = tokio::task::spawn_blocking(move || {
+        train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref())
+    })
+    .await
+    .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
     // Kept whether or not the server accepts the upload: the next upload is again the whole
     // change from the base, so nothing depends on this one arriving.
     if cfg.keep_adapter {
@@ -354,7 +390,13 @@ async fn fit_round(
             Err(e) if !e.is_permanent() => retry.wait(&e).await?,
             // Refusals of this update (late, not selected, too large, malformed, server trouble
             // with it) cost this round only; authentication failures end the client.
-            Err(e @ (ServiceError::FailedPrecondition(_) | ServiceError::PermissionDenied(_) | ServiceError::ResourceExhausted(_) | ServiceError::InvalidArgument(_) | ServiceError::Internal(_))) => {
+            Err(
+                e @ (ServiceError::FailedPrecondition(_)
+                | ServiceError::PermissionDenied(_)
+                | ServiceError::ResourceExhausted(_)
+                | ServiceError::InvalidArgument(_)
+                | ServiceError::Internal(_)),
+            ) => {
                 tracing::warn!("round {}: {e}", fit.round);
                 return Ok(Some(e.to_string()));
             }
@@ -365,7 +407,12 @@ async fn fit_round(
         round: fit.round,
         client_id: caller.client_id.clone(),
         n_examples: opts.data.val.len() as u64,
-        metrics: upd.metrics.iter().filter(|(k, _)| k.starts_with("eval:") || k.starts_with("val_loss")).map(|(k, v)| (k.clone(), *v)).collect(),
+        metrics: upd
+            .metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with("eval:") || k.starts_with("val_loss"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
     };
     if let Err(e) = service.report_eval(caller, report).await {
         tracing::warn!("round {}: evaluation report not delivered: {e}", fit.round);
@@ -378,7 +425,11 @@ enum DownloadError {
     Local(Error),
 }
 
-async fn download(service: &Arc<dyn FedService>, caller: &Caller, version: &str) -> std::result::Result<TensorMap, DownloadError> {
+async fn download(
+    service: &Arc<dyn FedService>,
+    caller: &Caller,
+    version: &str,
+) -> std::result::Result<TensorMap, DownloadError> {
     let (header, mut body) = service.fetch_model(caller, version).await.map_err(DownloadError::Service)?;
     let mut data = Vec::with_capacity(header.size_bytes as usize);
     while let Some(chunk) = body.next().await {
@@ -393,10 +444,13 @@ async fn download(service: &Arc<dyn FedService>, caller: &Caller, version: &str)
             data.len()
         ))));
     }
-    let (weights, _) = hetfed_core::tensors_from_bytes(&data, std::path::Path::new("<model download>"), true).map_err(DownloadError::Local)?;
+    let (weights, _) = hetfed_core::tensors_from_bytes(&data, std::path::Path::new("<model download>"), true)
+        .map_err(DownloadError::Local)?;
     let hash = hetfed_core::tensor_map_hash(&weights).map_err(DownloadError::Local)?;
     if hash != version {
-        return Err(DownloadError::Local(Error::msg(format!("downloaded model: expected version {version}, found weights hashing to {hash}"))));
+        return Err(DownloadError::Local(Error::msg(format!(
+            "downloaded model: expected version {version}, found weights hashing to {hash}"
+        ))));
     }
     Ok(weights)
 }

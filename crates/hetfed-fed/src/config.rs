@@ -128,7 +128,16 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { tasks: vec![], max_examples: 0, every: 1, batch_size: 16, max_len: 128, general_lines: 0, split: "dev".into(), max_new_tokens: 64 }
+        Self {
+            tasks: vec![],
+            max_examples: 0,
+            every: 1,
+            batch_size: 16,
+            max_len: 128,
+            general_lines: 0,
+            split: "dev".into(),
+            max_new_tokens: 64,
+        }
     }
 }
 
@@ -206,12 +215,27 @@ impl DataSection {
     /// have one).
     pub fn groups(&self) -> Vec<ClientGroup> {
         if let Some(t) = &self.task {
-            return vec![ClientGroup { task: t.clone(), clients: self.num_clients.unwrap_or(0), partition: Some(self.partition) }];
+            return vec![ClientGroup {
+                task: t.clone(),
+                clients: self.num_clients.unwrap_or(0),
+                partition: Some(self.partition),
+            }];
         }
         if !self.tasks.is_empty() {
-            return self.tasks.iter().map(|t| ClientGroup { task: t.clone(), clients: self.clients_per_task, partition: Some(self.partition) }).collect();
+            return self
+                .tasks
+                .iter()
+                .map(|t| ClientGroup {
+                    task: t.clone(),
+                    clients: self.clients_per_task,
+                    partition: Some(self.partition),
+                })
+                .collect();
         }
-        self.groups.iter().map(|g| ClientGroup { partition: Some(g.partition.unwrap_or(self.partition)), ..g.clone() }).collect()
+        self.groups
+            .iter()
+            .map(|g| ClientGroup { partition: Some(g.partition.unwrap_or(self.partition)), ..g.clone() })
+            .collect()
     }
 
     /// Number of clients over all groups.
@@ -263,7 +287,9 @@ impl DataSection {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        let forms = usize::from(self.task.is_some()) + usize::from(!self.tasks.is_empty()) + usize::from(!self.groups.is_empty());
+        let forms = usize::from(self.task.is_some())
+            + usize::from(!self.tasks.is_empty())
+            + usize::from(!self.groups.is_empty());
         if forms != 1 {
             return Err(format!("data: expected exactly one of `task`, `tasks` or `[[data.groups]]`, found {forms}"));
         }
@@ -588,7 +614,8 @@ impl RunConfig {
             }
             Aggregation::OffsetDistillation => {
                 let n_tasks = self.data.task_names().len();
-                let seqs = if general { oc.general_sequences } else { 0 } + if sampled { oc.sampled_per_task * n_tasks } else { 0 };
+                let seqs = if general { oc.general_sequences } else { 0 }
+                    + if sampled { oc.sampled_per_task * n_tasks } else { 0 };
                 let tokens = seqs * oc.seq_len;
                 if tokens > MAX_DISTILL_TOKENS {
                     return Err(format!(
@@ -633,7 +660,12 @@ impl RunConfig {
         for m in server.iter().chain(&clients) {
             seq_len("server.eval.max_len", e.max_len, 2, m)?;
             if e.max_new_tokens >= m.context {
-                return Err(format!("server.eval.max_new_tokens: expected 1..={} (less than the context of {}), found {}", m.context - 1, m.dir.display(), e.max_new_tokens));
+                return Err(format!(
+                    "server.eval.max_new_tokens: expected 1..={} (less than the context of {}), found {}",
+                    m.context - 1,
+                    m.dir.display(),
+                    e.max_new_tokens
+                ));
             }
         }
         if let Some(t) = &self.transfer {
@@ -643,7 +675,12 @@ impl RunConfig {
             if let Some(m) = &server {
                 let uses_distill = matches!(t.aggregation, Aggregation::Distillation | Aggregation::OffsetDistillation);
                 if uses_distill && t.distill.lora_rank > 0 {
-                    lora_rank("transfer.distill.lora_rank", t.distill.lora_rank, m.max_lora_rank.unwrap_or(0), Some(m))?;
+                    lora_rank(
+                        "transfer.distill.lora_rank",
+                        t.distill.lora_rank,
+                        m.max_lora_rank.unwrap_or(0),
+                        Some(m),
+                    )?;
                 }
                 if t.aggregation == Aggregation::Distillation {
                     seq_len("transfer.distill.seq_len", t.distill.seq_len, 2, m)?;
@@ -665,7 +702,10 @@ impl RunConfig {
 fn strategy_type_error(text: &str) -> Option<String> {
     let v: toml::Table = toml::from_str(text).ok()?;
     let t = v.get("strategy")?.as_table()?;
-    t.iter().filter(|(k, _)| k.as_str() != "name").find(|(_, v)| !(v.is_integer() || v.is_float())).map(|(k, v)| format!("strategy.{k}: expected a number, found {} {v}", v.type_str()))
+    t.iter()
+        .filter(|(k, _)| k.as_str() != "name")
+        .find(|(_, v)| !(v.is_integer() || v.is_float()))
+        .map(|(k, v)| format!("strategy.{k}: expected a number, found {} {v}", v.type_str()))
 }
 
 /// Most clients of one run (simulation holds every client's model and data in one process).
@@ -715,7 +755,9 @@ impl Interval {
 
     /// Whether `v` is finite and inside.
     pub fn contains(&self, v: f64) -> bool {
-        v.is_finite() && (if self.lo_closed { v >= self.lo } else { v > self.lo }) && (if self.hi_closed { v <= self.hi } else { v < self.hi })
+        v.is_finite()
+            && (if self.lo_closed { v >= self.lo } else { v > self.lo })
+            && (if self.hi_closed { v <= self.hi } else { v < self.hi })
     }
 }
 
@@ -724,7 +766,14 @@ impl std::fmt::Display for Interval {
         if self.hi.is_infinite() {
             write!(f, "a finite number {} {}", if self.lo_closed { ">=" } else { ">" }, self.lo)
         } else {
-            write!(f, "a number in {}{}, {}{}", if self.lo_closed { '[' } else { '(' }, self.lo, self.hi, if self.hi_closed { ']' } else { ')' })
+            write!(
+                f,
+                "a number in {}{}, {}{}",
+                if self.lo_closed { '[' } else { '(' },
+                self.lo,
+                self.hi,
+                if self.hi_closed { ']' } else { ')' }
+            )
         }
     }
 }
@@ -760,7 +809,11 @@ fn lora_rank(key: &str, r: usize, max: usize, model: Option<&ModelLimits>) -> st
 /// A sequence length of at least `lo` and at most the model's context.
 fn seq_len(key: &str, v: usize, lo: usize, m: &ModelLimits) -> std::result::Result<(), String> {
     if v < lo || v > m.context {
-        return Err(format!("{key}: expected {lo}..={} tokens (the context of {}), found {v}", m.context, m.dir.display()));
+        return Err(format!(
+            "{key}: expected {lo}..={} tokens (the context of {}), found {v}",
+            m.context,
+            m.dir.display()
+        ));
     }
     Ok(())
 }
@@ -769,7 +822,9 @@ fn seq_len(key: &str, v: usize, lo: usize, m: &ModelLimits) -> std::result::Resu
 fn partition(key: &str, p: PartitionScheme) -> std::result::Result<(), String> {
     match p {
         PartitionScheme::Iid => Ok(()),
-        PartitionScheme::Dirichlet { alpha } | PartitionScheme::Quantity { alpha } => real(key, alpha, Interval::left_open(0.0, 1e6)),
+        PartitionScheme::Dirichlet { alpha } | PartitionScheme::Quantity { alpha } => {
+            real(key, alpha, Interval::left_open(0.0, 1e6))
+        }
     }
 }
 
@@ -785,7 +840,11 @@ fn read_model_config(dir: &Path) -> Option<ModelLimits> {
     let bytes = std::fs::read(&path).ok()?;
     let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let arch = hetfed_model::Arch::from_config(&json, &path).ok()?;
-    Some(ModelLimits { dir: dir.to_path_buf(), context: arch.max_positions(&json), max_lora_rank: max_lora_rank(&arch, &arch.default_lora_targets()) })
+    Some(ModelLimits {
+        dir: dir.to_path_buf(),
+        context: arch.max_positions(&json),
+        max_lora_rank: max_lora_rank(&arch, &arch.default_lora_targets()),
+    })
 }
 
 /// The largest LoRA rank that `targets` admit on `arch`: min(in, out) over the linear layers

@@ -188,10 +188,16 @@ impl OffsetConfig {
         let need_general = matches!(self.sequences, OffsetSequences::General | OffsetSequences::Mixed);
         let need_sampled = matches!(self.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed);
         if need_general && !(1..=100_000).contains(&self.general_sequences) {
-            return Err(format!("transfer.offset.general_sequences: expected 1..=100000, found {}", self.general_sequences));
+            return Err(format!(
+                "transfer.offset.general_sequences: expected 1..=100000, found {}",
+                self.general_sequences
+            ));
         }
         if need_sampled && !(1..=100_000).contains(&self.sampled_per_task) {
-            return Err(format!("transfer.offset.sampled_per_task: expected 1..=100000, found {}", self.sampled_per_task));
+            return Err(format!(
+                "transfer.offset.sampled_per_task: expected 1..=100000, found {}",
+                self.sampled_per_task
+            ));
         }
         Ok(())
     }
@@ -407,9 +413,20 @@ impl Hetero {
     /// diagonal Fisher (needed for [`Continual::Fisher`]).
     /// `text`: the server's own sequences for offset distillation (may be empty otherwise).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(cfg: TransferConfig, sampling: Sampling, client: FitConfig, seed: u64, large: &Checkpoint, smalls: Vec<SmallBase>, fisher: Option<TensorMap>, text: ServerText) -> Result<Self> {
+    pub fn new(
+        cfg: TransferConfig,
+        sampling: Sampling,
+        client: FitConfig,
+        seed: u64,
+        large: &Checkpoint,
+        smalls: Vec<SmallBase>,
+        fisher: Option<TensorMap>,
+        text: ServerText,
+    ) -> Result<Self> {
         if cfg.continual == Continual::Fisher && fisher.is_none() {
-            return Err(Error::msg("transfer.continual = \"fisher\" needs the server model's Fisher information, found none"));
+            return Err(Error::msg(
+                "transfer.continual = \"fisher\" needs the server model's Fisher information, found none",
+            ));
         }
         let tokenizer_hash = if large.tokenizer.is_some() { large.tokenizer_hash()? } else { String::new() };
         if cfg.aggregation.uses_offsets() {
@@ -433,7 +450,13 @@ impl Hetero {
         Ok(Self {
             base: Base { sampling, client, seed },
             cfg,
-            large: Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: TensorMap::new(), tokenizer: None, config_json: large.config_json.clone() },
+            large: Checkpoint {
+                dir: large.dir.clone(),
+                arch: large.arch.clone(),
+                weights: TensorMap::new(),
+                tokenizer: None,
+                config_json: large.config_json.clone(),
+            },
             smalls: smalls.into_iter().map(|s| (s.identity.weights_hash.clone(), s)).collect(),
             stats: BTreeMap::new(),
             fisher,
@@ -458,19 +481,33 @@ impl Hetero {
 
     fn small_of(&self, r: &FitResult) -> Result<&SmallBase> {
         self.smalls.get(r.base_hash()).ok_or_else(|| {
-            Error::msg(format!("client {}: update of base {}, for which the server has no maps", r.client_id, short(r.base_hash())))
+            Error::msg(format!(
+                "client {}: update of base {}, for which the server has no maps",
+                r.client_id,
+                short(r.base_hash())
+            ))
         })
     }
 
     /// The combined change of the server model (before continual protection, LARS and eta).
-    fn projected_change(&self, round: u64, global: &TensorMap, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
+    fn projected_change(
+        &self,
+        round: u64,
+        global: &TensorMap,
+        results: Vec<FitResult>,
+        alphas: &BTreeMap<String, f64>,
+        details: &mut serde_json::Value,
+    ) -> Result<TensorMap> {
         let mut projected = Vec::with_capacity(results.len());
         let mut norms = BTreeMap::new();
         for r in results {
             let sb = self.small_of(&r)?;
             // LoRA factors project factor by factor (rank kept); dense updates module by module.
             let (p, rep) = sb.maps.project(&r.update)?;
-            let (n_in, n_out): (f64, f64) = rep.modules.iter().fold((0.0, 0.0), |(a, b), m| (a + m.norm_in * m.norm_in, b + m.norm_out * m.norm_out));
+            let (n_in, n_out): (f64, f64) = rep
+                .modules
+                .iter()
+                .fold((0.0, 0.0), |(a, b), m| (a + m.norm_in * m.norm_in, b + m.norm_out * m.norm_out));
             let mut d = p.materialize()?;
             let mut scaled_norm = n_out.sqrt();
             if self.cfg.scale == ProjectionScale::RelativeNorm {
@@ -478,7 +515,11 @@ impl Hetero {
             }
             norms.insert(r.client_id.clone(), json!({"norm_small": n_in.sqrt(), "norm_projected": n_out.sqrt(), "norm_scaled": scaled_norm, "dropped": rep.dropped.len(), "project_s": rep.seconds}));
             if self.cfg.combine == Combine::Dare {
-                d = hetfed_merge::dare(&d, self.cfg.dare_drop, crate::strategy::mix(crate::strategy::mix(self.base.seed, round), projected.len() as u64))?;
+                d = hetfed_merge::dare(
+                    &d,
+                    self.cfg.dare_drop,
+                    crate::strategy::mix(crate::strategy::mix(self.base.seed, round), projected.len() as u64),
+                )?;
             }
             projected.push((r.client_id, d));
         }
@@ -494,7 +535,14 @@ impl Hetero {
         Ok(acc.mean()?.map(|(m, _)| m).unwrap_or_default())
     }
 
-    fn distilled_change(&self, round: u64, global: &TensorMap, results: &[FitResult], alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
+    fn distilled_change(
+        &self,
+        round: u64,
+        global: &TensorMap,
+        results: &[FitResult],
+        alphas: &BTreeMap<String, f64>,
+        details: &mut serde_json::Value,
+    ) -> Result<TensorMap> {
         let dc = &self.cfg.distill;
         let mut teachers = Vec::with_capacity(results.len());
         for r in results {
@@ -502,7 +550,13 @@ impl Hetero {
             let w = r.update.apply_unchecked(&sb.weights, 1.0)?;
             teachers.push((sb.checkpoint.arch.build(&w, &sb.checkpoint.source(), None)?, alphas[&r.client_id]));
         }
-        let student = Checkpoint { dir: self.large.dir.clone(), arch: self.large.arch.clone(), weights: global.clone(), tokenizer: None, config_json: self.large.config_json.clone() };
+        let student = Checkpoint {
+            dir: self.large.dir.clone(),
+            arch: self.large.arch.clone(),
+            weights: global.clone(),
+            tokenizer: None,
+            config_json: self.large.config_json.clone(),
+        };
         let model = student.model(None)?;
         let start = self.large.arch.eos_token_id().unwrap_or(0);
         let seed = crate::strategy::mix(dc.seed ^ self.base.seed, round);
@@ -511,7 +565,8 @@ impl Hetero {
         let targets = hetfed_distill::ensemble_targets(&refs, &seqs, dc.temperature)?;
         let cfg = DistillConfig { seed, ..dc.clone() };
         let rep = hetfed_distill::distill(&student, &targets, &seqs, &cfg, |_, _| {})?;
-        details["distill"] = json!({"kl_before": rep.kl_before, "kl_after": rep.kl_after, "steps": rep.steps, "seconds": rep.seconds});
+        details["distill"] =
+            json!({"kl_before": rep.kl_before, "kl_after": rep.kl_after, "steps": rep.steps, "seconds": rep.seconds});
         Ok(rep.delta)
     }
 }
@@ -540,13 +595,20 @@ impl Hetero {
             let total = group_sum[&key];
             let w = if total > 0.0 { oc.lambda * alphas[&r.client_id] / total } else { 0.0 };
             match oc.per {
-                OffsetPer::Client => out.push(Offset { task: task_of(&r.client_id), base_hash: r.base_hash().to_string(), update: r.update, weight: w }),
+                OffsetPer::Client => out.push(Offset {
+                    task: task_of(&r.client_id),
+                    base_hash: r.base_hash().to_string(),
+                    update: r.update,
+                    weight: w,
+                }),
                 OffsetPer::Base => {
                     let d = r.delta()?;
                     match out.iter_mut().find(|o| o.base_hash == r.base_hash()) {
                         // Accumulate `Σ w_i·τ_i` per base (dense); divided by `Σ w_i` below.
                         Some(o) => {
-                            let Delta::Full(acc) = &mut o.update.kind else { unreachable!("offsets per base are dense") };
+                            let Delta::Full(acc) = &mut o.update.kind else {
+                                unreachable!("offsets per base are dense")
+                            };
                             apply_delta(acc, &d, w)?;
                             o.weight += w;
                         }
@@ -556,7 +618,12 @@ impl Hetero {
                                 *t = (&*t * w)?;
                             }
                             let base = r.update.base.clone();
-                            out.push(Offset { base_hash: r.base_hash().to_string(), task: String::new(), update: TaskVector { base, kind: Delta::Full(d) }, weight: w });
+                            out.push(Offset {
+                                base_hash: r.base_hash().to_string(),
+                                task: String::new(),
+                                update: TaskVector { base, kind: Delta::Full(d) },
+                                weight: w,
+                            });
                         }
                     }
                 }
@@ -584,7 +651,9 @@ impl Hetero {
         let mut bases = Vec::new();
         let mut tuned = Vec::new();
         for o in offsets {
-            let sb = self.smalls.get(&o.base_hash).ok_or_else(|| Error::msg(format!("offset of base {}, for which the server has no model", short(&o.base_hash))))?;
+            let sb = self.smalls.get(&o.base_hash).ok_or_else(|| {
+                Error::msg(format!("offset of base {}, for which the server has no model", short(&o.base_hash)))
+            })?;
             let b = match base_ids.iter().position(|h| *h == o.base_hash) {
                 Some(b) => b,
                 None => {
@@ -600,10 +669,20 @@ impl Hetero {
 
     /// Offset distillation: the change of the server model that distils the offset teacher
     /// (plus, with `init = "projection"`, the projected update it starts from).
-    fn offset_distilled_change(&self, round: u64, global: &TensorMap, results: Vec<FitResult>, alphas: &BTreeMap<String, f64>, details: &mut serde_json::Value) -> Result<TensorMap> {
+    fn offset_distilled_change(
+        &self,
+        round: u64,
+        global: &TensorMap,
+        results: Vec<FitResult>,
+        alphas: &BTreeMap<String, f64>,
+        details: &mut serde_json::Value,
+    ) -> Result<TensorMap> {
         let oc = &self.cfg.offset;
         let tasks: Vec<String> = {
-            let mut t: Vec<String> = results.iter().filter_map(|r| self.stats.get(&r.client_id).and_then(|s| s.tasks.first().cloned())).collect();
+            let mut t: Vec<String> = results
+                .iter()
+                .filter_map(|r| self.stats.get(&r.client_id).and_then(|s| s.tasks.first().cloned()))
+                .collect();
             t.sort();
             t.dedup();
             t
@@ -636,7 +715,13 @@ impl Hetero {
         let mut seqs: Vec<Vec<u32>> = Vec::new();
         let mut targets: Vec<Tensor> = Vec::new();
         if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
-            let general: Vec<Vec<u32>> = self.text.general.iter().take(oc.general_sequences).map(|s| s[..s.len().min(oc.seq_len)].to_vec()).collect();
+            let general: Vec<Vec<u32>> = self
+                .text
+                .general
+                .iter()
+                .take(oc.general_sequences)
+                .map(|s| s[..s.len().min(oc.seq_len)].to_vec())
+                .collect();
             let plain;
             let teacher: &dyn CausalLm = match &all {
                 Some(all) => all,
@@ -653,7 +738,8 @@ impl Hetero {
         if matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed) {
             let eos = self.large.arch.eos_token_id().unwrap_or(0);
             for (k, task) in tasks.iter().enumerate() {
-                let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
+                let template =
+                    self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
                 let own;
                 let teacher: &dyn CausalLm = match &all {
                     Some(all) => all,
@@ -663,7 +749,14 @@ impl Hetero {
                         &own
                     }
                 };
-                let s = hetfed_distill::sample_template(teacher, eos, &template, oc.sampled_per_task, oc.seq_len, crate::strategy::mix(seed, k as u64 + 1))?;
+                let s = hetfed_distill::sample_template(
+                    teacher,
+                    eos,
+                    &template,
+                    oc.sampled_per_task,
+                    oc.seq_len,
+                    crate::strategy::mix(seed, k as u64 + 1),
+                )?;
                 targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &s, dc.temperature)?);
                 sampled.insert(task.clone(), s.len());
                 seqs.extend(s);
@@ -671,12 +764,26 @@ impl Hetero {
         }
         drop(all);
         if seqs.is_empty() {
-            return Err(Error::msg("offset distillation: expected server sequences (general text or task prefixes), found none"));
+            return Err(Error::msg(
+                "offset distillation: expected server sequences (general text or task prefixes), found none",
+            ));
         }
-        let student = Checkpoint { dir: self.large.dir.clone(), arch: self.large.arch.clone(), weights: start, tokenizer: None, config_json: self.large.config_json.clone() };
+        let student = Checkpoint {
+            dir: self.large.dir.clone(),
+            arch: self.large.arch.clone(),
+            weights: start,
+            tokenizer: None,
+            config_json: self.large.config_json.clone(),
+        };
         let cfg = DistillConfig { seed, ..dc.clone() };
         let rep = hetfed_distill::distill(&student, &targets, &seqs, &cfg, |_, _| {})?;
-        let weights: BTreeMap<String, f64> = offsets.iter().enumerate().map(|(i, o)| (format!("{i}:{}", if o.task.is_empty() { short(&o.base_hash) } else { o.task.clone() }), o.weight)).collect();
+        let weights: BTreeMap<String, f64> = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                (format!("{i}:{}", if o.task.is_empty() { short(&o.base_hash) } else { o.task.clone() }), o.weight)
+            })
+            .collect();
         details["offset"] = json!({
             "n_offsets": offsets.len(), "weights": weights, "tasks": tasks, "routed": routed, "sampled": sampled, "sequences": seqs.len(),
             "kl_before": rep.kl_before, "kl_after": rep.kl_after, "steps": rep.steps, "distill_s": rep.seconds,
@@ -701,12 +808,20 @@ fn change_with(acc: &mut TensorMap, delta: &TensorMap) -> Result<()> {
 
 /// Scales each projected module so that `‖ΔW_L‖/‖W_L‖ = ‖ΔW_S‖/‖W_S‖` (the small update's
 /// relative size, measured on its own base); returns the scaled update's norm.
-fn relative_norm_scale(d: &mut TensorMap, modules: &[hetfed_transfer::ProjectedModule], small: &TensorMap, large: &TensorMap) -> Result<f64> {
+fn relative_norm_scale(
+    d: &mut TensorMap,
+    modules: &[hetfed_transfer::ProjectedModule],
+    small: &TensorMap,
+    large: &TensorMap,
+) -> Result<f64> {
     let norm = |t: &Tensor| -> Result<f64> { Ok(hetfed_core::sq_norm(t)?.sqrt()) };
-    let param = |n: &str| if n.ends_with(".weight") || n.ends_with(".bias") { n.to_string() } else { format!("{n}.weight") };
+    let param =
+        |n: &str| if n.ends_with(".weight") || n.ends_with(".bias") { n.to_string() } else { format!("{n}.weight") };
     for m in modules {
         let key = param(&m.name);
-        let (Some(wl), Some(ws), Some(dl)) = (large.get(&key), small.get(&param(&m.from)), d.get(&key)) else { continue };
+        let (Some(wl), Some(ws), Some(dl)) = (large.get(&key), small.get(&param(&m.from)), d.get(&key)) else {
+            continue;
+        };
         if m.norm_out <= 0.0 {
             continue;
         }
@@ -751,29 +866,46 @@ impl Strategy for Hetero {
 
     fn client_base(&self, info: &ClientInfo) -> std::result::Result<Option<(ModelIdentity, Arc<TensorMap>)>, String> {
         match self.smalls.get(&info.base_hash) {
-            Some(sb) if self.cfg.aggregation.uses_offsets() && info.tokenizer_hash != sb.tokenizer_hash => Err(format!(
-                "logit offsets need the server's tokenizer: expected tokenizer {} (of {}), found {}",
-                short_or_none(&sb.tokenizer_hash),
-                sb.checkpoint.source(),
-                if info.tokenizer_hash.is_empty() { "none (the client did not name its tokenizer)".to_string() } else { short(&info.tokenizer_hash) }
-            )),
+            Some(sb) if self.cfg.aggregation.uses_offsets() && info.tokenizer_hash != sb.tokenizer_hash => {
+                Err(format!(
+                    "logit offsets need the server's tokenizer: expected tokenizer {} (of {}), found {}",
+                    short_or_none(&sb.tokenizer_hash),
+                    sb.checkpoint.source(),
+                    if info.tokenizer_hash.is_empty() {
+                        "none (the client did not name its tokenizer)".to_string()
+                    } else {
+                        short(&info.tokenizer_hash)
+                    }
+                ))
+            }
             Some(sb) => Ok(Some((sb.identity.clone(), sb.weights.clone()))),
             None => Err(format!(
                 "expected a client base model the server has projection maps for ({}), found base {}",
-                self.smalls.values().map(|s| format!("{} = {}", s.checkpoint.source(), short(&s.identity.weights_hash))).collect::<Vec<_>>().join(", "),
+                self.smalls
+                    .values()
+                    .map(|s| format!("{} = {}", s.checkpoint.source(), short(&s.identity.weights_hash)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 short(&info.base_hash)
             )),
         }
     }
 
-    fn aggregate_fit(&mut self, round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
+    fn aggregate_fit(
+        &mut self,
+        round: u64,
+        global: &mut TensorMap,
+        results: &mut dyn Iterator<Item = Result<FitResult>>,
+        _failures: &[Failure],
+    ) -> Result<AggregateReport> {
         let t0 = Instant::now();
         let results: Vec<FitResult> = results.collect::<Result<_>>()?;
         let n = results.len();
         if n == 0 {
             return Ok(AggregateReport::default());
         }
-        let signals: Vec<(String, ClientSignals)> = results.iter().map(|r| (r.client_id.clone(), self.signals(r))).collect();
+        let signals: Vec<(String, ClientSignals)> =
+            results.iter().map(|r| (r.client_id.clone(), self.signals(r))).collect();
         let parts = compute_alphas(&self.cfg.alpha, &signals)?;
         let alphas: BTreeMap<String, f64> = parts.iter().map(|(k, p)| (k.clone(), p.alpha)).collect();
         let mut details = json!({"alpha": parts});
@@ -791,7 +923,9 @@ impl Strategy for Hetero {
                 details["server_s"] = json!(t0.elapsed().as_secs_f64());
                 return Ok(AggregateReport { weights: alphas, n_aggregated: n, applied_norm: 0.0, details });
             }
-            Aggregation::OffsetDistillation => self.offset_distilled_change(round, global, results, &alphas, &mut details)?,
+            Aggregation::OffsetDistillation => {
+                self.offset_distilled_change(round, global, results, &alphas, &mut details)?
+            }
         };
         match self.cfg.continual {
             Continual::None => {}
@@ -848,12 +982,21 @@ impl Strategy for Hetero {
     /// Offset serving: `L0` plus the last round's offsets. Routed by task (the default), a task
     /// is served with its own clients' offsets only and general text by `L0` alone, as a server
     /// that knows which task a request is for would serve it; summed, every offset always.
-    fn serving_model(&self, _base: &Checkpoint, global: &TensorMap, task: Option<&str>) -> Result<Option<Box<dyn CausalLm>>> {
+    fn serving_model(
+        &self,
+        _base: &Checkpoint,
+        global: &TensorMap,
+        task: Option<&str>,
+    ) -> Result<Option<Box<dyn CausalLm>>> {
         if self.cfg.aggregation != Aggregation::OffsetServing || self.serving.is_empty() {
             return Ok(None);
         }
         let routed = self.cfg.offset.routing == OffsetRouting::Task && self.cfg.offset.per == OffsetPer::Client;
-        let offsets: Vec<Offset> = if routed { self.serving.iter().filter(|o| Some(o.task.as_str()) == task).cloned().collect() } else { self.serving.clone() };
+        let offsets: Vec<Offset> = if routed {
+            self.serving.iter().filter(|o| Some(o.task.as_str()) == task).cloned().collect()
+        } else {
+            self.serving.clone()
+        };
         Ok(Some(Box::new(self.offset_model(self.anchor.as_ref().unwrap_or(global), &offsets)?)))
     }
 
@@ -878,24 +1021,40 @@ impl Strategy for Hetero {
         let (anchor, rest): (TensorMap, TensorMap) = tensors.into_iter().partition(|(k, _)| k.starts_with("anchor."));
         let (serving, memory): (TensorMap, TensorMap) = rest.into_iter().partition(|(k, _)| k.starts_with("serving."));
         self.memory = OrthoMemory::from_tensors(self.cfg.ortho_memory, memory)?;
-        self.anchor = (!anchor.is_empty()).then(|| anchor.into_iter().map(|(k, v)| (k["anchor.".len()..].to_string(), v)).collect());
+        self.anchor = (!anchor.is_empty())
+            .then(|| anchor.into_iter().map(|(k, v)| (k["anchor.".len()..].to_string(), v)).collect());
         self.serving = Vec::new();
         for (i, o) in json["serving"].as_array().cloned().unwrap_or_default().iter().enumerate() {
             let prefix = format!("serving.{i}.");
-            let tensors: TensorMap = serving.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone()))).collect();
+            let tensors: TensorMap = serving
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone())))
+                .collect();
             let bad = |what: &str| Error::msg(format!("strategy state: offset {i}: expected {what}, found {}", o));
             // States written before updates stayed factored name the base by hash only.
             let base: ModelIdentity = match o["base_hash"].as_str() {
-                Some(h) if o["base"].is_null() => self.smalls.get(h).map(|sb| sb.identity.clone()).ok_or_else(|| bad("a small base the server holds"))?,
+                Some(h) if o["base"].is_null() => self
+                    .smalls
+                    .get(h)
+                    .map(|sb| sb.identity.clone())
+                    .ok_or_else(|| bad("a small base the server holds"))?,
                 _ => serde_json::from_value(o["base"].clone()).map_err(|_| bad("a base identity"))?,
             };
             let weight = o["weight"].as_f64().ok_or_else(|| bad("a weight"))?;
             let task = o["task"].as_str().unwrap_or_default().to_string();
             let kind = match &o["lora"] {
                 serde_json::Value::Null => Delta::Full(tensors),
-                l => Delta::Lora { config: serde_json::from_value(l.clone()).map_err(|_| bad("a LoRA config"))?, factors: tensors },
+                l => Delta::Lora {
+                    config: serde_json::from_value(l.clone()).map_err(|_| bad("a LoRA config"))?,
+                    factors: tensors,
+                },
             };
-            self.serving.push(Offset { base_hash: base.weights_hash.clone(), task, update: TaskVector { base, kind }, weight });
+            self.serving.push(Offset {
+                base_hash: base.weights_hash.clone(),
+                task,
+                update: TaskVector { base, kind },
+                weight,
+            });
         }
         Ok(())
     }

@@ -21,7 +21,8 @@ use hetfed_data::{Items, TaskSpec};
 use hetfed_eval::{evaluate, EvalOptions};
 use hetfed_model::{Checkpoint, ModelIdentity};
 use hetfed_net::{
-    body_from_bytes, ByteStream, Caller, ClientInfo, EvalReport, FedService, FitIns, Instruction, ModelHeader, RegisterReply, ServiceError, UploadHeader, UploadReply,
+    body_from_bytes, ByteStream, Caller, ClientInfo, EvalReport, FedService, FitIns, Instruction, ModelHeader,
+    RegisterReply, ServiceError, UploadHeader, UploadReply,
 };
 use hetfed_taskvec::TaskVector;
 use serde_json::{json, Value};
@@ -68,7 +69,8 @@ impl Auth {
             return Err(ServiceError::Unauthenticated(format!("unknown client id {:?}", caller.client_id)));
         };
         let got = hetfed_core::sha256_hex(caller.token.expose().as_bytes());
-        let diff = expected.bytes().zip(got.bytes()).fold(expected.len() ^ got.len(), |acc, (a, b)| acc | (a ^ b) as usize);
+        let diff =
+            expected.bytes().zip(got.bytes()).fold(expected.len() ^ got.len(), |acc, (a, b)| acc | (a ^ b) as usize);
         if diff != 0 {
             return Err(ServiceError::Unauthenticated(format!("wrong token for client {:?}", caller.client_id)));
         }
@@ -217,7 +219,12 @@ const LATEST: &str = "LATEST";
 impl Server {
     /// A server whose global model starts as `base` (its weights), or as the latest checkpoint in
     /// the run directory when `opts.resume` is set.
-    pub fn new(opts: ServerOptions, base: Checkpoint, strategy: Box<dyn Strategy>, eval: Option<ServerEval>) -> Result<Arc<Self>> {
+    pub fn new(
+        opts: ServerOptions,
+        base: Checkpoint,
+        strategy: Box<dyn Strategy>,
+        eval: Option<ServerEval>,
+    ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&opts.run_dir).map_err(|e| Error::io(&opts.run_dir, e))?;
         let mut strategy = strategy;
         let mut global = base.weights.clone();
@@ -245,7 +252,11 @@ impl Server {
         }
         let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(&global)?, ..base.identity()? };
         let bytes = model_bytes(&global)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
         let (changed, _) = tokio::sync::watch::channel(0u64);
         let server = Arc::new(Self {
             base,
@@ -268,7 +279,9 @@ impl Server {
             log: Mutex::new(log),
             audit: Mutex::new(AuditWindow { start: Instant::now(), written: 0, suppressed: 0 }),
             receptions: tokio::sync::Semaphore::new(RECEPTIONS),
-            validations: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8)),
+            validations: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8),
+            ),
             run_id,
             opts,
         });
@@ -433,7 +446,10 @@ impl Server {
         let (cpu0, available) = (sys::cpu_seconds(), lock(&self.state).clients.values().cloned().collect::<Vec<_>>());
         let plan = lock(&self.strategy).configure_fit(round, &available);
         if plan.is_empty() {
-            return Err(Error::msg(format!("round {round}: the strategy selected no client among {}", available.len())));
+            return Err(Error::msg(format!(
+                "round {round}: the strategy selected no client among {}",
+                available.len()
+            )));
         }
         let deadline = Instant::now() + self.opts.round_timeout;
         let deadline_ms = unix_ms() + self.opts.round_timeout.as_millis() as u64;
@@ -444,7 +460,8 @@ impl Server {
             st.outcomes.clear();
             st.bytes_down.clear();
             let version = st.identity.weights_hash.clone();
-            let versions: BTreeMap<String, String> = st.client_bases.iter().map(|(id, (i, _))| (id.clone(), i.weights_hash.clone())).collect();
+            let versions: BTreeMap<String, String> =
+                st.client_bases.iter().map(|(id, (i, _))| (id.clone(), i.weights_hash.clone())).collect();
             st.selected = plan
                 .iter()
                 .map(|(id, cfg)| {
@@ -461,7 +478,9 @@ impl Server {
             let mut rx = self.changed.subscribe();
             let all = {
                 let st = lock(&self.state);
-                st.selected.keys().all(|c| matches!(st.outcomes.get(c), Some(Outcome::Accepted { .. } | Outcome::Rejected { .. })))
+                st.selected
+                    .keys()
+                    .all(|c| matches!(st.outcomes.get(c), Some(Outcome::Accepted { .. } | Outcome::Rejected { .. })))
             };
             if all || tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
                 break;
@@ -477,10 +496,19 @@ impl Server {
         let mut accepted = Vec::new();
         for id in selected.keys() {
             match outcomes.get(id) {
-                Some(Outcome::Accepted { n_examples, metrics, .. }) => accepted.push((id.clone(), *n_examples, metrics.clone())),
-                Some(Outcome::Rejected { reason, .. }) => failures.push(Failure { client_id: id.clone(), reason: format!("rejected: {reason}") }),
-                Some(Outcome::InProgress) => failures.push(Failure { client_id: id.clone(), reason: "upload unfinished at the deadline".into() }),
-                None => failures.push(Failure { client_id: id.clone(), reason: "no update before the deadline (client slow or disconnected)".into() }),
+                Some(Outcome::Accepted { n_examples, metrics, .. }) => {
+                    accepted.push((id.clone(), *n_examples, metrics.clone()))
+                }
+                Some(Outcome::Rejected { reason, .. }) => {
+                    failures.push(Failure { client_id: id.clone(), reason: format!("rejected: {reason}") })
+                }
+                Some(Outcome::InProgress) => {
+                    failures.push(Failure { client_id: id.clone(), reason: "upload unfinished at the deadline".into() })
+                }
+                None => failures.push(Failure {
+                    client_id: id.clone(),
+                    reason: "no update before the deadline (client slow or disconnected)".into(),
+                }),
             }
         }
         // Aggregate from the spool, in client-id order, one update in memory at a time.
@@ -494,7 +522,12 @@ impl Server {
                 .map_err(|e| Error::msg(format!("aggregation task failed: {e}")))??;
             Some(rep)
         } else {
-            tracing::warn!("round {round}: {} of {} updates accepted, quorum {}: model unchanged", accepted.len(), selected.len(), self.opts.quorum);
+            tracing::warn!(
+                "round {round}: {} of {} updates accepted, quorum {}: model unchanged",
+                accepted.len(),
+                selected.len(),
+                self.opts.quorum
+            );
             None
         };
         let aggregate_s = t_agg.elapsed().as_secs_f64();
@@ -516,7 +549,8 @@ impl Server {
             match outcomes.get(id) {
                 Some(Outcome::Accepted { n_examples, metrics, bytes, norm, upload_s }) => {
                     up_total += bytes;
-                    let eval: BTreeMap<&str, f64> = metrics.iter().filter_map(|(k, v)| k.strip_prefix("eval:").map(|k| (k, *v))).collect();
+                    let eval: BTreeMap<&str, f64> =
+                        metrics.iter().filter_map(|(k, v)| k.strip_prefix("eval:").map(|k| (k, *v))).collect();
                     let m = |k: &str| metrics.get(k).copied();
                     line["status"] = json!("ok");
                     line["examples"] = json!(n_examples);
@@ -541,7 +575,8 @@ impl Server {
                     line["bytes_up"] = json!(bytes);
                 }
                 _ => {
-                    let reason = failures.iter().find(|f| &f.client_id == id).map(|f| f.reason.clone()).unwrap_or_default();
+                    let reason =
+                        failures.iter().find(|f| &f.client_id == id).map(|f| f.reason.clone()).unwrap_or_default();
                     line["status"] = json!("failed");
                     line["reason"] = json!(reason);
                 }
@@ -566,7 +601,12 @@ impl Server {
         Ok(server_eval)
     }
 
-    fn aggregate(&self, round: u64, accepted: &[(String, u64, BTreeMap<String, f64>)], failures: &[Failure]) -> Result<AggregateReport> {
+    fn aggregate(
+        &self,
+        round: u64,
+        accepted: &[(String, u64, BTreeMap<String, f64>)],
+        failures: &[Failure],
+    ) -> Result<AggregateReport> {
         let spool = self.spool_dir(round);
         let mut global = (*lock(&self.state).global).clone();
         let mut iter = accepted.iter().map(|(id, n, metrics)| {
@@ -575,7 +615,10 @@ impl Server {
             FitResult::new(id.clone(), *n, metrics.clone(), tv)
         });
         let report = lock(&self.strategy).aggregate_fit(round, &mut global, &mut iter, failures)?;
-        let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(&global)?, ..lock(&self.state).identity.clone() };
+        let identity = ModelIdentity {
+            weights_hash: hetfed_core::tensor_map_hash(&global)?,
+            ..lock(&self.state).identity.clone()
+        };
         let bytes = model_bytes(&global)?;
         let mut st = lock(&self.state);
         st.global = Arc::new(global);
@@ -634,14 +677,22 @@ impl Server {
     fn registered(&self, call: Option<&str>, caller: &Caller) -> std::result::Result<(), ServiceError> {
         self.authed(call, caller)?;
         if !lock(&self.state).clients.contains_key(&caller.client_id) {
-            return Err(ServiceError::NotFound(format!("client {:?} is not registered (register again)", caller.client_id)));
+            return Err(ServiceError::NotFound(format!(
+                "client {:?} is not registered (register again)",
+                caller.client_id
+            )));
         }
         Ok(())
     }
 
     /// Streams `body` to `path` through `path.part` (renamed once complete and checked); on any
     /// failure the partial file is removed.
-    async fn receive(&self, header: &UploadHeader, body: ByteStream, path: &Path) -> std::result::Result<u64, ServiceError> {
+    async fn receive(
+        &self,
+        header: &UploadHeader,
+        body: ByteStream,
+        path: &Path,
+    ) -> std::result::Result<u64, ServiceError> {
         let tmp = path.with_extension("part");
         let r = Self::receive_to(header, body, &tmp, path).await;
         if r.is_err() {
@@ -650,7 +701,12 @@ impl Server {
         r
     }
 
-    async fn receive_to(header: &UploadHeader, mut body: ByteStream, tmp: &Path, path: &Path) -> std::result::Result<u64, ServiceError> {
+    async fn receive_to(
+        header: &UploadHeader,
+        mut body: ByteStream,
+        tmp: &Path,
+        path: &Path,
+    ) -> std::result::Result<u64, ServiceError> {
         let mut f = tokio::fs::File::create(tmp).await.map_err(internal)?;
         let mut hasher = Sha256::new();
         let mut n = 0u64;
@@ -658,7 +714,10 @@ impl Server {
             let chunk = chunk?;
             n += chunk.len() as u64;
             if n > header.size_bytes {
-                return Err(ServiceError::InvalidArgument(format!("expected {} bytes as declared, received more", header.size_bytes)));
+                return Err(ServiceError::InvalidArgument(format!(
+                    "expected {} bytes as declared, received more",
+                    header.size_bytes
+                )));
             }
             hasher.update(&chunk);
             f.write_all(&chunk).await.map_err(internal)?;
@@ -666,24 +725,40 @@ impl Server {
         f.flush().await.map_err(internal)?;
         drop(f);
         if n != header.size_bytes {
-            return Err(ServiceError::InvalidArgument(format!("expected {} bytes as declared, received {n}", header.size_bytes)));
+            return Err(ServiceError::InvalidArgument(format!(
+                "expected {} bytes as declared, received {n}",
+                header.size_bytes
+            )));
         }
         let got: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
         if got != header.sha256.to_ascii_lowercase() {
-            return Err(ServiceError::InvalidArgument(format!("checksum mismatch: declared sha256 {}, received {got}", header.sha256)));
+            return Err(ServiceError::InvalidArgument(format!(
+                "checksum mismatch: declared sha256 {}, received {got}",
+                header.sha256
+            )));
         }
         tokio::fs::rename(tmp, path).await.map_err(internal)?;
         Ok(n)
     }
 
-    async fn register_checked(&self, caller: &Caller, info: ClientInfo) -> std::result::Result<RegisterReply, ServiceError> {
+    async fn register_checked(
+        &self,
+        caller: &Caller,
+        info: ClientInfo,
+    ) -> std::result::Result<RegisterReply, ServiceError> {
         self.authed(None, caller)?;
         if info.client_id != caller.client_id {
-            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot register as {:?}", caller.client_id, info.client_id)));
+            return Err(ServiceError::PermissionDenied(format!(
+                "client {:?} cannot register as {:?}",
+                caller.client_id, info.client_id
+            )));
         }
         let expected = self.base.identity().map_err(internal)?;
         if info.arch != expected.arch {
-            return Err(ServiceError::FailedPrecondition(format!("expected a client model of architecture {}, found {}", expected.arch, info.arch)));
+            return Err(ServiceError::FailedPrecondition(format!(
+                "expected a client model of architecture {}, found {}",
+                expected.arch, info.arch
+            )));
         }
         let own_base = lock(&self.strategy).client_base(&info).map_err(ServiceError::FailedPrecondition)?;
         tracing::info!("client {} registered ({} examples)", info.client_id, info.stats.n_examples);
@@ -698,28 +773,59 @@ impl Server {
         Ok(RegisterReply { run_id: self.run_id.clone(), message: "registered".into() })
     }
 
-    async fn upload_checked(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> std::result::Result<UploadReply, ServiceError> {
+    async fn upload_checked(
+        &self,
+        caller: &Caller,
+        header: UploadHeader,
+        body: ByteStream,
+    ) -> std::result::Result<UploadReply, ServiceError> {
         self.registered(None, caller)?;
         if header.client_id != caller.client_id {
-            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot upload for {:?}", caller.client_id, header.client_id)));
+            return Err(ServiceError::PermissionDenied(format!(
+                "client {:?} cannot upload for {:?}",
+                caller.client_id, header.client_id
+            )));
         }
         if header.size_bytes > self.opts.max_update_bytes {
-            return Err(ServiceError::ResourceExhausted(format!("expected an update of at most {} bytes, found {}", self.opts.max_update_bytes, header.size_bytes)));
+            return Err(ServiceError::ResourceExhausted(format!(
+                "expected an update of at most {} bytes, found {}",
+                self.opts.max_update_bytes, header.size_bytes
+            )));
         }
         let id = caller.client_id.clone();
         let (identity, global, previous) = {
             let mut st = lock(&self.state);
             if header.round != st.round || st.phase != Phase::Fit {
-                let why = if header.round < st.round || (header.round == st.round && st.phase != Phase::Fit) { "late: the round is closed" } else { "not open yet" };
-                return Err(ServiceError::FailedPrecondition(format!("update for round {} refused ({why}; current round {})", header.round, st.round)));
+                let why = if header.round < st.round || (header.round == st.round && st.phase != Phase::Fit) {
+                    "late: the round is closed"
+                } else {
+                    "not open yet"
+                };
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "update for round {} refused ({why}; current round {})",
+                    header.round, st.round
+                )));
             }
             if !st.selected.contains_key(&id) {
-                return Err(ServiceError::PermissionDenied(format!("client {id:?} is not selected in round {}", st.round)));
+                return Err(ServiceError::PermissionDenied(format!(
+                    "client {id:?} is not selected in round {}",
+                    st.round
+                )));
             }
             // Only an accepted update uses up the client's turn; a rejected one may be replaced.
             let previous = match st.outcomes.get(&id) {
-                Some(Outcome::Accepted { .. }) => return Ok(UploadReply { accepted: true, duplicate: true, reason: "already received for this round".into() }),
-                Some(Outcome::InProgress) => return Err(ServiceError::FailedPrecondition("an upload for this round is already in progress".into())),
+                Some(Outcome::Accepted { .. }) => {
+                    return Ok(UploadReply {
+                        accepted: true,
+                        duplicate: true,
+                        reason: "already received for this round".into(),
+                    })
+                }
+                Some(Outcome::InProgress) => {
+                    return Err(ServiceError::FailedPrecondition(
+                        "an upload for this round is already in progress".into(),
+                    ))
+                }
                 Some(rejected @ Outcome::Rejected { .. }) => Some(rejected.clone()),
                 None => None,
             };
@@ -735,14 +841,24 @@ impl Server {
         let path = dir.join(format!("{id}.safetensors"));
         // From here until a final outcome is recorded, a failure or a dropped call (the client
         // disconnected) undoes the upload: the spool file goes, the previous outcome comes back.
-        let mut in_flight = InFlight { server: self, caller: caller.clone(), round: header.round, path: path.clone(), previous, armed: true };
+        let mut in_flight = InFlight {
+            server: self,
+            caller: caller.clone(),
+            round: header.round,
+            path: path.clone(),
+            previous,
+            armed: true,
+        };
         let received = async {
             let _slot = self.receptions.acquire().await.map_err(internal)?;
             {
                 let st = lock(&self.state);
                 if st.round != header.round || st.phase != Phase::Fit {
                     // Closed while this upload waited: do not read it, nor re-create the spool.
-                    return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed before the upload could be read)", header.round)));
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "update for round {} refused (late: the round closed before the upload could be read)",
+                        header.round
+                    )));
                 }
             }
             tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
@@ -757,7 +873,10 @@ impl Server {
                     e
                 } else {
                     // The round closed under the transfer (and its spool went with it).
-                    ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round))
+                    ServiceError::FailedPrecondition(format!(
+                        "update for round {} refused (late: the round closed during the upload)",
+                        header.round
+                    ))
                 });
             }
         };
@@ -783,11 +902,17 @@ impl Server {
         if st.round != header.round || st.phase != Phase::Fit {
             drop(st);
             in_flight.remove_files();
-            return Err(ServiceError::FailedPrecondition(format!("update for round {} refused (late: the round closed during the upload)", header.round)));
+            return Err(ServiceError::FailedPrecondition(format!(
+                "update for round {} refused (late: the round closed during the upload)",
+                header.round
+            )));
         }
         let reply = match verdict {
             Ok(norm) => {
-                st.outcomes.insert(id, Outcome::Accepted { n_examples: header.n_examples, metrics: header.metrics, bytes, norm, upload_s });
+                st.outcomes.insert(
+                    id,
+                    Outcome::Accepted { n_examples: header.n_examples, metrics: header.metrics, bytes, norm, upload_s },
+                );
                 UploadReply { accepted: true, duplicate: false, reason: String::new() }
             }
             Err(reason) => {
@@ -852,7 +977,12 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.undo();
-            self.server.audit("upload", &self.caller, Some(self.round), "the upload was abandoned mid-transfer (the client disconnected or cancelled the call)");
+            self.server.audit(
+                "upload",
+                &self.caller,
+                Some(self.round),
+                "the upload was abandoned mid-transfer (the client disconnected or cancelled the call)",
+            );
         }
     }
 }
@@ -893,7 +1023,11 @@ impl Served {
 }
 
 /// [`evaluate_weights`] for any model with `base`'s tokenizer (e.g. an offset-serving model).
-pub fn evaluate_model(base: &Checkpoint, model: Box<dyn hetfed_model::CausalLm>, ev: &ServerEval) -> Result<BTreeMap<String, f64>> {
+pub fn evaluate_model(
+    base: &Checkpoint,
+    model: Box<dyn hetfed_model::CausalLm>,
+    ev: &ServerEval,
+) -> Result<BTreeMap<String, f64>> {
     evaluate_served(base, &Served { global: model, per_task: BTreeMap::new(), general: None }, ev)
 }
 
@@ -927,13 +1061,16 @@ struct LoadedCheckpoint {
 fn load_checkpoint(run_dir: &Path) -> Result<LoadedCheckpoint> {
     let root = run_dir.join("checkpoints");
     let latest = root.join(LATEST);
-    let name = std::fs::read_to_string(&latest)
-        .map_err(|e| Error::msg(format!("--resume: expected a checkpoint pointer at {}, found none ({e})", latest.display())))?;
+    let name = std::fs::read_to_string(&latest).map_err(|e| {
+        Error::msg(format!("--resume: expected a checkpoint pointer at {}, found none ({e})", latest.display()))
+    })?;
     let dir = root.join(name.trim());
     let state_path = dir.join("state.json");
     let state: Value = serde_json::from_slice(&hetfed_core::read_file(&state_path)?)
         .map_err(|e| Error::Format { path: state_path.clone(), msg: format!("expected JSON: {e}") })?;
-    let round = state["round"].as_u64().ok_or_else(|| Error::Format { path: state_path.clone(), msg: "expected a `round` number".into() })?;
+    let round = state["round"]
+        .as_u64()
+        .ok_or_else(|| Error::Format { path: state_path.clone(), msg: "expected a `round` number".into() })?;
     let run_id = state["run_id"].as_str().unwrap_or_default().to_string();
     let (weights, _) = hetfed_core::load_safetensors(&dir.join("model.safetensors"))?;
     let (strategy_tensors, _) = hetfed_core::load_safetensors(&dir.join("strategy.safetensors"))?;
@@ -965,7 +1102,12 @@ impl FedService for Server {
         r
     }
 
-    async fn instructions(&self, caller: &Caller, after_round: u64, wait: Duration) -> std::result::Result<Instruction, ServiceError> {
+    async fn instructions(
+        &self,
+        caller: &Caller,
+        after_round: u64,
+        wait: Duration,
+    ) -> std::result::Result<Instruction, ServiceError> {
         self.registered(Some("instructions"), caller)?;
         let deadline = Instant::now() + wait.min(self.opts.max_poll);
         loop {
@@ -990,15 +1132,26 @@ impl FedService for Server {
         }
     }
 
-    async fn fetch_model(&self, caller: &Caller, version: &str) -> std::result::Result<(ModelHeader, ByteStream), ServiceError> {
+    async fn fetch_model(
+        &self,
+        caller: &Caller,
+        version: &str,
+    ) -> std::result::Result<(ModelHeader, ByteStream), ServiceError> {
         self.registered(Some("fetch_model"), caller)?;
         let mut st = lock(&self.state);
         if st.identity.weights_hash != version {
-            return Err(ServiceError::NotFound(format!("model version {version} is not the current one ({})", st.identity.weights_hash)));
+            return Err(ServiceError::NotFound(format!(
+                "model version {version} is not the current one ({})",
+                st.identity.weights_hash
+            )));
         }
         let bytes = st.model_bytes.clone();
         *st.bytes_down.entry(caller.client_id.clone()).or_default() += bytes.len() as u64;
-        let header = ModelHeader { version: version.to_string(), size_bytes: bytes.len() as u64, sha256: hetfed_core::sha256_hex(&bytes) };
+        let header = ModelHeader {
+            version: version.to_string(),
+            size_bytes: bytes.len() as u64,
+            sha256: hetfed_core::sha256_hex(&bytes),
+        };
         Ok((header, body_from_bytes(bytes, 1 << 20)))
     }
 
@@ -1013,12 +1166,19 @@ impl FedService for Server {
     /// accepted as the client's one update (the round's metrics show the last outcome; every
     /// refusal is audited when it happens). The round does not wait for such a retry: it closes
     /// at its deadline or as soon as every selected client has an accepted or rejected update.
-    async fn upload(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> std::result::Result<UploadReply, ServiceError> {
+    async fn upload(
+        &self,
+        caller: &Caller,
+        header: UploadHeader,
+        body: ByteStream,
+    ) -> std::result::Result<UploadReply, ServiceError> {
         let round = header.round;
         let r = self.upload_checked(caller, header, body).await;
         match &r {
             Err(e) => self.audit("upload", caller, Some(round), &e.to_string()),
-            Ok(reply) if !reply.accepted => self.audit("upload", caller, Some(round), &format!("rejected: {}", reply.reason)),
+            Ok(reply) if !reply.accepted => {
+                self.audit("upload", caller, Some(round), &format!("rejected: {}", reply.reason))
+            }
             Ok(_) => {}
         }
         r
@@ -1027,7 +1187,10 @@ impl FedService for Server {
     async fn report_eval(&self, caller: &Caller, report: EvalReport) -> std::result::Result<(), ServiceError> {
         self.registered(Some("report_eval"), caller)?;
         if report.client_id != caller.client_id {
-            return Err(ServiceError::PermissionDenied(format!("client {:?} cannot report for {:?}", caller.client_id, report.client_id)));
+            return Err(ServiceError::PermissionDenied(format!(
+                "client {:?} cannot report for {:?}",
+                caller.client_id, report.client_id
+            )));
         }
         self.event(json!({"event": "client_eval", "round": report.round, "client": report.client_id, "examples": report.n_examples, "eval": report.metrics}));
         Ok(())

@@ -15,17 +15,22 @@ use hetfed_model::Checkpoint;
 use hetfed_net::{Caller, DataStats, FedService, Secret};
 use hetfed_train::Example;
 
-use crate::hetero::{fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetSequences, ServerText, SmallBase, TransferConfig};
-use hetfed_transfer::PairMaps;
 use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
 use crate::config::RunConfig;
+use crate::hetero::{
+    fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetSequences, ServerText, SmallBase,
+    TransferConfig,
+};
 use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOptions};
+use hetfed_transfer::PairMaps;
 
 /// Loads client `index`'s private share of the configured task: the partition of the train
 /// split, capped, cut into local train and held-out slices, with its statistics.
 pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint) -> Result<ClientData> {
     let d = &cfg.data;
-    let (group, in_group) = d.assignment(index).ok_or_else(|| Error::msg(format!("client index: expected 0..{}, found {index}", d.num_clients())))?;
+    let (group, in_group) = d
+        .assignment(index)
+        .ok_or_else(|| Error::msg(format!("client index: expected 0..{}, found {index}", d.num_clients())))?;
     let err = |e: hetfed_data::Error| Error::msg(e.to_string());
     let task = hetfed_data::task::builtin(&group.task).map_err(err)?;
     let examples = task.load(dir, Split::Train).map_err(err)?;
@@ -38,7 +43,8 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     // The share in a seeded random order before the cap and the held-out cut: data files are
     // often sorted (Ethos by label, BBC by topic), so the first N would be one class.
     let mut mine = parts[in_group].clone();
-    hetfed_data::partition::SplitMix64::new(hetfed_core::mix_seed(seed, 0x5EED_0000 + in_group as u64)).shuffle(&mut mine);
+    hetfed_data::partition::SplitMix64::new(hetfed_core::mix_seed(seed, 0x5EED_0000 + in_group as u64))
+        .shuffle(&mut mine);
     if d.max_examples_per_client > 0 {
         mine.truncate(d.max_examples_per_client);
     }
@@ -49,7 +55,12 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let pairs = |idx: &[usize]| -> Result<Vec<Example>> {
         let sub = examples.subset(idx).map_err(err)?;
-        Ok(task.to_prompt_target(&sub, Some(&counter)).map_err(err)?.into_iter().map(|p| Example { prompt: p.prompt, target: p.target }).collect())
+        Ok(task
+            .to_prompt_target(&sub, Some(&counter))
+            .map_err(err)?
+            .into_iter()
+            .map(|p| Example { prompt: p.prompt, target: p.target })
+            .collect())
     };
     let train = pairs(train_idx)?;
     let val = pairs(val_idx)?;
@@ -67,7 +78,13 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
         }
     }
     let n_tokens = train.iter().map(|e| counter(&e.prompt) + counter(&e.target)).sum::<usize>() as u64;
-    let stats = DataStats { tasks: vec![task.name.clone()], n_examples: train.len() as u64, n_tokens, label_hist: hist, label_entropy_bits: entropy_bits(&counts) };
+    let stats = DataStats {
+        tasks: vec![task.name.clone()],
+        n_examples: train.len() as u64,
+        n_tokens,
+        label_hist: hist,
+        label_entropy_bits: entropy_bits(&counts),
+    };
     Ok(ClientData { task, train, val, val_items, stats })
 }
 
@@ -121,7 +138,8 @@ pub fn strided(n: usize, k: usize) -> Vec<usize> {
 
 /// Up to `n` lines of the server's general text: `mltext` English, `split`.
 pub fn general_text(dir: &DataDir, split: Split, n: usize) -> Result<Vec<String>> {
-    let spec: hetfed_data::DatasetSpec = "mltext:en".parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
+    let spec: hetfed_data::DatasetSpec =
+        "mltext:en".parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
     let ex = spec.load(dir, split).map_err(|e| Error::msg(e.to_string()))?;
     let hetfed_data::Examples::Text(v) = ex else {
         return Err(Error::msg("mltext: expected text examples"));
@@ -130,7 +148,12 @@ pub fn general_text(dir: &DataDir, split: Split, n: usize) -> Result<Vec<String>
 }
 
 pub fn eval_options(cfg: &RunConfig) -> EvalOptions {
-    EvalOptions { batch_size: cfg.server.eval.batch_size, max_len: cfg.server.eval.max_len, max_new_tokens: cfg.server.eval.max_new_tokens, ..Default::default() }
+    EvalOptions {
+        batch_size: cfg.server.eval.batch_size,
+        max_len: cfg.server.eval.max_len,
+        max_new_tokens: cfg.server.eval.max_new_tokens,
+        ..Default::default()
+    }
 }
 
 /// The server of a run.
@@ -178,7 +201,13 @@ pub fn calibration_sequences(t: &TransferConfig, dir: &DataDir, large: &Checkpoi
     match t.calibration {
         Calibration::Sample => {
             let model = large.model(None)?;
-            hetfed_transfer::sample_sequences(model.as_ref(), eos, t.calibration_sequences, t.calibration_len, t.maps.seed)
+            hetfed_transfer::sample_sequences(
+                model.as_ref(),
+                eos,
+                t.calibration_sequences,
+                t.calibration_len,
+                t.maps.seed,
+            )
         }
         Calibration::Text => {
             let texts = general_text(dir, Split::Train, 20 * t.calibration_sequences)?;
@@ -198,14 +227,15 @@ pub fn small_bases(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
         if out.iter().any(|s| s.identity == identity) {
             continue;
         }
-        let (maps, cached) = PairMaps::load_or_fit(&cache, &small, large, &t.calibration_key(), &t.maps, || match &calib {
-            Some(c) => Ok(c.clone()),
-            None => {
-                let c = calibration_sequences(t, dir, large)?;
-                calib = Some(c.clone());
-                Ok(c)
-            }
-        })?;
+        let (maps, cached) =
+            PairMaps::load_or_fit(&cache, &small, large, &t.calibration_key(), &t.maps, || match &calib {
+                Some(c) => Ok(c.clone()),
+                None => {
+                    let c = calibration_sequences(t, dir, large)?;
+                    calib = Some(c.clone());
+                    Ok(c)
+                }
+            })?;
         tracing::info!(
             "maps {} → {} ({}): {}, mean held-out R² {:.3}, fitted in {:.1} s",
             small.source(),
@@ -224,8 +254,16 @@ pub fn small_bases(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
 /// Fisher information when `transfer.continual = "fisher"`.
 pub fn build_hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint) -> Result<Hetero> {
     let smalls = small_bases(cfg, t, dir, large)?;
-    let fisher = if t.continual == Continual::Fisher { Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?) } else { None };
-    let text = if t.aggregation == Aggregation::OffsetDistillation { server_text(cfg, t, dir, large)? } else { ServerText::default() };
+    let fisher = if t.continual == Continual::Fisher {
+        Some(fisher_diagonal(large, &calibration_sequences(t, dir, large)?)?)
+    } else {
+        None
+    };
+    let text = if t.aggregation == Aggregation::OffsetDistillation {
+        server_text(cfg, t, dir, large)?
+    } else {
+        ServerText::default()
+    };
     Hetero::new(t.clone(), cfg.sampling, cfg.client.clone(), cfg.run.seed, large, smalls, fisher, text)
 }
 
@@ -249,7 +287,9 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
         for part in spec.skeleton() {
             segments.push(match part {
                 hetfed_data::task::TemplatePart::Text(t) => {
-                    let ids = tok.encode(t.as_str(), false).map_err(|e| Error::msg(format!("tokenising the template of {name}: {e}")))?;
+                    let ids = tok
+                        .encode(t.as_str(), false)
+                        .map_err(|e| Error::msg(format!("tokenising the template of {name}: {e}")))?;
                     hetfed_distill::Segment::Text(ids.get_ids().to_vec())
                 }
                 hetfed_data::task::TemplatePart::Field(_) => hetfed_distill::Segment::Field,
@@ -262,7 +302,13 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
 
 /// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs
 /// `transfer.client_models[index mod len]`, else the server's model.
-pub fn build_client(cfg: &RunConfig, dir: &DataDir, index: usize, caller: Caller, model: Option<&Path>) -> Result<ClientOptions> {
+pub fn build_client(
+    cfg: &RunConfig,
+    dir: &DataDir,
+    index: usize,
+    caller: Caller,
+    model: Option<&Path>,
+) -> Result<ClientOptions> {
     let default_model = match &cfg.transfer {
         Some(t) if !t.client_models.is_empty() => cfg.path(&t.client_models[index % t.client_models.len()]),
         _ => cfg.path(&cfg.server.model),
@@ -303,7 +349,13 @@ pub async fn simulate(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, resume: bo
 }
 
 /// [`simulate`], handing the server to `on_server` once built (for progress displays).
-pub async fn simulate_with(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, resume: bool, on_server: impl FnOnce(Arc<Server>)) -> Result<SimOutcome> {
+pub async fn simulate_with(
+    cfg: &RunConfig,
+    dir: &DataDir,
+    run_dir: &Path,
+    resume: bool,
+    on_server: impl FnOnce(Arc<Server>),
+) -> Result<SimOutcome> {
     let ids = cfg.client_ids();
     let mut auth = Auth::default();
     let tokens: Vec<String> = ids.iter().map(|_| random_token()).collect();

@@ -97,7 +97,12 @@ pub struct FitResult {
 
 impl FitResult {
     /// An update as a strategy sees it; its tensors are converted to f32 (uploads may be f16).
-    pub fn new(client_id: impl Into<String>, n_examples: u64, metrics: BTreeMap<String, f64>, mut update: hetfed_taskvec::TaskVector) -> Result<Self> {
+    pub fn new(
+        client_id: impl Into<String>,
+        n_examples: u64,
+        metrics: BTreeMap<String, f64>,
+        mut update: hetfed_taskvec::TaskVector,
+    ) -> Result<Self> {
         let to_f32 = |m: &mut TensorMap| -> Result<()> {
             for t in m.values_mut() {
                 *t = t.to_dtype(candle_core::DType::F32)?;
@@ -204,7 +209,10 @@ pub trait Strategy: Send {
     /// The model `client` trains from: `Ok(None)` for the round's global model (homogeneous
     /// federation), `Ok(Some((identity, weights)))` for a base of the client's own (heterogeneous:
     /// updates are checked against it), `Err(reason)` to refuse the client at registration.
-    fn client_base(&self, _client: &ClientInfo) -> std::result::Result<Option<(hetfed_model::ModelIdentity, std::sync::Arc<TensorMap>)>, String> {
+    fn client_base(
+        &self,
+        _client: &ClientInfo,
+    ) -> std::result::Result<Option<(hetfed_model::ModelIdentity, std::sync::Arc<TensorMap>)>, String> {
         Ok(None)
     }
 
@@ -216,7 +224,12 @@ pub trait Strategy: Send {
     /// The model the server evaluates on `task` (`None`: general text) when it is not just the
     /// global weights (`None`: the server architecture over `global`). Offset serving evaluates
     /// the large model with its clients' logit offsets, leaving the weights as they are.
-    fn serving_model(&self, _base: &hetfed_model::Checkpoint, _global: &TensorMap, _task: Option<&str>) -> Result<Option<Box<dyn hetfed_model::CausalLm>>> {
+    fn serving_model(
+        &self,
+        _base: &hetfed_model::Checkpoint,
+        _global: &TensorMap,
+        _task: Option<&str>,
+    ) -> Result<Option<Box<dyn hetfed_model::CausalLm>>> {
         Ok(None)
     }
 
@@ -329,7 +342,9 @@ impl StrategyConfig {
         let base = Base { sampling, client, seed };
         match *self {
             StrategyConfig::Fedavg { server_lr } => Box::new(FedAvg { base, server_lr, mu: 0.0, name: "fedavg" }),
-            StrategyConfig::Fedprox { proximal_mu, server_lr } => Box::new(FedAvg { base, server_lr, mu: proximal_mu, name: "fedprox" }),
+            StrategyConfig::Fedprox { proximal_mu, server_lr } => {
+                Box::new(FedAvg { base, server_lr, mu: proximal_mu, name: "fedprox" })
+            }
             StrategyConfig::Fedadam(p) => Box::new(FedOpt::new(base, p, OptKind::Adam)),
             StrategyConfig::Fedyogi(p) => Box::new(FedOpt::new(base, p, OptKind::Yogi)),
             StrategyConfig::Fedadagrad(p) => Box::new(FedOpt::new(base, p, OptKind::Adagrad)),
@@ -351,7 +366,8 @@ impl Base {
         sample_clients(available, self.sampling, self.seed, round)
             .into_iter()
             .map(|id| {
-                let cfg = FitConfig { proximal_mu: mu, seed: client_seed(self.seed, round, &id), ..self.client.clone() };
+                let cfg =
+                    FitConfig { proximal_mu: mu, seed: client_seed(self.seed, round, &id), ..self.client.clone() };
                 (id, cfg)
             })
             .collect()
@@ -415,9 +431,9 @@ impl WeightedSum {
 pub fn apply_delta(global: &mut TensorMap, delta: &TensorMap, scale: f64) -> Result<f64> {
     let mut sq = 0.0;
     for (name, d) in delta {
-        let w = global
-            .get(name)
-            .ok_or_else(|| Error::msg(format!("update names parameter `{name}`, which the global model does not have")))?;
+        let w = global.get(name).ok_or_else(|| {
+            Error::msg(format!("update names parameter `{name}`, which the global model does not have"))
+        })?;
         if w.dims() != d.dims() {
             return Err(Error::msg(format!("parameter `{name}`: expected shape {:?}, found {:?}", w.dims(), d.dims())));
         }
@@ -429,7 +445,10 @@ pub fn apply_delta(global: &mut TensorMap, delta: &TensorMap, scale: f64) -> Res
     Ok(sq.sqrt())
 }
 
-fn drain(results: &mut dyn Iterator<Item = Result<FitResult>>, mut f: impl FnMut(FitResult) -> Result<()>) -> Result<()> {
+fn drain(
+    results: &mut dyn Iterator<Item = Result<FitResult>>,
+    mut f: impl FnMut(FitResult) -> Result<()>,
+) -> Result<()> {
     for r in results {
         f(r?)?;
     }
@@ -453,7 +472,13 @@ impl Strategy for FedAvg {
         self.base.configure(round, available, self.mu)
     }
 
-    fn aggregate_fit(&mut self, _round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
+    fn aggregate_fit(
+        &mut self,
+        _round: u64,
+        global: &mut TensorMap,
+        results: &mut dyn Iterator<Item = Result<FitResult>>,
+        _failures: &[Failure],
+    ) -> Result<AggregateReport> {
         let mut acc = WeightedSum::default();
         drain(results, |r| acc.add(&r.client_id, &r.delta()?, r.n_examples as f64))?;
         let n = acc.weights.len();
@@ -501,7 +526,13 @@ impl Strategy for FedOpt {
         self.base.configure(round, available, 0.0)
     }
 
-    fn aggregate_fit(&mut self, _round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
+    fn aggregate_fit(
+        &mut self,
+        _round: u64,
+        global: &mut TensorMap,
+        results: &mut dyn Iterator<Item = Result<FitResult>>,
+        _failures: &[Failure],
+    ) -> Result<AggregateReport> {
         let mut acc = WeightedSum::default();
         drain(results, |r| acc.add(&r.client_id, &r.delta()?, r.n_examples as f64))?;
         let n = acc.weights.len();
@@ -558,7 +589,10 @@ impl Strategy for FedOpt {
             } else if let Some(name) = k.strip_prefix("v.") {
                 self.v.insert(name.to_string(), t);
             } else {
-                return Err(Error::msg(format!("{} state: expected tensors named m.* or v.*, found `{k}`", self.name())));
+                return Err(Error::msg(format!(
+                    "{} state: expected tensors named m.* or v.*, found `{k}`",
+                    self.name()
+                )));
             }
         }
         Ok(())
@@ -580,7 +614,13 @@ impl Strategy for TaskArithmetic {
         self.base.configure(round, available, 0.0)
     }
 
-    fn aggregate_fit(&mut self, _round: u64, global: &mut TensorMap, results: &mut dyn Iterator<Item = Result<FitResult>>, _failures: &[Failure]) -> Result<AggregateReport> {
+    fn aggregate_fit(
+        &mut self,
+        _round: u64,
+        global: &mut TensorMap,
+        results: &mut dyn Iterator<Item = Result<FitResult>>,
+        _failures: &[Failure],
+    ) -> Result<AggregateReport> {
         let mut acc = WeightedSum::default();
         drain(results, |r| acc.add(&r.client_id, &r.delta()?, 1.0))?;
         let n = acc.weights.len();

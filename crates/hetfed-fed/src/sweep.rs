@@ -118,14 +118,24 @@ fn merge(base: &mut toml::Value, over: &toml::Value) {
 impl SweepConfig {
     pub fn from_file(path: &Path) -> Result<(Self, PathBuf)> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: SweepConfig = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {}", path.display(), e.to_string().trim())))?;
+        let c: SweepConfig =
+            toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {}", path.display(), e.to_string().trim())))?;
         if c.seeds.is_empty() || c.rows.is_empty() {
-            return Err(Error::msg(format!("{}: expected at least one seed and one [[row]], found {} and {}", path.display(), c.seeds.len(), c.rows.len())));
+            return Err(Error::msg(format!(
+                "{}: expected at least one seed and one [[row]], found {} and {}",
+                path.display(),
+                c.seeds.len(),
+                c.rows.len()
+            )));
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         for r in &c.rows {
             if r.transfer.is_some() && r.kind != RowKind::Hetero {
-                return Err(Error::msg(format!("{}: row {:?}: `transfer` settings apply to kind = \"hetero\" rows only", path.display(), r.name)));
+                return Err(Error::msg(format!(
+                    "{}: row {:?}: `transfer` settings apply to kind = \"hetero\" rows only",
+                    path.display(),
+                    r.name
+                )));
             }
         }
         Ok((c, dir))
@@ -133,7 +143,12 @@ impl SweepConfig {
 }
 
 /// The base run config for `seed`, with `transfer` overrides merged in.
-fn run_config(base_path: &Path, seed: u64, transfer: Option<&toml::Value>, eval_split: Option<&str>) -> Result<RunConfig> {
+fn run_config(
+    base_path: &Path,
+    seed: u64,
+    transfer: Option<&toml::Value>,
+    eval_split: Option<&str>,
+) -> Result<RunConfig> {
     let text = std::fs::read_to_string(base_path).map_err(|e| Error::io(base_path, e))?;
     let mut v: toml::Value = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", base_path.display())))?;
     let mut over = toml::map::Map::new();
@@ -174,7 +189,14 @@ struct Update {
 
 /// One client's round, as `train_round` does it in a federated run; `adapter` is the client's
 /// kept LoRA adapter (`client.keep_adapter`), continued and replaced.
-fn local_update(ck: &Checkpoint, weights: &TensorMap, cfg: &FitConfig, data: &ClientData, cfg_run: &RunConfig, adapter: &mut Option<TensorMap>) -> Result<Update> {
+fn local_update(
+    ck: &Checkpoint,
+    weights: &TensorMap,
+    cfg: &FitConfig,
+    data: &ClientData,
+    cfg_run: &RunConfig,
+    adapter: &mut Option<TensorMap>,
+) -> Result<Update> {
     let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(weights)?, ..ck.identity()? };
     let prev = if cfg.keep_adapter { adapter.take() } else { None };
     let up = train_round(ck, weights.clone(), &identity, cfg, data, &eval_options(cfg_run), prev.as_ref())?;
@@ -205,18 +227,30 @@ fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec
 /// Runs the sweep; `progress` gets one line per finished row and seed. Results are also written
 /// to `out/results.json` after every cell, so an interrupted sweep keeps what it finished; with
 /// `resume`, the cells already there (same row name and kind, same seed) are kept and not rerun.
-pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, resume: bool, mut progress: impl FnMut(String)) -> Result<Vec<RowResult>> {
+pub fn run_sweep(
+    path: &Path,
+    dir: &DataDir,
+    out: &Path,
+    resume: bool,
+    mut progress: impl FnMut(String),
+) -> Result<Vec<RowResult>> {
     let (sweep, sdir) = SweepConfig::from_file(path)?;
     let base_path = sdir.join(&sweep.base);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut results: Vec<RowResult> = sweep.rows.iter().map(|r| RowResult { name: r.name.clone(), kind: r.kind, control: r.control, cells: BTreeMap::new() }).collect();
+    let mut results: Vec<RowResult> = sweep
+        .rows
+        .iter()
+        .map(|r| RowResult { name: r.name.clone(), kind: r.kind, control: r.control, cells: BTreeMap::new() })
+        .collect();
     let saved = out.join("results.json");
     if resume && saved.exists() {
         let text = std::fs::read_to_string(&saved).map_err(|e| Error::io(&saved, e))?;
-        let old: Vec<RowResult> = serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: expected the results of hetfed sweep: {e}", saved.display())))?;
+        let old: Vec<RowResult> = serde_json::from_str(&text)
+            .map_err(|e| Error::msg(format!("{}: expected the results of hetfed sweep: {e}", saved.display())))?;
         for r in &mut results {
             if let Some(o) = old.iter().find(|o| o.name == r.name && o.kind == r.kind) {
-                r.cells = o.cells.iter().filter(|(s, _)| sweep.seeds.contains(s)).map(|(s, c)| (*s, c.clone())).collect();
+                r.cells =
+                    o.cells.iter().filter(|(s, _)| sweep.seeds.contains(s)).map(|(s, c)| (*s, c.clone())).collect();
             }
         }
     }
@@ -225,14 +259,19 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, resume: bool, mut progr
             continue;
         }
         let cfg = run_config(&base_path, seed, None, sweep.eval_split.as_deref())?;
-        let t = cfg.transfer.clone().ok_or_else(|| Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display())))?;
+        let t = cfg.transfer.clone().ok_or_else(|| {
+            Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display()))
+        })?;
         let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
         let small = Checkpoint::load(&cfg.path(&t.client_models[0]))?;
-        let ev = server_eval(&cfg, dir, &large)?.ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
+        let ev = server_eval(&cfg, dir, &large)?
+            .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
         let ids = cfg.client_ids();
-        let datas: Vec<ClientData> = (0..ids.len()).map(|i| client_data(&cfg, dir, i, &small)).collect::<Result<_>>()?;
+        let datas: Vec<ClientData> =
+            (0..ids.len()).map(|i| client_data(&cfg, dir, i, &small)).collect::<Result<_>>()?;
         let infos = infos(&datas, &ids, &small)?;
-        let plan_strategy = || StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+        let plan_strategy =
+            || StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
         // Clients' heterogeneous-round updates, trained once per seed.
         let mut hetero_updates: Option<Vec<Vec<(String, Update)>>> = None;
         for (ri, row) in sweep.rows.iter().enumerate() {
@@ -241,7 +280,11 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, resume: bool, mut progr
             }
             let t0 = Instant::now();
             let cell = match row.kind {
-                RowKind::ZeroShot => Cell { metrics: evaluate_weights(&large, &large.weights, &ev)?, model: "large".into(), ..Default::default() },
+                RowKind::ZeroShot => Cell {
+                    metrics: evaluate_weights(&large, &large.weights, &ev)?,
+                    model: "large".into(),
+                    ..Default::default()
+                },
                 RowKind::Central => central(&cfg, dir, &large, &ev)?,
                 RowKind::LocalOnly => local_only(&cfg, &small, &datas, &ids, &infos, &ev)?,
                 RowKind::FedavgSmall => fedavg_small(&cfg, &small, &datas, &ids, &infos, &ev)?,
@@ -254,7 +297,10 @@ pub fn run_sweep(path: &Path, dir: &DataDir, out: &Path, resume: bool, mut progr
                             let mut ups = Vec::new();
                             for (cid, fc) in plan.configure_fit(round, &infos) {
                                 let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-                                ups.push((cid, local_update(&small, &small.weights, &fc, &datas[i], &cfg, &mut adapters[i])?));
+                                ups.push((
+                                    cid,
+                                    local_update(&small, &small.weights, &fc, &datas[i], &cfg, &mut adapters[i])?,
+                                ));
                             }
                             per_round.push(ups);
                         }
@@ -324,7 +370,14 @@ fn empty_items(like: &hetfed_data::Items) -> hetfed_data::Items {
 /// Each client fine-tunes the small model on its own share only. A task's metrics are the mean
 /// over the clients that hold that task (a specialist is judged on its own task); metrics of
 /// tasks no client holds (forgetting monitors, general text) are the mean over all clients.
-fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[String], infos: &[ClientInfo], ev: &ServerEval) -> Result<Cell> {
+fn local_only(
+    cfg: &RunConfig,
+    small: &Checkpoint,
+    datas: &[ClientData],
+    ids: &[String],
+    infos: &[ClientInfo],
+    ev: &ServerEval,
+) -> Result<Cell> {
     let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
     let mut weights: Vec<TensorMap> = vec![small.weights.clone(); ids.len()];
     for round in 1..=cfg.run.rounds {
@@ -347,10 +400,21 @@ fn local_only(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[
             }
         }
     }
-    Ok(Cell { metrics: sums.into_iter().map(|(k, (s, n))| (k, s / n)).collect(), model: "small".into(), ..Default::default() })
+    Ok(Cell {
+        metrics: sums.into_iter().map(|(k, (s, n))| (k, s / n)).collect(),
+        model: "small".into(),
+        ..Default::default()
+    })
 }
 
-fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: &[String], infos: &[ClientInfo], ev: &ServerEval) -> Result<Cell> {
+fn fedavg_small(
+    cfg: &RunConfig,
+    small: &Checkpoint,
+    datas: &[ClientData],
+    ids: &[String],
+    infos: &[ClientInfo],
+    ev: &ServerEval,
+) -> Result<Cell> {
     let mut strategy = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
     let mut global = small.weights.clone();
     let model_bytes = hetfed_core::tensors_to_bytes(&global, candle_core::DType::F32, &BTreeMap::new())?.len();
@@ -376,7 +440,15 @@ fn fedavg_small(cfg: &RunConfig, small: &Checkpoint, datas: &[ClientData], ids: 
     })
 }
 
-fn hetero(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &Checkpoint, infos: &[ClientInfo], updates: &[Vec<(String, Update)>], ev: &ServerEval) -> Result<Cell> {
+fn hetero(
+    cfg: &RunConfig,
+    t: &TransferConfig,
+    dir: &DataDir,
+    large: &Checkpoint,
+    infos: &[ClientInfo],
+    updates: &[Vec<(String, Update)>],
+    ev: &ServerEval,
+) -> Result<Cell> {
     let mut strategy = build_hetero(cfg, t, dir, large)?;
     let mut global = large.weights.clone();
     let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
@@ -427,7 +499,8 @@ pub const MIN_CENTRAL_GAIN: f64 = 0.02;
 
 pub fn render_table(results: &[RowResult]) -> String {
     let keys: Vec<String> = {
-        let mut k: Vec<String> = results.iter().flat_map(|r| r.cells.values().flat_map(|c| c.metrics.keys().cloned())).collect();
+        let mut k: Vec<String> =
+            results.iter().flat_map(|r| r.cells.values().flat_map(|c| c.metrics.keys().cloned())).collect();
         k.sort();
         k.dedup();
         k
@@ -443,7 +516,9 @@ pub fn render_table(results: &[RowResult]) -> String {
         let (m, sd) = mean_std(v);
         format!("{m:.digits$} ± {sd:.digits$}")
     };
-    let per_seed = |r: &RowResult, key: &str| -> BTreeMap<u64, f64> { r.cells.iter().filter_map(|(seed, c)| Some((*seed, *c.metrics.get(key)?))).collect() };
+    let per_seed = |r: &RowResult, key: &str| -> BTreeMap<u64, f64> {
+        r.cells.iter().filter_map(|(seed, c)| Some((*seed, *c.metrics.get(key)?))).collect()
+    };
     let header = |cols: &[String]| -> String {
         let mut h = String::from("| row | model |");
         for c in cols {
@@ -532,14 +607,16 @@ pub fn render_table(results: &[RowResult]) -> String {
     }
 
     let preferred = ["rougeL", "bleu", "chrf", "accuracy", "macro_f1"];
-    let mut metric_cols: Vec<String> = keys
-        .iter()
-        .filter(|k| k.split_once('/').is_some_and(|(_, m)| preferred.contains(&m)))
-        .cloned()
-        .collect();
-    metric_cols.sort_by_key(|k| (tasks.iter().position(|t| k.starts_with(&format!("{t}/"))).unwrap_or(usize::MAX), k.clone()));
+    let mut metric_cols: Vec<String> =
+        keys.iter().filter(|k| k.split_once('/').is_some_and(|(_, m)| preferred.contains(&m))).cloned().collect();
+    metric_cols
+        .sort_by_key(|k| (tasks.iter().position(|t| k.starts_with(&format!("{t}/"))).unwrap_or(usize::MAX), k.clone()));
     let mut cols = metric_cols.clone();
-    cols.extend(["forgetting (Δ general ppl)".to_string(), "bytes / client / round".to_string(), "server s / round".to_string()]);
+    cols.extend([
+        "forgetting (Δ general ppl)".to_string(),
+        "bytes / client / round".to_string(),
+        "server s / round".to_string(),
+    ]);
     s += "\n**Task metrics** (0–100), forgetting, cost\n\n";
     s += &header(&cols);
     for r in results {
@@ -553,7 +630,9 @@ pub fn render_table(results: &[RowResult]) -> String {
             .cells
             .iter()
             .filter(|_| model == "large")
-            .filter_map(|(seed, c)| Some(c.metrics.get("general/ppl")? - zero?.cells.get(seed)?.metrics.get("general/ppl")?))
+            .filter_map(|(seed, c)| {
+                Some(c.metrics.get("general/ppl")? - zero?.cells.get(seed)?.metrics.get("general/ppl")?)
+            })
             .collect();
         s += &format!(" {} |", fmt(&forget, 1));
         let bytes: Vec<f64> = r.cells.values().map(|c| c.bytes_per_client_round).filter(|b| *b > 0.0).collect();

@@ -10,8 +10,14 @@ use hetfed_taskvec::TaskVector;
 
 /// Decodes and validates an update; returns its dense delta and global norm, or the reason it
 /// is refused.
-pub fn validate_update(bytes: &[u8], expected_base: &ModelIdentity, global: &TensorMap, max_norm: f64) -> Result<(TaskVector, TensorMap, f64), String> {
-    let tv = TaskVector::from_bytes(bytes, std::path::Path::new("<upload>")).map_err(|e| format!("expected a hetfed task vector: {e}"))?;
+pub fn validate_update(
+    bytes: &[u8],
+    expected_base: &ModelIdentity,
+    global: &TensorMap,
+    max_norm: f64,
+) -> Result<(TaskVector, TensorMap, f64), String> {
+    let tv = TaskVector::from_bytes(bytes, std::path::Path::new("<upload>"))
+        .map_err(|e| format!("expected a hetfed task vector: {e}"))?;
     let checked = tv.validate(expected_base, global, "the round's model", max_norm).map_err(|e| e.to_string())?;
     Ok((tv, checked.delta, checked.norm))
 }

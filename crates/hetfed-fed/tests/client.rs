@@ -51,7 +51,16 @@ fn a_kept_adapter_continues_across_rounds_and_uploads_the_whole_change() {
     let ck = small();
     let identity: ModelIdentity = ck.identity().unwrap();
     let d = data();
-    let cfg = FitConfig { epochs: 1, lr: 1e-2, batch_size: 4, max_len: 64, lora_rank: 4, lora_alpha: 8.0, keep_adapter: true, ..FitConfig::default() };
+    let cfg = FitConfig {
+        epochs: 1,
+        lr: 1e-2,
+        batch_size: 4,
+        max_len: 64,
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        keep_adapter: true,
+        ..FitConfig::default()
+    };
     let opts = hetfed_eval::EvalOptions::default();
     let r1 = train_round(&ck, ck.weights.clone(), &identity, &cfg, &d, &opts, None).unwrap();
     let again = train_round(&ck, ck.weights.clone(), &identity, &cfg, &d, &opts, None).unwrap();
@@ -78,7 +87,11 @@ fn a_kept_adapter_continues_across_rounds_and_uploads_the_whole_change() {
         let tv = TaskVector::from_bytes(&r.bytes, Path::new("<update>")).unwrap();
         let tuned = tv.apply_unchecked(&ck.weights, 1.0).unwrap();
         let l = loss_of(&ck, &tuned, &d.val);
-        assert!((l - m(r, "val_loss_after")).abs() < 1e-3, "upload applied to the base: loss {l}, trained model {}", m(r, "val_loss_after"));
+        assert!(
+            (l - m(r, "val_loss_after")).abs() < 1e-3,
+            "upload applied to the base: loss {l}, trained model {}",
+            m(r, "val_loss_after")
+        );
     }
 }
 

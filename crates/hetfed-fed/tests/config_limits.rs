@@ -207,7 +207,30 @@ fn check_error(msg: &str, key: &str) {
 fn int_value() -> impl Strategy<Value = i64> {
     prop_oneof![
         -3i64..=3,
-        prop::sample::select(vec![1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096, 4097, 8191, 8192, 8193, 65_535, 65_536, 65_537, 100_000, 100_001, 1_000_000, 1_000_001, 10_000_000, 10_000_001, i64::MAX]),
+        prop::sample::select(vec![
+            1023,
+            1024,
+            1025,
+            2047,
+            2048,
+            2049,
+            4095,
+            4096,
+            4097,
+            8191,
+            8192,
+            8193,
+            65_535,
+            65_536,
+            65_537,
+            100_000,
+            100_001,
+            1_000_000,
+            1_000_001,
+            10_000_000,
+            10_000_001,
+            i64::MAX
+        ]),
         0i64..200_000,
         any::<i64>(),
     ]
@@ -215,7 +238,25 @@ fn int_value() -> impl Strategy<Value = i64> {
 
 fn real_value() -> impl Strategy<Value = f64> {
     prop_oneof![
-        prop::sample::select(vec![0.0, -0.0, 1e-300, 0.5, 0.9, 1.0, 10.0, 10.000001, 100.0, 1000.0, 1e6, 1.000001e6, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, f64::MAX, -1.0]),
+        prop::sample::select(vec![
+            0.0,
+            -0.0,
+            1e-300,
+            0.5,
+            0.9,
+            1.0,
+            10.0,
+            10.000001,
+            100.0,
+            1000.0,
+            1e6,
+            1.000001e6,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MAX,
+            -1.0
+        ]),
         -2.0f64..2.0,
         any::<f64>(),
     ]
@@ -334,8 +375,10 @@ fn models() -> PathBuf {
 }
 
 fn with_models(text: &str) -> String {
-    text.replace("model = \"m\"", &format!("model = {:?}", models().join("base-large").display().to_string()))
-        .replace("client_models = [\"s\"]", &format!("client_models = [{:?}]", models().join("base-small").display().to_string()))
+    text.replace("model = \"m\"", &format!("model = {:?}", models().join("base-large").display().to_string())).replace(
+        "client_models = [\"s\"]",
+        &format!("client_models = [{:?}]", models().join("base-small").display().to_string()),
+    )
 }
 
 /// What depends on the model is checked against the models' config.json before anything loads.
@@ -354,7 +397,10 @@ fn lora_rank_and_lengths_are_checked_against_the_models() {
     cfg.check_models(None).unwrap();
     let cfg = parse(&with_value(&home, "client", "lora_rank", "257")).unwrap();
     let e = cfg.check_models(None).unwrap_err().to_string();
-    assert!(e.contains("client.lora_rank") && e.contains("1..=256") && e.contains("257") && e.contains("base-large"), "{e}");
+    assert!(
+        e.contains("client.lora_rank") && e.contains("1..=256") && e.contains("257") && e.contains("base-large"),
+        "{e}"
+    );
     // `hetfed client --model` replaces the client's model: base-small is 128 wide.
     let cfg = parse(&with_value(&home, "client", "lora_rank", "200")).unwrap();
     let e = cfg.check_models(Some(&models().join("base-small"))).unwrap_err().to_string();

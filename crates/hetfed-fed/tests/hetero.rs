@@ -15,16 +15,34 @@ use hetfed_fed::strategy::FitResult;
 use hetfed_fed::{FitConfig, Sampling, Strategy};
 use hetfed_merge::AlphaConfig;
 use hetfed_model::{bloom, Arch, Checkpoint};
-use hetfed_net::{body_from_bytes, Caller, ClientInfo, DataStats, FedService, Instruction, Secret, ServiceError, UploadHeader};
+use hetfed_net::{
+    body_from_bytes, Caller, ClientInfo, DataStats, FedService, Instruction, Secret, ServiceError, UploadHeader,
+};
 use hetfed_taskvec::{Delta, TaskVector};
 use hetfed_transfer::{MapConfig, PairMaps};
 
 fn cfg(h: usize, layers: usize, heads: usize) -> bloom::Config {
-    bloom::Config { vocab_size: 32, hidden_size: h, n_layer: layers, n_head: heads, layer_norm_epsilon: 1e-5, apply_residual_connection_post_layernorm: false, bos_token_id: None, eos_token_id: None, pad_token_id: None }
+    bloom::Config {
+        vocab_size: 32,
+        hidden_size: h,
+        n_layer: layers,
+        n_head: heads,
+        layer_norm_epsilon: 1e-5,
+        apply_residual_connection_post_layernorm: false,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: None,
+    }
 }
 
 fn model(c: &bloom::Config, seed: u64) -> Checkpoint {
-    Checkpoint { dir: PathBuf::from(format!("random-{seed}")), arch: Arch::Bloom(c.clone()), weights: c.random_weights(seed).unwrap(), tokenizer: None, config_json: c.hf_config_json() }
+    Checkpoint {
+        dir: PathBuf::from(format!("random-{seed}")),
+        arch: Arch::Bloom(c.clone()),
+        weights: c.random_weights(seed).unwrap(),
+        tokenizer: None,
+        config_json: c.hf_config_json(),
+    }
 }
 
 fn calib() -> Vec<Vec<u32>> {
@@ -33,12 +51,28 @@ fn calib() -> Vec<Vec<u32>> {
 
 fn small_base(small: &Checkpoint, large: &Checkpoint) -> SmallBase {
     let maps = PairMaps::fit(small, large, &calib(), "test", &MapConfig::default()).unwrap();
-    let ck = Checkpoint { dir: small.dir.clone(), arch: small.arch.clone(), weights: small.weights.clone(), tokenizer: None, config_json: small.config_json.clone() };
+    let ck = Checkpoint {
+        dir: small.dir.clone(),
+        arch: small.arch.clone(),
+        weights: small.weights.clone(),
+        tokenizer: None,
+        config_json: small.config_json.clone(),
+    };
     SmallBase::new(ck, maps).unwrap()
 }
 
 fn strategy(small: &Checkpoint, large: &Checkpoint, t: TransferConfig) -> Hetero {
-    Hetero::new(t, Sampling::default(), FitConfig::default(), 0, large, vec![small_base(small, large)], None, ServerText::default()).unwrap()
+    Hetero::new(
+        t,
+        Sampling::default(),
+        FitConfig::default(),
+        0,
+        large,
+        vec![small_base(small, large)],
+        None,
+        ServerText::default(),
+    )
+    .unwrap()
 }
 
 fn transfer() -> TransferConfig {
@@ -60,11 +94,21 @@ fn update(small: &Checkpoint, seed: u64) -> TensorMap {
 
 fn result(id: &str, base: &hetfed_model::ModelIdentity, n: u64, gain: f64, delta: TensorMap) -> FitResult {
     let metrics = BTreeMap::from([("val_gain".to_string(), gain)]);
-    FitResult::new(id, n, metrics, hetfed_taskvec::TaskVector { base: base.clone(), kind: hetfed_taskvec::Delta::Full(delta) }).unwrap()
+    FitResult::new(
+        id,
+        n,
+        metrics,
+        hetfed_taskvec::TaskVector { base: base.clone(), kind: hetfed_taskvec::Delta::Full(delta) },
+    )
+    .unwrap()
 }
 
 fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
-    a.iter().map(|(k, t)| (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()).fold(0.0, f32::max)
+    a.iter()
+        .map(|(k, t)| {
+            (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        })
+        .fold(0.0, f32::max)
 }
 
 fn aggregate(s: &mut Hetero, global: &TensorMap, results: Vec<FitResult>) -> TensorMap {
@@ -80,22 +124,61 @@ fn aggregation_is_order_free_averages_identical_updates_and_ignores_zero_weights
     let (u1, u2, u3) = (update(&small, 1), update(&small, 2), update(&small, 3));
     let t = transfer();
     // Order.
-    let a = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone()), result("b", &h, 30, 0.2, u2.clone()), result("c", &h, 20, 0.1, u3.clone())]);
-    let b = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("c", &h, 20, 0.1, u3.clone()), result("a", &h, 10, 0.5, u1.clone()), result("b", &h, 30, 0.2, u2.clone())]);
+    let a = aggregate(
+        &mut strategy(&small, &large, t.clone()),
+        &large.weights,
+        vec![
+            result("a", &h, 10, 0.5, u1.clone()),
+            result("b", &h, 30, 0.2, u2.clone()),
+            result("c", &h, 20, 0.1, u3.clone()),
+        ],
+    );
+    let b = aggregate(
+        &mut strategy(&small, &large, t.clone()),
+        &large.weights,
+        vec![
+            result("c", &h, 20, 0.1, u3.clone()),
+            result("a", &h, 10, 0.5, u1.clone()),
+            result("b", &h, 30, 0.2, u2.clone()),
+        ],
+    );
     assert!(max_diff(&a, &b) < 1e-6);
     assert!(max_diff(&a, &large.weights) > 1e-4, "the update must change the model");
     // Identical updates with identical signals = that one update.
-    let one = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone())]);
-    let three = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone()), result("b", &h, 10, 0.5, u1.clone()), result("c", &h, 10, 0.5, u1.clone())]);
+    let one =
+        aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone())]);
+    let three = aggregate(
+        &mut strategy(&small, &large, t.clone()),
+        &large.weights,
+        vec![
+            result("a", &h, 10, 0.5, u1.clone()),
+            result("b", &h, 10, 0.5, u1.clone()),
+            result("c", &h, 10, 0.5, u1.clone()),
+        ],
+    );
     assert!(max_diff(&one, &three) < 1e-6);
     // A client whose alpha is zero (no examples) changes nothing.
-    let with_zero = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![result("a", &h, 10, 0.5, u1.clone()), result("z", &h, 0, 0.5, u3.clone())]);
+    let with_zero = aggregate(
+        &mut strategy(&small, &large, t.clone()),
+        &large.weights,
+        vec![result("a", &h, 10, 0.5, u1.clone()), result("z", &h, 0, 0.5, u3.clone())],
+    );
     assert!(max_diff(&one, &with_zero) < 1e-6);
     // Uniform alphas: the plain mean of the projections.
     let uniform = TransferConfig { alpha: AlphaConfig::uniform(), ..t.clone() };
-    let mean = aggregate(&mut strategy(&small, &large, uniform.clone()), &large.weights, vec![result("a", &h, 1, 0.9, u1.clone()), result("b", &h, 99, 0.1, u2.clone())]);
+    let mean = aggregate(
+        &mut strategy(&small, &large, uniform.clone()),
+        &large.weights,
+        vec![result("a", &h, 1, 0.9, u1.clone()), result("b", &h, 99, 0.1, u2.clone())],
+    );
     let maps = small_base(&small, &large).maps;
-    let proj = |u: &TensorMap| maps.project(&TaskVector { base: small.identity().unwrap(), kind: Delta::Full(u.clone()) }).unwrap().0.materialize().unwrap();
+    let proj = |u: &TensorMap| {
+        maps.project(&TaskVector { base: small.identity().unwrap(), kind: Delta::Full(u.clone()) })
+            .unwrap()
+            .0
+            .materialize()
+            .unwrap()
+    };
     let (p1, p2) = (proj(&u1), proj(&u2));
     let mut want = large.weights.clone();
     for (k, d) in &p1 {
@@ -119,13 +202,23 @@ fn an_update_of_an_unknown_base_is_refused() {
     let mut s = strategy(&small, &large, transfer());
     let mut g = large.weights.clone();
     let h = other.identity().unwrap();
-    let e = s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 1, 0.1, update(&other, 1)))].into_iter(), &[]).unwrap_err().to_string();
+    let e = s
+        .aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 1, 0.1, update(&other, 1)))].into_iter(), &[])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("for which the server has no maps"), "{e}");
 }
 
 fn info(id: &str, ck: &Checkpoint) -> ClientInfo {
     let i = ck.identity().unwrap();
-    ClientInfo { client_id: id.into(), arch: i.arch, base_hash: i.weights_hash, capabilities: vec![], stats: DataStats { n_examples: 10, ..Default::default() }, tokenizer_hash: String::new() }
+    ClientInfo {
+        client_id: id.into(),
+        arch: i.arch,
+        base_hash: i.weights_hash,
+        capabilities: vec![],
+        stats: DataStats { n_examples: 10, ..Default::default() },
+        tokenizer_hash: String::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +247,13 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
         strategy_name: "hetero_projection".into(),
     };
     let strategy = Box::new(strategy(&small, &large, transfer()));
-    let large_ck = Checkpoint { dir: large.dir.clone(), arch: large.arch.clone(), weights: large.weights.clone(), tokenizer: None, config_json: large.config_json.clone() };
+    let large_ck = Checkpoint {
+        dir: large.dir.clone(),
+        arch: large.arch.clone(),
+        weights: large.weights.clone(),
+        tokenizer: None,
+        config_json: large.config_json.clone(),
+    };
     let server = Server::new(opts, large_ck, strategy, None).unwrap();
     let caller = |id: &str| Caller { client_id: id.into(), token: Secret::new(format!("token-{id}")) };
     // A client of another small model: refused with the reason.
@@ -168,7 +267,14 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
         tokio::spawn(async move { s.run().await })
     };
     let fit = loop {
-        match tokio::time::timeout(Duration::from_secs(20), server.instructions(&caller("c0"), 0, Duration::from_secs(5))).await.unwrap().unwrap() {
+        match tokio::time::timeout(
+            Duration::from_secs(20),
+            server.instructions(&caller("c0"), 0, Duration::from_secs(5)),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        {
             Instruction::Fit(f) => break f,
             Instruction::Wait => continue,
             Instruction::Done => panic!("run ended early"),
@@ -178,7 +284,15 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
     assert_eq!(fit.model_version, small.identity().unwrap().weights_hash);
     let tv = TaskVector { base: small.identity().unwrap(), kind: Delta::Full(update(&small, 1)) };
     let bytes = bytes::Bytes::from(tv.to_bytes(candle_core::DType::F32).unwrap());
-    let header = UploadHeader { round: 1, client_id: "c0".into(), n_examples: 10, size_bytes: bytes.len() as u64, sha256: hetfed_core::sha256_hex(&bytes), encoding: "f32".into(), metrics: BTreeMap::new() };
+    let header = UploadHeader {
+        round: 1,
+        client_id: "c0".into(),
+        n_examples: 10,
+        size_bytes: bytes.len() as u64,
+        sha256: hetfed_core::sha256_hex(&bytes),
+        encoding: "f32".into(),
+        metrics: BTreeMap::new(),
+    };
     let reply = server.upload(&caller("c0"), header, body_from_bytes(bytes, 1 << 16)).await.unwrap();
     assert!(reply.accepted, "{}", reply.reason);
     tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap().unwrap();
@@ -192,12 +306,30 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
 #[test]
 fn clients_of_two_widths_aggregate_into_one_server_model() {
     let (s8, s12, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(12, 2, 3), 3), model(&cfg(16, 2, 4), 2));
-    let mut s = Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large, vec![small_base(&s8, &large), small_base(&s12, &large)], None, ServerText::default()).unwrap();
+    let mut s = Hetero::new(
+        transfer(),
+        Sampling::default(),
+        FitConfig::default(),
+        0,
+        &large,
+        vec![small_base(&s8, &large), small_base(&s12, &large)],
+        None,
+        ServerText::default(),
+    )
+    .unwrap();
     let info = s.run_info();
     assert_eq!(info["maps"].as_array().unwrap().len(), 2);
     let (h8, h12) = (s8.identity().unwrap(), s12.identity().unwrap());
-    let both = aggregate(&mut s, &large.weights, vec![result("a", &h8, 10, 0.5, update(&s8, 1)), result("b", &h12, 10, 0.5, update(&s12, 2))]);
-    let only8 = aggregate(&mut strategy(&s8, &large, transfer()), &large.weights, vec![result("a", &h8, 10, 0.5, update(&s8, 1))]);
+    let both = aggregate(
+        &mut s,
+        &large.weights,
+        vec![result("a", &h8, 10, 0.5, update(&s8, 1)), result("b", &h12, 10, 0.5, update(&s12, 2))],
+    );
+    let only8 = aggregate(
+        &mut strategy(&s8, &large, transfer()),
+        &large.weights,
+        vec![result("a", &h8, 10, 0.5, update(&s8, 1))],
+    );
     assert!(max_diff(&both, &large.weights) > 1e-5);
     assert!(max_diff(&both, &only8) > 1e-6, "the second width's update must count");
 }
@@ -208,12 +340,20 @@ fn distillation_moves_the_server_model_toward_the_clients() {
     let h = small.identity().unwrap();
     let t = TransferConfig {
         aggregation: hetfed_fed::hetero::Aggregation::Distillation,
-        distill: hetfed_distill::DistillConfig { steps: 4, n_prompts: 8, seq_len: 8, batch_size: 4, ..Default::default() },
+        distill: hetfed_distill::DistillConfig {
+            steps: 4,
+            n_prompts: 8,
+            seq_len: 8,
+            batch_size: 4,
+            ..Default::default()
+        },
         ..transfer()
     };
     let mut s = strategy(&small, &large, t);
     let mut g = large.weights.clone();
-    let rep = s.aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 10, 0.5, update(&small, 1)))].into_iter(), &[]).unwrap();
+    let rep = s
+        .aggregate_fit(1, &mut g, &mut vec![Ok(result("a", &h, 10, 0.5, update(&small, 1)))].into_iter(), &[])
+        .unwrap();
     let d = &rep.details["distill"];
     assert!(d["kl_after"].as_f64().unwrap() < d["kl_before"].as_f64().unwrap(), "{d}");
     assert!(max_diff(&g, &large.weights) > 1e-6);
@@ -233,7 +373,8 @@ fn anchored_rounds_replace_each_other_and_survive_a_checkpoint() {
         acc.aggregate_fit(round, &mut ga, &mut vec![Ok(result("a", &h, 10, 0.5, u.clone()))].into_iter(), &[]).unwrap();
         anc.aggregate_fit(round, &mut gb, &mut vec![Ok(result("a", &h, 10, 0.5, u.clone()))].into_iter(), &[]).unwrap();
     }
-    let once = aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![result("a", &h, 10, 0.5, u.clone())]);
+    let once =
+        aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![result("a", &h, 10, 0.5, u.clone())]);
     assert!(max_diff(&gb, &once) < 1e-6);
     assert!(max_diff(&ga, &once) > 1e-5);
     // The anchor is part of the strategy's state: a restored strategy continues identically.
@@ -259,7 +400,13 @@ fn tokenizers() -> (hetfed_model::tokenizers::Tokenizer, hetfed_model::tokenizer
 }
 
 fn with_tokenizer(ck: &Checkpoint, tok: &hetfed_model::tokenizers::Tokenizer) -> Checkpoint {
-    Checkpoint { dir: ck.dir.clone(), arch: ck.arch.clone(), weights: ck.weights.clone(), tokenizer: Some(tok.clone()), config_json: ck.config_json.clone() }
+    Checkpoint {
+        dir: ck.dir.clone(),
+        arch: ck.arch.clone(),
+        weights: ck.weights.clone(),
+        tokenizer: Some(tok.clone()),
+        config_json: ck.config_json.clone(),
+    }
 }
 
 #[test]
@@ -273,15 +420,48 @@ fn logit_offsets_refuse_another_tokenizer() {
         SmallBase::new(with_tokenizer(&small, t), maps).unwrap()
     };
     let large_tok = with_tokenizer(&large, &tok);
-    let (h_tok, h_other) = (large_tok.tokenizer_hash().unwrap(), with_tokenizer(&small, &other).tokenizer_hash().unwrap());
+    let (h_tok, h_other) =
+        (large_tok.tokenizer_hash().unwrap(), with_tokenizer(&small, &other).tokenizer_hash().unwrap());
     assert_ne!(h_tok, h_other, "one merge less is another tokenizer");
     // When the strategy is built: a client base with another tokenizer, both named.
-    let e = Hetero::new(offsets.clone(), Sampling::default(), FitConfig::default(), 0, &large_tok, vec![base_with(&other)], None, ServerText::default()).err().unwrap().to_string();
+    let e = Hetero::new(
+        offsets.clone(),
+        Sampling::default(),
+        FitConfig::default(),
+        0,
+        &large_tok,
+        vec![base_with(&other)],
+        None,
+        ServerText::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("one tokenizer") && e.contains(&h_tok[..12]) && e.contains(&h_other[..12]), "{e}");
     // Projection does not need one.
-    Hetero::new(transfer(), Sampling::default(), FitConfig::default(), 0, &large_tok, vec![base_with(&other)], None, ServerText::default()).unwrap();
+    Hetero::new(
+        transfer(),
+        Sampling::default(),
+        FitConfig::default(),
+        0,
+        &large_tok,
+        vec![base_with(&other)],
+        None,
+        ServerText::default(),
+    )
+    .unwrap();
     // At registration: a client naming another tokenizer (or none) is refused, both named.
-    let s = Hetero::new(offsets, Sampling::default(), FitConfig::default(), 0, &large_tok, vec![base_with(&tok)], None, ServerText::default()).unwrap();
+    let s = Hetero::new(
+        offsets,
+        Sampling::default(),
+        FitConfig::default(),
+        0,
+        &large_tok,
+        vec![base_with(&tok)],
+        None,
+        ServerText::default(),
+    )
+    .unwrap();
     let good = ClientInfo { tokenizer_hash: h_tok.clone(), ..info("a", &small) };
     assert!(s.client_base(&good).unwrap().is_some());
     let e = s.client_base(&ClientInfo { tokenizer_hash: h_other.clone(), ..info("b", &small) }).unwrap_err();
@@ -306,19 +486,44 @@ fn offset_serving_keeps_the_weights_and_serves_the_offset_model() {
     let ids = Tensor::from_vec(vec![1u32, 5, 7], (1, 3), &Device::Cpu).unwrap();
     let plain = large.model(None).unwrap().forward(&ids, None).unwrap();
     let with = served.forward(&ids, None).unwrap();
-    let d = (hetfed_distill::offset::log_softmax(&plain).unwrap() - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = (hetfed_distill::offset::log_softmax(&plain).unwrap() - with)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d > 1e-4, "the offset changes the distribution ({d})");
     // The served offsets survive a checkpoint.
     let (json, tensors) = s.state();
-    let mut s2 = strategy(&small, &large, TransferConfig { aggregation: hetfed_fed::hetero::Aggregation::OffsetServing, ..transfer() });
+    let mut s2 = strategy(
+        &small,
+        &large,
+        TransferConfig { aggregation: hetfed_fed::hetero::Aggregation::OffsetServing, ..transfer() },
+    );
     s2.load_state(json, tensors).unwrap();
     let again = s2.serving_model(&large, &g, Some("")).unwrap().unwrap().forward(&ids, None).unwrap();
     // Routed by task, another task (or general text) is served by the large model alone.
     let other = s2.serving_model(&large, &g, None).unwrap().unwrap().forward(&ids, None).unwrap();
-    let d0 = (hetfed_distill::offset::log_softmax(&plain).unwrap() - other).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d0 = (hetfed_distill::offset::log_softmax(&plain).unwrap() - other)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d0 < 1e-5, "{d0}");
     let with = served.forward(&ids, None).unwrap();
-    assert_eq!((again - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        (again - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(),
+        0.0
+    );
 }
 
 /// LoRA factors of the small model's QKV and MLP input projections (rank 2), as a client uploads them.
@@ -326,11 +531,19 @@ fn lora_update(small: &Checkpoint, seed: u64) -> TaskVector {
     let config = hetfed_model::LoraConfig { rank: 2, alpha: 4.0, ..Default::default() };
     let mut factors = TensorMap::new();
     for (k, w) in &small.weights {
-        if let Some(module) = k.strip_suffix(".weight").filter(|m| m.ends_with("dense_h_to_4h") || m.ends_with("query_key_value")) {
+        if let Some(module) =
+            k.strip_suffix(".weight").filter(|m| m.ends_with("dense_h_to_4h") || m.ends_with("query_key_value"))
+        {
             let (out, inp) = (w.dims()[0], w.dims()[1]);
             let s = 0.05 * (1.0 + seed as f64);
-            factors.insert(format!("{module}.lora_A"), (Tensor::randn(0f32, 1.0, (2, inp), &Device::Cpu).unwrap() * s).unwrap());
-            factors.insert(format!("{module}.lora_B"), (Tensor::randn(0f32, 1.0, (out, 2), &Device::Cpu).unwrap() * s).unwrap());
+            factors.insert(
+                format!("{module}.lora_A"),
+                (Tensor::randn(0f32, 1.0, (2, inp), &Device::Cpu).unwrap() * s).unwrap(),
+            );
+            factors.insert(
+                format!("{module}.lora_B"),
+                (Tensor::randn(0f32, 1.0, (out, 2), &Device::Cpu).unwrap() * s).unwrap(),
+            );
         }
     }
     TaskVector { base: small.identity().unwrap(), kind: Delta::Lora { config, factors } }
@@ -350,10 +563,20 @@ fn a_factored_update_aggregates_like_its_dense_product() {
     // The rebuilt client model (distillation's teacher) is the same from factors as from the product.
     let t = TransferConfig {
         aggregation: hetfed_fed::hetero::Aggregation::Distillation,
-        distill: hetfed_distill::DistillConfig { steps: 2, n_prompts: 4, seq_len: 6, batch_size: 2, ..Default::default() },
+        distill: hetfed_distill::DistillConfig {
+            steps: 2,
+            n_prompts: 4,
+            seq_len: 6,
+            batch_size: 2,
+            ..Default::default()
+        },
         ..transfer()
     };
     let f = aggregate(&mut strategy(&small, &large, t.clone()), &large.weights, vec![fit(tv)]);
     let d = aggregate(&mut strategy(&small, &large, t), &large.weights, vec![fit(dense)]);
-    assert!(max_diff(&f, &d) < 1e-5, "distillation from factors and from the dense update differ by {}", max_diff(&f, &d));
+    assert!(
+        max_diff(&f, &d) < 1e-5,
+        "distillation from factors and from the dense update differ by {}",
+        max_diff(&f, &d)
+    );
 }

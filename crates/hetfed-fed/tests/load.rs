@@ -33,7 +33,10 @@ use hetfed_core::TensorMap;
 use hetfed_fed::server::{Auth, Server, ServerOptions};
 use hetfed_fed::{FitConfig, Sampling, StrategyConfig};
 use hetfed_model::{bloom, Checkpoint, ModelIdentity};
-use hetfed_net::{body_from_bytes, ByteStream, Caller, ClientInfo, ClientTls, FedService, GrpcClient, Instruction, Limits, Secret, ServerTls, UploadHeader, UploadReply};
+use hetfed_net::{
+    body_from_bytes, ByteStream, Caller, ClientInfo, ClientTls, FedService, GrpcClient, Instruction, Limits, Secret,
+    ServerTls, UploadHeader, UploadReply,
+};
 use hetfed_taskvec::{Delta, TaskVector};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -219,7 +222,14 @@ struct ClientLog {
 /// One light client: register, long-poll, upload its precomputed update each round; a
 /// disconnecting one sends `cut` chunks of its first update, then drops the call and the
 /// connection.
-async fn client(i: usize, endpoint: String, tls: ClientTls, updates: Arc<Updates>, cut: Option<usize>, gone: Arc<AtomicUsize>) -> ClientLog {
+async fn client(
+    i: usize,
+    endpoint: String,
+    tls: ClientTls,
+    updates: Arc<Updates>,
+    cut: Option<usize>,
+    gone: Arc<AtomicUsize>,
+) -> ClientLog {
     let who = Caller { client_id: id(i), token: Secret::new(format!("token-{}", id(i))) };
     let c = GrpcClient::connect(&endpoint, tls, who.clone(), Limits::default(), Duration::from_secs(60)).await.unwrap();
     c.register(&who, ClientInfo { client_id: id(i), arch: "bloom".into(), ..Default::default() }).await.unwrap();
@@ -240,7 +250,8 @@ async fn client(i: usize, endpoint: String, tls: ClientTls, updates: Arc<Updates
                 let chunk = Limits::default().chunk_bytes;
                 if let Some(cut) = cut {
                     let part = bytes.slice(..(cut * chunk).min(bytes.len() - 1));
-                    let stalled: ByteStream = Box::pin(futures::StreamExt::chain(body_from_bytes(part, chunk), futures::stream::pending()));
+                    let stalled: ByteStream =
+                        Box::pin(futures::StreamExt::chain(body_from_bytes(part, chunk), futures::stream::pending()));
                     // The body stalls; the call is dropped partway, then the connection.
                     let r = tokio::time::timeout(Duration::from_millis(500), c.upload(&who, header, stalled)).await;
                     assert!(r.is_err(), "a stalled upload cannot finish: {r:?}");
@@ -327,12 +338,30 @@ impl Measured {
         let (global, _) = hetfed_core::load_safetensors(&ck).unwrap();
         let base = Checkpoint::load(&self.model).unwrap().weights;
         let expected = (&base[EMB] + (direction(sc.vocab) * total).unwrap()).unwrap();
-        let diff = (&global[EMB] - &expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&global[EMB] - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // One client counted twice or lost moves the mean by ≥ 1/(3n) of a scale step of 4·0.01.
         assert!(diff < 2e-6, "final model differs from base + Σ mean updates by {diff} (Σ coefficients {total})");
         for (k, t) in &base {
             if k != EMB {
-                let d = (&global[k] - t).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let d = (&global[k] - t)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert_eq!(d, 0.0, "{k} changed");
             }
         }
@@ -341,10 +370,17 @@ impl Measured {
 
 /// Starts the server process, runs the clients against it to the end of the run.
 async fn run_scenario(sc: Scenario) -> Measured {
-    let (model, certs, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (model, certs, work) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = bloom_config(sc.vocab);
     std::fs::write(model.path().join("config.json"), cfg.hf_config_json().to_string()).unwrap();
-    hetfed_core::save_safetensors(&cfg.random_weights(3).unwrap(), DType::F32, &BTreeMap::new(), &model.path().join("model.safetensors")).unwrap();
+    hetfed_core::save_safetensors(
+        &cfg.random_weights(3).unwrap(),
+        DType::F32,
+        &BTreeMap::new(),
+        &model.path().join("model.safetensors"),
+    )
+    .unwrap();
     let paths = hetfed_net::generate_dev_certs(certs.path(), &[]).unwrap();
     let run_dir = work.path().join("run");
     let (endpoint_file, report_file) = (work.path().join("endpoint"), work.path().join("report.json"));
@@ -370,7 +406,11 @@ async fn run_scenario(sc: Scenario) -> Measured {
         if let Ok(e) = std::fs::read_to_string(&endpoint_file) {
             break e;
         }
-        assert!(child.0.try_wait().unwrap().is_none(), "the server process ended early: {}", std::fs::read_to_string(work.path().join("server.log")).unwrap_or_default());
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the server process ended early: {}",
+            std::fs::read_to_string(work.path().join("server.log")).unwrap_or_default()
+        );
         assert!(t.elapsed() < Duration::from_secs(60), "the server process did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -378,17 +418,28 @@ async fn run_scenario(sc: Scenario) -> Measured {
     let updates = Arc::new(Updates { base, d: direction(sc.vocab), cache: Default::default() });
     let tls = ClientTls::from_dev_certs(&paths, "127.0.0.1").unwrap();
     // Disconnecting clients: spread over the ids, each cut after 1 to 3 chunks.
-    let cuts: HashMap<usize, usize> = (0..sc.disconnect).map(|k| ((k * 7919 + 3) % sc.clients, 1 + (k * 31 + 7) % 3)).collect();
+    let cuts: HashMap<usize, usize> =
+        (0..sc.disconnect).map(|k| ((k * 7919 + 3) % sc.clients, 1 + (k * 31 + 7) % 3)).collect();
     assert_eq!(cuts.len(), sc.disconnect);
     let (t0, cpu0) = (Instant::now(), hetfed_fed::sys::cpu_seconds());
     let gone = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..sc.clients).map(|i| tokio::spawn(client(i, endpoint.clone(), tls.clone(), updates.clone(), cuts.get(&i).copied(), gone.clone()))).collect();
+    let tasks: Vec<_> = (0..sc.clients)
+        .map(|i| {
+            tokio::spawn(client(i, endpoint.clone(), tls.clone(), updates.clone(), cuts.get(&i).copied(), gone.clone()))
+        })
+        .collect();
     // Once every disconnecting client is gone and the server has undone each of their uploads
     // (it audits an upload once undone), the spool of the still open round.
     let (spool, metrics) = (run_dir.join("spool/round-1"), run_dir.join("metrics.jsonl"));
     let snapshot = (sc.disconnect > 0).then(|| {
         tokio::spawn(async move {
-            let undone = || std::fs::read_to_string(&metrics).unwrap_or_default().lines().filter(|l| l.contains(r#""event":"refused""#) && l.contains(r#""call":"upload""#)).count();
+            let undone = || {
+                std::fs::read_to_string(&metrics)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(r#""event":"refused""#) && l.contains(r#""call":"upload""#))
+                    .count()
+            };
             while gone.load(Ordering::SeqCst) < sc.disconnect || undone() < sc.disconnect {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -415,7 +466,17 @@ async fn run_scenario(sc: Scenario) -> Measured {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let events = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let model_path = model.path().to_path_buf();
-    Measured { _dirs: vec![model, certs, work], run_dir, model: model_path, server, events, logs, wall_s, clients_cpu_s, spool_snapshot }
+    Measured {
+        _dirs: vec![model, certs, work],
+        run_dir,
+        model: model_path,
+        server,
+        events,
+        logs,
+        wall_s,
+        clients_cpu_s,
+        spool_snapshot,
+    }
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -451,7 +512,14 @@ async fn memory_is_bounded(sizes: &[usize], rounds: u64, vocab: usize) {
     let size = (vocab * HIDDEN * 4) as f64;
     let mut runs = Vec::new();
     for &clients in sizes {
-        let sc = Scenario { clients, rounds, quorum: clients, round_timeout: Duration::from_secs(300), disconnect: 0, vocab };
+        let sc = Scenario {
+            clients,
+            rounds,
+            quorum: clients,
+            round_timeout: Duration::from_secs(300),
+            disconnect: 0,
+            vocab,
+        };
         let m = run_scenario(sc).await;
         m.check_aggregation(&sc);
         assert!(m.server["peak_reset"] == true, "the peak RSS could not be reset: {}", m.server);
@@ -461,7 +529,12 @@ async fn memory_is_bounded(sizes: &[usize], rounds: u64, vocab: usize) {
     let (n0, g0) = runs[0];
     for &(n, g) in &runs[1..] {
         let allowed = (n - n0) as f64 / 50.0 * size + SLACK;
-        eprintln!("load: server memory growth {n0} -> {n} clients: {:.1} MiB ({:.0} KiB per client), allowed {:.1} MiB", (g - g0) / MIB, (g - g0) / (n - n0) as f64 / 1024.0, allowed / MIB);
+        eprintln!(
+            "load: server memory growth {n0} -> {n} clients: {:.1} MiB ({:.0} KiB per client), allowed {:.1} MiB",
+            (g - g0) / MIB,
+            (g - g0) / (n - n0) as f64 / 1024.0,
+            allowed / MIB
+        );
         assert!(
             g - g0 <= allowed,
             "server memory grew by {:.1} MiB from {n0} to {n} clients; allowed {:.1} MiB (one {:.1} MiB update per 50 clients + {:.0} MiB slack)",
@@ -477,7 +550,9 @@ async fn memory_is_bounded(sizes: &[usize], rounds: u64, vocab: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_every_update_counted_once() {
     let _one = SERIAL.lock().await;
-    tokio::time::timeout(Duration::from_secs(300), memory_is_bounded(&[200], 3, 2048)).await.expect("load test timed out");
+    tokio::time::timeout(Duration::from_secs(300), memory_is_bounded(&[200], 3, 2048))
+        .await
+        .expect("load test timed out");
 }
 
 /// 50, 100 and 200 clients, one round each, 16 MiB updates: the server's peak memory does not
@@ -485,7 +560,9 @@ async fn many_clients_every_update_counted_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_server_memory_is_bounded() {
     let _one = SERIAL.lock().await;
-    tokio::time::timeout(Duration::from_secs(600), memory_is_bounded(&[50, 100, 200], 1, 32768)).await.expect("load test timed out");
+    tokio::time::timeout(Duration::from_secs(600), memory_is_bounded(&[50, 100, 200], 1, 32768))
+        .await
+        .expect("load test timed out");
 }
 
 /// 20 of 60 clients drop their upload midway in round 1: nothing of theirs stays in the spool
@@ -494,18 +571,31 @@ async fn many_clients_server_memory_is_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnects_mid_upload_leave_no_trace() {
     let _one = SERIAL.lock().await;
-    let sc = Scenario { clients: 60, rounds: 1, quorum: 40, round_timeout: Duration::from_secs(10), disconnect: 20, vocab: 8192 };
+    let sc = Scenario {
+        clients: 60,
+        rounds: 1,
+        quorum: 40,
+        round_timeout: Duration::from_secs(10),
+        disconnect: 20,
+        vocab: 8192,
+    };
     let m = tokio::time::timeout(Duration::from_secs(300), run_scenario(sc)).await.expect("load test timed out");
     assert_eq!(m.logs.iter().filter(|l| l.disconnected).count(), 20);
     m.check_aggregation(&sc);
     let r = m.round(1);
     assert_eq!((r["ok"].as_u64(), r["failed"].as_u64(), r["rejected"].as_u64()), (Some(40), Some(20), Some(0)), "{r}");
-    let gone: BTreeSet<String> = m.logs.iter().enumerate().filter(|(_, l)| l.disconnected).map(|(i, _)| id(i)).collect();
+    let gone: BTreeSet<String> =
+        m.logs.iter().enumerate().filter(|(_, l)| l.disconnected).map(|(i, _)| id(i)).collect();
     for e in m.events.iter().filter(|e| e["event"] == "client_round" && e["status"] == "failed") {
         assert!(gone.contains(e["client"].as_str().unwrap()), "{e}");
     }
     // Each dropped upload was undone and audited when it happened.
-    let audited: BTreeSet<String> = m.events.iter().filter(|e| e["event"] == "refused" && e["call"] == "upload").map(|e| e["client"].as_str().unwrap().to_owned()).collect();
+    let audited: BTreeSet<String> = m
+        .events
+        .iter()
+        .filter(|e| e["event"] == "refused" && e["call"] == "upload")
+        .map(|e| e["client"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(audited, gone);
     // While the round was open, the spool held nothing of the clients gone (the others' updates,
     // complete or still arriving, only).

@@ -10,14 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use candle_core::{DType, Device, Tensor};
+use futures::StreamExt;
 use hetfed_core::TensorMap;
 use hetfed_fed::server::{Auth, RunSummary, Server, ServerOptions};
 use hetfed_fed::strategy::FedOptParams;
 use hetfed_fed::{FitConfig, Sampling, StrategyConfig};
 use hetfed_model::{bloom, Checkpoint, ModelIdentity};
-use hetfed_net::{body_from_bytes, ByteStream, Caller, ClientInfo, EvalReport, FedService, FitIns, Instruction, Secret, ServiceError, UploadHeader, UploadReply};
+use hetfed_net::{
+    body_from_bytes, ByteStream, Caller, ClientInfo, EvalReport, FedService, FitIns, Instruction, Secret, ServiceError,
+    UploadHeader, UploadReply,
+};
 use hetfed_taskvec::{Delta, TaskVector};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -44,7 +47,13 @@ fn model_dir() -> TempDir {
     };
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), cfg.hf_config_json().to_string()).unwrap();
-    hetfed_core::save_safetensors(&cfg.random_weights(7).unwrap(), DType::F32, &BTreeMap::new(), &dir.path().join("model.safetensors")).unwrap();
+    hetfed_core::save_safetensors(
+        &cfg.random_weights(7).unwrap(),
+        DType::F32,
+        &BTreeMap::new(),
+        &dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     dir
 }
 
@@ -163,7 +172,12 @@ type Plan = Arc<dyn Fn(u64, &str, &ModelIdentity) -> Option<(TaskVector, u64)> +
 
 /// A scripted client: every round it is told to fit in, it uploads what `plan` gives for
 /// `(round, id, identity of the round's model)`, until the server says the run is over.
-fn spawn_client(s: &Arc<Server>, id: &str, base: &ModelIdentity, plan: Plan) -> tokio::task::JoinHandle<Vec<(u64, UploadReply)>> {
+fn spawn_client(
+    s: &Arc<Server>,
+    id: &str,
+    base: &ModelIdentity,
+    plan: Plan,
+) -> tokio::task::JoinHandle<Vec<(u64, UploadReply)>> {
     let (s, id, base) = (s.clone(), id.to_string(), base.clone());
     tokio::spawn(async move {
         let (mut after, mut out) = (0, Vec::new());
@@ -184,7 +198,12 @@ fn spawn_client(s: &Arc<Server>, id: &str, base: &ModelIdentity, plan: Plan) -> 
 }
 
 /// Registers the clients, runs the server with them to the end; every client's upload replies.
-async fn run_with(s: &Arc<Server>, ids: &[&str], base: &ModelIdentity, plan: Plan) -> (RunSummary, Vec<Vec<(u64, UploadReply)>>) {
+async fn run_with(
+    s: &Arc<Server>,
+    ids: &[&str],
+    base: &ModelIdentity,
+    plan: Plan,
+) -> (RunSummary, Vec<Vec<(u64, UploadReply)>>) {
     register(s, ids).await;
     let clients: Vec<_> = ids.iter().map(|id| spawn_client(s, id, base, plan.clone())).collect();
     let summary = s.run().await.unwrap();
@@ -205,7 +224,8 @@ fn of<'a>(ev: &'a [Value], event: &str) -> Vec<&'a Value> {
 }
 
 fn client_line<'a>(ev: &'a [Value], round: u64, id: &str) -> &'a Value {
-    let lines: Vec<_> = ev.iter().filter(|e| e["event"] == "client_round" && e["round"] == round && e["client"] == id).collect();
+    let lines: Vec<_> =
+        ev.iter().filter(|e| e["event"] == "client_round" && e["round"] == round && e["client"] == id).collect();
     assert_eq!(lines.len(), 1, "expected one client_round line for {id} in round {round}, found {lines:?}");
     lines[0]
 }
@@ -231,7 +251,9 @@ fn plus(base: &TensorMap, terms: &[(f64, &TensorMap)]) -> TensorMap {
 fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter()
-        .map(|(k, t)| (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap())
+        .map(|(k, t)| {
+            (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        })
         .fold(0.0, f32::max)
 }
 
@@ -322,7 +344,8 @@ async fn fedavg_round_weights_by_examples() {
         assert_eq!(r["model_version"].as_str(), Some(summary.model_version.as_str()));
         assert_eq!((of(&ev, "run_start").len(), of(&ev, "run_end").len()), (1, 1));
         assert_eq!(std::fs::read_to_string(run.path().join("checkpoints/LATEST")).unwrap().trim(), "round-1");
-        let (saved, _) = hetfed_core::load_safetensors(&run.path().join("checkpoints/round-1/model.safetensors")).unwrap();
+        let (saved, _) =
+            hetfed_core::load_safetensors(&run.path().join("checkpoints/round-1/model.safetensors")).unwrap();
         assert_eq!(max_diff(&saved, &s.global()), 0.0);
         assert!(!run.path().join("spool/round-1").exists(), "the spool of a closed round is removed");
     })
@@ -374,7 +397,11 @@ async fn invalid_updates_are_rejected_and_logged() {
             assert!(l["reason"].as_str().unwrap().contains(why), "{l}");
         }
         let r = round_line(&ev, round);
-        assert_eq!((r["ok"].as_u64(), r["rejected"].as_u64(), r["failed"].as_u64()), (Some(1), Some(6), Some(0)), "{r}");
+        assert_eq!(
+            (r["ok"].as_u64(), r["rejected"].as_u64(), r["failed"].as_u64()),
+            (Some(1), Some(6), Some(0)),
+            "{r}"
+        );
         assert_eq!(r["aggregated"], true);
         // Each rejection was also audited when it happened.
         for (id, _, why) in &cases {
@@ -421,11 +448,17 @@ async fn a_rejected_update_can_be_corrected_within_the_round() {
         let ev = events(run.path());
         let l = client_line(&ev, round, "a");
         assert_eq!((l["status"].as_str(), l["examples"].as_u64()), (Some("ok"), Some(2)), "{l}");
-        assert_eq!((round_line(&ev, round)["ok"].as_u64(), round_line(&ev, round)["rejected"].as_u64()), (Some(2), Some(0)));
+        assert_eq!(
+            (round_line(&ev, round)["ok"].as_u64(), round_line(&ev, round)["rejected"].as_u64()),
+            (Some(2), Some(0))
+        );
         // The rejection and the broken transfer are in the audit trail, the duplicate is not.
         let a = refused(&ev, "upload", "a");
         assert_eq!(a.len(), 2, "{a:?}");
-        assert!(a[0]["reason"].as_str().unwrap().contains("norm") && a[1]["reason"].as_str().unwrap().contains("received"), "{a:?}");
+        assert!(
+            a[0]["reason"].as_str().unwrap().contains("norm") && a[1]["reason"].as_str().unwrap().contains("received"),
+            "{a:?}"
+        );
         assert!(!run.path().join("spool").exists(), "the spool is removed with the run");
     })
     .await
@@ -481,7 +514,9 @@ async fn refusals_are_audited_without_the_token() {
         register(&s, &["a"]).await;
         let h = spawn_run(&s);
         let round = next_fit(&s, "a", 0).await.round;
-        assert!(send(&s, "a", round, &bytes_of(&tv(&base_identity(m.path()), delta(1, 0.01))), 1).await.unwrap().accepted);
+        assert!(
+            send(&s, "a", round, &bytes_of(&tv(&base_identity(m.path()), delta(1, 0.01))), 1).await.unwrap().accepted
+        );
         h.await.unwrap().unwrap();
         let ev = events(run.path());
         let sup = of(&ev, "refused_suppressed");
@@ -506,7 +541,11 @@ async fn broken_transfers_leave_no_trace() {
         let n = data.len() as u64;
         let a = caller("a");
         let attempts: Vec<(&str, UploadHeader, ByteStream)> = vec![
-            ("checksum", UploadHeader { sha256: hetfed_core::sha256_hex(&other), ..header("a", round, &data, 1) }, body(&data)),
+            (
+                "checksum",
+                UploadHeader { sha256: hetfed_core::sha256_hex(&other), ..header("a", round, &data, 1) },
+                body(&data),
+            ),
             ("short", UploadHeader { size_bytes: n + 10, ..header("a", round, &data, 1) }, body(&data)),
             ("long", UploadHeader { size_bytes: n - 10, ..header("a", round, &data, 1) }, body(&data)),
             ("truncated", header("a", round, &data, 1), body(&data[..data.len() / 2])),
@@ -514,7 +553,10 @@ async fn broken_transfers_leave_no_trace() {
             (
                 "disconnect",
                 header("a", round, &data, 1),
-                Box::pin(futures::stream::iter(vec![Ok(Bytes::copy_from_slice(&data[..64])), Err(ServiceError::Unavailable("connection reset".into()))])) as ByteStream,
+                Box::pin(futures::stream::iter(vec![
+                    Ok(Bytes::copy_from_slice(&data[..64])),
+                    Err(ServiceError::Unavailable("connection reset".into())),
+                ])) as ByteStream,
             ),
         ];
         for (what, hdr, b) in attempts {
@@ -610,7 +652,11 @@ async fn deadline_and_quorum() {
         }
         for (round, ok) in [(1, 1), (2, 0)] {
             let r = round_line(&ev, round);
-            assert_eq!((r["ok"].as_u64(), r["failed"].as_u64(), r["aggregated"].as_bool()), (Some(ok), Some(3 - ok), Some(false)), "{r}");
+            assert_eq!(
+                (r["ok"].as_u64(), r["failed"].as_u64(), r["aggregated"].as_bool()),
+                (Some(ok), Some(3 - ok), Some(false)),
+                "{r}"
+            );
         }
     })
     .await
@@ -654,7 +700,9 @@ async fn resume_matches_uninterrupted(strategy: StrategyConfig) {
     let run_id = s1.run_id().to_string();
     let after1 = s1.global();
     drop(s1);
-    let e = server(m.path(), opts(dir.path(), &ids, 2, 2), &strategy).err().expect("a second run in the same directory must be refused");
+    let e = server(m.path(), opts(dir.path(), &ids, 2, 2), &strategy)
+        .err()
+        .expect("a second run in the same directory must be refused");
     assert!(e.to_string().contains("--resume"), "{e}");
     // A copy whose checkpoint lost the strategy's state: resuming it must differ exactly when the
     // strategy has state (so the equality below really depends on that state being restored).
@@ -753,9 +801,15 @@ impl Deployed {
         let tls = hetfed_net::ServerTls::from_dev_certs(&certs, false).unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let svc: Arc<dyn FedService> = s.clone();
-        let grpc = tokio::spawn(hetfed_net::serve_with_listener(svc, listener, tls, hetfed_net::Limits::default(), async move {
-            let _ = rx.await;
-        }));
+        let grpc = tokio::spawn(hetfed_net::serve_with_listener(
+            svc,
+            listener,
+            tls,
+            hetfed_net::Limits::default(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self { _certs_dir: certs_dir, certs, endpoint, stop: Some(stop), grpc }
     }
 
@@ -771,12 +825,25 @@ impl Deployed {
 
 /// `hetfed client`'s connect loop: connect, and on failure `Retry::wait` (first delay 200 ms, as
 /// the CLI), giving up after `give_up`. Returns the outcome and the number of attempts.
-async fn connect_with_retry(endpoint: &str, tls: hetfed_net::ClientTls, who: Caller, give_up: Duration) -> (hetfed_core::Result<hetfed_net::GrpcClient>, u32) {
+async fn connect_with_retry(
+    endpoint: &str,
+    tls: hetfed_net::ClientTls,
+    who: Caller,
+    give_up: Duration,
+) -> (hetfed_core::Result<hetfed_net::GrpcClient>, u32) {
     let mut retry = hetfed_fed::client::Retry::new(Duration::from_millis(200), give_up);
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match hetfed_net::GrpcClient::connect(endpoint, tls.clone(), who.clone(), hetfed_net::Limits::default(), Duration::from_secs(10)).await {
+        match hetfed_net::GrpcClient::connect(
+            endpoint,
+            tls.clone(),
+            who.clone(),
+            hetfed_net::Limits::default(),
+            Duration::from_secs(10),
+        )
+        .await
+        {
             Ok(c) => return (Ok(c), attempts),
             Err(e) => {
                 if let Err(e) = retry.wait(&e).await {
@@ -840,9 +907,12 @@ async fn permanent_failures_end_the_client_at_once() {
             assert!(msg.contains("not retried") && attempts == 1, "{what}: {attempts} attempts: {msg}");
         }
         // Connected, but refused at registration: the client ends at once.
-        for (who, needle) in [(Caller { client_id: "a".into(), token: Secret::new("token-r") }, "wrong token"), (caller("r"), "revoked")] {
+        for (who, needle) in
+            [(Caller { client_id: "a".into(), token: Secret::new("token-r") }, "wrong token"), (caller("r"), "revoked")]
+        {
             let t = std::time::Instant::now();
-            let (conn, _) = connect_with_retry(&d.endpoint, d.tls("127.0.0.1"), who.clone(), Duration::from_secs(120)).await;
+            let (conn, _) =
+                connect_with_retry(&d.endpoint, d.tls("127.0.0.1"), who.clone(), Duration::from_secs(120)).await;
             let svc: Arc<dyn FedService> = Arc::new(conn.unwrap());
             let r = hetfed_fed::client::run_client(svc, client_options(m.path(), who)).await;
             let msg = r.expect_err("a refused client must fail").to_string();
@@ -863,7 +933,13 @@ async fn permanent_failures_end_the_client_at_once() {
         let closed = format!("https://{}", listener.local_addr().unwrap());
         drop(listener);
         let t = std::time::Instant::now();
-        let (r, attempts) = connect_with_retry(&closed, hetfed_net::ClientTls::from_dev_certs(&other, "127.0.0.1").unwrap(), caller("a"), Duration::from_millis(1500)).await;
+        let (r, attempts) = connect_with_retry(
+            &closed,
+            hetfed_net::ClientTls::from_dev_certs(&other, "127.0.0.1").unwrap(),
+            caller("a"),
+            Duration::from_millis(1500),
+        )
+        .await;
         let msg = r.expect_err("nothing listens").to_string();
         let took = t.elapsed();
         assert!(attempts >= 3 && msg.contains("unreachable") && msg.contains(&closed), "{attempts} attempts: {msg}");

@@ -18,8 +18,15 @@ fn vals(m: &TensorMap) -> BTreeMap<String, Vec<f32>> {
 }
 
 fn result(id: &str, n: u64, delta: TensorMap) -> FitResult {
-    let base = hetfed_model::ModelIdentity { arch: "bloom".into(), config_hash: String::new(), weights_hash: String::new() };
-    FitResult::new(id, n, BTreeMap::new(), hetfed_taskvec::TaskVector { base, kind: hetfed_taskvec::Delta::Full(delta) }).unwrap()
+    let base =
+        hetfed_model::ModelIdentity { arch: "bloom".into(), config_hash: String::new(), weights_hash: String::new() };
+    FitResult::new(
+        id,
+        n,
+        BTreeMap::new(),
+        hetfed_taskvec::TaskVector { base, kind: hetfed_taskvec::Delta::Full(delta) },
+    )
+    .unwrap()
 }
 
 fn aggregate(cfg: &StrategyConfig, global: &TensorMap, results: Vec<FitResult>) -> TensorMap {
@@ -156,7 +163,8 @@ fn fedadam_state_round_trips() {
 
 #[test]
 fn sampling_is_deterministic_bounded_and_sorted() {
-    let clients: Vec<ClientInfo> = (0..10).map(|i| ClientInfo { client_id: format!("c{i}"), ..Default::default() }).collect();
+    let clients: Vec<ClientInfo> =
+        (0..10).map(|i| ClientInfo { client_id: format!("c{i}"), ..Default::default() }).collect();
     let s = Sampling { fraction_fit: 0.3, min_fit_clients: 2 };
     let a = sample_clients(&clients, s, 7, 1);
     assert_eq!(a.len(), 3);
@@ -176,20 +184,48 @@ fn config_errors_name_the_key() {
     assert!(bad.validate().unwrap_err().contains("strategy.beta1"));
     let e = FitConfig { encoding: "int4".into(), ..Default::default() }.validate().unwrap_err();
     assert!(e.contains("client.encoding") && e.contains("int4"), "{e}");
-    let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\nquorum = 9\n[data]\ntask = \"ethos\"\nnum_clients = 3\n", ".".into(), "t.toml").unwrap_err().to_string();
+    let e = hetfed_fed::RunConfig::from_toml(
+        "[server]\nmodel = \"m\"\nquorum = 9\n[data]\ntask = \"ethos\"\nnum_clients = 3\n",
+        ".".into(),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("server.quorum") && e.contains('9') && e.contains("t.toml"), "{e}");
-    let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\nbogus = 1\n[data]\ntask = \"ethos\"\nnum_clients = 3\n", ".".into(), "t.toml").unwrap_err().to_string();
+    let e = hetfed_fed::RunConfig::from_toml(
+        "[server]\nmodel = \"m\"\nbogus = 1\n[data]\ntask = \"ethos\"\nnum_clients = 3\n",
+        ".".into(),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("bogus"), "{e}");
     let cfg = hetfed_fed::RunConfig::embedded_default().unwrap();
     assert!(cfg.transfer.is_some(), "the embedded default is heterogeneous");
     let t = "[server]\nmodel = \"m\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n[transfer]\nclient_models = [\"s\"]\n";
-    let e = hetfed_fed::RunConfig::from_toml(&format!("{t}lars = -1.0\n"), ".".into(), "t.toml").unwrap_err().to_string();
+    let e =
+        hetfed_fed::RunConfig::from_toml(&format!("{t}lars = -1.0\n"), ".".into(), "t.toml").unwrap_err().to_string();
     assert!(e.contains("transfer.lars") && e.contains("-1"), "{e}");
-    let e = hetfed_fed::RunConfig::from_toml(&format!("{t}[transfer.maps]\nmethod = \"magic\"\n"), ".".into(), "t.toml").unwrap_err().to_string();
+    let e =
+        hetfed_fed::RunConfig::from_toml(&format!("{t}[transfer.maps]\nmethod = \"magic\"\n"), ".".into(), "t.toml")
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("magic"), "{e}");
-    let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n[transfer]\n", ".".into(), "t.toml").unwrap_err().to_string();
+    let e = hetfed_fed::RunConfig::from_toml(
+        "[server]\nmodel = \"m\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n[transfer]\n",
+        ".".into(),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("transfer.client_models"), "{e}");
-    let e = hetfed_fed::RunConfig::from_toml("[server]\nmodel = \"m\"\n[server.eval]\nsplit = \"holdout\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n", ".".into(), "t.toml").unwrap_err().to_string();
+    let e = hetfed_fed::RunConfig::from_toml(
+        "[server]\nmodel = \"m\"\n[server.eval]\nsplit = \"holdout\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n",
+        ".".into(),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("server.eval.split") && e.contains("holdout"), "{e}");
     // The committed configs parse.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
@@ -205,7 +241,8 @@ fn config_errors_name_the_key() {
 }
 
 fn run_config(data: &str) -> std::result::Result<hetfed_fed::RunConfig, String> {
-    hetfed_fed::RunConfig::from_toml(&format!("[server]\nmodel = \"m\"\n[data]\n{data}"), ".".into(), "t.toml").map_err(|e| e.to_string())
+    hetfed_fed::RunConfig::from_toml(&format!("[server]\nmodel = \"m\"\n[data]\n{data}"), ".".into(), "t.toml")
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -230,7 +267,10 @@ fn multi_task_configs_assign_each_task_to_its_clients_deterministically() {
         assert_eq!(a.data.assignment(i), b.data.assignment(i));
     }
     let (g, k) = a.data.assignment(2).unwrap();
-    assert_eq!((g.task.as_str(), k, g.partition), ("ethos", 2, Some(hetfed_data::PartitionScheme::Dirichlet { alpha: 0.5 })));
+    assert_eq!(
+        (g.task.as_str(), k, g.partition),
+        ("ethos", 2, Some(hetfed_data::PartitionScheme::Dirichlet { alpha: 0.5 }))
+    );
     let (g, k) = a.data.assignment(3).unwrap();
     assert_eq!((g.task.as_str(), k, g.partition), ("copa", 0, Some(hetfed_data::PartitionScheme::Iid)));
     // Errors name the key.

@@ -113,12 +113,9 @@ pub fn compute_alphas(cfg: &AlphaConfig, clients: &[(String, ClientSignals)]) ->
     let gains: BTreeMap<&str, f64> =
         sorted.iter().filter_map(|(id, s)| s.server_gain.or(s.val_gain).map(|g| (*id, g))).collect();
     let max_gain = gains.values().copied().fold(f64::NEG_INFINITY, f64::max);
-    let reported: BTreeMap<&str, f64> = gains
-        .iter()
-        .map(|(id, g)| (*id, if max_gain > 0.0 { (g / max_gain).max(minq) } else { minq }))
-        .collect();
-    let default_q =
-        if reported.is_empty() { 1.0 } else { reported.values().sum::<f64>() / reported.len() as f64 };
+    let reported: BTreeMap<&str, f64> =
+        gains.iter().map(|(id, g)| (*id, if max_gain > 0.0 { (g / max_gain).max(minq) } else { minq })).collect();
+    let default_q = if reported.is_empty() { 1.0 } else { reported.values().sum::<f64>() / reported.len() as f64 };
 
     let max_n = sorted.values().map(|s| s.n_examples).max().unwrap_or(0);
 
@@ -189,9 +186,8 @@ mod tests {
     }
 
     fn config() -> impl Strategy<Value = AlphaConfig> {
-        (0.0f64..3.0, 0.0f64..3.0, 0.0f64..3.0, 0.001f64..1.0).prop_map(|(quality, size, entropy, min_quality)| {
-            AlphaConfig { quality, size, entropy, min_quality }
-        })
+        (0.0f64..3.0, 0.0f64..3.0, 0.0f64..3.0, 0.001f64..1.0)
+            .prop_map(|(quality, size, entropy, min_quality)| AlphaConfig { quality, size, entropy, min_quality })
     }
 
     fn named(v: Vec<ClientSignals>) -> Vec<(String, ClientSignals)> {
@@ -257,7 +253,10 @@ mod tests {
     fn factors_follow_the_formula() {
         let cfg = AlphaConfig::default();
         let clients = vec![
-            ("a".to_string(), ClientSignals { label_entropy_bits: Some(1.0), n_classes: Some(4), ..sig(100, Some(0.5)) }),
+            (
+                "a".to_string(),
+                ClientSignals { label_entropy_bits: Some(1.0), n_classes: Some(4), ..sig(100, Some(0.5)) },
+            ),
             ("b".to_string(), sig(50, Some(-0.2))),
             ("c".to_string(), ClientSignals { server_gain: Some(0.25), ..sig(200, Some(9.0)) }),
             ("d".to_string(), sig(200, None)),
@@ -298,7 +297,9 @@ mod tests {
         assert!(compute_alphas(&bad, &[("a".to_string(), sig(1, None))]).is_err());
         assert!(AlphaConfig { min_quality: 0.0, ..AlphaConfig::default() }.validate().is_err());
         let huge = AlphaConfig { quality: 1e6, size: 1e6, entropy: 1e6, min_quality: 1e-300 };
-        let a = compute_alphas(&huge, &[("a".to_string(), sig(1, Some(1.0))), ("b".to_string(), sig(1000, Some(0.001)))]).unwrap();
+        let a =
+            compute_alphas(&huge, &[("a".to_string(), sig(1, Some(1.0))), ("b".to_string(), sig(1000, Some(0.001)))])
+                .unwrap();
         assert!((a.values().map(|p| p.alpha).sum::<f64>() - 1.0).abs() < 1e-12);
     }
 
@@ -310,7 +311,7 @@ mod tests {
 
     // serde_json is not a dependency: check `serde(default)` through a tiny hand-made deserializer.
     fn serde_json_like() -> AlphaConfig {
-        use serde::de::value::{MapDeserializer, Error as DeError};
+        use serde::de::value::{Error as DeError, MapDeserializer};
         let map = MapDeserializer::<_, DeError>::new(vec![("size", 0.0f64)].into_iter());
         AlphaConfig::deserialize(map).unwrap()
     }

@@ -101,7 +101,9 @@ impl OrthoMemory {
         for (name, d) in delta.iter_mut() {
             let before = dot(d, d)?;
             if !before.is_finite() {
-                return Err(Error::msg(format!("parameter `{name}` of the update: expected finite values, found norm² {before}")));
+                return Err(Error::msg(format!(
+                    "parameter `{name}` of the update: expected finite values, found norm² {before}"
+                )));
             }
             total += before;
             let Some(basis) = self.basis.get(name) else { continue };
@@ -201,7 +203,10 @@ impl OrthoMemory {
                 )));
             };
             if t.rank() != 1 {
-                return Err(Error::msg(format!("orthogonal memory: `{key}`: expected a 1-D vector, found shape {:?}", t.dims())));
+                return Err(Error::msg(format!(
+                    "orthogonal memory: `{key}`: expected a 1-D vector, found shape {:?}",
+                    t.dims()
+                )));
             }
             check_finite(&key, &t, "the orthogonal memory")?;
             by_param.entry(name.to_string()).or_default().insert(k, t.to_dtype(DType::F32)?);
@@ -376,7 +381,9 @@ mod tests {
         mem.remember(&map(&[("a.weight", &[1.0, 2.0, 3.0]), ("b", &[1.0])])).unwrap();
         mem.remember(&map(&[("a.weight", &[0.0, 1.0, -1.0])])).unwrap();
         let ts = mem.to_tensors();
-        assert!(ts.contains_key("ortho.0.a.weight") && ts.contains_key("ortho.1.a.weight") && ts.contains_key("ortho.0.b"));
+        assert!(
+            ts.contains_key("ortho.0.a.weight") && ts.contains_key("ortho.1.a.weight") && ts.contains_key("ortho.0.b")
+        );
         let back = OrthoMemory::from_tensors(3, ts.clone()).unwrap();
         assert_eq!(back.len(), mem.len());
         assert!(maps_close(&back.to_tensors(), &ts, 0.0));
@@ -386,10 +393,11 @@ mod tests {
         assert!(maps_close(&p1, &p2, 0.0));
         // Fewer slots keep the newest.
         let small = OrthoMemory::from_tensors(1, ts.clone()).unwrap();
-        assert!(maps_close(&small.to_tensors()
-            .into_iter()
-            .filter(|(k, _)| k.ends_with("a.weight"))
-            .collect(), &[("ortho.0.a.weight".to_string(), ts["ortho.1.a.weight"].clone())].into_iter().collect(), 0.0));
+        assert!(maps_close(
+            &small.to_tensors().into_iter().filter(|(k, _)| k.ends_with("a.weight")).collect(),
+            &[("ortho.0.a.weight".to_string(), ts["ortho.1.a.weight"].clone())].into_iter().collect(),
+            0.0
+        ));
         // Malformed checkpoints are errors.
         let bad = |k: &str, x: &[f32]| OrthoMemory::from_tensors(3, map(&[(k, x)])).is_err();
         assert!(bad("ortho.x.p", &[1.0]));

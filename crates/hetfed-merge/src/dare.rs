@@ -32,10 +32,8 @@ pub fn dare(delta: &TensorMap, drop: f64, seed: u64) -> Result<TensorMap> {
     for (name, t) in delta {
         let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, fnv1a(name)));
         let x = to_f32_vec(t)?;
-        let y: Vec<f32> = x
-            .iter()
-            .map(|v| if rng.random::<f64>() < drop { 0.0 } else { (f64::from(*v) * scale) as f32 })
-            .collect();
+        let y: Vec<f32> =
+            x.iter().map(|v| if rng.random::<f64>() < drop { 0.0 } else { (f64::from(*v) * scale) as f32 }).collect();
         out.insert(name.clone(), from_f32_vec(y, t)?);
     }
     Ok(out)

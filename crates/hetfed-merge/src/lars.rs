@@ -36,7 +36,9 @@ pub fn trust_ratio(global: &TensorMap, delta: &mut TensorMap, c: f64) -> Result<
         check_shape(name, w, &delta[name], "the update")?;
         let n = norm(w)?;
         if !n.is_finite() {
-            return Err(Error::msg(format!("parameter `{name}` of the global model: expected finite values, found norm {n}")));
+            return Err(Error::msg(format!(
+                "parameter `{name}` of the global model: expected finite values, found norm {n}"
+            )));
         }
         w_norms.insert(name.clone(), n);
     }
@@ -56,7 +58,9 @@ pub fn trust_ratio(global: &TensorMap, delta: &mut TensorMap, c: f64) -> Result<
     for (name, d) in delta.iter_mut() {
         let d_norm = norm(d)?;
         if !d_norm.is_finite() {
-            return Err(Error::msg(format!("parameter `{name}` of the update: expected finite values, found norm {d_norm}")));
+            return Err(Error::msg(format!(
+                "parameter `{name}` of the update: expected finite values, found norm {d_norm}"
+            )));
         }
         let w_norm = w_norms[name];
         let reference = if w_norm > 0.0 { w_norm } else { rms_all * (d.elem_count() as f64).sqrt() };

@@ -86,9 +86,7 @@ pub(crate) fn check_finite_map(map: &TensorMap, what: &str) -> Result<()> {
 pub(crate) fn check_finite(name: &str, t: &Tensor, what: &str) -> Result<()> {
     let s = t.flatten_all()?.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?;
     if !s.is_finite() {
-        return Err(Error::msg(format!(
-            "parameter `{name}` of {what}: expected finite values, found NaN or infinity"
-        )));
+        return Err(Error::msg(format!("parameter `{name}` of {what}: expected finite values, found NaN or infinity")));
     }
     Ok(())
 }
@@ -131,6 +129,8 @@ pub(crate) mod testutil {
 
     pub fn maps_close(a: &TensorMap, b: &TensorMap, tol: f32) -> bool {
         a.len() == b.len()
-            && a.iter().zip(b).all(|((ka, ta), (kb, tb))| ka == kb && ta.dims() == tb.dims() && close(&v(ta), &v(tb), tol))
+            && a.iter()
+                .zip(b)
+                .all(|((ka, ta), (kb, tb))| ka == kb && ta.dims() == tb.dims() && close(&v(ta), &v(tb), tol))
     }
 }

@@ -45,11 +45,8 @@ pub fn ties_merge(deltas: &[(f64, &TensorMap)], top_k: f64) -> Result<TensorMap>
 
     let mut out = TensorMap::new();
     for name in names {
-        let present: Vec<(usize, f64, &candle_core::Tensor)> = deltas
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (w, m))| m.get(name).map(|t| (i, *w, t)))
-            .collect();
+        let present: Vec<(usize, f64, &candle_core::Tensor)> =
+            deltas.iter().enumerate().filter_map(|(i, (w, m))| m.get(name).map(|t| (i, *w, t))).collect();
         let like = present[0].2;
         for (i, _, t) in &present[1..] {
             check_shape(name, like, t, &format!("delta {i}"))?;
@@ -78,11 +75,8 @@ pub fn ties_merge(deltas: &[(f64, &TensorMap)], top_k: f64) -> Result<TensorMap>
                 }
             }
         }
-        let sign: Vec<f64> = sum
-            .iter()
-            .zip(&abs_sum)
-            .map(|(s, a)| if s.abs() <= 1e-9 * a { 0.0 } else { s.signum() })
-            .collect();
+        let sign: Vec<f64> =
+            sum.iter().zip(&abs_sum).map(|(s, a)| if s.abs() <= 1e-9 * a { 0.0 } else { s.signum() }).collect();
         drop(sum);
         drop(abs_sum);
 
@@ -98,8 +92,7 @@ pub fn ties_merge(deltas: &[(f64, &TensorMap)], top_k: f64) -> Result<TensorMap>
                 }
             }
         }
-        let merged: Vec<f32> =
-            num.iter().zip(&den).map(|(a, b)| if *b > 0.0 { (a / b) as f32 } else { 0.0 }).collect();
+        let merged: Vec<f32> = num.iter().zip(&den).map(|(a, b)| if *b > 0.0 { (a / b) as f32 } else { 0.0 }).collect();
         out.insert(name.clone(), from_f32_vec(merged, like)?);
     }
     Ok(out)
@@ -125,13 +118,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn delta_map(n: usize) -> impl Strategy<Value = TensorMap> {
-        (proptest::collection::vec(-1.0f32..1.0, n), proptest::collection::vec(-1.0f32..1.0, 2 * n))
-            .prop_map(|(a, b)| {
+        (proptest::collection::vec(-1.0f32..1.0, n), proptest::collection::vec(-1.0f32..1.0, 2 * n)).prop_map(
+            |(a, b)| {
                 let mut m = TensorMap::new();
                 m.insert("a".into(), t(&a, &[a.len()]));
                 m.insert("b".into(), t(&b, &[2, b.len() / 2]));
                 m
-            })
+            },
+        )
     }
 
     proptest! {

@@ -121,11 +121,7 @@ fn compute_bleu(
 ) -> BleuScore {
     let mut bp = 1.0;
     if sys_len < ref_len {
-        bp = if sys_len > 0 {
-            (1.0 - ref_len as f64 / sys_len as f64).exp()
-        } else {
-            0.0
-        };
+        bp = if sys_len > 0 { (1.0 - ref_len as f64 / sys_len as f64).exp() } else { 0.0 };
     }
     let mut precisions = [0.0; MAX_NGRAM_ORDER];
     let mut score = 0.0;
@@ -143,21 +139,10 @@ fn compute_bleu(
             };
         }
         // sacrebleu's `my_log` floors log(0) at -9999999999.
-        let log_sum: f64 = precisions
-            .iter()
-            .map(|&p| if p == 0.0 { -9_999_999_999.0 } else { p.ln() })
-            .sum();
+        let log_sum: f64 = precisions.iter().map(|&p| if p == 0.0 { -9_999_999_999.0 } else { p.ln() }).sum();
         score = bp * (log_sum / MAX_NGRAM_ORDER as f64).exp();
     }
-    BleuScore {
-        score,
-        counts,
-        totals,
-        precisions,
-        bp,
-        sys_len,
-        ref_len,
-    }
+    BleuScore { score, counts, totals, precisions, bp, sys_len, ref_len }
 }
 
 /// sacrebleu's `Tokenizer13a` (mteval-v13a): drops `<skipped>`, joins `-\n` line breaks, turns
@@ -165,23 +150,13 @@ fn compute_bleu(
 /// `'`, `,`, `.` and `-`, splits `.` and `,` unless next to a digit on the relevant side, splits
 /// `-` after a digit, and joins the tokens with single spaces.
 pub fn tokenize_13a(line: &str) -> String {
-    let mut line = line
-        .replace("<skipped>", "")
-        .replace("-\n", "")
-        .replace('\n', " ");
+    let mut line = line.replace("<skipped>", "").replace("-\n", "").replace('\n', " ");
     if line.contains('&') {
-        line = line
-            .replace("&quot;", "\"")
-            .replace("&amp;", "&")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">");
+        line = line.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
     }
     // ([\{-\~\[-\` -\&\(-\+\:-\@\/]) -> " \1 "
     let mut s = String::with_capacity(line.len() * 2 + 2);
-    for c in std::iter::once(' ')
-        .chain(line.chars())
-        .chain(std::iter::once(' '))
-    {
+    for c in std::iter::once(' ').chain(line.chars()).chain(std::iter::once(' ')) {
         if matches!(c, '{'..='~' | '['..='`' | ' '..='&' | '('..='+' | ':'..='@' | '/') {
             s.push(' ');
             s.push(c);
@@ -302,22 +277,9 @@ mod tests {
     #[test]
     fn unequal_counts_are_an_error() {
         let err = corpus_bleu(&["a", "b", "c"], &[vec!["a", "b"]]).unwrap_err();
-        assert!(matches!(
-            err,
-            Error::LengthMismatch {
-                expected: 3,
-                found: 2,
-                ..
-            }
-        ));
-        assert_eq!(
-            err.to_string(),
-            "expected 3 references in stream 0 (one per hypothesis), found 2"
-        );
+        assert!(matches!(err, Error::LengthMismatch { expected: 3, found: 2, .. }));
+        assert_eq!(err.to_string(), "expected 3 references in stream 0 (one per hypothesis), found 2");
         let err = corpus_bleu(&["a"], &[vec!["a"], vec!["a", "b"]]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "expected 1 references in stream 1 (one per hypothesis), found 2"
-        );
+        assert_eq!(err.to_string(), "expected 1 references in stream 1 (one per hypothesis), found 2");
     }
 }

@@ -76,11 +76,7 @@ impl<'t> Units<'t> {
     fn new(text: &'t str, word_order: usize) -> Self {
         Units {
             chars: text.chars().filter(|&c| !is_py_space(c)).collect(),
-            words: if word_order > 0 {
-                split_punctuation(text)
-            } else {
-                Vec::new()
-            },
+            words: if word_order > 0 { split_punctuation(text) } else { Vec::new() },
         }
     }
 
@@ -134,11 +130,7 @@ fn order_statistics<K: Eq + Hash>(hyp: &HashMap<K, u64>, reference: &HashMap<K, 
         }
     }
     let ref_count = reference.values().sum();
-    [
-        if reference.is_empty() { 0 } else { hyp_count },
-        ref_count,
-        matched,
-    ]
+    [if reference.is_empty() { 0 } else { hyp_count }, ref_count, matched]
 }
 
 /// sacrebleu's `CHRF._compute_f_score` with `eps_smoothing=False`, 0–100.
@@ -213,14 +205,8 @@ mod tests {
     #[test]
     fn unequal_counts_and_zero_order_are_errors() {
         let err = corpus_chrf(&["a"], &[vec!["a", "b"]], 6, 0, 2).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "expected 1 references in stream 0 (one per hypothesis), found 2"
-        );
+        assert_eq!(err.to_string(), "expected 1 references in stream 0 (one per hypothesis), found 2");
         let err = corpus_chrf(&["a"], &[vec!["a"]], 0, 0, 2).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "char_order + word_order: expected at least 1, found 0"
-        );
+        assert_eq!(err.to_string(), "char_order + word_order: expected at least 1, found 0");
     }
 }

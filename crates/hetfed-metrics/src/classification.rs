@@ -8,9 +8,7 @@ use crate::{Error, Result};
 
 fn check_pairs<L>(gold: &[L], pred: &[L]) -> Result<()> {
     if gold.is_empty() {
-        return Err(Error::Empty {
-            what: "gold label".into(),
-        });
+        return Err(Error::Empty { what: "gold label".into() });
     }
     if pred.len() != gold.len() {
         return Err(Error::LengthMismatch {
@@ -47,11 +45,7 @@ pub fn macro_f1<L: Eq + Hash>(gold: &[L], pred: &[L]) -> Result<f64> {
             counts.len() - 1
         })
     };
-    let pairs: Vec<(usize, usize)> = gold
-        .iter()
-        .zip(pred)
-        .map(|(g, p)| (slot(g), slot(p)))
-        .collect();
+    let pairs: Vec<(usize, usize)> = gold.iter().zip(pred).map(|(g, p)| (slot(g), slot(p))).collect();
     for (g, p) in pairs {
         if g == p {
             counts[g][0] += 1;
@@ -80,11 +74,7 @@ pub fn macro_f1<L: Eq + Hash>(gold: &[L], pred: &[L]) -> Result<f64> {
 /// Errors if `n_tokens` is 0 or `sum_nll` is negative or not finite.
 pub fn perplexity(sum_nll: f64, n_tokens: u64) -> Result<f64> {
     if n_tokens == 0 {
-        return Err(Error::InvalidArgument {
-            name: "n_tokens",
-            expected: "at least 1 token",
-            found: "0".into(),
-        });
+        return Err(Error::InvalidArgument { name: "n_tokens", expected: "at least 1 token", found: "0".into() });
     }
     if !sum_nll.is_finite() || sum_nll < 0.0 {
         return Err(Error::InvalidArgument {
@@ -117,14 +107,8 @@ mod tests {
             accuracy(&[1, 2], &[1]).unwrap_err().to_string(),
             "expected 2 predictions (one per gold label), found 1"
         );
-        assert_eq!(
-            macro_f1::<u8>(&[], &[]).unwrap_err().to_string(),
-            "expected at least one gold label, found none"
-        );
-        assert_eq!(
-            perplexity(1.0, 0).unwrap_err().to_string(),
-            "n_tokens: expected at least 1 token, found 0"
-        );
+        assert_eq!(macro_f1::<u8>(&[], &[]).unwrap_err().to_string(), "expected at least one gold label, found none");
+        assert_eq!(perplexity(1.0, 0).unwrap_err().to_string(), "n_tokens: expected at least 1 token, found 0");
         assert_eq!(
             perplexity(f64::NAN, 3).unwrap_err().to_string(),
             "sum_nll: expected a finite, non-negative sum of negative log-likelihoods, found NaN"

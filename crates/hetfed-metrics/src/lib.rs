@@ -66,14 +66,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// has one reference per hypothesis.
 pub(crate) fn check_streams<H, R>(hyps: &[H], refs: &[Vec<R>]) -> Result<()> {
     if hyps.is_empty() {
-        return Err(Error::Empty {
-            what: "hypothesis".into(),
-        });
+        return Err(Error::Empty { what: "hypothesis".into() });
     }
     if refs.is_empty() {
-        return Err(Error::Empty {
-            what: "reference stream".into(),
-        });
+        return Err(Error::Empty { what: "reference stream".into() });
     }
     for (k, stream) in refs.iter().enumerate() {
         if stream.len() != hyps.len() {
@@ -118,10 +114,7 @@ mod tests {
     fn python_split_matches_str_split() {
         let s = " a\u{1f}b\u{a0}c\u{200b}d\u{3000}\te\u{2028}\u{85}f  ";
         // U+200B (zero width space) is not white space for Python.
-        assert_eq!(
-            py_split(s).collect::<Vec<_>>(),
-            ["a", "b", "c\u{200b}d", "e", "f"]
-        );
+        assert_eq!(py_split(s).collect::<Vec<_>>(), ["a", "b", "c\u{200b}d", "e", "f"]);
         assert_eq!(py_split("").count(), 0);
     }
 
@@ -129,10 +122,7 @@ mod tests {
     fn stream_checks_name_what_is_wrong() {
         let hyps = ["a".to_string(), "b".to_string()];
         let err = check_streams(&hyps, &[vec!["x"; 2], vec!["y"; 1]]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "expected 2 references in stream 1 (one per hypothesis), found 1"
-        );
+        assert_eq!(err.to_string(), "expected 2 references in stream 1 (one per hypothesis), found 1");
         let none: [Vec<&str>; 0] = [];
         assert_eq!(
             check_streams(&hyps, &none).unwrap_err().to_string(),
@@ -140,9 +130,7 @@ mod tests {
         );
         let no_hyps: [&str; 0] = [];
         assert_eq!(
-            check_streams(&no_hyps, &[Vec::<&str>::new()])
-                .unwrap_err()
-                .to_string(),
+            check_streams(&no_hyps, &[Vec::<&str>::new()]).unwrap_err().to_string(),
             "expected at least one hypothesis, found none"
         );
     }

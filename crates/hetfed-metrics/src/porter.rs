@@ -88,10 +88,7 @@ fn consonant_flags(w: &[char]) -> Vec<bool> {
 
 /// `m` in `[C](VC){m}[V]`: the number of vowel-to-consonant transitions.
 fn measure(stem: &[char]) -> usize {
-    consonant_flags(stem)
-        .windows(2)
-        .filter(|p| !p[0] && p[1])
-        .count()
+    consonant_flags(stem).windows(2).filter(|p| !p[0] && p[1]).count()
 }
 
 fn contains_vowel(stem: &[char]) -> bool {
@@ -138,11 +135,7 @@ fn apply_rules(w: Vec<char>, rules: &[(&str, &str, Option<Condition>)]) -> Vec<c
     for &(suffix, replacement, condition) in rules {
         if ends_with(&w, suffix) {
             let stem = strip(&w, suffix);
-            return if condition.is_none_or(|c| c(&stem)) {
-                with(stem, replacement)
-            } else {
-                w
-            };
+            return if condition.is_none_or(|c| c(&stem)) { with(stem, replacement) } else { w };
         }
     }
     w
@@ -152,15 +145,7 @@ fn step1a(w: Vec<char>) -> Vec<char> {
     if ends_with(&w, "ies") && w.len() == 4 {
         return with(strip(&w, "ies"), "ie");
     }
-    apply_rules(
-        w,
-        &[
-            ("sses", "ss", None),
-            ("ies", "i", None),
-            ("ss", "ss", None),
-            ("s", "", None),
-        ],
-    )
+    apply_rules(w, &[("sses", "ss", None), ("ies", "i", None), ("ss", "ss", None), ("s", "", None)])
 }
 
 fn step1b(w: Vec<char>) -> Vec<char> {
@@ -170,11 +155,7 @@ fn step1b(w: Vec<char>) -> Vec<char> {
     }
     if ends_with(&w, "eed") {
         let stem = strip(&w, "eed");
-        return if measure(&stem) > 0 {
-            with(stem, "ee")
-        } else {
-            w
-        };
+        return if measure(&stem) > 0 { with(stem, "ee") } else { w };
     }
     let mut intermediate = None;
     for suffix in ["ed", "ing"] {
@@ -197,11 +178,7 @@ fn step1b(w: Vec<char>) -> Vec<char> {
     if ends_double_consonant(&stem) {
         // `*d and not (*L or *S or *Z)` -> single letter; otherwise unchanged.
         let last = stem[stem.len() - 1];
-        return if matches!(last, 'l' | 's' | 'z') {
-            stem
-        } else {
-            stem[..stem.len() - 1].to_vec()
-        };
+        return if matches!(last, 'l' | 's' | 'z') { stem } else { stem[..stem.len() - 1].to_vec() };
     }
     if measure(&stem) == 1 && ends_cvc(&stem) {
         return with(stem, "e");
@@ -266,8 +243,7 @@ fn step3(w: Vec<char>) -> Vec<char> {
 
 fn step4(w: Vec<char>) -> Vec<char> {
     let m: Condition = &|stem: &[char]| measure(stem) > 1;
-    let ion: Condition =
-        &|stem: &[char]| measure(stem) > 1 && matches!(stem.last(), Some('s' | 't'));
+    let ion: Condition = &|stem: &[char]| measure(stem) > 1 && matches!(stem.last(), Some('s' | 't'));
     apply_rules(
         w,
         &[
@@ -326,18 +302,9 @@ mod tests {
             }
         }
         let m = |s: &str| measure(&s.chars().collect::<Vec<_>>());
-        assert_eq!(
-            (m("tr"), m("ee"), m("tree"), m("y"), m("by")),
-            (0, 0, 0, 0, 0)
-        );
-        assert_eq!(
-            (m("trouble"), m("oats"), m("trees"), m("ivy")),
-            (1, 1, 1, 1)
-        );
-        assert_eq!(
-            (m("troubles"), m("private"), m("oaten"), m("orrery")),
-            (2, 2, 2, 2)
-        );
+        assert_eq!((m("tr"), m("ee"), m("tree"), m("y"), m("by")), (0, 0, 0, 0, 0));
+        assert_eq!((m("trouble"), m("oats"), m("trees"), m("ivy")), (1, 1, 1, 1));
+        assert_eq!((m("troubles"), m("private"), m("oaten"), m("orrery")), (2, 2, 2, 2));
     }
 
     #[test]

@@ -40,16 +40,8 @@ impl Score {
     fn new(hits: usize, hyp_count: usize, ref_count: usize) -> Self {
         let precision = hits as f64 / hyp_count.max(1) as f64;
         let recall = hits as f64 / ref_count.max(1) as f64;
-        let fmeasure = if precision + recall > 0.0 {
-            2.0 * precision * recall / (precision + recall)
-        } else {
-            0.0
-        };
-        Score {
-            precision,
-            recall,
-            fmeasure,
-        }
+        let fmeasure = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+        Score { precision, recall, fmeasure }
     }
 }
 
@@ -93,11 +85,7 @@ impl Rouge {
     /// Its tokenizer keeps only `[a-z0-9]` after lowercasing: use [`Rouge::multilingual`] for
     /// text outside the Latin alphabet.
     pub fn new(use_stemmer: bool) -> Self {
-        Rouge {
-            tokenizer: Tokenizer::Default {
-                stemmer: use_stemmer,
-            },
-        }
+        Rouge { tokenizer: Tokenizer::Default { stemmer: use_stemmer } }
     }
 
     /// XL-Sum's multilingual ROUGE, `RougeScorer([...], lang=lang, use_stemmer=False)`, for
@@ -107,22 +95,10 @@ impl Rouge {
     /// `"chinese_simplified"`, `"chinese_traditional"`, `"japanese"`, `"thai"`, `"burmese"`).
     /// Every other name gets the same tokenizer, as in the reference.
     pub fn multilingual(lang: &str) -> Result<Self> {
-        if matches!(
-            lang,
-            "chinese"
-                | "chinese_simplified"
-                | "chinese_traditional"
-                | "japanese"
-                | "thai"
-                | "burmese"
-        ) {
+        if matches!(lang, "chinese" | "chinese_simplified" | "chinese_traditional" | "japanese" | "thai" | "burmese") {
             return Err(Error::UnsupportedLanguage(lang.to_string()));
         }
-        Ok(Rouge {
-            tokenizer: Tokenizer::Multilingual {
-                lang: lang.to_string(),
-            },
-        })
+        Ok(Rouge { tokenizer: Tokenizer::Multilingual { lang: lang.to_string() } })
     }
 
     /// The tokens this scorer compares (stemmed if it stems).
@@ -144,15 +120,9 @@ impl Rouge {
     /// with the highest F1, the first on a tie (rouge-score's `score_multi`).
     ///
     /// Errors if `references` is empty.
-    pub fn score_multi<R: AsRef<str>>(
-        &self,
-        references: &[R],
-        hypothesis: &str,
-    ) -> Result<RougeScores> {
+    pub fn score_multi<R: AsRef<str>>(&self, references: &[R], hypothesis: &str) -> Result<RougeScores> {
         if references.is_empty() {
-            return Err(Error::Empty {
-                what: "reference".into(),
-            });
+            return Err(Error::Empty { what: "reference".into() });
         }
         let h = self.tokenize(hypothesis);
         let mut best: Option<RougeScores> = None;
@@ -175,11 +145,7 @@ impl Rouge {
     ///
     /// Errors if there is no hypothesis or no stream, or if a stream does not hold exactly one
     /// reference per hypothesis.
-    pub fn corpus<H: AsRef<str>, R: AsRef<str>>(
-        &self,
-        hyps: &[H],
-        refs: &[Vec<R>],
-    ) -> Result<RougeF1> {
+    pub fn corpus<H: AsRef<str>, R: AsRef<str>>(&self, hyps: &[H], refs: &[Vec<R>]) -> Result<RougeF1> {
         check_streams(hyps, refs)?;
         let per_example = hyps.iter().enumerate().map(|(i, h)| {
             let references: Vec<&str> = refs.iter().map(|s| s[i].as_ref()).collect();
@@ -193,15 +159,9 @@ impl Rouge {
     ///
     /// Errors if there is no hypothesis, if `refs` does not have one list per hypothesis, or if a
     /// list is empty.
-    pub fn corpus_per_example<H: AsRef<str>, R: AsRef<str>>(
-        &self,
-        hyps: &[H],
-        refs: &[Vec<R>],
-    ) -> Result<RougeF1> {
+    pub fn corpus_per_example<H: AsRef<str>, R: AsRef<str>>(&self, hyps: &[H], refs: &[Vec<R>]) -> Result<RougeF1> {
         if hyps.is_empty() {
-            return Err(Error::Empty {
-                what: "hypothesis".into(),
-            });
+            return Err(Error::Empty { what: "hypothesis".into() });
         }
         if refs.len() != hyps.len() {
             return Err(Error::LengthMismatch {
@@ -212,9 +172,7 @@ impl Rouge {
         }
         let per_example = hyps.iter().zip(refs).enumerate().map(|(i, (h, r))| {
             if r.is_empty() {
-                return Err(Error::Empty {
-                    what: format!("reference for hypothesis {i}"),
-                });
+                return Err(Error::Empty { what: format!("reference for hypothesis {i}") });
             }
             self.score_multi(r, h.as_ref())
         });
@@ -240,11 +198,7 @@ fn mean_f1(per_example: impl Iterator<Item = Result<RougeScores>>, n: usize) -> 
         sum.rouge_l += s.rouge_l.fmeasure;
     }
     let n = n as f64;
-    Ok(RougeF1 {
-        rouge1: 100.0 * sum.rouge1 / n,
-        rouge2: 100.0 * sum.rouge2 / n,
-        rouge_l: 100.0 * sum.rouge_l / n,
-    })
+    Ok(RougeF1 { rouge1: 100.0 * sum.rouge1 / n, rouge2: 100.0 * sum.rouge2 / n, rouge_l: 100.0 * sum.rouge_l / n })
 }
 
 fn score_tokens(reference: &[String], hypothesis: &[String]) -> RougeScores {
@@ -268,10 +222,7 @@ fn ngram_counts(tokens: &[String], n: usize) -> HashMap<&[String], usize> {
 fn score_ngrams(reference: &[String], hypothesis: &[String], n: usize) -> Score {
     let r = ngram_counts(reference, n);
     let h = ngram_counts(hypothesis, n);
-    let hits = r
-        .iter()
-        .map(|(g, &c)| c.min(h.get(g).copied().unwrap_or(0)))
-        .sum();
+    let hits = r.iter().map(|(g, &c)| c.min(h.get(g).copied().unwrap_or(0))).sum();
     Score::new(hits, h.values().sum(), r.values().sum())
 }
 
@@ -283,11 +234,7 @@ fn score_lcs(reference: &[String], hypothesis: &[String]) -> Score {
     let mut cur = vec![0usize; hypothesis.len() + 1];
     for r in reference {
         for (j, h) in hypothesis.iter().enumerate() {
-            cur[j + 1] = if r == h {
-                prev[j] + 1
-            } else {
-                prev[j + 1].max(cur[j])
-            };
+            cur[j + 1] = if r == h { prev[j] + 1 } else { prev[j + 1].max(cur[j]) };
         }
         std::mem::swap(&mut prev, &mut cur);
     }
@@ -300,18 +247,8 @@ fn tokenize_default(text: &str, stemmer: bool) -> Vec<String> {
     lower
         .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit()))
         .filter(|t| !t.is_empty())
-        .map(|t| {
-            if stemmer && t.len() > 3 {
-                porter::stem(t)
-            } else {
-                t.to_string()
-            }
-        })
-        .filter(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        })
+        .map(|t| if stemmer && t.len() > 3 { porter::stem(t) } else { t.to_string() })
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
         .collect()
 }
 
@@ -361,10 +298,7 @@ fn tokenize_multilingual(text: &str) -> Vec<String> {
             }
         }
     }
-    onmt_aggressive(&joined)
-        .iter()
-        .flat_map(|t| split_cjk(t))
-        .collect()
+    onmt_aggressive(&joined).iter().flat_map(|t| split_cjk(t)).collect()
 }
 
 /// pyonmttok's `Tokenizer("aggressive")` with its default options on text whose words are
@@ -510,29 +444,17 @@ mod tests {
     #[test]
     fn default_tokenizer() {
         let r = Rouge::new(false);
-        assert_eq!(
-            r.tokenize("The U.S.-led talks, 2x!"),
-            ["the", "u", "s", "led", "talks", "2x"]
-        );
+        assert_eq!(r.tokenize("The U.S.-led talks, 2x!"), ["the", "u", "s", "led", "talks", "2x"]);
         assert_eq!(r.tokenize("हिंदी text"), ["text"]);
-        assert_eq!(
-            Rouge::new(true).tokenize("Running runs ran"),
-            ["run", "run", "ran"]
-        );
+        assert_eq!(Rouge::new(true).tokenize("Running runs ran"), ["run", "run", "ran"]);
     }
 
     #[test]
     fn multilingual_tokenizer_keeps_indic_words_whole() {
         let r = Rouge::multilingual("hindi").unwrap();
-        assert_eq!(
-            r.tokenize("क्षेत्र में १२३ लोग, 45abc।"),
-            ["क्षेत्र", "में", "१२३", "लोग", "45", "abc"]
-        );
+        assert_eq!(r.tokenize("क्षेत्र में १२३ लोग, 45abc।"), ["क्षेत्र", "में", "१२३", "लोग", "45", "abc"]);
         assert_eq!(r.tokenize(""), Vec::<String>::new());
-        assert!(matches!(
-            Rouge::multilingual("japanese"),
-            Err(Error::UnsupportedLanguage(_))
-        ));
+        assert!(matches!(Rouge::multilingual("japanese"), Err(Error::UnsupportedLanguage(_))));
     }
 
     #[test]
@@ -550,9 +472,7 @@ mod tests {
     #[test]
     fn multi_reference_takes_best_per_type() {
         let r = Rouge::new(false);
-        let s = r
-            .score_multi(&["a b c d", "c d a b x"], "a b c d x")
-            .unwrap();
+        let s = r.score_multi(&["a b c d", "c d a b x"], "a b c d x").unwrap();
         // ROUGE-1 from the second reference (all five unigrams); ROUGE-2 from the first (3 of
         // the 4 hypothesis bigrams, all 3 of its own).
         assert_eq!(s.rouge1.fmeasure, 1.0);
@@ -565,25 +485,12 @@ mod tests {
     fn corpus_shapes_are_checked() {
         let r = Rouge::new(false);
         let err = r.corpus(&["a", "b"], &[vec!["a"]]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "expected 2 references in stream 0 (one per hypothesis), found 1"
-        );
+        assert_eq!(err.to_string(), "expected 2 references in stream 0 (one per hypothesis), found 1");
         let err = r.corpus_per_example(&["a", "b"], &[vec!["a"]]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "expected 2 reference lists (one per hypothesis), found 1"
-        );
-        let err = r
-            .corpus_per_example(&["a", "b"], &[vec!["a"], vec![]])
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "expected at least one reference for hypothesis 1, found none"
-        );
-        let f = r
-            .corpus_per_example(&["a b", ""], &[vec!["a b"], vec!["c"]])
-            .unwrap();
+        assert_eq!(err.to_string(), "expected 2 reference lists (one per hypothesis), found 1");
+        let err = r.corpus_per_example(&["a", "b"], &[vec!["a"], vec![]]).unwrap_err();
+        assert_eq!(err.to_string(), "expected at least one reference for hypothesis 1, found none");
+        let f = r.corpus_per_example(&["a b", ""], &[vec!["a b"], vec!["c"]]).unwrap();
         assert_eq!(f.rouge1, 50.0);
     }
 }

@@ -12,9 +12,7 @@ use serde::Deserialize;
 const TOL: f64 = 0.01;
 
 fn load<T: for<'de> Deserialize<'de>>(name: &str) -> T {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -28,21 +26,12 @@ struct MaxDiff {
 
 impl MaxDiff {
     fn new(what: &'static str) -> Self {
-        MaxDiff {
-            what,
-            max: 0.0,
-            at: String::new(),
-        }
+        MaxDiff { what, max: 0.0, at: String::new() }
     }
 
     fn check(&mut self, ours: f64, reference: f64, tol: f64, at: impl Fn() -> String) {
         let d = (ours - reference).abs();
-        assert!(
-            d <= tol,
-            "{} {}: ours {ours}, reference {reference} (difference {d} > {tol})",
-            self.what,
-            at()
-        );
+        assert!(d <= tol, "{} {}: ours {ours}, reference {reference} (difference {d} > {tol})", self.what, at());
         if d > self.max || self.at.is_empty() {
             self.max = self.max.max(d);
             self.at = at();
@@ -50,10 +39,7 @@ impl MaxDiff {
     }
 
     fn report(&self) {
-        eprintln!(
-            "{}: max |ours - reference| = {:e} ({})",
-            self.what, self.max, self.at
-        );
+        eprintln!("{}: max |ours - reference| = {:e} ({})", self.what, self.max, self.at);
     }
 }
 
@@ -94,17 +80,10 @@ fn bleu_matches_sacrebleu() {
         let want = &set.bleu;
         assert_eq!(ours.counts, want.counts, "{}: counts", set.name);
         assert_eq!(ours.totals, want.totals, "{}: totals", set.name);
-        assert_eq!(
-            (ours.sys_len, ours.ref_len),
-            (want.sys_len, want.ref_len),
-            "{}: lengths",
-            set.name
-        );
+        assert_eq!((ours.sys_len, ours.ref_len), (want.sys_len, want.ref_len), "{}: lengths", set.name);
         score.check(ours.score, want.score, TOL, || set.name.clone());
         for n in 0..4 {
-            prec.check(ours.precisions[n], want.precisions[n], TOL, || {
-                format!("{} order {}", set.name, n + 1)
-            });
+            prec.check(ours.precisions[n], want.precisions[n], TOL, || format!("{} order {}", set.name, n + 1));
         }
         bp.check(100.0 * ours.bp, 100.0 * want.bp, TOL, || set.name.clone());
     }
@@ -119,17 +98,10 @@ fn chrf_and_chrf_pp_match_sacrebleu() {
     let mut chrf_diff = MaxDiff::new("chrF");
     let mut chrf_pp_diff = MaxDiff::new("chrF++");
     for set in &file.sets {
-        let ours =
-            chrf::corpus_chrf(&set.hyps, &set.refs, chrf::CHAR_ORDER, 0, chrf::BETA).unwrap();
+        let ours = chrf::corpus_chrf(&set.hyps, &set.refs, chrf::CHAR_ORDER, 0, chrf::BETA).unwrap();
         chrf_diff.check(ours, set.chrf, TOL, || set.name.clone());
-        let ours = chrf::corpus_chrf(
-            &set.hyps,
-            &set.refs,
-            chrf::CHAR_ORDER,
-            chrf::CHRF_PP_WORD_ORDER,
-            chrf::BETA,
-        )
-        .unwrap();
+        let ours =
+            chrf::corpus_chrf(&set.hyps, &set.refs, chrf::CHAR_ORDER, chrf::CHRF_PP_WORD_ORDER, chrf::BETA).unwrap();
         chrf_pp_diff.check(ours, set.chrf_pp, TOL, || set.name.clone());
     }
     chrf_diff.report();
@@ -182,11 +154,7 @@ fn rouge_matches_rouge_score_and_multilingual_rouge() {
         let scorers = [
             ("default", Rouge::new(false), &set.default),
             ("default_stem", Rouge::new(true), &set.default_stem),
-            (
-                "multilingual",
-                Rouge::multilingual(&set.lang).unwrap(),
-                &set.multilingual,
-            ),
+            ("multilingual", Rouge::multilingual(&set.lang).unwrap(), &set.multilingual),
         ];
         let hyps: Vec<&str> = set.examples.iter().map(|e| e.hyp.as_str()).collect();
         let refs: Vec<Vec<String>> = set.examples.iter().map(|e| e.refs.clone()).collect();
@@ -207,29 +175,20 @@ fn rouge_matches_rouge_score_and_multilingual_rouge() {
                     (f.rouge2, want.mean.rouge2, "rouge2"),
                     (f.rouge_l, want.mean.rougeL, "rougeL"),
                 ] {
-                    mean_diff.check(ours, reference, TOL, || {
-                        format!("{} {kind} {how} {name}", set.name)
-                    });
+                    mean_diff.check(ours, reference, TOL, || format!("{} {kind} {how} {name}", set.name));
                 }
             };
-            check_mean(
-                scorer.corpus_per_example(&hyps, &refs).unwrap(),
-                "per-example refs",
-            );
+            check_mean(scorer.corpus_per_example(&hyps, &refs).unwrap(), "per-example refs");
             // With the same number of references everywhere, the stream layout gives the same.
             let n_refs = refs[0].len();
             if refs.iter().all(|r| r.len() == n_refs) {
-                let streams: Vec<Vec<&str>> = (0..n_refs)
-                    .map(|k| refs.iter().map(|r| r[k].as_str()).collect())
-                    .collect();
+                let streams: Vec<Vec<&str>> =
+                    (0..n_refs).map(|k| refs.iter().map(|r| r[k].as_str()).collect()).collect();
                 check_mean(scorer.corpus(&hyps, &streams).unwrap(), "streams");
             }
         }
     }
-    assert!(
-        scorers_seen >= 3 * 7,
-        "expected every fixture set, found {scorers_seen} scorer runs"
-    );
+    assert!(scorers_seen >= 3 * 7, "expected every fixture set, found {scorers_seen} scorer runs");
     example_diff.report();
     mean_diff.report();
 }
@@ -251,30 +210,14 @@ fn tokenizers_and_stemmer_match_exactly() {
     }
     let (plain, stem) = (Rouge::new(false), Rouge::new(true));
     for (input, want_plain, want_stem) in &t.rouge_default {
-        assert_eq!(
-            &plain.tokenize(input),
-            want_plain,
-            "rouge-score tokens of {input:?}"
-        );
-        assert_eq!(
-            &stem.tokenize(input),
-            want_stem,
-            "rouge-score stemmed tokens of {input:?}"
-        );
+        assert_eq!(&plain.tokenize(input), want_plain, "rouge-score tokens of {input:?}");
+        assert_eq!(&stem.tokenize(input), want_stem, "rouge-score stemmed tokens of {input:?}");
     }
     let ml = Rouge::multilingual("hindi").unwrap();
     for (input, want) in &t.multilingual {
-        assert_eq!(
-            &ml.tokenize(input),
-            want,
-            "multilingual tokens of {input:?}"
-        );
+        assert_eq!(&ml.tokenize(input), want, "multilingual tokens of {input:?}");
     }
-    assert!(
-        t.porter.len() > 1000,
-        "expected the full word list, found {}",
-        t.porter.len()
-    );
+    assert!(t.porter.len() > 1000, "expected the full word list, found {}", t.porter.len());
     for (word, want) in &t.porter {
         assert_eq!(&porter::stem(word), want, "Porter stem of {word:?}");
     }
@@ -299,18 +242,8 @@ fn classification_matches_scikit_learn() {
     let file: ClassificationFile = load("classification.json");
     for case in &file.cases {
         let acc = classification::accuracy(&case.gold, &case.pred).unwrap();
-        assert!(
-            (acc - case.accuracy).abs() < 1e-12,
-            "{}: accuracy {acc} vs {}",
-            case.name,
-            case.accuracy
-        );
+        assert!((acc - case.accuracy).abs() < 1e-12, "{}: accuracy {acc} vs {}", case.name, case.accuracy);
         let f1 = classification::macro_f1(&case.gold, &case.pred).unwrap();
-        assert!(
-            (f1 - case.macro_f1).abs() < 1e-12,
-            "{}: macro-F1 {f1} vs {}",
-            case.name,
-            case.macro_f1
-        );
+        assert!((f1 - case.macro_f1).abs() < 1e-12, "{}: macro-F1 {f1} vs {}", case.name, case.macro_f1);
     }
 }

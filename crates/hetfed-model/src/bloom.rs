@@ -38,10 +38,7 @@ fn default_eps() -> f64 {
 impl Config {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.n_head == 0 || !self.hidden_size.is_multiple_of(self.n_head) {
-            return Err(format!(
-                "hidden_size ({}) must be a multiple of n_head ({})",
-                self.hidden_size, self.n_head
-            ));
+            return Err(format!("hidden_size ({}) must be a multiple of n_head ({})", self.hidden_size, self.n_head));
         }
         if self.vocab_size == 0 || self.n_layer == 0 {
             return Err("vocab_size and n_layer must be positive".into());
@@ -143,13 +140,7 @@ impl Config {
 pub fn canonicalize(raw: TensorMap) -> TensorMap {
     raw.into_iter()
         .filter(|(k, _)| k != "lm_head.weight")
-        .map(|(k, t)| {
-            if k.starts_with("transformer.") {
-                (k, t)
-            } else {
-                (format!("transformer.{k}"), t)
-            }
-        })
+        .map(|(k, t)| if k.starts_with("transformer.") { (k, t) } else { (format!("transformer.{k}"), t) })
         .collect()
 }
 
@@ -174,11 +165,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn load(w: &Weights, name: &str, h: usize, eps: f64) -> hetfed_core::Result<Self> {
-        Ok(Self {
-            w: w.get(&format!("{name}.weight"), &[h])?,
-            b: w.get(&format!("{name}.bias"), &[h])?,
-            eps,
-        })
+        Ok(Self { w: w.get(&format!("{name}.weight"), &[h])?, b: w.get(&format!("{name}.bias"), &[h])?, eps })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.w, &self.b, self.eps)
@@ -193,7 +180,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, slopes: &[f32], lp: Option<&[usize]>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        slopes: &[f32],
+        lp: Option<&[usize]>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, hd) = (self.n_head, self.head_dim);
         // Fused layout per head: [.., n_head, 3, head_dim].
@@ -276,7 +269,13 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, slopes: &[f32], lp: Option<&[usize]>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        slopes: &[f32],
+        lp: Option<&[usize]>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
         let residual = if self.residual_post_ln { &ln } else { x };
         let attn = (self.self_attention.forward(&ln, slopes, lp, cache)? + residual)?;
@@ -306,9 +305,7 @@ impl Model {
         Ok(Self {
             word_embeddings,
             word_embeddings_layernorm: LayerNorm::load(w, "transformer.word_embeddings_layernorm", h, eps)?,
-            h: (0..cfg.n_layer)
-                .map(|i| Block::new(cfg, w, i, lora))
-                .collect::<hetfed_core::Result<_>>()?,
+            h: (0..cfg.n_layer).map(|i| Block::new(cfg, w, i, lora)).collect::<hetfed_core::Result<_>>()?,
             ln_f: LayerNorm::load(w, "transformer.ln_f", h, eps)?,
             slopes,
             cfg: cfg.clone(),
@@ -359,7 +356,12 @@ impl Model {
 }
 
 impl CausalLm for Model {
-    fn forward_padded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
+    fn forward_padded(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        left_pad: Option<&[usize]>,
+    ) -> Result<Tensor> {
         // ALiBi and the causal mask live in the fused attention softmax (ops::causal_softmax).
         let (b, t) = ids.dims2()?;
         let mut x = embed(&self.word_embeddings, ids)?;
@@ -385,7 +387,17 @@ mod tests {
 
     #[test]
     fn capture_reproduces_the_forward_pass() {
-        let cfg = Config { vocab_size: 50, hidden_size: 16, n_layer: 2, n_head: 4, layer_norm_epsilon: 1e-5, apply_residual_connection_post_layernorm: false, bos_token_id: None, eos_token_id: None, pad_token_id: None };
+        let cfg = Config {
+            vocab_size: 50,
+            hidden_size: 16,
+            n_layer: 2,
+            n_head: 4,
+            layer_norm_epsilon: 1e-5,
+            apply_residual_connection_post_layernorm: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        };
         let w = cfg.random_weights(3).unwrap();
         let m = Model::new(&cfg, &Weights { map: &w, source: "test" }, None).unwrap();
         let ids = Tensor::new(&[[1u32, 7, 3, 9, 2], [4, 4, 8, 0, 1]], &candle_core::Device::Cpu).unwrap();
@@ -400,7 +412,14 @@ mod tests {
         let diff = (logits - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Block 1 reads what block 0 wrote.
-        let d = (&acts[0].resid_out - &acts[1].resid_in).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&acts[0].resid_out - &acts[1].resid_in)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0);
     }
 

@@ -48,10 +48,8 @@ impl Arch {
     /// the raw JSON. Any bytes give `Ok` or an error naming the file, never a panic.
     pub fn from_config_bytes(bytes: &[u8], path: &Path) -> Result<(Self, Value)> {
         hetfed_core::guard::parse(path, "a model config (config.json)", || {
-            let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::Format {
-                path: path.to_owned(),
-                msg: format!("expected JSON: {e}"),
-            })?;
+            let v: Value = serde_json::from_slice(bytes)
+                .map_err(|e| Error::Format { path: path.to_owned(), msg: format!("expected JSON: {e}") })?;
             Ok((Self::from_config(&v, path)?, v))
         })
     }
@@ -63,7 +61,9 @@ impl Arch {
         const MAX_LAYERS: usize = 4096;
         const MAX_DIM: usize = 1 << 24;
         let (layers, dims): (usize, Vec<(&str, usize)>) = match self {
-            Arch::Bloom(c) => (c.n_layer, vec![("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size), ("n_head", c.n_head)]),
+            Arch::Bloom(c) => {
+                (c.n_layer, vec![("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size), ("n_head", c.n_head)])
+            }
             Arch::Llama(c) => (
                 c.num_hidden_layers,
                 vec![
@@ -121,7 +121,9 @@ impl Arch {
     pub fn default_lora_targets(&self) -> Vec<String> {
         match self {
             Arch::Bloom(_) => ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec(),
-            Arch::Llama(_) => ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
+            Arch::Llama(_) => {
+                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()
+            }
         }
     }
 
@@ -216,13 +218,7 @@ impl Checkpoint {
         let weights = validate_weights(&arch, arch.canonicalize(raw), dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(crate::tokenizer::load(&tok_path)?) } else { None };
-        Ok(Self {
-            dir: dir.to_owned(),
-            arch,
-            weights,
-            tokenizer,
-            config_json,
-        })
+        Ok(Self { dir: dir.to_owned(), arch, weights, tokenizer, config_json })
     }
 
     pub fn source(&self) -> String {
@@ -235,9 +231,9 @@ impl Checkpoint {
     }
 
     pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| {
-            Error::msg(format!("{}: expected a tokenizer.json, found none", self.dir.display()))
-        })
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::msg(format!("{}: expected a tokenizer.json, found none", self.dir.display())))
     }
 
     /// The tokenizer's identity: a SHA-256 of its vocabulary, merges and added tokens (not of
@@ -246,9 +242,15 @@ impl Checkpoint {
     /// distillation) needs.
     pub fn tokenizer_hash(&self) -> Result<String> {
         let tok = self.tokenizer()?;
-        let json: Value = serde_json::from_str(&tok.to_string(false).map_err(|e| Error::msg(format!("{}: serialising the tokenizer: {e}", self.dir.display())))?)
-            .map_err(|e| Error::msg(format!("{}: the tokenizer does not serialise to JSON: {e}", self.dir.display())))?;
-        let added: Vec<(Value, Value)> = json["added_tokens"].as_array().map(|v| v.iter().map(|t| (t["id"].clone(), t["content"].clone())).collect()).unwrap_or_default();
+        let json: Value = serde_json::from_str(
+            &tok.to_string(false)
+                .map_err(|e| Error::msg(format!("{}: serialising the tokenizer: {e}", self.dir.display())))?,
+        )
+        .map_err(|e| Error::msg(format!("{}: the tokenizer does not serialise to JSON: {e}", self.dir.display())))?;
+        let added: Vec<(Value, Value)> = json["added_tokens"]
+            .as_array()
+            .map(|v| v.iter().map(|t| (t["id"].clone(), t["content"].clone())).collect())
+            .unwrap_or_default();
         // serde_json's maps are ordered by key, so the vocabulary serialises canonically.
         let canonical = serde_json::json!({"type": json["model"]["type"], "vocab": json["model"]["vocab"], "merges": json["model"]["merges"], "added": added});
         Ok(hetfed_core::sha256_hex(canonical.to_string().as_bytes()))
@@ -288,10 +290,8 @@ fn load_weights(dir: &Path) -> Result<TensorMap> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let v: Value = serde_json::from_slice(&hetfed_core::read_file(&index)?).map_err(|e| Error::Format {
-            path: index.clone(),
-            msg: format!("expected JSON: {e}"),
-        })?;
+        let v: Value = serde_json::from_slice(&hetfed_core::read_file(&index)?)
+            .map_err(|e| Error::Format { path: index.clone(), msg: format!("expected JSON: {e}") })?;
         let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::Format {
             path: index.clone(),
             msg: "expected an object `weight_map`, found none".into(),

@@ -21,13 +21,7 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self {
-            max_new_tokens: 32,
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-        }
+        Self { max_new_tokens: 32, temperature: 0.0, top_k: None, top_p: None, seed: 0 }
     }
 }
 
@@ -71,7 +65,12 @@ pub fn generate_with(
 /// counted as positions), prefilled once, then one token per row per step through the KV cache.
 /// Greedy decoding gives exactly what [`generate`] gives for each prompt alone. A row stops after
 /// `eos`; the batch stops when every row has. Returns each row's new tokens.
-pub fn generate_batch(model: &dyn CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig, eos: Option<u32>) -> Result<Vec<Vec<u32>>> {
+pub fn generate_batch(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    eos: Option<u32>,
+) -> Result<Vec<Vec<u32>>> {
     if prompts.iter().any(Vec::is_empty) {
         candle_core::bail!("generation needs prompts of at least one token, found an empty one");
     }

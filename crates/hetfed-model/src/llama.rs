@@ -83,9 +83,7 @@ impl Config {
     }
 
     pub fn theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(10000.0)
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()).unwrap_or(10000.0)
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -151,7 +149,14 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, lp: Option<&[usize]>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        lp: Option<&[usize]>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
@@ -179,15 +184,13 @@ impl Model {
         cfg.validate().map_err(|m| hetfed_core::Error::msg(format!("{}: {m}", w.source)))?;
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
         let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            w.get("lm_head.weight", &[cfg.vocab_size, h])?
-        };
+        let lm_head =
+            if cfg.tie_word_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight", &[cfg.vocab_size, h])? };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let lin = |n: &str, o: usize, inp: usize, bias: bool| Linear::load(w, &format!("{p}.{n}"), o, inp, bias, lora);
+            let lin =
+                |n: &str, o: usize, inp: usize, bias: bool| Linear::load(w, &format!("{p}.{n}"), o, inp, bias, lora);
             layers.push(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
@@ -208,22 +211,19 @@ impl Model {
                 eps: cfg.rms_norm_eps,
             });
         }
-        let inv_freq = (0..hd / 2)
-            .map(|i| (1.0 / cfg.theta().powf((2 * i) as f64 / hd as f64)) as f32)
-            .collect();
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm: w.get("model.norm.weight", &[h])?,
-            lm_head,
-            inv_freq,
-            cfg: cfg.clone(),
-        })
+        let inv_freq = (0..hd / 2).map(|i| (1.0 / cfg.theta().powf((2 * i) as f64 / hd as f64)) as f32).collect();
+        Ok(Self { embed_tokens, layers, norm: w.get("model.norm.weight", &[h])?, lm_head, inv_freq, cfg: cfg.clone() })
     }
 
     /// cos/sin tables for positions `past..past+t`: `[t, head_dim]`, or `[b, 1, t, head_dim]`
     /// with each row's positions shifted back by its left padding.
-    fn rope_tables(&self, past: usize, t: usize, left_pad: Option<&[usize]>, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(
+        &self,
+        past: usize,
+        t: usize,
+        left_pad: Option<&[usize]>,
+        dev: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let rows: Vec<usize> = left_pad.map_or_else(|| vec![0], <[usize]>::to_vec);
         let mut cos = Vec::with_capacity(rows.len() * t * half * 2);
@@ -247,7 +247,12 @@ impl Model {
 }
 
 impl CausalLm for Model {
-    fn forward_padded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
+    fn forward_padded(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        left_pad: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
         let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
@@ -275,12 +280,15 @@ impl CausalLm for Model {
 
 /// Every parameter with its shape, in canonical names.
 pub fn param_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
-    let (h, hd, nh, nkv, i) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+    let (h, hd, nh, nkv, i) =
+        (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for (n, o, inp) in [("q_proj", nh * hd, h), ("k_proj", nkv * hd, h), ("v_proj", nkv * hd, h), ("o_proj", h, nh * hd)] {
+        for (n, o, inp) in
+            [("q_proj", nh * hd, h), ("k_proj", nkv * hd, h), ("v_proj", nkv * hd, h), ("o_proj", h, nh * hd)]
+        {
             out.push((format!("{p}.self_attn.{n}.weight"), vec![o, inp]));
             if cfg.attention_bias {
                 out.push((format!("{p}.self_attn.{n}.bias"), vec![o]));

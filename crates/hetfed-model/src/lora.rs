@@ -27,12 +27,7 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets: Vec::new(),
-        }
+        Self { rank: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new() }
     }
 }
 
@@ -43,9 +38,7 @@ impl LoraConfig {
 
     /// PEFT's rule: a target matches a module whose full name equals it or ends with `.target`.
     pub fn matches(&self, module: &str) -> bool {
-        self.targets
-            .iter()
-            .any(|t| module == t || module.ends_with(&format!(".{t}")))
+        self.targets.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -91,9 +84,7 @@ impl LoraSet {
                 continue;
             }
             let bound = 1.0 / (in_dim as f32).sqrt();
-            let a: Vec<f32> = (0..config.rank * in_dim)
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
+            let a: Vec<f32> = (0..config.rank * in_dim).map(|_| rng.random_range(-bound..bound)).collect();
             let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, in_dim), &Device::Cpu)?)?;
             let b = Var::zeros((out_dim, config.rank), DType::F32, &Device::Cpu)?;
             factors.insert(module, LoraFactors { a, b });
@@ -106,11 +97,7 @@ impl LoraSet {
                 names.join(", ")
             )));
         }
-        Ok(Self {
-            config: config.clone(),
-            factors,
-            rng: Arc::new(Mutex::new(None)),
-        })
+        Ok(Self { config: config.clone(), factors, rng: Arc::new(Mutex::new(None)) })
     }
 
     /// Adapters from saved factors (`<module>.lora_A` / `<module>.lora_B` tensors).
@@ -118,9 +105,9 @@ impl LoraSet {
         let mut factors = BTreeMap::new();
         for (name, a) in map {
             let Some(module) = name.strip_suffix(".lora_A") else { continue };
-            let b = map.get(&format!("{module}.lora_B")).ok_or_else(|| {
-                hetfed_core::Error::msg(format!("adapter has `{name}` but no `{module}.lora_B`"))
-            })?;
+            let b = map
+                .get(&format!("{module}.lora_B"))
+                .ok_or_else(|| hetfed_core::Error::msg(format!("adapter has `{name}` but no `{module}.lora_B`")))?;
             factors.insert(
                 module.to_string(),
                 LoraFactors {
@@ -129,11 +116,7 @@ impl LoraSet {
                 },
             );
         }
-        Ok(Self {
-            config: config.clone(),
-            factors,
-            rng: Arc::new(Mutex::new(None)),
-        })
+        Ok(Self { config: config.clone(), factors, rng: Arc::new(Mutex::new(None)) })
     }
 
     /// The factors as `<module>.lora_A` / `<module>.lora_B` tensors (hetfed's own naming).
@@ -176,7 +159,8 @@ pub fn linear_modules(weights: &TensorMap) -> BTreeMap<String, (usize, usize)> {
         .iter()
         .filter_map(|(name, t)| {
             let module = name.strip_suffix(".weight")?;
-            let is_embedding = module.ends_with("word_embeddings") || module.ends_with("embed_tokens") || module == "lm_head";
+            let is_embedding =
+                module.ends_with("word_embeddings") || module.ends_with("embed_tokens") || module == "lm_head";
             match (t.dims(), is_embedding) {
                 (&[o, i], false) => Some((module.to_string(), (o, i))),
                 _ => None,
@@ -213,11 +197,7 @@ impl Linear {
         lora: Option<&LoraSet>,
     ) -> hetfed_core::Result<Self> {
         let w = weights.get(&format!("{module}.weight"), &[out_dim, in_dim])?;
-        let b = if bias {
-            Some(weights.get(&format!("{module}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
+        let b = if bias { Some(weights.get(&format!("{module}.bias"), &[out_dim])?) } else { None };
         let lora = lora.and_then(|set| {
             set.factors.get(module).map(|f| Adapter {
                 a: f.a.as_tensor().clone(),
@@ -268,9 +248,8 @@ impl Adapter {
             return Ok(x.clone());
         };
         let keep = 1.0 - self.dropout;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
-            .collect();
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 }

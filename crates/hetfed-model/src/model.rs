@@ -34,10 +34,7 @@ impl Weights<'_> {
     /// The tensor `name`, checked against the shape the config implies.
     pub fn get(&self, name: &str, shape: &[usize]) -> hetfed_core::Result<Tensor> {
         let t = self.map.get(name).ok_or_else(|| {
-            hetfed_core::Error::msg(format!(
-                "{}: missing tensor `{name}` (expected shape {shape:?})",
-                self.source
-            ))
+            hetfed_core::Error::msg(format!("{}: missing tensor `{name}` (expected shape {shape:?})", self.source))
         })?;
         if t.dims() != shape {
             return Err(hetfed_core::Error::Shape {
@@ -60,18 +57,12 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: vec![None; n_layers],
-        }
+        Self { layers: vec![None; n_layers] }
     }
 
     /// Number of positions already cached.
     pub fn past_len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[2])
-            .unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
     }
 
     /// Appends this step's keys/values to layer `idx` and returns the full ones.
@@ -97,7 +88,14 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// Causal attention `softmax(q·kᵀ·scale [+ ALiBi])·v` for `q: [b, h, t, d]` and
 /// `k, v: [b, h, past + t, d]`; query `i` sees keys `0..=past + i`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slopes: Option<&[f32]>, left_pad: Option<&[usize]>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    slopes: Option<&[f32]>,
+    left_pad: Option<&[usize]>,
+) -> Result<Tensor> {
     let past = k.dim(2)? - q.dim(2)?;
     let scores = q.matmul(&k.t()?)?;
     let probs = crate::ops::causal_softmax(&scores, scale, slopes, past, left_pad)?;

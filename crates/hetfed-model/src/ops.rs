@@ -63,7 +63,10 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let n = (x * LOG2E + SHIFT) - SHIFT;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // exp(r) on |r| <= ln2/2: Taylor coefficients to r^7 (error < 2e-8 relative).
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -74,7 +77,6 @@ pub(crate) fn fast_tanh(x: f32) -> f32 {
     let e = fast_exp(-2.0 * x.abs());
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
-
 
 // Slice kernels compiled for several SIMD levels (AVX-512, AVX2+FMA, SSE) and picked at run time.
 // Sums use independent lane accumulators so the compiler may vectorise them (a plain `sum()`
@@ -281,7 +283,10 @@ impl CustomOp1 for CausalSoftmax {
         let x = f32_slice(st, l, "causal_softmax")?;
         let (_, h, t, s) = l.shape().dims4()?;
         let b = l.shape().dims()[0];
-        if s != self.past + t || (!self.slopes.is_empty() && self.slopes.len() != h) || (!self.left_pad.is_empty() && self.left_pad.len() != b) {
+        if s != self.past + t
+            || (!self.slopes.is_empty() && self.slopes.len() != h)
+            || (!self.left_pad.is_empty() && self.left_pad.len() != b)
+        {
             bail!(
                 "causal_softmax: expected {} keys, {h} slopes and {b} padding counts, found {s}, {} and {}",
                 self.past + t,
@@ -319,7 +324,13 @@ impl CustomOp1 for CausalSoftmax {
 /// Causal attention probabilities from raw scores `[b, h, t, past + t]`: query `i` sees keys
 /// `left_pad[b]..=past + i`; `slopes` (one per head) add BLOOM's ALiBi bias `slope·j`, which
 /// equals `slope·(j - i)` (and `slope·(j - left_pad)`) after normalisation. With a backward pass.
-pub fn causal_softmax(scores: &Tensor, scale: f64, slopes: Option<&[f32]>, past: usize, left_pad: Option<&[usize]>) -> Result<Tensor> {
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    slopes: Option<&[f32]>,
+    past: usize,
+    left_pad: Option<&[usize]>,
+) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
         slopes: slopes.map(<[f32]>::to_vec).unwrap_or_default(),
@@ -346,7 +357,8 @@ fn gemm_f32(
 ) {
     debug_assert!(dst.len() >= m * n);
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par =
+        if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the strides describe in-bounds views of the slices (checked by the callers'
     // shape validation), and dst does not alias lhs or rhs.
     unsafe {
@@ -398,7 +410,13 @@ impl LinearOp {
         Ok((rows, din, dout))
     }
 
-    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, need_w: bool) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        need_w: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let (rows, din) = x.dims2()?;
         let dout = w.dim(0)?;
         let dev = x.device();
@@ -676,10 +694,7 @@ impl CustomOp2 for RmsNorm {
                 with_f32(grad, "rms_norm-bwd", |g| norm_bwd(x, w, g, d, |xr| rms_rstd(xr, eps), false))
             })
         })????;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, d, x.device())?),
-        ))
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, d, x.device())?)))
     }
 }
 
@@ -938,10 +953,16 @@ mod tests {
             |ts| causal_softmax(&ts[0], scale, Some(&slopes), past, None).unwrap(),
             |ts| {
                 let s = past + t;
-                let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { -1e30 })).collect();
+                let mask: Vec<f32> =
+                    (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { -1e30 })).collect();
                 let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
                 let pos = Tensor::arange(0f32, s as f32, &Device::Cpu).unwrap().reshape((1, 1, s)).unwrap();
-                let alibi = Tensor::new(&slopes, &Device::Cpu).unwrap().reshape((h, 1, 1)).unwrap().broadcast_mul(&pos).unwrap();
+                let alibi = Tensor::new(&slopes, &Device::Cpu)
+                    .unwrap()
+                    .reshape((h, 1, 1))
+                    .unwrap()
+                    .broadcast_mul(&pos)
+                    .unwrap();
                 let z = (&ts[0] * scale).unwrap().broadcast_add(&alibi).unwrap().broadcast_add(&mask).unwrap();
                 let e = z.broadcast_sub(&z.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
                 e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()

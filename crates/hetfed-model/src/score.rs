@@ -73,7 +73,11 @@ impl ContinuationScore {
 }
 
 /// Scores each `(prompt, continuation)` pair: the sum of `log P(c_k | prompt, c_<k)`.
-pub fn continuation_logprobs(model: &dyn CausalLm, pairs: &[(Vec<u32>, Vec<u32>)], batch_size: usize) -> Result<Vec<ContinuationScore>> {
+pub fn continuation_logprobs(
+    model: &dyn CausalLm,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+) -> Result<Vec<ContinuationScore>> {
     let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| p.iter().chain(c).copied().collect()).collect();
     let lps = sequence_logprobs(model, &seqs, batch_size)?;
     Ok(pairs
@@ -84,10 +88,7 @@ pub fn continuation_logprobs(model: &dyn CausalLm, pairs: &[(Vec<u32>, Vec<u32>)
             // score its first token.
             let start = p.len().max(1) - 1;
             let n = c.len().min(lp.len().saturating_sub(start));
-            ContinuationScore {
-                sum: lp[start..start + n].iter().sum(),
-                n_tokens: n,
-            }
+            ContinuationScore { sum: lp[start..start + n].iter().sum(), n_tokens: n }
         })
         .collect())
 }

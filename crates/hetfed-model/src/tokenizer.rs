@@ -22,7 +22,10 @@ pub const SPECIAL_TOKENS: [&str; 4] = ["<unk>", "<s>", "</s>", "<pad>"];
 /// normalised; every byte is in the alphabet, so no text is ever unknown).
 pub fn train_bpe(files: &[String], vocab_size: usize, min_frequency: u64) -> Result<Tokenizer> {
     if vocab_size < 256 + SPECIAL_TOKENS.len() {
-        return Err(Error::msg(format!("--vocab-size: expected at least {} (256 bytes + special tokens), found {vocab_size}", 256 + SPECIAL_TOKENS.len())));
+        return Err(Error::msg(format!(
+            "--vocab-size: expected at least {} (256 bytes + special tokens), found {vocab_size}",
+            256 + SPECIAL_TOKENS.len()
+        )));
     }
     for f in files {
         if !Path::new(f).is_file() {
@@ -44,15 +47,17 @@ pub fn train_bpe(files: &[String], vocab_size: usize, min_frequency: u64) -> Res
         .special_tokens(vec![("<s>", 1)])
         .build()
         .map_err(|e| Error::msg(format!("post-processor: {e}")))?;
-    let mut tok: TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> = TokenizerBuilder::new()
-        .with_model(BPE::default())
-        .with_normalizer(Some(NFC.into()))
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
-        .with_post_processor(Some(post.into()))
-        .with_decoder(Some(ByteLevel::default().into()))
-        .build()
-        .map_err(|e| Error::msg(format!("building the tokenizer: {e}")))?;
-    tok.train_from_files(&mut trainer, files.to_vec()).map_err(|e| Error::msg(format!("training the tokenizer: {e}")))?;
+    let mut tok: TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
+        TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(Some(NFC.into()))
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+            .with_post_processor(Some(post.into()))
+            .with_decoder(Some(ByteLevel::default().into()))
+            .build()
+            .map_err(|e| Error::msg(format!("building the tokenizer: {e}")))?;
+    tok.train_from_files(&mut trainer, files.to_vec())
+        .map_err(|e| Error::msg(format!("training the tokenizer: {e}")))?;
     // Round-trip through JSON into the generic `Tokenizer` every loader uses.
     let json = tok.to_string(false).map_err(|e| Error::msg(format!("serialising the tokenizer: {e}")))?;
     Tokenizer::from_bytes(json.as_bytes()).map_err(|e| Error::msg(format!("reloading the tokenizer: {e}")))

@@ -51,9 +51,8 @@ fn check(ck: &Checkpoint, golden: &TensorMap, what: &str) {
     let mut n_checked = 0;
     for (name, var) in &vars {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: parameter `{name}` received no gradient"));
-        let want = golden
-            .get(&format!("grad.{name}"))
-            .unwrap_or_else(|| panic!("{what}: no golden gradient for `{name}`"));
+        let want =
+            golden.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("{what}: no golden gradient for `{name}`"));
         let rel = max_abs(&(g - want).unwrap()) / max_abs(want).max(1e-12);
         assert!(rel < 1e-3, "{what}: gradient of `{name}` differs by {rel} (relative)");
         n_checked += 1;
@@ -96,7 +95,9 @@ fn llama_tied_matches_transformers() {
 
 #[test]
 fn tinystories_matches_transformers() {
-    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else { return };
+    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else {
+        return;
+    };
     let ck = Checkpoint::load(&dir).unwrap();
     let (golden, _) = hetfed_core::load_safetensors(&fixture("tinystories_golden.safetensors")).unwrap();
     check(&ck, &golden, "tinystories-656k");
@@ -104,7 +105,9 @@ fn tinystories_matches_transformers() {
 
 #[test]
 fn tinystories_greedy_continuation_matches_reference() {
-    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else { return };
+    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else {
+        return;
+    };
     let ck = Checkpoint::load(&dir).unwrap();
     let tok = ck.tokenizer().unwrap();
     let ids = tok.encode("Once upon a time", true).unwrap().get_ids().to_vec();
@@ -116,7 +119,10 @@ fn tinystories_greedy_continuation_matches_reference() {
     let text = tok.decode(&all, false).unwrap();
     // PROVENANCE.md's reference greedy continuation (the part these 40 tokens cover).
     let want = "<|start_story|> Once upon a time, a little girl named Lily lived in a small house with her mom, dad, and her dog, Spot, Spot, loved to play all day.";
-    assert!(text.trim_start().starts_with(want) || want.starts_with(text.trim()), "greedy output differs:\n got: {text}\nwant: {want}");
+    assert!(
+        text.trim_start().starts_with(want) || want.starts_with(text.trim()),
+        "greedy output differs:\n got: {text}\nwant: {want}"
+    );
 }
 
 #[test]
@@ -127,10 +133,16 @@ fn kv_cached_decoding_equals_full_forward() {
         let ids: Vec<u32> = vec![1, 17, 42, 99, 5, 230, 7];
         let full = model.forward(&Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
         let mut cache = hetfed_model::KvCache::new(model.n_layers());
-        let first = model.forward(&Tensor::new(&ids[..4], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache)).unwrap();
+        let first = model
+            .forward(&Tensor::new(&ids[..4], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache))
+            .unwrap();
         let mut parts = vec![first];
         for &id in &ids[4..] {
-            parts.push(model.forward(&Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache)).unwrap());
+            parts.push(
+                model
+                    .forward(&Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache))
+                    .unwrap(),
+            );
         }
         let inc = Tensor::cat(&parts, 1).unwrap();
         let d = max_abs(&(&full - &inc).unwrap());
@@ -175,15 +187,25 @@ fn sharded_checkpoint_with_bf16_shard_loads() {
         index.insert(key, serde_json::Value::String(file.into()));
     }
     let meta = std::collections::BTreeMap::new();
-    hetfed_core::save_safetensors(&a, candle_core::DType::BF16, &meta, &dir.join("model-00001-of-00002.safetensors")).unwrap();
-    hetfed_core::save_safetensors(&b, candle_core::DType::F32, &meta, &dir.join("model-00002-of-00002.safetensors")).unwrap();
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": index}).to_string()).unwrap();
+    hetfed_core::save_safetensors(&a, candle_core::DType::BF16, &meta, &dir.join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    hetfed_core::save_safetensors(&b, candle_core::DType::F32, &meta, &dir.join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": index}).to_string(),
+    )
+    .unwrap();
     let sharded = Checkpoint::load(&dir).unwrap();
     assert_eq!(sharded.weights.len(), ck.weights.len());
     for (k, t) in &ck.weights {
         let got = &sharded.weights[k];
         assert_eq!(got.dtype(), candle_core::DType::F32, "{k} is computed in f32");
-        let want = if a.contains_key(k) { t.to_dtype(candle_core::DType::BF16).unwrap().to_dtype(candle_core::DType::F32).unwrap() } else { t.clone() };
+        let want = if a.contains_key(k) {
+            t.to_dtype(candle_core::DType::BF16).unwrap().to_dtype(candle_core::DType::F32).unwrap()
+        } else {
+            t.clone()
+        };
         assert_eq!(max_abs(&(got - &want).unwrap()), 0.0, "{k}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -212,12 +234,16 @@ fn beam_search_with_one_beam_is_greedy_and_more_beams_score_no_worse() {
         let ck = Checkpoint::load(&fixture(name)).unwrap();
         let model = ck.model(None).unwrap();
         let prompt = vec![1u32, 17, 42, 99];
-        let greedy = generate(model.as_ref(), &prompt, &SamplingConfig { max_new_tokens: 8, ..Default::default() }, None).unwrap();
+        let greedy =
+            generate(model.as_ref(), &prompt, &SamplingConfig { max_new_tokens: 8, ..Default::default() }, None)
+                .unwrap();
         assert_eq!(beam_search(model.as_ref(), &prompt, 1, 8, 1.0, None).unwrap(), greedy, "{name}");
         // With equal lengths (no eos), a wider beam finds a sequence at least as likely.
         let logp = |cont: &[u32]| -> f32 {
             let seq: Vec<u32> = prompt.iter().chain(cont).copied().collect();
-            hetfed_model::score::sequence_logprobs(model.as_ref(), &[seq], 1).unwrap()[0][prompt.len() - 1..].iter().sum()
+            hetfed_model::score::sequence_logprobs(model.as_ref(), &[seq], 1).unwrap()[0][prompt.len() - 1..]
+                .iter()
+                .sum()
         };
         let wide = beam_search(model.as_ref(), &prompt, 4, 8, 1.0, None).unwrap();
         assert_eq!(wide.len(), 8);

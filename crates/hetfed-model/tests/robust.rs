@@ -91,7 +91,13 @@ fn mutate(orig: &[u8], rng: &mut Rng, focus: usize) -> Vec<u8> {
 
 /// Runs `cases` mutations of `orig` through `parse`; returns how many parsed. Fails on a panic
 /// that escaped, and on an error that is empty or longer than one line.
-fn fuzz<T>(what: &str, orig: &[u8], cases: u64, focus: usize, parse: impl Fn(&[u8]) -> hetfed_core::Result<T>) -> usize {
+fn fuzz<T>(
+    what: &str,
+    orig: &[u8],
+    cases: u64,
+    focus: usize,
+    parse: impl Fn(&[u8]) -> hetfed_core::Result<T>,
+) -> usize {
     let (mut ok, mut caught) = (0, 0);
     for case in 0..cases {
         let seed = hetfed_core::mix_seed(0xF022, case);
@@ -102,7 +108,10 @@ fn fuzz<T>(what: &str, orig: &[u8], cases: u64, focus: usize, parse: impl Fn(&[u
             Ok(Err(e)) => {
                 let msg = e.to_string();
                 assert!(!msg.trim().is_empty(), "{what}: case {case} (seed {seed:#x}): empty error");
-                assert!(!msg.contains('\n'), "{what}: case {case} (seed {seed:#x}): error of more than one line: {msg}");
+                assert!(
+                    !msg.contains('\n'),
+                    "{what}: case {case} (seed {seed:#x}): error of more than one line: {msg}"
+                );
                 caught += usize::from(msg.contains("its parser cannot read"));
             }
         }
@@ -158,7 +167,10 @@ fn every_truncation_of_a_tokenizers_sections_is_an_error() {
                 Ok(Ok(_)) => panic!("{}: cut at {cut} parsed", path.display()),
                 Ok(Err(e)) => e.to_string(),
             };
-            assert!(msg.contains("tokenizer.json: expected a Hugging Face tokenizer") && !msg.contains('\n'), "cut at {cut}: {msg}");
+            assert!(
+                msg.contains("tokenizer.json: expected a Hugging Face tokenizer") && !msg.contains('\n'),
+                "cut at {cut}: {msg}"
+            );
             caught += usize::from(msg.contains("its parser cannot read"));
         }
     }

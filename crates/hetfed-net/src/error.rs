@@ -102,7 +102,9 @@ pub(crate) fn tls_refusal(err: &(dyn std::error::Error + 'static), domain: Optio
     while let Some(e) = next {
         // tokio-rustls reports TLS failures as io::Errors wrapping the rustls error, and
         // io::Error::source skips the wrapped error itself.
-        let tls = e.downcast_ref::<rustls::Error>().or_else(|| e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>()));
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
         if let Some(t) = tls {
             let name = domain.map_or_else(|| "the expected name".to_owned(), |d| format!("{d:?}"));
             return Some(match t {
@@ -112,15 +114,31 @@ pub(crate) fn tls_refusal(err: &(dyn std::error::Error + 'static), domain: Optio
                 rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
                     format!("TLS: the server's certificate does not name {name} ({t}); check the TLS domain (deploy.domain, ClientTls::domain)")
                 }
-                rustls::Error::InvalidCertificate(_) => format!("TLS: the server's certificate is not acceptable ({t})"),
-                rustls::Error::AlertReceived(a @ (A::CertificateRequired | A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied | A::CertificateExpired | A::CertificateRevoked)) => {
+                rustls::Error::InvalidCertificate(_) => {
+                    format!("TLS: the server's certificate is not acceptable ({t})")
+                }
+                rustls::Error::AlertReceived(
+                    a @ (A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateUnknown
+                    | A::AccessDenied
+                    | A::CertificateExpired
+                    | A::CertificateRevoked),
+                ) => {
                     format!("TLS: the server refused this client's certificate (alert {a:?}); mutual TLS needs a client certificate signed by the server's client CA")
                 }
-                rustls::Error::AlertReceived(a @ (A::ProtocolVersion | A::HandshakeFailure | A::InsufficientSecurity | A::NoApplicationProtocol)) => {
+                rustls::Error::AlertReceived(
+                    a @ (A::ProtocolVersion | A::HandshakeFailure | A::InsufficientSecurity | A::NoApplicationProtocol),
+                ) => {
                     format!("TLS: the server and this client share no protocol version or parameters (alert {a:?})")
                 }
-                rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => format!("TLS: the server and this client are incompatible ({t})"),
-                rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. } => {
+                rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+                    format!("TLS: the server and this client are incompatible ({t})")
+                }
+                rustls::Error::InvalidMessage(_)
+                | rustls::Error::InappropriateMessage { .. }
+                | rustls::Error::InappropriateHandshakeMessage { .. } => {
                     format!("TLS: the server does not speak TLS as expected ({t}); is it a plain-text (http) server?")
                 }
                 _ => format!("TLS: the handshake failed ({t})"),
@@ -132,17 +150,34 @@ pub(crate) fn tls_refusal(err: &(dyn std::error::Error + 'static), domain: Optio
     // own wording, and tonic's refusal after the handshake (a private type).
     let text = error_chain(err);
     let alert = |name: &str| text.contains(&format!("received fatal alert: {name}"));
-    if ["CertificateRequired", "BadCertificate", "UnknownCA", "CertificateUnknown", "AccessDenied", "CertificateExpired", "CertificateRevoked"].into_iter().any(alert) {
+    if [
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "AccessDenied",
+        "CertificateExpired",
+        "CertificateRevoked",
+    ]
+    .into_iter()
+    .any(alert)
+    {
         return Some(format!("TLS: the server refused this client's certificate ({text}); mutual TLS needs a client certificate signed by the server's client CA"));
     }
-    if ["ProtocolVersion", "HandshakeFailure", "InsufficientSecurity", "NoApplicationProtocol"].into_iter().any(alert) || text.contains("peer is incompatible") {
+    if ["ProtocolVersion", "HandshakeFailure", "InsufficientSecurity", "NoApplicationProtocol"].into_iter().any(alert)
+        || text.contains("peer is incompatible")
+    {
         return Some(format!("TLS: the server and this client share no protocol version or parameters ({text})"));
     }
     if text.contains("invalid peer certificate") {
-        return Some(format!("TLS: the server's certificate is not acceptable ({text}); check the CA file and the TLS domain"));
+        return Some(format!(
+            "TLS: the server's certificate is not acceptable ({text}); check the CA file and the TLS domain"
+        ));
     }
     if text.contains("received corrupt message") {
-        return Some(format!("TLS: the server does not speak TLS as expected ({text}); is it a plain-text (http) server?"));
+        return Some(format!(
+            "TLS: the server does not speak TLS as expected ({text}); is it a plain-text (http) server?"
+        ));
     }
     if text.contains("HTTP/2 was not negotiated") {
         return Some("the server did not negotiate HTTP/2 over TLS (ALPN h2): it is not a gRPC server".into());

@@ -96,7 +96,10 @@ impl Limits {
             return Err(NetError::Limits("expected chunk_bytes > 0, found 0".into()));
         }
         if self.window_bytes < 65_535 {
-            return Err(NetError::Limits(format!("expected window_bytes >= 65535 (HTTP/2's initial window), found {}", self.window_bytes)));
+            return Err(NetError::Limits(format!(
+                "expected window_bytes >= 65535 (HTTP/2's initial window), found {}",
+                self.window_bytes
+            )));
         }
         if self.chunk_bytes.saturating_add(Self::FRAMING) > self.max_message_bytes {
             return Err(NetError::Limits(format!(
@@ -148,7 +151,9 @@ impl From<Status> for ServiceError {
             Code::NotFound => ServiceError::NotFound(msg),
             Code::Internal => ServiceError::Internal(msg),
             Code::Unavailable => ServiceError::Unavailable(msg),
-            Code::Unimplemented => ServiceError::FailedPrecondition(format!("the server does not implement this call (another hetfed protocol version?): {msg}")),
+            Code::Unimplemented => ServiceError::FailedPrecondition(format!(
+                "the server does not implement this call (another hetfed protocol version?): {msg}"
+            )),
             // Transport failures (Unknown, Cancelled, ...) and codes the protocol does not use: retry.
             code => {
                 let detail = match std::error::Error::source(&s).map(error_chain) {
@@ -358,13 +363,17 @@ where
         let (mut chunks, seen) = state?;
         let failure = match chunks.next().await {
             None if seen == expected => return None,
-            None => ServiceError::InvalidArgument(format!("the {what} ended after {seen} of the {expected} bytes its header announced")),
+            None => ServiceError::InvalidArgument(format!(
+                "the {what} ended after {seen} of the {expected} bytes its header announced"
+            )),
             Some(Ok(chunk)) => {
                 let seen = seen.saturating_add(chunk.len() as u64);
                 if seen <= expected {
                     return Some((Ok(chunk), Some((chunks, seen))));
                 }
-                ServiceError::ResourceExhausted(format!("the {what} is longer than the {expected} bytes its header announced"))
+                ServiceError::ResourceExhausted(format!(
+                    "the {what} is longer than the {expected} bytes its header announced"
+                ))
             }
             Some(Err(e)) => e,
         };
@@ -445,7 +454,9 @@ fn caller_of(metadata: &MetadataMap) -> Result<Caller, Status> {
         .and_then(|s| s.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| Status::unauthenticated(format!("missing `{AUTHORIZATION_METADATA}: Bearer <token>` metadata")))?;
+        .ok_or_else(|| {
+            Status::unauthenticated(format!("missing `{AUTHORIZATION_METADATA}: Bearer <token>` metadata"))
+        })?;
     Ok(Caller { client_id: client_id.to_owned(), token: Secret::new(token) })
 }
 
@@ -453,7 +464,10 @@ type FetchModelStream = Pin<Box<dyn Stream<Item = Result<proto::FetchModelRespon
 
 #[tonic::async_trait]
 impl Fed for Adapter {
-    async fn register(&self, req: Request<proto::RegisterRequest>) -> Result<Response<proto::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterResponse>, Status> {
         let caller = caller_of(req.metadata())?;
         let peer = req.remote_addr();
         let info = req.into_inner().info.ok_or_else(|| Status::invalid_argument("RegisterRequest without info"))?;
@@ -461,7 +475,10 @@ impl Fed for Adapter {
         Ok(Response::new(PEER.scope(peer, self.inner.register(&caller, info.into())).await?.into()))
     }
 
-    async fn instructions(&self, req: Request<proto::InstructionsRequest>) -> Result<Response<proto::InstructionsResponse>, Status> {
+    async fn instructions(
+        &self,
+        req: Request<proto::InstructionsRequest>,
+    ) -> Result<Response<proto::InstructionsResponse>, Status> {
         let caller = caller_of(req.metadata())?;
         let peer = req.remote_addr();
         let proto::InstructionsRequest { after_round, wait_ms } = req.into_inner();
@@ -484,7 +501,10 @@ impl Fed for Adapter {
         Ok(Response::new(Box::pin(stream::once(future::ready(Ok(first))).chain(chunks))))
     }
 
-    async fn upload(&self, req: Request<Streaming<proto::UploadRequest>>) -> Result<Response<proto::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        req: Request<Streaming<proto::UploadRequest>>,
+    ) -> Result<Response<proto::UploadResponse>, Status> {
         use upload_request::Msg;
         let caller = caller_of(req.metadata())?;
         let peer = req.remote_addr();
@@ -510,10 +530,14 @@ impl Fed for Adapter {
         Ok(Response::new(PEER.scope(peer, self.inner.upload(&caller, header, body)).await?.into()))
     }
 
-    async fn report_eval(&self, req: Request<proto::ReportEvalRequest>) -> Result<Response<proto::ReportEvalResponse>, Status> {
+    async fn report_eval(
+        &self,
+        req: Request<proto::ReportEvalRequest>,
+    ) -> Result<Response<proto::ReportEvalResponse>, Status> {
         let caller = caller_of(req.metadata())?;
         let peer = req.remote_addr();
-        let report = req.into_inner().report.ok_or_else(|| Status::invalid_argument("ReportEvalRequest without report"))?;
+        let report =
+            req.into_inner().report.ok_or_else(|| Status::invalid_argument("ReportEvalRequest without report"))?;
         PEER.scope(peer, self.inner.report_eval(&caller, report.into())).await?;
         Ok(Response::new(proto::ReportEvalResponse {}))
     }
@@ -538,7 +562,13 @@ pub struct GrpcClient {
 impl GrpcClient {
     /// Connect (TCP + TLS handshake + HTTP/2) to `endpoint`, e.g. `"https://127.0.0.1:50051"`,
     /// within `connect_timeout`.
-    pub async fn connect(endpoint: &str, tls: ClientTls, caller: Caller, limits: Limits, connect_timeout: Duration) -> Result<Self, NetError> {
+    pub async fn connect(
+        endpoint: &str,
+        tls: ClientTls,
+        caller: Caller,
+        limits: Limits,
+        connect_timeout: Duration,
+    ) -> Result<Self, NetError> {
         limits.validate()?;
         install_crypto_provider();
         let bad = |reason: String| NetError::Endpoint { endpoint: endpoint.to_owned(), reason };
@@ -556,7 +586,8 @@ impl GrpcClient {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let failed = |reason: String, class: ErrorClass| NetError::Connect { endpoint: endpoint.to_owned(), reason, class };
+        let failed =
+            |reason: String, class: ErrorClass| NetError::Connect { endpoint: endpoint.to_owned(), reason, class };
         let channel = tokio::time::timeout(connect_timeout, ep.connect())
             .await
             .map_err(|_| failed(format!("no TLS connection within {connect_timeout:?}"), ErrorClass::Transient))?
@@ -621,13 +652,17 @@ impl GrpcClient {
         let md = req.metadata_mut();
         if !caller.client_id.is_empty() {
             let id = MetadataValue::try_from(caller.client_id.as_str()).map_err(|_| {
-                ServiceError::InvalidArgument(format!("the client id {:?} is not valid gRPC metadata (visible ASCII only)", caller.client_id))
+                ServiceError::InvalidArgument(format!(
+                    "the client id {:?} is not valid gRPC metadata (visible ASCII only)",
+                    caller.client_id
+                ))
             })?;
             md.insert(CLIENT_ID_METADATA, id);
         }
         if !caller.token.expose().is_empty() {
-            let mut auth = MetadataValue::try_from(format!("Bearer {}", caller.token.expose()))
-                .map_err(|_| ServiceError::InvalidArgument("the token is not valid gRPC metadata (visible ASCII only)".into()))?;
+            let mut auth = MetadataValue::try_from(format!("Bearer {}", caller.token.expose())).map_err(|_| {
+                ServiceError::InvalidArgument("the token is not valid gRPC metadata (visible ASCII only)".into())
+            })?;
             auth.set_sensitive(true);
             md.insert(AUTHORIZATION_METADATA, auth);
         }
@@ -642,7 +677,12 @@ impl FedService for GrpcClient {
         Ok(self.client().register(req).await?.into_inner().into())
     }
 
-    async fn instructions(&self, caller: &Caller, after_round: u64, wait: Duration) -> Result<Instruction, ServiceError> {
+    async fn instructions(
+        &self,
+        caller: &Caller,
+        after_round: u64,
+        wait: Duration,
+    ) -> Result<Instruction, ServiceError> {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let req = self.request(caller, proto::InstructionsRequest { after_round, wait_ms })?;
         self.client().instructions(req).await?.into_inner().try_into()
@@ -665,7 +705,12 @@ impl FedService for GrpcClient {
         Ok((header, body))
     }
 
-    async fn upload(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> Result<UploadReply, ServiceError> {
+    async fn upload(
+        &self,
+        caller: &Caller,
+        header: UploadHeader,
+        body: ByteStream,
+    ) -> Result<UploadReply, ServiceError> {
         use upload_request::Msg;
         // A failure to read the local body ends the request stream early (the server then refuses
         // the short upload); the local error is what this call reports.

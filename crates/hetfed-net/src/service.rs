@@ -110,13 +110,23 @@ pub trait FedService: Send + Sync + 'static {
 
     /// Long poll: the instruction for this client for a round after `after_round` (0 = any),
     /// waiting at most `wait` before answering `Instruction::Wait`.
-    async fn instructions(&self, caller: &Caller, after_round: u64, wait: Duration) -> Result<Instruction, ServiceError>;
+    async fn instructions(
+        &self,
+        caller: &Caller,
+        after_round: u64,
+        wait: Duration,
+    ) -> Result<Instruction, ServiceError>;
 
     /// Download the model with this version (hash) as safetensors bytes.
     async fn fetch_model(&self, caller: &Caller, version: &str) -> Result<(ModelHeader, ByteStream), ServiceError>;
 
     /// Upload an update: the header, then its bytes. The server checks size and checksum.
-    async fn upload(&self, caller: &Caller, header: UploadHeader, body: ByteStream) -> Result<UploadReply, ServiceError>;
+    async fn upload(
+        &self,
+        caller: &Caller,
+        header: UploadHeader,
+        body: ByteStream,
+    ) -> Result<UploadReply, ServiceError>;
 
     /// Report the client's local evaluation for a round.
     async fn report_eval(&self, caller: &Caller, report: EvalReport) -> Result<(), ServiceError>;

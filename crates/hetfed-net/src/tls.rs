@@ -10,7 +10,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -102,10 +104,16 @@ impl fmt::Debug for ClientTls {
 
 impl ClientTls {
     /// Read and check the PEM files: trusted CA, and optionally (certificate, key) for mutual TLS.
-    pub fn from_files(ca: &Path, domain: impl Into<String>, identity: Option<(&Path, &Path)>) -> Result<Self, NetError> {
+    pub fn from_files(
+        ca: &Path,
+        domain: impl Into<String>,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Self, NetError> {
         let ca_pem = read_certs(ca, "CA certificate")?;
         let identity = identity
-            .map(|(cert, key)| Ok::<_, NetError>((read_certs(cert, "client certificate")?, read_key(key, "client private key")?)))
+            .map(|(cert, key)| {
+                Ok::<_, NetError>((read_certs(cert, "client certificate")?, read_key(key, "client private key")?))
+            })
             .transpose()?;
         Ok(Self { ca_pem, domain: domain.into(), identity })
     }
@@ -119,7 +127,10 @@ impl ClientTls {
     pub(crate) fn to_tonic(&self) -> Result<ClientTlsConfig, NetError> {
         check_certs(&self.ca_pem, "ClientTls::ca_pem")?;
         if self.domain.is_empty() {
-            return Err(NetError::Tls { context: "ClientTls::domain".into(), reason: "expected the server's name, found an empty string".into() });
+            return Err(NetError::Tls {
+                context: "ClientTls::domain".into(),
+                reason: "expected the server's name, found an empty string".into(),
+            });
         }
         let mut config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
@@ -155,21 +166,28 @@ pub struct CertPaths {
 /// unix. Existing files are overwritten. For tests and trials, not for production.
 pub fn generate_dev_certs(dir: &Path, hosts: &[String]) -> Result<CertPaths, NetError> {
     let gen = |e: rcgen::Error| NetError::CertGen(e.to_string());
-    std::fs::create_dir_all(dir).map_err(|source| NetError::Write { what: "certificate directory", path: dir.to_path_buf(), source })?;
-    let hosts: Vec<String> = if hosts.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { hosts.to_vec() };
+    std::fs::create_dir_all(dir).map_err(|source| NetError::Write {
+        what: "certificate directory",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let hosts: Vec<String> =
+        if hosts.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { hosts.to_vec() };
 
     let ca_key = KeyPair::generate().map_err(gen)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "hetfed development CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(gen)?;
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
 
     let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| -> Result<(String, String), NetError> {
         let key = KeyPair::generate().map_err(gen)?;
-        let mut params = CertificateParams::new(sans).map_err(|e| NetError::CertGen(format!("{e} (hosts: {hosts:?})")))?;
+        let mut params =
+            CertificateParams::new(sans).map_err(|e| NetError::CertGen(format!("{e} (hosts: {hosts:?})")))?;
         params.distinguished_name.push(DnType::CommonName, cn);
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -178,7 +196,8 @@ pub fn generate_dev_certs(dir: &Path, hosts: &[String]) -> Result<CertPaths, Net
         Ok((cert.pem(), key.serialize_pem()))
     };
     let (server_pem, server_key) = leaf(hosts.clone(), &hosts[0], ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (client_pem, client_key) = leaf(vec!["hetfed-client".into()], "hetfed-client", ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (client_pem, client_key) =
+        leaf(vec!["hetfed-client".into()], "hetfed-client", ExtendedKeyUsagePurpose::ClientAuth)?;
 
     let paths = CertPaths {
         ca_cert: dir.join("ca.pem"),
@@ -234,7 +253,11 @@ fn read_key(path: &Path, what: &'static str) -> Result<Vec<u8>, NetError> {
 
 /// At least one well-formed `CERTIFICATE` PEM block.
 fn check_certs(pem: &[u8], origin: &str) -> Result<(), NetError> {
-    let bad = |found: String| NetError::Pem { expected: "PEM certificate(s) (-----BEGIN CERTIFICATE-----)", origin: origin.to_owned(), found };
+    let bad = |found: String| NetError::Pem {
+        expected: "PEM certificate(s) (-----BEGIN CERTIFICATE-----)",
+        origin: origin.to_owned(),
+        found,
+    };
     let mut n = 0;
     for cert in CertificateDer::pem_slice_iter(pem) {
         cert.map_err(|e| bad(e.to_string()))?;

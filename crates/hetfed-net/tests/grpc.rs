@@ -70,10 +70,18 @@ fn error_for_round(round: u64) -> Option<ServiceError> {
 impl FedService for Toy {
     async fn register(&self, caller: &Caller, info: ClientInfo) -> Result<RegisterReply, ServiceError> {
         self.auth(caller)?;
-        Ok(RegisterReply { run_id: "run-1".into(), message: format!("hello {} ({} tasks)", info.client_id, info.stats.tasks.len()) })
+        Ok(RegisterReply {
+            run_id: "run-1".into(),
+            message: format!("hello {} ({} tasks)", info.client_id, info.stats.tasks.len()),
+        })
     }
 
-    async fn instructions(&self, caller: &Caller, after_round: u64, wait: Duration) -> Result<Instruction, ServiceError> {
+    async fn instructions(
+        &self,
+        caller: &Caller,
+        after_round: u64,
+        wait: Duration,
+    ) -> Result<Instruction, ServiceError> {
         self.auth(caller)?;
         Ok(match after_round {
             0 => Instruction::Fit(FitIns {
@@ -101,7 +109,12 @@ impl FedService for Toy {
         Ok((header, body_from_bytes(self.model.clone(), 4 * MIB)))
     }
 
-    async fn upload(&self, caller: &Caller, header: UploadHeader, mut body: ByteStream) -> Result<UploadReply, ServiceError> {
+    async fn upload(
+        &self,
+        caller: &Caller,
+        header: UploadHeader,
+        mut body: ByteStream,
+    ) -> Result<UploadReply, ServiceError> {
         self.auth(caller)?;
         let (mut data, mut chunks) = (Vec::new(), 0);
         while let Some(chunk) = body.next().await {
@@ -205,7 +218,9 @@ async fn every_rpc_round_trips_over_tls() {
         let reply = client.register(&me, info).await.unwrap();
         assert_eq!(reply, RegisterReply { run_id: "run-1".into(), message: "hello alice (1 tasks)".into() });
 
-        let Instruction::Fit(fit) = client.instructions(&me, 0, Duration::from_secs(1)).await.unwrap() else { panic!("expected fit") };
+        let Instruction::Fit(fit) = client.instructions(&me, 0, Duration::from_secs(1)).await.unwrap() else {
+            panic!("expected fit")
+        };
         assert_eq!(fit.round, 1);
         assert_eq!(fit.config, serde_json::json!({"epochs": 2, "lr": 1e-4, "encoding": "f16"}));
         assert_eq!(fit.deadline_unix_ms, 1_700_000_000_000);
@@ -222,7 +237,12 @@ async fn every_rpc_round_trips_over_tls() {
         assert!(reply.accepted && !reply.duplicate);
         assert_eq!(fx.toy.uploads.lock().unwrap()[0].0, header);
 
-        let report = EvalReport { round: 0, client_id: "alice".into(), n_examples: 5, metrics: BTreeMap::from([("acc".into(), 0.8)]) };
+        let report = EvalReport {
+            round: 0,
+            client_id: "alice".into(),
+            n_examples: 5,
+            metrics: BTreeMap::from([("acc".into(), 0.8)]),
+        };
         client.report_eval(&me, report.clone()).await.unwrap();
         assert_eq!(fx.toy.evals.lock().unwrap()[0], report);
 
@@ -322,7 +342,11 @@ async fn every_service_error_survives_the_wire() {
 }
 
 /// A connection attempt that must fail permanently, fast, with `needle` in its message.
-async fn refused_at_once(what: &str, attempt: impl Future<Output = Result<GrpcClient, NetError>>, needle: &str) -> NetError {
+async fn refused_at_once(
+    what: &str,
+    attempt: impl Future<Output = Result<GrpcClient, NetError>>,
+    needle: &str,
+) -> NetError {
     let t = Instant::now();
     let err = attempt.await.expect_err(what);
     let msg = err.to_string();
@@ -342,29 +366,50 @@ async fn an_untrusted_server_is_refused_clearly() {
 
         // Wrong CA: permanent, naming the endpoint and the CA.
         let tls = ClientTls::from_files(&other_certs.ca_cert, "127.0.0.1", None).unwrap();
-        let err = refused_at_once("wrong CA", fx.client_with(tls, "alice", "alice-token"), "not signed by a CA this client trusts").await;
+        let err = refused_at_once(
+            "wrong CA",
+            fx.client_with(tls, "alice", "alice-token"),
+            "not signed by a CA this client trusts",
+        )
+        .await;
         assert!(matches!(err, NetError::Connect { class: ErrorClass::Permanent, .. }), "{err:?}");
         assert!(err.to_string().contains(&fx.endpoint), "{err}");
 
         // Wrong expected name: permanent, naming the name.
         let tls = ClientTls::from_dev_certs(&fx.certs, "example.org").unwrap();
-        refused_at_once("wrong domain", fx.client_with(tls, "alice", "alice-token"), "does not name \"example.org\"").await;
+        refused_at_once("wrong domain", fx.client_with(tls, "alice", "alice-token"), "does not name \"example.org\"")
+            .await;
 
         // Plain http is not accepted, whatever listens there.
         let tls = ClientTls::from_dev_certs(&fx.certs, "127.0.0.1").unwrap();
         let http = fx.endpoint.replace("https://", "http://");
-        let err = refused_at_once("http scheme", GrpcClient::connect(&http, tls.clone(), alice(), Limits::default(), Duration::from_secs(5)), "http://").await;
+        let err = refused_at_once(
+            "http scheme",
+            GrpcClient::connect(&http, tls.clone(), alice(), Limits::default(), Duration::from_secs(5)),
+            "http://",
+        )
+        .await;
         assert!(matches!(err, NetError::Endpoint { .. }), "{err}");
-        refused_at_once("no scheme", GrpcClient::connect("ftp://127.0.0.1:1", tls.clone(), alice(), Limits::default(), Duration::from_secs(5)), "ftp").await;
+        refused_at_once(
+            "no scheme",
+            GrpcClient::connect("ftp://127.0.0.1:1", tls.clone(), alice(), Limits::default(), Duration::from_secs(5)),
+            "ftp",
+        )
+        .await;
 
         // Nothing listening: a clear connect error, not a hang, and transient (the server may come).
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("https://{}", closed.local_addr().unwrap());
         drop(closed);
         let t = Instant::now();
-        let err = GrpcClient::connect(&endpoint, tls.clone(), alice(), Limits::default(), Duration::from_secs(5)).await.unwrap_err();
+        let err = GrpcClient::connect(&endpoint, tls.clone(), alice(), Limits::default(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(&endpoint), "{err}");
-        assert!(!err.is_permanent() && matches!(err, NetError::Connect { class: ErrorClass::Transient, .. }), "{err:?}");
+        assert!(
+            !err.is_permanent() && matches!(err, NetError::Connect { class: ErrorClass::Transient, .. }),
+            "{err:?}"
+        );
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         fx.stop().await;
     })
@@ -390,7 +435,12 @@ async fn a_plain_text_server_is_refused_clearly() {
             }
         });
         let tls = ClientTls::from_dev_certs(&certs, "127.0.0.1").unwrap();
-        refused_at_once("plain text server", GrpcClient::connect(&endpoint, tls, alice(), Limits::default(), Duration::from_secs(5)), "TLS").await;
+        refused_at_once(
+            "plain text server",
+            GrpcClient::connect(&endpoint, tls, alice(), Limits::default(), Duration::from_secs(5)),
+            "TLS",
+        )
+        .await;
         plain.abort();
     })
     .await
@@ -415,7 +465,10 @@ async fn a_wrong_token_is_a_permanent_refusal() {
         let client = fx.client("alice", "bob-token").await;
         let t = Instant::now();
         let err = client.register(&Caller::default(), ClientInfo::default()).await.unwrap_err();
-        assert!(matches!(&err, ServiceError::Unauthenticated(m) if m.contains("alice") && !m.contains("bob-token")), "{err:?}");
+        assert!(
+            matches!(&err, ServiceError::Unauthenticated(m) if m.contains("alice") && !m.contains("bob-token")),
+            "{err:?}"
+        );
         assert!(err.is_permanent() && t.elapsed() < Duration::from_secs(5), "{err:?} after {:?}", t.elapsed());
         fx.stop().await;
     })
@@ -477,7 +530,8 @@ async fn uploads_over_the_limit_are_refused() {
         assert!(matches!(err, ServiceError::InvalidArgument(_)), "{err:?}");
 
         // A local body failure is what the client reports.
-        let failing: ByteStream = Box::pin(futures::stream::iter(vec![Ok(small.clone()), Err(ServiceError::Internal("disk gone".into()))]));
+        let failing: ByteStream =
+            Box::pin(futures::stream::iter(vec![Ok(small.clone()), Err(ServiceError::Internal("disk gone".into()))]));
         let err = client.upload(&alice(), upload_header(&[0u8; 2000]), failing).await.unwrap_err();
         assert_eq!(err, ServiceError::Internal("disk gone".into()));
 
@@ -507,7 +561,9 @@ fn dev_certs_and_loaders() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = vec!["fed.example".to_owned(), "10.1.2.3".to_owned()];
     let certs = generate_dev_certs(&dir.path().join("certs"), &hosts).unwrap();
-    for p in [&certs.ca_cert, &certs.ca_key, &certs.server_cert, &certs.server_key, &certs.client_cert, &certs.client_key] {
+    for p in
+        [&certs.ca_cert, &certs.ca_key, &certs.server_cert, &certs.server_key, &certs.client_cert, &certs.client_key]
+    {
         assert!(p.exists(), "{}", p.display());
     }
     #[cfg(unix)]

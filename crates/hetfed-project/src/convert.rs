@@ -33,10 +33,7 @@ pub fn matrix_f64_to_tensor(m: &DMatrix<f64>, device: &Device) -> Result<Tensor>
 /// Reads a rank-1 tensor into an f32 vector.
 pub fn tensor_to_vector(t: &Tensor, name: &str) -> Result<DVector<f32>> {
     if t.rank() != 1 {
-        return Err(Error::msg(format!(
-            "`{name}`: expected a vector (rank 1), found shape {:?}",
-            t.dims()
-        )));
+        return Err(Error::msg(format!("`{name}`: expected a vector (rank 1), found shape {:?}", t.dims())));
     }
     Ok(DVector::from_vec(t.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }
@@ -45,9 +42,7 @@ pub fn tensor_to_vector(t: &Tensor, name: &str) -> Result<DVector<f32>> {
 pub(crate) fn dims2(t: &Tensor, name: &str) -> Result<(usize, usize)> {
     match t.dims() {
         &[r, c] => Ok((r, c)),
-        d => Err(Error::msg(format!(
-            "`{name}`: expected a matrix (rank 2), found shape {d:?}"
-        ))),
+        d => Err(Error::msg(format!("`{name}`: expected a matrix (rank 2), found shape {d:?}"))),
     }
 }
 
@@ -73,10 +68,7 @@ pub(crate) fn expect_shape(t: &Tensor, name: &str, expected: &[usize], where_: &
 pub(crate) fn ensure_finite(m: &DMatrix<f64>, name: &str) -> Result<()> {
     if let Some(pos) = m.iter().position(|x| !x.is_finite()) {
         let (r, c) = (pos % m.nrows(), pos / m.nrows());
-        return Err(Error::msg(format!(
-            "`{name}`: expected finite values, found {} at [{r}, {c}]",
-            m[pos]
-        )));
+        return Err(Error::msg(format!("`{name}`: expected finite values, found {} at [{r}, {c}]", m[pos])));
     }
     Ok(())
 }
@@ -84,9 +76,7 @@ pub(crate) fn ensure_finite(m: &DMatrix<f64>, name: &str) -> Result<()> {
 /// Refuses matrices with a zero dimension: every map here is between non-empty spaces.
 pub(crate) fn ensure_nonempty(rows: usize, cols: usize, name: &str) -> Result<()> {
     if rows == 0 || cols == 0 {
-        return Err(Error::msg(format!(
-            "`{name}`: expected non-zero dimensions, found [{rows}, {cols}]"
-        )));
+        return Err(Error::msg(format!("`{name}`: expected non-zero dimensions, found [{rows}, {cols}]")));
     }
     Ok(())
 }

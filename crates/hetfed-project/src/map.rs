@@ -138,11 +138,7 @@ impl Map {
     /// (otherwise): 0 for a semi-orthogonal map.
     pub fn orthogonality_error(&self) -> f64 {
         let t = self.t.map(f64::from);
-        let g = if self.d_large() >= self.d_small() {
-            t.tr_mul(&t)
-        } else {
-            &t * t.transpose()
-        };
+        let g = if self.d_large() >= self.d_small() { t.tr_mul(&t) } else { &t * t.transpose() };
         let n = g.nrows();
         (g - DMatrix::<f64>::identity(n, n)).amax()
     }
@@ -205,9 +201,7 @@ impl Map {
 /// `d_small`.
 pub fn fit_ridge(xs: &Tensor, xl: &Tensor, lambda: f64, centring: Centring) -> Result<(Map, FitReport)> {
     if !(lambda.is_finite() && lambda >= 0.0) {
-        return Err(Error::msg(format!(
-            "fit_ridge: expected a finite lambda >= 0, found {lambda}"
-        )));
+        return Err(Error::msg(format!("fit_ridge: expected a finite lambda >= 0, found {lambda}")));
     }
     let start = Instant::now();
     let (x, y) = paired(xs, xl)?;
@@ -271,17 +265,10 @@ fn paired(xs: &Tensor, xl: &Tensor) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
     let (n_s, d_s) = dims2(xs, "xs")?;
     let (n_l, d_l) = dims2(xl, "xl")?;
     if n_s != n_l {
-        return Err(shape_err(
-            "xl",
-            &[n_s, d_l],
-            &[n_l, d_l],
-            "paired activations (one row per sample in both)",
-        ));
+        return Err(shape_err("xl", &[n_s, d_l], &[n_l, d_l], "paired activations (one row per sample in both)"));
     }
     if n_s < 2 {
-        return Err(Error::msg(format!(
-            "paired activations: expected at least 2 samples, found {n_s}"
-        )));
+        return Err(Error::msg(format!("paired activations: expected at least 2 samples, found {n_s}")));
     }
     ensure_nonempty(n_s, d_s, "xs")?;
     ensure_nonempty(n_l, d_l, "xl")?;
@@ -320,11 +307,7 @@ fn finish(
     let mut map = Map::with_kind(t.map(|v| v as f32), kind)?;
     let r2 = r_squared(&map.predict(x), y);
     map.means = means.map(|(s, l)| (s.map(|v| v as f32), l.map(|v| v as f32)));
-    let report = FitReport {
-        explained_variance: r2,
-        n_samples: x.nrows(),
-        seconds: start.elapsed().as_secs_f64(),
-    };
+    let report = FitReport { explained_variance: r2, n_samples: x.nrows(), seconds: start.elapsed().as_secs_f64() };
     Ok((map, report))
 }
 

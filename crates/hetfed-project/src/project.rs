@@ -27,11 +27,7 @@ pub fn project_full(dw_s: &Tensor, t_out: &Map, t_in: &Map) -> Result<Tensor> {
     let (o_l, o_s, i_s, i_l) = (t_out.d_large(), t_out.d_small(), t_in.d_small(), t_in.d_large());
     // (T_out·dW)·T_in^T costs o_l·o_s·i_s + o_l·i_s·i_l; T_out·(dW·T_in^T) costs o_s·i_s·i_l + o_l·o_s·i_l.
     let left_first = o_l * o_s * i_s + o_l * i_s * i_l <= o_s * i_s * i_l + o_l * o_s * i_l;
-    let out = if left_first {
-        to.matmul(&dw)?.matmul(&ti_t)?
-    } else {
-        to.matmul(&dw.matmul(&ti_t)?)?
-    };
+    let out = if left_first { to.matmul(&dw)?.matmul(&ti_t)? } else { to.matmul(&dw.matmul(&ti_t)?)? };
     Ok(out.to_dtype(dw_s.dtype())?)
 }
 
@@ -67,12 +63,7 @@ pub fn project_lora(b: &Tensor, a: &Tensor, t_out: &Map, t_in: &Map) -> Result<(
 /// A bias update `db` (`[o_s]`) moved to the large model: `T_out·db` (`[o_l]`), with `db`'s
 /// dtype. Also right for LayerNorm gains and biases, which live in the residual space.
 pub fn project_vector(db: &Tensor, t_out: &Map) -> Result<Tensor> {
-    expect_shape(
-        db,
-        "db",
-        &[t_out.d_small()],
-        "project_vector (db must be [t_out.d_small])",
-    )?;
+    expect_shape(db, "db", &[t_out.d_small()], "project_vector (db must be [t_out.d_small])")?;
     let col = db.to_dtype(DType::F32)?.unsqueeze(1)?;
     let out = t_out.to_tensor(db.device())?.matmul(&col)?.squeeze(1)?;
     Ok(out.to_dtype(db.dtype())?)
@@ -105,10 +96,7 @@ pub fn truncated_svd(m: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
         b.column_mut(k).scale_mut(root);
         a.row_mut(k).scale_mut(root);
     }
-    Ok((
-        matrix_f64_to_tensor(&b, m.device())?,
-        matrix_f64_to_tensor(&a, m.device())?,
-    ))
+    Ok((matrix_f64_to_tensor(&b, m.device())?, matrix_f64_to_tensor(&a, m.device())?))
 }
 
 /// Singular values of a matrix, descending (f64 SVD on the CPU).

@@ -46,9 +46,7 @@ pub fn split_rows_sizes(m: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
 /// Joins blocks along dimension 0: the inverse of [`split_rows`] and [`split_rows_sizes`]. The
 /// blocks may differ in rows but must agree on their other dimensions.
 pub fn concat_rows(parts: &[Tensor]) -> Result<Tensor> {
-    let first = parts
-        .first()
-        .ok_or_else(|| Error::msg("concat_rows: expected at least one part, found none"))?;
+    let first = parts.first().ok_or_else(|| Error::msg("concat_rows: expected at least one part, found none"))?;
     rows_of(first, "parts[0]")?;
     for (k, p) in parts.iter().enumerate().skip(1) {
         if p.rank() != first.rank() || p.dims()[1..] != first.dims()[1..] {
@@ -85,9 +83,7 @@ pub fn split_rows_interleaved(m: &Tensor, n_heads: usize, parts: usize) -> Resul
     let mut flat = vec![n_heads * hd];
     flat.extend_from_slice(rest);
     let g = m.reshape(grouped)?;
-    (0..parts)
-        .map(|k| Ok(g.narrow(1, k, 1)?.contiguous()?.reshape(flat.clone())?))
-        .collect()
+    (0..parts).map(|k| Ok(g.narrow(1, k, 1)?.contiguous()?.reshape(flat.clone())?)).collect()
 }
 
 /// Joins per-part tensors (rows `[head, head_dim]` each) into BLOOM's interleaved
@@ -103,10 +99,7 @@ pub fn concat_rows_interleaved(parts: &[Tensor], n_heads: usize) -> Result<Tenso
     let rest = &parts[0].dims()[1..];
     let mut grouped = vec![n_heads, 1, hd];
     grouped.extend_from_slice(rest);
-    let views = parts
-        .iter()
-        .map(|p| p.reshape(grouped.clone()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let views = parts.iter().map(|p| p.reshape(grouped.clone())).collect::<candle_core::Result<Vec<_>>>()?;
     let joined = Tensor::cat(&views, 1)?;
     let mut flat = vec![n_heads * parts.len() * hd];
     flat.extend_from_slice(rest);
@@ -116,18 +109,14 @@ pub fn concat_rows_interleaved(parts: &[Tensor], n_heads: usize) -> Result<Tenso
 fn rows_of(m: &Tensor, name: &str) -> Result<usize> {
     match m.dims().first() {
         Some(&r) => Ok(r),
-        None => Err(Error::msg(format!(
-            "`{name}`: expected at least one dimension, found a scalar"
-        ))),
+        None => Err(Error::msg(format!("`{name}`: expected at least one dimension, found a scalar"))),
     }
 }
 
 /// Checks that the parts are non-empty and of one shape each (one block per head and part), and
 /// returns the rows of one part.
 fn check_parts(parts: &[Tensor], where_: &str) -> Result<usize> {
-    let first = parts
-        .first()
-        .ok_or_else(|| Error::msg(format!("{where_}: expected at least one part, found none")))?;
+    let first = parts.first().ok_or_else(|| Error::msg(format!("{where_}: expected at least one part, found none")))?;
     let rows = rows_of(first, "parts[0]")?;
     for (k, p) in parts.iter().enumerate().skip(1) {
         if p.dims() != first.dims() {

@@ -42,21 +42,13 @@ fn procrustes_and_ridge_recover_a_rotation() {
         let (p, rep) = fit_procrustes(&ten(&xs), &ten(&xl), centring).unwrap();
         assert_eq!(p.kind(), MapKind::Procrustes);
         assert_eq!((p.d_large(), p.d_small()), (16, 8));
-        assert!(
-            max_abs_diff(&map64(&p), &q) < 1e-3,
-            "procrustes {centring:?}: {}",
-            max_abs_diff(&map64(&p), &q)
-        );
+        assert!(max_abs_diff(&map64(&p), &q) < 1e-3, "procrustes {centring:?}: {}", max_abs_diff(&map64(&p), &q));
         assert!(rep.explained_variance > 0.999, "{rep:?}");
         assert_eq!(rep.n_samples, 400);
         assert!(p.orthogonality_error() < 1e-5);
 
         let (r, rep) = fit_ridge(&ten(&xs), &ten(&xl), 1e-6, centring).unwrap();
-        assert!(
-            max_abs_diff(&map64(&r), &q) < 1e-3,
-            "ridge {centring:?}: {}",
-            max_abs_diff(&map64(&r), &q)
-        );
+        assert!(max_abs_diff(&map64(&r), &q) < 1e-3, "ridge {centring:?}: {}", max_abs_diff(&map64(&r), &q));
         assert!(rep.explained_variance > 0.999, "{rep:?}");
     }
     // Without lambda the normal equations are still well posed here.
@@ -72,10 +64,7 @@ fn noise_lowers_explained_variance_but_it_stays_high() {
     let (p, rp) = fit_procrustes(&ten(&xs), &ten(&xl), Centring::Mean).unwrap();
     let (r, rr) = fit_ridge(&ten(&xs), &ten(&xl), 1e-3, Centring::Mean).unwrap();
     for (name, rep) in [("procrustes", &rp), ("ridge", &rr)] {
-        assert!(
-            rep.explained_variance < 0.995 && rep.explained_variance > 0.95,
-            "{name}: {rep:?}"
-        );
+        assert!(rep.explained_variance < 0.995 && rep.explained_variance > 0.95, "{name}: {rep:?}");
     }
     // Ridge minimises the training residual over a larger set than Procrustes.
     assert!(rr.explained_variance >= rp.explained_variance - 1e-9);
@@ -159,10 +148,7 @@ fn identity_maps_and_transposes_undo_projection() {
     let (i_out, i_in) = (Map::identity(7, 7).unwrap(), Map::identity(5, 5).unwrap());
     assert_eq!(mat(&project_full(&ten(&dw), &i_out, &i_in).unwrap()), mat(&ten(&dw)));
     // Semi-orthogonal T: projecting up with T and back with T^T returns the original.
-    let (t_out, t_in) = (
-        random_orthogonal(13, 7, 32).unwrap(),
-        random_orthogonal(11, 5, 33).unwrap(),
-    );
+    let (t_out, t_in) = (random_orthogonal(13, 7, 32).unwrap(), random_orthogonal(11, 5, 33).unwrap());
     let up = project_full(&ten(&dw), &t_out, &t_in).unwrap();
     assert_eq!(up.dims(), &[13, 11]);
     let back = project_full(&up, &t_out.transpose(), &t_in.transpose()).unwrap();
@@ -177,26 +163,14 @@ fn identity_maps_and_transposes_undo_projection() {
     let up = project_vector(&db, &t_out).unwrap();
     assert_eq!(up.dims(), &[13]);
     let back = project_vector(&up, &t_out.transpose()).unwrap();
-    let d = (back - &db)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = (back - &db).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-5, "{d}");
 }
 
 #[test]
 fn projection_keeps_dtype() {
     let dw = ten(&gauss(4, 3, 35)).to_dtype(DType::BF16).unwrap();
-    let out = project_full(
-        &dw,
-        &random_orthogonal(6, 4, 1).unwrap(),
-        &random_orthogonal(5, 3, 2).unwrap(),
-    )
-    .unwrap();
+    let out = project_full(&dw, &random_orthogonal(6, 4, 1).unwrap(), &random_orthogonal(5, 3, 2).unwrap()).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
     assert_eq!(out.dims(), &[6, 5]);
 }
@@ -220,10 +194,7 @@ fn truncated_svd_is_exact_on_low_rank_and_optimal_otherwise() {
         let (b, a) = truncated_svd(&ten(&m), r).unwrap();
         let err = (mat(&b) * mat(&a) - &m).norm();
         let expected = sv[r..].iter().map(|s| s * s).sum::<f64>().sqrt();
-        assert!(
-            (err - expected).abs() < 1e-4 * expected.max(1.0),
-            "r={r}: {err} vs {expected}"
-        );
+        assert!((err - expected).abs() < 1e-4 * expected.max(1.0), "r={r}: {err} vs {expected}");
     }
     let (b, a) = truncated_svd(&ten(&m), 7).unwrap();
     assert!(max_abs_diff(&(mat(&b) * mat(&a)), &m) < 1e-4);
@@ -264,10 +235,7 @@ fn weight_space_fit_recovers_semi_orthogonal_maps() {
     assert!((got - &want).norm() < 1e-2 * want.norm());
 
     // From the identity-padded start the alternation still never gets worse.
-    let opts = WeightFitOptions {
-        init: WeightFitInit::IdentityPadded,
-        ..Default::default()
-    };
+    let opts = WeightFitOptions { init: WeightFitInit::IdentityPadded, ..Default::default() };
     let rep = fit_weight_space(&ws, &wl, &opts).unwrap().report;
     assert_monotone(&rep);
 }
@@ -291,10 +259,7 @@ fn weight_space_fit_rejects_mismatched_pairs() {
     let ws = vec![ten(&gauss(3, 2, 1)), ten(&gauss(3, 3, 2))];
     let wl = vec![ten(&gauss(6, 4, 3)), ten(&gauss(6, 4, 4))];
     let e = fit_weight_space(&ws, &wl, &WeightFitOptions::default()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[3, 2] && found == &[3, 3]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[3, 2] && found == &[3, 3]), "{e}");
     let e = fit_weight_space(&ws[..1], &wl, &WeightFitOptions::default()).unwrap_err();
     assert!(e.to_string().contains("1 and 2"), "{e}");
 }
@@ -336,10 +301,7 @@ fn stacked_qkv_split_and_join() {
     assert_eq!(mat(&concat_rows(&parts).unwrap()), mat(&m));
     assert!(split_rows_sizes(&m, &[6, 3]).is_err());
     let e = concat_rows(&[parts[0].clone(), ten(&gauss(2, 5, 1))]).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[2, 4] && found == &[2, 5]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[2, 4] && found == &[2, 5]), "{e}");
     // Biases split the same way.
     let bias = Tensor::arange(0f32, 9.0, &Device::Cpu).unwrap();
     let parts = split_rows(&bias, 3).unwrap();
@@ -350,9 +312,8 @@ fn stacked_qkv_split_and_join() {
 fn bloom_interleaved_qkv_split_and_join() {
     // Row (head h, part p, dim d) of BLOOM's fused QKV holds 100h + 10p + d in every column.
     let (nh, hd, cols) = (3, 2, 4);
-    let rows: Vec<f32> = (0..nh)
-        .flat_map(|h| (0..3).flat_map(move |p| (0..hd).map(move |d| (100 * h + 10 * p + d) as f32)))
-        .collect();
+    let rows: Vec<f32> =
+        (0..nh).flat_map(|h| (0..3).flat_map(move |p| (0..hd).map(move |d| (100 * h + 10 * p + d) as f32))).collect();
     let m = Tensor::from_vec(rows.clone(), (nh * 3 * hd, 1), &Device::Cpu)
         .unwrap()
         .broadcast_as((nh * 3 * hd, cols))
@@ -373,14 +334,8 @@ fn bloom_interleaved_qkv_split_and_join() {
     // The bias uses the same row order.
     let bias = Tensor::from_vec(rows, nh * 3 * hd, &Device::Cpu).unwrap();
     let parts = split_rows_interleaved(&bias, nh, 3).unwrap();
-    assert_eq!(
-        parts[1].to_vec1::<f32>().unwrap(),
-        vec![10.0, 11.0, 110.0, 111.0, 210.0, 211.0]
-    );
-    assert_eq!(
-        concat_rows_interleaved(&parts, nh).unwrap().to_vec1::<f32>().unwrap(),
-        bias.to_vec1::<f32>().unwrap()
-    );
+    assert_eq!(parts[1].to_vec1::<f32>().unwrap(), vec![10.0, 11.0, 110.0, 111.0, 210.0, 211.0]);
+    assert_eq!(concat_rows_interleaved(&parts, nh).unwrap().to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap());
     assert!(split_rows_interleaved(&m, 4, 3).is_err());
 }
 
@@ -421,51 +376,29 @@ fn bad_shapes_are_errors_naming_both_shapes() {
     let t_out = random_orthogonal(8, 4, 1).unwrap();
     let t_in = random_orthogonal(6, 3, 2).unwrap();
     let e = project_full(&ten(&gauss(3, 4, 3)), &t_out, &t_in).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[4, 3] && found == &[3, 4]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[4, 3] && found == &[3, 4]), "{e}");
     let msg = e.to_string();
     assert!(msg.contains("[4, 3]") && msg.contains("[3, 4]"), "{msg}");
     // LoRA: rank disagreement between B and A.
     let e = project_lora(&ten(&gauss(4, 2, 4)), &ten(&gauss(3, 3, 5)), &t_out, &t_in).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[2, 3] && found == &[3, 3]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[2, 3] && found == &[3, 3]), "{e}");
     let e = project_lora(&ten(&gauss(5, 2, 4)), &ten(&gauss(2, 3, 5)), &t_out, &t_in).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[4, 2] && found == &[5, 2]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[4, 2] && found == &[5, 2]), "{e}");
     let e = project_vector(&Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(), &t_out).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[4] && found == &[5]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[4] && found == &[5]), "{e}");
     // Rank-3 input where a matrix is expected.
-    let e = project_full(
-        &Tensor::zeros((4, 3, 1), DType::F32, &Device::Cpu).unwrap(),
-        &t_out,
-        &t_in,
-    )
-    .unwrap_err();
+    let e = project_full(&Tensor::zeros((4, 3, 1), DType::F32, &Device::Cpu).unwrap(), &t_out, &t_in).unwrap_err();
     assert!(e.to_string().contains("[4, 3, 1]"), "{e}");
     // Fits: rows disagree, too few rows, NaN, negative lambda.
     let e = fit_procrustes(&ten(&gauss(10, 3, 6)), &ten(&gauss(9, 5, 7)), Centring::None).unwrap_err();
-    assert!(
-        matches!(&e, Error::Shape { expected, found, .. } if expected == &[10, 5] && found == &[9, 5]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Shape { expected, found, .. } if expected == &[10, 5] && found == &[9, 5]), "{e}");
     assert!(fit_ridge(&ten(&gauss(1, 3, 6)), &ten(&gauss(1, 5, 7)), 0.0, Centring::None).is_err());
     let mut bad = gauss(10, 3, 8);
     bad[(4, 1)] = f64::NAN;
     let e = fit_ridge(&ten(&bad), &ten(&gauss(10, 5, 9)), 1.0, Centring::None).unwrap_err();
     assert!(e.to_string().contains("[4, 1]"), "{e}");
     assert!(fit_ridge(&ten(&gauss(10, 3, 6)), &ten(&gauss(10, 5, 7)), -1.0, Centring::None).is_err());
-    let e = t_out
-        .explained_variance(&ten(&gauss(10, 3, 6)), &ten(&gauss(10, 8, 7)))
-        .unwrap_err();
+    let e = t_out.explained_variance(&ten(&gauss(10, 3, 6)), &ten(&gauss(10, 8, 7))).unwrap_err();
     assert!(matches!(&e, Error::Shape { .. }), "{e}");
     assert!(t_out.apply(&ten(&gauss(2, 3, 1))).is_err());
     // Decompositions and constructors.

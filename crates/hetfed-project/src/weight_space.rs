@@ -29,11 +29,7 @@ pub struct WeightFitOptions {
 
 impl Default for WeightFitOptions {
     fn default() -> Self {
-        Self {
-            iterations: 50,
-            lambda: 1e-6,
-            init: WeightFitInit::Spectral,
-        }
+        Self { iterations: 50, lambda: 1e-6, init: WeightFitInit::Spectral }
     }
 }
 
@@ -101,10 +97,7 @@ pub fn fit_weight_space(ws: &[Tensor], wl: &[Tensor], opts: &WeightFitOptions) -
         )));
     }
     if !(opts.lambda.is_finite() && opts.lambda >= 0.0) {
-        return Err(Error::msg(format!(
-            "fit_weight_space: expected a finite lambda >= 0, found {}",
-            opts.lambda
-        )));
+        return Err(Error::msg(format!("fit_weight_space: expected a finite lambda >= 0, found {}", opts.lambda)));
     }
     let (o_s, i_s) = dims2(&ws[0], "ws[0]")?;
     let (o_l, i_l) = dims2(&wl[0], "wl[0]")?;
@@ -112,34 +105,19 @@ pub fn fit_weight_space(ws: &[Tensor], wl: &[Tensor], opts: &WeightFitOptions) -
     ensure_nonempty(o_l, i_l, "wl[0]")?;
     let read = |t: &Tensor, name: String, shape: [usize; 2]| -> Result<DMatrix<f64>> {
         if t.dims() != shape {
-            return Err(shape_err(
-                &name,
-                &shape,
-                t.dims(),
-                "fit_weight_space (all pairs must have one shape)",
-            ));
+            return Err(shape_err(&name, &shape, t.dims(), "fit_weight_space (all pairs must have one shape)"));
         }
         let m = tensor_to_matrix_f64(t, &name)?;
         ensure_finite(&m, &name)?;
         Ok(m)
     };
-    let small: Vec<DMatrix<f64>> = ws
-        .iter()
-        .enumerate()
-        .map(|(k, t)| read(t, format!("ws[{k}]"), [o_s, i_s]))
-        .collect::<Result<_>>()?;
-    let large: Vec<DMatrix<f64>> = wl
-        .iter()
-        .enumerate()
-        .map(|(k, t)| read(t, format!("wl[{k}]"), [o_l, i_l]))
-        .collect::<Result<_>>()?;
+    let small: Vec<DMatrix<f64>> =
+        ws.iter().enumerate().map(|(k, t)| read(t, format!("ws[{k}]"), [o_s, i_s])).collect::<Result<_>>()?;
+    let large: Vec<DMatrix<f64>> =
+        wl.iter().enumerate().map(|(k, t)| read(t, format!("wl[{k}]"), [o_l, i_l])).collect::<Result<_>>()?;
     let total: f64 = large.iter().map(|w| w.norm_squared()).sum();
     let rel_err = |a: &DMatrix<f64>, b: &DMatrix<f64>| -> f64 {
-        let res: f64 = small
-            .iter()
-            .zip(&large)
-            .map(|(s, l)| (a * s * b.transpose() - l).norm_squared())
-            .sum();
+        let res: f64 = small.iter().zip(&large).map(|(s, l)| (a * s * b.transpose() - l).norm_squared()).sum();
         if total == 0.0 {
             if res == 0.0 {
                 0.0
@@ -188,12 +166,7 @@ pub fn fit_weight_space(ws: &[Tensor], wl: &[Tensor], opts: &WeightFitOptions) -
     Ok(WeightSpaceFit {
         out_map: Map::with_kind(a.map(|v| v as f32), MapKind::WeightSpace)?,
         in_map: Map::with_kind(b.map(|v| v as f32), MapKind::WeightSpace)?,
-        report: WeightFitReport {
-            initial_error,
-            errors,
-            n_pairs: ws.len(),
-            seconds: start.elapsed().as_secs_f64(),
-        },
+        report: WeightFitReport { initial_error, errors, n_pairs: ws.len(), seconds: start.elapsed().as_secs_f64() },
     })
 }
 
@@ -241,10 +214,7 @@ fn spectral_init(small: &[DMatrix<f64>], large: &[DMatrix<f64>]) -> Result<(DMat
 /// Left singular vectors, by decreasing singular value, of the matrices side by side
 /// (`[W^1, W^2, ...]`), or of their transposes side by side when `transposed`.
 fn left_basis(mats: &[DMatrix<f64>], transposed: bool) -> Result<DMatrix<f64>> {
-    let blocks: Vec<DMatrix<f64>> = mats
-        .iter()
-        .map(|m| if transposed { m.transpose() } else { m.clone() })
-        .collect();
+    let blocks: Vec<DMatrix<f64>> = mats.iter().map(|m| if transposed { m.transpose() } else { m.clone() }).collect();
     let rows = blocks[0].nrows();
     let cols = blocks[0].ncols();
     let mut side = DMatrix::<f64>::zeros(rows, cols * blocks.len());

@@ -163,7 +163,10 @@ mod tests {
 
     #[test]
     fn escapes_everything_that_matters() {
-        assert_eq!(esc(r#"<script>alert("x&'y')</script>"#), "&lt;script&gt;alert(&quot;x&amp;&#39;y&#39;)&lt;/script&gt;");
+        assert_eq!(
+            esc(r#"<script>alert("x&'y')</script>"#),
+            "&lt;script&gt;alert(&quot;x&amp;&#39;y&#39;)&lt;/script&gt;"
+        );
         assert_eq!(esc("a\u{0}b"), "a\u{fffd}b");
     }
 

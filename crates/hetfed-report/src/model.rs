@@ -143,12 +143,16 @@ fn s(o: &Map<String, Value>, k: &str) -> Option<String> {
 /// A non-negative integer, also when written as an integral float (`3.0`).
 fn u(o: &Map<String, Value>, k: &str) -> Option<u64> {
     let v = o.get(k)?;
-    v.as_u64().or_else(|| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0 && x.fract() == 0.0 && *x < 9.0e15).map(|x| x as u64))
+    v.as_u64().or_else(|| {
+        v.as_f64().filter(|x| x.is_finite() && *x >= 0.0 && x.fract() == 0.0 && *x < 9.0e15).map(|x| x as u64)
+    })
 }
 
 fn metrics(o: &Map<String, Value>, k: &str) -> Metrics {
     match o.get(k) {
-        Some(Value::Object(m)) => m.iter().filter_map(|(k, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| (k.clone(), x))).collect(),
+        Some(Value::Object(m)) => {
+            m.iter().filter_map(|(k, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| (k.clone(), x))).collect()
+        }
         _ => Metrics::new(),
     }
 }
@@ -236,7 +240,11 @@ impl Run {
                     );
                 }
                 Some("run_end") => {
-                    run.end = Some(RunEnd { rounds_completed: u(o, "rounds_completed"), wall_s: f(o, "wall_s"), time_unix_ms: f(o, "time_unix_ms") });
+                    run.end = Some(RunEnd {
+                        rounds_completed: u(o, "rounds_completed"),
+                        wall_s: f(o, "wall_s"),
+                        time_unix_ms: f(o, "time_unix_ms"),
+                    });
                 }
                 _ => {}
             }
@@ -280,7 +288,10 @@ impl Run {
 
     /// Rounds completed: `run_end.rounds_completed`, else the number of `round` events past round 0.
     pub fn rounds_completed(&self) -> u64 {
-        self.end.as_ref().and_then(|e| e.rounds_completed).unwrap_or_else(|| self.rounds.keys().filter(|r| **r >= 1).count() as u64)
+        self.end
+            .as_ref()
+            .and_then(|e| e.rounds_completed)
+            .unwrap_or_else(|| self.rounds.keys().filter(|r| **r >= 1).count() as u64)
     }
 
     /// The `client_round` rows of a round (`clients` is sorted by round).

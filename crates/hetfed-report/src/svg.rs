@@ -15,7 +15,8 @@ const MB: f64 = 44.0;
 const PAD_X: f64 = 14.0;
 
 /// Tableau 10: distinguishable, and readable on white.
-const PALETTE: [&str; 10] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+const PALETTE: [&str; 10] =
+    ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 
 pub(crate) fn color(style: usize) -> &'static str {
     PALETTE[style % PALETTE.len()]
@@ -125,7 +126,8 @@ fn axis(lo: f64, hi: f64, target: usize) -> Axis {
     let step = nice_step((hi - lo) / target as f64);
     let t0 = (lo / step).floor();
     let t1 = (hi / step).ceil();
-    let ticks: Vec<f64> = (0..=((t1 - t0) as i64)).map(|i| (t0 + i as f64) * step).map(|v| if v == 0.0 { 0.0 } else { v }).collect();
+    let ticks: Vec<f64> =
+        (0..=((t1 - t0) as i64)).map(|i| (t0 + i as f64) * step).map(|v| if v == 0.0 { 0.0 } else { v }).collect();
     // The fewest decimals that show the step exactly (0.25 → 2, 0.5 → 1, 20 → 0).
     let decimals = (0..8).find(|d| {
         let x = step * 10f64.powi(*d as i32);
@@ -163,7 +165,11 @@ fn legend(items: &[(String, Swatch)], top: f64) -> (String, f64) {
     let (mut x, mut y) = (ML, top + 10.0);
     let max_x = W - MR;
     for (name, sw) in items {
-        let shown: String = if name.chars().count() > 28 { name.chars().take(27).chain(std::iter::once('…')).collect() } else { name.clone() };
+        let shown: String = if name.chars().count() > 28 {
+            name.chars().take(27).chain(std::iter::once('…')).collect()
+        } else {
+            name.clone()
+        };
         let wdt = 18.0 + shown.chars().count() as f64 * 6.4 + 14.0;
         if x + wdt > max_x && x > ML {
             x = ML;
@@ -172,10 +178,25 @@ fn legend(items: &[(String, Swatch)], top: f64) -> (String, f64) {
         let _ = write!(out, "<g class=\"lg\"><title>{}</title>", esc(name));
         match *sw {
             Swatch::Line(s) => {
-                let _ = write!(out, "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{}\" stroke-width=\"2.5\"{}/>", x, y, x + 14.0, y, color(s), dash(s));
+                let _ = write!(
+                    out,
+                    "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{}\" stroke-width=\"2.5\"{}/>",
+                    x,
+                    y,
+                    x + 14.0,
+                    y,
+                    color(s),
+                    dash(s)
+                );
             }
             Swatch::Bar(s) => {
-                let _ = write!(out, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"12\" height=\"10\" fill=\"{}\"/>", x + 1.0, y - 5.0, color(s));
+                let _ = write!(
+                    out,
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"12\" height=\"10\" fill=\"{}\"/>",
+                    x + 1.0,
+                    y - 5.0,
+                    color(s)
+                );
             }
             Swatch::Overlay => {
                 let _ = write!(out, "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#333\" stroke-width=\"1.5\"/><circle cx=\"{:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#333\"/>", x, x + 14.0, x + 7.0);
@@ -189,7 +210,14 @@ fn legend(items: &[(String, Swatch)], top: f64) -> (String, f64) {
 
 /// The frame shared by both chart kinds: opening tag, title, legend, grid, axes and their labels.
 /// Returns the SVG so far and the y of the plot area's top edge.
-fn frame(title: &str, y_label: &str, x_label: &str, items: &[(String, Swatch)], ya: &Axis, y_suffix: &str) -> (String, f64) {
+fn frame(
+    title: &str,
+    y_label: &str,
+    x_label: &str,
+    items: &[(String, Swatch)],
+    ya: &Axis,
+    y_suffix: &str,
+) -> (String, f64) {
     let (leg, leg_h) = legend(items, 26.0);
     let top = 26.0 + leg_h + 10.0;
     let h = top + PLOT_H + MB;
@@ -201,12 +229,30 @@ fn frame(title: &str, y_label: &str, x_label: &str, items: &[(String, Swatch)], 
     for t in &ya.ticks {
         let y = bottom - (t - ya.lo) / (ya.hi - ya.lo) * PLOT_H;
         let _ = write!(s, "<line class=\"gr\" x1=\"{ML:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\"/>", W - MR);
-        let _ = write!(s, "<text class=\"tk\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", ML - 6.0, y + 3.5, tick_label(*t, ya.decimals));
+        let _ = write!(
+            s,
+            "<text class=\"tk\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            ML - 6.0,
+            y + 3.5,
+            tick_label(*t, ya.decimals)
+        );
     }
     let _ = write!(s, "<line class=\"ax\" x1=\"{ML:.1}\" y1=\"{top:.1}\" x2=\"{ML:.1}\" y2=\"{bottom:.1}\"/>");
     let _ = write!(s, "<line class=\"ax\" x1=\"{ML:.1}\" y1=\"{bottom:.1}\" x2=\"{:.1}\" y2=\"{bottom:.1}\"/>", W - MR);
-    let _ = write!(s, "<text class=\"al\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", ML + (W - MR - ML) / 2.0, h - 8.0, esc(x_label));
-    let _ = write!(s, "<text class=\"al\" transform=\"translate(13 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}{}</text>", top + PLOT_H / 2.0, esc(y_label), esc(y_suffix));
+    let _ = write!(
+        s,
+        "<text class=\"al\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+        ML + (W - MR - ML) / 2.0,
+        h - 8.0,
+        esc(x_label)
+    );
+    let _ = write!(
+        s,
+        "<text class=\"al\" transform=\"translate(13 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}{}</text>",
+        top + PLOT_H / 2.0,
+        esc(y_label),
+        esc(y_suffix)
+    );
     (s, top)
 }
 
@@ -247,8 +293,13 @@ pub(crate) fn line_chart(c: &LineChart) -> Option<String> {
     let x_px = |x: f64| if xmax > xmin { x0 + (x - xmin) / (xmax - xmin) * xw } else { x0 + xw / 2.0 };
     for t in int_ticks(xmin, xmax) {
         let x = x_px(t);
-        let _ = write!(s, "<line class=\"ax\" x1=\"{x:.1}\" y1=\"{bottom:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\"/>", bottom + 4.0);
-        let _ = write!(s, "<text class=\"tk\" x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{t:.0}</text>", bottom + 16.0);
+        let _ =
+            write!(s, "<line class=\"ax\" x1=\"{x:.1}\" y1=\"{bottom:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\"/>", bottom + 4.0);
+        let _ = write!(
+            s,
+            "<text class=\"tk\" x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{t:.0}</text>",
+            bottom + 16.0
+        );
     }
     for l in &c.lines {
         let mut p: Vec<&Point> = l.points.iter().filter(|p| p.x.is_finite() && p.y.is_finite()).collect();
@@ -259,7 +310,8 @@ pub(crate) fn line_chart(c: &LineChart) -> Option<String> {
         let col = color(l.style);
         let _ = write!(s, "<g class=\"series\"><title>{}</title>", esc(&l.name));
         if p.len() > 1 {
-            let coords: Vec<String> = p.iter().map(|q| format!("{:.1},{:.1}", x_px(q.x), y_px(q.y / div, &ya, top))).collect();
+            let coords: Vec<String> =
+                p.iter().map(|q| format!("{:.1},{:.1}", x_px(q.x), y_px(q.y / div, &ya, top))).collect();
             let _ = write!(s, "<polyline fill=\"none\" stroke=\"{col}\" stroke-width=\"2\" stroke-linejoin=\"round\"{} points=\"{}\"/>", dash(l.style), coords.join(" "));
         }
         for q in p {
@@ -306,7 +358,11 @@ pub(crate) fn bar_chart(c: &BarChart, fmt_value: fn(f64) -> String) -> Option<St
     for (i, r) in c.categories.iter().enumerate() {
         let cx = ML + band * (i as f64 + 0.5);
         if i % label_every == 0 {
-            let _ = write!(s, "<text class=\"tk\" x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{r}</text>", bottom + 16.0);
+            let _ = write!(
+                s,
+                "<text class=\"tk\" x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{r}</text>",
+                bottom + 16.0
+            );
         }
         if c.stacked {
             let w = band * 0.6;
@@ -330,13 +386,24 @@ pub(crate) fn bar_chart(c: &BarChart, fmt_value: fn(f64) -> String) -> Option<St
         }
     }
     if let Some(o) = &c.overlay {
-        let p: Vec<(f64, f64, f64)> = (0..n).filter_map(|i| vals(o, i).map(|v| (ML + band * (i as f64 + 0.5), y_px(v / div, &ya, top), v))).collect();
+        let p: Vec<(f64, f64, f64)> = (0..n)
+            .filter_map(|i| vals(o, i).map(|v| (ML + band * (i as f64 + 0.5), y_px(v / div, &ya, top), v)))
+            .collect();
         if p.len() > 1 {
             let coords: Vec<String> = p.iter().map(|(x, y, _)| format!("{x:.1},{y:.1}")).collect();
-            let _ = write!(s, "<polyline fill=\"none\" stroke=\"#333\" stroke-width=\"1.5\" points=\"{}\"/>", coords.join(" "));
+            let _ = write!(
+                s,
+                "<polyline fill=\"none\" stroke=\"#333\" stroke-width=\"1.5\" points=\"{}\"/>",
+                coords.join(" ")
+            );
         }
         for (x, y, v) in &p {
-            let _ = write!(s, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#333\"><title>{}: {}</title></circle>", esc(&o.name), esc(&fmt_value(*v)));
+            let _ = write!(
+                s,
+                "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#333\"><title>{}: {}</title></circle>",
+                esc(&o.name),
+                esc(&fmt_value(*v))
+            );
         }
     }
     s.push_str("</svg>");
@@ -371,15 +438,44 @@ mod tests {
 
     #[test]
     fn empty_charts_are_none() {
-        let c = LineChart { title: "t".into(), x_label: "x".into(), y_label: "y".into(), unit: Unit::Plain, lines: vec![Line { name: "a".into(), style: 0, points: vec![Point { x: 1.0, y: f64::NAN, tip: String::new(), hollow: false }] }] };
+        let c = LineChart {
+            title: "t".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            unit: Unit::Plain,
+            lines: vec![Line {
+                name: "a".into(),
+                style: 0,
+                points: vec![Point { x: 1.0, y: f64::NAN, tip: String::new(), hollow: false }],
+            }],
+        };
         assert!(line_chart(&c).is_none());
-        let b = BarChart { title: "t".into(), x_label: "x".into(), y_label: "y".into(), unit: Unit::Bytes, categories: vec![1], bars: vec![Bars { name: "a".into(), style: 0, values: vec![None] }], stacked: false, overlay: None };
+        let b = BarChart {
+            title: "t".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            unit: Unit::Bytes,
+            categories: vec![1],
+            bars: vec![Bars { name: "a".into(), style: 0, values: vec![None] }],
+            stacked: false,
+            overlay: None,
+        };
         assert!(bar_chart(&b, num).is_none());
     }
 
     #[test]
     fn escapes_names() {
-        let c = LineChart { title: "<t>".into(), x_label: "x".into(), y_label: "y".into(), unit: Unit::Plain, lines: vec![Line { name: "<b>".into(), style: 0, points: vec![Point { x: 1.0, y: 2.0, tip: "<i>".into(), hollow: true }] }] };
+        let c = LineChart {
+            title: "<t>".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            unit: Unit::Plain,
+            lines: vec![Line {
+                name: "<b>".into(),
+                style: 0,
+                points: vec![Point { x: 1.0, y: 2.0, tip: "<i>".into(), hollow: true }],
+            }],
+        };
         let s = line_chart(&c).unwrap();
         assert!(!s.contains("<b>") && !s.contains("<i>") && !s.contains("<t>"));
         assert!(s.contains("&lt;b&gt;"));

@@ -98,7 +98,16 @@ fn realistic_run_renders_every_chart_and_table() {
     let svgs = html.matches("<svg").count();
     assert_eq!(svgs, 12, "one <svg> per chart");
     assert_eq!(html.matches("</svg>").count(), svgs);
-    for title in ["Bytes per round", "Time per phase per round", "client eval: ethos/accuracy", "client eval: ethos/macro_f1", "training loss", "update norm", "CPU time per round", "Peak memory per round"] {
+    for title in [
+        "Bytes per round",
+        "Time per phase per round",
+        "client eval: ethos/accuracy",
+        "client eval: ethos/macro_f1",
+        "training loss",
+        "update norm",
+        "CPU time per round",
+        "Peak memory per round",
+    ] {
         assert!(html.contains(&format!("<title>{title}</title>")), "chart titled {title}");
     }
     for metric in ["ethos/accuracy", "ethos/macro_f1", "mltext/ppl"] {
@@ -133,7 +142,8 @@ fn realistic_run_renders_every_chart_and_table() {
     assert!(html.contains("2 min 11 s") && html.contains("(130.5 s)"), "total wall time");
     // Summary: initial (round 0) vs final (round 3).
     assert!(html.contains("<td>50 <small>(round 0)</small></td><td>63 <small>(round 3)</small></td><td>+13</td>"));
-    assert!(html.contains("<td>120.4 <small>(round 0)</small></td><td>87 <small>(round 3)</small></td><td>\u{2212}33.4</td>"));
+    assert!(html
+        .contains("<td>120.4 <small>(round 0)</small></td><td>87 <small>(round 3)</small></td><td>\u{2212}33.4</td>"));
     // Per-client columns.
     assert!(html.contains("<th><code>ethos/accuracy</code></th>"));
     assert!(html.contains("<span class=\"b rejected\">rejected</span>"));
@@ -243,7 +253,8 @@ fn render_report_writes_report_html() {
     assert_eq!(html, render_html(&realistic()));
     // Rendering again replaces it; no temporary file is left behind.
     render_report(dir.path()).unwrap();
-    let mut names: Vec<String> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["metrics.jsonl", "report.html"]);
 }

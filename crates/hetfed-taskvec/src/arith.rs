@@ -10,20 +10,14 @@ impl TaskVector {
     /// config (and so the scale `alpha / rank`) unchanged.
     pub fn scale(&self, lambda: f64) -> Result<Self> {
         let kind = match &self.kind {
-            Delta::Full(map) => Delta::Full(
-                map.iter()
-                    .map(|(name, t)| Ok((name.clone(), (t * lambda)?)))
-                    .collect::<Result<_>>()?,
-            ),
-            Delta::Lora { config, factors } => Delta::Lora {
-                config: config.clone(),
-                factors: lora::scale_factors(config, factors, lambda)?,
-            },
+            Delta::Full(map) => {
+                Delta::Full(map.iter().map(|(name, t)| Ok((name.clone(), (t * lambda)?))).collect::<Result<_>>()?)
+            }
+            Delta::Lora { config, factors } => {
+                Delta::Lora { config: config.clone(), factors: lora::scale_factors(config, factors, lambda)? }
+            }
         };
-        Ok(Self {
-            base: self.base.clone(),
-            kind,
-        })
+        Ok(Self { base: self.base.clone(), kind })
     }
 
     /// `-tau`: what removes this task vector's effect when applied.
@@ -54,10 +48,7 @@ impl TaskVector {
             (Delta::Full(m1), Delta::Full(m2)) => Delta::Full(add_dense(m1, m2)?),
             _ => Delta::Full(add_dense(&self.materialize()?, &other.materialize()?)?),
         };
-        Ok(Self {
-            base: self.base.clone(),
-            kind,
-        })
+        Ok(Self { base: self.base.clone(), kind })
     }
 }
 

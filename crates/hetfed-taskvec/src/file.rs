@@ -87,10 +87,7 @@ impl TaskVector {
 
     fn to_parts(&self, dtype: DType) -> Result<(&TensorMap, BTreeMap<String, String>)> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::msg(format!(
-                "task vectors are stored as f32, f16 or bf16, found {}",
-                dtype.as_str()
-            )));
+            return Err(Error::msg(format!("task vectors are stored as f32, f16 or bf16, found {}", dtype.as_str())));
         }
         let mut meta = BTreeMap::new();
         let mut put = |k: &str, v: String| meta.insert(k.to_string(), v);
@@ -121,14 +118,11 @@ impl TaskVector {
     }
 
     fn from_parts(tensors: TensorMap, meta: &BTreeMap<String, String>, path: &Path) -> Result<Self> {
-        let format_err = |msg: String| Error::Format {
-            path: path.to_owned(),
-            msg,
-        };
+        let format_err = |msg: String| Error::Format { path: path.to_owned(), msg };
         let get = |key: &str| {
-            meta.get(key).map(String::as_str).ok_or_else(|| {
-                format_err(format!("expected metadata key `{key}` of a hetfed task vector, found none"))
-            })
+            meta.get(key)
+                .map(String::as_str)
+                .ok_or_else(|| format_err(format!("expected metadata key `{key}` of a hetfed task vector, found none")))
         };
         let format = get(META_FORMAT)?;
         if format != FORMAT {
@@ -153,15 +147,12 @@ impl TaskVector {
             return Err(format_err(format!("expected `{META_DTYPE}` to be f32, f16, bf16 or int8, found \"{dtype}\"")));
         }
         match get(META_KIND)? {
-            "full" => Ok(Self {
-                base,
-                kind: Delta::Full(tensors),
-            }),
+            "full" => Ok(Self { base, kind: Delta::Full(tensors) }),
             "lora" => {
                 let rank = get(META_RANK)?;
-                let rank: usize = rank
-                    .parse()
-                    .map_err(|_| format_err(format!("expected `{META_RANK}` to be a positive integer, found \"{rank}\"")))?;
+                let rank: usize = rank.parse().map_err(|_| {
+                    format_err(format!("expected `{META_RANK}` to be a positive integer, found \"{rank}\""))
+                })?;
                 let alpha = get(META_ALPHA)?;
                 let alpha: f64 = alpha
                     .parse()
@@ -175,14 +166,11 @@ impl TaskVector {
                 };
                 let targets = get(META_TARGETS)?;
                 let targets: Vec<String> = serde_json::from_str(targets).map_err(|e| {
-                    format_err(format!("expected `{META_TARGETS}` to be a JSON list of strings, found {targets:?}: {e}"))
+                    format_err(format!(
+                        "expected `{META_TARGETS}` to be a JSON list of strings, found {targets:?}: {e}"
+                    ))
                 })?;
-                let config = LoraConfig {
-                    rank,
-                    alpha,
-                    dropout,
-                    targets,
-                };
+                let config = LoraConfig { rank, alpha, dropout, targets };
                 Self::from_lora_factors(base, config, tensors).map_err(|e| format_err(e.to_string()))
             }
             other => Err(format_err(format!("expected `{META_KIND}` to be \"full\" or \"lora\", found \"{other}\""))),
@@ -220,9 +208,9 @@ fn dequantize_int8(mut tensors: TensorMap, origin: &Path) -> Result<TensorMap> {
     let mut out = TensorMap::new();
     for name in names {
         let codes = tensors.remove(&name).ok_or_else(|| err(format!("tensor `{name}` vanished")))?;
-        let scale = tensors
-            .remove(&format!("{name}{SCALE_SUFFIX}"))
-            .ok_or_else(|| err(format!("int8 tensor `{name}`: expected a `{name}{SCALE_SUFFIX}` tensor, found none")))?;
+        let scale = tensors.remove(&format!("{name}{SCALE_SUFFIX}")).ok_or_else(|| {
+            err(format!("int8 tensor `{name}`: expected a `{name}{SCALE_SUFFIX}` tensor, found none"))
+        })?;
         if codes.dtype() != DType::U8 {
             return Err(err(format!("int8 tensor `{name}`: expected u8 codes, found {}", codes.dtype().as_str())));
         }

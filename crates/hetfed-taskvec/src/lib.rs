@@ -87,10 +87,7 @@ impl TaskVector {
             }
             delta.insert(name.clone(), (ft.to_dtype(DType::F32)? - theta.to_dtype(DType::F32)?)?);
         }
-        Ok(Self {
-            base: base_id,
-            kind: Delta::Full(delta),
-        })
+        Ok(Self { base: base_id, kind: Delta::Full(delta) })
     }
 
     /// The task vector of trained LoRA adapters, kept factored.
@@ -102,10 +99,7 @@ impl TaskVector {
     /// `A` has its `B`, that both are matrices of matching rank, and that the rank is `config.rank`.
     pub fn from_lora_factors(base_id: ModelIdentity, config: LoraConfig, factors: TensorMap) -> Result<Self> {
         lora::pairs(&config, &factors)?;
-        Ok(Self {
-            base: base_id,
-            kind: Delta::Lora { config, factors },
-        })
+        Ok(Self { base: base_id, kind: Delta::Lora { config, factors } })
     }
 
     /// The LoRA config, for a factored task vector.
@@ -146,9 +140,7 @@ impl TaskVector {
         let mut out = base.clone();
         self.for_each_dense(|name, delta| {
             let theta = out.get(&name).ok_or_else(|| {
-                Error::msg(format!(
-                    "task vector updates `{name}` but the base model has no such parameter"
-                ))
+                Error::msg(format!("task vector updates `{name}` but the base model has no such parameter"))
             })?;
             if theta.dims() != delta.dims() {
                 return Err(Error::Shape {
@@ -170,10 +162,9 @@ impl TaskVector {
     /// `B·A·scale` is computed from the `rank × rank` Gram matrices, without the dense update.
     pub fn layer_norms(&self) -> Result<Vec<(String, f64)>> {
         match &self.kind {
-            Delta::Full(map) => map
-                .iter()
-                .map(|(name, t)| Ok((name.clone(), hetfed_core::sq_norm(t)?.sqrt())))
-                .collect(),
+            Delta::Full(map) => {
+                map.iter().map(|(name, t)| Ok((name.clone(), hetfed_core::sq_norm(t)?.sqrt()))).collect()
+            }
             Delta::Lora { config, factors } => lora::pairs(config, factors)?
                 .into_iter()
                 .map(|f| Ok((format!("{}.weight", f.module), lora::sq_norm(&f, config.scale())?.sqrt())))

@@ -135,12 +135,7 @@ pub(crate) fn stack(
             targets.push(t.clone());
         }
     }
-    let config = LoraConfig {
-        rank,
-        alpha: s * rank as f64,
-        dropout: c1.dropout,
-        targets,
-    };
+    let config = LoraConfig { rank, alpha: s * rank as f64, dropout: c1.dropout, targets };
 
     let modules: BTreeSet<&str> = p1.iter().chain(&p2).map(|p| p.module).collect();
     let find = |ps: &'_ [Pair<'_>], m: &str| ps.iter().position(|p| p.module == m);
@@ -169,10 +164,9 @@ pub(crate) fn stack(
                     let b = if si == s { b } else { (b * (si / s))? };
                     Ok((a, b))
                 }
-                None => Ok((
-                        Tensor::zeros((r, in_dim), DType::F32, &dev)?,
-                    Tensor::zeros((out_dim, r), DType::F32, &dev)?,
-                )),
+                None => {
+                    Ok((Tensor::zeros((r, in_dim), DType::F32, &dev)?, Tensor::zeros((out_dim, r), DType::F32, &dev)?))
+                }
             }
         };
         let (a1, b1) = part(q1, c1.rank, s1)?;

@@ -103,15 +103,10 @@ pub fn export_peft_factors(
 /// the adapted modules' full names, which select exactly the same layers.
 pub fn import_peft(dir: &Path) -> Result<(LoraConfig, TensorMap)> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let format_err = |msg: String| Error::Format {
-        path: cfg_path.clone(),
-        msg,
-    };
+    let format_err = |msg: String| Error::Format { path: cfg_path.clone(), msg };
     let cfg: Value = serde_json::from_slice(&hetfed_core::read_file(&cfg_path)?)
         .map_err(|e| format_err(format!("expected JSON: {e}")))?;
-    let cfg = cfg
-        .as_object()
-        .ok_or_else(|| format_err("expected a JSON object".into()))?;
+    let cfg = cfg.as_object().ok_or_else(|| format_err("expected a JSON object".into()))?;
     let field = |k: &str| cfg.get(k).filter(|v| !v.is_null());
 
     if let Some(t) = field("peft_type") {
@@ -127,7 +122,9 @@ pub fn import_peft(dir: &Path) -> Result<(LoraConfig, TensorMap)> {
         match field(key) {
             None | Some(Value::Bool(false)) => {}
             Some(Value::Bool(true)) => {
-                return Err(format_err(format!("expected `{key}` false, found true: {why}, which hetfed does not support")))
+                return Err(format_err(format!(
+                    "expected `{key}` false, found true: {why}, which hetfed does not support"
+                )))
             }
             Some(v) => return Err(format_err(format!("expected `{key}` to be a boolean, found {v}"))),
         }
@@ -153,14 +150,13 @@ pub fn import_peft(dir: &Path) -> Result<(LoraConfig, TensorMap)> {
         Some(v) => v
             .as_u64()
             .filter(|r| *r >= 1)
-            .ok_or_else(|| format_err(format!("expected `r` to be a positive integer, found {v}")))? as usize,
+            .ok_or_else(|| format_err(format!("expected `r` to be a positive integer, found {v}")))?
+            as usize,
     };
     let number = |key: &str, default: f64| -> Result<f64> {
         match field(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| format_err(format!("expected `{key}` to be a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| format_err(format!("expected `{key}` to be a number, found {v}"))),
         }
     };
     let alpha = number("lora_alpha", 8.0)?;
@@ -204,16 +200,8 @@ pub fn import_peft(dir: &Path) -> Result<(LoraConfig, TensorMap)> {
     }
     let modules = || factors.keys().filter_map(|k| k.strip_suffix(".lora_A")).map(str::to_string);
     let targets = listed_targets.unwrap_or_else(|| modules().collect());
-    let config = LoraConfig {
-        rank,
-        alpha,
-        dropout,
-        targets,
-    };
-    lora::pairs(&config, &factors).map_err(|e| Error::Format {
-        path: weights_path.clone(),
-        msg: e.to_string(),
-    })?;
+    let config = LoraConfig { rank, alpha, dropout, targets };
+    lora::pairs(&config, &factors).map_err(|e| Error::Format { path: weights_path.clone(), msg: e.to_string() })?;
     Ok((config, factors))
 }
 

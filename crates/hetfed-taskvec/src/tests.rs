@@ -68,8 +68,7 @@ fn assert_equal(a: &TensorMap, b: &TensorMap) {
 
 fn tensor(shape: Vec<usize>, bound: f32) -> impl Strategy<Value = Tensor> {
     let n: usize = shape.iter().product();
-    prop::collection::vec(-bound..bound, n)
-        .prop_map(move |v| Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
+    prop::collection::vec(-bound..bound, n).prop_map(move |v| Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
 }
 
 fn map_of(shapes: Vec<(String, Vec<usize>)>, bound: f32) -> impl Strategy<Value = TensorMap> {
@@ -81,18 +80,11 @@ fn map_of(shapes: Vec<(String, Vec<usize>)>, bound: f32) -> impl Strategy<Value 
 }
 
 fn dense_shapes(o: usize, i: usize) -> Vec<(String, Vec<usize>)> {
-    vec![
-        ("h.0.q.weight".into(), vec![o, i]),
-        ("h.0.q.bias".into(), vec![o]),
-        ("h.1.q.weight".into(), vec![o, i]),
-    ]
+    vec![("h.0.q.weight".into(), vec![o, i]), ("h.0.q.bias".into(), vec![o]), ("h.1.q.weight".into(), vec![o, i])]
 }
 
 fn lora_shapes(o: usize, i: usize, r: usize, modules: &[&str]) -> Vec<(String, Vec<usize>)> {
-    modules
-        .iter()
-        .flat_map(|m| [(format!("{m}.lora_A"), vec![r, i]), (format!("{m}.lora_B"), vec![o, r])])
-        .collect()
+    modules.iter().flat_map(|m| [(format!("{m}.lora_A"), vec![r, i]), (format!("{m}.lora_B"), vec![o, r])]).collect()
 }
 
 /// A LoRA task vector on `modules` with factor values in ±0.5 and scale in [0.5, 2], so dense
@@ -100,22 +92,15 @@ fn lora_shapes(o: usize, i: usize, r: usize, modules: &[&str]) -> Vec<(String, V
 fn lora_tv(o: usize, i: usize, modules: &'static [&'static str]) -> impl Strategy<Value = TaskVector> {
     (1usize..4, 0.5f64..2.0).prop_flat_map(move |(r, scale)| {
         map_of(lora_shapes(o, i, r, modules), 0.5).prop_map(move |factors| {
-            let config = LoraConfig {
-                rank: r,
-                alpha: scale * r as f64,
-                dropout: 0.0,
-                targets: vec!["q".into(), "k".into()],
-            };
+            let config =
+                LoraConfig { rank: r, alpha: scale * r as f64, dropout: 0.0, targets: vec!["q".into(), "k".into()] };
             TaskVector::from_lora_factors(bloom(), config, factors).unwrap()
         })
     })
 }
 
 fn full_tv(o: usize, i: usize) -> impl Strategy<Value = TaskVector> {
-    map_of(dense_shapes(o, i), 2.0).prop_map(|m| TaskVector {
-        base: bloom(),
-        kind: Delta::Full(m),
-    })
+    map_of(dense_shapes(o, i), 2.0).prop_map(|m| TaskVector { base: bloom(), kind: Delta::Full(m) })
 }
 
 /// Either kind, on the same dense parameters (`h.{0,1}.q.weight`; Full also has a bias).
@@ -260,12 +245,7 @@ fn small_lora() -> TaskVector {
     let mut f = TensorMap::new();
     f.insert("h.0.q.lora_A".into(), mat(&[&[1.0, 0.0, 2.0]])); // [1, 3]
     f.insert("h.0.q.lora_B".into(), mat(&[&[1.0], &[-1.0]])); // [2, 1]
-    let config = LoraConfig {
-        rank: 1,
-        alpha: 2.0,
-        dropout: 0.1,
-        targets: vec!["q".into()],
-    };
+    let config = LoraConfig { rank: 1, alpha: 2.0, dropout: 0.1, targets: vec!["q".into()] };
     TaskVector::from_lora_factors(bloom(), config, f).unwrap()
 }
 
@@ -280,10 +260,7 @@ fn small_base() -> TensorMap {
 fn lora_materialises_b_a_scale() {
     let dense = small_lora().materialize().unwrap();
     assert_eq!(dense.keys().collect::<Vec<_>>(), ["h.0.q.weight"]);
-    assert_eq!(
-        dense["h.0.q.weight"].to_vec2::<f32>().unwrap(),
-        vec![vec![2.0, 0.0, 4.0], vec![-2.0, 0.0, -4.0]]
-    );
+    assert_eq!(dense["h.0.q.weight"].to_vec2::<f32>().unwrap(), vec![vec![2.0, 0.0, 4.0], vec![-2.0, 0.0, -4.0]]);
     let tv = small_lora();
     assert_eq!(tv.num_params(), 6);
     assert_eq!(tv.num_stored_values(), 5);
@@ -462,8 +439,14 @@ fn peft_import_accepts_defaults_and_adapter_names() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(CONFIG_FILE), r#"{"peft_type": "LORA", "target_modules": "q|k"}"#).unwrap();
     let mut w = TensorMap::new();
-    w.insert("base_model.model.h.0.q.lora_A.default.weight".into(), Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap());
-    w.insert("base_model.model.h.0.q.lora_B.default.weight".into(), Tensor::zeros((2, 8), DType::F16, &Device::Cpu).unwrap());
+    w.insert(
+        "base_model.model.h.0.q.lora_A.default.weight".into(),
+        Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    w.insert(
+        "base_model.model.h.0.q.lora_B.default.weight".into(),
+        Tensor::zeros((2, 8), DType::F16, &Device::Cpu).unwrap(),
+    );
     hetfed_core::save_safetensors(&w, DType::F16, &Default::default(), &dir.join(WEIGHTS_FILE)).unwrap();
     let (config, factors) = import_peft(&dir).unwrap();
     assert_eq!((config.rank, config.alpha), (8, 8.0));
@@ -524,10 +507,17 @@ fn identical_task_vectors_write_identical_bytes() {
         // Metadata keys in order: the header reads the same in every process.
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
-        let keys: Vec<usize> = ["hetfed.base.arch", "hetfed.base.config_hash", "hetfed.base.weights_hash", "hetfed.dtype", "hetfed.format", "hetfed.kind"]
-            .iter()
-            .map(|k| header.find(k).unwrap())
-            .collect();
+        let keys: Vec<usize> = [
+            "hetfed.base.arch",
+            "hetfed.base.config_hash",
+            "hetfed.base.weights_hash",
+            "hetfed.dtype",
+            "hetfed.format",
+            "hetfed.kind",
+        ]
+        .iter()
+        .map(|k| header.find(k).unwrap())
+        .collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{header}");
     }
 }
@@ -557,7 +547,10 @@ fn validation_refuses_what_the_server_refuses() {
     assert!(err(&small_lora(), 1.0).contains("expected an update norm <= 1, found 6.3246"));
     let other = TaskVector { base: ident("bloom", "z"), ..small_lora() };
     let e = err(&other, 1.0);
-    assert!(e.starts_with("expected an update of the base model bloom") && e.contains(&ident("bloom", "z").to_string()), "{e}");
+    assert!(
+        e.starts_with("expected an update of the base model bloom") && e.contains(&ident("bloom", "z").to_string()),
+        "{e}"
+    );
 
     // LoRA factors far larger than the model are refused on their shapes, before `B·A` exists.
     let mut huge = TensorMap::new();

@@ -93,7 +93,13 @@ impl TaskVector {
     /// does with a task vector it is given. Also refuses a `lambda` that is not finite and a
     /// result that is not (finite values can still overflow when scaled). Parameters the task
     /// vector does not touch are passed through; each result keeps its base tensor's dtype.
-    pub fn apply_validated(&self, base_id: &ModelIdentity, base: &TensorMap, lambda: f64, what: &str) -> Result<TensorMap> {
+    pub fn apply_validated(
+        &self,
+        base_id: &ModelIdentity,
+        base: &TensorMap,
+        lambda: f64,
+        what: &str,
+    ) -> Result<TensorMap> {
         if !lambda.is_finite() {
             return Err(Error::msg(format!("expected a finite scale (lambda) for the task vector, found {lambda}")));
         }
@@ -101,7 +107,8 @@ impl TaskVector {
         let mut out = base.clone();
         for (name, d) in checked.delta {
             let theta = &base[&name];
-            let updated = (theta.to_dtype(DType::F32)? + (d.to_device(theta.device())? * lambda)?)?.to_dtype(theta.dtype())?;
+            let updated =
+                (theta.to_dtype(DType::F32)? + (d.to_device(theta.device())? * lambda)?)?.to_dtype(theta.dtype())?;
             if !all_finite(&updated)? {
                 return Err(Error::msg(format!(
                     "parameter `{name}` of {what} plus {lambda}·tau: expected finite values, found NaN or infinity"

@@ -29,7 +29,13 @@ const JUNK: &[u8] = b"{}[]\":,0123456789-+.eE \\nul\xff\x00";
 /// One to three mutations of `orig`, half of them inside the first `focus` bytes.
 fn mutate(orig: &[u8], rng: &mut Rng, focus: usize) -> Vec<u8> {
     let mut b = orig.to_vec();
-    let pos = |rng: &mut Rng, len: usize| if rng.below(2) == 0 { rng.below(focus.min(len).max(1)) } else { rng.below(len.max(1)) };
+    let pos = |rng: &mut Rng, len: usize| {
+        if rng.below(2) == 0 {
+            rng.below(focus.min(len).max(1))
+        } else {
+            rng.below(len.max(1))
+        }
+    };
     for _ in 0..1 + rng.below(3) {
         let len = b.len();
         let i = pos(rng, len).min(len);

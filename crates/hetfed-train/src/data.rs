@@ -54,19 +54,20 @@ impl Encoded {
 /// gets none but is followed by `eos` when given. Sequences longer than `max_len` lose the start
 /// of their prompt (the end of a prompt, next to the target, matters most); a target longer than
 /// `max_len - 1` is cut at its end.
-pub fn encode(tok: &hetfed_model::tokenizers::Tokenizer, examples: &[Example], max_len: usize, eos: Option<u32>) -> Result<Vec<Encoded>> {
+pub fn encode(
+    tok: &hetfed_model::tokenizers::Tokenizer,
+    examples: &[Example],
+    max_len: usize,
+    eos: Option<u32>,
+) -> Result<Vec<Encoded>> {
     if max_len < 2 {
         return Err(Error::msg(format!("max_len must be at least 2, found {max_len}")));
     }
     examples
         .iter()
         .map(|ex| {
-            let p = tok
-                .encode(ex.prompt.as_str(), true)
-                .map_err(|e| Error::msg(format!("tokenising prompt: {e}")))?;
-            let t = tok
-                .encode(ex.target.as_str(), false)
-                .map_err(|e| Error::msg(format!("tokenising target: {e}")))?;
+            let p = tok.encode(ex.prompt.as_str(), true).map_err(|e| Error::msg(format!("tokenising prompt: {e}")))?;
+            let t = tok.encode(ex.target.as_str(), false).map_err(|e| Error::msg(format!("tokenising target: {e}")))?;
             let mut prompt = p.get_ids().to_vec();
             let mut target = t.get_ids().to_vec();
             target.extend(eos);

@@ -140,16 +140,7 @@ impl<'a> Trainer<'a> {
         };
         let reference = vars.iter().map(|(_, v)| v.as_detached_tensor().copy()).collect::<candle_core::Result<_>>()?;
         let opt = AdamW::new(vars, cfg.adamw)?;
-        Ok(Self {
-            ck,
-            cfg,
-            model,
-            lora,
-            full,
-            opt,
-            reference,
-            step: 0,
-        })
+        Ok(Self { ck, cfg, model, lora, full, opt, reference, step: 0 })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -167,7 +158,9 @@ impl<'a> Trainer<'a> {
         let mut out = Vec::new();
         for epoch in 0..self.cfg.epochs {
             let mut idx: Vec<usize> = (0..n).collect();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(self.cfg.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                self.cfg.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
+            );
             idx.shuffle(&mut rng);
             out.extend(idx.chunks(self.cfg.batch_size).map(<[usize]>::to_vec));
         }
@@ -333,10 +326,8 @@ impl<'a> Trainer<'a> {
                 msg: format!("expected metadata key `{k}` of a hetfed training state, found none"),
             })
         };
-        let saved: TrainConfig = serde_json::from_str(&get("config")?).map_err(|e| Error::Format {
-            path: path.to_owned(),
-            msg: format!("config: {e}"),
-        })?;
+        let saved: TrainConfig = serde_json::from_str(&get("config")?)
+            .map_err(|e| Error::Format { path: path.to_owned(), msg: format!("config: {e}") })?;
         if saved != self.cfg {
             return Err(Error::Format {
                 path: path.to_owned(),
@@ -413,10 +404,8 @@ pub fn eval_loss(model: &dyn CausalLm, data: &[Encoded], batch_size: usize) -> R
     let mut sum = 0.0;
     let mut n = 0usize;
     for chunk in data.chunks(batch_size.max(1)) {
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk
-            .iter()
-            .map(|e| (e.ids[..e.prompt_len].to_vec(), e.ids[e.prompt_len..].to_vec()))
-            .collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            chunk.iter().map(|e| (e.ids[..e.prompt_len].to_vec(), e.ids[e.prompt_len..].to_vec())).collect();
         for s in hetfed_model::score::continuation_logprobs(model, &pairs, batch_size)? {
             sum -= s.sum as f64;
             n += s.n_tokens;
@@ -437,7 +426,10 @@ mod tests {
         std::fs::write(&path, format!("{{\"event\":\"note\"}}\n{rows}{{\"step\":6,\"lo")).unwrap();
         assert_eq!(super::truncate_log_after(&path, 3).unwrap(), 3);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "{\"event\":\"note\"}\n{\"step\":1,\"loss\":1.0}\n{\"step\":2,\"loss\":1.0}\n{\"step\":3,\"loss\":1.0}\n");
+        assert_eq!(
+            text,
+            "{\"event\":\"note\"}\n{\"step\":1,\"loss\":1.0}\n{\"step\":2,\"loss\":1.0}\n{\"step\":3,\"loss\":1.0}\n"
+        );
         assert_eq!(super::truncate_log_after(&path, 3).unwrap(), 0, "nothing more to drop");
         assert_eq!(super::truncate_log_after(&path, 0).unwrap(), 3, "a fresh start keeps no step rows");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"event\":\"note\"}\n");

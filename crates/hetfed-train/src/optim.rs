@@ -52,12 +52,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -197,7 +192,9 @@ mod tests {
     #[test]
     fn adamw_matches_torch_trajectory() {
         let w = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig { weight_decay: 0.01, ..Default::default() }).unwrap();
+        let mut opt =
+            AdamW::new(vec![("w".into(), w.clone())], AdamWConfig { weight_decay: 0.01, ..Default::default() })
+                .unwrap();
         for _ in 0..3 {
             let g = (w.as_tensor() * 2.0).unwrap();
             opt.step(&[g], 0.1).unwrap();

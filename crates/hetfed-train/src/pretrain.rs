@@ -115,7 +115,9 @@ fn texts_of(ex: &Examples) -> Vec<String> {
         Examples::Classification(v) => v.iter().map(|e| e.text.clone()).collect(),
         Examples::Choice(v) => v.iter().flat_map(|e| [e.premise.clone(), e.choices.join(" ")]).collect(),
         Examples::Translation(v) => v.iter().flat_map(|e| [e.src.clone(), e.tgt.clone()]).collect(),
-        Examples::Summary(v) => v.iter().flat_map(|e| std::iter::once(e.document.clone()).chain(e.references.iter().cloned())).collect(),
+        Examples::Summary(v) => {
+            v.iter().flat_map(|e| std::iter::once(e.document.clone()).chain(e.references.iter().cloned())).collect()
+        }
         Examples::Text(v) => v.iter().map(|e| e.text.clone()).collect(),
     }
 }
@@ -130,7 +132,8 @@ fn ids(tok: &Tokenizer, s: &str) -> Result<Vec<u32>> {
 pub fn training_texts(cfg: &PretrainConfig, dir: &DataDir) -> Result<Vec<(String, Vec<String>)>> {
     let mut out = Vec::new();
     for lang in &cfg.languages {
-        let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
+        let spec: hetfed_data::DatasetSpec =
+            format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
         let mut train = texts_of(&spec.load(dir, Split::Train).map_err(|e| Error::msg(e.to_string()))?);
         if let Some(m) = cfg.max_lines_per_language {
             train.truncate(m);
@@ -159,7 +162,8 @@ pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u
     }
     let mut held_out = BTreeMap::new();
     for lang in &cfg.languages {
-        let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
+        let spec: hetfed_data::DatasetSpec =
+            format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
         let dev = texts_of(&spec.load(dir, Split::Dev).map_err(|e| Error::msg(e.to_string()))?);
         let held: Vec<Encoded> = dev
             .iter()
@@ -178,9 +182,13 @@ pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u
     let unigram_ppl = held_out.iter().map(|(l, h)| (l.clone(), unigram_ppl(&stream, vocab, h))).collect();
     // Packed: consecutive `seq_len` windows of the token stream (documents separated by eos);
     // the loss covers every position after the first.
-    let train: Vec<Encoded> = stream.chunks_exact(cfg.seq_len).map(|c| Encoded { ids: c.to_vec(), prompt_len: 1 }).collect();
+    let train: Vec<Encoded> =
+        stream.chunks_exact(cfg.seq_len).map(|c| Encoded { ids: c.to_vec(), prompt_len: 1 }).collect();
     if train.is_empty() {
-        return Err(Error::msg(format!("the corpus has {train_tokens} tokens, fewer than one sequence of {}", cfg.seq_len)));
+        return Err(Error::msg(format!(
+            "the corpus has {train_tokens} tokens, fewer than one sequence of {}",
+            cfg.seq_len
+        )));
     }
     Ok(Corpus { train, held_out, train_tokens, sources, unigram_ppl })
 }

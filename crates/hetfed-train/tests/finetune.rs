@@ -26,7 +26,12 @@ fn encoded(ck: &Checkpoint) -> Vec<Encoded> {
 
 fn lora_cfg() -> TrainConfig {
     TrainConfig {
-        lora: Some(LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: vec!["query_key_value".into(), "dense_h_to_4h".into()] }),
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: vec!["query_key_value".into(), "dense_h_to_4h".into()],
+        }),
         lr: 1e-2,
         batch_size: 4,
         grad_accum: 2,
@@ -41,10 +46,14 @@ fn run(ck: &Checkpoint, cfg: TrainConfig, steps: Option<usize>) -> Trainer<'_> {
     let data = encoded(ck);
     let mut tr = Trainer::new(ck, cfg, None).unwrap();
     let mut n = 0;
-    tr.train(&data, |_, _| Ok(()), || {
-        n += 1;
-        steps.is_some_and(|s| n > s)
-    })
+    tr.train(
+        &data,
+        |_, _| Ok(()),
+        || {
+            n += 1;
+            steps.is_some_and(|s| n > s)
+        },
+    )
     .unwrap();
     tr
 }
@@ -104,7 +113,14 @@ fn full_finetuning_updates_every_parameter_and_lowers_loss() {
 fn fedprox_term_keeps_weights_closer_to_the_reference() {
     let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
     let dist = |mu: f64| {
-        let cfg = TrainConfig { lr: 1e-2, proximal_mu: mu, batch_size: 4, epochs: 2, max_grad_norm: None, ..Default::default() };
+        let cfg = TrainConfig {
+            lr: 1e-2,
+            proximal_mu: mu,
+            batch_size: 4,
+            epochs: 2,
+            max_grad_norm: None,
+            ..Default::default()
+        };
         let tr = run(&ck, cfg, None);
         let w = tr.weights().unwrap();
         ck.weights.iter().map(|(k, t)| hetfed_core::sq_norm(&(t - &w[k]).unwrap()).unwrap()).sum::<f64>()
@@ -129,14 +145,20 @@ fn prompt_tokens_carry_no_loss_and_long_prompts_keep_their_end() {
 
 #[test]
 fn lora_finetune_of_tinystories_lowers_held_out_loss() {
-    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else { return };
+    let Some(dir) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "models/tinystories-656k") else {
+        return;
+    };
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let ck = Checkpoint::load(&dir).unwrap();
     let dir = hetfed_data::DataDir::new(data.parent().unwrap());
     let task = hetfed_data::task::builtin("ethos").unwrap();
     let pairs = |split| -> Vec<Example> {
         let ex = task.load(&dir, split).unwrap();
-        task.to_prompt_target(&ex, None).unwrap().into_iter().map(|p| Example { prompt: p.prompt, target: p.target }).collect()
+        task.to_prompt_target(&ex, None)
+            .unwrap()
+            .into_iter()
+            .map(|p| Example { prompt: p.prompt, target: p.target })
+            .collect()
     };
     let train: Vec<Example> = pairs(hetfed_data::Split::Train).into_iter().take(96).collect();
     let held: Vec<Example> = pairs(hetfed_data::Split::Dev).into_iter().take(48).collect();
@@ -145,7 +167,12 @@ fn lora_finetune_of_tinystories_lowers_held_out_loss() {
     let train = encode(tok, train, 64, Some(2)).unwrap();
     let held = encode(tok, held, 64, Some(2)).unwrap();
     let cfg = TrainConfig {
-        lora: Some(LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] }),
+        lora: Some(LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        }),
         lr: 5e-3,
         batch_size: 16,
         epochs: 2,

@@ -64,11 +64,9 @@ pub type Activations = Vec<BTreeMap<Space, Tensor>>;
 pub(crate) fn bloom_model(ck: &Checkpoint) -> Result<bloom::Model> {
     match &ck.arch {
         Arch::Bloom(cfg) => bloom::Model::new(cfg, &Weights { map: &ck.weights, source: &ck.source() }, None),
-        other => Err(Error::msg(format!(
-            "{}: projection supports BLOOM models, found {}",
-            ck.source(),
-            other.model_type()
-        ))),
+        other => {
+            Err(Error::msg(format!("{}: projection supports BLOOM models, found {}", ck.source(), other.model_type())))
+        }
     }
 }
 
@@ -86,7 +84,10 @@ pub fn capture(ck: &Checkpoint, seqs: &[Vec<u32>], batch: usize) -> Result<Activ
     }
     let vocab = model.vocab_size();
     if let Some(bad) = seqs.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(Error::msg(format!("calibration: expected token ids below {vocab} (the vocabulary of {}), found {bad}", ck.source())));
+        return Err(Error::msg(format!(
+            "calibration: expected token ids below {vocab} (the vocabulary of {}), found {bad}",
+            ck.source()
+        )));
     }
     let mut parts: Vec<BTreeMap<Space, Vec<Tensor>>> = Vec::new();
     for chunk in seqs.chunks(batch.max(1)) {
@@ -123,11 +124,19 @@ pub fn capture(ck: &Checkpoint, seqs: &[Vec<u32>], batch: usize) -> Result<Activ
 /// `start` (e.g. the end-of-text token): calibration text the server owns by construction.
 pub fn sample_sequences(model: &dyn CausalLm, start: u32, n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
     if n == 0 || len < 2 {
-        return Err(Error::msg(format!("calibration: expected at least 1 sequence of at least 2 tokens, found {n} of {len}")));
+        return Err(Error::msg(format!(
+            "calibration: expected at least 1 sequence of at least 2 tokens, found {n} of {len}"
+        )));
     }
     let mut out = Vec::with_capacity(n);
     for (k, chunk) in (0..n).collect::<Vec<_>>().chunks(16).enumerate() {
-        let cfg = SamplingConfig { max_new_tokens: len - 1, temperature: 1.0, top_k: Some(50), top_p: None, seed: seed.wrapping_add(k as u64) };
+        let cfg = SamplingConfig {
+            max_new_tokens: len - 1,
+            temperature: 1.0,
+            top_k: Some(50),
+            top_p: None,
+            seed: seed.wrapping_add(k as u64),
+        };
         let prompts = vec![vec![start]; chunk.len()];
         for cont in generate_batch(model, &prompts, &cfg, None)? {
             let mut s = vec![start];
@@ -141,7 +150,13 @@ pub fn sample_sequences(model: &dyn CausalLm, start: u32, n: usize, len: usize, 
 
 /// `n` windows of `len` tokens from `texts` tokenised and joined with `sep` (the server's own
 /// text, e.g. its pretraining corpus). Errors when the texts hold fewer than one window.
-pub fn text_sequences(tok: &hetfed_model::tokenizers::Tokenizer, texts: &[String], sep: u32, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
+pub fn text_sequences(
+    tok: &hetfed_model::tokenizers::Tokenizer,
+    texts: &[String],
+    sep: u32,
+    n: usize,
+    len: usize,
+) -> Result<Vec<Vec<u32>>> {
     let mut stream = Vec::new();
     for t in texts {
         let enc = tok.encode(t.as_str(), false).map_err(|e| Error::msg(format!("calibration: tokenising: {e}")))?;
@@ -153,7 +168,10 @@ pub fn text_sequences(tok: &hetfed_model::tokenizers::Tokenizer, texts: &[String
     }
     let out: Vec<Vec<u32>> = stream.chunks_exact(len.max(1)).take(n).map(<[u32]>::to_vec).collect();
     if out.is_empty() {
-        return Err(Error::msg(format!("calibration: expected text for at least one window of {len} tokens, found {} tokens", stream.len())));
+        return Err(Error::msg(format!(
+            "calibration: expected text for at least one window of {len} tokens, found {} tokens",
+            stream.len()
+        )));
     }
     Ok(out)
 }

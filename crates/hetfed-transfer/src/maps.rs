@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_model::{Arch, Checkpoint, ModelIdentity};
 use hetfed_project::{
-    fit_procrustes, fit_ridge, fit_weight_space, pair_layers, random_orthogonal, split_rows_interleaved, Centring, Map, WeightFitOptions,
+    fit_procrustes, fit_ridge, fit_weight_space, pair_layers, random_orthogonal, split_rows_interleaved, Centring, Map,
+    WeightFitOptions,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -18,7 +19,8 @@ use crate::calibration::{capture, Space};
 
 /// The linear modules of a BLOOM block that updates are projected for, as named under
 /// `transformer.h.{i}.`.
-pub const MODULES: [&str; 4] = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
+pub const MODULES: [&str; 4] =
+    ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
 
 /// The spaces a module reads (`T_in`) and writes (`T_out`, three for the fused QKV).
 fn module_spaces(module: &str) -> (Vec<Space>, Space) {
@@ -70,7 +72,11 @@ impl std::str::FromStr for Method {
             "weight_space" | "weight-space" => Method::WeightSpace,
             "random" => Method::Random,
             "identity" => Method::Identity,
-            _ => return Err(format!("expected a map method (ridge, procrustes, weight_space, random, identity), found {s:?}")),
+            _ => {
+                return Err(format!(
+                    "expected a map method (ridge, procrustes, weight_space, random, identity), found {s:?}"
+                ))
+            }
         })
     }
 }
@@ -166,10 +172,11 @@ pub struct PairMaps {
 fn bloom_cfg(ck: &Checkpoint) -> Result<&hetfed_model::bloom::Config> {
     match &ck.arch {
         Arch::Bloom(c) => Ok(c),
-        other => Err(Error::msg(format!("{}: projection supports BLOOM models, found {}", ck.source(), other.model_type()))),
+        other => {
+            Err(Error::msg(format!("{}: projection supports BLOOM models, found {}", ck.source(), other.model_type())))
+        }
     }
 }
-
 
 /// Centred fit and held-out halves of one space on both sides.
 struct Paired {
@@ -217,7 +224,13 @@ fn fit_one(method: Method, p: &Paired, ridge: f64, seed: u64) -> Result<Map> {
 impl PairMaps {
     /// Fits every map between `small` and `large` (both BLOOM, one vocabulary) on the
     /// calibration sequences `seqs` (described by `calibration` for reports and the cache key).
-    pub fn fit(small: &Checkpoint, large: &Checkpoint, seqs: &[Vec<u32>], calibration: &str, cfg: &MapConfig) -> Result<Self> {
+    pub fn fit(
+        small: &Checkpoint,
+        large: &Checkpoint,
+        seqs: &[Vec<u32>],
+        calibration: &str,
+        cfg: &MapConfig,
+    ) -> Result<Self> {
         cfg.validate().map_err(Error::msg)?;
         let t0 = Instant::now();
         let (cs, cl) = (bloom_cfg(small)?, bloom_cfg(large)?);
@@ -252,7 +265,8 @@ impl PairMaps {
         let mut fits = Vec::with_capacity(cl.n_layer);
         for (j, &i) in pairing.iter().enumerate() {
             let tl = Instant::now();
-            let paired = |space: Space| -> Result<Paired> { split_centre(&acts_s[i][&space], &acts_l[j][&space], n_fit) };
+            let paired =
+                |space: Space| -> Result<Paired> { split_centre(&acts_s[i][&space], &acts_l[j][&space], n_fit) };
             let mut r2s = BTreeMap::new();
             let mut modules = BTreeMap::new();
             if cfg.method == Method::WeightSpace {
@@ -270,17 +284,30 @@ impl PairMaps {
                 let mut maps = BTreeMap::new();
                 for space in Space::ALL.into_iter().filter(|s| !matches!(s, Space::ResidIn | Space::MlpPre)) {
                     let p = paired(space)?;
-                    let map = fit_one(cfg.method, &p, cfg.ridge, hetfed_core::mix_seed(cfg.seed, (j * 16 + space as usize) as u64))?;
+                    let map = fit_one(
+                        cfg.method,
+                        &p,
+                        cfg.ridge,
+                        hetfed_core::mix_seed(cfg.seed, (j * 16 + space as usize) as u64),
+                    )?;
                     r2s.insert(space.name().to_string(), r2(&map, &p)?);
                     maps.insert(space, map);
                 }
                 for m in MODULES {
                     let (outs, input) = module_spaces(m);
-                    modules.insert(m.to_string(), ModuleMaps { out: outs.iter().map(|s| maps[s].clone()).collect(), input: maps[&input].clone() });
+                    modules.insert(
+                        m.to_string(),
+                        ModuleMaps { out: outs.iter().map(|s| maps[s].clone()).collect(), input: maps[&input].clone() },
+                    );
                 }
             }
             layers.push(modules);
-            fits.push(LayerFit { large_layer: j, small_layer: i, explained_variance: r2s, seconds: tl.elapsed().as_secs_f64() });
+            fits.push(LayerFit {
+                large_layer: j,
+                small_layer: i,
+                explained_variance: r2s,
+                seconds: tl.elapsed().as_secs_f64(),
+            });
         }
         let p0 = split_centre(&acts_s[0][&Space::ResidIn], &acts_l[0][&Space::ResidIn], n_fit)?;
         let embed = if cfg.method == Method::WeightSpace {
@@ -291,7 +318,8 @@ impl PairMaps {
             fit_one(cfg.method, &p0, cfg.ridge, hetfed_core::mix_seed(cfg.seed, u64::MAX))?
         };
         let embed_explained_variance = r2(&embed, &p0)?;
-        let all: Vec<f64> = fits.iter().flat_map(|f| f.explained_variance.values().copied()).filter(|v| v.is_finite()).collect();
+        let all: Vec<f64> =
+            fits.iter().flat_map(|f| f.explained_variance.values().copied()).filter(|v| v.is_finite()).collect();
         let mean_explained_variance = all.iter().sum::<f64>() / all.len().max(1) as f64;
         let summary = FitSummary {
             method: cfg.method,
@@ -380,9 +408,14 @@ impl PairMaps {
         let (mut t, md) = hetfed_core::load_safetensors(path)?;
         let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
         if md.get("hetfed.format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!("expected hetfed pair maps (format {FORMAT}), found format {:?}", md.get("hetfed.format"))));
+            return Err(bad(format!(
+                "expected hetfed pair maps (format {FORMAT}), found format {:?}",
+                md.get("hetfed.format")
+            )));
         }
-        let meta: serde_json::Value = serde_json::from_str(md.get("hetfed.pair_maps").map(String::as_str).unwrap_or("")).map_err(|e| bad(format!("expected JSON metadata: {e}")))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(md.get("hetfed.pair_maps").map(String::as_str).unwrap_or(""))
+                .map_err(|e| bad(format!("expected JSON metadata: {e}")))?;
         let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata lacks `{k}`")));
         let parse = |k: &str| -> Result<serde_json::Value> { field(k) };
         let small: ModelIdentity = serde_json::from_value(parse("small")?).map_err(|e| bad(e.to_string()))?;
@@ -392,7 +425,9 @@ impl PairMaps {
         let summary: FitSummary = serde_json::from_value(parse("summary")?).map_err(|e| bad(e.to_string()))?;
         let n_head_small = parse("n_head_small")?.as_u64().unwrap_or(0) as usize;
         let n_head_large = parse("n_head_large")?.as_u64().unwrap_or(0) as usize;
-        let mut take = |k: &str| -> Result<Map> { Map::from_tensor(&t.remove(k).ok_or_else(|| bad(format!("expected tensor `{k}`, found none")))?) };
+        let mut take = |k: &str| -> Result<Map> {
+            Map::from_tensor(&t.remove(k).ok_or_else(|| bad(format!("expected tensor `{k}`, found none")))?)
+        };
         let embed = take("embed")?;
         let mut layers = Vec::with_capacity(pairing.len());
         for j in 0..pairing.len() {
@@ -424,9 +459,23 @@ const FORMAT: &str = "pair-maps-1";
 
 /// Data-free maps of one module: per output part `A_p` from `A·W_s^p·B^T ≈ W_l^p`, and the input
 /// map `B` from the whole (stacked) matrix.
-fn weight_space_module(small: &Checkpoint, large: &Checkpoint, i: usize, j: usize, m: &str, nh_s: usize, nh_l: usize) -> Result<ModuleMaps> {
-    let ws = small.weights.get(&format!("transformer.h.{i}.{m}.weight")).ok_or_else(|| Error::msg(format!("{}: missing transformer.h.{i}.{m}.weight", small.source())))?;
-    let wl = large.weights.get(&format!("transformer.h.{j}.{m}.weight")).ok_or_else(|| Error::msg(format!("{}: missing transformer.h.{j}.{m}.weight", large.source())))?;
+fn weight_space_module(
+    small: &Checkpoint,
+    large: &Checkpoint,
+    i: usize,
+    j: usize,
+    m: &str,
+    nh_s: usize,
+    nh_l: usize,
+) -> Result<ModuleMaps> {
+    let ws = small
+        .weights
+        .get(&format!("transformer.h.{i}.{m}.weight"))
+        .ok_or_else(|| Error::msg(format!("{}: missing transformer.h.{i}.{m}.weight", small.source())))?;
+    let wl = large
+        .weights
+        .get(&format!("transformer.h.{j}.{m}.weight"))
+        .ok_or_else(|| Error::msg(format!("{}: missing transformer.h.{j}.{m}.weight", large.source())))?;
     let opts = WeightFitOptions::default();
     let whole = fit_weight_space(std::slice::from_ref(ws), std::slice::from_ref(wl), &opts)?;
     if m == MODULES[0] {

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_project::{concat_rows_interleaved, matrix_to_tensor, project_full, project_lora, project_vector, split_rows_interleaved, Map};
+use hetfed_project::{
+    concat_rows_interleaved, matrix_to_tensor, project_full, project_lora, project_vector, split_rows_interleaved, Map,
+};
 use hetfed_taskvec::{Delta, TaskVector};
 use serde::Serialize;
 
@@ -81,13 +83,21 @@ impl PairMaps {
                         .get(&format!("{module_full}.lora_B"))
                         .ok_or_else(|| Error::msg(format!("LoRA update has `{name}` but no `{module_full}.lora_B`")))?;
                     let (i, module) = parse_module(module_full).ok_or_else(|| {
-                        Error::msg(format!("expected LoRA factors of BLOOM's linear modules ({}), found `{module_full}`", MODULES.join(", ")))
+                        Error::msg(format!(
+                            "expected LoRA factors of BLOOM's linear modules ({}), found `{module_full}`",
+                            MODULES.join(", ")
+                        ))
                     })?;
                     let norm_in = norm(&b.matmul(a)?)? * scale;
                     for j in self.targets_of(i) {
                         let (b2, a2) = self.project_factors(j, module, b, a)?;
                         let large = format!("transformer.h.{j}.{module}");
-                        report.modules.push(ProjectedModule { name: large.clone(), from: module_full.to_string(), norm_in, norm_out: norm(&b2.matmul(&a2)?)? * scale });
+                        report.modules.push(ProjectedModule {
+                            name: large.clone(),
+                            from: module_full.to_string(),
+                            norm_in,
+                            norm_out: norm(&b2.matmul(&a2)?)? * scale,
+                        });
                         out.insert(format!("{large}.lora_A"), a2);
                         out.insert(format!("{large}.lora_B"), b2);
                     }
@@ -101,7 +111,12 @@ impl PairMaps {
                         // Rows are residual-space vectors: dE_l = dE_s·T^T.
                         let tt = matrix_to_tensor(&self.embed.matrix().transpose(), d.device())?;
                         let p = d.to_dtype(DType::F32)?.matmul(&tt)?;
-                        report.modules.push(ProjectedModule { name: name.clone(), from: name.clone(), norm_in: norm(d)?, norm_out: norm(&p)? });
+                        report.modules.push(ProjectedModule {
+                            name: name.clone(),
+                            from: name.clone(),
+                            norm_in: norm(d)?,
+                            norm_out: norm(&p)?,
+                        });
                         out.insert(name.clone(), p);
                         continue;
                     }
@@ -110,12 +125,19 @@ impl PairMaps {
                             report.dropped.push((name.clone(), norm(d)?));
                             continue;
                         }
-                        return Err(Error::msg(format!("expected parameters of a BLOOM model, found `{name}` in the update")));
+                        return Err(Error::msg(format!(
+                            "expected parameters of a BLOOM model, found `{name}` in the update"
+                        )));
                     };
                     for j in self.targets_of(i) {
                         let p = self.project_dense(j, module, d, is_weight)?;
                         let large = format!("transformer.h.{j}.{module}.{}", if is_weight { "weight" } else { "bias" });
-                        report.modules.push(ProjectedModule { name: large.clone(), from: name.clone(), norm_in: norm(d)?, norm_out: norm(&p)? });
+                        report.modules.push(ProjectedModule {
+                            name: large.clone(),
+                            from: name.clone(),
+                            norm_in: norm(d)?,
+                            norm_out: norm(&p)?,
+                        });
                         out.insert(large, p);
                     }
                 }
@@ -147,7 +169,13 @@ impl PairMaps {
     /// `f(part, T_out of the part)` for a module's output rows: the whole tensor for one output
     /// map, or Q, K and V separately (BLOOM's per-head interleaved rows, split with `heads_in`
     /// heads and joined with `heads_out`) for the fused attention projection.
-    fn per_part(d: &Tensor, mm: &ModuleMaps, heads_in: usize, heads_out: usize, f: impl Fn(&Tensor, &Map) -> Result<Tensor>) -> Result<Tensor> {
+    fn per_part(
+        d: &Tensor,
+        mm: &ModuleMaps,
+        heads_in: usize,
+        heads_out: usize,
+        f: impl Fn(&Tensor, &Map) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         if mm.out.len() == 1 {
             return f(d, &mm.out[0]);
         }
@@ -159,7 +187,13 @@ impl PairMaps {
     /// A dense weight (`T_out·dW·T_in^T`) or bias (`T_out·db`) update of large layer `j`.
     fn project_dense(&self, j: usize, module: &str, d: &Tensor, is_weight: bool) -> Result<Tensor> {
         let mm = self.maps(j, module);
-        Self::per_part(d, mm, self.n_head_small, self.n_head_large, |p, t| if is_weight { project_full(p, t, &mm.input) } else { project_vector(p, t) })
+        Self::per_part(d, mm, self.n_head_small, self.n_head_large, |p, t| {
+            if is_weight {
+                project_full(p, t, &mm.input)
+            } else {
+                project_vector(p, t)
+            }
+        })
     }
 
     /// The reverse direction, for personalisation: a task vector of the *large* model moved into
@@ -182,7 +216,12 @@ impl PairMaps {
             if name == "transformer.word_embeddings.weight" {
                 let t = matrix_to_tensor(self.embed.matrix(), d.device())?;
                 let p = d.matmul(&t)?;
-                report.modules.push(ProjectedModule { name: name.clone(), from: name.clone(), norm_in: norm(&d)?, norm_out: norm(&p)? });
+                report.modules.push(ProjectedModule {
+                    name: name.clone(),
+                    from: name.clone(),
+                    norm_in: norm(&d)?,
+                    norm_out: norm(&p)?,
+                });
                 acc.insert(name, (p, 1));
                 continue;
             }
@@ -190,7 +229,10 @@ impl PairMaps {
                 report.dropped.push((name.clone(), norm(&d)?));
                 continue;
             };
-            let i = *self.pairing.get(j).ok_or_else(|| Error::msg(format!("`{name}`: the large model has {} layers", self.pairing.len())))?;
+            let i = *self
+                .pairing
+                .get(j)
+                .ok_or_else(|| Error::msg(format!("`{name}`: the large model has {} layers", self.pairing.len())))?;
             let mm = self.maps(j, module);
             // The transposed maps: T_out^T·dW·T_in (weights), T_out^T·db (biases).
             let p = Self::per_part(&d, mm, self.n_head_large, self.n_head_small, |part, out| {
@@ -202,7 +244,12 @@ impl PairMaps {
                 }
             })?;
             let small = format!("transformer.h.{i}.{module}.{}", if is_weight { "weight" } else { "bias" });
-            report.modules.push(ProjectedModule { name: small.clone(), from: name.clone(), norm_in: norm(&d)?, norm_out: norm(&p)? });
+            report.modules.push(ProjectedModule {
+                name: small.clone(),
+                from: name.clone(),
+                norm_in: norm(&d)?,
+                norm_out: norm(&p)?,
+            });
             let next = match acc.remove(&small) {
                 Some((a, n)) => ((a + p)?, n + 1),
                 None => (p, 1),

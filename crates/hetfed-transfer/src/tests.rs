@@ -24,13 +24,29 @@ fn cfg(h: usize, layers: usize, heads: usize) -> Config {
 }
 
 fn checkpoint(c: &Config, weights: TensorMap, name: &str) -> Checkpoint {
-    Checkpoint { dir: PathBuf::from(name), arch: Arch::Bloom(c.clone()), weights, tokenizer: None, config_json: c.hf_config_json() }
+    Checkpoint {
+        dir: PathBuf::from(name),
+        arch: Arch::Bloom(c.clone()),
+        weights,
+        tokenizer: None,
+        config_json: c.hf_config_json(),
+    }
 }
 
 fn random_model(c: &Config, seed: u64) -> Checkpoint {
     // Larger than BLOOM's 0.02 init so that the random network is far from linear.
     let w = c.random_weights(seed).unwrap();
-    let w = w.into_iter().map(|(k, t)| if t.rank() == 2 { let s = (t * 5.0).unwrap(); (k, s) } else { (k, t) }).collect();
+    let w = w
+        .into_iter()
+        .map(|(k, t)| {
+            if t.rank() == 2 {
+                let s = (t * 5.0).unwrap();
+                (k, s)
+            } else {
+                (k, t)
+            }
+        })
+        .collect();
     checkpoint(c, w, &format!("random-{seed}"))
 }
 
@@ -163,7 +179,9 @@ fn maps_between_a_model_and_its_rotated_copy_recover_the_rotation_and_transport_
     // The copy computes the same function.
     let probe = seqs(2, 12, 9);
     assert!(max_abs_diff(&logits(&small, &small.weights, &probe), &logits(&large, &large.weights, &probe)) < 1e-3);
-    let maps = PairMaps::fit(&small, &large, &calib, "test", &MapConfig { method: Method::Procrustes, ..Default::default() }).unwrap();
+    let maps =
+        PairMaps::fit(&small, &large, &calib, "test", &MapConfig { method: Method::Procrustes, ..Default::default() })
+            .unwrap();
     assert_eq!(maps.pairing, vec![0, 1]);
     for l in &maps.summary.layers {
         for (space, r2) in &l.explained_variance {
@@ -251,7 +269,12 @@ fn fitted_maps_beat_the_random_control_on_held_out_tokens() {
     let small = random_model(&cs, 1);
     let large = random_model(&cl, 2);
     let calib = seqs(60, 24, 5);
-    let r2 = |method| PairMaps::fit(&small, &large, &calib, "test", &MapConfig { method, ..Default::default() }).unwrap().summary.mean_explained_variance;
+    let r2 = |method| {
+        PairMaps::fit(&small, &large, &calib, "test", &MapConfig { method, ..Default::default() })
+            .unwrap()
+            .summary
+            .mean_explained_variance
+    };
     let (ridge, procrustes, random) = (r2(Method::Ridge), r2(Method::Procrustes), r2(Method::Random));
     assert!(ridge > random && procrustes > random, "ridge {ridge}, procrustes {procrustes}, random {random}");
     assert!(random < 0.05, "{random}");
@@ -270,7 +293,8 @@ fn maps_are_cached_by_both_identities_and_settings() {
         Ok(seqs(30, 16, 1))
     })
     .unwrap();
-    let (m2, hit2) = PairMaps::load_or_fit(dir.path(), &small, &large, "c1", &cfg, || panic!("must come from the cache")).unwrap();
+    let (m2, hit2) =
+        PairMaps::load_or_fit(dir.path(), &small, &large, "c1", &cfg, || panic!("must come from the cache")).unwrap();
     assert_eq!((hit1, hit2, calls), (false, true, 1));
     let tv = lora_update(&small, 2, 1);
     let (a, b) = (m1.project(&tv).unwrap().0.materialize().unwrap(), m2.project(&tv).unwrap().0.materialize().unwrap());
@@ -282,7 +306,15 @@ fn maps_are_cached_by_both_identities_and_settings() {
     let other = random_model(&cs, 3);
     let (_, hit) = PairMaps::load_or_fit(dir.path(), &other, &large, "c1", &cfg, || Ok(seqs(30, 16, 1))).unwrap();
     assert!(!hit);
-    let (_, hit) = PairMaps::load_or_fit(dir.path(), &small, &large, "c1", &MapConfig { method: Method::Ridge, ..cfg.clone() }, || Ok(seqs(30, 16, 1))).unwrap();
+    let (_, hit) = PairMaps::load_or_fit(
+        dir.path(),
+        &small,
+        &large,
+        "c1",
+        &MapConfig { method: Method::Ridge, ..cfg.clone() },
+        || Ok(seqs(30, 16, 1)),
+    )
+    .unwrap();
     assert!(!hit);
     // A damaged cache file is an error naming the file, not a panic.
     let f = dir.path().join(PairMaps::cache_file(&small.identity().unwrap(), &large.identity().unwrap(), &cfg, "c1"));
@@ -300,10 +332,15 @@ fn bad_input_is_an_error() {
     let e = PairMaps::fit(&small, &large, &seqs(10, 8, 1), "t", &MapConfig::default()).unwrap_err().to_string();
     assert!(e.contains("equal vocabularies"), "{e}");
     let large = random_model(&cl, 2);
-    let e = PairMaps::fit(&small, &large, &[vec![1, 2, 3], vec![1, 2]], "t", &MapConfig::default()).unwrap_err().to_string();
+    let e = PairMaps::fit(&small, &large, &[vec![1, 2, 3], vec![1, 2]], "t", &MapConfig::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("all of one non-zero length"), "{e}");
     let e = PairMaps::fit(&small, &large, &[vec![1, 2, 99]], "t", &MapConfig::default()).unwrap_err().to_string();
     assert!(e.contains("below 50"), "{e}");
-    let e = PairMaps::fit(&small, &large, &seqs(10, 8, 1), "t", &MapConfig { pairing: vec![5, 0], ..Default::default() }).unwrap_err().to_string();
+    let e =
+        PairMaps::fit(&small, &large, &seqs(10, 8, 1), "t", &MapConfig { pairing: vec![5, 0], ..Default::default() })
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("maps.pairing"), "{e}");
 }

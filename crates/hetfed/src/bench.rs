@@ -95,7 +95,8 @@ fn measure_rust(steps: usize) -> Result<Rates> {
     let train = (BATCH * SEQ * steps) as f64 / t0.context("warm-up did not finish")?.elapsed().as_secs_f64();
 
     let model = ck.model(None)?;
-    let ids = Tensor::from_vec(data.iter().flat_map(|e| e.ids.clone()).collect::<Vec<u32>>(), (BATCH, SEQ), &Device::Cpu)?;
+    let ids =
+        Tensor::from_vec(data.iter().flat_map(|e| e.ids.clone()).collect::<Vec<u32>>(), (BATCH, SEQ), &Device::Cpu)?;
     for _ in 0..WARMUP {
         model.forward(&ids, None)?;
     }
@@ -119,7 +120,12 @@ fn measure_torch(a: &BenchArgs, threads: usize) -> Result<Option<Rates>> {
         Ok(o) if o.status.success() => o,
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
-            eprintln!("PyTorch baseline skipped: {} {} failed: {}", a.python, a.torch_script.display(), err.lines().last().unwrap_or(""));
+            eprintln!(
+                "PyTorch baseline skipped: {} {} failed: {}",
+                a.python,
+                a.torch_script.display(),
+                err.lines().last().unwrap_or("")
+            );
             return Ok(None);
         }
         Err(e) => {
@@ -128,8 +134,10 @@ fn measure_torch(a: &BenchArgs, threads: usize) -> Result<Option<Rates>> {
         }
     };
     let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or("")).context("parsing the PyTorch script's JSON line")?;
-    let get = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).with_context(|| format!("PyTorch JSON has no `{k}`"));
+    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .context("parsing the PyTorch script's JSON line")?;
+    let get =
+        |k: &str| v.get(k).and_then(serde_json::Value::as_f64).with_context(|| format!("PyTorch JSON has no `{k}`"));
     Ok(Some(Rates { train: get("train_tokens_per_s")?, infer: get("infer_tokens_per_s")? }))
 }
 

@@ -56,7 +56,9 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         let tv = TaskVector::load(path)?;
         let id = ck.identity()?;
         // The same validation as the server's for an upload (identity, names, shapes, finite values).
-        ck.weights = tv.apply_validated(&id, &ck.weights, args.lambda, "the base model").with_context(|| format!("applying {}", path.display()))?;
+        ck.weights = tv
+            .apply_validated(&id, &ck.weights, args.lambda, "the base model")
+            .with_context(|| format!("applying {}", path.display()))?;
     }
     let model = ck.model(lora.as_ref())?;
     Ok(Loaded { ck, model })
@@ -92,7 +94,11 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     // Attention over n tokens holds heads × n² scores: never more than the model's context.
     let ctx = limits::context(&l.ck);
     if ids.len() > ctx {
-        eprintln!("note: {from} is {} tokens, more than the context of {} ({ctx} tokens); scoring its first {ctx}", ids.len(), a.m.model.display());
+        eprintln!(
+            "note: {from} is {} tokens, more than the context of {} ({ctx} tokens); scoring its first {ctx}",
+            ids.len(),
+            a.m.model.display()
+        );
         ids.truncate(ctx);
     }
     let lp = hetfed_model::score::sequence_logprobs(l.model.as_ref(), std::slice::from_ref(&ids), 1)?
@@ -169,7 +175,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     limits::beams("--num-beams", a.num_beams, &l.ck)?;
     limits::new_tokens("--max-new-tokens", a.max_new_tokens, &l.ck)?;
     let tok = l.ck.tokenizer()?;
-    let mut ids = tok.encode(prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising {from}: {e}"))?.get_ids().to_vec();
+    let mut ids =
+        tok.encode(prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenising {from}: {e}"))?.get_ids().to_vec();
     if ids.is_empty() {
         bail!("{from}: expected text that encodes to at least one token, found none");
     }
@@ -185,12 +192,22 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         );
         ids.drain(..ids.len() - room);
     }
-    let cfg = SamplingConfig { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let cfg = SamplingConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     let t0 = std::time::Instant::now();
     let eos = l.ck.arch.eos_token_id();
     let new = if a.num_beams > 1 {
         if a.temperature > 0.0 {
-            bail!("--num-beams {}: beam search is deterministic; expected --temperature 0, found {}", a.num_beams, a.temperature);
+            bail!(
+                "--num-beams {}: beam search is deterministic; expected --temperature 0, found {}",
+                a.num_beams,
+                a.temperature
+            );
         }
         hetfed_model::generate::beam_search(l.model.as_ref(), &ids, a.num_beams, a.max_new_tokens, 1.0, eos)?
     } else {
@@ -303,7 +320,8 @@ fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {
     let mut c = match &a.config {
         Some(p) => {
             let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let f: FileConfig = toml::from_str(&s).with_context(|| format!("{}: expected TOML with a [train] table", p.display()))?;
+            let f: FileConfig =
+                toml::from_str(&s).with_context(|| format!("{}: expected TOML with a [train] table", p.display()))?;
             let raw: toml::Value = toml::from_str(&s).with_context(|| format!("{}: expected TOML", p.display()))?;
             file_max_len = raw.get("train").and_then(|t| t.get("max_len")).is_some();
             f.train.unwrap_or_default()
@@ -355,9 +373,18 @@ fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {
 /// by its key in the file.
 fn check_train_limits(a: &FinetuneArgs, c: &TrainConfig, ck: &Checkpoint) -> Result<()> {
     let file = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    let name = |flag_given: bool, flag: &str, key: &str| if flag_given || a.config.is_none() { flag.to_string() } else { format!("{file}: train.{key}") };
-    let int = |given: bool, flag: &str, key: &str, v: usize, lo: usize, hi: usize| limits::int(&name(given, flag, key), v, lo, hi);
-    let real = |given: bool, flag: &str, key: &str, v: f64, range: Interval| limits::real(&name(given, flag, key), v, range);
+    let name = |flag_given: bool, flag: &str, key: &str| {
+        if flag_given || a.config.is_none() {
+            flag.to_string()
+        } else {
+            format!("{file}: train.{key}")
+        }
+    };
+    let int = |given: bool, flag: &str, key: &str, v: usize, lo: usize, hi: usize| {
+        limits::int(&name(given, flag, key), v, lo, hi)
+    };
+    let real =
+        |given: bool, flag: &str, key: &str, v: f64, range: Interval| limits::real(&name(given, flag, key), v, range);
     if let Some(l) = &c.lora {
         let targets_given = a.lora_targets.is_some();
         let Some(max) = hetfed_fed::config::max_lora_rank(&ck.arch, &l.targets) else {
@@ -371,7 +398,11 @@ fn check_train_limits(a: &FinetuneArgs, c: &TrainConfig, ck: &Checkpoint) -> Res
         };
         let rank = name(a.lora_rank.is_some(), "--lora-rank", "lora.rank");
         if l.rank < 1 || l.rank > max {
-            bail!("{rank}: expected 1..={max} (min(in, out) of the smallest adapted layer of {}), found {}", a.model.display(), l.rank);
+            bail!(
+                "{rank}: expected 1..={max} (min(in, out) of the smallest adapted layer of {}), found {}",
+                a.model.display(),
+                l.rank
+            );
         }
         real(a.lora_alpha.is_some(), "--lora-alpha", "lora.alpha", l.alpha, Interval::POSITIVE)?;
         real(a.lora_dropout.is_some(), "--lora-dropout", "lora.dropout", l.dropout, Interval::right_open(0.0, 1.0))?;
@@ -390,9 +421,19 @@ fn check_train_limits(a: &FinetuneArgs, c: &TrainConfig, ck: &Checkpoint) -> Res
     if let Some(g) = a.max_grad_norm {
         limits::real("--max-grad-norm", g, Interval::NON_NEGATIVE)?;
     }
-    real(a.weight_decay.is_some(), "--weight-decay", "adamw.weight_decay", c.adamw.weight_decay, Interval::closed(0.0, 1.0))?;
+    real(
+        a.weight_decay.is_some(),
+        "--weight-decay",
+        "adamw.weight_decay",
+        c.adamw.weight_decay,
+        Interval::closed(0.0, 1.0),
+    )?;
     // Only the file sets these (the defaults are in range).
-    for (key, v, range) in [("beta1", c.adamw.beta1, Interval::right_open(0.0, 1.0)), ("beta2", c.adamw.beta2, Interval::right_open(0.0, 1.0)), ("eps", c.adamw.eps, Interval::left_open(0.0, 1.0))] {
+    for (key, v, range) in [
+        ("beta1", c.adamw.beta1, Interval::right_open(0.0, 1.0)),
+        ("beta2", c.adamw.beta2, Interval::right_open(0.0, 1.0)),
+        ("eps", c.adamw.eps, Interval::left_open(0.0, 1.0)),
+    ] {
         limits::real(&format!("{file}: train.adamw.{key}"), v, range)?;
     }
     let ctx = limits::context(ck);
@@ -420,7 +461,11 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 
 /// Opens a file for appending (metrics logs survive `--resume`).
 pub fn open_append(path: &std::path::Path) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
 }
 
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
@@ -472,7 +517,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             use std::io::Write;
             pb.set_position(r.step as u64);
             pb.set_message(format!("loss {:.4}  {:.0} tok/s  lr {:.2e}", r.loss, r.tokens_per_s, r.lr));
-            writeln!(metrics, "{}", serde_json::to_string(r).expect("report serialises")).map_err(|e| hetfed_core::Error::io("metrics.jsonl", e))?;
+            writeln!(metrics, "{}", serde_json::to_string(r).expect("report serialises"))
+                .map_err(|e| hetfed_core::Error::io("metrics.jsonl", e))?;
             if r.step % every == 0 {
                 t.save_state(&state_path)?;
             }
@@ -483,13 +529,23 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     tr.save_state(&state_path)?;
     pb.finish();
     if stop.load(Ordering::SeqCst) {
-        eprintln!("stopped at step {}/{}; state saved to {} (continue with --resume)", tr.step, total, state_path.display());
+        eprintln!(
+            "stopped at step {}/{}; state saved to {} (continue with --resume)",
+            tr.step,
+            total,
+            state_path.display()
+        );
         return Ok(());
     }
     let id = ck.identity()?;
     let tv = match (tr.lora(), tr.weights()) {
         (Some(set), _) => {
-            hetfed_taskvec::peft::export_peft_factors(&set.config, &set.to_tensors(), &a.out.join("adapter"), &a.model.display().to_string())?;
+            hetfed_taskvec::peft::export_peft_factors(
+                &set.config,
+                &set.to_tensors(),
+                &a.out.join("adapter"),
+                &a.model.display().to_string(),
+            )?;
             TaskVector::from_lora(id.clone(), set)?
         }
         (None, Some(w)) => TaskVector::full_diff(id.clone(), &ck.weights, &w)?,
@@ -571,17 +627,30 @@ pub fn taskvec(c: TaskvecCmd) -> Result<()> {
             let b = Checkpoint::load(&base)?;
             let f = Checkpoint::load(&finetuned)?;
             if b.arch != f.arch {
-                bail!("{} is a {} model with another config than {} ({}): a task vector needs one architecture", finetuned.display(), f.arch.model_type(), base.display(), b.arch.model_type());
+                bail!(
+                    "{} is a {} model with another config than {} ({}): a task vector needs one architecture",
+                    finetuned.display(),
+                    f.arch.model_type(),
+                    base.display(),
+                    b.arch.model_type()
+                );
             }
             let tv = TaskVector::full_diff(b.identity()?, &b.weights, &f.weights)?;
             tv.save(&out, DType::F32)?;
-            println!("wrote {} (full, {} values, norm {:.6})", out.display(), tv.num_stored_values(), tv.global_norm()?);
+            println!(
+                "wrote {} (full, {} values, norm {:.6})",
+                out.display(),
+                tv.num_stored_values(),
+                tv.global_norm()?
+            );
         }
         TaskvecCmd::Apply { base, taskvec, lambda, out } => {
             let b = Checkpoint::load(&base)?;
             let tv = TaskVector::load(&taskvec)?;
             // The same validation as the server's for an upload (identity, names, shapes, finite values).
-            let w = tv.apply_validated(&b.identity()?, &b.weights, lambda, "the base model").with_context(|| format!("applying {}", taskvec.display()))?;
+            let w = tv
+                .apply_validated(&b.identity()?, &b.weights, lambda, "the base model")
+                .with_context(|| format!("applying {}", taskvec.display()))?;
             b.save_as(&w, &out, DType::F32)?;
             println!("wrote {}", out.display());
         }

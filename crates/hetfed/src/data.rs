@@ -97,7 +97,10 @@ pub fn run(c: DataCmd) -> Result<()> {
                 (Scheme::Iid, _) => PartitionScheme::Iid.split(&vec![0; n], clients, seed)?,
                 (Scheme::Quantity, _) => quantity(n, clients, alpha, seed)?,
                 (Scheme::Dirichlet, Some(l)) => PartitionScheme::Dirichlet { alpha }.split(l, clients, seed)?,
-                (Scheme::Dirichlet, None) => bail!("--scheme dirichlet: expected a task with labels (classification or reasoning), found {}", task.kind),
+                (Scheme::Dirichlet, None) => bail!(
+                    "--scheme dirichlet: expected a task with labels (classification or reasoning), found {}",
+                    task.kind
+                ),
             };
             let labels = labels.unwrap_or_else(|| vec![0; n]);
             let pairs = task.to_prompt_target(&examples, None)?;

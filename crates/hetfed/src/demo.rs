@@ -46,7 +46,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let base = ck.model(None)?;
     let prompt = "Once upon a time";
     let ids = tok.encode(prompt, true).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
-    let new = hetfed_model::generate::generate(base.as_ref(), &ids, &SamplingConfig { max_new_tokens: 40, ..Default::default() }, ck.arch.eos_token_id())?;
+    let new = hetfed_model::generate::generate(
+        base.as_ref(),
+        &ids,
+        &SamplingConfig { max_new_tokens: 40, ..Default::default() },
+        ck.arch.eos_token_id(),
+    )?;
     println!("generate   {prompt}{}", tok.decode(&new, true).map_err(|e| anyhow::anyhow!("{e}"))?.replace('\n', " "));
 
     let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
@@ -104,7 +109,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let tv_path = a.out.join("taskvec.safetensors");
     tv.save(&tv_path, DType::F32)?;
-    hetfed_taskvec::peft::export_peft_factors(&set.config, &set.to_tensors(), &a.out.join("adapter"), &model_dir.display().to_string())?;
+    hetfed_taskvec::peft::export_peft_factors(
+        &set.config,
+        &set.to_tensors(),
+        &a.out.join("adapter"),
+        &model_dir.display().to_string(),
+    )?;
     println!(
         "taskvec    {} (lora, {} stored values for {} parameters, norm {:.4}); PEFT adapter in {}",
         tv_path.display(),

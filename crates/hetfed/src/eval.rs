@@ -86,7 +86,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let items = task.to_items(&examples, Some(&counter))?;
     let max_len = a.max_len.unwrap_or_else(|| limits::context(&l.ck));
-    let opts = EvalOptions { batch_size: a.batch_size, max_new_tokens: a.max_new_tokens, max_len, num_beams: a.num_beams, length_normalise: a.length_normalise };
+    let opts = EvalOptions {
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+        max_len,
+        num_beams: a.num_beams,
+        length_normalise: a.length_normalise,
+    };
     let pb = progress_bar(items.len() as u64, &format!("eval {}", task.name));
     let report = evaluate(l.model.as_ref(), tok, l.ck.arch.eos_token_id(), &task, &items, &opts, |done, total| {
         pb.set_position(done as u64);
@@ -106,9 +112,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         hetfed_core::write_atomic(&out.join("metrics.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     if a.json {
-        println!("{}", serde_json::json!({ "task": report.task, "split": split.as_str(), "n_examples": report.n_examples, "metrics": report.metrics }));
+        println!(
+            "{}",
+            serde_json::json!({ "task": report.task, "split": split.as_str(), "n_examples": report.n_examples, "metrics": report.metrics })
+        );
     } else {
-        println!("{} ({} split, {} examples, {:.1} examples/s)", report.task, split.as_str(), report.n_examples, report.examples_per_s);
+        println!(
+            "{} ({} split, {} examples, {:.1} examples/s)",
+            report.task,
+            split.as_str(),
+            report.n_examples,
+            report.examples_per_s
+        );
         for (k, v) in &report.metrics {
             println!("  {k:<12} {v:.2}");
         }

@@ -41,7 +41,8 @@ pub struct ExportArgs {
 
 /// Files of an HF model directory that a previous export into --out may have left and this one
 /// would not replace when the base model has none (`save_as` copies those it has).
-const STALE: &[&str] = &["model.safetensors.index.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+const STALE: &[&str] =
+    &["model.safetensors.index.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let run_dir = &a.run_dir;
@@ -66,34 +67,57 @@ pub fn run(a: ExportArgs) -> Result<()> {
         None => (recorded_model(&events, &metrics_path)?, "recorded in metrics.jsonl"),
     };
     if !base_dir.is_dir() {
-        bail!("{}: expected the server's base model directory ({from}), found no such directory; pass --model DIR", base_dir.display());
+        bail!(
+            "{}: expected the server's base model directory ({from}), found no such directory; pass --model DIR",
+            base_dir.display()
+        );
     }
     let out = &a.out;
     if out.exists() && !out.is_dir() {
         bail!("--out {}: expected a directory, found a file", out.display());
     }
     if same_dir(out, &base_dir) || same_dir(out, run_dir) {
-        bail!("--out {}: expected a directory other than the run's and its base model's, found one of them", out.display());
+        bail!(
+            "--out {}: expected a directory other than the run's and its base model's, found one of them",
+            out.display()
+        );
     }
-    let entries = if out.is_dir() { std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?.count() } else { 0 };
+    let entries = if out.is_dir() {
+        std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?.count()
+    } else {
+        0
+    };
     if entries > 0 && !a.force {
         bail!("--out {}: expected an empty or new directory, found {entries} entries (pass --force to replace the model files there)", out.display());
     }
 
     let state_path = ck_dir.join("state.json");
-    let state: Value = serde_json::from_slice(&hetfed_core::read_file(&state_path)?).with_context(|| format!("{}: expected JSON", state_path.display()))?;
+    let state: Value = serde_json::from_slice(&hetfed_core::read_file(&state_path)?)
+        .with_context(|| format!("{}: expected JSON", state_path.display()))?;
     if state["round"].as_u64() != Some(round) {
-        bail!("{}: expected `round` {round} (the checkpoint's directory), found {}", state_path.display(), state["round"]);
+        bail!(
+            "{}: expected `round` {round} (the checkpoint's directory), found {}",
+            state_path.display(),
+            state["round"]
+        );
     }
     let run_id = state["run_id"].as_str().unwrap_or_default().to_string();
     let weights_path = ck_dir.join("model.safetensors");
     let (weights, _) = hetfed_core::load_safetensors(&weights_path)?;
     let hash = hetfed_core::tensor_map_hash(&weights)?;
     // The round's metrics record the weights hash of the global model the checkpoint holds.
-    let recorded_version = events.iter().rev().find(|e| e["event"] == "round" && e["round"].as_u64() == Some(round)).and_then(|e| e["model_version"].as_str());
+    let recorded_version = events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "round" && e["round"].as_u64() == Some(round))
+        .and_then(|e| e["model_version"].as_str());
     if let Some(v) = recorded_version {
         if v != hash {
-            bail!("{}: expected the weights hash {v} that {} records for round {round}, found {hash}", weights_path.display(), metrics_path.display());
+            bail!(
+                "{}: expected the weights hash {v} that {} records for round {round}, found {hash}",
+                weights_path.display(),
+                metrics_path.display()
+            );
         }
     }
     let mut base = Checkpoint::load(&base_dir)?;
@@ -124,8 +148,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
         bail!("{}: expected the exported weights to hash to {hash}, found {back_hash}", out.display());
     }
     let n_params: usize = weights.values().map(|t| t.elem_count()).sum();
-    let files: Vec<&str> = ["config.json", "model.safetensors", "tokenizer.json"].into_iter().chain(STALE.iter().copied()).filter(|f| out.join(f).is_file()).collect();
-    println!("exported round {round} of run {}{} to {}", run_dir.display(), if run_id.is_empty() { String::new() } else { format!(" ({run_id})") }, out.display());
+    let files: Vec<&str> = ["config.json", "model.safetensors", "tokenizer.json"]
+        .into_iter()
+        .chain(STALE.iter().copied())
+        .filter(|f| out.join(f).is_file())
+        .collect();
+    println!(
+        "exported round {round} of run {}{} to {}",
+        run_dir.display(),
+        if run_id.is_empty() { String::new() } else { format!(" ({run_id})") },
+        out.display()
+    );
     println!("weights  {hash} (f32, {} tensors, {n_params} parameters)", weights.len());
     println!("base     {} ({}, {from})", base_dir.display(), base.arch.model_type());
     println!("files    {}", files.join(", "));
@@ -147,14 +180,20 @@ fn kept_rounds(run_dir: &Path) -> Result<(u64, Vec<u64>)> {
     let mut kept = Vec::new();
     for e in std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?.flatten() {
         let file_name = e.file_name();
-        let Some(r) = file_name.to_str().and_then(|n| n.strip_prefix("round-")).and_then(|n| n.parse::<u64>().ok()) else { continue };
+        let Some(r) = file_name.to_str().and_then(|n| n.strip_prefix("round-")).and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
         if r <= latest && e.path().join("model.safetensors").is_file() && e.path().join("state.json").is_file() {
             kept.push(r);
         }
     }
     kept.sort_unstable();
     if !kept.contains(&latest) {
-        bail!("{}: names {name}, found no complete checkpoint there (model.safetensors, state.json)", latest_path.display());
+        bail!(
+            "{}: names {name}, found no complete checkpoint there (model.safetensors, state.json)",
+            latest_path.display()
+        );
     }
     Ok((latest, kept))
 }
@@ -189,7 +228,10 @@ fn check_weights(base: &Checkpoint, weights: &TensorMap, path: &Path) -> Result<
     let what = format!("the parameters of {} ({})", base.source(), base.arch.model_type());
     for (name, shape) in &expected {
         match weights.get(name) {
-            None => bail!("{}: expected {what}, found no tensor `{name}`; is --model the run's server model?", path.display()),
+            None => bail!(
+                "{}: expected {what}, found no tensor `{name}`; is --model the run's server model?",
+                path.display()
+            ),
             Some(t) if t.dims() != shape.as_slice() => {
                 bail!("{}: expected {what}, found tensor `{name}` of shape {:?} instead of {shape:?}; is --model the run's server model?", path.display(), t.dims())
             }
@@ -197,7 +239,10 @@ fn check_weights(base: &Checkpoint, weights: &TensorMap, path: &Path) -> Result<
         }
     }
     if let Some(extra) = weights.keys().find(|k| !expected.iter().any(|(n, _)| n == *k)) {
-        bail!("{}: expected {what}, found the extra tensor `{extra}`; is --model the run's server model?", path.display());
+        bail!(
+            "{}: expected {what}, found the extra tensor `{extra}`; is --model the run's server model?",
+            path.display()
+        );
     }
     Ok(())
 }

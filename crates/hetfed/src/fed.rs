@@ -31,7 +31,8 @@ impl ConfigArgs {
             Some(p) => RunConfig::from_file(p)?,
             None => RunConfig::embedded_default()?,
         };
-        let origin = self.config.as_ref().map_or_else(|| "the embedded default config".to_string(), |p| p.display().to_string());
+        let origin =
+            self.config.as_ref().map_or_else(|| "the embedded default config".to_string(), |p| p.display().to_string());
         cfg.check_models(client_model).with_context(|| origin)?;
         Ok((cfg, data_dir(self.data_dir.as_deref())?))
     }
@@ -104,7 +105,11 @@ pub struct ReportArgs {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+        .context("starting the async runtime")
 }
 
 /// A live line per second: round, clients reporting, registrations.
@@ -127,7 +132,12 @@ fn progress(server: Arc<Server>, rounds: u64) -> tokio::task::JoinHandle<()> {
 fn finish(run_dir: &Path, summary: &hetfed_fed::server::RunSummary) -> Result<()> {
     let report = hetfed_report::render_report(run_dir)?;
     let evals: Vec<String> = summary.final_eval.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
-    println!("{} rounds in {:.0} s; final server evaluation: {}", summary.rounds_completed, summary.wall_s, if evals.is_empty() { "none".into() } else { evals.join(", ") });
+    println!(
+        "{} rounds in {:.0} s; final server evaluation: {}",
+        summary.rounds_completed,
+        summary.wall_s,
+        if evals.is_empty() { "none".into() } else { evals.join(", ") }
+    );
     println!("metrics  {}", run_dir.join("metrics.jsonl").display());
     println!("report   {}", report.display());
     Ok(())
@@ -180,13 +190,16 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
 
 fn read_tokens(path: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the token table {}", path.display()))?;
-    let t: BTreeMap<String, String> = toml::from_str(&text).with_context(|| format!("{}: expected a TOML table of client id = \"sha256 of its token\"", path.display()))?;
+    let t: BTreeMap<String, String> = toml::from_str(&text)
+        .with_context(|| format!("{}: expected a TOML table of client id = \"sha256 of its token\"", path.display()))?;
     Ok(t)
 }
 
 pub fn server(a: ServerArgs) -> Result<()> {
     let (cfg, dir) = a.c.load(None)?;
-    let Some(dep) = cfg.deploy.clone() else { bail!("the config has no [deploy] section (listen, server, ca, cert, key, tokens)") };
+    let Some(dep) = cfg.deploy.clone() else {
+        bail!("the config has no [deploy] section (listen, server, ca, cert, key, tokens)")
+    };
     let mut auth = Auth::default();
     for (id, hash) in read_tokens(&cfg.path(&dep.tokens))? {
         auth.add_token_hash(&id, &hash);
@@ -194,12 +207,18 @@ pub fn server(a: ServerArgs) -> Result<()> {
     for id in &dep.revoked {
         auth.revoke(id);
     }
-    let tls = ServerTls::from_files(&cfg.path(&dep.cert), &cfg.path(&dep.key), dep.mutual_tls.then(|| cfg.path(&dep.ca)).as_deref())?;
+    let tls = ServerTls::from_files(
+        &cfg.path(&dep.cert),
+        &cfg.path(&dep.key),
+        dep.mutual_tls.then(|| cfg.path(&dep.ca)).as_deref(),
+    )?;
     let rt = runtime()?;
     let out = a.out.clone();
     let summary = rt.block_on(async move {
         let server = hetfed_fed::sim::build_server(&cfg, &dir, &out, auth, a.resume)?;
-        let listener = tokio::net::TcpListener::bind(&dep.listen).await.with_context(|| format!("deploy.listen: cannot listen on {:?}", dep.listen))?;
+        let listener = tokio::net::TcpListener::bind(&dep.listen)
+            .await
+            .with_context(|| format!("deploy.listen: cannot listen on {:?}", dep.listen))?;
         let addr = listener.local_addr()?;
         println!("listening on {addr} (TLS); run {}", server.run_id());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -224,14 +243,16 @@ pub fn server(a: ServerArgs) -> Result<()> {
 pub fn client(a: ClientArgs) -> Result<()> {
     let (cfg, dir) = a.c.load(a.model.as_deref())?;
     let Some(dep) = cfg.deploy.clone() else { bail!("the config has no [deploy] section (server, ca, domain)") };
-    let index: usize = a
-        .id
-        .trim_start_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .with_context(|| format!("--id: expected an id ending in the client's partition number (c0, c1, ...), found {:?}", a.id))?;
+    let index: usize = a.id.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().with_context(|| {
+        format!("--id: expected an id ending in the client's partition number (c0, c1, ...), found {:?}", a.id)
+    })?;
     let token = match &a.token_file {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading the token file {}", p.display()))?.trim().to_string(),
-        None => std::env::var("HETFED_TOKEN").context("expected --token-file or the HETFED_TOKEN variable, found neither")?,
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the token file {}", p.display()))?
+            .trim()
+            .to_string(),
+        None => std::env::var("HETFED_TOKEN")
+            .context("expected --token-file or the HETFED_TOKEN variable, found neither")?,
     };
     let caller = Caller { client_id: a.id.clone(), token: Secret::new(token) };
     let mut opts = hetfed_fed::sim::build_client(&cfg, &dir, index, caller.clone(), a.model.as_deref())?;
@@ -240,13 +261,22 @@ pub fn client(a: ClientArgs) -> Result<()> {
     opts.on_round = Some(Arc::new(move |line: String| println!("client {prefix}: {line}")));
     let ca = cfg.path(&dep.ca);
     let identity = dep.mutual_tls.then(|| (ca.with_file_name("client.pem"), ca.with_file_name("client.key")));
-    let tls = ClientTls::from_files(&ca, dep.domain.clone(), identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))?;
+    let tls =
+        ClientTls::from_files(&ca, dep.domain.clone(), identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))?;
     let rt = runtime()?;
     let summary = rt.block_on(async move {
         // The server may not be up yet: connect with the client's backoff for up to two minutes.
         let mut retry = hetfed_fed::client::Retry::new(Duration::from_millis(200), Duration::from_secs(120));
         let conn = loop {
-            match GrpcClient::connect(&dep.server, tls.clone(), caller.clone(), Limits::default(), Duration::from_secs(10)).await {
+            match GrpcClient::connect(
+                &dep.server,
+                tls.clone(),
+                caller.clone(),
+                Limits::default(),
+                Duration::from_secs(10),
+            )
+            .await
+            {
                 Ok(c) => break c,
                 Err(e) => retry.wait(&e).await?,
             }
@@ -273,7 +303,14 @@ pub fn certs(a: CertsArgs) -> Result<()> {
     }
     let tokens = a.out.join("tokens.toml");
     std::fs::write(&tokens, table).with_context(|| format!("writing {}", tokens.display()))?;
-    println!("CA {}; server certificate {} for {:?}; tokens for {:?} in {}", paths.ca_cert.display(), paths.server_cert.display(), a.hosts, a.clients, tokens.display());
+    println!(
+        "CA {}; server certificate {} for {:?}; tokens for {:?} in {}",
+        paths.ca_cert.display(),
+        paths.server_cert.display(),
+        a.hosts,
+        a.clients,
+        tokens.display()
+    );
     Ok(())
 }
 

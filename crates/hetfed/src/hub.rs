@@ -27,7 +27,10 @@ pub struct DownloadArgs {
 
 pub fn run(c: HubCmd) -> Result<()> {
     let HubCmd::Download(a) = c;
-    let api = hf_hub::api::sync::ApiBuilder::new().with_progress(true).build().context("setting up the Hugging Face client")?;
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_progress(true)
+        .build()
+        .context("setting up the Hugging Face client")?;
     let repo = api.repo(hf_hub::Repo::with_revision(a.repo.clone(), hf_hub::RepoType::Model, a.revision.clone()));
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let fetch = |name: &str| -> Result<PathBuf> {
@@ -40,8 +43,14 @@ pub fn run(c: HubCmd) -> Result<()> {
     fetch("tokenizer.json")?;
     match fetch("model.safetensors.index.json") {
         Ok(index) => {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?).with_context(|| format!("{}: expected JSON", index.display()))?;
-            let mut shards: Vec<String> = v["weight_map"].as_object().context("model.safetensors.index.json: expected a weight_map")?.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?)
+                .with_context(|| format!("{}: expected JSON", index.display()))?;
+            let mut shards: Vec<String> = v["weight_map"]
+                .as_object()
+                .context("model.safetensors.index.json: expected a weight_map")?
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             shards.sort();
             shards.dedup();
             for s in shards {
@@ -49,7 +58,12 @@ pub fn run(c: HubCmd) -> Result<()> {
             }
         }
         Err(_) => {
-            fetch("model.safetensors").with_context(|| format!("{} has neither model.safetensors nor model.safetensors.index.json (hetfed reads safetensors only)", a.repo))?;
+            fetch("model.safetensors").with_context(|| {
+                format!(
+                    "{} has neither model.safetensors nor model.safetensors.index.json (hetfed reads safetensors only)",
+                    a.repo
+                )
+            })?;
         }
     }
     println!("{} -> {}", a.repo, a.out.display());

@@ -84,7 +84,11 @@ pub fn beams(flag: &str, n: usize, ck: &Checkpoint) -> Result<()> {
 pub fn new_tokens(flag: &str, n: usize, ck: &Checkpoint) -> Result<()> {
     let ctx = context(ck);
     if n < 1 || n >= ctx {
-        bail!("{flag}: expected 1..={} (less than the context of {}, {ctx} tokens), found {n}", ctx - 1, ck.dir.display());
+        bail!(
+            "{flag}: expected 1..={} (less than the context of {}, {ctx} tokens), found {n}",
+            ctx - 1,
+            ck.dir.display()
+        );
     }
     Ok(())
 }
@@ -107,10 +111,19 @@ pub fn read_text(inline: Option<String>, file: Option<&Path>, inline_flag: &str)
         (None, Some(p)) => {
             let len = std::fs::metadata(p).with_context(|| format!("--text-file: reading {}", p.display()))?.len();
             if len > MAX_TEXT_BYTES {
-                bail!("--text-file: expected at most {MAX_TEXT_BYTES} bytes (1 MiB), found {len} bytes in {}", p.display());
+                bail!(
+                    "--text-file: expected at most {MAX_TEXT_BYTES} bytes (1 MiB), found {len} bytes in {}",
+                    p.display()
+                );
             }
             let bytes = std::fs::read(p).with_context(|| format!("--text-file: reading {}", p.display()))?;
-            let mut t = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("--text-file: expected UTF-8 text in {}, found invalid bytes at offset {}", p.display(), e.utf8_error().valid_up_to()))?;
+            let mut t = String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "--text-file: expected UTF-8 text in {}, found invalid bytes at offset {}",
+                    p.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?;
             if t.ends_with('\n') {
                 t.pop();
                 if t.ends_with('\r') {
@@ -120,7 +133,10 @@ pub fn read_text(inline: Option<String>, file: Option<&Path>, inline_flag: &str)
             t
         }
         // clap makes the two flags exclusive and one of them required.
-        _ => bail!("expected one of {inline_flag} or --text-file, found {}", if file.is_some() { "both" } else { "neither" }),
+        _ => bail!(
+            "expected one of {inline_flag} or --text-file, found {}",
+            if file.is_some() { "both" } else { "neither" }
+        ),
     };
     if text.len() as u64 > MAX_TEXT_BYTES {
         bail!("{inline_flag}: expected at most {MAX_TEXT_BYTES} bytes (1 MiB), found {} bytes", text.len());
@@ -135,7 +151,10 @@ mod tests {
     #[test]
     fn messages_name_the_flag_the_range_and_the_value() {
         assert_eq!(int("--top-k", 0usize, 1, 10).unwrap_err().to_string(), "--top-k: expected 1..=10, found 0");
-        assert_eq!(real("--temperature", f64::NAN, Interval::NON_NEGATIVE).unwrap_err().to_string(), "--temperature: expected a finite number >= 0, found NaN");
+        assert_eq!(
+            real("--temperature", f64::NAN, Interval::NON_NEGATIVE).unwrap_err().to_string(),
+            "--temperature: expected a finite number >= 0, found NaN"
+        );
         assert_eq!(at_least("--limit", 0usize, 1).unwrap_err().to_string(), "--limit: expected at least 1, found 0");
         int("--top-k", 10usize, 1, 10).unwrap();
         real("--temperature", 0.0, Interval::NON_NEGATIVE).unwrap();

@@ -120,7 +120,11 @@ fn causes(e: &anyhow::Error) -> String {
 fn one_line(msg: &str) -> String {
     let msg = msg.split("\nStack backtrace:").next().unwrap_or(msg);
     let msg = msg.split("\nstack backtrace:").next().unwrap_or(msg);
-    let joined: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' ')).collect();
+    let joined: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' '))
+        .collect();
     joined.join(" ").trim_end_matches('.').to_string()
 }
 
@@ -133,7 +137,8 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HETFED_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HETFED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Some(n) = cli.threads {
         if let Err(e) = limits::int("--threads", n, 1, limits::MAX_THREADS) {

@@ -81,7 +81,15 @@ pub fn run(a: MetricArgs) -> Result<()> {
                 let p = s.precisions;
                 println!(
                     "BLEU = {:.2} {:.1}/{:.1}/{:.1}/{:.1} (BP = {:.3} ratio = {:.3} hyp_len = {} ref_len = {})",
-                    s.score, p[0], p[1], p[2], p[3], s.bp, s.ratio(), s.sys_len, s.ref_len
+                    s.score,
+                    p[0],
+                    p[1],
+                    p[2],
+                    p[3],
+                    s.bp,
+                    s.ratio(),
+                    s.sys_len,
+                    s.ref_len
                 );
             }
         }

@@ -71,7 +71,8 @@ pub fn tokenizer(c: TokenizerCmd) -> Result<()> {
 
 fn read_recipe(path: &Path) -> Result<PretrainConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cfg: PretrainConfig = toml::from_str(&text).with_context(|| format!("{}: expected a pretraining recipe", path.display()))?;
+    let cfg: PretrainConfig =
+        toml::from_str(&text).with_context(|| format!("{}: expected a pretraining recipe", path.display()))?;
     cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(cfg)
 }
@@ -95,7 +96,10 @@ pub struct PretrainArgs {
     pub dtype: String,
 }
 
-fn held_out_ppl(tr: &Trainer, held: &std::collections::BTreeMap<String, Vec<hetfed_train::Encoded>>) -> Result<serde_json::Value> {
+fn held_out_ppl(
+    tr: &Trainer,
+    held: &std::collections::BTreeMap<String, Vec<hetfed_train::Encoded>>,
+) -> Result<serde_json::Value> {
     let mut m = serde_json::Map::new();
     for (lang, ex) in held {
         if !ex.is_empty() {
@@ -116,8 +120,13 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     if a.resume && !state.exists() {
         bail!("--resume: expected {}, found no such file", state.display());
     }
-    let tok_path = if cfg.tokenizer.is_relative() { a.config.parent().unwrap_or(Path::new(".")).join(&cfg.tokenizer) } else { cfg.tokenizer.clone() };
-    let tok = hetfed_model::tokenizer::load(&tok_path).map_err(|e| anyhow::anyhow!("{e} (make one with `hetfed tokenizer train`)"))?;
+    let tok_path = if cfg.tokenizer.is_relative() {
+        a.config.parent().unwrap_or(Path::new(".")).join(&cfg.tokenizer)
+    } else {
+        cfg.tokenizer.clone()
+    };
+    let tok = hetfed_model::tokenizer::load(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{e} (make one with `hetfed tokenizer train`)"))?;
     let ck = init_model(&cfg.model, tok.clone(), cfg.train.seed)?;
     let eos = ck.arch.eos_token_id().context("the tokenizer has no </s>")?;
     let dir = DataDir::resolve(a.data_dir.as_deref())?;
@@ -152,7 +161,8 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
             pb.set_message(format!("loss {:.4}  {:.0} tok/s", r.loss, r.tokens_per_s));
             let mut line = serde_json::to_value(r).expect("report serialises");
             if cfg.eval_every > 0 && r.step % cfg.eval_every == 0 {
-                line["held_out_ppl"] = held_out_ppl(t, &corpus.held_out).map_err(|e| hetfed_core::Error::msg(e.to_string()))?;
+                line["held_out_ppl"] =
+                    held_out_ppl(t, &corpus.held_out).map_err(|e| hetfed_core::Error::msg(e.to_string()))?;
             }
             line["elapsed_s"] = serde_json::json!(t0.elapsed().as_secs_f64());
             writeln!(metrics, "{line}").map_err(|e| hetfed_core::Error::io("metrics.jsonl", e))?;

@@ -74,7 +74,13 @@ pub fn project(a: ProjectArgs) -> Result<()> {
     let key = format!("sample:n={}:len={}", a.calibration_sequences, a.calibration_len);
     let (maps, cached) = PairMaps::load_or_fit(&a.cache_dir, &small, &large, &key, &cfg, || {
         let model = large.model(None)?;
-        sample_sequences(model.as_ref(), large.arch.eos_token_id().unwrap_or(0), a.calibration_sequences, a.calibration_len, a.seed)
+        sample_sequences(
+            model.as_ref(),
+            large.arch.eos_token_id().unwrap_or(0),
+            a.calibration_sequences,
+            a.calibration_len,
+            a.seed,
+        )
     })?;
     let (p, report) = if a.reverse { maps.project_back(&tv)? } else { maps.project(&tv)? };
     let p = if a.scale != 1.0 { p.scale(a.scale)? } else { p };
@@ -90,7 +96,8 @@ pub fn project(a: ProjectArgs) -> Result<()> {
     for (space, r2) in maps.mean_explained_variance_by_space() {
         println!("  {space:<10} R² {r2:.3}");
     }
-    let (n_in, n_out) = report.modules.iter().fold((0.0, 0.0), |(x, y), m| (x + m.norm_in * m.norm_in, y + m.norm_out * m.norm_out));
+    let (n_in, n_out) =
+        report.modules.iter().fold((0.0, 0.0), |(x, y), m| (x + m.norm_in * m.norm_in, y + m.norm_out * m.norm_out));
     println!(
         "projected {} modules (norm {:.4} → {:.4}), dropped {} parameters; wrote {}",
         report.modules.len(),
@@ -125,7 +132,8 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     if a.table_only {
         let path = a.out.join("results.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let results: Vec<hetfed_fed::sweep::RowResult> = serde_json::from_str(&text).with_context(|| format!("{}: expected the results of hetfed sweep", path.display()))?;
+        let results: Vec<hetfed_fed::sweep::RowResult> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected the results of hetfed sweep", path.display()))?;
         let table = hetfed_fed::sweep::render_table(&results);
         std::fs::write(a.out.join("table.md"), &table)?;
         println!("{table}");

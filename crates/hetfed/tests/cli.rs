@@ -163,25 +163,71 @@ fn lora_finetune_writes_a_task_vector_that_equals_its_adapter() {
     write_jsonl(&train);
     let out = dir.join("run");
     let out_s = out.to_str().unwrap();
-    ok(&["finetune", "--model", base_s, "--train", train.to_str().unwrap(), "--eval", train.to_str().unwrap(), "--out", out_s, "--lora-rank", "4", "--epochs", "2", "--lr", "0.01", "--batch-size", "4", "--seed", "3"]);
-    for f in ["taskvec.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "state.safetensors", "metrics.jsonl"] {
+    ok(&[
+        "finetune",
+        "--model",
+        base_s,
+        "--train",
+        train.to_str().unwrap(),
+        "--eval",
+        train.to_str().unwrap(),
+        "--out",
+        out_s,
+        "--lora-rank",
+        "4",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--seed",
+        "3",
+    ]);
+    for f in [
+        "taskvec.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "state.safetensors",
+        "metrics.jsonl",
+    ] {
         assert!(out.join(f).exists(), "missing {f}");
     }
     let tv = out.join("taskvec.safetensors");
-    let info: serde_json::Value = serde_json::from_str(ok(&["taskvec", "info", tv.to_str().unwrap(), "--json"]).trim()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(ok(&["taskvec", "info", tv.to_str().unwrap(), "--json"]).trim()).unwrap();
     assert_eq!(info["kind"], "lora");
     assert!(info["global_norm"].as_f64().unwrap() > 0.0);
 
     let text = "question 3: is it so? yes";
-    let (_, with_adapter) = score_json(&["score", "--model", base_s, "--adapter", out.join("adapter").to_str().unwrap(), "--text", text, "--json"]);
-    let (_, with_tv) = score_json(&["score", "--model", base_s, "--taskvec", tv.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, with_adapter) = score_json(&[
+        "score",
+        "--model",
+        base_s,
+        "--adapter",
+        out.join("adapter").to_str().unwrap(),
+        "--text",
+        text,
+        "--json",
+    ]);
+    let (_, with_tv) =
+        score_json(&["score", "--model", base_s, "--taskvec", tv.to_str().unwrap(), "--text", text, "--json"]);
     let (_, plain) = score_json(&["score", "--model", base_s, "--text", text, "--json"]);
     assert!(max_diff(&with_adapter, &with_tv) < 1e-4, "adapter and dense task vector disagree");
     assert!(max_diff(&with_adapter, &plain) > 1e-3, "fine-tuning changed nothing");
 
     // Applying the task vector to another base is refused, naming both.
     let other = fixtures().join("bloom_h6_noprefix");
-    let line = fails(&["taskvec", "apply", "--base", other.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", dir.join("x").to_str().unwrap()]);
+    let line = fails(&[
+        "taskvec",
+        "apply",
+        "--base",
+        other.to_str().unwrap(),
+        "--taskvec",
+        tv.to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
     assert!(line.contains("bloom") && line.matches("config").count() >= 2, "{line}");
 }
 
@@ -194,7 +240,22 @@ fn full_finetune_diff_and_apply_round_trip_and_resume() {
     write_jsonl(&train);
     let train_s = train.to_str().unwrap();
     let straight = dir.join("straight");
-    let common = ["--model", base_s, "--train", train_s, "--epochs", "2", "--batch-size", "4", "--lr", "0.003", "--seed", "5", "--checkpoint-every", "1"];
+    let common = [
+        "--model",
+        base_s,
+        "--train",
+        train_s,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.003",
+        "--seed",
+        "5",
+        "--checkpoint-every",
+        "1",
+    ];
     let mut args = vec!["finetune", "--out", straight.to_str().unwrap()];
     args.extend_from_slice(&common);
     ok(&args);
@@ -203,7 +264,16 @@ fn full_finetune_diff_and_apply_round_trip_and_resume() {
 
     // diff(finetuned, base) then apply(base) gives back the fine-tuned model.
     let tv = dir.join("diff.safetensors");
-    ok(&["taskvec", "diff", "--base", base_s, "--finetuned", model_dir.to_str().unwrap(), "--out", tv.to_str().unwrap()]);
+    ok(&[
+        "taskvec",
+        "diff",
+        "--base",
+        base_s,
+        "--finetuned",
+        model_dir.to_str().unwrap(),
+        "--out",
+        tv.to_str().unwrap(),
+    ]);
     let applied = dir.join("applied");
     ok(&["taskvec", "apply", "--base", base_s, "--taskvec", tv.to_str().unwrap(), "--out", applied.to_str().unwrap()]);
     let text = "question 7: is it so? no";
@@ -246,7 +316,8 @@ fn bad_input_is_one_clear_line_with_exit_code_2() {
     let src = fixtures().join("bloom_h3");
     let bad_shape = dir.join("bad_shape");
     copy_dir(&src, &bad_shape);
-    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap().replace("\"vocab_size\": 300", "\"vocab_size\": 301");
+    let cfg =
+        std::fs::read_to_string(src.join("config.json")).unwrap().replace("\"vocab_size\": 300", "\"vocab_size\": 301");
     std::fs::write(bad_shape.join("config.json"), cfg).unwrap();
     let line = fails(&["score", "--model", bad_shape.to_str().unwrap(), text[0], text[1]]);
     assert!(line.contains("word_embeddings") && line.contains("301") && line.contains("300"), "{line}");
@@ -262,7 +333,15 @@ fn bad_input_is_one_clear_line_with_exit_code_2() {
     // Malformed training data names the line.
     let jsonl = dir.join("bad.jsonl");
     std::fs::write(&jsonl, "{\"prompt\": \"a\", \"target\": \"b\"}\n{\"prompt\": 3}\n").unwrap();
-    let line = fails(&["finetune", "--model", src.to_str().unwrap(), "--train", jsonl.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    let line = fails(&[
+        "finetune",
+        "--model",
+        src.to_str().unwrap(),
+        "--train",
+        jsonl.to_str().unwrap(),
+        "--out",
+        dir.join("o").to_str().unwrap(),
+    ]);
     assert!(line.contains("line 2"), "{line}");
 
     // Not a task vector.
@@ -274,7 +353,24 @@ fn bad_input_is_one_clear_line_with_exit_code_2() {
 #[test]
 fn generation_is_deterministic_under_a_seed() {
     let m = fixtures().join("llama_tied");
-    let args = ["generate", "--model", m.to_str().unwrap(), "--prompt", "the fox", "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "11", "--json"];
+    let args = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "the fox",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+        "--json",
+    ];
     let a = ok(&args);
     assert_eq!(a, ok(&args));
     let v: serde_json::Value = serde_json::from_str(a.trim()).unwrap();
@@ -297,8 +393,10 @@ type Golden = (Vec<u32>, Vec<f64>);
 
 fn read_golden(path: &Path) -> (Golden, ()) {
     let (map, _) = hetfed_core::load_safetensors(path).unwrap();
-    let ids: Vec<u32> = map["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
-    let lps: Vec<f64> = map["logprobs"].flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+    let ids: Vec<u32> =
+        map["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
+    let lps: Vec<f64> =
+        map["logprobs"].flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
     ((ids, lps), ())
 }
 
@@ -310,13 +408,35 @@ fn finetune_reads_the_committed_toml_recipe() {
     write_jsonl(&train);
     let base = fixtures().join("llama_tied");
     let out = dir.join("run");
-    let stdout = ok(&["finetune", "--config", cfg.to_str().unwrap(), "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap(), "--epochs", "1"]);
+    let stdout = ok(&[
+        "finetune",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--model",
+        base.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
     assert!(stdout.contains("task vector lora"), "{stdout}");
     assert!(out.join("adapter/adapter_config.json").exists());
     // A field of the wrong type is one clear error naming the file.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[train]\nlr = \"fast\"\n").unwrap();
-    let line = fails(&["finetune", "--config", bad.to_str().unwrap(), "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let line = fails(&[
+        "finetune",
+        "--config",
+        bad.to_str().unwrap(),
+        "--model",
+        base.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(line.contains("bad.toml"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -332,7 +452,9 @@ fn metric_command_matches_reference_scorers() {
         std::fs::write(&p, lines.join("\n") + "\n").unwrap();
         p.to_str().unwrap().to_string()
     };
-    let strs = |v: &serde_json::Value| -> Vec<String> { v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect() };
+    let strs = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect()
+    };
     let score = |args: Vec<String>| -> serde_json::Value {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         serde_json::from_str(ok(&a).trim()).unwrap()
@@ -344,7 +466,8 @@ fn metric_command_matches_reference_scorers() {
         if hyps.is_empty() || hyps.iter().any(|h| h.contains('\n')) {
             continue;
         }
-        let mut args = vec!["metric".to_string(), "bleu".into(), "--json".into(), "--hyp".into(), write("hyp.txt", &hyps)];
+        let mut args =
+            vec!["metric".to_string(), "bleu".into(), "--json".into(), "--hyp".into(), write("hyp.txt", &hyps)];
         for (k, r) in set["refs"].as_array().unwrap().iter().enumerate() {
             args.push("--ref".into());
             args.push(write(&format!("ref{k}.txt"), &strs(r)));
@@ -360,11 +483,15 @@ fn metric_command_matches_reference_scorers() {
         assert!((chrfpp - set["chrf_pp"].as_f64().unwrap()).abs() <= 0.01, "{name}: chrF++ {chrfpp}");
         n_checked += 1;
     }
-    let rouge: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fix.join("rouge.json")).unwrap()).unwrap();
+    let rouge: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fix.join("rouge.json")).unwrap()).unwrap();
     for set in rouge["sets"].as_array().unwrap() {
         let ex = set["examples"].as_array().unwrap();
         let one_ref = ex.iter().all(|e| e["refs"].as_array().unwrap().len() == 1);
-        let texts: Vec<String> = ex.iter().flat_map(|e| std::iter::once(e["hyp"].as_str().unwrap().to_string()).chain(strs(&e["refs"]))).collect();
+        let texts: Vec<String> = ex
+            .iter()
+            .flat_map(|e| std::iter::once(e["hyp"].as_str().unwrap().to_string()).chain(strs(&e["refs"])))
+            .collect();
         if !one_ref || ex.is_empty() || texts.iter().any(|t| t.contains('\n') || t.contains('\r')) {
             continue;
         }
@@ -372,7 +499,15 @@ fn metric_command_matches_reference_scorers() {
         let refs: Vec<String> = ex.iter().map(|e| e["refs"][0].as_str().unwrap().to_string()).collect();
         let name = set["name"].as_str().unwrap();
         let lang = set["lang"].as_str().unwrap().to_string();
-        let base = vec!["metric".to_string(), "rouge".into(), "--json".into(), "--hyp".into(), write("hyp.txt", &hyps), "--ref".into(), write("ref.txt", &refs)];
+        let base = vec![
+            "metric".to_string(),
+            "rouge".into(),
+            "--json".into(),
+            "--hyp".into(),
+            write("hyp.txt", &hyps),
+            "--ref".into(),
+            write("ref.txt", &refs),
+        ];
         let mut variants = vec![("multilingual", [base.clone(), vec!["--lang".into(), lang.clone()]].concat())];
         if lang == "english" {
             variants.push(("default", base.clone()));
@@ -389,7 +524,14 @@ fn metric_command_matches_reference_scorers() {
     }
     assert!(n_checked >= 6, "too few fixture sets could be checked through files: {n_checked}");
     // Unequal line counts are an error, not a silent truncation.
-    let line = fails(&["metric", "bleu", "--hyp", &write("h.txt", &["a".into(), "b".into()]), "--ref", &write("r.txt", &["a".into()])]);
+    let line = fails(&[
+        "metric",
+        "bleu",
+        "--hyp",
+        &write("h.txt", &["a".into(), "b".into()]),
+        "--ref",
+        &write("r.txt", &["a".into()]),
+    ]);
     assert!(line.contains("expected 2 lines"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -418,8 +560,22 @@ fn eval_runs_every_task_on_shared_data() {
     ];
     for m in &models {
         for (task, metrics) in cases {
-            let out = ok(&["eval", "--model", m.to_str().unwrap(), "--task", task, "--limit", "3", "--max-new-tokens", "6", "--data-dir", data_s, "--json"]);
-            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{task}: {e}: {out}"));
+            let out = ok(&[
+                "eval",
+                "--model",
+                m.to_str().unwrap(),
+                "--task",
+                task,
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--data-dir",
+                data_s,
+                "--json",
+            ]);
+            let v: serde_json::Value =
+                serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{task}: {e}: {out}"));
             assert_eq!(v["n_examples"], 3, "{task}: {out}");
             for k in metrics {
                 let x = v["metrics"][k].as_f64().unwrap_or_else(|| panic!("{task}: no metric {k}: {out}"));
@@ -428,18 +584,63 @@ fn eval_runs_every_task_on_shared_data() {
         }
     }
     // Beam search output is scored the same way.
-    let out = ok(&["eval", "--model", models[0].to_str().unwrap(), "--task", "flores:en-fr", "--limit", "2", "--num-beams", "3", "--max-new-tokens", "5", "--data-dir", data_s, "--json"]);
+    let out = ok(&[
+        "eval",
+        "--model",
+        models[0].to_str().unwrap(),
+        "--task",
+        "flores:en-fr",
+        "--limit",
+        "2",
+        "--num-beams",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--data-dir",
+        data_s,
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["metrics"]["chrf"].as_f64().is_some(), "{out}");
     // Predictions are written with --out, one JSON line per example.
     let dir = tempdir("eval");
-    ok(&["eval", "--model", models[0].to_str().unwrap(), "--task", "copa", "--limit", "5", "--data-dir", data_s, "--out", dir.to_str().unwrap()]);
+    ok(&[
+        "eval",
+        "--model",
+        models[0].to_str().unwrap(),
+        "--task",
+        "copa",
+        "--limit",
+        "5",
+        "--data-dir",
+        data_s,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let preds = std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
     assert_eq!(preds.lines().count(), 5);
     // A split the data does not have is one clear error naming the dataset and the split.
-    let line = fails(&["eval", "--model", models[0].to_str().unwrap(), "--task", "ethos", "--split", "test", "--data-dir", data_s]);
+    let line = fails(&[
+        "eval",
+        "--model",
+        models[0].to_str().unwrap(),
+        "--task",
+        "ethos",
+        "--split",
+        "test",
+        "--data-dir",
+        data_s,
+    ]);
     assert!(line.contains("ethos") && line.contains("test"), "{line}");
-    let line = fails(&["eval", "--model", models[0].to_str().unwrap(), "--task", "ethos", "--data-dir", dir.join("nowhere").to_str().unwrap()]);
+    let line = fails(&[
+        "eval",
+        "--model",
+        models[0].to_str().unwrap(),
+        "--task",
+        "ethos",
+        "--data-dir",
+        dir.join("nowhere").to_str().unwrap(),
+    ]);
     assert!(line.contains("ethos") && line.contains("nowhere"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -454,21 +655,83 @@ fn data_export_feeds_finetune_and_partition_covers_every_example() {
     assert_eq!(std::fs::read_to_string(&jsonl).unwrap().lines().count(), 640);
     // The exported file is what finetune reads.
     let base = fixtures().join("bloom_h3");
-    ok(&["finetune", "--model", base.to_str().unwrap(), "--train", jsonl.to_str().unwrap(), "--out", dir.join("ft").to_str().unwrap(), "--lora-rank", "2", "--max-steps", "2"]);
+    ok(&[
+        "finetune",
+        "--model",
+        base.to_str().unwrap(),
+        "--train",
+        jsonl.to_str().unwrap(),
+        "--out",
+        dir.join("ft").to_str().unwrap(),
+        "--lora-rank",
+        "2",
+        "--max-steps",
+        "2",
+    ]);
 
     let parts = dir.join("parts");
-    let out = ok(&["data", "partition", "--task", "ethos", "--data-dir", data_s, "--clients", "5", "--scheme", "dirichlet", "--alpha", "0.3", "--seed", "9", "--model", base.to_str().unwrap(), "--out", parts.to_str().unwrap()]);
+    let out = ok(&[
+        "data",
+        "partition",
+        "--task",
+        "ethos",
+        "--data-dir",
+        data_s,
+        "--clients",
+        "5",
+        "--scheme",
+        "dirichlet",
+        "--alpha",
+        "0.3",
+        "--seed",
+        "9",
+        "--model",
+        base.to_str().unwrap(),
+        "--out",
+        parts.to_str().unwrap(),
+    ]);
     let stats: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(stats.len(), 5);
     let total: u64 = stats.iter().map(|s| s["n_examples"].as_u64().unwrap()).sum();
     assert_eq!(total, 645, "every Ethos train example goes to exactly one client");
     assert!(stats.iter().all(|s| s["n_tokens"].as_u64().unwrap() > 0));
-    let lines: usize = (0..5).map(|i| std::fs::read_to_string(parts.join(format!("client_{i}.jsonl"))).unwrap().lines().count()).sum();
+    let lines: usize =
+        (0..5).map(|i| std::fs::read_to_string(parts.join(format!("client_{i}.jsonl"))).unwrap().lines().count()).sum();
     assert_eq!(lines, 645);
     // Same seed, same split.
-    let again = ok(&["data", "partition", "--task", "ethos", "--data-dir", data_s, "--clients", "5", "--scheme", "dirichlet", "--alpha", "0.3", "--seed", "9", "--model", base.to_str().unwrap()]);
+    let again = ok(&[
+        "data",
+        "partition",
+        "--task",
+        "ethos",
+        "--data-dir",
+        data_s,
+        "--clients",
+        "5",
+        "--scheme",
+        "dirichlet",
+        "--alpha",
+        "0.3",
+        "--seed",
+        "9",
+        "--model",
+        base.to_str().unwrap(),
+    ]);
     assert_eq!(out, again);
-    let line = fails(&["data", "partition", "--task", "flores:en-hi", "--split", "dev", "--data-dir", data_s, "--clients", "2", "--scheme", "dirichlet"]);
+    let line = fails(&[
+        "data",
+        "partition",
+        "--task",
+        "flores:en-hi",
+        "--split",
+        "dev",
+        "--data-dir",
+        data_s,
+        "--clients",
+        "2",
+        "--scheme",
+        "dirichlet",
+    ]);
     assert!(line.contains("labels"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -483,7 +746,17 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     let tok = dir.join("tokenizer.json");
     let en = data.join("mltext/ud_english_ewt/en.txt");
     let hi = data.join("mltext/post2012_wikipedia/hi.txt");
-    let out = ok(&["tokenizer", "train", "--input", en.to_str().unwrap(), hi.to_str().unwrap(), "--vocab-size", "400", "--out", tok.to_str().unwrap()]);
+    let out = ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        en.to_str().unwrap(),
+        hi.to_str().unwrap(),
+        "--vocab-size",
+        "400",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
     assert!(out.contains("tokens/char"), "{out}");
     let recipe = |max_steps: usize| -> String {
         format!(
@@ -495,10 +768,22 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     let data_s = data.to_str().unwrap();
     // The tokenizer can also be trained on exactly the recipe's training text (train splits only).
     let tok2 = dir.join("from-recipe/tokenizer.json");
-    let out = ok(&["tokenizer", "train", "--recipe", cfg.to_str().unwrap(), "--data-dir", data_s, "--vocab-size", "400", "--out", tok2.to_str().unwrap()]);
+    let out = ok(&[
+        "tokenizer",
+        "train",
+        "--recipe",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data_s,
+        "--vocab-size",
+        "400",
+        "--out",
+        tok2.to_str().unwrap(),
+    ]);
     assert!(tok2.exists() && out.contains("mltext_hi.txt") && out.contains("ethos"), "{out}");
     let run1 = dir.join("run1");
-    let out = ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", run1.to_str().unwrap(), "--data-dir", data_s]);
+    let out =
+        ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", run1.to_str().unwrap(), "--data-dir", data_s]);
     let summary: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     assert_eq!(summary["steps"], 4);
     for lang in ["en", "hi"] {
@@ -519,9 +804,27 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     // same weights; exact resumption mid-run is tested in hetfed-train. Without a state, --resume
     // is a clear error instead of a silent restart.
     let before = std::fs::read(model.join("model.safetensors")).unwrap();
-    ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", run1.to_str().unwrap(), "--data-dir", data_s, "--resume"]);
+    ok(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run1.to_str().unwrap(),
+        "--data-dir",
+        data_s,
+        "--resume",
+    ]);
     assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), before);
-    let line = fails(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", dir.join("fresh").to_str().unwrap(), "--data-dir", data_s, "--resume"]);
+    let line = fails(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        dir.join("fresh").to_str().unwrap(),
+        "--data-dir",
+        data_s,
+        "--resume",
+    ]);
     assert!(line.contains("state.safetensors"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -537,29 +840,76 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let run = dir.join("ft");
-    ok(&["finetune", "--model", small.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", run.to_str().unwrap(), "--lora-rank", "4", "--epochs", "1", "--lr", "0.01", "--batch-size", "8", "--seed", "1"]);
+    ok(&[
+        "finetune",
+        "--model",
+        small.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "8",
+        "--seed",
+        "1",
+    ]);
     let tv = run.join("taskvec.safetensors");
     let out = dir.join("projected.safetensors");
     let cache = dir.join("maps");
     let args = |method: &str| -> Vec<String> {
-        ["project", "--small", small.to_str().unwrap(), "--large", large.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", method, "--calibration-sequences", "16", "--calibration-len", "16", "--cache-dir", cache.to_str().unwrap()]
-            .map(String::from)
-            .to_vec()
+        [
+            "project",
+            "--small",
+            small.to_str().unwrap(),
+            "--large",
+            large.to_str().unwrap(),
+            "--taskvec",
+            tv.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            method,
+            "--calibration-sequences",
+            "16",
+            "--calibration-len",
+            "16",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let a: Vec<String> = args("procrustes");
     let first = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(first.contains("fitted") && first.contains("explained variance"), "{first}");
     let second = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(second.contains("from the cache"), "{second}");
-    let info: serde_json::Value = serde_json::from_str(ok(&["taskvec", "info", out.to_str().unwrap(), "--json"]).trim()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(ok(&["taskvec", "info", out.to_str().unwrap(), "--json"]).trim()).unwrap();
     assert_eq!(info["kind"], "lora");
     // The projected vector belongs to the large model: it applies there and changes its scores.
     let text = "question 3: is it so? yes";
     let (_, plain) = score_json(&["score", "--model", large.to_str().unwrap(), "--text", text, "--json"]);
-    let (_, moved) = score_json(&["score", "--model", large.to_str().unwrap(), "--taskvec", out.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, moved) = score_json(&[
+        "score",
+        "--model",
+        large.to_str().unwrap(),
+        "--taskvec",
+        out.to_str().unwrap(),
+        "--text",
+        text,
+        "--json",
+    ]);
     assert!(max_diff(&plain, &moved) > 1e-5, "the projected update changed nothing");
     // ...and not to the small one.
-    let line = fails(&["score", "--model", small.to_str().unwrap(), "--taskvec", out.to_str().unwrap(), "--text", text]);
+    let line =
+        fails(&["score", "--model", small.to_str().unwrap(), "--taskvec", out.to_str().unwrap(), "--text", text]);
     assert!(line.contains("config"), "{line}");
     // --reverse brings the projected vector back into the small model (personalisation).
     let back = dir.join("back.safetensors");
@@ -569,10 +919,35 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
     r.push("--reverse".into());
     ok(&r.iter().map(String::as_str).collect::<Vec<_>>());
     let (_, small_plain) = score_json(&["score", "--model", small.to_str().unwrap(), "--text", text, "--json"]);
-    let (_, small_back) = score_json(&["score", "--model", small.to_str().unwrap(), "--taskvec", back.to_str().unwrap(), "--text", text, "--json"]);
+    let (_, small_back) = score_json(&[
+        "score",
+        "--model",
+        small.to_str().unwrap(),
+        "--taskvec",
+        back.to_str().unwrap(),
+        "--text",
+        text,
+        "--json",
+    ]);
     assert!(max_diff(&small_plain, &small_back) > 1e-5, "the reverse projection changed nothing");
     // A task vector of another base is refused with a clear error.
-    let line = fails(&["project", "--small", large.to_str().unwrap(), "--large", large.to_str().unwrap(), "--taskvec", tv.to_str().unwrap(), "--out", dir.join("x").to_str().unwrap(), "--calibration-sequences", "8", "--calibration-len", "8", "--cache-dir", cache.to_str().unwrap()]);
+    let line = fails(&[
+        "project",
+        "--small",
+        large.to_str().unwrap(),
+        "--large",
+        large.to_str().unwrap(),
+        "--taskvec",
+        tv.to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+        "--calibration-sequences",
+        "8",
+        "--calibration-len",
+        "8",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
     assert!(line.contains("expected an update of the small model"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -626,7 +1001,15 @@ val_fraction = 0.25
     let path = dir.join("run.toml");
     std::fs::write(&path, cfg).unwrap();
     let run = dir.join("run");
-    ok(&["simulate", "--config", path.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    ok(&[
+        "simulate",
+        "--config",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
     run
 }
 
@@ -635,11 +1018,21 @@ fn safetensors_dtypes(path: &Path) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__").map(|(_, v)| v["dtype"].as_str().unwrap().to_string()).collect()
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn events(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// `hetfed export` writes the run's final global model as an HF directory: the checkpoint's
@@ -679,16 +1072,38 @@ fn export_writes_the_runs_global_model_as_an_hf_directory() {
     }
     assert!(safetensors_dtypes(&out.join("model.safetensors")).iter().all(|d| d == "F32"));
     let base = models().join("base-small");
-    let cfg = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap() };
+    let cfg = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+    };
     assert_eq!(cfg(&out), cfg(&base));
 
     // `hetfed eval` on the export reproduces the server's final evaluation (same examples and options).
-    let eval = ok(&["eval", "--model", out_s, "--task", "ethos", "--limit", "12", "--batch-size", "16", "--max-len", "128", "--data-dir", data_s, "--json"]);
+    let eval = ok(&[
+        "eval",
+        "--model",
+        out_s,
+        "--task",
+        "ethos",
+        "--limit",
+        "12",
+        "--batch-size",
+        "16",
+        "--max-len",
+        "128",
+        "--data-dir",
+        data_s,
+        "--json",
+    ]);
     let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
     let metrics = eval["metrics"].as_object().unwrap();
     assert!(metrics.contains_key("accuracy") && metrics.contains_key("target_nll"), "{eval}");
     for (m, v) in metrics {
-        assert_eq!(v.as_f64(), round1["server_eval"][format!("ethos/{m}")].as_f64(), "{m}: {eval} vs {}", round1["server_eval"]);
+        assert_eq!(
+            v.as_f64(),
+            round1["server_eval"][format!("ethos/{m}")].as_f64(),
+            "{m}: {eval} vs {}",
+            round1["server_eval"]
+        );
     }
     // `hetfed score` on the export equals scoring the checkpoint's weights, and the run changed the model.
     let manual = dir.join("manual");
@@ -716,7 +1131,8 @@ fn export_writes_the_runs_global_model_as_an_hf_directory() {
     assert!(line.contains("--round 0") && line.contains("kept: round 1"), "{line}");
     // Another model's directory as --model is refused, naming a tensor.
     let large = models().join("base-large");
-    let line = fails(&["export", run_s, "--model", large.to_str().unwrap(), "--out", dir.join("wrong").to_str().unwrap()]);
+    let line =
+        fails(&["export", run_s, "--model", large.to_str().unwrap(), "--out", dir.join("wrong").to_str().unwrap()]);
     assert!(line.contains("--model") && line.contains("shape"), "{line}");
 
     // A run whose config named its server model relatively (as configs/*.toml do) needs --model.
@@ -725,14 +1141,26 @@ fn export_writes_the_runs_global_model_as_an_hf_directory() {
     copy_dir(&run.join("checkpoints/round-1"), &rel.join("checkpoints/round-1"));
     std::fs::copy(run.join("checkpoints/LATEST"), rel.join("checkpoints/LATEST")).unwrap();
     let abs = models().join("base-small").canonicalize().unwrap();
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().replace(&format!("\"model\":{}", serde_json::json!(abs)), "\"model\":\"../models/base-small\"");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .replace(&format!("\"model\":{}", serde_json::json!(abs)), "\"model\":\"../models/base-small\"");
     assert!(metrics.contains("../models/base-small"));
     std::fs::write(rel.join("metrics.jsonl"), metrics).unwrap();
     let line = fails(&["export", rel.to_str().unwrap(), "--out", dir.join("rel").to_str().unwrap()]);
     assert!(line.contains("../models/base-small") && line.contains("--model"), "{line}");
-    let stdout = ok(&["export", rel.to_str().unwrap(), "--model", base.to_str().unwrap(), "--out", dir.join("rel").to_str().unwrap()]);
+    let stdout = ok(&[
+        "export",
+        rel.to_str().unwrap(),
+        "--model",
+        base.to_str().unwrap(),
+        "--out",
+        dir.join("rel").to_str().unwrap(),
+    ]);
     assert!(stdout.contains(version), "{stdout}");
-    assert_eq!(std::fs::read(dir.join("rel/model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(dir.join("rel/model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -791,8 +1219,15 @@ fn generation_flags_out_of_range_are_one_line_naming_flag_value_and_range() {
     let line = fails(&["--threads", "0", "generate", "--model", m, "--prompt", "hi"]);
     assert!(line.contains("--threads") && line.contains("1..=1024") && line.contains("found 0"), "{line}");
     // eval checks its flags before reading any data.
-    for (flag, value) in [("--num-beams", "0"), ("--batch-size", "0"), ("--max-new-tokens", "100000"), ("--limit", "0"), ("--max-len", "100000")] {
-        let line = fails(&["eval", "--model", m, "--task", "ethos", "--data-dir", "/nonexistent-hetfed-data", flag, value]);
+    for (flag, value) in [
+        ("--num-beams", "0"),
+        ("--batch-size", "0"),
+        ("--max-new-tokens", "100000"),
+        ("--limit", "0"),
+        ("--max-len", "100000"),
+    ] {
+        let line =
+            fails(&["eval", "--model", m, "--task", "ethos", "--data-dir", "/nonexistent-hetfed-data", flag, value]);
         assert!(line.contains(flag) && line.contains(value), "{line}");
     }
 }
@@ -804,7 +1239,15 @@ fn finetune_refuses_a_lora_rank_beyond_the_models_layers() {
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let out = dir.join("o");
-    let base = ["finetune", "--model", m.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let base = [
+        "finetune",
+        "--model",
+        m.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let with = |extra: &[&str]| {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);
@@ -894,7 +1337,8 @@ fn input_beyond_the_models_context_is_truncated_and_said_on_stderr() {
     assert!(err.contains("note:") && err.contains("128"), "{err}");
     // The scored tokens are the text's first ones (up to where a shorter prefix's last tokens
     // could merge differently with what follows).
-    let short = score_json(&["score", "--model", m, "--text", "the quick brown fox jumps over the lazy dog.", "--json"]);
+    let short =
+        score_json(&["score", "--model", m, "--text", "the quick brown fox jumps over the lazy dog.", "--json"]);
     let all: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let k = short.0.len() - 2;
     assert!(k >= 4, "{:?}", short.0);
@@ -914,7 +1358,14 @@ fn run_configs_out_of_range_are_refused_before_any_model_or_data_loads() {
     let model = models().join("base-small").canonicalize().unwrap();
     let write = |name: &str, client: &str, server: &str| {
         let p = dir.join(name);
-        std::fs::write(&p, format!("[server]\nmodel = {:?}\n{server}\n[client]\n{client}\n[data]\ntask = \"ethos\"\nnum_clients = 1\n", model.display().to_string())).unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "[server]\nmodel = {:?}\n{server}\n[client]\n{client}\n[data]\ntask = \"ethos\"\nnum_clients = 1\n",
+                model.display().to_string()
+            ),
+        )
+        .unwrap();
         p
     };
     let no_data = dir.join("no-data");
@@ -927,7 +1378,15 @@ fn run_configs_out_of_range_are_refused_before_any_model_or_data_loads() {
         ("", "max_update_mib = 0", "server.max_update_mib"),
     ] {
         let p = write("run.toml", client, server);
-        let line = fails(&["simulate", "--config", p.to_str().unwrap(), "--data-dir", no_data.to_str().unwrap(), "--out", dir.join("out").to_str().unwrap()]);
+        let line = fails(&[
+            "simulate",
+            "--config",
+            p.to_str().unwrap(),
+            "--data-dir",
+            no_data.to_str().unwrap(),
+            "--out",
+            dir.join("out").to_str().unwrap(),
+        ]);
         assert!(line.contains(want) && line.contains("run.toml"), "{client} {server}: {line}");
     }
     assert!(!dir.join("out").exists(), "nothing ran");
@@ -978,10 +1437,33 @@ fn taskvec_apply_refuses_a_nan_task_vector_as_the_server_does() {
     let base_s = base.to_str().unwrap();
     let nan_model = changed_fixture(&dir, "nan", |v| v[1] = f32::NAN);
     let tv = dir.join("nan.safetensors");
-    ok(&["taskvec", "diff", "--base", base_s, "--finetuned", nan_model.to_str().unwrap(), "--out", tv.to_str().unwrap()]);
+    ok(&[
+        "taskvec",
+        "diff",
+        "--base",
+        base_s,
+        "--finetuned",
+        nan_model.to_str().unwrap(),
+        "--out",
+        tv.to_str().unwrap(),
+    ]);
     let out = dir.join("applied");
-    let line = fails(&["taskvec", "apply", "--base", base_s, "--taskvec", tv.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert!(line.contains("nan.safetensors") && line.contains("input_layernorm.weight") && line.contains("expected finite values, found NaN"), "{line}");
+    let line = fails(&[
+        "taskvec",
+        "apply",
+        "--base",
+        base_s,
+        "--taskvec",
+        tv.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("nan.safetensors")
+            && line.contains("input_layernorm.weight")
+            && line.contains("expected finite values, found NaN"),
+        "{line}"
+    );
     assert!(!out.exists(), "no model is written");
     let line = fails(&["score", "--model", base_s, "--taskvec", tv.to_str().unwrap(), "--text", "hi"]);
     assert!(line.contains("expected finite values"), "{line}");
@@ -990,7 +1472,16 @@ fn taskvec_apply_refuses_a_nan_task_vector_as_the_server_does() {
     let good_model = changed_fixture(&dir, "good", |v| v[1] += 0.25);
     let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
     for p in [&a, &b] {
-        ok(&["taskvec", "diff", "--base", base_s, "--finetuned", good_model.to_str().unwrap(), "--out", p.to_str().unwrap()]);
+        ok(&[
+            "taskvec",
+            "diff",
+            "--base",
+            base_s,
+            "--finetuned",
+            good_model.to_str().unwrap(),
+            "--out",
+            p.to_str().unwrap(),
+        ]);
     }
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "identical runs, different bytes");
     ok(&["taskvec", "apply", "--base", base_s, "--taskvec", a.to_str().unwrap(), "--out", out.to_str().unwrap()]);
@@ -1016,9 +1507,27 @@ fn finetune_resume_leaves_one_row_per_step() {
     write_jsonl(&train);
     let run = dir.join("run");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["finetune", "--model", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "--out", run.to_str().unwrap(), "--lora-rank", "2", "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--seed", "2"]
-            .map(String::from)
-            .to_vec();
+        let mut a: Vec<String> = [
+            "finetune",
+            "--model",
+            base.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--lora-rank",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            "--lr",
+            "0.01",
+            "--seed",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };

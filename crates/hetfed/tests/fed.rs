@@ -21,7 +21,10 @@ fn tempdir(tag: &str) -> PathBuf {
 }
 
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/base-small").canonicalize().expect("models/base-small is committed")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/base-small")
+        .canonicalize()
+        .expect("models/base-small is committed")
 }
 
 fn free_port() -> u16 {
@@ -142,7 +145,14 @@ fn server(cfg: &Path, data: &Path, out: &Path, resume: bool) -> Proc {
 fn client(cfg: &Path, data: &Path, id: &str, log: bool) -> Proc {
     let dir = cfg.parent().unwrap();
     let mut c = bin();
-    c.arg("client").arg("--config").arg(cfg).arg("--data-dir").arg(data).args(["--id", id]).arg("--token-file").arg(dir.join(format!("certs/{id}.token")));
+    c.arg("client")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--id", id])
+        .arg("--token-file")
+        .arg(dir.join(format!("certs/{id}.token")));
     if log {
         c.env("HETFED_LOG", "info");
     }
@@ -170,7 +180,16 @@ fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn simulate(cfg: &Path, data: &Path, out: &Path) {
-    let o = bin().arg("simulate").arg("--config").arg(cfg).arg("--data-dir").arg(data).arg("--out").arg(out).output().unwrap();
+    let o = bin()
+        .arg("simulate")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "simulate failed: {}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -204,7 +223,10 @@ fn grpc_deployment_equals_the_in_memory_simulation() {
     }
     assert!(dir.join("srv/report.html").exists() && dir.join("sim/report.html").exists());
     // The model moved: round 2's model differs from round 1's.
-    assert_ne!(round_event(&dir.join("srv"), 1).unwrap()["model_version"], round_event(&dir.join("srv"), 2).unwrap()["model_version"]);
+    assert_ne!(
+        round_event(&dir.join("srv"), 1).unwrap()["model_version"],
+        round_event(&dir.join("srv"), 2).unwrap()["model_version"]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -227,7 +249,10 @@ fn heterogeneous_grpc_deployment_equals_the_simulation() {
         }
         assert_eq!(b["bytes_down"], 0, "{b}");
     }
-    assert_ne!(round_event(&dir.join("srv"), 1).unwrap()["model_version"], round_event(&dir.join("srv"), 2).unwrap()["model_version"]);
+    assert_ne!(
+        round_event(&dir.join("srv"), 1).unwrap()["model_version"],
+        round_event(&dir.join("srv"), 2).unwrap()["model_version"]
+    );
     assert_eq!(std::fs::read_dir(dir.join("maps")).unwrap().count(), 1, "one cached map file for the pair");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -261,7 +286,9 @@ fn a_killed_client_fails_its_round_and_rejoins_the_next() {
         c.finish(Duration::from_secs(60));
     }
     let ev = events(&run);
-    let status = |round: u64, id: &str| ev.iter().find(|e| e["event"] == "client_round" && e["round"] == round && e["client"] == id).cloned().unwrap();
+    let status = |round: u64, id: &str| {
+        ev.iter().find(|e| e["event"] == "client_round" && e["round"] == round && e["client"] == id).cloned().unwrap()
+    };
     let r1 = status(1, "c2");
     assert_eq!(r1["status"], "failed", "{r1}");
     assert!(r1["reason"].as_str().unwrap().contains("deadline"), "{r1}");
@@ -293,7 +320,8 @@ fn a_server_killed_after_round_two_resumes_to_the_same_model() {
     let (a, b) = (round_event(&dir.join("sim"), 3).unwrap(), round_event(&run, 3).unwrap());
     assert_eq!(a["model_version"], b["model_version"], "resumed run diverges from the uninterrupted one");
     assert_eq!(a["server_eval"], b["server_eval"]);
-    let rounds: Vec<u64> = events(&run).iter().filter(|e| e["event"] == "round").filter_map(|e| e["round"].as_u64()).collect();
+    let rounds: Vec<u64> =
+        events(&run).iter().filter(|e| e["event"] == "round").filter_map(|e| e["round"].as_u64()).collect();
     assert_eq!(rounds, vec![0, 1, 2, 3], "each round logged once");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -362,12 +390,22 @@ fn the_default_run_finishes_and_improves_target_nll() {
     let dir = tempdir("default");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let t = Instant::now();
-    let o = bin().current_dir(&root).arg("simulate").arg("--data-dir").arg(&data).arg("--out").arg(dir.join("run")).output().unwrap();
+    let o = bin()
+        .current_dir(&root)
+        .arg("simulate")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "simulate failed: {}", String::from_utf8_lossy(&o.stderr));
     let secs = t.elapsed().as_secs_f64();
     let run = dir.join("run");
     let (zero, last) = (round_event(&run, 0).unwrap(), round_event(&run, 2).unwrap());
-    let nll = |e: &Value, task: &str| e["server_eval"][format!("{task}/target_nll")].as_f64().unwrap_or_else(|| panic!("{task}: {e}"));
+    let nll = |e: &Value, task: &str| {
+        e["server_eval"][format!("{task}/target_nll")].as_f64().unwrap_or_else(|| panic!("{task}: {e}"))
+    };
     for task in ["bbc", "scitldr", "tico:en-hi", "ethos", "copa"] {
         assert!(nll(&last, task) < nll(&zero, task), "{task}: target NLL {} -> {}", nll(&zero, task), nll(&last, task));
     }

@@ -45,7 +45,11 @@ const ROW_SHAPE: &str = r#"{"id" or "idx", "premise", "choice1", "choice2", "que
 
 fn to_example(path: &Path, line: usize, r: Row) -> Result<ChoiceExample> {
     if r.question != "cause" && r.question != "effect" {
-        return Err(Error::format(path, Some(line), format!("expected question \"cause\" or \"effect\", found {:?}", r.question)));
+        return Err(Error::format(
+            path,
+            Some(line),
+            format!("expected question \"cause\" or \"effect\", found {:?}", r.question),
+        ));
     }
     if r.label > 1 {
         return Err(Error::format(path, Some(line), format!("expected label 0 or 1, found {}", r.label)));
@@ -127,14 +131,22 @@ pub fn load_xcopa(dir: &DataDir, lang: &str, split: Split) -> Result<Vec<ChoiceE
     };
     let path = root.join(file);
     if !path.exists() {
-        return Err(Error::MissingSplit { dataset: "xcopa".into(), split: split.to_string(), looked_at: vec![path], note: String::new() });
+        return Err(Error::MissingSplit {
+            dataset: "xcopa".into(),
+            split: split.to_string(),
+            looked_at: vec![path],
+            note: String::new(),
+        });
     }
     read_jsonl::<Row>(&path, ROW_SHAPE)?.into_iter().map(|(line, r)| to_example(&path, line, r)).collect()
 }
 
 fn xcopa_languages(base: &Path) -> Vec<String> {
-    let mut langs: Vec<String> =
-        [base.to_path_buf(), base.join("data")].iter().flat_map(|d| crate::io::subdirs(d)).filter(|n| n != "data").collect();
+    let mut langs: Vec<String> = [base.to_path_buf(), base.join("data")]
+        .iter()
+        .flat_map(|d| crate::io::subdirs(d))
+        .filter(|n| n != "data")
+        .collect();
     langs.sort();
     langs.dedup();
     langs

@@ -51,19 +51,24 @@ fn parse_ethos(path: &Path) -> Result<Vec<ClassificationExample>> {
         return Err(Error::format(path, None, "expected a header `comment;isHate` and rows, found an empty file"));
     };
     if header.iter().map(|h| h.trim()).collect::<Vec<_>>() != ["comment", "isHate"] {
-        return Err(Error::format(path, Some(1), format!("expected the header `comment;isHate`, found `{}`", header.join(";"))));
+        return Err(Error::format(
+            path,
+            Some(1),
+            format!("expected the header `comment;isHate`, found `{}`", header.join(";")),
+        ));
     }
     rows.iter()
         .map(|(line, fields)| {
             let [comment, score] = fields.as_slice() else {
-                return Err(Error::format(path, Some(*line), format!("expected 2 fields `comment;isHate`, found {}", fields.len())));
+                return Err(Error::format(
+                    path,
+                    Some(*line),
+                    format!("expected 2 fields `comment;isHate`, found {}", fields.len()),
+                ));
             };
-            let score: f64 = score
-                .trim()
-                .parse()
-                .ok()
-                .filter(|s: &f64| (0.0..=1.0).contains(s))
-                .ok_or_else(|| Error::format(path, Some(*line), format!("expected isHate in [0, 1], found `{score}`")))?;
+            let score: f64 = score.trim().parse().ok().filter(|s: &f64| (0.0..=1.0).contains(s)).ok_or_else(|| {
+                Error::format(path, Some(*line), format!("expected isHate in [0, 1], found `{score}`"))
+            })?;
             Ok(ClassificationExample {
                 id: format!("line-{line}"),
                 text: comment.trim().to_string(),

@@ -79,7 +79,9 @@ impl DatasetSpec {
             DatasetSpec::Ethos => TaskKind::Classification,
             DatasetSpec::Copa | DatasetSpec::Xcopa { .. } => TaskKind::Reasoning,
             DatasetSpec::Flores { .. } | DatasetSpec::Tico { .. } | DatasetSpec::In22 { .. } => TaskKind::Translation,
-            DatasetSpec::XlSum { .. } | DatasetSpec::Ilsum | DatasetSpec::SciTldr | DatasetSpec::Bbc => TaskKind::Summarization,
+            DatasetSpec::XlSum { .. } | DatasetSpec::Ilsum | DatasetSpec::SciTldr | DatasetSpec::Bbc => {
+                TaskKind::Summarization
+            }
             DatasetSpec::Mltext { .. } => TaskKind::LanguageModelling,
         }
     }
@@ -148,11 +150,15 @@ impl FromStr for DatasetSpec {
             Some((h, a)) => (h, Some(a.trim())),
             None => (s.trim(), None),
         };
-        let need = |what: &str| -> Result<&str> { arg.filter(|a| !a.is_empty()).ok_or_else(|| bad(&format!("`{head}` needs `:{what}`"))) };
+        let need = |what: &str| -> Result<&str> {
+            arg.filter(|a| !a.is_empty()).ok_or_else(|| bad(&format!("`{head}` needs `:{what}`")))
+        };
         let pair = |what: &str| -> Result<(String, String)> {
             let a = need(what)?;
             match a.split_once('-') {
-                Some((x, y)) if !x.is_empty() && !y.is_empty() && !y.contains('-') => Ok((x.to_string(), y.to_string())),
+                Some((x, y)) if !x.is_empty() && !y.is_empty() && !y.contains('-') => {
+                    Ok((x.to_string(), y.to_string()))
+                }
                 _ => Err(bad(&format!("expected a language pair `<src>-<tgt>`, found `{a}`"))),
             }
         };
@@ -187,7 +193,8 @@ impl FromStr for DatasetSpec {
                 let a = need("<lang>")?;
                 let (lang, sources) = match a.split_once('@') {
                     Some((l, s)) => {
-                        let s: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+                        let s: Vec<String> =
+                            s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
                         if s.is_empty() {
                             return Err(bad("expected source names after `@`"));
                         }

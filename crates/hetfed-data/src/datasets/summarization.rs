@@ -77,7 +77,10 @@ pub fn load_xlsum(dir: &DataDir, lang: &str, split: Split) -> Result<Vec<Summary
             .map(|rd| {
                 rd.filter_map(|e| {
                     let n = e.ok()?.file_name().to_str()?.to_string();
-                    ["_train.jsonl", "_val.jsonl", "_test.jsonl"].iter().find_map(|s| n.strip_suffix(s)).map(str::to_string)
+                    ["_train.jsonl", "_val.jsonl", "_test.jsonl"]
+                        .iter()
+                        .find_map(|s| n.strip_suffix(s))
+                        .map(str::to_string)
                 })
                 .collect()
             })
@@ -172,14 +175,24 @@ pub fn load_scitldr(dir: &DataDir, split: Split) -> Result<Vec<SummaryExample>> 
     read_jsonl::<SciTldrRow>(&path, r#"{"paper_id", "source": [..], "target": [..], "title"}"#)?
         .into_iter()
         .map(|(line, r)| {
-            let references: Vec<String> = r.target.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+            let references: Vec<String> =
+                r.target.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
             if references.is_empty() {
-                return Err(Error::format(&path, Some(line), "expected at least one non-empty TLDR in `target`, found none"));
+                return Err(Error::format(
+                    &path,
+                    Some(line),
+                    "expected at least one non-empty TLDR in `target`, found none",
+                ));
             }
             Ok(SummaryExample {
                 id: r.paper_id,
                 title: r.title.filter(|t| !t.trim().is_empty()),
-                document: non_empty(&path, line, "source", r.source.iter().map(|s| s.trim()).collect::<Vec<_>>().join(" "))?,
+                document: non_empty(
+                    &path,
+                    line,
+                    "source",
+                    r.source.iter().map(|s| s.trim()).collect::<Vec<_>>().join(" "),
+                )?,
                 references,
             })
         })
@@ -276,8 +289,8 @@ fn decode_utf8_or_cp1252(bytes: &[u8]) -> String {
         return s.to_string();
     }
     const HIGH: [char; 32] = [
-        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•',
-        '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}', '\u{90}', '‘',
+        '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
     ];
     bytes
         .iter()

@@ -176,8 +176,14 @@ pub fn load_tico(dir: &DataDir, src: &str, tgt: &str, split: Split) -> Result<Ve
     } else if !base.exists() {
         return Err(dir.missing(Dataset::Tico19, vec![ours("en"), upstream("en")]));
     } else {
-        let available = crate::io::subdirs(&base).into_iter().filter_map(|d| d.strip_prefix("en-").map(str::to_string)).collect();
-        return Err(Error::MissingLanguage { dataset: "tico".into(), lang: other, looked_at: vec![ours("en"), upstream("en")], available });
+        let available =
+            crate::io::subdirs(&base).into_iter().filter_map(|d| d.strip_prefix("en-").map(str::to_string)).collect();
+        return Err(Error::MissingLanguage {
+            dataset: "tico".into(),
+            lang: other,
+            looked_at: vec![ours("en"), upstream("en")],
+            available,
+        });
     };
     let en = read_lines(&en_path)?;
     let xx = read_lines(&other_path)?;
@@ -219,7 +225,13 @@ pub fn load_tico(dir: &DataDir, src: &str, tgt: &str, split: Split) -> Result<Ve
 
 /// IN22 (`gen` or `conv`) sentence pairs for any two of its languages; `test` only. Ids are
 /// `<gen|conv>-<n>` (1-based).
-pub fn load_in22(dir: &DataDir, subset: In22Subset, src: &str, tgt: &str, split: Split) -> Result<Vec<TranslationExample>> {
+pub fn load_in22(
+    dir: &DataDir,
+    subset: In22Subset,
+    src: &str,
+    tgt: &str,
+    split: Split,
+) -> Result<Vec<TranslationExample>> {
     let base = dir.dataset_dir(Dataset::In22);
     let sub = subset.as_str();
     let roots = [base.join("IN22_testset").join(sub), base.join(sub)];
@@ -232,17 +244,26 @@ pub fn load_in22(dir: &DataDir, subset: In22Subset, src: &str, tgt: &str, split:
         });
     }
     let Some(root) = first_existing(&roots) else {
-        return Err(dir.missing(Dataset::In22, roots.iter().map(|r| r.join(format!("test.{}", flores_code(src)))).collect()));
+        return Err(
+            dir.missing(Dataset::In22, roots.iter().map(|r| r.join(format!("test.{}", flores_code(src)))).collect())
+        );
     };
     let read = |lang: &str| -> Result<(PathBuf, Vec<String>)> {
         let code = flores_code(lang);
         let p = root.join(format!("test.{code}"));
         if !p.exists() {
             let mut available: Vec<String> = std::fs::read_dir(&root)
-                .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("test.").map(str::to_string)).collect())
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("test.").map(str::to_string)).collect()
+                })
                 .unwrap_or_default();
             available.sort();
-            return Err(Error::MissingLanguage { dataset: format!("in22-{sub}"), lang: code, looked_at: vec![p], available });
+            return Err(Error::MissingLanguage {
+                dataset: format!("in22-{sub}"),
+                lang: code,
+                looked_at: vec![p],
+                available,
+            });
         }
         Ok((p.clone(), read_lines(&p)?))
     };
