@@ -95,3 +95,45 @@ fn note_suffix(note: &str) -> String {
         format!(" ({note})")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `?` into `hetfed_core::Error` keeps the message users see, word for word.
+    #[test]
+    fn conversion_to_the_core_error_keeps_the_message() {
+        let errors = || {
+            vec![
+                Error::MissingDataset {
+                    dataset: "ethos".into(),
+                    looked_at: vec!["a/b".into(), "c".into()],
+                    root: "data".into(),
+                    origin: "--data-dir".into(),
+                    url: "https://example.org".into(),
+                },
+                Error::MissingSplit {
+                    dataset: "copa".into(),
+                    split: "test".into(),
+                    looked_at: vec![],
+                    note: "n".into(),
+                },
+                Error::MissingLanguage {
+                    dataset: "flores".into(),
+                    lang: "xx".into(),
+                    looked_at: vec!["f".into()],
+                    available: vec![],
+                },
+                Error::format(Path::new("x.jsonl"), Some(3), "expected a JSON object"),
+                Error::io(Path::new("missing.txt"), std::io::Error::from(std::io::ErrorKind::NotFound)),
+                Error::config("unknown task `nope`"),
+            ]
+        };
+        for (e, expected) in errors().into_iter().zip(errors().iter().map(ToString::to_string)) {
+            let core = hetfed_core::Error::from(e);
+            assert_eq!(core.to_string(), expected);
+        }
+        let io = hetfed_core::Error::from(Error::io(Path::new("f"), std::io::ErrorKind::NotFound.into()));
+        assert!(matches!(io, hetfed_core::Error::Io { .. }), "an I/O error stays one: {io:?}");
+    }
+}

@@ -4,6 +4,7 @@
 //! simulation, a gRPC client in deployment. Examples never leave this module.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,86 @@ pub struct ClientOptions {
     pub give_up_after: Duration,
     /// Called with one line per finished round (the CLI prints it; simulation passes `None`).
     pub on_round: Option<Arc<dyn Fn(String) + Send + Sync>>,
+    /// Where the client keeps what a restart must not lose: the adapters it keeps across rounds
+    /// (`FitConfig::keep_adapter`). `None` keeps them in memory only.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The adapters a client trained, by round (`FitConfig::keep_adapter`). Round `r` continues from
+/// the latest adapter of a round before `r` of the same run, trained on the same model version,
+/// so a round trained again (after a server resume, or a client restart with `state_dir`) starts
+/// exactly where it first did. With a state directory each is written atomically as
+/// `adapter-round-<r>.safetensors` (f32; the run id and model version in its metadata); the two
+/// latest rounds are kept.
+pub struct Adapters {
+    dir: Option<PathBuf>,
+    /// The run this client is registered with (adapters of other runs are never continued).
+    pub run_id: String,
+    /// Round → (run id, model version, factors).
+    by_round: BTreeMap<u64, (String, String, TensorMap)>,
+}
+
+impl Adapters {
+    const KEEP: usize = 2;
+
+    /// The adapters saved in `dir` (none if it does not exist yet), or an empty in-memory set.
+    pub fn load(dir: Option<&Path>) -> Result<Self> {
+        let mut by_round = BTreeMap::new();
+        if let Some(d) = dir.filter(|d| d.is_dir()) {
+            for entry in std::fs::read_dir(d).map_err(|e| Error::io(d, e))? {
+                let path = entry.map_err(|e| Error::io(d, e))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let Some(round) = name.strip_prefix("adapter-round-").and_then(|r| r.strip_suffix(".safetensors"))
+                else {
+                    continue;
+                };
+                let round: u64 = round.parse().map_err(|_| {
+                    Error::msg(format!("{}: expected adapter-round-<number>.safetensors, found {name}", d.display()))
+                })?;
+                let (tensors, meta) = hetfed_core::load_safetensors(&path)?;
+                let field = |k: &str| {
+                    meta.get(k).cloned().ok_or_else(|| {
+                        Error::msg(format!("{}: expected `{k}` in its metadata, found none", path.display()))
+                    })
+                };
+                by_round.insert(round, (field("run_id")?, field("model_version")?, tensors));
+            }
+        }
+        Ok(Self { dir: dir.map(Path::to_path_buf), run_id: String::new(), by_round })
+    }
+
+    /// The adapter round `round` continues from: the latest of an earlier round, if it was
+    /// trained on `version`.
+    pub fn before(&self, round: u64, version: &str) -> Option<&TensorMap> {
+        let (_, (run, v, a)) = self.by_round.range(..round).next_back()?;
+        (*run == self.run_id && v == version).then_some(a)
+    }
+
+    /// Keeps round `round`'s adapter (saved first when there is a state directory).
+    pub fn keep(&mut self, round: u64, version: &str, adapter: TensorMap) -> Result<()> {
+        if let Some(d) = &self.dir {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            let meta = BTreeMap::from([
+                ("model_version".to_string(), version.to_string()),
+                ("run_id".to_string(), self.run_id.clone()),
+            ]);
+            hetfed_core::save_safetensors(
+                &adapter,
+                DType::F32,
+                &meta,
+                &d.join(format!("adapter-round-{round}.safetensors")),
+            )?;
+        }
+        self.by_round.insert(round, (self.run_id.clone(), version.to_string(), adapter));
+        while self.by_round.len() > Self::KEEP {
+            let (old, _) = self.by_round.pop_first().expect("more than KEEP entries");
+            if let Some(d) = &self.dir {
+                let p = d.join(format!("adapter-round-{old}.safetensors"));
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a client did over a run.
@@ -243,15 +324,15 @@ pub async fn run_client(service: Arc<dyn FedService>, opts: ClientOptions) -> Re
     let mut last_round = 0u64;
     // The weights of the last model version received: (version, weights).
     let mut cached: Option<(String, Arc<TensorMap>)> = None;
-    // The adapter this client trained last and the model version it was trained on (kept
-    // across rounds with `FitConfig::keep_adapter`).
-    let mut adapter: Option<(String, TensorMap)> = None;
+    // The adapters this client trained (kept across rounds with `FitConfig::keep_adapter`).
+    let mut adapter = Adapters::load(opts.state_dir.as_deref())?;
     let mut registered = false;
     loop {
         if !registered {
             match service.register(caller, info.clone()).await {
                 Ok(r) => {
                     tracing::info!("client {} registered with run {}", caller.client_id, r.run_id);
+                    adapter.run_id = r.run_id.clone();
                     registered = true;
                     // The server is the source of truth: after a server restart (resume) a round
                     // this client already trained may be open again, and the server only offers
@@ -325,7 +406,7 @@ async fn fit_round(
     fit: &FitIns,
     base_identity: &ModelIdentity,
     cached: &mut Option<(String, Arc<TensorMap>)>,
-    adapter: &mut Option<(String, TensorMap)>,
+    adapter: &mut Adapters,
     retry: &mut Retry,
 ) -> std::result::Result<Option<String>, FitError> {
     let caller = &opts.caller;
@@ -357,7 +438,7 @@ async fn fit_round(
     let identity = ModelIdentity { weights_hash: fit.model_version.clone(), ..base_identity.clone() };
     let o = opts.clone();
     let cfg2 = cfg.clone();
-    let prev = adapter.as_ref().filter(|(v, _)| cfg.keep_adapter && *v == fit.model_version).map(|(_, a)| a.clone());
+    let prev = if cfg.keep_adapter { adapter.before(fit.round, &fit.model_version).cloned() } else { None };
     let mut upd = tokio::task::spawn_blocking(move || {
         train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref())
     })
@@ -365,8 +446,8 @@ async fn fit_round(
     .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
     // Kept whether or not the server accepts the upload: the next upload is again the whole
     // change from the base, so nothing depends on this one arriving.
-    if cfg.keep_adapter {
-        *adapter = upd.adapter.take().map(|a| (fit.model_version.clone(), a));
+    if let (true, Some(a)) = (cfg.keep_adapter, upd.adapter.take()) {
+        adapter.keep(fit.round, &fit.model_version, a)?;
     }
     let bytes = Bytes::from(upd.bytes);
     let header = UploadHeader {

@@ -31,15 +31,14 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     let (group, in_group) = d
         .assignment(index)
         .ok_or_else(|| Error::msg(format!("client index: expected 0..{}, found {index}", d.num_clients())))?;
-    let err = |e: hetfed_data::Error| Error::msg(e.to_string());
-    let task = hetfed_data::task::builtin(&group.task).map_err(err)?;
-    let examples = task.load(dir, Split::Train).map_err(err)?;
+    let task = hetfed_data::task::builtin(&group.task)?;
+    let examples = task.load(dir, Split::Train)?;
     let labels = examples.labels().unwrap_or_else(|| vec![0; examples.len()]);
     // Each group partitions its own task; the seed names the group so that two groups of one
     // task do not get the same shares.
     let group_idx = d.groups().iter().position(|g| *g == group).unwrap_or(0) as u64;
     let seed = if group_idx == 0 { d.seed } else { hetfed_core::mix_seed(d.seed, group_idx) };
-    let parts = group.partition.unwrap_or(d.partition).split(&labels, group.clients, seed).map_err(err)?;
+    let parts = group.partition.unwrap_or(d.partition).split(&labels, group.clients, seed)?;
     // The share in a seeded random order before the cap and the held-out cut: data files are
     // often sorted (Ethos by label, BBC by topic), so the first N would be one class.
     let mut mine = parts[in_group].clone();
@@ -54,17 +53,16 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     let tok = ck.tokenizer()?;
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let pairs = |idx: &[usize]| -> Result<Vec<Example>> {
-        let sub = examples.subset(idx).map_err(err)?;
+        let sub = examples.subset(idx)?;
         Ok(task
-            .to_prompt_target(&sub, Some(&counter))
-            .map_err(err)?
+            .to_prompt_target(&sub, Some(&counter))?
             .into_iter()
             .map(|p| Example { prompt: p.prompt, target: p.target })
             .collect())
     };
     let train = pairs(train_idx)?;
     let val = pairs(val_idx)?;
-    let val_items = task.to_items(&examples.subset(val_idx).map_err(err)?, Some(&counter)).map_err(err)?;
+    let val_items = task.to_items(&examples.subset(val_idx)?, Some(&counter))?;
     let mut hist = BTreeMap::new();
     let mut counts = vec![0usize; task.label_words.len()];
     if examples.labels().is_some() {
@@ -104,16 +102,15 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
     }
     let tok = ck.tokenizer()?;
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
-    let err = |e: hetfed_data::Error| Error::msg(e.to_string());
     let mut tasks = Vec::new();
     for name in &names {
-        let spec = hetfed_data::task::builtin(name).map_err(err)?;
+        let spec = hetfed_data::task::builtin(name)?;
         let split = if e.split == "test" { Split::Test } else { Split::Dev };
-        let mut ex = spec.load(dir, split).map_err(err)?;
+        let mut ex = spec.load(dir, split)?;
         if e.max_examples > 0 && ex.len() > e.max_examples {
-            ex = ex.subset(&strided(ex.len(), e.max_examples)).map_err(err)?;
+            ex = ex.subset(&strided(ex.len(), e.max_examples))?;
         }
-        let items = spec.to_items(&ex, Some(&counter)).map_err(err)?;
+        let items = spec.to_items(&ex, Some(&counter))?;
         tasks.push(EvalTask { spec, items });
     }
     let mut general = Vec::new();
@@ -138,9 +135,8 @@ pub fn strided(n: usize, k: usize) -> Vec<usize> {
 
 /// Up to `n` lines of the server's general text: `mltext` English, `split`.
 pub fn general_text(dir: &DataDir, split: Split, n: usize) -> Result<Vec<String>> {
-    let spec: hetfed_data::DatasetSpec =
-        "mltext:en".parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
-    let ex = spec.load(dir, split).map_err(|e| Error::msg(e.to_string()))?;
+    let spec: hetfed_data::DatasetSpec = "mltext:en".parse()?;
+    let ex = spec.load(dir, split)?;
     let hetfed_data::Examples::Text(v) = ex else {
         return Err(Error::msg("mltext: expected text examples"));
     };
@@ -282,7 +278,7 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
     }
     let mut templates = BTreeMap::new();
     for name in cfg.data.task_names() {
-        let spec = hetfed_data::task::builtin(&name).map_err(|e| Error::msg(e.to_string()))?;
+        let spec = hetfed_data::task::builtin(&name)?;
         let mut segments = Vec::new();
         for part in spec.skeleton() {
             segments.push(match part {
@@ -325,6 +321,7 @@ pub fn build_client(
         backoff: Duration::from_millis(200),
         give_up_after: Duration::from_secs(120),
         on_round: None,
+        state_dir: None,
     })
 }
 
@@ -367,7 +364,8 @@ pub async fn simulate_with(
     let mut handles = Vec::new();
     for (i, (id, t)) in ids.iter().zip(tokens).enumerate() {
         let caller = Caller { client_id: id.clone(), token: Secret::new(t) };
-        let opts = build_client(cfg, dir, i, caller, None)?;
+        let mut opts = build_client(cfg, dir, i, caller, None)?;
+        opts.state_dir = Some(run_dir.join("clients").join(id));
         let svc: Arc<dyn FedService> = server.clone();
         let id = id.clone();
         handles.push(tokio::spawn(async move { (id, run_client(svc, opts).await) }));

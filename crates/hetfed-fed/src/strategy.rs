@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_net::ClientInfo;
 use rand::seq::SliceRandom;
@@ -123,7 +122,7 @@ impl FitResult {
 
     /// The dense update (`<module>.weight = B·A·scale` for LoRA factors).
     pub fn delta(&self) -> Result<TensorMap> {
-        Ok(self.update.materialize()?)
+        self.update.materialize()
     }
 }
 
@@ -628,10 +627,4 @@ impl Strategy for TaskArithmetic {
         let applied_norm = apply_delta(global, &acc.sum, self.scale)?;
         Ok(AggregateReport { weights, n_aggregated: n, applied_norm, ..Default::default() })
     }
-}
-
-/// Whether every value of a tensor is finite.
-pub fn all_finite(t: &Tensor) -> Result<bool> {
-    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(v.iter().all(|x| x.is_finite()))
 }

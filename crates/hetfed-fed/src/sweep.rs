@@ -483,6 +483,10 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// Nats per target token the central upper bound must gain over zero-shot for a task's share
+/// column to be shown.
+pub const MIN_CENTRAL_GAIN: f64 = 0.02;
+
 /// The EXPERIMENTS.md tables (mean ± sample std over seeds):
 ///
 /// 1. target NLL per task (nats per target token);
@@ -493,10 +497,6 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 ///    2 std of the per-seed difference (paired by seed);
 /// 3. each task's own metrics, forgetting (change of general perplexity against zero-shot of the
 ///    same seed), bytes per client and round, server seconds per round.
-/// Nats per target token the central upper bound must gain over zero-shot for a task's share
-/// column to be shown.
-pub const MIN_CENTRAL_GAIN: f64 = 0.02;
-
 pub fn render_table(results: &[RowResult]) -> String {
     let keys: Vec<String> = {
         let mut k: Vec<String> =

@@ -102,3 +102,39 @@ fn keep_adapter_without_lora_is_refused() {
     let e = cfg.validate().unwrap_err();
     assert!(e.starts_with("client.keep_adapter:"), "{e}");
 }
+
+/// Kept adapters survive a restart through the state directory: the two latest rounds stay on
+/// disk, a round continues from the latest earlier one of the same run and model version, and
+/// nothing of another run or version is continued.
+#[test]
+fn kept_adapters_are_saved_by_round_and_continued_only_within_their_run() {
+    use hetfed_fed::client::Adapters;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients/c0");
+    let factors = |x: f32| {
+        hetfed_core::TensorMap::from([(
+            "h.0.q.lora_A".to_string(),
+            candle_core::Tensor::full(x, (2, 3), &candle_core::Device::Cpu).unwrap(),
+        )])
+    };
+    let first = |m: &hetfed_core::TensorMap| m["h.0.q.lora_A"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    let mut a = Adapters::load(Some(&state)).unwrap();
+    a.run_id = "run-1".into();
+    assert!(a.before(1, "v").is_none(), "nothing before the first round");
+    for r in 1..=3 {
+        a.keep(r, "v", factors(r as f32)).unwrap();
+    }
+    let mut files: Vec<String> =
+        std::fs::read_dir(&state).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    files.sort();
+    assert_eq!(files, ["adapter-round-2.safetensors", "adapter-round-3.safetensors"]);
+
+    let mut b = Adapters::load(Some(&state)).unwrap();
+    b.run_id = "run-1".into();
+    assert_eq!(b.before(4, "v").map(first), Some(3.0), "round 4 continues round 3");
+    assert_eq!(b.before(3, "v").map(first), Some(2.0), "round 3 trained again continues round 2");
+    assert!(b.before(4, "other").is_none(), "another model version starts fresh");
+    b.run_id = "run-2".into();
+    assert!(b.before(4, "v").is_none(), "another run starts fresh");
+    assert!(Adapters::load(None).unwrap().before(2, "v").is_none(), "in memory: nothing saved");
+}

@@ -871,6 +871,7 @@ fn client_options(m: &Path, who: Caller) -> hetfed_fed::client::ClientOptions {
         backoff: Duration::from_millis(200),
         give_up_after: Duration::from_secs(120),
         on_round: None,
+        state_dir: None,
     }
 }
 

@@ -132,17 +132,16 @@ fn ids(tok: &Tokenizer, s: &str) -> Result<Vec<u32>> {
 pub fn training_texts(cfg: &PretrainConfig, dir: &DataDir) -> Result<Vec<(String, Vec<String>)>> {
     let mut out = Vec::new();
     for lang in &cfg.languages {
-        let spec: hetfed_data::DatasetSpec =
-            format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
-        let mut train = texts_of(&spec.load(dir, Split::Train).map_err(|e| Error::msg(e.to_string()))?);
+        let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse()?;
+        let mut train = texts_of(&spec.load(dir, Split::Train)?);
         if let Some(m) = cfg.max_lines_per_language {
             train.truncate(m);
         }
         out.push((format!("mltext:{lang}"), train));
     }
     for task in &cfg.tasks {
-        let spec = hetfed_data::task::builtin(task).map_err(|e| Error::msg(e.to_string()))?;
-        let ex = spec.load(dir, Split::Train).map_err(|e| Error::msg(e.to_string()))?;
+        let spec = hetfed_data::task::builtin(task)?;
+        let ex = spec.load(dir, Split::Train)?;
         out.push((format!("{} (train split)", spec.name), texts_of(&ex)));
     }
     Ok(out)
@@ -162,9 +161,8 @@ pub fn build_corpus(cfg: &PretrainConfig, dir: &DataDir, tok: &Tokenizer, eos: u
     }
     let mut held_out = BTreeMap::new();
     for lang in &cfg.languages {
-        let spec: hetfed_data::DatasetSpec =
-            format!("mltext:{lang}").parse().map_err(|e: hetfed_data::Error| Error::msg(e.to_string()))?;
-        let dev = texts_of(&spec.load(dir, Split::Dev).map_err(|e| Error::msg(e.to_string()))?);
+        let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse()?;
+        let dev = texts_of(&spec.load(dir, Split::Dev)?);
         let held: Vec<Encoded> = dev
             .iter()
             .take(cfg.held_out_lines)

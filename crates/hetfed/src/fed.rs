@@ -83,6 +83,10 @@ pub struct ClientArgs {
     /// The client's own model directory (default: the config's server.model)
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Where this client keeps what a restart must not lose: the adapters it continues across
+    /// rounds (`[client] keep_adapter`) (default: runs/clients/<id>)
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -256,6 +260,7 @@ pub fn client(a: ClientArgs) -> Result<()> {
     };
     let caller = Caller { client_id: a.id.clone(), token: Secret::new(token) };
     let mut opts = hetfed_fed::sim::build_client(&cfg, &dir, index, caller.clone(), a.model.as_deref())?;
+    opts.state_dir = Some(a.state_dir.clone().unwrap_or_else(|| Path::new("runs/clients").join(&a.id)));
     let id = a.id.clone();
     let prefix = id.clone();
     opts.on_round = Some(Arc::new(move |line: String| println!("client {prefix}: {line}")));

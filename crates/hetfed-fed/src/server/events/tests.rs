@@ -1,0 +1,156 @@
+//! Each record against the `json!` that wrote it before it was typed: the lines must not change.
+
+use serde_json::json;
+
+use super::*;
+
+fn line(e: &Event<'_>) -> String {
+    serde_json::to_value(e).unwrap().to_string()
+}
+
+#[test]
+fn records_are_unchanged() {
+    let (config, info, details) = (json!({"b": 1, "a": [1.5]}), json!({"k": "v"}), json!({"z": null}));
+    let eval = BTreeMap::from([("t/acc".to_string(), 0.5), ("general/ppl".to_string(), f64::NAN)]);
+    let alphas = BTreeMap::from([("c1".to_string(), 0.25)]);
+    let e = Event::RunStart {
+        run_id: "r",
+        strategy: "fedavg",
+        rounds: 3,
+        clients: vec!["c1", "c2"],
+        config: &config,
+        strategy_info: info.clone(),
+        time_unix_ms: 7,
+    };
+    let old = json!({"event": "run_start", "run_id": "r", "strategy": "fedavg", "rounds": 3u64,
+        "clients": ["c1", "c2"], "config": config, "strategy_info": info, "time_unix_ms": 7u64});
+    assert_eq!(line(&e), old.to_string());
+    let e = Event::InitialEval { round: 0, server_eval: &eval, server_eval_s: 1.25 };
+    let old = json!({"event": "round", "round": 0, "server_eval": eval, "server_eval_s": 1.25});
+    assert_eq!(line(&e), old.to_string());
+    let e = Event::Round(Box::new(RoundRecord {
+        round: 2,
+        selected: 3,
+        ok: 1,
+        rejected: 1,
+        failed: 1,
+        aggregated: true,
+        n_aggregated: 1,
+        quorum: 1,
+        alphas: &alphas,
+        applied_norm: f64::NAN,
+        aggregation: &details,
+        aggregate_s: 0.5,
+        server_eval_s: 0.0,
+        wall_s: 2.0,
+        bytes_up: 10,
+        bytes_down: 20,
+        server_eval: &eval,
+        server_cpu_s: 0.1,
+        server_rss_bytes: 5,
+        server_peak_rss_bytes: 6,
+        model_version: "h".into(),
+    }));
+    let old = json!({
+        "event": "round", "round": 2u64, "selected": 3usize, "ok": 1usize, "rejected": 1usize,
+        "failed": 1usize, "aggregated": true, "n_aggregated": 1usize, "quorum": 1usize,
+        "alphas": alphas, "applied_norm": f64::NAN, "aggregation": details,
+        "aggregate_s": 0.5, "server_eval_s": 0.0, "wall_s": 2.0,
+        "bytes_up": 10u64, "bytes_down": 20u64, "server_eval": eval,
+        "server_cpu_s": 0.1, "server_rss_bytes": 5u64, "server_peak_rss_bytes": 6u64,
+        "model_version": "h",
+    });
+    assert_eq!(line(&e), old.to_string());
+    let e = Event::ClientEval { round: 1, client: "c1", examples: 4, eval: &eval };
+    let old = json!({"event": "client_eval", "round": 1u64, "client": "c1", "examples": 4u64, "eval": eval});
+    assert_eq!(line(&e), old.to_string());
+    for peer in [None, Some("1.2.3.4:5")] {
+        let e = Event::Refused {
+            call: "upload",
+            client: "c1",
+            reason: "no",
+            peer,
+            upload_round: Some(3),
+            server_round: 2,
+            time_unix_ms: 9,
+        };
+        let old = json!({"event": "refused", "call": "upload", "client": "c1", "reason": "no", "peer": peer,
+            "upload_round": Some(3u64), "server_round": 2u64, "time_unix_ms": 9u64});
+        assert_eq!(line(&e), old.to_string());
+    }
+    let e = Event::RefusedSuppressed { count: 4, window_s: 60, time_unix_ms: 9 };
+    let old = json!({"event": "refused_suppressed", "count": 4u64, "window_s": 60, "time_unix_ms": 9u64});
+    assert_eq!(line(&e), old.to_string());
+    let e = Event::Resume { round: 2, time_unix_ms: 9 };
+    assert_eq!(line(&e), json!({"event": "resume", "round": 2u64, "time_unix_ms": 9u64}).to_string());
+    let e = Event::RunEnd { rounds_completed: 3, wall_s: 1.5, time_unix_ms: 9 };
+    let old = json!({"event": "run_end", "rounds_completed": 3u64, "wall_s": 1.5, "time_unix_ms": 9u64});
+    assert_eq!(line(&e), old.to_string());
+}
+
+/// The `client_round` lines as they were built before: a base, then fields by outcome.
+fn old_client_round(id: &str, outcome: Option<&Outcome>, failure: &str, weight: Option<f64>) -> String {
+    let mut line = json!({"event": "client_round", "round": 2u64, "client": id, "bytes_down": 30u64});
+    match outcome {
+        Some(Outcome::Accepted { n_examples, metrics, bytes, norm, upload_s }) => {
+            let eval: BTreeMap<&str, f64> =
+                metrics.iter().filter_map(|(k, v)| k.strip_prefix("eval:").map(|k| (k, *v))).collect();
+            let m = |k: &str| metrics.get(k).copied();
+            line["status"] = json!("ok");
+            line["examples"] = json!(n_examples);
+            line["bytes_up"] = json!(bytes);
+            line["update_norm"] = json!(norm);
+            line["upload_s"] = json!(upload_s);
+            line["train_s"] = json!(m("train_s"));
+            line["train_loss"] = json!(m("train_loss"));
+            line["val_loss_before"] = json!(m("val_loss_before"));
+            line["val_loss_after"] = json!(m("val_loss_after"));
+            line["cpu_s"] = json!(m("cpu_s"));
+            line["peak_rss_bytes"] = json!(m("peak_rss_bytes"));
+            line["eval"] = json!(eval);
+            if let Some(w) = weight {
+                line["weight"] = json!(w);
+            }
+        }
+        Some(Outcome::Rejected { reason, bytes }) => {
+            line["status"] = json!("rejected");
+            line["reason"] = json!(reason);
+            line["bytes_up"] = json!(bytes);
+        }
+        _ => {
+            line["status"] = json!("failed");
+            line["reason"] = json!(failure);
+        }
+    }
+    line.to_string()
+}
+
+#[test]
+fn client_rounds_are_unchanged() {
+    let metrics = BTreeMap::from([
+        ("train_s".to_string(), 1.5),
+        ("train_loss".to_string(), f64::NAN),
+        ("eval:t/acc".to_string(), 0.75),
+        ("other".to_string(), 2.0),
+    ]);
+    let accepted = Outcome::Accepted { n_examples: 8, metrics, bytes: 100, norm: 0.5, upload_s: 0.25 };
+    let rejected = Outcome::Rejected { reason: "norm".into(), bytes: 50 };
+    let report = AggregateReport { weights: BTreeMap::from([("c1".to_string(), 0.5)]), ..Default::default() };
+    let cases = [
+        (Some(&accepted), "", Some(&report), Some(0.5)),
+        (Some(&accepted), "", None, None),
+        (Some(&rejected), "", Some(&report), None),
+        (Some(&Outcome::InProgress), "upload unfinished", None, None),
+        (None, "no update", None, None),
+        (None, "", None, None),
+    ];
+    for (outcome, failure, report, weight) in cases {
+        let new = ClientRound::new(2, "c1", 30, outcome, Some(failure).filter(|f| !f.is_empty()), report);
+        let bytes_up = match outcome {
+            Some(Outcome::Accepted { bytes, .. } | Outcome::Rejected { bytes, .. }) => *bytes,
+            _ => 0,
+        };
+        assert_eq!(new.bytes_up(), bytes_up);
+        assert_eq!(line(&Event::ClientRound(new)), old_client_round("c1", outcome, failure, weight));
+    }
+}
