@@ -1,4 +1,4 @@
-//! Compiles `proto/hetfed/v1/fed.proto` with the protoc binary vendored by `protoc-bin-vendored`,
+//! Compiles `proto/hetfed/v2/fed.proto` with the protoc binary vendored by `protoc-bin-vendored`,
 //! so building needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -9,6 +9,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps as BTreeMap (like the domain types) and bytes fields as `bytes::Bytes` (no copies).
         .btree_map(".")
         .bytes(".")
-        .compile_protos(&["proto/hetfed/v1/fed.proto"], &["proto"])?;
+        .compile_protos(&["proto/hetfed/v2/fed.proto"], &["proto"])?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use hetfed_data::{Items, TaskSpec};
 use hetfed_eval::{evaluate, EvalOptions};
 use hetfed_model::{Checkpoint, LoraConfig, LoraSet, ModelIdentity};
 use hetfed_net::{
-    body_from_bytes, Caller, Classify, ClientInfo, DataStats, EvalReport, FedService, FitIns, Instruction,
+    body_from_bytes, Caller, Classify, ClientInfo, DataStats, FedService, FitIns, FitMetrics, Instruction,
     ServiceError, UploadHeader,
 };
 use hetfed_taskvec::TaskVector;
@@ -142,7 +142,7 @@ pub struct ClientSummary {
 pub struct LocalUpdate {
     pub bytes: Vec<u8>,
     pub n_examples: u64,
-    pub metrics: BTreeMap<String, f64>,
+    pub metrics: FitMetrics,
     /// The trained LoRA factors in f32 (`<module>.lora_A` / `.lora_B`), for a client that keeps
     /// its adapter across rounds (`FitConfig::keep_adapter`); `None` for full fine-tuning.
     pub adapter: Option<TensorMap>,
@@ -219,12 +219,12 @@ pub fn train_round(
     )?;
     let val_after = if val.is_empty() { f64::NAN } else { tr.eval_loss(&val)? };
     let train_s = t0.elapsed().as_secs_f64();
-    let mut metrics = BTreeMap::new();
+    let mut eval = BTreeMap::new();
     if !data.val_items.is_empty() {
         let r = evaluate(tr.model(), tok, eos, &data.task, &data.val_items, eval_opts, |_, _| {})
             .map_err(|e| Error::msg(format!("local evaluation: {e}")))?;
         for (k, v) in r.metrics {
-            metrics.insert(format!("eval:{}/{k}", data.task.name), v);
+            eval.insert(format!("{}/{k}", data.task.name), v);
         }
     }
     let adapter = tr.lora().map(|set| set.to_tensors());
@@ -242,15 +242,20 @@ pub fn train_round(
     };
     let tail = losses.len().div_ceil(4).max(1);
     let train_loss = losses.iter().rev().take(tail).sum::<f64>() / tail.min(losses.len()).max(1) as f64;
-    metrics.insert("train_loss".into(), train_loss);
-    metrics.insert("train_steps".into(), tr.step as f64);
-    metrics.insert("val_loss_before".into(), val_before);
-    metrics.insert("val_loss_after".into(), val_after);
-    metrics.insert("val_gain".into(), val_before - val_after);
-    metrics.insert("train_s".into(), train_s);
-    metrics.insert("cpu_s".into(), sys::cpu_seconds() - cpu0);
-    metrics.insert("peak_rss_bytes".into(), sys::peak_rss_bytes() as f64);
-    metrics.retain(|_, v| v.is_finite());
+    // A value that is not finite (no validation split: NaN losses) is reported as not measured.
+    let finite = |v: f64| Some(v).filter(|v| v.is_finite());
+    eval.retain(|_, v| v.is_finite());
+    let metrics = FitMetrics {
+        train_loss: finite(train_loss),
+        train_steps: Some(tr.step as u64),
+        val_loss_before: finite(val_before),
+        val_loss_after: finite(val_after),
+        val_gain: finite(val_before - val_after),
+        train_s: finite(train_s),
+        cpu_s: finite(sys::cpu_seconds() - cpu0),
+        peak_rss_bytes: Some(sys::peak_rss_bytes()),
+        eval,
+    };
     Ok(LocalUpdate { bytes, n_examples: data.train.len() as u64, metrics, adapter })
 }
 
@@ -261,7 +266,6 @@ pub fn client_info(opts: &ClientOptions) -> Result<ClientInfo> {
         client_id: opts.caller.client_id.clone(),
         arch: id.arch,
         base_hash: id.weights_hash,
-        capabilities: vec!["lora".into(), "full".into(), "f16".into(), "int8".into()],
         stats: opts.data.stats.clone(),
         tokenizer_hash: opts.base.tokenizer_hash().unwrap_or_default(),
     })
@@ -456,8 +460,7 @@ async fn fit_round(
         n_examples: upd.n_examples,
         size_bytes: bytes.len() as u64,
         sha256: hetfed_core::sha256_hex(&bytes),
-        encoding: if cfg.lora_rank > 0 { format!("lora-{}", cfg.encoding) } else { cfg.encoding.clone() },
-        metrics: upd.metrics.clone(),
+        metrics: upd.metrics,
     };
     // Uploads are idempotent per (client, round): a retry after a lost reply is accepted once.
     loop {
@@ -483,20 +486,6 @@ async fn fit_round(
             }
             Err(e) => return Err(FitError::Fatal(Error::msg(format!("round {}: upload failed: {e}", fit.round)))),
         }
-    }
-    let report = EvalReport {
-        round: fit.round,
-        client_id: caller.client_id.clone(),
-        n_examples: opts.data.val.len() as u64,
-        metrics: upd
-            .metrics
-            .iter()
-            .filter(|(k, _)| k.starts_with("eval:") || k.starts_with("val_loss"))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-    };
-    if let Err(e) = service.report_eval(caller, report).await {
-        tracing::warn!("round {}: evaluation report not delivered: {e}", fit.round);
     }
     Ok(None)
 }

@@ -474,7 +474,7 @@ impl Hetero {
             n_examples: r.n_examples,
             label_entropy_bits: st.map(|s| s.label_entropy_bits).filter(|h| h.is_finite()),
             n_classes: st.map(|s| s.label_hist.len()).filter(|&n| n >= 2),
-            val_gain: r.metrics.get("val_gain").copied().filter(|g| g.is_finite()),
+            val_gain: r.metrics.val_gain.filter(|g| g.is_finite()),
             server_gain: None,
         }
     }

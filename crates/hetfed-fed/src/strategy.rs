@@ -90,7 +90,8 @@ impl FitConfig {
 pub struct FitResult {
     pub client_id: String,
     pub n_examples: u64,
-    pub metrics: BTreeMap<String, f64>,
+    /// What the client measured in its fit (as uploaded).
+    pub metrics: hetfed_net::FitMetrics,
     pub update: hetfed_taskvec::TaskVector,
 }
 
@@ -99,7 +100,7 @@ impl FitResult {
     pub fn new(
         client_id: impl Into<String>,
         n_examples: u64,
-        metrics: BTreeMap<String, f64>,
+        metrics: hetfed_net::FitMetrics,
         mut update: hetfed_taskvec::TaskVector,
     ) -> Result<Self> {
         let to_f32 = |m: &mut TensorMap| -> Result<()> {

@@ -182,7 +182,7 @@ fn run_config(
 
 struct Update {
     update: TaskVector,
-    metrics: BTreeMap<String, f64>,
+    metrics: hetfed_net::FitMetrics,
     n_examples: u64,
     bytes: usize,
 }
@@ -217,7 +217,6 @@ fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec
             client_id: c.clone(),
             arch: id.arch.clone(),
             base_hash: id.weights_hash.clone(),
-            capabilities: vec![],
             stats: d.stats.clone(),
             tokenizer_hash: tok_hash.clone(),
         })

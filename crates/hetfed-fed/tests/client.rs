@@ -69,29 +69,26 @@ fn a_kept_adapter_continues_across_rounds_and_uploads_the_whole_change() {
     let r2 = train_round(&ck, ck.weights.clone(), &identity, &cfg, &d, &opts, Some(a1)).unwrap();
     assert_ne!(r1.bytes, r2.bytes, "a continued adapter gives another update");
 
-    let m = |r: &hetfed_fed::client::LocalUpdate, k: &str| r.metrics[k];
+    let before = |r: &hetfed_fed::client::LocalUpdate| r.metrics.val_loss_before.expect("a validation split");
+    let after = |r: &hetfed_fed::client::LocalUpdate| r.metrics.val_loss_after.expect("a validation split");
     assert!(
-        (m(&r1, "val_loss_before") - m(&r2, "val_loss_before")).abs() < 1e-9,
+        (before(&r1) - before(&r2)).abs() < 1e-9,
         "val_loss_before is the base's in both rounds: {} vs {}",
-        m(&r1, "val_loss_before"),
-        m(&r2, "val_loss_before")
+        before(&r1),
+        before(&r2)
     );
     assert!(
-        m(&r2, "val_loss_after") < m(&r1, "val_loss_after"),
+        after(&r2) < after(&r1),
         "continuing lowers the loss further: round 1 {}, round 2 {}",
-        m(&r1, "val_loss_after"),
-        m(&r2, "val_loss_after")
+        after(&r1),
+        after(&r2)
     );
     // The upload (f32) applied to the base is the trained model.
     for r in [&r1, &r2] {
         let tv = TaskVector::from_bytes(&r.bytes, Path::new("<update>")).unwrap();
         let tuned = tv.apply_unchecked(&ck.weights, 1.0).unwrap();
         let l = loss_of(&ck, &tuned, &d.val);
-        assert!(
-            (l - m(r, "val_loss_after")).abs() < 1e-3,
-            "upload applied to the base: loss {l}, trained model {}",
-            m(r, "val_loss_after")
-        );
+        assert!((l - after(r)).abs() < 1e-3, "upload applied to the base: loss {l}, trained model {}", after(r));
     }
 }
 

@@ -3,7 +3,6 @@
 //! its larger model, and refuses clients whose base it has no maps for. Tiny random BLOOM
 //! models; updates are built by hand.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -93,7 +92,7 @@ fn update(small: &Checkpoint, seed: u64) -> TensorMap {
 }
 
 fn result(id: &str, base: &hetfed_model::ModelIdentity, n: u64, gain: f64, delta: TensorMap) -> FitResult {
-    let metrics = BTreeMap::from([("val_gain".to_string(), gain)]);
+    let metrics = hetfed_net::FitMetrics { val_gain: Some(gain), ..Default::default() };
     FitResult::new(
         id,
         n,
@@ -215,7 +214,6 @@ fn info(id: &str, ck: &Checkpoint) -> ClientInfo {
         client_id: id.into(),
         arch: i.arch,
         base_hash: i.weights_hash,
-        capabilities: vec![],
         stats: DataStats { n_examples: 10, ..Default::default() },
         tokenizer_hash: String::new(),
     }
@@ -290,8 +288,7 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
         n_examples: 10,
         size_bytes: bytes.len() as u64,
         sha256: hetfed_core::sha256_hex(&bytes),
-        encoding: "f32".into(),
-        metrics: BTreeMap::new(),
+        metrics: Default::default(),
     };
     let reply = server.upload(&caller("c0"), header, body_from_bytes(bytes, 1 << 16)).await.unwrap();
     assert!(reply.accepted, "{}", reply.reason);
@@ -554,7 +551,9 @@ fn a_factored_update_aggregates_like_its_dense_product() {
     let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
     let tv = lora_update(&small, 1);
     let dense = TaskVector { base: tv.base.clone(), kind: Delta::Full(tv.materialize().unwrap()) };
-    let fit = |u: TaskVector| FitResult::new("a", 10, BTreeMap::from([("val_gain".to_string(), 0.5)]), u).unwrap();
+    let fit = |u: TaskVector| {
+        FitResult::new("a", 10, hetfed_net::FitMetrics { val_gain: Some(0.5), ..Default::default() }, u).unwrap()
+    };
     // Projection: factor by factor (rank kept) against the dense module-by-module path.
     let f = aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![fit(tv.clone())]);
     let d = aggregate(&mut strategy(&small, &large, transfer()), &large.weights, vec![fit(dense.clone())]);

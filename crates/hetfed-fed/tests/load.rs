@@ -244,8 +244,7 @@ async fn client(
                     n_examples: examples(i),
                     size_bytes: bytes.len() as u64,
                     sha256,
-                    encoding: "f32".into(),
-                    metrics: BTreeMap::new(),
+                    metrics: Default::default(),
                 };
                 let chunk = Limits::default().chunk_bytes;
                 if let Some(cut) = cut {

@@ -23,7 +23,7 @@ fn result(id: &str, n: u64, delta: TensorMap) -> FitResult {
     FitResult::new(
         id,
         n,
-        BTreeMap::new(),
+        hetfed_net::FitMetrics::default(),
         hetfed_taskvec::TaskVector { base, kind: hetfed_taskvec::Delta::Full(delta) },
     )
     .unwrap()

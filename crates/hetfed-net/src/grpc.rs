@@ -1,6 +1,6 @@
-//! The gRPC + TLS transport of [`FedService`] (tonic, schema in `proto/hetfed/v1/fed.proto`).
+//! The gRPC + TLS transport of [`FedService`] (tonic, schema in `proto/hetfed/v2/fed.proto`).
 //!
-//! - [`serve`] / [`serve_with_listener`] expose an `Arc<dyn FedService>` as the `hetfed.v1.Fed`
+//! - [`serve`] / [`serve_with_listener`] expose an `Arc<dyn FedService>` as the `hetfed.v2.Fed`
 //!   service.
 //! - [`GrpcClient`] implements [`FedService`] by forwarding every call to such a server, so client
 //!   code is the same over the network and in simulation.
@@ -43,10 +43,10 @@ use crate::service::{ByteStream, Caller, FedService, Secret, ServiceError};
 use crate::tls::{install_crypto_provider, ClientTls, ServerTls};
 use crate::types::*;
 
-/// Code generated from `proto/hetfed/v1/fed.proto`.
+/// Code generated from `proto/hetfed/v2/fed.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
-    tonic::include_proto!("hetfed.v1");
+    tonic::include_proto!("hetfed.v2");
 }
 
 use proto::fed_client::FedClient;
@@ -200,7 +200,6 @@ impl From<ClientInfo> for proto::ClientInfo {
             client_id: c.client_id,
             arch: c.arch,
             base_hash: c.base_hash,
-            capabilities: c.capabilities,
             stats: Some(c.stats.into()),
             tokenizer_hash: c.tokenizer_hash,
         }
@@ -213,7 +212,6 @@ impl From<proto::ClientInfo> for ClientInfo {
             client_id: c.client_id,
             arch: c.arch,
             base_hash: c.base_hash,
-            capabilities: c.capabilities,
             stats: c.stats.map(Into::into).unwrap_or_default(),
             tokenizer_hash: c.tokenizer_hash,
         }
@@ -293,8 +291,7 @@ impl From<UploadHeader> for proto::UploadHeader {
             n_examples: h.n_examples,
             size_bytes: h.size_bytes,
             sha256: h.sha256,
-            encoding: h.encoding,
-            metrics: h.metrics,
+            metrics: Some(h.metrics.into()),
         }
     }
 }
@@ -307,8 +304,7 @@ impl From<proto::UploadHeader> for UploadHeader {
             n_examples: h.n_examples,
             size_bytes: h.size_bytes,
             sha256: h.sha256,
-            encoding: h.encoding,
-            metrics: h.metrics,
+            metrics: h.metrics.map(Into::into).unwrap_or_default(),
         }
     }
 }
@@ -325,15 +321,35 @@ impl From<proto::UploadResponse> for UploadReply {
     }
 }
 
-impl From<EvalReport> for proto::EvalReport {
-    fn from(r: EvalReport) -> Self {
-        Self { round: r.round, client_id: r.client_id, n_examples: r.n_examples, metrics: r.metrics }
+impl From<FitMetrics> for proto::FitMetrics {
+    fn from(m: FitMetrics) -> Self {
+        Self {
+            train_loss: m.train_loss,
+            train_steps: m.train_steps,
+            val_loss_before: m.val_loss_before,
+            val_loss_after: m.val_loss_after,
+            val_gain: m.val_gain,
+            train_s: m.train_s,
+            cpu_s: m.cpu_s,
+            peak_rss_bytes: m.peak_rss_bytes,
+            eval: m.eval,
+        }
     }
 }
 
-impl From<proto::EvalReport> for EvalReport {
-    fn from(r: proto::EvalReport) -> Self {
-        Self { round: r.round, client_id: r.client_id, n_examples: r.n_examples, metrics: r.metrics }
+impl From<proto::FitMetrics> for FitMetrics {
+    fn from(m: proto::FitMetrics) -> Self {
+        Self {
+            train_loss: m.train_loss,
+            train_steps: m.train_steps,
+            val_loss_before: m.val_loss_before,
+            val_loss_after: m.val_loss_after,
+            val_gain: m.val_gain,
+            train_s: m.train_s,
+            cpu_s: m.cpu_s,
+            peak_rss_bytes: m.peak_rss_bytes,
+            eval: m.eval,
+        }
     }
 }
 
@@ -410,7 +426,7 @@ pub async fn serve_with_listener(
     let fed = FedServer::new(Adapter { inner: service, limits })
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
-    tracing::info!(%addr, "serving hetfed.v1.Fed over TLS");
+    tracing::info!(%addr, "serving hetfed.v2.Fed over TLS");
     Server::builder()
         .tls_config(tls.to_tonic()?)
         .map_err(|e| NetError::Tls { context: format!("server on {addr}"), reason: error_chain(&e) })?
@@ -528,18 +544,6 @@ impl Fed for Adapter {
         });
         let body = checked_body(chunks, header.size_bytes, "upload");
         Ok(Response::new(PEER.scope(peer, self.inner.upload(&caller, header, body)).await?.into()))
-    }
-
-    async fn report_eval(
-        &self,
-        req: Request<proto::ReportEvalRequest>,
-    ) -> Result<Response<proto::ReportEvalResponse>, Status> {
-        let caller = caller_of(req.metadata())?;
-        let peer = req.remote_addr();
-        let report =
-            req.into_inner().report.ok_or_else(|| Status::invalid_argument("ReportEvalRequest without report"))?;
-        PEER.scope(peer, self.inner.report_eval(&caller, report.into())).await?;
-        Ok(Response::new(proto::ReportEvalResponse {}))
     }
 }
 
@@ -734,12 +738,6 @@ impl FedService for GrpcClient {
             return Err(e);
         }
         Ok(result?.into_inner().into())
-    }
-
-    async fn report_eval(&self, caller: &Caller, report: EvalReport) -> Result<(), ServiceError> {
-        let req = self.request(caller, proto::ReportEvalRequest { report: Some(report.into()) })?;
-        self.client().report_eval(req).await?;
-        Ok(())
     }
 }
 

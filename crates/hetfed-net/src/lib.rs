@@ -1,6 +1,6 @@
 //! hetfed's federated protocol, independent of any model code.
 //!
-//! - [`types`]: the domain messages (register, instructions, upload header, evaluation report).
+//! - [`types`]: the domain messages (register, instructions, upload header with the client's fit metrics).
 //! - [`service`]: the [`FedService`] trait the server implements. The client is written against
 //!   `Arc<dyn FedService>`: in simulation that is the server object itself (the in-memory
 //!   transport); in deployment it is [`grpc::GrpcClient`], which forwards every call over gRPC + TLS

@@ -120,14 +120,12 @@ pub trait FedService: Send + Sync + 'static {
     /// Download the model with this version (hash) as safetensors bytes.
     async fn fetch_model(&self, caller: &Caller, version: &str) -> Result<(ModelHeader, ByteStream), ServiceError>;
 
-    /// Upload an update: the header, then its bytes. The server checks size and checksum.
+    /// Upload an update: the header (with the client's [`FitMetrics`], its own evaluation
+    /// included), then its bytes. The server checks size and checksum.
     async fn upload(
         &self,
         caller: &Caller,
         header: UploadHeader,
         body: ByteStream,
     ) -> Result<UploadReply, ServiceError>;
-
-    /// Report the client's local evaluation for a round.
-    async fn report_eval(&self, caller: &Caller, report: EvalReport) -> Result<(), ServiceError>;
 }

@@ -1,4 +1,4 @@
-//! Domain messages of the federated protocol. The protobuf schema (`proto/hetfed/v1/fed.proto`)
+//! Domain messages of the federated protocol. The protobuf schema (`proto/hetfed/v2/fed.proto`)
 //! mirrors these; free-form parts (fit configuration, metrics) travel as JSON or maps.
 
 use std::collections::BTreeMap;
@@ -13,8 +13,6 @@ pub struct ClientInfo {
     pub arch: String,
     /// Content hash of the client's base weights (`ModelIdentity::weights_hash`).
     pub base_hash: String,
-    /// e.g. "lora", "full", "f16", "int8".
-    pub capabilities: Vec<String>,
     pub stats: DataStats,
     /// SHA-256 of the base's tokenizer vocabulary, merges and added tokens
     /// (`Checkpoint::tokenizer_hash`); empty when the client does not say.
@@ -73,10 +71,34 @@ pub struct UploadHeader {
     pub size_bytes: u64,
     /// Lower-case hex SHA-256 of the body.
     pub sha256: String,
-    /// e.g. "f32", "f16", "int8", "lora" (the body is a task vector's safetensors bytes).
-    pub encoding: String,
-    /// Client-side metrics of this fit (train loss, validation gain, train seconds, ...).
-    pub metrics: BTreeMap<String, f64>,
+    /// What the client measured in this fit. (The body is a task vector's safetensors bytes; the
+    /// server reads its encoding from them.)
+    pub metrics: FitMetrics,
+}
+
+/// What a client measured in one fit, sent with its update. `None`: not measured (e.g. no
+/// validation split, or a value that was not finite).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FitMetrics {
+    /// Mean training loss over the last quarter of the fit's steps.
+    pub train_loss: Option<f64>,
+    /// Optimiser steps taken.
+    pub train_steps: Option<u64>,
+    /// Validation loss of the weights the fit started from.
+    pub val_loss_before: Option<f64>,
+    /// Validation loss of the tuned weights.
+    pub val_loss_after: Option<f64>,
+    /// `val_loss_before - val_loss_after`: how much the fit helped on the client's own data.
+    pub val_gain: Option<f64>,
+    /// Wall seconds of the fit.
+    pub train_s: Option<f64>,
+    /// CPU seconds of the fit.
+    pub cpu_s: Option<f64>,
+    /// The client process's peak resident memory.
+    pub peak_rss_bytes: Option<u64>,
+    /// The client's own evaluation of the tuned model: `"<task>/<metric>"` → value.
+    pub eval: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -93,12 +115,4 @@ pub struct ModelHeader {
     pub version: String,
     pub size_bytes: u64,
     pub sha256: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct EvalReport {
-    pub round: u64,
-    pub client_id: String,
-    pub n_examples: u64,
-    pub metrics: BTreeMap<String, f64>,
 }

@@ -33,13 +33,12 @@ struct Toy {
     model: Bytes,
     /// (header, body, number of chunks the body arrived in)
     uploads: Mutex<Vec<(UploadHeader, Vec<u8>, usize)>>,
-    evals: Mutex<Vec<EvalReport>>,
 }
 
 impl Toy {
     fn new(model: Bytes) -> Self {
         let tokens = [("alice", "alice-token"), ("bob", "bob-token")].map(|(a, b)| (a.to_owned(), b.to_owned()));
-        Self { tokens: tokens.into(), model, uploads: Mutex::default(), evals: Mutex::default() }
+        Self { tokens: tokens.into(), model, uploads: Mutex::default() }
     }
 
     fn auth(&self, caller: &Caller) -> Result<(), ServiceError> {
@@ -50,7 +49,8 @@ impl Toy {
     }
 }
 
-/// The error `report_eval` returns for a report of this round (1..=8), to test every variant.
+/// The error `instructions` returns for a poll after round `100 + k` (k in 1..=8), to test every
+/// variant.
 fn error_for_round(round: u64) -> Option<ServiceError> {
     let m = format!("round {round} refused: ünïcode, \"quotes\", 100% sure");
     Some(match round {
@@ -83,6 +83,9 @@ impl FedService for Toy {
         wait: Duration,
     ) -> Result<Instruction, ServiceError> {
         self.auth(caller)?;
+        if let Some(e) = after_round.checked_sub(100).and_then(error_for_round) {
+            return Err(e);
+        }
         Ok(match after_round {
             0 => Instruction::Fit(FitIns {
                 round: 1,
@@ -126,15 +129,6 @@ impl FedService for Toy {
         }
         self.uploads.lock().unwrap().push((header, data, chunks));
         Ok(UploadReply { accepted: true, duplicate: false, reason: String::new() })
-    }
-
-    async fn report_eval(&self, caller: &Caller, report: EvalReport) -> Result<(), ServiceError> {
-        self.auth(caller)?;
-        if let Some(e) = error_for_round(report.round) {
-            return Err(e);
-        }
-        self.evals.lock().unwrap().push(report);
-        Ok(())
     }
 }
 
@@ -188,8 +182,18 @@ fn upload_header(body: &[u8]) -> UploadHeader {
         n_examples: 12,
         size_bytes: body.len() as u64,
         sha256: sha256_hex(body),
-        encoding: "f16".into(),
-        metrics: BTreeMap::from([("train_loss".into(), 0.25), ("secs".into(), 3.5)]),
+        // Every field set but one: an absent value stays absent.
+        metrics: FitMetrics {
+            train_loss: Some(0.25),
+            train_steps: Some(7),
+            val_loss_before: None,
+            val_loss_after: Some(1.5),
+            val_gain: Some(-0.125),
+            train_s: Some(3.5),
+            cpu_s: Some(6.75),
+            peak_rss_bytes: Some(3 << 30),
+            eval: BTreeMap::from([("sst2/accuracy".into(), 80.0), ("sst2/macro_f1".into(), 79.5)]),
+        },
     }
 }
 
@@ -205,7 +209,6 @@ async fn every_rpc_round_trips_over_tls() {
             client_id: "alice".into(),
             arch: "bloom".into(),
             base_hash: "abc".into(),
-            capabilities: vec!["lora".into(), "f16".into()],
             stats: DataStats {
                 tasks: vec!["sst2".into()],
                 n_examples: 10,
@@ -237,17 +240,13 @@ async fn every_rpc_round_trips_over_tls() {
         assert!(reply.accepted && !reply.duplicate);
         assert_eq!(fx.toy.uploads.lock().unwrap()[0].0, header);
 
-        let report = EvalReport {
-            round: 0,
-            client_id: "alice".into(),
-            n_examples: 5,
-            metrics: BTreeMap::from([("acc".into(), 0.8)]),
-        };
-        client.report_eval(&me, report.clone()).await.unwrap();
-        assert_eq!(fx.toy.evals.lock().unwrap()[0], report);
+        // Default metrics (nothing measured) travel too.
+        let header = UploadHeader { metrics: FitMetrics::default(), ..upload_header(&data) };
+        client.upload(&me, header.clone(), body_from_bytes(data.clone().into(), 4)).await.unwrap();
+        assert_eq!(fx.toy.uploads.lock().unwrap()[1].0, header);
 
         // An empty per-call caller falls back to the one given at connect time.
-        client.report_eval(&Caller::default(), report).await.unwrap();
+        assert_eq!(client.instructions(&Caller::default(), 1000, Duration::ZERO).await.unwrap(), Instruction::Done);
         fx.stop().await;
     })
     .await
@@ -331,10 +330,9 @@ async fn every_service_error_survives_the_wire() {
     bounded(async {
         let fx = Fixture::start(Limits::default(), false, Bytes::new()).await;
         let client = fx.client("alice", "alice-token").await;
-        for round in 1..=8 {
-            let report = EvalReport { round, ..EvalReport::default() };
-            let expected = error_for_round(round).unwrap();
-            assert_eq!(client.report_eval(&alice(), report).await, Err(expected));
+        for k in 1..=8 {
+            let expected = error_for_round(k).unwrap();
+            assert_eq!(client.instructions(&alice(), 100 + k, Duration::ZERO).await, Err(expected));
         }
         fx.stop().await;
     })
@@ -480,7 +478,7 @@ async fn mutual_tls_requires_a_client_certificate() {
     bounded(async {
         let fx = Fixture::start(Limits::default(), true, Bytes::new()).await;
         let client = fx.client("alice", "alice-token").await;
-        client.report_eval(&alice(), EvalReport::default()).await.unwrap();
+        client.register(&alice(), ClientInfo::default()).await.unwrap();
 
         // Without a client certificate: refused, permanently, either at connect time or (TLS 1.3
         // may only reveal the refusal then) on the first call.
@@ -488,7 +486,7 @@ async fn mutual_tls_requires_a_client_certificate() {
         let t = Instant::now();
         let msg = match fx.client_with(tls, "alice", "alice-token").await {
             Ok(client) => {
-                let err = client.report_eval(&alice(), EvalReport::default()).await.unwrap_err();
+                let err = client.register(&alice(), ClientInfo::default()).await.unwrap_err();
                 assert!(err.is_permanent(), "{err:?}");
                 err.to_string()
             }

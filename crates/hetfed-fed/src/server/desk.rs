@@ -1,6 +1,6 @@
 //! The desk: what a transport talks to. [`Server`] implements [`FedService`]: registration, the
 //! long poll for instructions, the model download (serialised lazily, once per version), uploads
-//! (received and validated in `upload.rs`) and the clients' own evaluations.
+//! (received and validated in `upload.rs`, each with the client's metrics and own evaluation).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,12 +9,11 @@ use bytes::Bytes;
 use candle_core::DType;
 use hetfed_core::TensorMap;
 use hetfed_net::{
-    body_from_bytes, ByteStream, Caller, ClientInfo, EvalReport, FedService, Instruction, ModelHeader, RegisterReply,
-    ServiceError, UploadHeader, UploadReply,
+    body_from_bytes, ByteStream, Caller, ClientInfo, FedService, Instruction, ModelHeader, RegisterReply, ServiceError,
+    UploadHeader, UploadReply,
 };
 use tokio::time::Instant;
 
-use super::events::Event;
 use super::{internal, lock, Phase, Reply, Server};
 
 /// The download of `weights`: its safetensors bytes and their SHA-256.
@@ -111,23 +110,6 @@ impl FedService for Server {
             Ok(_) => {}
         }
         r
-    }
-
-    async fn report_eval(&self, caller: &Caller, report: EvalReport) -> Reply<()> {
-        self.registered(Some("report_eval"), caller)?;
-        if report.client_id != caller.client_id {
-            return Err(ServiceError::PermissionDenied(format!(
-                "client {:?} cannot report for {:?}",
-                caller.client_id, report.client_id
-            )));
-        }
-        self.event(&Event::ClientEval {
-            round: report.round,
-            client: &report.client_id,
-            examples: report.n_examples,
-            eval: &report.metrics,
-        });
-        Ok(())
     }
 }
 

@@ -1,5 +1,5 @@
 //! The records of `metrics.jsonl`, built here and nowhere else: one typed [`Event`] per line
-//! (`run_start`, `round`, `client_round`, `client_eval`, `refused`, `refused_suppressed`, `resume`,
+//! (`run_start`, `round`, `client_round`, `refused`, `refused_suppressed`, `resume`,
 //! `run_end`), each tagged by its `"event"` field.
 //!
 //! A record is written through a [`serde_json::Value`], whose objects keep their keys sorted, so
@@ -38,13 +38,6 @@ pub(super) enum Event<'a> {
     },
     Round(Box<RoundRecord<'a>>),
     ClientRound(ClientRound<'a>),
-    /// A client's own evaluation, as it reported it.
-    ClientEval {
-        round: u64,
-        client: &'a str,
-        examples: u64,
-        eval: &'a BTreeMap<String, f64>,
-    },
     /// A refused call (see [`Server::audit`]).
     Refused {
         call: &'a str,
@@ -115,8 +108,9 @@ pub(super) struct ClientRound<'a> {
 #[derive(Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 enum ClientStatus<'a> {
-    /// Accepted: the client's training metrics (`null` when it did not report one), its own
-    /// evaluation (`eval:` metrics), and its aggregation weight when the round aggregated.
+    /// Accepted: the client's [`hetfed_net::FitMetrics`] (`null` when it did not report one),
+    /// its own evaluation (`"<task>/<metric>"` → value), and its aggregation weight when the round
+    /// aggregated.
     Ok {
         examples: u64,
         bytes_up: u64,
@@ -127,8 +121,8 @@ enum ClientStatus<'a> {
         val_loss_before: Option<f64>,
         val_loss_after: Option<f64>,
         cpu_s: Option<f64>,
-        peak_rss_bytes: Option<f64>,
-        eval: BTreeMap<&'a str, f64>,
+        peak_rss_bytes: Option<u64>,
+        eval: &'a BTreeMap<String, f64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         weight: Option<f64>,
     },
@@ -151,23 +145,20 @@ impl<'a> ClientRound<'a> {
         report: Option<&AggregateReport>,
     ) -> Self {
         let status = match outcome {
-            Some(Outcome::Accepted { n_examples, metrics, bytes, norm, upload_s }) => {
-                let m = |k: &str| metrics.get(k).copied();
-                ClientStatus::Ok {
-                    examples: *n_examples,
-                    bytes_up: *bytes,
-                    update_norm: *norm,
-                    upload_s: *upload_s,
-                    train_s: m("train_s"),
-                    train_loss: m("train_loss"),
-                    val_loss_before: m("val_loss_before"),
-                    val_loss_after: m("val_loss_after"),
-                    cpu_s: m("cpu_s"),
-                    peak_rss_bytes: m("peak_rss_bytes"),
-                    eval: metrics.iter().filter_map(|(k, v)| k.strip_prefix("eval:").map(|k| (k, *v))).collect(),
-                    weight: report.and_then(|r| r.weights.get(client).copied()),
-                }
-            }
+            Some(Outcome::Accepted { n_examples, metrics, bytes, norm, upload_s }) => ClientStatus::Ok {
+                examples: *n_examples,
+                bytes_up: *bytes,
+                update_norm: *norm,
+                upload_s: *upload_s,
+                train_s: metrics.train_s,
+                train_loss: metrics.train_loss,
+                val_loss_before: metrics.val_loss_before,
+                val_loss_after: metrics.val_loss_after,
+                cpu_s: metrics.cpu_s,
+                peak_rss_bytes: metrics.peak_rss_bytes,
+                eval: &metrics.eval,
+                weight: report.and_then(|r| r.weights.get(client).copied()),
+            },
             Some(Outcome::Rejected { reason, bytes }) => ClientStatus::Rejected { reason, bytes_up: *bytes },
             Some(Outcome::InProgress) | None => ClientStatus::Failed { reason: failure.unwrap_or_default() },
         };

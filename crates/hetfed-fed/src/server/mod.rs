@@ -92,7 +92,7 @@ enum Phase {
 #[derive(Debug, Clone)]
 enum Outcome {
     InProgress,
-    Accepted { n_examples: u64, metrics: BTreeMap<String, f64>, bytes: u64, norm: f64, upload_s: f64 },
+    Accepted { n_examples: u64, metrics: hetfed_net::FitMetrics, bytes: u64, norm: f64, upload_s: f64 },
     Rejected { reason: String, bytes: u64 },
 }
 

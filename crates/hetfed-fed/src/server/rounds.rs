@@ -18,7 +18,7 @@ use crate::strategy::{AggregateReport, Failure, FitResult};
 use crate::sys;
 
 /// An accepted update: client id, examples, the client's metrics.
-type Accepted = (String, u64, BTreeMap<String, f64>);
+type Accepted = (String, u64, hetfed_net::FitMetrics);
 
 /// A round once closed: its selection and what came of it.
 struct Closed {

@@ -61,9 +61,6 @@ fn records_are_unchanged() {
         "model_version": "h",
     });
     assert_eq!(line(&e), old.to_string());
-    let e = Event::ClientEval { round: 1, client: "c1", examples: 4, eval: &eval };
-    let old = json!({"event": "client_eval", "round": 1u64, "client": "c1", "examples": 4u64, "eval": eval});
-    assert_eq!(line(&e), old.to_string());
     for peer in [None, Some("1.2.3.4:5")] {
         let e = Event::Refused {
             call: "upload",
@@ -88,26 +85,25 @@ fn records_are_unchanged() {
     assert_eq!(line(&e), old.to_string());
 }
 
-/// The `client_round` lines as they were built before: a base, then fields by outcome.
+/// The `client_round` lines as they were built before: a base, then fields by outcome (the
+/// metrics were a string map then, `eval:<task>/<metric>` keys included; the keys are unchanged,
+/// and `peak_rss_bytes`, a count now, is written as an integer).
 fn old_client_round(id: &str, outcome: Option<&Outcome>, failure: &str, weight: Option<f64>) -> String {
     let mut line = json!({"event": "client_round", "round": 2u64, "client": id, "bytes_down": 30u64});
     match outcome {
         Some(Outcome::Accepted { n_examples, metrics, bytes, norm, upload_s }) => {
-            let eval: BTreeMap<&str, f64> =
-                metrics.iter().filter_map(|(k, v)| k.strip_prefix("eval:").map(|k| (k, *v))).collect();
-            let m = |k: &str| metrics.get(k).copied();
             line["status"] = json!("ok");
             line["examples"] = json!(n_examples);
             line["bytes_up"] = json!(bytes);
             line["update_norm"] = json!(norm);
             line["upload_s"] = json!(upload_s);
-            line["train_s"] = json!(m("train_s"));
-            line["train_loss"] = json!(m("train_loss"));
-            line["val_loss_before"] = json!(m("val_loss_before"));
-            line["val_loss_after"] = json!(m("val_loss_after"));
-            line["cpu_s"] = json!(m("cpu_s"));
-            line["peak_rss_bytes"] = json!(m("peak_rss_bytes"));
-            line["eval"] = json!(eval);
+            line["train_s"] = json!(metrics.train_s);
+            line["train_loss"] = json!(metrics.train_loss);
+            line["val_loss_before"] = json!(metrics.val_loss_before);
+            line["val_loss_after"] = json!(metrics.val_loss_after);
+            line["cpu_s"] = json!(metrics.cpu_s);
+            line["peak_rss_bytes"] = json!(metrics.peak_rss_bytes);
+            line["eval"] = json!(metrics.eval);
             if let Some(w) = weight {
                 line["weight"] = json!(w);
             }
@@ -127,12 +123,15 @@ fn old_client_round(id: &str, outcome: Option<&Outcome>, failure: &str, weight: 
 
 #[test]
 fn client_rounds_are_unchanged() {
-    let metrics = BTreeMap::from([
-        ("train_s".to_string(), 1.5),
-        ("train_loss".to_string(), f64::NAN),
-        ("eval:t/acc".to_string(), 0.75),
-        ("other".to_string(), 2.0),
-    ]);
+    let metrics = hetfed_net::FitMetrics {
+        train_s: Some(1.5),
+        train_loss: Some(f64::NAN),
+        val_gain: Some(0.5),
+        train_steps: Some(3),
+        peak_rss_bytes: Some(1 << 20),
+        eval: BTreeMap::from([("t/acc".to_string(), 0.75)]),
+        ..Default::default()
+    };
     let accepted = Outcome::Accepted { n_examples: 8, metrics, bytes: 100, norm: 0.5, upload_s: 0.25 };
     let rejected = Outcome::Rejected { reason: "norm".into(), bytes: 50 };
     let report = AggregateReport { weights: BTreeMap::from([("c1".to_string(), 0.5)]), ..Default::default() };
