@@ -48,7 +48,7 @@ use hetfed_transfer::{MapConfig, PairMaps, MODULES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::strategy::{apply_delta, AggregateReport, Base, Failure, FitConfig, FitResult, Sampling, Strategy};
+use crate::strategy::{apply_delta, AggregateReport, Failure, FitConfig, FitPlan, FitResult, Sampling, Strategy};
 
 /// How client updates reach the server model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,7 +390,7 @@ struct Offset {
 
 /// The heterogeneous strategy (see the module docs).
 pub struct Hetero {
-    base: Base,
+    plan: FitPlan,
     cfg: TransferConfig,
     /// The server model's architecture, config and source (its weights are the global model).
     large: Checkpoint,
@@ -448,7 +448,7 @@ impl Hetero {
         }
         let memory = OrthoMemory::new(cfg.ortho_memory);
         Ok(Self {
-            base: Base { sampling, client, seed },
+            plan: FitPlan { sampling, client, seed },
             cfg,
             large: Checkpoint {
                 dir: large.dir.clone(),
@@ -518,7 +518,7 @@ impl Hetero {
                 d = hetfed_merge::dare(
                     &d,
                     self.cfg.dare_drop,
-                    crate::strategy::mix(crate::strategy::mix(self.base.seed, round), projected.len() as u64),
+                    crate::strategy::mix(crate::strategy::mix(self.plan.seed, round), projected.len() as u64),
                 )?;
             }
             projected.push((r.client_id, d));
@@ -559,7 +559,7 @@ impl Hetero {
         };
         let model = student.model(None)?;
         let start = self.large.arch.eos_token_id().unwrap_or(0);
-        let seed = crate::strategy::mix(dc.seed ^ self.base.seed, round);
+        let seed = crate::strategy::mix(dc.seed ^ self.plan.seed, round);
         let seqs = hetfed_distill::sample_texts(model.as_ref(), start, dc.n_prompts, dc.seq_len, seed)?;
         let refs: Vec<(&dyn hetfed_model::CausalLm, f64)> = teachers.iter().map(|(m, w)| (m.as_ref(), *w)).collect();
         let targets = hetfed_distill::ensemble_targets(&refs, &seqs, dc.temperature)?;
@@ -710,7 +710,7 @@ impl Hetero {
         let routed = oc.routing == OffsetRouting::Task && oc.per == OffsetPer::Client;
         // The summed teacher is built only when some sequence uses it.
         let all = if routed { None } else { Some(self.offset_model(l0, &offsets)?) };
-        let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.base.seed, round);
+        let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.plan.seed, round);
         let dc = &self.cfg.distill;
         let mut seqs: Vec<Vec<u32>> = Vec::new();
         let mut targets: Vec<Tensor> = Vec::new();
@@ -861,7 +861,7 @@ impl Strategy for Hetero {
         for c in available {
             self.stats.insert(c.client_id.clone(), c.stats.clone());
         }
-        self.base.configure(round, available, 0.0)
+        self.plan.configure(round, available, 0.0)
     }
 
     fn client_base(&self, info: &ClientInfo) -> std::result::Result<Option<(ModelIdentity, Arc<TensorMap>)>, String> {

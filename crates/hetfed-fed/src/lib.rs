@@ -16,8 +16,8 @@ pub mod sys;
 pub mod validate;
 
 pub use strategy::{FitConfig, Sampling, Strategy, StrategyConfig};
+pub mod assemble;
 pub mod config;
-pub mod sim;
 pub mod sweep;
 
 pub use config::RunConfig;

@@ -339,29 +339,30 @@ impl StrategyConfig {
 
     /// Builds the strategy; `client` is the base training configuration it hands out.
     pub fn build(&self, sampling: Sampling, client: FitConfig, seed: u64) -> Box<dyn Strategy> {
-        let base = Base { sampling, client, seed };
+        let plan = FitPlan { sampling, client, seed };
         match *self {
-            StrategyConfig::Fedavg { server_lr } => Box::new(FedAvg { base, server_lr, mu: 0.0, name: "fedavg" }),
+            StrategyConfig::Fedavg { server_lr } => Box::new(FedAvg { plan, server_lr, mu: 0.0, name: "fedavg" }),
             StrategyConfig::Fedprox { proximal_mu, server_lr } => {
-                Box::new(FedAvg { base, server_lr, mu: proximal_mu, name: "fedprox" })
+                Box::new(FedAvg { plan, server_lr, mu: proximal_mu, name: "fedprox" })
             }
-            StrategyConfig::Fedadam(p) => Box::new(FedOpt::new(base, p, OptKind::Adam)),
-            StrategyConfig::Fedyogi(p) => Box::new(FedOpt::new(base, p, OptKind::Yogi)),
-            StrategyConfig::Fedadagrad(p) => Box::new(FedOpt::new(base, p, OptKind::Adagrad)),
-            StrategyConfig::TaskArithmetic { scale } => Box::new(TaskArithmetic { base, scale }),
+            StrategyConfig::Fedadam(p) => Box::new(FedOpt::new(plan, p, OptKind::Adam)),
+            StrategyConfig::Fedyogi(p) => Box::new(FedOpt::new(plan, p, OptKind::Yogi)),
+            StrategyConfig::Fedadagrad(p) => Box::new(FedOpt::new(plan, p, OptKind::Adagrad)),
+            StrategyConfig::TaskArithmetic { scale } => Box::new(TaskArithmetic { plan, scale }),
         }
     }
 }
 
-/// What every built-in strategy shares: sampling and the client configuration.
+/// How every built-in strategy plans a round's fits: which clients (sampling) and what they train
+/// (the client configuration, with per-client seeds).
 #[derive(Debug, Clone)]
-pub(crate) struct Base {
+pub(crate) struct FitPlan {
     pub(crate) sampling: Sampling,
     pub(crate) client: FitConfig,
     pub(crate) seed: u64,
 }
 
-impl Base {
+impl FitPlan {
     pub(crate) fn configure(&self, round: u64, available: &[ClientInfo], mu: f64) -> Vec<(String, FitConfig)> {
         sample_clients(available, self.sampling, self.seed, round)
             .into_iter()
@@ -457,7 +458,7 @@ fn drain(
 
 /// FedAvg (and FedProx, which differs only in what clients are told).
 struct FedAvg {
-    base: Base,
+    plan: FitPlan,
     server_lr: f64,
     mu: f64,
     name: &'static str,
@@ -469,7 +470,7 @@ impl Strategy for FedAvg {
     }
 
     fn configure_fit(&mut self, round: u64, available: &[ClientInfo]) -> Vec<(String, FitConfig)> {
-        self.base.configure(round, available, self.mu)
+        self.plan.configure(round, available, self.mu)
     }
 
     fn aggregate_fit(
@@ -500,7 +501,7 @@ enum OptKind {
 /// FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, Algorithm 2, no bias correction):
 /// `Δ = mean update`, `m ← β1·m + (1-β1)·Δ`, second moment `v` by the variant, `W ← W + η·m/(√v + τ)`.
 struct FedOpt {
-    base: Base,
+    plan: FitPlan,
     p: FedOptParams,
     kind: OptKind,
     m: TensorMap,
@@ -508,8 +509,8 @@ struct FedOpt {
 }
 
 impl FedOpt {
-    fn new(base: Base, p: FedOptParams, kind: OptKind) -> Self {
-        Self { base, p, kind, m: TensorMap::new(), v: TensorMap::new() }
+    fn new(plan: FitPlan, p: FedOptParams, kind: OptKind) -> Self {
+        Self { plan, p, kind, m: TensorMap::new(), v: TensorMap::new() }
     }
 }
 
@@ -523,7 +524,7 @@ impl Strategy for FedOpt {
     }
 
     fn configure_fit(&mut self, round: u64, available: &[ClientInfo]) -> Vec<(String, FitConfig)> {
-        self.base.configure(round, available, 0.0)
+        self.plan.configure(round, available, 0.0)
     }
 
     fn aggregate_fit(
@@ -601,7 +602,7 @@ impl Strategy for FedOpt {
 
 /// Task arithmetic: the scaled sum of the clients' task vectors.
 struct TaskArithmetic {
-    base: Base,
+    plan: FitPlan,
     scale: f64,
 }
 
@@ -611,7 +612,7 @@ impl Strategy for TaskArithmetic {
     }
 
     fn configure_fit(&mut self, round: u64, available: &[ClientInfo]) -> Vec<(String, FitConfig)> {
-        self.base.configure(round, available, 0.0)
+        self.plan.configure(round, available, 0.0)
     }
 
     fn aggregate_fit(

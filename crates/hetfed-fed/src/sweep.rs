@@ -31,11 +31,11 @@ use hetfed_net::ClientInfo;
 use hetfed_taskvec::TaskVector;
 use serde::{Deserialize, Serialize};
 
+use crate::assemble::{build_hetero, client_data, eval_options, server_eval};
 use crate::client::{train_round, ClientData};
 use crate::config::RunConfig;
 use crate::hetero::TransferConfig;
 use crate::server::{evaluate_served, evaluate_weights, Served, ServerEval};
-use crate::sim::{build_hetero, client_data, eval_options, server_eval};
 use crate::strategy::{FitConfig, FitResult, Strategy, StrategyConfig};
 
 /// What a sweep row computes.

@@ -80,7 +80,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut examples = task.load(&dir, split)?;
     if let Some(n) = a.limit {
         // Evenly spaced, as the server's `max_examples`: files are often sorted by label.
-        examples = examples.subset(&hetfed_fed::sim::strided(examples.len(), n))?;
+        examples = examples.subset(&hetfed_fed::assemble::strided(examples.len(), n))?;
     }
     let tok = l.ck.tokenizer()?;
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);

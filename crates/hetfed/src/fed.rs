@@ -179,7 +179,7 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         let cfg2 = cfg.clone();
         let out2 = out.clone();
         let sim = tokio::spawn(async move {
-            hetfed_fed::sim::simulate_with(&cfg2, &dir, &out2, a.resume, |server| {
+            hetfed_fed::assemble::simulate_with(&cfg2, &dir, &out2, a.resume, |server| {
                 let _ = tx.send(server);
             })
             .await
@@ -219,7 +219,7 @@ pub fn server(a: ServerArgs) -> Result<()> {
     let rt = runtime()?;
     let out = a.out.clone();
     let summary = rt.block_on(async move {
-        let server = hetfed_fed::sim::build_server(&cfg, &dir, &out, auth, a.resume)?;
+        let server = hetfed_fed::assemble::build_server(&cfg, &dir, &out, auth, a.resume)?;
         let listener = tokio::net::TcpListener::bind(&dep.listen)
             .await
             .with_context(|| format!("deploy.listen: cannot listen on {:?}", dep.listen))?;
@@ -259,7 +259,7 @@ pub fn client(a: ClientArgs) -> Result<()> {
             .context("expected --token-file or the HETFED_TOKEN variable, found neither")?,
     };
     let caller = Caller { client_id: a.id.clone(), token: Secret::new(token) };
-    let mut opts = hetfed_fed::sim::build_client(&cfg, &dir, index, caller.clone(), a.model.as_deref())?;
+    let mut opts = hetfed_fed::assemble::build_client(&cfg, &dir, index, caller.clone(), a.model.as_deref())?;
     opts.state_dir = Some(a.state_dir.clone().unwrap_or_else(|| Path::new("runs/clients").join(&a.id)));
     let id = a.id.clone();
     let prefix = id.clone();
@@ -301,7 +301,7 @@ pub fn certs(a: CertsArgs) -> Result<()> {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             bail!("--clients: expected ids of letters, digits, '-' or '_', found {id:?}");
         }
-        let token = hetfed_fed::sim::random_token();
+        let token = hetfed_fed::assemble::random_token();
         let path = a.out.join(format!("{id}.token"));
         write_secret(&path, &token)?;
         table.push_str(&format!("{id} = \"{}\"\n", hetfed_core::sha256_hex(token.as_bytes())));
