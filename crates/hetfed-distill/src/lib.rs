@@ -195,6 +195,16 @@ pub enum Segment {
     Field,
 }
 
+/// Synthetic examples from [`sample_template`]: every row has the same layout, so the answer
+/// (the last field) starts at one index in all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Samples {
+    /// The examples, `len` tokens each.
+    pub seqs: Vec<Vec<u32>>,
+    /// Index of the answer's first token in every row.
+    pub answer_start: usize,
+}
+
 /// `n` synthetic examples of `len` tokens in a task's shape: `start`, then each segment in
 /// turn, literal text copied and fields sampled from `model` at temperature 1 (no stop at
 /// eos). The free tokens are shared equally among the fields; a template that ends with text
@@ -206,7 +216,7 @@ pub fn sample_template(
     n: usize,
     len: usize,
     seed: u64,
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<Samples> {
     let mut parts: Vec<Segment> =
         segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
     if !matches!(parts.last(), Some(Segment::Field)) {
@@ -222,12 +232,19 @@ pub fn sample_template(
     }
     let mut rows: Vec<Vec<u32>> = vec![vec![start]; n];
     let mut field_idx = 0usize;
+    let mut answer_start = 1usize;
     for p in &parts {
         match p {
-            Segment::Text(t) => rows.iter_mut().for_each(|r| r.extend_from_slice(t)),
+            Segment::Text(t) => {
+                rows.iter_mut().for_each(|r| r.extend_from_slice(t));
+                answer_start += t.len();
+            }
             Segment::Field => {
                 let budget =
                     if field_idx + 1 == fields { free - (fields - 1) * (free / fields) } else { free / fields };
+                if field_idx + 1 < fields {
+                    answer_start += budget;
+                }
                 let step_seed = seed.wrapping_add((field_idx as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
                 let mut out = Vec::with_capacity(n);
                 for (c, chunk) in rows.chunks(SAMPLE_CHUNK).enumerate() {
@@ -250,7 +267,42 @@ pub fn sample_template(
         }
     }
     rows.iter_mut().for_each(|r| r.truncate(len));
-    Ok(rows)
+    Ok(Samples { seqs: rows, answer_start })
+}
+
+/// Restricts distillation of template samples to their answers, the tokens a client's loss
+/// covers (its target and end-of-sequence, never its prompt): each row is cut after the first
+/// `eos` at or past `answer_start` (the position predicting that `eos` stays), and the target
+/// rows before the one predicting the answer's first token are zeroed, so [`distill`] and
+/// [`mean_kl`] count only answer positions. `targets` are [`ensemble_targets`] of `seqs`.
+pub fn answer_only(seqs: &mut [Vec<u32>], targets: &mut [Tensor], answer_start: usize, eos: u32) -> Result<()> {
+    if seqs.len() != targets.len() {
+        return Err(Error::msg(format!(
+            "expected one target per sequence, found {} targets for {} sequences",
+            targets.len(),
+            seqs.len()
+        )));
+    }
+    for (s, t) in seqs.iter_mut().zip(targets.iter_mut()) {
+        if answer_start == 0 || answer_start >= s.len() {
+            return Err(Error::msg(format!(
+                "the answer starts at token {answer_start}, outside a sequence of {} tokens (expected 1..len)",
+                s.len()
+            )));
+        }
+        let end = s[answer_start..].iter().position(|&x| x == eos).map_or(s.len(), |p| answer_start + p);
+        // Rows `answer_start - 1 .. end` predict the answer's tokens and its eos.
+        let end = end.max(answer_start);
+        s.truncate(end);
+        let vocab = t.dim(1)?;
+        let keep = t.narrow(0, answer_start - 1, end - (answer_start - 1))?;
+        *t = if answer_start == 1 {
+            keep
+        } else {
+            Tensor::cat(&[&Tensor::zeros((answer_start - 1, vocab), t.dtype(), t.device())?, &keep], 0)?
+        };
+    }
+    Ok(())
 }
 
 /// Checks that `seqs` is non-empty, every sequence non-empty, and every id below `vocab`.
@@ -382,6 +434,9 @@ struct Data<'a> {
     targets: &'a [Tensor],
     /// Per sequence, `Σ_positions Σ_v p·ln p` (the constant part of the KL).
     plogp: Vec<f64>,
+    /// Per sequence, the positions whose target carries probability (a zeroed row, e.g. a
+    /// prompt position under [`answer_only`], is not counted).
+    positions: Vec<usize>,
     vocab: usize,
     temperature: f64,
 }
@@ -397,6 +452,7 @@ impl<'a> Data<'a> {
             )));
         }
         let mut plogp = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::with_capacity(seqs.len());
         for (i, (s, t)) in seqs.iter().zip(targets).enumerate() {
             if t.dims() != [s.len(), vocab] {
                 let hint = match t.dims() {
@@ -414,12 +470,14 @@ impl<'a> Data<'a> {
             }
             let p = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             plogp.push(p.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum());
+            positions.push(p.chunks(vocab).filter(|row| row.iter().any(|&x| x > 0.0)).count());
         }
-        Ok(Self { seqs, targets, plogp, vocab, temperature })
+        Ok(Self { seqs, targets, plogp, positions, vocab, temperature })
     }
 
+    /// The counted positions of sequences `idx` (at least 1, so a mean is always defined).
     fn n_positions(&self, idx: &[usize]) -> usize {
-        idx.iter().map(|&i| self.seqs[i].len()).sum()
+        idx.iter().map(|&i| self.positions[i]).sum::<usize>().max(1)
     }
 
     /// Σ over the positions of sequences `idx` of KL(target ‖ softmax(student logits / T)),
@@ -462,6 +520,13 @@ impl<'a> Data<'a> {
         }
         Ok(sum / self.n_positions(&all) as f64)
     }
+}
+
+/// Mean KL per counted position of `targets` (from [`ensemble_targets`], optionally restricted
+/// by [`answer_only`]) to `model`'s next-token distributions at `temperature`: how far a model
+/// is from its teacher on sequences it was not trained on.
+pub fn mean_kl(model: &dyn CausalLm, seqs: &[Vec<u32>], targets: &[Tensor], temperature: f64) -> Result<f64> {
+    Data::new(seqs, targets, model.vocab_size(), temperature)?.mean_kl(model, TEACHER_CHUNK)
 }
 
 /// The sequence indices of every step: per epoch a seeded shuffle cut into batches (the last

@@ -438,7 +438,9 @@ fn offset_model_refuses_another_vocabulary() {
 fn template_samples_keep_the_literal_text_in_place() {
     let m = tiny(64, 1).model(None).unwrap();
     let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
-    let rows = sample_template(m.as_ref(), 2, &segs, 5, 20, 7).unwrap();
+    let samples = sample_template(m.as_ref(), 2, &segs, 5, 20, 7).unwrap();
+    assert_eq!(samples.answer_start, 12, "start, 2 literal, 8 sampled, 1 literal: the answer follows");
+    let rows = samples.seqs;
     assert_eq!(rows.len(), 5);
     // start, 2 literal, 8 sampled, 1 literal, 8 sampled: the 16 free tokens split evenly.
     for r in &rows {
@@ -447,12 +449,58 @@ fn template_samples_keep_the_literal_text_in_place() {
         assert_eq!(r[11], 12);
     }
     assert_ne!(rows[0][3..11], rows[1][3..11], "fields are sampled");
-    assert_eq!(rows, sample_template(m.as_ref(), 2, &segs, 5, 20, 7).unwrap(), "deterministic under the seed");
+    assert_eq!(rows, sample_template(m.as_ref(), 2, &segs, 5, 20, 7).unwrap().seqs, "deterministic under the seed");
     // A template ending in text gets an answer field after it.
-    let rows = sample_template(m.as_ref(), 2, &[Segment::Field, Segment::Text(vec![9])], 2, 9, 1).unwrap();
-    assert_eq!(rows[0][4], 9);
+    let s = sample_template(m.as_ref(), 2, &[Segment::Field, Segment::Text(vec![9])], 2, 9, 1).unwrap();
+    assert_eq!(s.seqs[0][4], 9);
+    assert_eq!(s.answer_start, 5);
     assert!(sample_template(m.as_ref(), 2, &[Segment::Text(vec![1; 10])], 2, 8, 1)
         .unwrap_err()
         .to_string()
         .contains("leaving"));
+}
+
+#[test]
+fn answer_only_keeps_the_answer_positions_up_to_eos() {
+    let m = tiny(64, 1).model(None).unwrap();
+    // start 2, prompt 10 11, answer 20 21 then eos 3, then junk after eos.
+    let mut seqs = vec![vec![2, 10, 11, 20, 21, 3, 40, 41], vec![2, 10, 11, 22, 23, 24, 25, 26]];
+    let full = ensemble_targets(&[(m.as_ref(), 1.0)], &seqs, 1.0).unwrap();
+    let mut targets = full.clone();
+    answer_only(&mut seqs, &mut targets, 3, 3).unwrap();
+    assert_eq!(seqs[0], [2, 10, 11, 20, 21], "cut at the answer's eos");
+    assert_eq!(seqs[1].len(), 8, "no eos: the whole answer");
+    let mass = |t: &Tensor| t.sum(1).unwrap().to_vec1::<f32>().unwrap();
+    // Rows 2.. predict the answer's tokens (row 4 predicts the eos); rows 0-1 predict the prompt.
+    let m0 = mass(&targets[0]);
+    assert_eq!(m0.len(), 5);
+    assert_eq!(&m0[..2], &[0.0, 0.0]);
+    assert!(m0[2..].iter().all(|&x| (x - 1.0).abs() < 1e-4), "{m0:?}");
+    let kept = targets[0].narrow(0, 2, 3).unwrap();
+    let orig = full[0].narrow(0, 2, 3).unwrap();
+    assert_eq!(kept.to_vec2::<f32>().unwrap(), orig.to_vec2::<f32>().unwrap(), "kept rows unchanged");
+    // The KL to the teacher itself is 0; to another model it counts only answer positions.
+    assert!(mean_kl(m.as_ref(), &seqs, &targets, 1.0).unwrap().abs() < 1e-5);
+    let other = tiny(64, 9).model(None).unwrap();
+    let per_answer = mean_kl(other.as_ref(), &seqs, &targets, 1.0).unwrap();
+    assert!(per_answer > 0.0);
+    // Zeroed rows add nothing: the mean over 3 + 6 answer rows equals the per-row sum / 9.
+    let row_kl = |seq: &[u32], t: &Tensor, rows: std::ops::Range<usize>| -> f64 {
+        let ids = Tensor::new(seq, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logq = offset::log_softmax(&other.forward(&ids, None).unwrap().squeeze(0).unwrap()).unwrap();
+        let (p, lq) = (t.to_vec2::<f32>().unwrap(), logq.to_vec2::<f32>().unwrap());
+        rows.map(|r| {
+            p[r].iter()
+                .zip(&lq[r])
+                .map(|(&a, &b)| if a > 0.0 { a as f64 * (a.ln() - b) as f64 } else { 0.0 })
+                .sum::<f64>()
+        })
+        .sum()
+    };
+    let want = (row_kl(&seqs[0], &targets[0], 2..5) + row_kl(&seqs[1], &targets[1], 2..8)) / 9.0;
+    assert!((per_answer - want).abs() < 1e-4 * want.max(1.0), "{per_answer} vs {want}");
+    // An answer start outside a sequence is refused by name.
+    let mut s2 = vec![vec![2, 10]];
+    let mut t2 = vec![full[0].narrow(0, 0, 2).unwrap()];
+    assert!(answer_only(&mut s2, &mut t2, 2, 3).unwrap_err().to_string().contains("answer starts at token 2"));
 }

@@ -470,6 +470,7 @@ impl RunConfig {
     /// | `transfer.offset.lambda` | (0, 100] |
     /// | `transfer.offset.general_sequences`, `.sampled_per_task` | 1..=100000 (when used) |
     /// | `transfer.offset.seq_len` | 4..=4096, ≤ the models' context |
+    /// | `transfer.offset.heldout_per_task` | 0..=10000 |
     /// | distillation tokens per round (sequences × seq_len) | ≤ [`MAX_DISTILL_TOKENS`] |
     pub fn check_ranges(&self) -> std::result::Result<(), String> {
         let n_clients = self.data.num_clients();
@@ -593,6 +594,7 @@ impl RunConfig {
         let oc = &t.offset;
         real("transfer.offset.lambda", oc.lambda, Interval::left_open(0.0, 100.0))?;
         int("transfer.offset.seq_len", oc.seq_len, 4, 4096)?;
+        int("transfer.offset.heldout_per_task", oc.heldout_per_task, 0, 10_000)?;
         let general = matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed);
         let sampled = matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed);
         if general {
@@ -615,7 +617,8 @@ impl RunConfig {
             Aggregation::OffsetDistillation => {
                 let n_tasks = self.data.task_names().len();
                 let seqs = if general { oc.general_sequences } else { 0 }
-                    + if sampled { oc.sampled_per_task * n_tasks } else { 0 };
+                    + if sampled { oc.sampled_per_task * n_tasks } else { 0 }
+                    + oc.heldout_per_task * n_tasks;
                 let tokens = seqs * oc.seq_len;
                 if tokens > MAX_DISTILL_TOKENS {
                     return Err(format!(

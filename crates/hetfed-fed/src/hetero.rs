@@ -142,6 +142,18 @@ pub enum OffsetInit {
     Projection,
 }
 
+/// Which positions of a sampled task example the distillation KL covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetLoss {
+    /// The answer only (up to its end-of-sequence token): the tokens a client's loss covers.
+    /// Its prompt (a sampled document or source sentence) is context, as in the client's
+    /// training, and the offset there is a side effect the clients never trained for.
+    Answer,
+    /// Every position of the example, prompt included.
+    All,
+}
+
 /// The `[transfer.offset]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -159,6 +171,12 @@ pub struct OffsetConfig {
     /// Tokens per distillation sequence (start token and prefix included).
     pub seq_len: usize,
     pub init: OffsetInit,
+    /// The positions of sampled task examples that the KL covers (general text: all).
+    pub loss: OffsetLoss,
+    /// Held-out diagnostic: per task, this many more examples sampled from its teacher (another
+    /// seed, never trained on); the round's details report the student's KL to the teacher on
+    /// their answers before and after distillation. 0 (the default) skips it.
+    pub heldout_per_task: usize,
 }
 
 impl Default for OffsetConfig {
@@ -173,6 +191,8 @@ impl Default for OffsetConfig {
             sampled_per_task: 32,
             seq_len: 64,
             init: OffsetInit::Global,
+            loss: OffsetLoss::All,
+            heldout_per_task: 0,
         }
     }
 }
@@ -191,6 +211,12 @@ impl OffsetConfig {
             return Err(format!(
                 "transfer.offset.general_sequences: expected 1..=100000, found {}",
                 self.general_sequences
+            ));
+        }
+        if self.heldout_per_task > 10_000 {
+            return Err(format!(
+                "transfer.offset.heldout_per_task: expected 0..=10000, found {}",
+                self.heldout_per_task
             ));
         }
         if need_sampled && !(1..=100_000).contains(&self.sampled_per_task) {
@@ -702,6 +728,43 @@ impl Hetero {
             apply_delta(&mut start, &change, 1.0)?;
         }
         let offsets = self.offsets(results, alphas)?;
+        let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.plan.seed, round);
+        let data = self.distill_data(global, &offsets, &tasks, seed)?;
+        let student = Checkpoint {
+            dir: self.large.dir.clone(),
+            arch: self.large.arch.clone(),
+            weights: start,
+            tokenizer: None,
+            config_json: self.large.config_json.clone(),
+        };
+        let cfg = DistillConfig { seed, ..self.cfg.distill.clone() };
+        let rep = hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?;
+        let heldout = self.heldout_kl(&student, &rep.delta, &data.heldout)?;
+        let weights: BTreeMap<String, f64> = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                (format!("{i}:{}", if o.task.is_empty() { short(&o.base_hash) } else { o.task.clone() }), o.weight)
+            })
+            .collect();
+        details["offset"] = json!({
+            "n_offsets": offsets.len(), "weights": weights, "tasks": tasks, "routed": data.routed, "sampled": data.sampled,
+            "sequences": data.seqs.len(), "positions": data.positions, "kl_before": rep.kl_before, "kl_after": rep.kl_after,
+            "steps": rep.steps, "distill_s": rep.seconds,
+        });
+        if !heldout.is_empty() {
+            details["offset"]["heldout_kl"] = json!(heldout);
+        }
+        // The whole change from the global model: the projected start (if any) plus the distilled delta.
+        change_with(&mut change, &rep.delta)?;
+        Ok(change)
+    }
+
+    /// The distillation sequences and their teacher targets (see [`OffsetSequences`] and
+    /// [`OffsetRouting`]), plus the held-out examples of [`OffsetConfig::heldout_per_task`].
+    fn distill_data(&self, global: &TensorMap, offsets: &[Offset], tasks: &[String], seed: u64) -> Result<DistillData> {
+        let oc = &self.cfg.offset;
+        let temperature = self.cfg.distill.temperature;
         let l0 = self.anchor.as_ref().unwrap_or(global);
         // Routing by task: a task's sequences are taught by the teacher with that task's
         // offsets only, general text by L0 itself (replay of what the server knew). Summing
@@ -709,11 +772,8 @@ impl Hetero {
         // another's domain. Offsets merged per base have no task, so they always sum.
         let routed = oc.routing == OffsetRouting::Task && oc.per == OffsetPer::Client;
         // The summed teacher is built only when some sequence uses it.
-        let all = if routed { None } else { Some(self.offset_model(l0, &offsets)?) };
-        let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.plan.seed, round);
-        let dc = &self.cfg.distill;
-        let mut seqs: Vec<Vec<u32>> = Vec::new();
-        let mut targets: Vec<Tensor> = Vec::new();
+        let all = if routed { None } else { Some(self.offset_model(l0, offsets)?) };
+        let mut out = DistillData { routed, ..DistillData::default() };
         if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
             let general: Vec<Vec<u32>> = self
                 .text
@@ -730,16 +790,13 @@ impl Hetero {
                     &plain
                 }
             };
-            let t = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &general, dc.temperature)?;
-            targets.extend(t);
-            seqs.extend(general);
+            out.targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &general, temperature)?);
+            out.positions.insert("general".into(), general.iter().map(Vec::len).sum());
+            out.seqs.extend(general);
         }
-        let mut sampled = BTreeMap::new();
-        if matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed) {
-            let eos = self.large.arch.eos_token_id().unwrap_or(0);
+        let sampled = matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed);
+        if sampled || oc.heldout_per_task > 0 {
             for (k, task) in tasks.iter().enumerate() {
-                let template =
-                    self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
                 let own;
                 let teacher: &dyn CausalLm = match &all {
                     Some(all) => all,
@@ -749,49 +806,100 @@ impl Hetero {
                         &own
                     }
                 };
-                let s = hetfed_distill::sample_template(
-                    teacher,
-                    eos,
-                    &template,
-                    oc.sampled_per_task,
-                    oc.seq_len,
-                    crate::strategy::mix(seed, k as u64 + 1),
-                )?;
-                targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &s, dc.temperature)?);
-                sampled.insert(task.clone(), s.len());
-                seqs.extend(s);
+                if sampled {
+                    let task_seed = crate::strategy::mix(seed, k as u64 + 1);
+                    let loss = oc.loss;
+                    let (s, t) = self.task_examples(teacher, task, oc.sampled_per_task, task_seed, loss)?;
+                    out.sampled.insert(task.clone(), s.len());
+                    out.positions.insert(task.clone(), count_positions(&t)?);
+                    out.seqs.extend(s);
+                    out.targets.extend(t);
+                }
+                if oc.heldout_per_task > 0 {
+                    let held_seed = crate::strategy::mix(seed ^ 0x4845_4C44, k as u64 + 1);
+                    let n = oc.heldout_per_task;
+                    out.heldout
+                        .push((task.clone(), self.task_examples(teacher, task, n, held_seed, OffsetLoss::Answer)?));
+                }
             }
         }
-        drop(all);
-        if seqs.is_empty() {
+        if out.seqs.is_empty() {
             return Err(Error::msg(
                 "offset distillation: expected server sequences (general text or task prefixes), found none",
             ));
         }
-        let student = Checkpoint {
-            dir: self.large.dir.clone(),
-            arch: self.large.arch.clone(),
-            weights: start,
-            tokenizer: None,
-            config_json: self.large.config_json.clone(),
-        };
-        let cfg = DistillConfig { seed, ..dc.clone() };
-        let rep = hetfed_distill::distill(&student, &targets, &seqs, &cfg, |_, _| {})?;
-        let weights: BTreeMap<String, f64> = offsets
-            .iter()
-            .enumerate()
-            .map(|(i, o)| {
-                (format!("{i}:{}", if o.task.is_empty() { short(&o.base_hash) } else { o.task.clone() }), o.weight)
-            })
-            .collect();
-        details["offset"] = json!({
-            "n_offsets": offsets.len(), "weights": weights, "tasks": tasks, "routed": routed, "sampled": sampled, "sequences": seqs.len(),
-            "kl_before": rep.kl_before, "kl_after": rep.kl_after, "steps": rep.steps, "distill_s": rep.seconds,
-        });
-        // The whole change from the global model: the projected start (if any) plus the distilled delta.
-        change_with(&mut change, &rep.delta)?;
-        Ok(change)
+        Ok(out)
     }
+
+    /// `n` examples of `task` sampled from `teacher` in the task's format, with the teacher's
+    /// targets (restricted to the answers under [`OffsetLoss::Answer`]).
+    fn task_examples(
+        &self,
+        teacher: &dyn CausalLm,
+        task: &str,
+        n: usize,
+        seed: u64,
+        loss: OffsetLoss,
+    ) -> Result<(Vec<Vec<u32>>, Vec<Tensor>)> {
+        let eos = self.large.arch.eos_token_id().unwrap_or(0);
+        let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
+        let samples = hetfed_distill::sample_template(teacher, eos, &template, n, self.cfg.offset.seq_len, seed)?;
+        let mut seqs = samples.seqs;
+        let mut targets = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &seqs, self.cfg.distill.temperature)?;
+        if loss == OffsetLoss::Answer {
+            hetfed_distill::answer_only(&mut seqs, &mut targets, samples.answer_start, eos)?;
+        }
+        Ok((seqs, targets))
+    }
+
+    /// Per task, the KL (per answer position) of the student to its teacher on the held-out
+    /// examples, before (`student`) and after (`student + delta`) distillation.
+    fn heldout_kl(
+        &self,
+        student: &Checkpoint,
+        delta: &TensorMap,
+        heldout: &[(String, (Vec<Vec<u32>>, Vec<Tensor>))],
+    ) -> Result<BTreeMap<String, serde_json::Value>> {
+        let mut out = BTreeMap::new();
+        if heldout.is_empty() {
+            return Ok(out);
+        }
+        let temperature = self.cfg.distill.temperature;
+        let mut after = student.weights.clone();
+        apply_delta(&mut after, delta, 1.0)?;
+        let before = student.arch.build(&student.weights, &student.source(), None)?;
+        let after = student.arch.build(&after, &student.source(), None)?;
+        for (task, (seqs, targets)) in heldout {
+            let b = hetfed_distill::mean_kl(before.as_ref(), seqs, targets, temperature)?;
+            let a = hetfed_distill::mean_kl(after.as_ref(), seqs, targets, temperature)?;
+            out.insert(task.clone(), json!({"before": b, "after": a, "examples": seqs.len()}));
+        }
+        Ok(out)
+    }
+}
+
+/// The distillation set of one round.
+#[derive(Default)]
+struct DistillData {
+    seqs: Vec<Vec<u32>>,
+    targets: Vec<Tensor>,
+    routed: bool,
+    /// Examples sampled per task.
+    sampled: BTreeMap<String, usize>,
+    /// Positions the KL covers, per task and for general text.
+    positions: BTreeMap<String, usize>,
+    /// Per task, held-out examples and their answer-only targets.
+    heldout: Vec<(String, (Vec<Vec<u32>>, Vec<Tensor>))>,
+}
+
+/// The target rows that carry probability (the positions a KL counts).
+fn count_positions(targets: &[Tensor]) -> Result<usize> {
+    let mut n = 0;
+    for t in targets {
+        let mass = t.sum(1)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        n += mass.iter().filter(|&&m| m > 0.0).count();
+    }
+    Ok(n)
 }
 
 /// Adds `delta` into `acc` (keys missing from `acc` are inserted) and returns `acc`.

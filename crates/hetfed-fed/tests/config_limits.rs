@@ -143,6 +143,7 @@ fn keys() -> Vec<(&'static str, &'static str, &'static str, Range)> {
         (t, "transfer.offset", "lambda", Real(Interval::left_open(0.0, 100.0))),
         (t, "transfer.offset", "seq_len", Int(4, 4096)),
         (t, "transfer.offset", "sampled_per_task", Int(1, 100_000)),
+        (t, "transfer.offset", "heldout_per_task", Int(0, 10_000)),
         (t, "transfer.offset", "general_sequences", Unchecked),
     ]
 }

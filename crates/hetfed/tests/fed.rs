@@ -362,7 +362,7 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     let small = model_dir();
     let large = small.parent().unwrap().join("base-large");
     let transfer = format!(
-        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 6\ngeneral_sequences = 6\nseq_len = 32\n[transfer.distill]\nsteps = 4\nbatch_size = 4\n",
+        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 6\ngeneral_sequences = 6\nseq_len = 32\nloss = \"answer\"\nheldout_per_task = 2\n[transfer.distill]\nsteps = 4\nbatch_size = 4\n",
         small.display(),
         dir.join("maps").display()
     );
@@ -376,6 +376,13 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     assert_eq!(o["sequences"], 12, "{o}");
     assert!(o["kl_after"].as_f64().unwrap() < o["kl_before"].as_f64().unwrap(), "{o}");
     assert!(a["server_eval"]["ethos/target_nll"].is_number(), "{a}");
+    // `loss = "answer"`: the sampled examples count only their answers (a label word and eos).
+    let answer = o["positions"]["ethos"].as_u64().unwrap();
+    assert!((6..=6 * 31).contains(&answer) && answer < o["positions"]["general"].as_u64().unwrap(), "{o}");
+    // The held-out diagnostic: the student's KL on unseen examples, before and after.
+    let h = &o["heldout_kl"]["ethos"];
+    assert_eq!(h["examples"], 2, "{o}");
+    assert!(h["before"].as_f64().unwrap() > 0.0 && h["after"].as_f64().unwrap().is_finite(), "{o}");
 }
 
 /// The embedded default (`hetfed simulate` with no arguments): six specialists on six tasks,
