@@ -26,9 +26,13 @@ pub struct EvalArgs {
     /// `[server.eval] max_examples`; at least 1)
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Data directory (default: $HETFED_DATA_DIR, else the per-user cache directory)
+    /// Data directory (default: $HETFED_DATA_DIR, else the per-user cache directory, where a
+    /// missing dataset is fetched first; see `hetfed data fetch --help`)
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Never fetch a missing dataset (also $HETFED_OFFLINE=1); the error names the fetch command
+    #[arg(long)]
+    pub offline: bool,
     /// A TOML file of task definitions ([[task]] tables) that add to or override the built-ins
     #[arg(long, value_name = "FILE")]
     pub tasks: Option<PathBuf>,
@@ -77,6 +81,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let task = crate::data::task_registry(a.tasks.as_deref())?.get(&a.task)?;
     let split: Split = a.split.parse()?;
     let dir = DataDir::resolve(a.data_dir.as_deref())?;
+    let offline = a.offline || crate::data::offline_env();
+    crate::data::ensure(&dir, vec![crate::data::need_of(&task.dataset)], crate::data::is_cache(&dir), offline)?;
     let mut examples = task.load(&dir, split)?;
     if let Some(n) = a.limit {
         // Evenly spaced, as the server's `max_examples`: files are often sorted by label.

@@ -18,9 +18,13 @@ pub struct ConfigArgs {
     /// Run configuration (TOML; see configs/simulate.toml). Default: the embedded default run.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Data directory (default: $HETFED_DATA_DIR, else ../shared/data)
+    /// Data directory (default: $HETFED_DATA_DIR, else ../shared/data if it exists, else the
+    /// per-user cache, where missing datasets are fetched first; see `hetfed data fetch --help`)
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Never fetch a missing dataset (also $HETFED_OFFLINE=1); the error names the fetch command
+    #[arg(long)]
+    pub offline: bool,
 }
 
 impl ConfigArgs {
@@ -34,18 +38,54 @@ impl ConfigArgs {
         let origin =
             self.config.as_ref().map_or_else(|| "the embedded default config".to_string(), |p| p.display().to_string());
         cfg.check_models(client_model).with_context(|| origin)?;
-        Ok((cfg, data_dir(self.data_dir.as_deref())?))
+        let (dir, auto) = resolve_data_dir(self.data_dir.as_deref())?;
+        crate::data::ensure(&dir, run_needs(&cfg), auto, self.offline || crate::data::offline_env())?;
+        Ok((cfg, dir))
     }
 }
 
+/// The datasets a run reads: its clients' tasks, the server's evaluation tasks, and `mltext`
+/// English (general text) when the run evaluates general text or transfers.
+fn run_needs(cfg: &RunConfig) -> Vec<crate::data::Need> {
+    let registry = hetfed_data::TaskRegistry::new();
+    let mut needs: Vec<crate::data::Need> = cfg
+        .data
+        .task_names()
+        .iter()
+        .chain(&cfg.server.eval.tasks)
+        .filter_map(|t| registry.get(t).ok())
+        .map(|t| crate::data::need_of(&t.dataset))
+        .collect();
+    if cfg.transfer.is_some() || cfg.server.eval.general_lines > 0 {
+        needs.push(("mltext".into(), Some(vec!["en".into()])));
+    }
+    needs
+}
+
 /// The data directory of the federated commands: `--data-dir`, else `$HETFED_DATA_DIR`, else
-/// `../shared/data`.
+/// `../shared/data` when it exists, else the per-user cache. The flag is true for the cache
+/// (nothing was given and `../shared` is absent): commands fetch what they miss there.
+pub fn resolve_data_dir(flag: Option<&Path>) -> Result<(DataDir, bool)> {
+    let env_set = std::env::var_os(hetfed_data::DATA_DIR_ENV).is_some_and(|v| !v.is_empty());
+    if flag.is_some() || env_set {
+        return Ok((DataDir::resolve(flag)?, false));
+    }
+    let shared = Path::new("../shared/data");
+    if shared.is_dir() {
+        return Ok((DataDir::new(shared), false));
+    }
+    let dir = DataDir::resolve(None)?;
+    let auto = crate::data::is_cache(&dir);
+    Ok((dir, auto))
+}
+
+/// [`resolve_data_dir`] for commands that cannot tell which datasets they need before they run
+/// (`sweep`, `demo`): in the per-user cache they fetch every dataset they can, unless
+/// `$HETFED_OFFLINE` is set.
 pub fn data_dir(flag: Option<&Path>) -> Result<DataDir> {
-    let d = flag
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(hetfed_data::DATA_DIR_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("../shared/data"));
-    Ok(DataDir::resolve(Some(&d))?)
+    let (dir, auto) = resolve_data_dir(flag)?;
+    crate::data::ensure_all(&dir, auto, crate::data::offline_env())?;
+    Ok(dir)
 }
 
 #[derive(Args)]
