@@ -481,9 +481,138 @@ pub mod guard {
     }
 }
 
-/// Locating the read-only `shared/` folder (data, models) from tests.
+/// Helpers shared by the workspace's tests: locating the read-only `shared/` folder (data,
+/// models), comparing tensors, and seeded fuzzing of parsers.
 pub mod testing {
     use std::path::{Path, PathBuf};
+
+    use candle_core::{DType, Tensor};
+
+    use crate::TensorMap;
+
+    /// The largest absolute elementwise difference of two tensors of one shape (any float
+    /// dtype, compared in f32). Panics on a shape mismatch: for tests.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims(), "tensors of different shapes");
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// [`max_abs_diff`] over two tensor maps with the same names (asserted).
+    pub fn max_map_diff(a: &TensorMap, b: &TensorMap) -> f32 {
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "tensor maps with different names");
+        a.iter().map(|(k, t)| max_abs_diff(t, &b[k])).fold(0.0, f32::max)
+    }
+
+    /// Seeded mutation of files from outside, for "never panics" tests: every run tries the
+    /// same cases, and a failing case prints its seed.
+    pub mod fuzz {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+
+        /// A deterministic stream of pseudo-random numbers (SplitMix64 via [`crate::mix_seed`]).
+        pub struct Rng(u64, u64);
+
+        impl Rng {
+            pub fn new(seed: u64) -> Self {
+                Rng(seed, 0)
+            }
+            pub fn next_u64(&mut self) -> u64 {
+                self.1 += 1;
+                crate::mix_seed(self.0, self.1)
+            }
+            /// Uniform in `0..n` (0 when `n` is 0).
+            pub fn below(&mut self, n: usize) -> usize {
+                (self.next_u64() % n.max(1) as u64) as usize
+            }
+        }
+
+        /// Bytes that make JSON (and safetensors headers) interesting when inserted.
+        const JUNK: &[u8] = b"{}[]\":,0123456789-+.eE \\nul\xff\x00\xc3";
+
+        /// The length of a safetensors file's 8-byte size and JSON header: the part worth
+        /// focusing mutations on.
+        pub fn header_len(st: &[u8]) -> usize {
+            8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize
+        }
+
+        /// One to three mutations of `orig` (truncation, byte flips, inserted junk, a deleted or
+        /// duplicated range, a digit grown into a long number), half of them inside the first
+        /// `focus` bytes.
+        pub fn mutate(orig: &[u8], rng: &mut Rng, focus: usize) -> Vec<u8> {
+            let mut b = orig.to_vec();
+            let pos = |rng: &mut Rng, len: usize| {
+                if rng.below(2) == 0 {
+                    rng.below(focus.min(len).max(1))
+                } else {
+                    rng.below(len.max(1))
+                }
+            };
+            for _ in 0..1 + rng.below(3) {
+                let len = b.len();
+                let i = pos(rng, len).min(len);
+                let j = (i + 1 + rng.below(64)).min(len);
+                match rng.below(6) {
+                    0 => b.truncate(i),
+                    1 => {
+                        for _ in 0..1 + rng.below(4) {
+                            if !b.is_empty() {
+                                let k = pos(rng, b.len()).min(b.len() - 1);
+                                b[k] ^= 1 + rng.below(255) as u8;
+                            }
+                        }
+                    }
+                    2 => {
+                        let junk: Vec<u8> = (0..1 + rng.below(16)).map(|_| JUNK[rng.below(JUNK.len())]).collect();
+                        b.splice(i..i, junk);
+                    }
+                    3 => {
+                        b.drain(i..j);
+                    }
+                    4 => {
+                        let copy = b[i..j].to_vec();
+                        b.splice(i..i, copy);
+                    }
+                    _ => {
+                        // A digit becomes a longer number: sizes out of range.
+                        if let Some(k) = (0..8).map(|_| pos(rng, len)).find(|&k| k < b.len() && b[k].is_ascii_digit()) {
+                            let digits: Vec<u8> = (0..1 + rng.below(12)).map(|_| b'0' + rng.below(10) as u8).collect();
+                            b.splice(k..k, digits);
+                        }
+                    }
+                }
+            }
+            b
+        }
+
+        /// Runs `cases` seeded cases (seeds `mix_seed(salt, case)`); each must return `Ok` or an
+        /// error of one non-empty line, never panic. Returns the errors' messages of the cases
+        /// that failed cleanly, and how many were `Ok`.
+        pub fn run<T, E: std::fmt::Display>(
+            what: &str,
+            salt: u64,
+            cases: u64,
+            mut case: impl FnMut(&mut Rng) -> Result<T, E>,
+        ) -> (usize, Vec<String>) {
+            let (mut ok, mut errors) = (0, Vec::new());
+            for n in 0..cases {
+                let seed = crate::mix_seed(salt, n);
+                match catch_unwind(AssertUnwindSafe(|| case(&mut Rng::new(seed)))) {
+                    Err(_) => panic!("{what}: case {n} (seed {seed:#x}) panicked"),
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(e)) => {
+                        let msg = e.to_string();
+                        assert!(
+                            !msg.trim().is_empty() && !msg.contains('\n'),
+                            "{what}: case {n} (seed {seed:#x}): expected an error of one non-empty line, found {msg:?}"
+                        );
+                        errors.push(msg);
+                    }
+                }
+            }
+            eprintln!("{what}: {cases} cases, {ok} passed, {} refused", errors.len());
+            (ok, errors)
+        }
+    }
 
     /// `<repo>/../shared/<rel>` (or `$HETFED_SHARED/<rel>`), given a crate's `CARGO_MANIFEST_DIR`.
     /// When it is missing: under `CI=true` this panics (a test must not pass silently in CI);

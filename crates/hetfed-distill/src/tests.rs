@@ -84,9 +84,7 @@ fn targets_of(teacher: &Checkpoint, seqs: &[Vec<u32>], temperature: f64) -> Vec<
     ensemble_targets(&[(m.as_ref(), 1.0)], seqs, temperature).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
+use hetfed_core::testing::max_abs_diff;
 
 #[test]
 fn config_defaults_validate_and_reject_bad_values() {

@@ -840,7 +840,7 @@ impl Hetero {
         n: usize,
         seed: u64,
         loss: OffsetLoss,
-    ) -> Result<(Vec<Vec<u32>>, Vec<Tensor>)> {
+    ) -> Result<Examples> {
         let eos = self.large.arch.eos_token_id().unwrap_or(0);
         let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
         let samples = hetfed_distill::sample_template(teacher, eos, &template, n, self.cfg.offset.seq_len, seed)?;
@@ -858,7 +858,7 @@ impl Hetero {
         &self,
         student: &Checkpoint,
         delta: &TensorMap,
-        heldout: &[(String, (Vec<Vec<u32>>, Vec<Tensor>))],
+        heldout: &[(String, Examples)],
     ) -> Result<BTreeMap<String, serde_json::Value>> {
         let mut out = BTreeMap::new();
         if heldout.is_empty() {
@@ -878,6 +878,9 @@ impl Hetero {
     }
 }
 
+/// Distillation sequences and their teacher targets (`[len, vocab]` each).
+type Examples = (Vec<Vec<u32>>, Vec<Tensor>);
+
 /// The distillation set of one round.
 #[derive(Default)]
 struct DistillData {
@@ -889,7 +892,7 @@ struct DistillData {
     /// Positions the KL covers, per task and for general text.
     positions: BTreeMap<String, usize>,
     /// Per task, held-out examples and their answer-only targets.
-    heldout: Vec<(String, (Vec<Vec<u32>>, Vec<Tensor>))>,
+    heldout: Vec<(String, Examples)>,
 }
 
 /// The target rows that carry probability (the positions a KL counts).

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
+use hetfed_core::testing::max_map_diff as max_diff;
 use hetfed_core::TensorMap;
 use hetfed_fed::hetero::{Hetero, ServerText, SmallBase, TransferConfig};
 use hetfed_fed::server::{Auth, Server, ServerOptions};
@@ -100,14 +101,6 @@ fn result(id: &str, base: &hetfed_model::ModelIdentity, n: u64, gain: f64, delta
         hetfed_taskvec::TaskVector { base: base.clone(), kind: hetfed_taskvec::Delta::Full(delta) },
     )
     .unwrap()
-}
-
-fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
-    a.iter()
-        .map(|(k, t)| {
-            (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-        })
-        .fold(0.0, f32::max)
 }
 
 fn aggregate(s: &mut Hetero, global: &TensorMap, results: Vec<FitResult>) -> TensorMap {
@@ -483,16 +476,7 @@ fn offset_serving_keeps_the_weights_and_serves_the_offset_model() {
     let ids = Tensor::from_vec(vec![1u32, 5, 7], (1, 3), &Device::Cpu).unwrap();
     let plain = large.model(None).unwrap().forward(&ids, None).unwrap();
     let with = served.forward(&ids, None).unwrap();
-    let d = (hetfed_distill::offset::log_softmax(&plain).unwrap() - with)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = hetfed_core::testing::max_abs_diff(&hetfed_distill::offset::log_softmax(&plain).unwrap(), &with);
     assert!(d > 1e-4, "the offset changes the distribution ({d})");
     // The served offsets survive a checkpoint.
     let (json, tensors) = s.state();
@@ -505,22 +489,10 @@ fn offset_serving_keeps_the_weights_and_serves_the_offset_model() {
     let again = s2.serving_model(&large, &g, Some("")).unwrap().unwrap().forward(&ids, None).unwrap();
     // Routed by task, another task (or general text) is served by the large model alone.
     let other = s2.serving_model(&large, &g, None).unwrap().unwrap().forward(&ids, None).unwrap();
-    let d0 = (hetfed_distill::offset::log_softmax(&plain).unwrap() - other)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d0 = hetfed_core::testing::max_abs_diff(&hetfed_distill::offset::log_softmax(&plain).unwrap(), &other);
     assert!(d0 < 1e-5, "{d0}");
     let with = served.forward(&ids, None).unwrap();
-    assert_eq!(
-        (again - with).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(),
-        0.0
-    );
+    assert_eq!(hetfed_core::testing::max_abs_diff(&again, &with), 0.0);
 }
 
 /// LoRA factors of the small model's QKV and MLP input projections (rank 2), as a client uploads them.

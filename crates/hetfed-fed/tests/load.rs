@@ -337,30 +337,12 @@ impl Measured {
         let (global, _) = hetfed_core::load_safetensors(&ck).unwrap();
         let base = Checkpoint::load(&self.model).unwrap().weights;
         let expected = (&base[EMB] + (direction(sc.vocab) * total).unwrap()).unwrap();
-        let diff = (&global[EMB] - &expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = hetfed_core::testing::max_abs_diff(&global[EMB], &expected);
         // One client counted twice or lost moves the mean by ≥ 1/(3n) of a scale step of 4·0.01.
         assert!(diff < 2e-6, "final model differs from base + Σ mean updates by {diff} (Σ coefficients {total})");
         for (k, t) in &base {
             if k != EMB {
-                let d = (&global[k] - t)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = hetfed_core::testing::max_abs_diff(&global[k], t);
                 assert_eq!(d, 0.0, "{k} changed");
             }
         }

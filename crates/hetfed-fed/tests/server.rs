@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use futures::StreamExt;
+use hetfed_core::testing::max_map_diff as max_diff;
 use hetfed_core::TensorMap;
 use hetfed_fed::server::{Auth, RunSummary, Server, ServerOptions};
 use hetfed_fed::strategy::FedOptParams;
@@ -245,15 +246,6 @@ fn plus(base: &TensorMap, terms: &[(f64, &TensorMap)]) -> TensorMap {
         }
     }
     out
-}
-
-fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter()
-        .map(|(k, t)| {
-            (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-        })
-        .fold(0.0, f32::max)
 }
 
 fn base_weights(model: &Path) -> TensorMap {

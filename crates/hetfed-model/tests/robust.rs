@@ -9,6 +9,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use hetfed_core::testing::fuzz::{header_len, mutate, run};
 use hetfed_model::{Arch, Checkpoint};
 
 fn repo(rel: &str) -> PathBuf {
@@ -19,78 +20,8 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-/// A deterministic stream of pseudo-random numbers.
-struct Rng(u64, u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed, 0)
-    }
-    fn next(&mut self) -> u64 {
-        self.1 += 1;
-        hetfed_core::mix_seed(self.0, self.1)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// Bytes that make JSON (and safetensors headers) interesting when inserted.
-const JUNK: &[u8] = b"{}[]\":,0123456789-+.eE \\nul\xff\x00\xc3";
-
-/// One mutation of `orig`. Positions fall in the first `focus` bytes half of the time (a
-/// safetensors header, say), anywhere otherwise.
-fn mutate(orig: &[u8], rng: &mut Rng, focus: usize) -> Vec<u8> {
-    let mut b = orig.to_vec();
-    let pos = |rng: &mut Rng, len: usize| {
-        if rng.below(2) == 0 {
-            rng.below(focus.min(len).max(1))
-        } else {
-            rng.below(len.max(1))
-        }
-    };
-    for _ in 0..1 + rng.below(3) {
-        let len = b.len();
-        match rng.below(6) {
-            0 => b.truncate(pos(rng, len)),
-            1 => {
-                for _ in 0..1 + rng.below(4) {
-                    if !b.is_empty() {
-                        let i = pos(rng, b.len());
-                        b[i] ^= 1 + rng.below(255) as u8;
-                    }
-                }
-            }
-            2 => {
-                let i = pos(rng, len).min(len);
-                let junk: Vec<u8> = (0..1 + rng.below(16)).map(|_| JUNK[rng.below(JUNK.len())]).collect();
-                b.splice(i..i, junk);
-            }
-            3 => {
-                let i = pos(rng, len).min(len);
-                let j = (i + 1 + rng.below(64)).min(len);
-                b.drain(i..j);
-            }
-            4 => {
-                let i = pos(rng, len).min(len);
-                let j = (i + 1 + rng.below(64)).min(len);
-                let copy = b[i..j].to_vec();
-                b.splice(i..i, copy);
-            }
-            _ => {
-                // A digit becomes a longer number: sizes out of range.
-                if let Some(i) = (0..8).map(|_| pos(rng, len)).find(|&i| i < b.len() && b[i].is_ascii_digit()) {
-                    let digits: Vec<u8> = (0..1 + rng.below(12)).map(|_| b'0' + rng.below(10) as u8).collect();
-                    b.splice(i..i, digits);
-                }
-            }
-        }
-    }
-    b
-}
-
-/// Runs `cases` mutations of `orig` through `parse`; returns how many parsed. Fails on a panic
-/// that escaped, and on an error that is empty or longer than one line.
+/// Runs `cases` mutations of `orig` through `parse` (hetfed_core's seeded fuzzer: no panic, every
+/// error one line); returns how many parsed.
 fn fuzz<T>(
     what: &str,
     orig: &[u8],
@@ -98,30 +29,10 @@ fn fuzz<T>(
     focus: usize,
     parse: impl Fn(&[u8]) -> hetfed_core::Result<T>,
 ) -> usize {
-    let (mut ok, mut caught) = (0, 0);
-    for case in 0..cases {
-        let seed = hetfed_core::mix_seed(0xF022, case);
-        let bytes = mutate(orig, &mut Rng::new(seed), focus);
-        match catch_unwind(AssertUnwindSafe(|| parse(&bytes))) {
-            Err(_) => panic!("{what}: case {case} (seed {seed:#x}) panicked"),
-            Ok(Ok(_)) => ok += 1,
-            Ok(Err(e)) => {
-                let msg = e.to_string();
-                assert!(!msg.trim().is_empty(), "{what}: case {case} (seed {seed:#x}): empty error");
-                assert!(
-                    !msg.contains('\n'),
-                    "{what}: case {case} (seed {seed:#x}): error of more than one line: {msg}"
-                );
-                caught += usize::from(msg.contains("its parser cannot read"));
-            }
-        }
-    }
-    eprintln!("{what}: {cases} cases, {ok} parsed, {caught} panics of a dependency caught at the boundary");
+    let (ok, errors) = run(what, 0xF022, cases, |rng| parse(&mutate(orig, rng, focus)));
+    let caught = errors.iter().filter(|m| m.contains("its parser cannot read")).count();
+    eprintln!("{what}: {caught} panics of a dependency caught at the boundary");
     ok
-}
-
-fn header_len(st: &[u8]) -> usize {
-    8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize
 }
 
 #[test]

@@ -366,8 +366,14 @@ fn per_client_chart(
     get: &dyn Fn(&ClientRow) -> Option<f64>,
     fmt_value: fn(f64) -> String,
 ) -> Option<String> {
-    let lines = run
-        .client_order
+    let lines = client_lines(run, get, fmt_value);
+    line_chart(&LineChart { title: title.into(), x_label: "round".into(), y_label: y_label.into(), unit, lines })
+}
+
+/// One line per client (in the run's client order) of a per-client value; failed and rejected
+/// updates get open markers, and every point's tip names the client, round, value and status.
+fn client_lines(run: &Run, get: &dyn Fn(&ClientRow) -> Option<f64>, fmt_value: fn(f64) -> String) -> Vec<Line> {
+    run.client_order
         .iter()
         .map(|c| Line {
             name: c.clone(),
@@ -387,8 +393,7 @@ fn per_client_chart(
                 .collect(),
         })
         .filter(|l: &Line| !l.points.is_empty())
-        .collect();
-    line_chart(&LineChart { title: title.into(), x_label: "round".into(), y_label: y_label.into(), unit, lines })
+        .collect()
 }
 
 fn clients(h: &mut String, run: &Run) {
@@ -588,42 +593,19 @@ fn resources(h: &mut String, run: &Run) {
         }
         line_chart(&c)
     };
-    let client_lines = |get: fn(&ClientRow) -> Option<f64>, fmt_value: fn(f64) -> String| -> Vec<Line> {
-        run.client_order
-            .iter()
-            .map(|c| Line {
-                name: c.clone(),
-                style: run.client_index(c),
-                points: run
-                    .clients
-                    .iter()
-                    .filter(|r| &r.client == c)
-                    .filter_map(|r| {
-                        get(r).map(|v| Point {
-                            x: r.round as f64,
-                            y: v,
-                            tip: format!("{c} · round {}: {}", r.round, fmt_value(v)),
-                            hollow: r.status.is_problem(),
-                        })
-                    })
-                    .collect(),
-            })
-            .filter(|l: &Line| !l.points.is_empty())
-            .collect()
-    };
     let cpu = LineChart {
         title: "CPU time per round".into(),
         x_label: "round".into(),
         y_label: "CPU seconds".into(),
         unit: Unit::Plain,
-        lines: client_lines(|r| r.cpu_s, secs),
+        lines: client_lines(run, &|r| r.cpu_s, secs),
     };
     let mem = LineChart {
         title: "Peak memory per round".into(),
         x_label: "round".into(),
         y_label: "resident memory".into(),
         unit: Unit::Bytes,
-        lines: client_lines(|r| r.peak_rss_bytes, bytes),
+        lines: client_lines(run, &|r| r.peak_rss_bytes, bytes),
     };
     let svgs: Vec<(String, Option<String>)> = [with_server(Some(cpu), server_cpu), with_server(Some(mem), server_rss)]
         .into_iter()

@@ -46,16 +46,7 @@ fn assert_close(a: &TensorMap, b: &TensorMap, tol: f32) {
     for (name, ta) in a {
         let tb = &b[name];
         assert_eq!(ta.dims(), tb.dims(), "{name}");
-        let d = (ta.to_dtype(DType::F32).unwrap() - tb.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = hetfed_core::testing::max_abs_diff(ta, tb);
         assert!(d <= tol, "{name}: max difference {d} > {tol}");
     }
 }

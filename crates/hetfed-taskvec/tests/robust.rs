@@ -4,80 +4,18 @@
 //! flips, inserted junk, deleted and duplicated ranges. Every case must give `Ok` or an error of
 //! one non-empty line; a failing case prints its seed. The mutator is seeded, so runs repeat.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use hetfed_core::testing::fuzz::{header_len, mutate, run, Rng};
 use hetfed_core::TensorMap;
 use hetfed_model::{LoraConfig, ModelIdentity};
 use hetfed_taskvec::{Delta, TaskVector};
 
-struct Rng(u64, u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.1 += 1;
-        hetfed_core::mix_seed(self.0, self.1)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-const JUNK: &[u8] = b"{}[]\":,0123456789-+.eE \\nul\xff\x00";
-
-/// One to three mutations of `orig`, half of them inside the first `focus` bytes.
-fn mutate(orig: &[u8], rng: &mut Rng, focus: usize) -> Vec<u8> {
-    let mut b = orig.to_vec();
-    let pos = |rng: &mut Rng, len: usize| {
-        if rng.below(2) == 0 {
-            rng.below(focus.min(len).max(1))
-        } else {
-            rng.below(len.max(1))
-        }
-    };
-    for _ in 0..1 + rng.below(3) {
-        let len = b.len();
-        let i = pos(rng, len).min(len);
-        let j = (i + 1 + rng.below(64)).min(len);
-        match rng.below(5) {
-            0 => b.truncate(i),
-            1 => {
-                if i < len {
-                    b[i] ^= 1 + rng.below(255) as u8;
-                }
-            }
-            2 => {
-                let junk: Vec<u8> = (0..1 + rng.below(16)).map(|_| JUNK[rng.below(JUNK.len())]).collect();
-                b.splice(i..i, junk);
-            }
-            3 => {
-                b.drain(i..j);
-            }
-            _ => {
-                let copy = b[i..j].to_vec();
-                b.splice(i..i, copy);
-            }
-        }
-    }
-    b
-}
-
-fn check(what: &str, cases: u64, mut case: impl FnMut(&mut Rng) -> hetfed_core::Result<()>) -> usize {
-    let mut ok = 0;
-    for n in 0..cases {
-        let seed = hetfed_core::mix_seed(0x7A5C, n);
-        match catch_unwind(AssertUnwindSafe(|| case(&mut Rng(seed, 0)))) {
-            Err(_) => panic!("{what}: case {n} (seed {seed:#x}) panicked"),
-            Ok(Ok(())) => ok += 1,
-            Ok(Err(e)) => {
-                let msg = e.to_string();
-                assert!(!msg.trim().is_empty() && !msg.contains('\n'), "{what}: case {n} (seed {seed:#x}): {msg:?}");
-            }
-        }
-    }
-    eprintln!("{what}: {cases} cases, {ok} parsed and validated");
-    ok
+/// Runs `cases` seeded cases through hetfed_core's fuzzer (no panic, every error one line);
+/// returns how many parsed and validated.
+fn check(what: &str, cases: u64, case: impl FnMut(&mut Rng) -> hetfed_core::Result<()>) -> usize {
+    run(what, 0x7A5C, cases, case).0
 }
 
 fn ident() -> ModelIdentity {
@@ -115,10 +53,6 @@ fn full() -> TaskVector {
     let b = base();
     let d: TensorMap = b.iter().map(|(k, t)| (k.clone(), (t * 0.01).unwrap())).collect();
     TaskVector { base: ident(), kind: Delta::Full(d) }
-}
-
-fn header_len(b: &[u8]) -> usize {
-    8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize
 }
 
 #[test]

@@ -68,9 +68,7 @@ fn mat(m: &hetfed_project::Map) -> Tensor {
     m.to_tensor(&Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
+use hetfed_core::testing::max_abs_diff;
 
 /// A permutation matrix `[n, n]` from a seed.
 fn permutation(n: usize, seed: u64) -> Tensor {

@@ -48,6 +48,16 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// The log-probs `hetfed score --json` gives `text` under `model`, with `taskvec` applied if given.
+fn logprobs(model: &Path, taskvec: Option<&Path>, text: &str) -> Vec<f64> {
+    let mut args = vec!["score", "--model", model.to_str().unwrap()];
+    if let Some(tv) = taskvec {
+        args.extend(["--taskvec", tv.to_str().unwrap()]);
+    }
+    args.extend(["--text", text, "--json"]);
+    score_json(&args).1
+}
+
 fn score_json(args: &[&str]) -> (Vec<u32>, Vec<f64>) {
     let out = ok(args);
     let lines: Vec<&str> = out.lines().collect();
@@ -670,7 +680,7 @@ fn data_export_feeds_finetune_and_partition_covers_every_example() {
     ]);
 
     let parts = dir.join("parts");
-    let out = ok(&[
+    let partition = [
         "data",
         "partition",
         "--task",
@@ -687,9 +697,8 @@ fn data_export_feeds_finetune_and_partition_covers_every_example() {
         "9",
         "--model",
         base.to_str().unwrap(),
-        "--out",
-        parts.to_str().unwrap(),
-    ]);
+    ];
+    let out = ok(&[&partition[..], &["--out", parts.to_str().unwrap()]].concat());
     let stats: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(stats.len(), 5);
     let total: u64 = stats.iter().map(|s| s["n_examples"].as_u64().unwrap()).sum();
@@ -699,25 +708,7 @@ fn data_export_feeds_finetune_and_partition_covers_every_example() {
         (0..5).map(|i| std::fs::read_to_string(parts.join(format!("client_{i}.jsonl"))).unwrap().lines().count()).sum();
     assert_eq!(lines, 645);
     // Same seed, same split.
-    let again = ok(&[
-        "data",
-        "partition",
-        "--task",
-        "ethos",
-        "--data-dir",
-        data_s,
-        "--clients",
-        "5",
-        "--scheme",
-        "dirichlet",
-        "--alpha",
-        "0.3",
-        "--seed",
-        "9",
-        "--model",
-        base.to_str().unwrap(),
-    ]);
-    assert_eq!(out, again);
+    assert_eq!(out, ok(&partition));
     let line = fails(&[
         "data",
         "partition",
@@ -895,17 +886,8 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
     assert_eq!(info["kind"], "lora");
     // The projected vector belongs to the large model: it applies there and changes its scores.
     let text = "question 3: is it so? yes";
-    let (_, plain) = score_json(&["score", "--model", large.to_str().unwrap(), "--text", text, "--json"]);
-    let (_, moved) = score_json(&[
-        "score",
-        "--model",
-        large.to_str().unwrap(),
-        "--taskvec",
-        out.to_str().unwrap(),
-        "--text",
-        text,
-        "--json",
-    ]);
+    let plain = logprobs(&large, None, text);
+    let moved = logprobs(&large, Some(&out), text);
     assert!(max_diff(&plain, &moved) > 1e-5, "the projected update changed nothing");
     // ...and not to the small one.
     let line =
@@ -918,17 +900,8 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
     r[8] = back.to_str().unwrap().to_string();
     r.push("--reverse".into());
     ok(&r.iter().map(String::as_str).collect::<Vec<_>>());
-    let (_, small_plain) = score_json(&["score", "--model", small.to_str().unwrap(), "--text", text, "--json"]);
-    let (_, small_back) = score_json(&[
-        "score",
-        "--model",
-        small.to_str().unwrap(),
-        "--taskvec",
-        back.to_str().unwrap(),
-        "--text",
-        text,
-        "--json",
-    ]);
+    let small_plain = logprobs(&small, None, text);
+    let small_back = logprobs(&small, Some(&back), text);
     assert!(max_diff(&small_plain, &small_back) > 1e-5, "the reverse projection changed nothing");
     // A task vector of another base is refused with a clear error.
     let line = fails(&[
