@@ -48,7 +48,9 @@ use hetfed_transfer::{MapConfig, PairMaps, MODULES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::strategy::{apply_delta, AggregateReport, Failure, FitConfig, FitPlan, FitResult, Sampling, Strategy};
+use crate::strategy::{
+    apply_delta, AggregateReport, ClientBase, ClientBases, Failure, FitConfig, FitPlan, FitResult, Sampling, Strategy,
+};
 
 /// How client updates reach the server model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -975,31 +977,14 @@ impl Strategy for Hetero {
         self.plan.configure(round, available, 0.0)
     }
 
-    fn client_base(&self, info: &ClientInfo) -> std::result::Result<Option<(ModelIdentity, Arc<TensorMap>)>, String> {
-        match self.smalls.get(&info.base_hash) {
-            Some(sb) if self.cfg.aggregation.uses_offsets() && info.tokenizer_hash != sb.tokenizer_hash => {
-                Err(format!(
-                    "logit offsets need the server's tokenizer: expected tokenizer {} (of {}), found {}",
-                    short_or_none(&sb.tokenizer_hash),
-                    sb.checkpoint.source(),
-                    if info.tokenizer_hash.is_empty() {
-                        "none (the client did not name its tokenizer)".to_string()
-                    } else {
-                        short(&info.tokenizer_hash)
-                    }
-                ))
-            }
-            Some(sb) => Ok(Some((sb.identity.clone(), sb.weights.clone()))),
-            None => Err(format!(
-                "expected a client base model the server has projection maps for ({}), found base {}",
-                self.smalls
-                    .values()
-                    .map(|s| format!("{} = {}", s.checkpoint.source(), short(&s.identity.weights_hash)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                short(&info.base_hash)
-            )),
-        }
+    fn client_bases(&self) -> ClientBases {
+        let bases = self.smalls.values().map(|sb| ClientBase {
+            identity: sb.identity.clone(),
+            weights: sb.weights.clone(),
+            tokenizer_hash: sb.tokenizer_hash.clone(),
+            source: sb.checkpoint.source(),
+        });
+        ClientBases::own(bases, self.cfg.aggregation.uses_offsets())
     }
 
     fn aggregate_fit(

@@ -206,14 +206,11 @@ pub trait Strategy: Send {
         failures: &[Failure],
     ) -> Result<AggregateReport>;
 
-    /// The model `client` trains from: `Ok(None)` for the round's global model (homogeneous
-    /// federation), `Ok(Some((identity, weights)))` for a base of the client's own (heterogeneous:
-    /// updates are checked against it), `Err(reason)` to refuse the client at registration.
-    fn client_base(
-        &self,
-        _client: &ClientInfo,
-    ) -> std::result::Result<Option<(hetfed_model::ModelIdentity, std::sync::Arc<TensorMap>)>, String> {
-        Ok(None)
+    /// The models clients train from, fixed when the strategy is built. The server takes this
+    /// table once and consults it at registration without the strategy's lock, so registering
+    /// never waits on an aggregation. The default: every client trains the global model.
+    fn client_bases(&self) -> ClientBases {
+        ClientBases::default()
     }
 
     /// What the strategy wants recorded once at the start of the run (e.g. fitted maps).
@@ -628,5 +625,76 @@ impl Strategy for TaskArithmetic {
         let weights = acc.weights.keys().map(|k| (k.clone(), self.scale)).collect();
         let applied_norm = apply_delta(global, &acc.sum, self.scale)?;
         Ok(AggregateReport { weights, n_aggregated: n, applied_norm, ..Default::default() })
+    }
+}
+
+/// A base model a client may train from: what the server checks its updates against.
+#[derive(Clone)]
+pub struct ClientBase {
+    pub identity: hetfed_model::ModelIdentity,
+    /// Shared with every registered client of this base.
+    pub weights: std::sync::Arc<TensorMap>,
+    /// The base's tokenizer identity ("" when it has none).
+    pub tokenizer_hash: String,
+    /// Where it came from (for messages).
+    pub source: String,
+}
+
+/// Which model each client trains from (see [`Strategy::client_bases`]): the round's global
+/// model (homogeneous federation, the default), or one of the server's small bases
+/// (heterogeneous: a client's updates are checked against its own base).
+#[derive(Clone, Default)]
+pub struct ClientBases {
+    /// Per weights hash. Empty: every client trains the global model.
+    bases: BTreeMap<String, ClientBase>,
+    /// Logit offsets: a client's tokenizer must be its base's.
+    same_tokenizer: bool,
+}
+
+impl ClientBases {
+    /// Clients train their own bases, one of `bases`; `same_tokenizer` requires a client's
+    /// tokenizer to be its base's (logit offsets need one vocabulary).
+    pub fn own(bases: impl IntoIterator<Item = ClientBase>, same_tokenizer: bool) -> Self {
+        Self { bases: bases.into_iter().map(|b| (b.identity.weights_hash.clone(), b)).collect(), same_tokenizer }
+    }
+
+    /// The model `client` trains from: `Ok(None)` for the round's global model,
+    /// `Ok(Some((identity, weights)))` for its own base, `Err(reason)` to refuse it at
+    /// registration.
+    #[allow(clippy::type_complexity)]
+    pub fn lookup(
+        &self,
+        client: &ClientInfo,
+    ) -> std::result::Result<Option<(hetfed_model::ModelIdentity, std::sync::Arc<TensorMap>)>, String> {
+        if self.bases.is_empty() {
+            return Ok(None);
+        }
+        let short = |h: &str| h.chars().take(12).collect::<String>();
+        match self.bases.get(&client.base_hash) {
+            Some(b) if self.same_tokenizer && client.tokenizer_hash != b.tokenizer_hash => Err(format!(
+                "logit offsets need the server's tokenizer: expected tokenizer {} (of {}), found {}",
+                if b.tokenizer_hash.is_empty() {
+                    "none (no tokenizer.json)".to_string()
+                } else {
+                    short(&b.tokenizer_hash)
+                },
+                b.source,
+                if client.tokenizer_hash.is_empty() {
+                    "none (the client did not name its tokenizer)".to_string()
+                } else {
+                    short(&client.tokenizer_hash)
+                }
+            )),
+            Some(b) => Ok(Some((b.identity.clone(), b.weights.clone()))),
+            None => Err(format!(
+                "expected a client base model the server has projection maps for ({}), found base {}",
+                self.bases
+                    .values()
+                    .map(|b| format!("{} = {}", b.source, short(&b.identity.weights_hash)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                short(&client.base_hash)
+            )),
+        }
     }
 }

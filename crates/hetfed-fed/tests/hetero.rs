@@ -453,10 +453,10 @@ fn logit_offsets_refuse_another_tokenizer() {
     )
     .unwrap();
     let good = ClientInfo { tokenizer_hash: h_tok.clone(), ..info("a", &small) };
-    assert!(s.client_base(&good).unwrap().is_some());
-    let e = s.client_base(&ClientInfo { tokenizer_hash: h_other.clone(), ..info("b", &small) }).unwrap_err();
+    assert!(s.client_bases().lookup(&good).unwrap().is_some());
+    let e = s.client_bases().lookup(&ClientInfo { tokenizer_hash: h_other.clone(), ..info("b", &small) }).unwrap_err();
     assert!(e.contains("expected tokenizer") && e.contains(&h_tok[..12]) && e.contains(&h_other[..12]), "{e}");
-    let e = s.client_base(&info("c", &small)).unwrap_err();
+    let e = s.client_bases().lookup(&info("c", &small)).unwrap_err();
     assert!(e.contains("did not name its tokenizer"), "{e}");
 }
 

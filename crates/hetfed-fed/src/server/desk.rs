@@ -131,7 +131,8 @@ impl Server {
                 expected.arch, info.arch
             )));
         }
-        let own_base = lock(&self.strategy).client_base(&info).map_err(ServiceError::FailedPrecondition)?;
+        // The bases table, not the strategy: registration never waits on an aggregation.
+        let own_base = self.client_bases.lookup(&info).map_err(ServiceError::FailedPrecondition)?;
         tracing::info!("client {} registered ({} examples)", info.client_id, info.stats.n_examples);
         let mut st = lock(&self.state);
         match own_base {

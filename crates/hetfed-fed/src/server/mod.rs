@@ -123,6 +123,8 @@ pub struct Server {
     base: Checkpoint,
     eval: Option<ServerEval>,
     strategy: Mutex<Box<dyn Strategy>>,
+    /// The strategy's client bases, taken once (they are fixed when it is built).
+    client_bases: crate::strategy::ClientBases,
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
     log: Mutex<std::fs::File>,
@@ -169,10 +171,12 @@ impl Server {
             .open(&metrics_path)
             .map_err(|e| Error::io(&metrics_path, e))?;
         let (changed, _) = tokio::sync::watch::channel(0u64);
+        let client_bases = strategy.client_bases();
         let server = Arc::new(Self {
             base,
             eval,
             strategy: Mutex::new(strategy),
+            client_bases,
             state: Mutex::new(State {
                 clients: BTreeMap::new(),
                 client_bases: BTreeMap::new(),
