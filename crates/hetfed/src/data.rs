@@ -333,28 +333,6 @@ pub fn ensure(dir: &DataDir, needs: Vec<Need>, auto: bool, offline: bool) -> Res
     Ok(())
 }
 
-/// What `hetfed data fetch --all` would fetch, tolerating failures (a warning per dataset): for
-/// commands that cannot tell which datasets they need before they run.
-pub fn ensure_all(dir: &DataDir, auto: bool, offline: bool) -> Result<()> {
-    if !auto {
-        return Ok(());
-    }
-    let m = Manifest::embedded();
-    let f = Fetcher::new(dir.root(), Fetcher::source_from(None))?;
-    let missing: Vec<_> = m.datasets.iter().filter(|d| !f.missing(d, None).is_empty()).collect();
-    if missing.is_empty() || offline {
-        return Ok(());
-    }
-    let names: Vec<&str> = missing.iter().map(|d| d.name.as_str()).collect();
-    eprintln!("fetching {} into {} (missing; --offline never fetches)", names.join(", "), dir.root().display());
-    for d in missing {
-        if let Err(e) = f.fetch_dataset(d, None, &mut |s| eprintln!("{s}")) {
-            eprintln!("warning: fetching {}: {e}", d.name);
-        }
-    }
-    Ok(())
-}
-
 /// Whether a data directory is the per-user cache, where commands fetch what they miss.
 pub fn is_cache(dir: &DataDir) -> bool {
     dir.origin() == DataDirOrigin::UserCache

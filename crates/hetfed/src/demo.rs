@@ -22,7 +22,8 @@ pub struct DemoArgs {
     /// Model directory (default: ../shared/models/tinystories-656k)
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Data directory with ethos/ (default: $HETFED_DATA_DIR, else ../shared/data)
+    /// Data directory with ethos/ (default: $HETFED_DATA_DIR, else ../shared/data if it exists,
+    /// else the per-user cache, where Ethos is fetched first)
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Where to write the task vector and adapter
@@ -54,8 +55,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     )?;
     println!("generate   {prompt}{}", tok.decode(&new, true).map_err(|e| anyhow::anyhow!("{e}"))?.replace('\n', " "));
 
-    let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
     let task = hetfed_data::task::builtin("ethos")?;
+    let dir = crate::fed::data_dir_for(a.data_dir.as_deref(), vec![crate::data::need_of(&task.dataset)])?;
     let (train_ex, dev_ex) = (task.load(&dir, Split::Train)?, task.load(&dir, Split::Dev)?);
     let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
     let max_len = 128;

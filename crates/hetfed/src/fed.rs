@@ -46,7 +46,7 @@ impl ConfigArgs {
 
 /// The datasets a run reads: its clients' tasks, the server's evaluation tasks, and `mltext`
 /// English (general text) when the run evaluates general text or transfers.
-fn run_needs(cfg: &RunConfig) -> Vec<crate::data::Need> {
+pub fn run_needs(cfg: &RunConfig) -> Vec<crate::data::Need> {
     let registry = hetfed_data::TaskRegistry::new();
     let mut needs: Vec<crate::data::Need> = cfg
         .data
@@ -79,12 +79,11 @@ pub fn resolve_data_dir(flag: Option<&Path>) -> Result<(DataDir, bool)> {
     Ok((dir, auto))
 }
 
-/// [`resolve_data_dir`] for commands that cannot tell which datasets they need before they run
-/// (`sweep`, `demo`): in the per-user cache they fetch every dataset they can, unless
-/// `$HETFED_OFFLINE` is set.
-pub fn data_dir(flag: Option<&Path>) -> Result<DataDir> {
+/// [`resolve_data_dir`], then (in the per-user cache, unless `$HETFED_OFFLINE` is set) the
+/// missing files of `needs` fetched: for commands without `--offline` (`sweep`, `demo`).
+pub fn data_dir_for(flag: Option<&Path>, needs: Vec<crate::data::Need>) -> Result<DataDir> {
     let (dir, auto) = resolve_data_dir(flag)?;
-    crate::data::ensure_all(&dir, auto, crate::data::offline_env())?;
+    crate::data::ensure(&dir, needs, auto, crate::data::offline_env())?;
     Ok(dir)
 }
 

@@ -117,7 +117,8 @@ pub struct SweepArgs {
     /// Output directory: results.json and table.md
     #[arg(long, value_name = "DIR", default_value = "runs/sweep")]
     pub out: PathBuf,
-    /// Data directory (default: $HETFED_DATA_DIR, else ../shared/data)
+    /// Data directory (default: $HETFED_DATA_DIR, else ../shared/data if it exists, else the
+    /// per-user cache, where the datasets of the base config are fetched first)
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Only render table.md again from --out's results.json (no training)
@@ -139,8 +140,10 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         println!("{table}");
         return Ok(());
     }
-    let dir = crate::fed::data_dir(a.data_dir.as_deref())?;
-    let (sweep, _) = hetfed_fed::sweep::SweepConfig::from_file(&a.config)?;
+    let (sweep, sweep_dir) = hetfed_fed::sweep::SweepConfig::from_file(&a.config)?;
+    // Every row runs the base config's tasks and evaluation: its datasets are what the sweep needs.
+    let base = hetfed_fed::RunConfig::from_file(&sweep_dir.join(&sweep.base))?;
+    let dir = crate::fed::data_dir_for(a.data_dir.as_deref(), crate::fed::run_needs(&base))?;
     let pb = crate::commands::progress_bar((sweep.rows.len() * sweep.seeds.len()) as u64, "sweep");
     let results = hetfed_fed::sweep::run_sweep(&a.config, &dir, &a.out, a.resume, |line| {
         // One line per finished cell, on a terminal above the bar, otherwise (a log file) on stderr.
