@@ -238,6 +238,10 @@ fn config_errors_name_the_key() {
     }
     let (sweep, _) = hetfed_fed::sweep::SweepConfig::from_file(&root.join("sweep.toml")).unwrap();
     assert_eq!(sweep.rows.iter().filter(|r| r.control).count(), 1, "one control row");
+    // The one-seed probe of the student's budget.
+    let (budget, dir) = hetfed_fed::sweep::SweepConfig::from_file(&root.join("sweep-budget.toml")).unwrap();
+    assert_eq!(budget.rows.iter().filter(|r| r.control).count(), 1, "one control row");
+    hetfed_fed::RunConfig::from_file(&dir.join(&budget.base)).unwrap();
 }
 
 fn run_config(data: &str) -> std::result::Result<hetfed_fed::RunConfig, String> {
