@@ -971,3 +971,69 @@ async fn a_dropped_upload_is_undone() {
     })
     .await
 }
+
+/// FedAvg that signals when its aggregation starts and waits there until the test lets it go.
+struct Gated {
+    inner: Box<dyn hetfed_fed::strategy::Strategy>,
+    entered: std::sync::mpsc::Sender<()>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl hetfed_fed::strategy::Strategy for Gated {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn configure_fit(&mut self, round: u64, available: &[ClientInfo]) -> Vec<(String, FitConfig)> {
+        self.inner.configure_fit(round, available)
+    }
+    fn aggregate_fit(
+        &mut self,
+        round: u64,
+        global: &mut TensorMap,
+        results: &mut dyn Iterator<Item = hetfed_core::Result<hetfed_fed::strategy::FitResult>>,
+        failures: &[hetfed_fed::strategy::Failure],
+    ) -> hetfed_core::Result<hetfed_fed::strategy::AggregateReport> {
+        let _ = self.entered.send(());
+        let _ = self.go.lock().unwrap().recv_timeout(Duration::from_secs(30));
+        self.inner.aggregate_fit(round, global, results, failures)
+    }
+}
+
+/// A client registers while the server is aggregating: its registration does not wait for the
+/// aggregation (the strategy is busy; registration reads the client-bases table, not it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_does_not_wait_on_an_aggregation() {
+    within(async {
+        let (m, run) = (model_dir(), tempfile::tempdir().unwrap());
+        let base_id = base_identity(m.path());
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let strategy = Gated {
+            inner: FEDAVG.build(Sampling::default(), FitConfig::default(), 11),
+            entered: entered_tx,
+            go: go_rx.into(),
+        };
+        let mut o = opts(run.path(), &["c1", "c2", "late"], 1, 2);
+        o.min_clients = 2;
+        o.strategy_name = "gated".into();
+        let s = Server::new(o, Checkpoint::load(m.path()).unwrap(), Box::new(strategy), None).unwrap();
+        register(&s, &["c1", "c2"]).await;
+        let h = spawn_run(&s);
+        for (id, seed) in [("c1", 1), ("c2", 2)] {
+            let ins = next_fit(&s, id, 0).await;
+            send(&s, id, ins.round, &bytes_of(&tv(&base_id, delta(seed, 0.01))), 1).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the round aggregates");
+        // The aggregation holds the strategy until `go`; registering must not wait for it.
+        let t = std::time::Instant::now();
+        let reg = tokio::time::timeout(Duration::from_secs(5), s.register(&caller("late"), info("late"))).await;
+        assert!(matches!(reg, Ok(Ok(_))), "registration during an aggregation: {reg:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        go.send(()).unwrap();
+        h.await.unwrap().unwrap();
+    })
+    .await
+}
