@@ -811,9 +811,10 @@ impl Hetero {
                 if sampled {
                     let task_seed = crate::strategy::mix(seed, k as u64 + 1);
                     let loss = oc.loss;
-                    let (s, t) = self.task_examples(teacher, task, oc.sampled_per_task, task_seed, loss)?;
+                    let ((s, t), positions) =
+                        self.task_examples(teacher, task, oc.sampled_per_task, task_seed, loss)?;
                     out.sampled.insert(task.clone(), s.len());
-                    out.positions.insert(task.clone(), count_positions(&t)?);
+                    out.positions.insert(task.clone(), positions);
                     out.seqs.extend(s);
                     out.targets.extend(t);
                 }
@@ -821,7 +822,7 @@ impl Hetero {
                     let held_seed = crate::strategy::mix(seed ^ 0x4845_4C44, k as u64 + 1);
                     let n = oc.heldout_per_task;
                     out.heldout
-                        .push((task.clone(), self.task_examples(teacher, task, n, held_seed, OffsetLoss::Answer)?));
+                        .push((task.clone(), self.task_examples(teacher, task, n, held_seed, OffsetLoss::Answer)?.0));
                 }
             }
         }
@@ -834,7 +835,8 @@ impl Hetero {
     }
 
     /// `n` examples of `task` sampled from `teacher` in the task's format, with the teacher's
-    /// targets (restricted to the answers under [`OffsetLoss::Answer`]).
+    /// targets (restricted to the answers under [`OffsetLoss::Answer`]), and the number of
+    /// positions the KL counts.
     fn task_examples(
         &self,
         teacher: &dyn CausalLm,
@@ -842,16 +844,21 @@ impl Hetero {
         n: usize,
         seed: u64,
         loss: OffsetLoss,
-    ) -> Result<Examples> {
+    ) -> Result<(Examples, usize)> {
         let eos = self.large.arch.eos_token_id().unwrap_or(0);
         let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
         let samples = hetfed_distill::sample_template(teacher, eos, &template, n, self.cfg.offset.seq_len, seed)?;
         let mut seqs = samples.seqs;
         let mut targets = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &seqs, self.cfg.distill.temperature)?;
-        if loss == OffsetLoss::Answer {
+        // Under `Answer` the rows before the one predicting the answer's first token are zeroed.
+        let skip = if loss == OffsetLoss::Answer {
             hetfed_distill::answer_only(&mut seqs, &mut targets, samples.answer_start, eos)?;
-        }
-        Ok((seqs, targets))
+            samples.answer_start - 1
+        } else {
+            0
+        };
+        let positions = seqs.iter().map(|s| s.len() - skip).sum();
+        Ok(((seqs, targets), positions))
     }
 
     /// Per task, the KL (per answer position) of the student to its teacher on the held-out
@@ -895,16 +902,6 @@ struct DistillData {
     positions: BTreeMap<String, usize>,
     /// Per task, held-out examples and their answer-only targets.
     heldout: Vec<(String, Examples)>,
-}
-
-/// The target rows that carry probability (the positions a KL counts).
-fn count_positions(targets: &[Tensor]) -> Result<usize> {
-    let mut n = 0;
-    for t in targets {
-        let mass = t.sum(1)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        n += mass.iter().filter(|&&m| m > 0.0).count();
-    }
-    Ok(n)
 }
 
 /// Adds `delta` into `acc` (keys missing from `acc` are inserted) and returns `acc`.
