@@ -217,6 +217,36 @@ pub fn sample_template(
     len: usize,
     seed: u64,
 ) -> Result<Samples> {
+    fill_template(model, start, segments, n, len, seed, None)
+}
+
+/// Like [`sample_template`], except that the answer (the last field) of row `i` is not sampled
+/// but teacher-forced: the first tokens of `answers[i % answers.len()]` (text the caller owns,
+/// at least as long as the answer's share of `len`). The other fields are sampled as there.
+pub fn sample_template_with_answers(
+    model: &dyn CausalLm,
+    start: u32,
+    segments: &[Segment],
+    n: usize,
+    len: usize,
+    seed: u64,
+    answers: &[Vec<u32>],
+) -> Result<Samples> {
+    if answers.is_empty() {
+        return Err(Error::msg("teacher-forced answers: expected at least one answer, found none"));
+    }
+    fill_template(model, start, segments, n, len, seed, Some(answers))
+}
+
+fn fill_template(
+    model: &dyn CausalLm,
+    start: u32,
+    segments: &[Segment],
+    n: usize,
+    len: usize,
+    seed: u64,
+    answers: Option<&[Vec<u32>]>,
+) -> Result<Samples> {
     let mut parts: Vec<Segment> =
         segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
     if !matches!(parts.last(), Some(Segment::Field)) {
@@ -244,6 +274,20 @@ pub fn sample_template(
                     if field_idx + 1 == fields { free - (fields - 1) * (free / fields) } else { free / fields };
                 if field_idx + 1 < fields {
                     answer_start += budget;
+                } else if let Some(answers) = answers {
+                    for (i, r) in rows.iter_mut().enumerate() {
+                        let a = &answers[i % answers.len()];
+                        if a.len() < budget {
+                            return Err(Error::msg(format!(
+                                "teacher-forced answer {}: expected at least {budget} tokens, found {}",
+                                i % answers.len(),
+                                a.len()
+                            )));
+                        }
+                        r.extend_from_slice(&a[..budget]);
+                    }
+                    field_idx += 1;
+                    continue;
                 }
                 let step_seed = seed.wrapping_add((field_idx as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
                 let mut out = Vec::with_capacity(n);

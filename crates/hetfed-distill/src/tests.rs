@@ -459,6 +459,25 @@ fn template_samples_keep_the_literal_text_in_place() {
 }
 
 #[test]
+fn teacher_forced_answers_replace_the_sampled_answer_and_keep_the_prompt() {
+    let m = tiny(64, 1).model(None).unwrap();
+    let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
+    let answers = vec![(30..40).collect::<Vec<u32>>(), (40..50).collect()];
+    let s = sample_template_with_answers(m.as_ref(), 2, &segs, 3, 20, 7, &answers).unwrap();
+    let sampled = sample_template(m.as_ref(), 2, &segs, 3, 20, 7).unwrap();
+    assert_eq!(s.answer_start, sampled.answer_start);
+    for (i, (r, q)) in s.seqs.iter().zip(&sampled.seqs).enumerate() {
+        assert_eq!(r.len(), 20);
+        assert_eq!(r[..12], q[..12], "the prompt (literal text and sampled fields) is the one sampled");
+        assert_eq!(r[12..], answers[i % 2][..8], "row {i}: the answer is the first 8 tokens of its text");
+    }
+    let short = vec![vec![1u32; 3]];
+    let e = sample_template_with_answers(m.as_ref(), 2, &segs, 1, 20, 7, &short).unwrap_err().to_string();
+    assert!(e.contains("at least 8 tokens, found 3"), "{e}");
+    assert!(sample_template_with_answers(m.as_ref(), 2, &segs, 1, 20, 7, &[]).is_err());
+}
+
+#[test]
 fn answer_only_keeps_the_answer_positions_up_to_eos() {
     let m = tiny(64, 1).model(None).unwrap();
     // start 2, prompt 10 11, answer 20 21 then eos 3, then junk after eos.

@@ -9,17 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hetfed_core::{Error, Result};
-use hetfed_data::{partition::entropy_bits, DataDir, Split};
+use hetfed_data::{partition::entropy_bits, DataDir, Examples, Split};
 use hetfed_eval::EvalOptions;
 use hetfed_model::Checkpoint;
 use hetfed_net::{Caller, DataStats, FedService, Secret};
 use hetfed_train::Example;
 
 use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
-use crate::config::RunConfig;
+use crate::config::{ClientGroup, RunConfig};
 use crate::hetero::{
-    fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetSequences, ServerText, SmallBase,
-    TransferConfig,
+    fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetAnswers, OffsetSequences, ServerText,
+    SmallBase, TransferConfig,
 };
 use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOptions};
 use hetfed_transfer::PairMaps;
@@ -34,19 +34,7 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     let task = hetfed_data::task::builtin(&group.task)?;
     let examples = task.load(dir, Split::Train)?;
     let labels = examples.labels().unwrap_or_else(|| vec![0; examples.len()]);
-    // Each group partitions its own task; the seed names the group so that two groups of one
-    // task do not get the same shares.
-    let group_idx = d.groups().iter().position(|g| *g == group).unwrap_or(0) as u64;
-    let seed = if group_idx == 0 { d.seed } else { hetfed_core::mix_seed(d.seed, group_idx) };
-    let parts = group.partition.unwrap_or(d.partition).split(&labels, group.clients, seed)?;
-    // The share in a seeded random order before the cap and the held-out cut: data files are
-    // often sorted (Ethos by label, BBC by topic), so the first N would be one class.
-    let mut mine = parts[in_group].clone();
-    hetfed_data::partition::SplitMix64::new(hetfed_core::mix_seed(seed, 0x5EED_0000 + in_group as u64))
-        .shuffle(&mut mine);
-    if d.max_examples_per_client > 0 {
-        mine.truncate(d.max_examples_per_client);
-    }
+    let mine = client_share(cfg, &group, in_group, &labels)?;
     let n_val = ((mine.len() as f64) * d.val_fraction).round() as usize;
     let n_val = n_val.min(mine.len().saturating_sub(1));
     let (train_idx, val_idx) = mine.split_at(mine.len() - n_val);
@@ -86,6 +74,41 @@ pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint
     Ok(ClientData { task, train, val, val_items, stats })
 }
 
+/// The indices of its task's train split that client `in_group` of `group` holds (capped at
+/// `max_examples_per_client`; its local held-out slice included), in its seeded order.
+fn client_share(cfg: &RunConfig, group: &ClientGroup, in_group: usize, labels: &[usize]) -> Result<Vec<usize>> {
+    let d = &cfg.data;
+    // Each group partitions its own task; the seed names the group so that two groups of one
+    // task do not get the same shares.
+    let group_idx = d.groups().iter().position(|g| g == group).unwrap_or(0) as u64;
+    let seed = if group_idx == 0 { d.seed } else { hetfed_core::mix_seed(d.seed, group_idx) };
+    let parts = group.partition.unwrap_or(d.partition).split(labels, group.clients, seed)?;
+    // The share in a seeded random order before the cap and the held-out cut: data files are
+    // often sorted (Ethos by label, BBC by topic), so the first N would be one class.
+    let mut mine = parts[in_group].clone();
+    hetfed_data::partition::SplitMix64::new(hetfed_core::mix_seed(seed, 0x5EED_0000 + in_group as u64))
+        .shuffle(&mut mine);
+    if d.max_examples_per_client > 0 {
+        mine.truncate(d.max_examples_per_client);
+    }
+    Ok(mine)
+}
+
+/// The validation cut of `task`'s train split: the examples no client of the run holds. For
+/// choosing settings without touching a dev or test split.
+fn validation_cut(cfg: &RunConfig, task: &str, examples: &Examples) -> Result<Vec<usize>> {
+    let labels = examples.labels().unwrap_or_else(|| vec![0; examples.len()]);
+    let mut held = vec![false; examples.len()];
+    for group in cfg.data.groups().iter().filter(|g| g.task == task) {
+        for i in 0..group.clients {
+            for j in client_share(cfg, group, i, &labels)? {
+                held[j] = true;
+            }
+        }
+    }
+    Ok((0..examples.len()).filter(|&j| !held[j]).collect())
+}
+
 /// The server's evaluation tasks (dev splits): every task of the run's clients, then
 /// `server.eval.tasks` (forgetting monitors such as COPA). Evaluation is off when
 /// `server.eval.tasks` is empty and `general_lines` is 0.
@@ -95,9 +118,12 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
         return Ok(None);
     }
     let mut names = cfg.data.task_names();
-    for t in &e.tasks {
-        if !names.contains(t) {
-            names.push(t.clone());
+    // The validation cut exists only for the clients' tasks (a train split the run partitions).
+    if e.split != "validation" {
+        for t in &e.tasks {
+            if !names.contains(t) {
+                names.push(t.clone());
+            }
         }
     }
     let tok = ck.tokenizer()?;
@@ -105,8 +131,15 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
     let mut tasks = Vec::new();
     for name in &names {
         let spec = hetfed_data::task::builtin(name)?;
-        let split = if e.split == "test" { Split::Test } else { Split::Dev };
-        let mut ex = spec.load(dir, split)?;
+        let mut ex = match e.split.as_str() {
+            "test" => spec.load(dir, Split::Test)?,
+            "validation" => {
+                let train = spec.load(dir, Split::Train)?;
+                let cut = validation_cut(cfg, name, &train)?;
+                train.subset(&cut)?
+            }
+            _ => spec.load(dir, Split::Dev)?,
+        };
         if e.max_examples > 0 && ex.len() > e.max_examples {
             ex = ex.subset(&strided(ex.len(), e.max_examples))?;
         }
@@ -277,6 +310,7 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
         general = windows.into_iter().map(|w| std::iter::once(eos).chain(w).collect()).collect();
     }
     let mut templates = BTreeMap::new();
+    let mut answers = BTreeMap::new();
     for name in cfg.data.task_names() {
         let spec = hetfed_data::task::builtin(&name)?;
         let mut segments = Vec::new();
@@ -292,9 +326,67 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
             });
         }
         templates.insert(spec.name.clone(), segments);
+        if oc.answers == OffsetAnswers::Text {
+            if let Some(lang) = spec.dataset.answer_lang() {
+                answers.insert(spec.name.clone(), text_answers(dir, &lang, tok, eos, oc.seq_len)?);
+            }
+        }
     }
-    Ok(ServerText { general, templates })
+    Ok(ServerText { general, templates, answers })
 }
+
+/// Teacher-forced answers in language `lang` from the server's own text (`mltext:<lang>` train
+/// lines, in file order): each starts at a line and runs over consecutive lines (` line`, then
+/// `eos`) until it has `len` tokens; at most [`MAX_TEXT_ANSWERS`] of them.
+fn text_answers(
+    dir: &DataDir,
+    lang: &str,
+    tok: &hetfed_model::tokenizers::Tokenizer,
+    eos: u32,
+    len: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse()?;
+    let hetfed_data::Examples::Text(lines) = spec.load(dir, Split::Train)? else {
+        return Err(Error::msg("mltext: expected text examples"));
+    };
+    let mut ids = Vec::with_capacity(lines.len());
+    for l in lines.iter().take(4 * MAX_TEXT_ANSWERS) {
+        let e = tok
+            .encode(format!(" {}", l.text.trim()), false)
+            .map_err(|e| Error::msg(format!("tokenising mltext:{lang}: {e}")))?;
+        let mut v = e.get_ids().to_vec();
+        v.push(eos);
+        ids.push(v);
+    }
+    let mut out = Vec::new();
+    for start in 0..ids.len() {
+        let mut a: Vec<u32> = Vec::with_capacity(len);
+        for l in &ids[start..] {
+            a.extend_from_slice(l);
+            if a.len() >= len {
+                break;
+            }
+        }
+        if a.len() < len {
+            break;
+        }
+        a.truncate(len);
+        out.push(a);
+        if out.len() == MAX_TEXT_ANSWERS {
+            break;
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::msg(format!(
+            "offset answers = \"text\": expected mltext:{lang} train text of at least {len} tokens, found {} lines",
+            lines.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// The most teacher-forced answers kept per task.
+const MAX_TEXT_ANSWERS: usize = 2048;
 
 /// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs
 /// `transfer.client_models[index mod len]`, else the server's model.

@@ -119,7 +119,9 @@ pub struct EvalSection {
     /// Lines of general held-out text (`mltext` English dev split) whose perplexity measures
     /// forgetting each evaluation (`general/ppl`); 0 = off. Range 0..=100000.
     pub general_lines: usize,
-    /// The split the tasks are evaluated on: "dev" (default) or "test".
+    /// The split the tasks are evaluated on: "dev" (default), "test", or "validation": the
+    /// examples of each client task's train split that no client holds (for choosing settings
+    /// without touching dev or test; `tasks` beyond the clients' are then not evaluated).
     pub split: String,
     /// Longest generated output of generation tasks, in tokens: 1..=4096, and less than the
     /// context of the server's and the clients' models.
@@ -403,8 +405,11 @@ impl RunConfig {
         if let Some(t) = &self.transfer {
             t.validate()?;
         }
-        if !matches!(self.server.eval.split.as_str(), "dev" | "test") {
-            return Err(format!("server.eval.split: expected \"dev\" or \"test\", found {:?}", self.server.eval.split));
+        if !matches!(self.server.eval.split.as_str(), "dev" | "test" | "validation") {
+            return Err(format!(
+                "server.eval.split: expected \"dev\", \"test\" or \"validation\", found {:?}",
+                self.server.eval.split
+            ));
         }
         Ok(())
     }

@@ -144,6 +144,18 @@ pub enum OffsetInit {
     Projection,
 }
 
+/// Where the answers of a task's distillation examples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetAnswers {
+    /// Sampled from the task's teacher, like the prompt's fields.
+    Sampled,
+    /// Teacher-forced: consecutive lines of the server's own text (`mltext` train lines) in the
+    /// language of the task's answers (a translation's target, a summary's language); the
+    /// prompt's fields are still sampled. Choice tasks keep sampled answers.
+    Text,
+}
+
 /// Which positions of a sampled task example the distillation KL covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -175,6 +187,8 @@ pub struct OffsetConfig {
     pub init: OffsetInit,
     /// The positions of sampled task examples that the KL covers (general text: all).
     pub loss: OffsetLoss,
+    /// Where task examples' answers come from.
+    pub answers: OffsetAnswers,
     /// Held-out diagnostic: per task, this many more examples sampled from its teacher (another
     /// seed, never trained on); the round's details report the student's KL to the teacher on
     /// their answers before and after distillation. 0 (the default) skips it.
@@ -194,6 +208,7 @@ impl Default for OffsetConfig {
             seq_len: 64,
             init: OffsetInit::Global,
             loss: OffsetLoss::All,
+            answers: OffsetAnswers::Sampled,
             heldout_per_task: 0,
         }
     }
@@ -239,6 +254,10 @@ pub struct ServerText {
     pub general: Vec<Vec<u32>>,
     /// Task name → its example format.
     pub templates: BTreeMap<String, Vec<hetfed_distill::Segment>>,
+    /// Task name → teacher-forced answers in its answer language (`answers = "text"`): each
+    /// consecutive server text lines, ` line` then the end-of-sequence token, at least
+    /// `seq_len` tokens long.
+    pub answers: BTreeMap<String, Vec<Vec<u32>>>,
 }
 
 /// How several projected updates are combined.
@@ -847,7 +866,16 @@ impl Hetero {
     ) -> Result<(Examples, usize)> {
         let eos = self.large.arch.eos_token_id().unwrap_or(0);
         let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
-        let samples = hetfed_distill::sample_template(teacher, eos, &template, n, self.cfg.offset.seq_len, seed)?;
+        let len = self.cfg.offset.seq_len;
+        let samples = match self.text.answers.get(task) {
+            Some(answers) if self.cfg.offset.answers == OffsetAnswers::Text => {
+                // A seeded start, so that each round and the held-out set see other lines.
+                let k = (seed % answers.len() as u64) as usize;
+                let rotated: Vec<Vec<u32>> = answers[k..].iter().chain(&answers[..k]).cloned().collect();
+                hetfed_distill::sample_template_with_answers(teacher, eos, &template, n, len, seed, &rotated)?
+            }
+            _ => hetfed_distill::sample_template(teacher, eos, &template, n, len, seed)?,
+        };
         let mut seqs = samples.seqs;
         let mut targets = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &seqs, self.cfg.distill.temperature)?;
         // Under `Answer` the rows before the one predicting the answer's first token are zeroed.

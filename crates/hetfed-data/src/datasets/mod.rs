@@ -57,6 +57,20 @@ pub enum DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// The ISO 639-1 language of a generation task's answers (a translation's target, a
+    /// summary's language); `None` for choice tasks and plain text.
+    pub fn answer_lang(&self) -> Option<String> {
+        match self {
+            DatasetSpec::Flores { tgt, .. } | DatasetSpec::Tico { tgt, .. } | DatasetSpec::In22 { tgt, .. } => {
+                Some(crate::lang::iso_code(tgt))
+            }
+            DatasetSpec::XlSum { lang } => Some(crate::lang::iso_code(lang)),
+            DatasetSpec::Ilsum => Some("hi".into()),
+            DatasetSpec::SciTldr | DatasetSpec::Bbc => Some("en".into()),
+            DatasetSpec::Ethos | DatasetSpec::Copa | DatasetSpec::Xcopa { .. } | DatasetSpec::Mltext { .. } => None,
+        }
+    }
+
     pub fn dataset(&self) -> Dataset {
         match self {
             DatasetSpec::Ethos => Dataset::Ethos,

@@ -1,0 +1,94 @@
+//! What the server and the clients of a run are assembled from: the validation cut of the
+//! clients' train splits never holds a client's example, and server text answers are in the
+//! task's answer language. Reads the shared data and the repository's embedded models.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use hetfed_data::{DataDir, Items};
+use hetfed_fed::assemble::{client_data, server_eval};
+use hetfed_fed::RunConfig;
+use hetfed_model::Checkpoint;
+
+fn setup(split: &str) -> Option<(RunConfig, DataDir, Checkpoint)> {
+    let data = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data")?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("configs/simulate.toml")).unwrap();
+    let text = text.replace("max_examples = 24", &format!("max_examples = 0\nsplit = \"{split}\""));
+    let cfg = RunConfig::from_toml(&text, root.join("configs"), "simulate.toml").unwrap();
+    let ck = Checkpoint::load(&root.join("models/base-small")).unwrap();
+    Some((cfg, DataDir::new(data), ck))
+}
+
+fn prompts(items: &Items) -> Vec<String> {
+    match items {
+        Items::Choice(v) => v.iter().map(|i| i.prompt.clone()).collect(),
+        Items::Generation(v) => v.iter().map(|i| i.prompt.clone()).collect(),
+        Items::Lm(v) => v.iter().map(|i| i.prompt.clone()).collect(),
+    }
+}
+
+#[test]
+fn the_validation_cut_holds_no_client_example_and_only_the_client_tasks() {
+    let Some((cfg, dir, ck)) = setup("validation") else { return };
+    let eval = server_eval(&cfg, &dir, &ck).unwrap().unwrap();
+    let names: Vec<String> = eval.tasks.iter().map(|t| t.spec.name.clone()).collect();
+    let clients = cfg.data.task_names().iter().map(|n| hetfed_data::task::builtin(n).unwrap().name).collect::<Vec<_>>();
+    assert_eq!(names, clients, "server.eval.tasks beyond the clients' (FLORES) are not evaluated");
+    // Per task, the prompts of the cut and of every client's examples together are exactly the
+    // train split's prompts, as multisets (a dataset may repeat a prompt: BBC repeats articles).
+    let tok = ck.tokenizer().unwrap();
+    let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
+    type Counts = BTreeMap<String, i64>;
+    let mut left: BTreeMap<String, Counts> = BTreeMap::new();
+    for task in &eval.tasks {
+        let train = task.spec.load(&dir, hetfed_data::Split::Train).unwrap();
+        let counts = left.entry(task.spec.name.clone()).or_default();
+        for p in task.spec.to_prompt_target(&train, Some(&counter)).unwrap() {
+            *counts.entry(p.prompt).or_default() += 1;
+        }
+        assert!(prompts(&task.items).len() >= 24, "{}: a cut of at least 24 examples", task.spec.name);
+        for p in prompts(&task.items) {
+            *counts.entry(p).or_default() -= 1;
+        }
+    }
+    for i in 0..cfg.data.num_clients() {
+        let d = client_data(&cfg, &dir, i, &ck).unwrap();
+        let counts = left.get_mut(&d.task.name).unwrap();
+        for e in d.train.iter().chain(&d.val) {
+            *counts.entry(e.prompt.clone()).or_default() -= 1;
+        }
+    }
+    for (task, counts) in &left {
+        let off: Vec<_> = counts.iter().filter(|(_, c)| **c != 0).take(3).collect();
+        assert!(off.is_empty(), "{task}: the cut and the clients' examples are not the train split: {off:?}");
+    }
+    // The dev split is another set.
+    let (cfg, dir, ck) = setup("dev").unwrap();
+    let dev = server_eval(&cfg, &dir, &ck).unwrap().unwrap();
+    assert!(dev.tasks.iter().any(|t| t.spec.name.starts_with("flores")));
+}
+
+#[test]
+fn text_answers_are_server_text_in_each_generation_tasks_answer_language() {
+    let Some((cfg, dir, _)) = setup("dev") else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let large = Checkpoint::load(&root.join("models/base-large")).unwrap();
+    let mut t = cfg.transfer.clone().unwrap();
+    t.offset.answers = hetfed_fed::hetero::OffsetAnswers::Text;
+    let text = hetfed_fed::assemble::server_text(&cfg, &t, &dir, &large).unwrap();
+    let keys: Vec<&str> = text.answers.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["bbc", "ilsum", "scitldr", "tico:en-hi"], "choice tasks keep sampled answers");
+    let tok = large.tokenizer().unwrap();
+    let devanagari = |s: &str| s.chars().filter(|c| ('\u{900}'..='\u{97f}').contains(c)).count();
+    for (task, answers) in &text.answers {
+        assert!(answers.len() > 100, "{task}: {} answers", answers.len());
+        assert!(answers.iter().all(|a| a.len() == t.offset.seq_len), "{task}: every answer fills a sequence");
+        let s = tok.decode(&answers[0], true).unwrap();
+        let hindi = devanagari(&s) * 2 > s.chars().filter(|c| !c.is_whitespace()).count();
+        assert_eq!(hindi, task == "ilsum" || task.starts_with("tico"), "{task}: {s}");
+    }
+    // The sampled default loads none.
+    let none = hetfed_fed::assemble::server_text(&cfg, cfg.transfer.as_ref().unwrap(), &dir, &large).unwrap();
+    assert!(none.answers.is_empty());
+}
