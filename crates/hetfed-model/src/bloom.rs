@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Linear, LoraSet};
-use crate::model::{attention, embed, CausalLm, KvCache, Weights};
+use crate::model::{attention, embed, fused_target_logprobs, CausalLm, KvCache, Weights};
 use crate::ops;
 use hetfed_core::TensorMap;
 
@@ -353,25 +353,33 @@ impl Model {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
-}
 
-impl CausalLm for Model {
-    fn forward_padded(
+    /// The final hidden states `[batch, seq, hidden]` (after `ln_f`): what the tied LM head reads.
+    fn hidden_states(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
         left_pad: Option<&[usize]>,
     ) -> Result<Tensor> {
         // ALiBi and the causal mask live in the fused attention softmax (ops::causal_softmax).
-        let (b, t) = ids.dims2()?;
         let mut x = embed(&self.word_embeddings, ids)?;
         x = self.word_embeddings_layernorm.forward(&x)?;
         for (idx, block) in self.h.iter().enumerate() {
             x = block.forward(&x, &self.slopes, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?;
         }
-        let x = self.ln_f.forward(&x)?;
+        self.ln_f.forward(&x)
+    }
+}
+
+impl CausalLm for Model {
+    fn forward_padded(&self, ids: &Tensor, cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self.hidden_states(ids, cache, left_pad)?;
         let logits = ops::linear(&x.reshape((b * t, self.cfg.hidden_size))?, &self.word_embeddings, None)?;
         logits.reshape((b, t, self.cfg.vocab_size))
+    }
+    fn target_logprobs(&self, ids: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        fused_target_logprobs(&self.hidden_states(ids, None, None)?, &self.word_embeddings, targets)
     }
     fn n_layers(&self) -> usize {
         self.cfg.n_layer

@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Linear, LoraSet};
-use crate::model::{attention, embed, CausalLm, KvCache, Weights};
+use crate::model::{attention, embed, fused_target_logprobs, CausalLm, KvCache, Weights};
 use crate::ops;
 use hetfed_core::TensorMap;
 
@@ -246,14 +246,15 @@ impl Model {
     }
 }
 
-impl CausalLm for Model {
-    fn forward_padded(
+impl Model {
+    /// The final hidden states `[batch, seq, hidden]` (after `norm`): what the LM head reads.
+    fn hidden_states(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
         left_pad: Option<&[usize]>,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         let dev = ids.device();
         let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
         let (cos, sin) = self.rope_tables(past, t, left_pad, dev)?;
@@ -266,9 +267,19 @@ impl CausalLm for Model {
             let up = l.mlp.up_proj.forward(&hn)?;
             x = (x + l.mlp.down_proj.forward(&(gate * up)?)?)?;
         }
-        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+}
+
+impl CausalLm for Model {
+    fn forward_padded(&self, ids: &Tensor, cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self.hidden_states(ids, cache, left_pad)?;
         let logits = ops::linear(&x.reshape((b * t, self.cfg.hidden_size))?, &self.lm_head, None)?;
         logits.reshape((b, t, self.cfg.vocab_size))
+    }
+    fn target_logprobs(&self, ids: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        fused_target_logprobs(&self.hidden_states(ids, None, None)?, &self.lm_head, targets)
     }
     fn n_layers(&self) -> usize {
         self.cfg.num_hidden_layers

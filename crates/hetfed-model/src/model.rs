@@ -5,6 +5,8 @@ use candle_core::{Result, Tensor};
 
 use hetfed_core::TensorMap;
 
+use crate::ops;
+
 /// A causal decoder LM: token ids in, next-token logits out.
 pub trait CausalLm: Send + Sync {
     /// `ids`: `[batch, seq]` u32. Returns logits `[batch, seq, vocab]` in f32. With a cache, the
@@ -19,8 +21,57 @@ pub trait CausalLm: Send + Sync {
     /// padding tokens, which no token attends to and which do not count as positions. (What
     /// batched generation uses; the padding rows' own outputs are meaningless.)
     fn forward_padded(&self, ids: &Tensor, cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor>;
+    /// Teacher-forced log-probs of given next tokens: for `ids: [batch, seq]` (right-padded,
+    /// `seq >= 2`) and `targets` of `batch·(seq - 1)` ids in row-major order, returns
+    /// `[batch, seq - 1]` with `out[b, j] = log_softmax(logits[b, j])[targets[b·(seq-1) + j]]`,
+    /// the log-prob of the token after position `j` (normally `ids[b, j + 1]`; callers put any
+    /// valid id at padded or masked positions), differentiable.
+    ///
+    /// The default computes the full logits ([`CausalLm::forward`] + [`ops::token_logprobs`]);
+    /// BLOOM and Llama override it with [`ops::linear_token_logprobs`], which never holds more
+    /// than a chunk of them: what training and scoring call.
+    fn target_logprobs(&self, ids: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        check_target_len(t)?;
+        let logits = self.forward(ids, None)?.narrow(1, 0, t - 1)?;
+        ops::token_logprobs(&logits, targets)
+    }
     fn n_layers(&self) -> usize;
     fn vocab_size(&self) -> usize;
+}
+
+/// Next-token targets need sequences of at least 2 tokens.
+fn check_target_len(t: usize) -> Result<()> {
+    if t < 2 {
+        candle_core::bail!("target log-probs need sequences of at least 2 tokens, found {t}");
+    }
+    Ok(())
+}
+
+/// [`CausalLm::target_logprobs`] of a model whose final hidden states `[batch, seq, h]` (after
+/// the last norm) feed the LM head `head: [vocab, h]`: the fused, chunked head and log-prob.
+pub(crate) fn fused_target_logprobs(hidden: &Tensor, head: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    check_target_len(t)?;
+    let x = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), h))?;
+    ops::linear_token_logprobs(&x, head, targets)?.reshape((b, t - 1))
+}
+
+/// A model scored through its full logits: every method but [`CausalLm::target_logprobs`] is
+/// the wrapped model's, and that one is the trait's default (`forward` + `token_logprobs`).
+/// What the fused path is tested and measured against (`crates/hetfed-train/examples/head_memory.rs`).
+pub struct Unfused<'a>(pub &'a dyn CausalLm);
+
+impl CausalLm for Unfused<'_> {
+    fn forward_padded(&self, ids: &Tensor, cache: Option<&mut KvCache>, left_pad: Option<&[usize]>) -> Result<Tensor> {
+        self.0.forward_padded(ids, cache, left_pad)
+    }
+    fn n_layers(&self) -> usize {
+        self.0.n_layers()
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
 }
 
 /// Named weights a model is built from, with the directory they came from for error messages.

@@ -189,6 +189,14 @@ fn neg_scaled_softmax(x: &[f32], lse: f32, g: f32, o: &mut [f32]) {
     }
 }
 
+/// `o = -g·exp(o - lse)` in place: [`neg_scaled_softmax`] over a buffer of logits.
+#[multiversion::multiversion(targets = "simd")]
+fn neg_scaled_softmax_in_place(o: &mut [f32], lse: f32, g: f32) {
+    for v in o {
+        *v = -g * fast_exp(*v - lse);
+    }
+}
+
 #[multiversion::multiversion(targets = "simd")]
 fn gelu_fwd_slice(x: &[f32], o: &mut [f32]) {
     for (oi, &v) in o.iter_mut().zip(x) {
@@ -818,6 +826,239 @@ pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(TokenLogProb { targets: targets.to_vec() })
 }
 
+// ---------------------------------------------------------------------------------------------
+// LM head and target log-probability fused, in chunks of rows: the logits are never whole
+//
+// For a row x with logits l = W·x, p = softmax(l) and target t, the output is l[t] − lse(l) and
+// its gradient, for an incoming scalar g, is
+//     dx = g·(W[t] − pᵀW)          dW = g·(onehot(t) − p)·xᵀ.
+// The direction q = W[t] − pᵀW does not depend on g, so the forward computes it per chunk while
+// that chunk's softmax is at hand (one [rows × vocab]·[vocab × h] product, what the unfused
+// backward spends on dx anyway) and keeps only q ([n, h]); the backward's dx is then g·q. The
+// head's gradient needs g inside the outer product: the backward recomputes each chunk's logits
+// for it (as Liger Kernel's fused linear cross-entropy does), and only when the head is tracked.
+
+/// Bound on the logits one chunk of [`linear_token_logprobs`] holds at a time: 64 MiB of f32,
+/// i.e. 66 rows at BLOOM's vocabulary of 250,880 (the whole `[rows, vocab]` logits of a batch of
+/// 8 × 128 tokens would be 1 GiB, and their gradient another).
+pub const HEAD_CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows per chunk for a vocabulary of `vocab`: as many as keep one chunk's logits within
+/// [`HEAD_CHUNK_BYTES`], at least one.
+pub fn head_chunk_rows(vocab: usize) -> usize {
+    (HEAD_CHUNK_BYTES / vocab.max(1).saturating_mul(4)).max(1)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Chunks whose head gradient this thread computed: lets a test see that a frozen head
+    /// costs no gradient work.
+    static HEAD_GRAD_CHUNKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+struct LinearTokenLogProb {
+    targets: Vec<u32>,
+    chunk_rows: usize,
+    /// The hidden states are tracked: the forward computes `q` (see above) for the backward.
+    with_dx: bool,
+    /// The head is tracked: when every row fits in one chunk, the forward keeps that chunk's
+    /// softmax for the head's gradient instead of having the backward recompute the product
+    /// (what keeps full fine-tuning at small vocabularies, e.g. the pretraining recipes' 8192, as
+    /// fast as the unfused head). Bounded by [`HEAD_CHUNK_BYTES`] like any chunk.
+    with_dw: bool,
+    /// `[n, h]`: per row `W[t] − pᵀW`, written by the forward when `with_dx`.
+    q: std::sync::Mutex<Option<Vec<f32>>>,
+    /// `[n, vocab]`: the softmax of all rows, when `with_dw` and `n` rows are one chunk.
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl LinearTokenLogProb {
+    fn dims(&self, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (n, h) = l1.shape().dims2()?;
+        let (v, h2) = l2.shape().dims2()?;
+        if h != h2 {
+            bail!("linear_token_logprobs: hidden states have {h} features but the head expects {h2}");
+        }
+        if n != self.targets.len() {
+            bail!("linear_token_logprobs: expected {n} targets, found {}", self.targets.len());
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("linear_token_logprobs: target id {t} is outside the vocabulary of {v}");
+        }
+        Ok((n, h, v))
+    }
+
+    /// The head's gradient `Σ_i g_i·(onehot(t_i) − p_i)·x_iᵀ` over the rows whose incoming
+    /// gradient is not zero (masked targets and padding contribute nothing, so their logits are
+    /// not even recomputed), a chunk at a time: the chunk's softmax (kept by the forward, or its
+    /// logits again), turned in place into `dL`, then `dW += dLᵀ·x`.
+    fn head_grad(&self, x: &[f32], w: &[f32], g: &[f32], (n, h, v): (usize, usize, usize)) -> Vec<f32> {
+        let active: Vec<usize> = (0..n).filter(|&i| g[i] != 0.0).collect();
+        let mut dw = vec![0f32; v * h];
+        let c = self.chunk_rows.min(active.len()).max(1);
+        // Kept softmax of all n rows (one chunk): its active rows, moved to the front, are this
+        // single chunk's. Taken, so a second backward through the same graph recomputes.
+        let kept = self.probs.lock().map(|mut s| s.take()).unwrap_or(None).filter(|p| p.len() == n * v);
+        let reuse = kept.is_some();
+        let mut buf = match kept {
+            Some(mut p) => {
+                for (k, &i) in active.iter().enumerate() {
+                    if k != i {
+                        p.copy_within(i * v..(i + 1) * v, k * v);
+                    }
+                }
+                p
+            }
+            None => vec![0f32; c * v],
+        };
+        let mut xc = vec![0f32; c * h];
+        let targets = &self.targets;
+        for rows in active.chunks(c) {
+            let m = rows.len();
+            for (k, &i) in rows.iter().enumerate() {
+                xc[k * h..(k + 1) * h].copy_from_slice(&x[i * h..(i + 1) * h]);
+            }
+            let (xc, lg) = (&xc[..m * h], &mut buf[..m * v]);
+            if !reuse {
+                head_logits(xc, w, h, v, lg);
+            }
+            lg.par_chunks_mut(v).zip(rows.par_iter()).for_each(|(r, &i)| {
+                if reuse {
+                    scale_in_place(r, -g[i]);
+                } else {
+                    let lse = logsumexp(r);
+                    neg_scaled_softmax_in_place(r, lse, g[i]);
+                }
+                r[targets[i] as usize] += g[i];
+            });
+            // dW += dLᵀ·x: [v × m]·[m × h]
+            gemm_f32(v, h, m, &mut dw, true, lg, (1, v), xc, (h, 1));
+            #[cfg(test)]
+            HEAD_GRAD_CHUNKS.with(|c| c.set(c.get() + 1));
+        }
+        dw
+    }
+}
+
+/// `out[m × v] = x[m × h]·Wᵀ` for a head `W: [v × h]`.
+fn head_logits(x: &[f32], w: &[f32], h: usize, v: usize, out: &mut [f32]) {
+    let m = x.len() / h;
+    gemm_f32(m, v, h, out, false, x, (h, 1), w, (1, h));
+}
+
+impl CustomOp2 for LinearTokenLogProb {
+    fn name(&self) -> &'static str {
+        "hetfed-linear-token-logprob"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, v) = self.dims(l1, l2)?;
+        let x = f32_slice(s1, l1, "linear_token_logprobs")?;
+        let w = f32_slice(s2, l2, "linear_token_logprobs")?;
+        let mut out = vec![0f32; n];
+        let mut q = vec![0f32; if self.with_dx { n * h } else { 0 }];
+        let c = self.chunk_rows.min(n).max(1);
+        let keep_probs = self.with_dw && n <= c;
+        let softmax = self.with_dx || keep_probs;
+        let mut buf = vec![0f32; c * v];
+        for (ci, oc) in out.chunks_mut(c).enumerate() {
+            let (r0, m) = (ci * c, oc.len());
+            let lg = &mut buf[..m * v];
+            head_logits(&x[r0 * h..(r0 + m) * h], w, h, v, lg);
+            let t = &self.targets[r0..r0 + m];
+            oc.par_iter_mut().zip(lg.par_chunks_mut(v)).zip(t.par_iter()).for_each(|((o, r), &t)| {
+                let lse = logsumexp(r);
+                *o = r[t as usize] - lse;
+                if softmax {
+                    exp_sub_in_place(r, lse);
+                }
+            });
+            if self.with_dx {
+                // q = W[t] − pᵀW: [m × v]·[v × h], then the target rows of W.
+                let qc = &mut q[r0 * h..(r0 + m) * h];
+                gemm_f32(m, h, v, qc, false, lg, (v, 1), w, (h, 1));
+                qc.par_chunks_mut(h).zip(t.par_iter()).for_each(|(qr, &t)| {
+                    let wt = &w[t as usize * h..(t as usize + 1) * h];
+                    qr.iter_mut().zip(wt).for_each(|(a, b)| *a = b - *a);
+                });
+            }
+        }
+        if self.with_dx {
+            *self.q.lock().map_err(|_| candle_core::Error::Msg("linear_token_logprobs: poisoned lock".into()))? =
+                Some(q);
+        }
+        if keep_probs {
+            buf.truncate(n * v);
+            *self.probs.lock().map_err(|_| candle_core::Error::Msg("linear_token_logprobs: poisoned lock".into()))? =
+                Some(buf);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // A frozen head (LoRA, inference) is a plain tensor, not tracked: no dW work at all.
+        let (need_x, need_w) = (x.track_op(), w.track_op());
+        let (n, h) = x.dims2()?;
+        let v = w.dim(0)?;
+        let dev = x.device();
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let dx = if need_x {
+            let q =
+                self.q.lock().map_err(|_| candle_core::Error::Msg("linear_token_logprobs: poisoned lock".into()))?;
+            let Some(q) = q.as_ref().filter(|q| q.len() == n * h) else {
+                bail!("linear_token_logprobs: the hidden states were not tracked when the forward ran");
+            };
+            let mut dx = vec![0f32; n * h];
+            par_rows_mut(&mut dx, h, |i, o| {
+                if g[i] != 0.0 {
+                    o.iter_mut().zip(&q[i * h..(i + 1) * h]).for_each(|(a, b)| *a = g[i] * b);
+                }
+            });
+            Some(Tensor::from_vec(dx, (n, h), dev)?)
+        } else {
+            None
+        };
+        let dw = if need_w {
+            let dw = with_f32(x, "linear_token_logprobs-bwd", |xs| {
+                with_f32(w, "linear_token_logprobs-bwd", |ws| self.head_grad(xs, ws, &g, (n, h, v)))
+            })??;
+            Some(Tensor::from_vec(dw, (v, h), dev)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `out[i] = log_softmax(hidden[i]·headᵀ)[targets[i]]` for `hidden: [n, h]` and a head
+/// `[vocab, h]`: [`linear`] and [`token_logprobs`] in one op that never holds more than one chunk
+/// of [`head_chunk_rows`] rows of logits, forward and backward alike. The hidden states' gradient
+/// direction is computed by the forward (an `[n, h]` buffer, only when `hidden` is tracked); the
+/// head's gradient, only when `head` is tracked (a `Var` or computed from one), recomputes each
+/// chunk's logits in the backward: a frozen head costs no gradient work at all.
+pub fn linear_token_logprobs(hidden: &Tensor, head: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    linear_token_logprobs_chunked(hidden, head, targets, head_chunk_rows(head.dim(0)?))
+}
+
+/// [`linear_token_logprobs`] with an explicit number of rows per chunk (at least 1).
+pub fn linear_token_logprobs_chunked(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &[u32],
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    if chunk_rows == 0 {
+        bail!("linear_token_logprobs: expected at least one row per chunk, found 0");
+    }
+    let op = LinearTokenLogProb {
+        targets: targets.to_vec(),
+        chunk_rows,
+        with_dx: hidden.track_op(),
+        with_dw: head.track_op(),
+        q: Default::default(),
+        probs: Default::default(),
+    };
+    hidden.contiguous()?.apply_op2(&head.contiguous()?, op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -978,6 +1219,94 @@ mod tests {
             &[x.clone(), w.clone(), b],
         );
         check_grads(|t| linear(&t[0], &t[1], None).unwrap(), |t| t[0].matmul(&t[1].t().unwrap()).unwrap(), &[x, w]);
+    }
+
+    /// Values, grad wrt hidden and grad wrt head of the fused head against `matmul` +
+    /// `token_logprobs`, with an upstream gradient that is zero on some rows (masked targets).
+    fn check_fused_head(n: usize, h: usize, v: usize, chunk: usize, seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let targets: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
+        let up: Vec<f32> = (0..n).map(|i| if i % 3 == 1 { 0.0 } else { r.random_range(-1.5f32..1.5) }).collect();
+        let up = Tensor::from_vec(up, n, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&rand(&[n, h], seed + 1)).unwrap();
+        let w = Var::from_tensor(&rand(&[v, h], seed + 2)).unwrap();
+        let fused = linear_token_logprobs_chunked(x.as_tensor(), w.as_tensor(), &targets, chunk).unwrap();
+        let logits = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let unfused = token_logprobs(&logits, &targets).unwrap();
+        assert_eq!(fused.dims(), &[n]);
+        let d = max_abs_diff(&fused, &unfused);
+        assert!(d < 1e-4, "n {n}, chunk {chunk}: log-probs differ by {d}");
+        let g1 = (&fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&unfused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, t) in [("hidden", x.as_tensor()), ("head", w.as_tensor())] {
+            let (a, b) = (g1.get(t).expect("fused op dropped a gradient"), g2.get(t).unwrap());
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-4, "n {n}, chunk {chunk}: gradient wrt {what} differs by {d}");
+        }
+        // Rows with a zero upstream gradient get exactly zero.
+        let dx = g1.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert!(dx[1].iter().all(|&v| v == 0.0));
+        // A second backward through the same graph (the kept softmax is used up by the first)
+        // gives the same gradients.
+        let g3 = (&fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [x.as_tensor(), w.as_tensor()] {
+            assert!(max_abs_diff(g1.get(t).unwrap(), g3.get(t).unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn linear_token_logprobs_match_matmul_then_token_logprobs() {
+        // Chunks that divide n, that do not, of one row, and larger than n.
+        for (chunk, seed) in [(1, 20), (4, 21), (5, 22), (13, 23), (64, 24)] {
+            check_fused_head(13, 8, 37, chunk, seed);
+        }
+        // A vocabulary large enough for the parallel gemm and row kernels; the default chunking.
+        check_fused_head(9, 48, 3001, 2, 25);
+        check_fused_head(9, 48, 3001, head_chunk_rows(3001), 26);
+    }
+
+    #[test]
+    fn head_chunks_bound_the_logits() {
+        assert_eq!(head_chunk_rows(250_880), 66);
+        assert!(head_chunk_rows(250_880) * 250_880 * 4 <= HEAD_CHUNK_BYTES);
+        assert_eq!(head_chunk_rows(usize::MAX / 2), 1);
+        assert_eq!(head_chunk_rows(8192), 2048);
+    }
+
+    #[test]
+    fn frozen_head_gets_no_gradient_work() {
+        let (n, h, v, chunk) = (10, 6, 23, 3);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let x = Var::from_tensor(&rand(&[n, h], 30)).unwrap();
+        let head = rand(&[v, h], 31);
+        let grad_chunks = || HEAD_GRAD_CHUNKS.with(|c| c.get());
+        let before = grad_chunks();
+        let lp = linear_token_logprobs_chunked(x.as_tensor(), &head, &targets, chunk).unwrap();
+        let g = lp.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&head).is_none(), "a frozen head got a gradient");
+        assert_eq!(grad_chunks(), before, "a frozen head's gradient was computed");
+        let want = token_logprobs(&x.as_tensor().matmul(&head.t().unwrap()).unwrap(), &targets).unwrap();
+        let gw = want.sum_all().unwrap().backward().unwrap();
+        assert!(max_abs_diff(g.get(x.as_tensor()).unwrap(), gw.get(x.as_tensor()).unwrap()) < 1e-4);
+        // The same head as a variable: one head-gradient product per chunk.
+        let head = Var::from_tensor(&head).unwrap();
+        let lp = linear_token_logprobs_chunked(x.as_tensor(), head.as_tensor(), &targets, chunk).unwrap();
+        let g = lp.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(head.as_tensor()).is_some());
+        assert_eq!(grad_chunks(), before + n.div_ceil(chunk));
+    }
+
+    #[test]
+    fn linear_token_logprobs_refuse_bad_input() {
+        let (x, w) = (rand(&[2, 4], 40), rand(&[5, 4], 41));
+        let e = linear_token_logprobs(&x, &w, &[1, 5]).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
+        let e = linear_token_logprobs(&x, &w, &[1]).unwrap_err().to_string();
+        assert!(e.contains("expected 2 targets"), "{e}");
+        let e = linear_token_logprobs(&x, &rand(&[5, 3], 42), &[1, 2]).unwrap_err().to_string();
+        assert!(e.contains("4 features"), "{e}");
+        assert!(linear_token_logprobs_chunked(&x, &w, &[1, 2], 0).is_err());
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use candle_core::{Device, Result, Tensor};
 
 use crate::model::CausalLm;
-use crate::ops;
 
 /// `out[s][i] = log P(seqs[s][i+1] | seqs[s][..=i])` for each sequence, computed in batches of
 /// `batch_size` right-padded sequences.
@@ -40,8 +39,8 @@ fn batch_logprobs(model: &dyn CausalLm, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32
         }
     }
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-    let logits = model.forward(&ids, None)?.narrow(1, 0, t - 1)?;
-    let lp = ops::token_logprobs(&logits, &targets)?.to_vec2::<f32>()?;
+    // The fused head: the `[b, t, vocab]` logits are never held whole.
+    let lp = model.target_logprobs(&ids, &targets)?.to_vec2::<f32>()?;
     Ok(seqs
         .iter()
         .zip(lp)

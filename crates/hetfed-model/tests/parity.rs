@@ -16,14 +16,25 @@ fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// Loss and log-probs computed exactly as the golden script defines them.
-fn loss_and_logprobs(ck: &Checkpoint, weights: &TensorMap, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+/// Loss and log-probs computed exactly as the golden script defines them: from the full logits,
+/// or (`fused`) through `CausalLm::target_logprobs`, the fused head training uses.
+fn loss_and_logprobs(
+    ck: &Checkpoint,
+    weights: &TensorMap,
+    ids: &Tensor,
+    mask: &Tensor,
+    fused: bool,
+) -> (Tensor, Tensor) {
     let model = ck.arch.build(weights, "test", None).unwrap();
     let (b, t) = ids.dims2().unwrap();
     let ids_u32 = ids.to_dtype(candle_core::DType::U32).unwrap();
-    let logits = model.forward(&ids_u32, None).unwrap().narrow(1, 0, t - 1).unwrap();
     let targets: Vec<u32> = ids_u32.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let lp = ops::token_logprobs(&logits, &targets).unwrap(); // [b, t-1]
+    let lp = if fused {
+        model.target_logprobs(&ids_u32, &targets).unwrap()
+    } else {
+        let logits = model.forward(&ids_u32, None).unwrap().narrow(1, 0, t - 1).unwrap();
+        ops::token_logprobs(&logits, &targets).unwrap() // [b, t-1]
+    };
     let m = mask.narrow(1, 1, t - 1).unwrap().to_dtype(candle_core::DType::F32).unwrap();
     let lp = (lp * &m).unwrap();
     let n = m.sum_all().unwrap();
@@ -33,6 +44,12 @@ fn loss_and_logprobs(ck: &Checkpoint, weights: &TensorMap, ids: &Tensor, mask: &
 }
 
 fn check(ck: &Checkpoint, golden: &TensorMap, what: &str) {
+    for fused in [false, true] {
+        check_path(ck, golden, &format!("{what} (fused head: {fused})"), fused);
+    }
+}
+
+fn check_path(ck: &Checkpoint, golden: &TensorMap, what: &str, fused: bool) {
     let ids = &golden["input_ids"];
     let mask = match golden.get("attention_mask") {
         Some(m) => m.clone(),
@@ -40,7 +57,7 @@ fn check(ck: &Checkpoint, golden: &TensorMap, what: &str) {
     };
     let vars: Vec<(String, Var)> = ck.weights.iter().map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap())).collect();
     let tracked: TensorMap = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let (loss, lp) = loss_and_logprobs(ck, &tracked, ids, &mask);
+    let (loss, lp) = loss_and_logprobs(ck, &tracked, ids, &mask, fused);
 
     let d = max_abs(&(&lp - &golden["logprobs"]).unwrap());
     assert!(d < 1e-4, "{what}: log-probs differ from transformers by {d}");

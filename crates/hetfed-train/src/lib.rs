@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_model::{ops, CausalLm, Checkpoint, LoraConfig, LoraSet};
+use hetfed_model::{CausalLm, Checkpoint, LoraConfig, LoraSet};
 
 pub use data::{encode, read_jsonl, Encoded, Example};
 pub use optim::{lr_at, AdamW, AdamWConfig, Schedule};
@@ -202,7 +202,7 @@ impl<'a> Trainer<'a> {
             let mut tokens = 0;
             for batch in micro {
                 let exs: Vec<&Encoded> = batch.iter().map(|&i| &data[i]).collect();
-                let sum_nll = self.batch_nll(&exs)?;
+                let sum_nll = batch_nll(self.model.as_ref(), &exs)?;
                 loss_sum += sum_nll.to_scalar::<f32>()? as f64;
                 tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
                 // Mean over all target tokens of the step, whatever the micro-batch split.
@@ -260,27 +260,6 @@ impl<'a> Trainer<'a> {
             l.set_train(None);
         }
         Ok(())
-    }
-
-    /// Sum of target-token NLL over a batch (differentiable).
-    fn batch_nll(&self, exs: &[&Encoded]) -> Result<Tensor> {
-        let t = exs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-        let b = exs.len();
-        let mut ids = vec![0u32; b * t];
-        let mut targets = vec![0u32; b * (t - 1)];
-        let mut mask = vec![0f32; b * (t - 1)];
-        for (i, e) in exs.iter().enumerate() {
-            ids[i * t..i * t + e.ids.len()].copy_from_slice(&e.ids);
-            for j in e.prompt_len.max(1)..e.ids.len() {
-                targets[i * (t - 1) + j - 1] = e.ids[j];
-                mask[i * (t - 1) + j - 1] = 1.0;
-            }
-        }
-        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-        let logits = self.model.forward(&ids, None)?.narrow(1, 0, t - 1)?;
-        let lp = ops::token_logprobs(&logits, &targets)?;
-        let mask = Tensor::from_vec(mask, (b, t - 1), &Device::Cpu)?;
-        Ok((lp * mask)?.sum_all()?.neg()?)
     }
 
     /// Mean target-token loss over `data` (no gradient, no dropout).
@@ -397,6 +376,31 @@ pub fn truncate_log_after(path: &Path, step: usize) -> Result<usize> {
         hetfed_core::write_atomic(path, kept.as_bytes())?;
     }
     Ok(dropped)
+}
+
+/// Sum of target-token NLL over a batch (differentiable): what one training step minimises.
+/// Through [`CausalLm::target_logprobs`], so BLOOM and Llama never hold the batch's full logits
+/// (or their gradient), only a chunk of them.
+pub fn batch_nll(model: &dyn CausalLm, exs: &[&Encoded]) -> Result<Tensor> {
+    let t = exs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if t < 2 {
+        return Err(Error::msg(format!("expected a batch with a sequence of at least 2 tokens, found {t}")));
+    }
+    let b = exs.len();
+    let mut ids = vec![0u32; b * t];
+    let mut targets = vec![0u32; b * (t - 1)];
+    let mut mask = vec![0f32; b * (t - 1)];
+    for (i, e) in exs.iter().enumerate() {
+        ids[i * t..i * t + e.ids.len()].copy_from_slice(&e.ids);
+        for j in e.prompt_len.max(1)..e.ids.len() {
+            targets[i * (t - 1) + j - 1] = e.ids[j];
+            mask[i * (t - 1) + j - 1] = 1.0;
+        }
+    }
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let lp = model.target_logprobs(&ids, &targets)?;
+    let mask = Tensor::from_vec(mask, (b, t - 1), &Device::Cpu)?;
+    Ok((lp * mask)?.sum_all()?.neg()?)
 }
 
 /// Mean target-token loss of a model over encoded examples.

@@ -209,3 +209,50 @@ fn gradient_accumulation_equals_one_big_batch() {
     let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(d < 1e-5, "accumulated step differs from the big-batch step by {d}");
 }
+
+#[test]
+fn training_loss_and_eval_loss_through_the_fused_head_equal_the_full_logits() {
+    use candle_core::Tensor;
+    use hetfed_model::model::Unfused;
+    use hetfed_model::{CausalLm, LoraSet};
+    use rand::{Rng, SeedableRng};
+    for name in ["bloom_h3", "llama_gqa"] {
+        let ck = Checkpoint::load(&fixture(name)).unwrap();
+        let data = encoded(&ck);
+        let targets = if name.starts_with("bloom") { "query_key_value" } else { "q_proj" };
+        let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec![targets.into(), "down_proj".into()] };
+        let cfg = if name.starts_with("bloom") {
+            LoraConfig { targets: vec![targets.into(), "dense_4h_to_h".into()], ..cfg }
+        } else {
+            cfg
+        };
+        let set = LoraSet::init(&cfg, &ck.weights, 1).unwrap();
+        // Non-zero B, so that the A factors get a gradient too.
+        let mut r = rand::rngs::StdRng::seed_from_u64(2);
+        for f in set.factors.values() {
+            let v: Vec<f32> = (0..f.b.elem_count()).map(|_| r.random_range(-0.5f32..0.5)).collect();
+            f.b.set(&Tensor::from_vec(v, f.b.dims(), &candle_core::Device::Cpu).unwrap()).unwrap();
+        }
+        let model = ck.model(Some(&set)).unwrap();
+        let unfused = Unfused(model.as_ref());
+        // Different lengths (right padding) and prompts (masked targets).
+        let exs: Vec<&Encoded> = data.iter().collect();
+        assert!(exs.iter().any(|e| e.ids.len() != exs[0].ids.len()), "the batch should need padding");
+        let fused_nll = hetfed_train::batch_nll(model.as_ref(), &exs).unwrap();
+        let full_nll = hetfed_train::batch_nll(&unfused, &exs).unwrap();
+        let (a, b) = (fused_nll.to_scalar::<f32>().unwrap(), full_nll.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{name}: training loss {a} vs {b}");
+        let (g1, g2) = (fused_nll.backward().unwrap(), full_nll.backward().unwrap());
+        for (pname, var) in set.vars() {
+            let (x, y) = (g1.get(var.as_tensor()).unwrap(), g2.get(var.as_tensor()).unwrap());
+            let m = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(m > 0.0 && d / m < 1e-3, "{name}: gradient of `{pname}` differs by {d} (largest {m})");
+        }
+        let (e1, e2) = (
+            hetfed_train::eval_loss(model.as_ref(), &data, 4).unwrap(),
+            hetfed_train::eval_loss(&unfused as &dyn CausalLm, &data, 4).unwrap(),
+        );
+        assert!((e1 - e2).abs() < 1e-5, "{name}: eval loss {e1} vs {e2}");
+    }
+}
