@@ -41,7 +41,7 @@ use candle_core::{Device, Tensor, Var};
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_distill::{DistillConfig, OffsetLm};
 use hetfed_merge::{compute_alphas, AlphaConfig, ClientSignals, OrthoMemory};
-use hetfed_model::{ops, CausalLm, Checkpoint, ModelIdentity};
+use hetfed_model::{CausalLm, Checkpoint, ModelIdentity};
 use hetfed_net::{ClientInfo, DataStats};
 use hetfed_taskvec::{Delta, TaskVector};
 use hetfed_transfer::{MapConfig, PairMaps, MODULES};
@@ -1203,8 +1203,7 @@ pub fn fisher_diagonal(ck: &Checkpoint, seqs: &[Vec<u32>]) -> Result<TensorMap> 
             continue;
         }
         let ids = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu)?;
-        let logits = model.forward(&ids, None)?.narrow(1, 0, s.len() - 1)?;
-        let lp = ops::token_logprobs(&logits, &s[1..])?;
+        let lp = model.target_logprobs(&ids, &s[1..])?;
         let loss = (lp.sum_all()?.neg()? / (s.len() - 1) as f64)?;
         let grads = loss.backward()?;
         for (name, v) in &vars {

@@ -551,3 +551,44 @@ fn a_factored_update_aggregates_like_its_dense_product() {
         max_diff(&f, &d)
     );
 }
+
+/// The Fisher diagonal (through the fused head) is the mean over sequences of the squared
+/// gradient of the per-token NLL, computed here through the full logits.
+#[test]
+fn fisher_diagonal_is_the_mean_squared_gradient_of_the_nll() {
+    use candle_core::Var;
+    use hetfed_model::{model::Unfused, ops, CausalLm};
+    let large = model(&cfg(16, 2, 2), 3);
+    let seqs: Vec<Vec<u32>> = calib().into_iter().take(5).collect();
+    let fisher = hetfed_fed::hetero::fisher_diagonal(&large, &seqs).unwrap();
+    assert!(!fisher.is_empty());
+    let mut sums: TensorMap = TensorMap::new();
+    for s in &seqs {
+        let mut w = large.weights.clone();
+        let vars: Vec<(String, Var)> =
+            fisher.keys().map(|k| (k.clone(), Var::from_tensor(&large.weights[k]).unwrap())).collect();
+        for (k, v) in &vars {
+            w.insert(k.clone(), v.as_tensor().clone());
+        }
+        let m = large.arch.build(&w, "test", None).unwrap();
+        let ids = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
+        let logits = Unfused(m.as_ref()).forward(&ids, None).unwrap().narrow(1, 0, s.len() - 1).unwrap();
+        let loss = (ops::token_logprobs(&logits, &s[1..]).unwrap().sum_all().unwrap().neg().unwrap()
+            / (s.len() - 1) as f64)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (k, v) in &vars {
+            let sq = grads.get(v.as_tensor()).unwrap().sqr().unwrap();
+            let next = match sums.remove(k) {
+                Some(a) => (a + sq).unwrap(),
+                None => sq,
+            };
+            sums.insert(k.clone(), next);
+        }
+    }
+    let want: TensorMap = sums.into_iter().map(|(k, t)| (k, (t / seqs.len() as f64).unwrap())).collect();
+    let scale = want.values().map(|t| hetfed_core::sq_norm(t).unwrap()).sum::<f64>().sqrt();
+    assert!(scale > 0.0);
+    let d = max_diff(&fisher, &want);
+    assert!((d as f64) < 1e-5 * scale.max(1.0), "fisher differs by {d} (scale {scale})");
+}
