@@ -135,6 +135,42 @@ impl Config {
     }
 }
 
+impl crate::checkpoint::Architecture for Config {
+    fn validate(&self) -> std::result::Result<(), String> {
+        Config::validate(self)
+    }
+    fn sizes(&self) -> (usize, Vec<(&'static str, usize)>) {
+        (
+            self.n_layer,
+            vec![("vocab_size", self.vocab_size), ("hidden_size", self.hidden_size), ("n_head", self.n_head)],
+        )
+    }
+    fn canonicalize(&self, raw: TensorMap) -> TensorMap {
+        canonicalize(raw)
+    }
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        Config::param_shapes(self)
+    }
+    fn build(&self, w: &Weights, lora: Option<&LoraSet>) -> hetfed_core::Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Model::new(self, w, lora)?))
+    }
+    fn default_lora_targets(&self) -> &'static [&'static str] {
+        &["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    }
+    fn config_string(&self) -> String {
+        serde_json::to_string(self).expect("configs serialise")
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions_key(&self) -> &'static str {
+        "seq_length"
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+}
+
 /// Canonical names: add the `transformer.` prefix where missing; drop the tied `lm_head.weight`
 /// (it is the embedding matrix).
 pub fn canonicalize(raw: TensorMap) -> TensorMap {

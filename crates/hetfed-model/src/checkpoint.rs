@@ -1,6 +1,7 @@
 //! Hugging Face checkpoint directories: `config.json`, `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`) and `tokenizer.json`. Loading dispatches on `model_type`;
-//! adding an architecture is one file plus one arm in [`Arch`].
+//! an architecture's behaviour is one [`Architecture`] implementation in its own file, registered
+//! in [`Arch`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,6 +15,30 @@ use crate::lora::LoraSet;
 use crate::model::{CausalLm, Weights};
 use crate::{bloom, llama};
 
+/// What an architecture provides, implemented by its typed config (`bloom::Config`,
+/// `llama::Config`) in its own file. Adding an architecture is that file plus its registration
+/// in [`Arch`]: a variant, its `model_type` in [`Arch::from_config`] and its arm in `Arch::spec`.
+pub trait Architecture: std::fmt::Debug + Send + Sync {
+    /// The config's own consistency (head counts dividing the width, ...).
+    fn validate(&self) -> std::result::Result<(), String>;
+    /// The layer count and the named sizes bounded by [`Arch::from_config`].
+    fn sizes(&self) -> (usize, Vec<(&'static str, usize)>);
+    /// Canonical (HF `save_pretrained`) names from a checkpoint's raw names.
+    fn canonicalize(&self, raw: TensorMap) -> TensorMap;
+    /// Every parameter with its shape, in canonical names.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// The network from canonical weights.
+    fn build(&self, w: &Weights, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>>;
+    /// The linear layers LoRA adapts by default.
+    fn default_lora_targets(&self) -> &'static [&'static str];
+    /// The typed config as JSON (what the config hash covers).
+    fn config_string(&self) -> String;
+    fn vocab_size(&self) -> usize;
+    /// The `config.json` key of the longest trained sequence (2048 when absent).
+    fn max_positions_key(&self) -> &'static str;
+    fn eos_token_id(&self) -> Option<u32>;
+}
+
 /// The architectures hetfed knows, each with its typed config.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arch {
@@ -24,22 +49,29 @@ pub enum Arch {
 impl Arch {
     pub const KNOWN: &'static [&'static str] = &["bloom", "llama"];
 
+    /// The architecture's behaviour (the only dispatch on the variant besides parsing).
+    fn spec(&self) -> &dyn Architecture {
+        match self {
+            Arch::Bloom(c) => c,
+            Arch::Llama(c) => c,
+        }
+    }
+
     /// Parses a `config.json` value, dispatching on `model_type`.
     pub fn from_config(v: &Value, path: &Path) -> Result<Self> {
         let fmt = |msg: String| Error::Format { path: path.to_owned(), msg };
         let mt = v.get("model_type").and_then(Value::as_str).ok_or_else(|| {
             fmt(format!("expected a string field `model_type` (one of {:?}), found none", Self::KNOWN))
         })?;
+        fn typed<T: serde::de::DeserializeOwned>(v: &Value, mt: &str) -> std::result::Result<T, String> {
+            serde_json::from_value(v.clone()).map_err(|e| format!("{mt} config: {e}"))
+        }
         let arch = match mt {
-            "bloom" => Arch::Bloom(serde_json::from_value(v.clone()).map_err(|e| fmt(format!("bloom config: {e}")))?),
-            "llama" => Arch::Llama(serde_json::from_value(v.clone()).map_err(|e| fmt(format!("llama config: {e}")))?),
+            "bloom" => Arch::Bloom(typed(v, mt).map_err(&fmt)?),
+            "llama" => Arch::Llama(typed(v, mt).map_err(&fmt)?),
             other => return Err(fmt(format!("unknown model_type {other:?}: expected one of {:?}", Self::KNOWN))),
         };
-        let check = match &arch {
-            Arch::Bloom(c) => c.validate(),
-            Arch::Llama(c) => c.validate(),
-        };
-        check.map_err(&fmt)?;
+        arch.spec().validate().map_err(&fmt)?;
         arch.check_sizes().map_err(fmt)?;
         Ok(arch)
     }
@@ -60,22 +92,7 @@ impl Arch {
     fn check_sizes(&self) -> std::result::Result<(), String> {
         const MAX_LAYERS: usize = 4096;
         const MAX_DIM: usize = 1 << 24;
-        let (layers, dims): (usize, Vec<(&str, usize)>) = match self {
-            Arch::Bloom(c) => {
-                (c.n_layer, vec![("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size), ("n_head", c.n_head)])
-            }
-            Arch::Llama(c) => (
-                c.num_hidden_layers,
-                vec![
-                    ("vocab_size", c.vocab_size),
-                    ("hidden_size", c.hidden_size),
-                    ("intermediate_size", c.intermediate_size),
-                    ("num_attention_heads", c.num_attention_heads),
-                    ("num_key_value_heads", c.num_key_value_heads.unwrap_or(0)),
-                    ("head_dim", c.head_dim.unwrap_or(0)),
-                ],
-            ),
-        };
+        let (layers, dims) = self.spec().sizes();
         if layers > MAX_LAYERS {
             return Err(format!("expected at most {MAX_LAYERS} layers, found {layers}"));
         }
@@ -93,75 +110,41 @@ impl Arch {
     }
 
     fn canonicalize(&self, raw: TensorMap) -> TensorMap {
-        match self {
-            Arch::Bloom(_) => bloom::canonicalize(raw),
-            Arch::Llama(c) => llama::canonicalize(raw, c),
-        }
+        self.spec().canonicalize(raw)
     }
 
     /// Every parameter of the model with its shape, in canonical (HF `save_pretrained`) names.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        match self {
-            Arch::Bloom(c) => c.param_shapes(),
-            Arch::Llama(c) => llama::param_shapes(c),
-        }
+        self.spec().param_shapes()
     }
 
     /// Builds the network from canonical weights (plain tensors, or `Var`s to train them).
     pub fn build(&self, weights: &TensorMap, source: &str, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>> {
-        let w = Weights { map: weights, source };
-        Ok(match self {
-            Arch::Bloom(c) => Box::new(bloom::Model::new(c, &w, lora)?),
-            Arch::Llama(c) => Box::new(llama::Model::new(c, &w, lora)?),
-        })
+        self.spec().build(&Weights { map: weights, source }, lora)
+    }
+
+    /// The linear layers LoRA adapts by default: every projection of attention and MLP.
+    pub fn default_lora_targets(&self) -> Vec<String> {
+        self.spec().default_lora_targets().iter().map(|s| s.to_string()).collect()
     }
 
     /// A stable hash of the typed config (what determines the network's shape and math).
-    /// The linear layers LoRA adapts by default: every projection of attention and MLP.
-    pub fn default_lora_targets(&self) -> Vec<String> {
-        match self {
-            Arch::Bloom(_) => ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec(),
-            Arch::Llama(_) => {
-                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()
-            }
-        }
-    }
-
     pub fn config_hash(&self) -> String {
-        let s = match self {
-            Arch::Bloom(c) => serde_json::to_string(c),
-            Arch::Llama(c) => serde_json::to_string(c),
-        }
-        .expect("configs serialise");
-        hetfed_core::sha256_hex(format!("{}:{s}", self.model_type()).as_bytes())
+        hetfed_core::sha256_hex(format!("{}:{}", self.model_type(), self.spec().config_string()).as_bytes())
     }
 
     pub fn vocab_size(&self) -> usize {
-        match self {
-            Arch::Bloom(c) => c.vocab_size,
-            Arch::Llama(c) => c.vocab_size,
-        }
+        self.spec().vocab_size()
     }
 
     /// The longest sequence the model was trained for (`max_position_embeddings`; BLOOM, whose
-    /// ALiBi has no table, reports `seq_length` when its config has one, else 2048).
+    /// ALiBi has no table, reports `seq_length` when its config has one); 2048 when absent.
     pub fn max_positions(&self, config_json: &Value) -> usize {
-        let get = |k: &str| config_json.get(k).and_then(Value::as_u64).map(|v| v as usize);
-        match self {
-            Arch::Bloom(_) => get("seq_length").unwrap_or(2048),
-            Arch::Llama(_) => get("max_position_embeddings").unwrap_or(2048),
-        }
+        config_json.get(self.spec().max_positions_key()).and_then(Value::as_u64).map_or(2048, |v| v as usize)
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {
-        match self {
-            Arch::Bloom(c) => c.eos_token_id,
-            Arch::Llama(c) => c.eos_token_id.as_ref().and_then(|v| match v {
-                Value::Number(n) => n.as_u64().map(|x| x as u32),
-                Value::Array(a) => a.first().and_then(Value::as_u64).map(|x| x as u32),
-                _ => None,
-            }),
-        }
+        self.spec().eos_token_id()
     }
 }
 

@@ -93,6 +93,85 @@ impl Config {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
+
+    /// Every parameter with its shape, in canonical names.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let cfg = self;
+        let (h, hd, nh, nkv, i) =
+            (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            for (n, o, inp) in
+                [("q_proj", nh * hd, h), ("k_proj", nkv * hd, h), ("v_proj", nkv * hd, h), ("o_proj", h, nh * hd)]
+            {
+                out.push((format!("{p}.self_attn.{n}.weight"), vec![o, inp]));
+                if cfg.attention_bias {
+                    out.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
+                }
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            for (n, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                out.push((format!("{p}.mlp.{n}.weight"), vec![o, inp]));
+                if cfg.mlp_bias {
+                    out.push((format!("{p}.mlp.{n}.bias"), vec![o]));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), vec![h]));
+        if !cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+        }
+        out
+    }
+}
+
+impl crate::checkpoint::Architecture for Config {
+    fn validate(&self) -> std::result::Result<(), String> {
+        Config::validate(self)
+    }
+    fn sizes(&self) -> (usize, Vec<(&'static str, usize)>) {
+        (
+            self.num_hidden_layers,
+            vec![
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.num_key_value_heads.unwrap_or(0)),
+                ("head_dim", self.head_dim.unwrap_or(0)),
+            ],
+        )
+    }
+    fn canonicalize(&self, raw: TensorMap) -> TensorMap {
+        canonicalize(raw, self)
+    }
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        Config::param_shapes(self)
+    }
+    fn build(&self, w: &Weights, lora: Option<&LoraSet>) -> hetfed_core::Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Model::new(self, w, lora)?))
+    }
+    fn default_lora_targets(&self) -> &'static [&'static str] {
+        &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    }
+    fn config_string(&self) -> String {
+        serde_json::to_string(self).expect("configs serialise")
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions_key(&self) -> &'static str {
+        "max_position_embeddings"
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id.as_ref().and_then(|v| match v {
+            serde_json::Value::Number(n) => n.as_u64().map(|x| x as u32),
+            serde_json::Value::Array(a) => a.first().and_then(serde_json::Value::as_u64).map(|x| x as u32),
+            _ => None,
+        })
+    }
 }
 
 /// Canonical names: a tied checkpoint that stores only `lm_head.weight` (as some exports do)
@@ -287,35 +366,4 @@ impl CausalLm for Model {
     fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
     }
-}
-
-/// Every parameter with its shape, in canonical names.
-pub fn param_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
-    let (h, hd, nh, nkv, i) =
-        (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for (n, o, inp) in
-            [("q_proj", nh * hd, h), ("k_proj", nkv * hd, h), ("v_proj", nkv * hd, h), ("o_proj", h, nh * hd)]
-        {
-            out.push((format!("{p}.self_attn.{n}.weight"), vec![o, inp]));
-            if cfg.attention_bias {
-                out.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
-            }
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (n, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
-            out.push((format!("{p}.mlp.{n}.weight"), vec![o, inp]));
-            if cfg.mlp_bias {
-                out.push((format!("{p}.mlp.{n}.bias"), vec![o]));
-            }
-        }
-    }
-    out.push(("model.norm.weight".into(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
-    }
-    out
 }
