@@ -24,6 +24,20 @@ def rouge(references: List[str], hypothesis: str, use_stemmer: bool = False) -> 
     """ROUGE-1/2/L of one hypothesis against its references, as rouge-score computes them:
     `{"rouge1": {"precision", "recall", "fmeasure"}, "rouge2": ..., "rougeL": ...}`."""
 
+def finetune(
+    model: _Path,
+    examples: List[Tuple[str, str]],
+    lora_rank: int = 8,
+    lr: float = 1e-3,
+    epochs: int = 1,
+    max_steps: Optional[int] = None,
+    batch_size: int = 8,
+    max_len: int = 256,
+    seed: int = 0,
+) -> "TaskVector":
+    """Fine-tunes the model on (prompt, target) pairs (loss on the targets) and returns the task
+    vector: LoRA factors (`lora_rank` > 0, default modules) or the dense change (`lora_rank=0`)."""
+
 class TaskVector:
     """The change fine-tuning made to a base model (dense, or LoRA factors kept factored), tied to
     that base's identity."""

@@ -14,7 +14,8 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 
 use hetfed_model::generate::{generate, SamplingConfig};
-use hetfed_model::{CausalLm, Checkpoint};
+use hetfed_model::{CausalLm, Checkpoint, LoraConfig};
+use hetfed_train::{Example, TrainConfig, Trainer};
 
 create_exception!(
     hetfed,
@@ -253,6 +254,61 @@ impl TaskVector {
     }
 }
 
+/// Fine-tunes the model at `model` on `(prompt, target)` pairs (the loss covers the targets)
+/// and returns the task vector: LoRA factors of rank `lora_rank` on the architecture's default
+/// modules, or the dense change when `lora_rank` is 0. What `hetfed finetune` does, without files.
+#[pyfunction]
+#[pyo3(signature = (model, examples, lora_rank = 8, lr = 1e-3, epochs = 1, max_steps = None, batch_size = 8, max_len = 256, seed = 0))]
+#[allow(clippy::too_many_arguments)]
+fn finetune(
+    py: Python<'_>,
+    model: PathBuf,
+    examples: Vec<(String, String)>,
+    lora_rank: usize,
+    lr: f64,
+    epochs: usize,
+    max_steps: Option<usize>,
+    batch_size: usize,
+    max_len: usize,
+    seed: u64,
+) -> PyResult<TaskVector> {
+    if examples.is_empty() {
+        return Err(PyValueError::new_err("examples: expected at least one (prompt, target) pair, found none"));
+    }
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(PyValueError::new_err(format!("lr: expected a positive finite number, found {lr}")));
+    }
+    if max_len < 2 {
+        return Err(PyValueError::new_err(format!("max_len: expected at least 2 tokens, found {max_len}")));
+    }
+    py.detach(|| -> hetfed_core::Result<TaskVector> {
+        let ck = Checkpoint::load(&model)?;
+        let mut cfg = TrainConfig { lr, epochs, max_steps, batch_size, seed, ..Default::default() };
+        cfg.max_len = max_len.min(ck.arch.max_positions(&ck.config_json).max(2));
+        if lora_rank > 0 {
+            cfg.lora = Some(LoraConfig {
+                rank: lora_rank,
+                alpha: 2.0 * lora_rank as f64,
+                targets: ck.arch.default_lora_targets(),
+                ..Default::default()
+            });
+        }
+        cfg.validate().map_err(hetfed_core::Error::msg)?;
+        let examples: Vec<Example> = examples.into_iter().map(|(prompt, target)| Example { prompt, target }).collect();
+        let data = hetfed_train::encode(ck.tokenizer()?, &examples, cfg.max_len, ck.arch.eos_token_id())?;
+        let mut tr = Trainer::new(&ck, cfg, None)?;
+        tr.train(&data, |_, _| Ok(()), || false)?;
+        let id = ck.identity()?;
+        let tv = match (tr.lora(), tr.weights()) {
+            (Some(set), _) => hetfed_taskvec::TaskVector::from_lora(id, set)?,
+            (None, Some(w)) => hetfed_taskvec::TaskVector::full_diff(id, &ck.weights, &w)?,
+            (None, None) => return Err(hetfed_core::Error::msg("a trainer is either LoRA or full")),
+        };
+        Ok(TaskVector { tv })
+    })
+    .map_err(err)
+}
+
 #[pymodule]
 fn hetfed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -260,6 +316,7 @@ fn hetfed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bleu, m)?)?;
     m.add_function(wrap_pyfunction!(chrf, m)?)?;
     m.add_function(wrap_pyfunction!(rouge, m)?)?;
+    m.add_function(wrap_pyfunction!(finetune, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<TaskVector>()?;
     Ok(())

@@ -137,3 +137,27 @@ def test_a_task_vector_scores_like_the_binary_and_refuses_another_base(lora_task
     assert lp != pytest.approx(hetfed.Model(SMALL).score(text)[1], abs=1e-5)
     with pytest.raises(hetfed.HetfedError):
         hetfed.Model(LARGE, taskvec=hetfed.TaskVector.load(lora_taskvec))
+
+
+def test_finetune_returns_a_task_vector_that_lowers_the_training_loss():
+    pairs = [("Comment: you are great\nIs this comment hateful?", " no"),
+             ("Comment: I hate them all\nIs this comment hateful?", " yes")] * 4
+    tv = hetfed.finetune(SMALL, pairs, lora_rank=4, lr=0.05, epochs=3, batch_size=4, seed=1)
+    assert tv.info()["kind"] == "lora" and tv.norm() > 0
+
+    def nll(model):
+        total = 0.0
+        for prompt, target in pairs[:2]:
+            n_prompt = len(model.tokenize(prompt))
+            _, lp = model.score(prompt + target)
+            total -= sum(lp[n_prompt - 1:])
+        return total
+
+    assert nll(hetfed.Model(SMALL, taskvec=tv)) < nll(hetfed.Model(SMALL))
+    again = hetfed.finetune(SMALL, pairs, lora_rank=4, lr=0.05, epochs=3, batch_size=4, seed=1)
+    assert (tv + (-again)).norm() == pytest.approx(0.0, abs=1e-6), "deterministic under the seed"
+    assert hetfed.finetune(SMALL, pairs[:2], lora_rank=0, max_steps=1, batch_size=2).info()["kind"] == "full"
+    with pytest.raises(ValueError):
+        hetfed.finetune(SMALL, [])
+    with pytest.raises(hetfed.HetfedError):
+        hetfed.finetune(SMALL, pairs, batch_size=0)
