@@ -51,6 +51,14 @@ class TaskVector:
         """`dtype`: "f32", "f16" or "bf16"."""
     def info(self) -> Dict[str, object]:
         """`{"kind", "base", "num_params", "stored_values", "norm"}`."""
+    def to_numpy(self) -> Dict[str, "numpy.ndarray"]:
+        """The stored tensors as float32 arrays (dense: parameter names; LoRA: `<module>.lora_A`
+        `[rank, in]` and `<module>.lora_B` `[out, rank]`); `info()` has the base and kind."""
+    @staticmethod
+    def from_numpy(
+        arrays: Dict[str, "numpy.ndarray"], base: Dict[str, str], kind: str = "full", lora_alpha: Optional[float] = None
+    ) -> "TaskVector":
+        """The inverse of `to_numpy`: `base` is the base's identity, `kind` "full" or "lora"."""
     def norm(self) -> float: ...
     def scale(self, lam: float) -> "TaskVector": ...
     def __add__(self, other: "TaskVector") -> "TaskVector": ...

@@ -12,6 +12,7 @@ use candle_core::DType;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::IntoPyDict;
 
 use hetfed_model::generate::{generate, SamplingConfig};
 use hetfed_model::{CausalLm, Checkpoint, LoraConfig};
@@ -221,6 +222,78 @@ impl TaskVector {
                 ("norm", self.tv.global_norm().map_err(err)?.into_pyobject(py)?.into_any().unbind()),
             ]))
         })
+    }
+
+    /// The stored tensors as NumPy float32 arrays keyed by name (dense: parameter names; LoRA:
+    /// `<module>.lora_A` `[rank, in]` and `<module>.lora_B` `[out, rank]`). `info()` gives the
+    /// base identity and kind that [`TaskVector.from_numpy`] needs back.
+    fn to_numpy<'py>(&self, py: Python<'py>) -> PyResult<BTreeMap<String, Bound<'py, PyAny>>> {
+        let np = py.import("numpy")?;
+        let tensors = match &self.tv.kind {
+            hetfed_taskvec::Delta::Full(m) => m,
+            hetfed_taskvec::Delta::Lora { factors, .. } => factors,
+        };
+        let mut out = BTreeMap::new();
+        for (name, t) in tensors {
+            let v: Vec<f32> = t.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(err)?;
+            let le: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let bytes = pyo3::types::PyBytes::new(py, &le);
+            let arr = np.call_method1("frombuffer", (bytes, "<f4"))?.call_method1("reshape", (t.dims().to_vec(),))?;
+            out.insert(name.clone(), arr.call_method0("copy")?);
+        }
+        Ok(out)
+    }
+
+    /// A task vector from NumPy arrays (any float dtype; stored as f32): `kind = "full"` takes
+    /// parameter names, `kind = "lora"` takes `<module>.lora_A`/`lora_B` factors and `lora_alpha`.
+    /// `base` is the base model's identity (`Model.identity()` or `info()["base"]`).
+    #[staticmethod]
+    #[pyo3(signature = (arrays, base, kind = "full", lora_alpha = None))]
+    fn from_numpy(
+        py: Python<'_>,
+        arrays: BTreeMap<String, Bound<'_, PyAny>>,
+        base: BTreeMap<String, String>,
+        kind: &str,
+        lora_alpha: Option<f64>,
+    ) -> PyResult<Self> {
+        let np = py.import("numpy")?;
+        let field = |k: &str| {
+            base.get(k)
+                .cloned()
+                .ok_or_else(|| PyValueError::new_err(format!("base: expected a `{k}` entry, found none")))
+        };
+        let id = hetfed_model::ModelIdentity {
+            arch: field("arch")?,
+            config_hash: field("config_hash")?,
+            weights_hash: field("weights_hash")?,
+        };
+        let mut map = hetfed_core::TensorMap::new();
+        for (name, a) in arrays {
+            let a = np.call_method("ascontiguousarray", (a,), Some(&[("dtype", "<f4")].into_py_dict(py)?))?;
+            let shape: Vec<usize> = a.getattr("shape")?.extract()?;
+            let bytes: Vec<u8> = a.call_method0("tobytes")?.extract()?;
+            let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            map.insert(name, candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).map_err(err)?);
+        }
+        let tv = match kind {
+            "full" => hetfed_taskvec::TaskVector { base: id, kind: hetfed_taskvec::Delta::Full(map) },
+            "lora" => {
+                let alpha = lora_alpha.ok_or_else(|| {
+                    PyValueError::new_err("lora_alpha: expected a number for kind=\"lora\", found None")
+                })?;
+                let rank =
+                    map.iter().find(|(k, _)| k.ends_with(".lora_A")).map(|(_, t)| t.dims()[0]).ok_or_else(|| {
+                        PyValueError::new_err("arrays: expected `<module>.lora_A` factors, found none")
+                    })?;
+                let targets = map.keys().filter_map(|k| k.strip_suffix(".lora_A")).map(String::from).collect();
+                let config = LoraConfig { rank, alpha, dropout: 0.0, targets };
+                hetfed_taskvec::TaskVector::from_lora_factors(id, config, map).map_err(err)?
+            }
+            other => {
+                return Err(PyValueError::new_err(format!("kind: expected \"full\" or \"lora\", found {other:?}")))
+            }
+        };
+        Ok(Self { tv })
     }
 
     /// Global L2 norm of the change.
