@@ -167,12 +167,7 @@ impl Fetcher {
                     f.transform.as_deref().unwrap_or("see the manifest"),
                     self.root.join(&d.dir).join(&f.path).display()
                 ))),
-                (_, Some(u)) => match (&self.source, u.strip_prefix("https://")) {
-                    (Source::UpstreamVia(m), Some(rest)) => {
-                        Ok((format!("{}/{rest}", m.trim_end_matches('/')), f.upstream_path()))
-                    }
-                    _ => Ok((u.clone(), f.upstream_path())),
-                },
+                (_, Some(u)) => Ok((self.upstream_url(u), f.upstream_path())),
             },
         }
     }
@@ -216,23 +211,35 @@ impl Fetcher {
         if let Some(p) = self.present(d, f) {
             return Ok(Outcome::Present(p));
         }
+        if f.upstream == Upstream::Derived && !matches!(self.source, Source::Mirror(_)) {
+            return self.derive_file(d, f);
+        }
         let (url, rel) = self.url_of(d, f)?;
         check_url(&url)?;
         let dest = self.root.join(&d.dir).join(rel);
         let key = format!("{}/{}", d.dir, rel);
-        let parent = dest.parent().expect("a file path has a parent");
         let lock_path = self.root.join(LOCKS_DIR).join(format!("{key}.lock"));
         let _guard = lock(&lock_path)?;
         if dest.exists() {
             return Ok(Outcome::Present(dest));
         }
         let expect = self.expect(d, f, &url, &key)?;
-        let part = with_suffix(&dest, ".part");
+        let (size, resumed_from) = self.download_to(&url, &dest, &expect, &key, true)?;
+        Ok(Outcome::Downloaded { path: dest, bytes: size, resumed_from })
+    }
+
+    /// Downloads `url` to `dest` (the caller holds `dest`'s lock): resumes `dest.part`, retries
+    /// an interrupted transfer, verifies against `expect`, renames into place. A `kept` file (not
+    /// a derived file's transient input) is synced to disk and, when `expect` has no hash, pinned
+    /// in the lock file. Returns the size and the bytes resumed from.
+    fn download_to(&self, url: &str, dest: &Path, expect: &Expect, key: &str, kept: bool) -> Result<(u64, u64)> {
+        let parent = dest.parent().expect("a file path has a parent");
+        let part = with_suffix(dest, ".part");
         let resumed_from = file_len(&part);
-        let bar = self.bar(&key);
+        let bar = self.bar(key);
         let mut attempt = 0;
         loop {
-            match self.download(&url, &part, &expect, &bar) {
+            match self.download(url, &part, expect, &bar) {
                 Ok(()) => break,
                 Err(Error::Interrupted { .. }) if attempt < self.retries => {
                     attempt += 1;
@@ -245,19 +252,129 @@ impl Fetcher {
             }
         }
         bar.finish_and_clear();
-        let (size, sha) = verify(&part, &expect, &url, &key)?;
-        if expect.sha256.is_none() {
-            self.pin(&key, Pin { url: url.clone(), size, sha256: sha.clone() })?;
+        let (size, sha) = verify(&part, expect, url, key)?;
+        if kept && expect.sha256.is_none() {
+            self.pin(key, Pin { url: url.to_string(), size, sha256: sha })?;
         }
-        File::open(&part)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(format!("syncing {}", part.display()), e))?;
+        if kept {
+            File::open(&part)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("syncing {}", part.display()), e))?;
+        }
+        std::fs::rename(&part, dest)
+            .map_err(|e| Error::io(format!("renaming {} to {}", part.display(), dest.display()), e))?;
+        if kept {
+            if let Ok(dir) = File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok((size, resumed_from))
+    }
+
+    /// A derived file from upstream (the caller checked it is absent): under the file's lock,
+    /// downloads the recipe's inputs into `<dataset>/.upstream/<host>/<path>` (resumable, checked
+    /// against the manifest's input size and hash where it has them), runs the recipe,
+    /// checks the result against the manifest's size and hash, writes it by atomic rename, and
+    /// deletes the inputs no other missing file of the dataset reads.
+    fn derive_file(&self, d: &DatasetEntry, f: &FileEntry) -> Result<Outcome> {
+        let recipe = f.recipe.as_deref().expect("a derived file has a recipe (checked)");
+        let dest = self.root.join(&d.dir).join(&f.path);
+        let key = format!("{}/{}", d.dir, f.path);
+        let _guard = lock(&self.root.join(LOCKS_DIR).join(format!("{key}.lock")))?;
+        if dest.exists() {
+            return Ok(Outcome::Present(dest));
+        }
+        let specs = f.expanded_inputs().map_err(|e| Error::Config(format!("{key}: {e}")))?;
+        let mut inputs = Vec::new();
+        let mut saved = Vec::new();
+        for input in &specs {
+            let url = self.upstream_url(&input.url);
+            check_url(&url)?;
+            let rel = format!(".upstream/{}", input.url.strip_prefix("https://").unwrap_or(&input.url));
+            if !crate::manifest::safe_rel(&rel) {
+                return Err(Error::Config(format!("{key}: input url {} does not map to a file name", input.url)));
+            }
+            let path = self.root.join(&d.dir).join(&rel);
+            let ikey = format!("{}/{rel}", d.dir);
+            let _iguard = lock(&self.root.join(LOCKS_DIR).join(format!("{ikey}.lock")))?;
+            // An input without a hash in the manifest is checked through the derived file's hash.
+            let expect = Expect {
+                size: input.size,
+                sha256: input.sha256.clone(),
+                from: match input.sha256 {
+                    Some(_) => format!("the manifest's input entry for {key}"),
+                    None => "nothing (checked through the derived file's hash)".into(),
+                },
+            };
+            if path.is_file() {
+                // Left by an earlier run: verify it again (a mismatch deletes it) and use it.
+                let part = with_suffix(&path, ".part");
+                std::fs::rename(&path, &part)
+                    .map_err(|e| Error::io(format!("renaming {} to {}", path.display(), part.display()), e))?;
+            }
+            self.download_to(&url, &path, &expect, &ikey, false)?;
+            inputs.push(std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?);
+            saved.push(path);
+        }
+        let urls: Vec<&str> = f.inputs.iter().map(|i| i.url.as_str()).collect();
+        let bytes = crate::transform::derive_with(recipe, &inputs, &specs)
+            .map_err(|e| Error::Mismatch(format!("{key}: recipe `{recipe}` failed on {}: {e}", urls.join(" + "))))?;
+        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        if bytes.len() as u64 != f.size || sha != f.sha256 {
+            return Err(Error::Mismatch(format!(
+                "{key}: recipe `{recipe}` made {} bytes with sha256 {sha} from {}, expected {} bytes with sha256 {} \
+                 (from the manifest); not written",
+                bytes.len(),
+                urls.join(" + "),
+                f.size,
+                f.sha256
+            )));
+        }
+        let part = with_suffix(&dest, ".part");
+        let parent = dest.parent().expect("a file path has a parent");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        let mut out = File::create(&part).map_err(|e| Error::io(format!("opening {}", part.display()), e))?;
+        out.write_all(&bytes)
+            .and_then(|()| out.sync_all())
+            .map_err(|e| Error::io(format!("writing {}", part.display()), e))?;
+        drop(out);
         std::fs::rename(&part, &dest)
             .map_err(|e| Error::io(format!("renaming {} to {}", part.display(), dest.display()), e))?;
         if let Ok(dir) = File::open(parent) {
             let _ = dir.sync_all();
         }
-        Ok(Outcome::Downloaded { path: dest, bytes: size, resumed_from })
+        for (input, p) in specs.iter().zip(saved) {
+            // Kept while another missing derived file of the dataset reads it (XL-Sum's train and
+            // validation files come from one zip).
+            let needed = d.files.iter().any(|g| {
+                g.path != f.path
+                    && g.upstream == Upstream::Derived
+                    && g.expanded_inputs().is_ok_and(|gi| gi.iter().any(|i| i.url == input.url))
+                    && self.present(d, g).is_none()
+            });
+            if needed {
+                continue;
+            }
+            let _ = std::fs::remove_file(&p);
+            // Remove the folders left empty, up to the dataset folder's `.upstream`.
+            let top = self.root.join(&d.dir);
+            let mut dir = p.parent();
+            while let Some(x) = dir.filter(|x| x.starts_with(&top) && *x != top) {
+                if std::fs::remove_dir(x).is_err() {
+                    break;
+                }
+                dir = x.parent();
+            }
+        }
+        Ok(Outcome::Downloaded { path: dest, bytes: f.size, resumed_from: 0 })
+    }
+
+    /// `u` as fetched from this source: itself, or through the upstream stand-in.
+    fn upstream_url(&self, u: &str) -> String {
+        match (&self.source, u.strip_prefix("https://")) {
+            (Source::UpstreamVia(m), Some(rest)) => format!("{}/{rest}", m.trim_end_matches('/')),
+            _ => u.to_string(),
+        }
     }
 
     /// What the download of `f` from `url` must match: the manifest's size and hash for bytes of

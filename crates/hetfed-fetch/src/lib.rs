@@ -8,16 +8,19 @@
 //! HTTP `Range`), are verified (size, SHA-256; a mismatch deletes the download), land by atomic
 //! rename, and one process at a time downloads a given file (a lock file per file). Files whose
 //! upstream hash is not known here are pinned on first download in the lock file
-//! [`LOCK_FILE`] beside them (trust on first use).
+//! [`LOCK_FILE`] beside them (trust on first use). Files the manifest marks `derived` are made
+//! from their upstream files by a [`transform`] recipe and checked against the manifest's hash
+//! of hetfed's layout.
 //!
 //! [`testing::Mirror`] is the loopback HTTP server the tests use instead of the internet.
 
 mod fetch;
 mod manifest;
 pub mod testing;
+pub mod transform;
 
 pub use fetch::{Fetcher, Outcome, Source, LOCK_FILE, MIRROR_ENV};
-pub use manifest::{DatasetEntry, FileEntry, Manifest, Upstream};
+pub use manifest::{DatasetEntry, FileEntry, Input, Manifest, Upstream};
 
 /// Everything that can go wrong; every message is one line naming what was expected, what was
 /// found, and where.

@@ -1,6 +1,7 @@
 //! A loopback HTTP mirror for tests: serves in-memory files on 127.0.0.1 with `Range` support,
 //! counts requests, and can cut a connection part-way or delay a response. It stops when dropped,
-//! and at the latest after [`Mirror::LIFETIME`]; every connection has read and write timeouts.
+//! and serves no connection after [`Mirror::LIFETIME`]; every connection has read and write
+//! timeouts.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -45,16 +46,21 @@ impl Mirror {
 
     /// Starts a mirror on an ephemeral port of 127.0.0.1, serving nothing yet.
     pub fn start() -> std::io::Result<Mirror> {
+        // A blocking accept (no polling delay per connection: a derived file can read thousands
+        // of upstream files); `drop` wakes it with a connection of its own.
         let listener = TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let t0 = Instant::now();
-            while !sp.load(Ordering::SeqCst) && t0.elapsed() < Self::LIFETIME {
-                match listener.accept() {
+            loop {
+                let accepted = listener.accept();
+                if sp.load(Ordering::SeqCst) || t0.elapsed() >= Self::LIFETIME {
+                    break;
+                }
+                match accepted {
                     Ok((stream, _)) => {
                         let st = st.clone();
                         std::thread::spawn(move || {
@@ -138,6 +144,10 @@ impl Mirror {
 impl Drop for Mirror {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocked accept; should that fail, leave the thread rather than hang.
+        if TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_err() {
+            return;
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
