@@ -217,7 +217,7 @@ pub fn sample_template(
     len: usize,
     seed: u64,
 ) -> Result<Samples> {
-    fill_template(model, start, segments, n, len, seed, None)
+    fill_template(model, start, segments, n, len, seed, TemplateText::default())
 }
 
 /// Like [`sample_template`], except that the answer (the last field) of row `i` is not sampled
@@ -235,7 +235,39 @@ pub fn sample_template_with_answers(
     if answers.is_empty() {
         return Err(Error::msg("teacher-forced answers: expected at least one answer, found none"));
     }
-    fill_template(model, start, segments, n, len, seed, Some(answers))
+    fill_template(model, start, segments, n, len, seed, TemplateText { prompts: None, answers: Some(answers) })
+}
+
+/// Text the caller owns that fills a template's fields instead of the model's samples (see
+/// [`sample_template_from`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TemplateText<'a> {
+    /// The prompt's fields (every field but the answer): field `f` of row `i` takes the first
+    /// tokens of `prompts[(i·k + f) % len]`, `k` the number of prompt fields.
+    pub prompts: Option<&'a [Vec<u32>]>,
+    /// The answer (the last field): row `i` takes the first tokens of `answers[i % len]`.
+    pub answers: Option<&'a [Vec<u32>]>,
+}
+
+/// Like [`sample_template`], except that the fields `text` provides are teacher-forced from it
+/// (each entry at least as long as its field's share of `len`) and only the others are
+/// sampled. With real prompts and a sampled answer, the examples are the teacher's answers to
+/// real inputs (sequence-level distillation on unlabeled text).
+pub fn sample_template_from(
+    model: &dyn CausalLm,
+    start: u32,
+    segments: &[Segment],
+    n: usize,
+    len: usize,
+    seed: u64,
+    text: TemplateText<'_>,
+) -> Result<Samples> {
+    for (what, t) in [("prompt", text.prompts), ("answer", text.answers)] {
+        if t.is_some_and(<[Vec<u32>]>::is_empty) {
+            return Err(Error::msg(format!("teacher-forced {what}s: expected at least one, found none")));
+        }
+    }
+    fill_template(model, start, segments, n, len, seed, text)
 }
 
 fn fill_template(
@@ -245,7 +277,7 @@ fn fill_template(
     n: usize,
     len: usize,
     seed: u64,
-    answers: Option<&[Vec<u32>]>,
+    text: TemplateText<'_>,
 ) -> Result<Samples> {
     let mut parts: Vec<Segment> =
         segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
@@ -272,15 +304,20 @@ fn fill_template(
             Segment::Field => {
                 let budget =
                     if field_idx + 1 == fields { free - (fields - 1) * (free / fields) } else { free / fields };
-                if field_idx + 1 < fields {
+                let is_answer = field_idx + 1 == fields;
+                if !is_answer {
                     answer_start += budget;
-                } else if let Some(answers) = answers {
+                }
+                let (given, what) = if is_answer { (text.answers, "answer") } else { (text.prompts, "prompt") };
+                if let Some(given) = given {
+                    let k = if is_answer { 1 } else { fields - 1 };
+                    let f = if is_answer { 0 } else { field_idx };
                     for (i, r) in rows.iter_mut().enumerate() {
-                        let a = &answers[i % answers.len()];
+                        let j = (i * k + f) % given.len();
+                        let a = &given[j];
                         if a.len() < budget {
                             return Err(Error::msg(format!(
-                                "teacher-forced answer {}: expected at least {budget} tokens, found {}",
-                                i % answers.len(),
+                                "teacher-forced {what} {j}: expected at least {budget} tokens, found {}",
                                 a.len()
                             )));
                         }

@@ -478,6 +478,50 @@ fn teacher_forced_answers_replace_the_sampled_answer_and_keep_the_prompt() {
 }
 
 #[test]
+fn template_prompts_from_text_are_teacher_forced_and_answers_sampled_after_them() {
+    let m = tiny(64, 1).model(None).unwrap();
+    // start, "10 11", prompt field, "12", answer field: 20 tokens, 17 free, 8 + 9 per field.
+    let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
+    let prompts = vec![(30..40).collect::<Vec<u32>>(), (40..50).collect(), (50..60).collect()];
+    let text = TemplateText { prompts: Some(&prompts), answers: None };
+    let s = sample_template_from(m.as_ref(), 2, &segs, 4, 20, 7, text).unwrap();
+    let sampled = sample_template(m.as_ref(), 2, &segs, 4, 20, 7).unwrap();
+    assert_eq!(s.answer_start, sampled.answer_start);
+    assert_eq!(s.answer_start, 12);
+    for (i, r) in s.seqs.iter().enumerate() {
+        assert_eq!(r.len(), 20);
+        assert_eq!(r[..3], [2, 10, 11]);
+        assert_eq!(r[3..11], prompts[i % 3][..8], "row {i}: the prompt field is its text's first 8 tokens");
+        assert_eq!(r[11], 12);
+    }
+    assert_eq!(s, sample_template_from(m.as_ref(), 2, &segs, 4, 20, 7, text).unwrap(), "deterministic");
+    // The answers are sampled (the fixture's model is peaked: take a flat one to see seeds).
+    let flat = {
+        let cfg = config(64);
+        let w = cfg.random_weights(1).unwrap();
+        checkpoint(cfg, w).model(None).unwrap()
+    };
+    let a = sample_template_from(flat.as_ref(), 2, &segs, 4, 20, 7, text).unwrap();
+    let b = sample_template_from(flat.as_ref(), 2, &segs, 4, 20, 8, text).unwrap();
+    assert!(a.seqs.iter().zip(&b.seqs).all(|(a, b)| a[..12] == b[..12]), "the prompts are the text");
+    assert!(a.seqs.iter().zip(&b.seqs).any(|(a, b)| a[12..] != b[12..]), "the answers are sampled");
+    // Both given: nothing is sampled.
+    let answers = vec![(1..20).collect::<Vec<u32>>()];
+    let both = TemplateText { prompts: Some(&prompts), answers: Some(&answers) };
+    let b = sample_template_from(m.as_ref(), 2, &segs, 2, 20, 7, both).unwrap();
+    assert_eq!(b.seqs[1][3..11], prompts[1][..8]);
+    assert_eq!(b.seqs[1][12..], answers[0][..8]);
+    let short = vec![vec![1u32; 3]];
+    let e = sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: Some(&short), answers: None })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("teacher-forced prompt 0: expected at least 8 tokens, found 3"), "{e}");
+    let none: Vec<Vec<u32>> = Vec::new();
+    assert!(sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: Some(&none), answers: None })
+        .is_err());
+}
+
+#[test]
 fn answer_only_keeps_the_answer_positions_up_to_eos() {
     let m = tiny(64, 1).model(None).unwrap();
     // start 2, prompt 10 11, answer 20 21 then eos 3, then junk after eos.

@@ -16,10 +16,10 @@ use hetfed_net::{Caller, DataStats, FedService, Secret};
 use hetfed_train::Example;
 
 use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
-use crate::config::{ClientGroup, RunConfig};
+use crate::config::{ClientGroup, EvalSplit, RunConfig};
 use crate::hetero::{
-    fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetAnswers, OffsetSequences, ServerText,
-    SmallBase, TransferConfig,
+    fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetAnswers, OffsetPrompts, OffsetSequences,
+    ServerText, SmallBase, TransferConfig,
 };
 use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOptions};
 use hetfed_transfer::PairMaps;
@@ -119,7 +119,7 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
     }
     let mut names = cfg.data.task_names();
     // The validation cut exists only for the clients' tasks (a train split the run partitions).
-    if e.split != "validation" {
+    if e.split != EvalSplit::Validation {
         for t in &e.tasks {
             if !names.contains(t) {
                 names.push(t.clone());
@@ -131,14 +131,14 @@ pub fn server_eval(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<Op
     let mut tasks = Vec::new();
     for name in &names {
         let spec = hetfed_data::task::builtin(name)?;
-        let mut ex = match e.split.as_str() {
-            "test" => spec.load(dir, Split::Test)?,
-            "validation" => {
+        let mut ex = match e.split {
+            EvalSplit::Test => spec.load(dir, Split::Test)?,
+            EvalSplit::Validation => {
                 let train = spec.load(dir, Split::Train)?;
                 let cut = validation_cut(cfg, name, &train)?;
                 train.subset(&cut)?
             }
-            _ => spec.load(dir, Split::Dev)?,
+            EvalSplit::Dev => spec.load(dir, Split::Dev)?,
         };
         if e.max_examples > 0 && ex.len() > e.max_examples {
             ex = ex.subset(&strided(ex.len(), e.max_examples))?;
@@ -311,6 +311,7 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
     }
     let mut templates = BTreeMap::new();
     let mut answers = BTreeMap::new();
+    let mut prompts = BTreeMap::new();
     for name in cfg.data.task_names() {
         let spec = hetfed_data::task::builtin(&name)?;
         let mut segments = Vec::new();
@@ -328,21 +329,27 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
         templates.insert(spec.name.clone(), segments);
         if oc.answers == OffsetAnswers::Text {
             if let Some(lang) = spec.dataset.answer_lang() {
-                answers.insert(spec.name.clone(), text_answers(dir, &lang, tok, eos, oc.seq_len)?);
+                answers.insert(spec.name.clone(), text_answers(dir, &lang, tok, Some(eos), oc.seq_len)?);
+            }
+        }
+        if oc.prompts == OffsetPrompts::Text {
+            if let Some(lang) = spec.dataset.prompt_lang() {
+                prompts.insert(spec.name.clone(), text_answers(dir, &lang, tok, None, oc.seq_len)?);
             }
         }
     }
-    Ok(ServerText { general, templates, answers })
+    Ok(ServerText { general, templates, answers, prompts })
 }
 
-/// Teacher-forced answers in language `lang` from the server's own text (`mltext:<lang>` train
+/// Teacher-forced fields in language `lang` from the server's own text (`mltext:<lang>` train
 /// lines, in file order): each starts at a line and runs over consecutive lines (` line`, then
-/// `eos`) until it has `len` tokens; at most [`MAX_TEXT_ANSWERS`] of them.
+/// `eos` when given: an answer ends there) until it has `len` tokens; at most
+/// [`MAX_TEXT_ANSWERS`] of them.
 fn text_answers(
     dir: &DataDir,
     lang: &str,
     tok: &hetfed_model::tokenizers::Tokenizer,
-    eos: u32,
+    eos: Option<u32>,
     len: usize,
 ) -> Result<Vec<Vec<u32>>> {
     let spec: hetfed_data::DatasetSpec = format!("mltext:{lang}").parse()?;
@@ -355,7 +362,7 @@ fn text_answers(
             .encode(format!(" {}", l.text.trim()), false)
             .map_err(|e| Error::msg(format!("tokenising mltext:{lang}: {e}")))?;
         let mut v = e.get_ids().to_vec();
-        v.push(eos);
+        v.extend(eos);
         ids.push(v);
     }
     let mut out = Vec::new();
@@ -378,7 +385,8 @@ fn text_answers(
     }
     if out.is_empty() {
         return Err(Error::msg(format!(
-            "offset answers = \"text\": expected mltext:{lang} train text of at least {len} tokens, found {} lines",
+            "offset {} = \"text\": expected mltext:{lang} train text of at least {len} tokens, found {} lines",
+            if eos.is_some() { "answers" } else { "prompts" },
             lines.len()
         )));
     }

@@ -22,7 +22,7 @@ use hetfed_net::{
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Example, TrainConfig, Trainer};
 
-use crate::strategy::FitConfig;
+use crate::strategy::{Encoding, FitConfig};
 use crate::sys;
 
 /// A client's private data: training pairs and a local held-out slice.
@@ -235,10 +235,10 @@ pub fn train_round(
             TaskVector::full_diff(identity.clone(), &ck.weights, &tuned)?
         }
     };
-    let bytes = match cfg.encoding.as_str() {
-        "f16" => tv.to_bytes(DType::F16)?,
-        "int8" => tv.to_bytes_int8()?,
-        _ => tv.to_bytes(DType::F32)?,
+    let bytes = match cfg.encoding {
+        Encoding::F16 => tv.to_bytes(DType::F16)?,
+        Encoding::Int8 => tv.to_bytes_int8()?,
+        Encoding::F32 => tv.to_bytes(DType::F32)?,
     };
     let tail = losses.len().div_ceil(4).max(1);
     let train_loss = losses.iter().rev().take(tail).sum::<f64>() / tail.min(losses.len()).max(1) as f64;

@@ -100,6 +100,21 @@ fn d_max_mib() -> u64 {
     8192
 }
 
+/// The split the server evaluates tasks on (`server.eval.split`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSplit {
+    /// The tasks' dev splits (the default).
+    #[default]
+    Dev,
+    /// The tasks' test splits.
+    Test,
+    /// The examples of each client task's train split that no client holds: for choosing
+    /// settings without touching dev or test (`tasks` beyond the clients' are then not
+    /// evaluated).
+    Validation,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSection {
@@ -119,10 +134,8 @@ pub struct EvalSection {
     /// Lines of general held-out text (`mltext` English dev split) whose perplexity measures
     /// forgetting each evaluation (`general/ppl`); 0 = off. Range 0..=100000.
     pub general_lines: usize,
-    /// The split the tasks are evaluated on: "dev" (default), "test", or "validation": the
-    /// examples of each client task's train split that no client holds (for choosing settings
-    /// without touching dev or test; `tasks` beyond the clients' are then not evaluated).
-    pub split: String,
+    /// The split the tasks are evaluated on.
+    pub split: EvalSplit,
     /// Longest generated output of generation tasks, in tokens: 1..=4096, and less than the
     /// context of the server's and the clients' models.
     pub max_new_tokens: usize,
@@ -137,7 +150,7 @@ impl Default for EvalSection {
             batch_size: 16,
             max_len: 128,
             general_lines: 0,
-            split: "dev".into(),
+            split: EvalSplit::Dev,
             max_new_tokens: 64,
         }
     }
@@ -404,12 +417,6 @@ impl RunConfig {
         self.client.validate()?;
         if let Some(t) = &self.transfer {
             t.validate()?;
-        }
-        if !matches!(self.server.eval.split.as_str(), "dev" | "test" | "validation") {
-            return Err(format!(
-                "server.eval.split: expected \"dev\", \"test\" or \"validation\", found {:?}",
-                self.server.eval.split
-            ));
         }
         Ok(())
     }

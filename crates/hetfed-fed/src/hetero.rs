@@ -156,6 +156,18 @@ pub enum OffsetAnswers {
     Text,
 }
 
+/// Where the prompt fields of a task's distillation examples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetPrompts {
+    /// Sampled from the task's teacher, like the answer.
+    Sampled,
+    /// Teacher-forced from the server's own text (`mltext` train lines) in the language of the
+    /// task's prompts (a translation's source, a summarised document, a comment); the teacher
+    /// then writes the answer to that real input.
+    Text,
+}
+
 /// Which positions of a sampled task example the distillation KL covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -187,6 +199,8 @@ pub struct OffsetConfig {
     pub init: OffsetInit,
     /// The positions of sampled task examples that the KL covers (general text: all).
     pub loss: OffsetLoss,
+    /// Where task examples' prompt fields come from.
+    pub prompts: OffsetPrompts,
     /// Where task examples' answers come from.
     pub answers: OffsetAnswers,
     /// Held-out diagnostic: per task, this many more examples sampled from its teacher (another
@@ -208,6 +222,7 @@ impl Default for OffsetConfig {
             seq_len: 64,
             init: OffsetInit::Global,
             loss: OffsetLoss::All,
+            prompts: OffsetPrompts::Sampled,
             answers: OffsetAnswers::Sampled,
             heldout_per_task: 0,
         }
@@ -258,6 +273,9 @@ pub struct ServerText {
     /// consecutive server text lines, ` line` then the end-of-sequence token, at least
     /// `seq_len` tokens long.
     pub answers: BTreeMap<String, Vec<Vec<u32>>>,
+    /// Task name → teacher-forced prompt fields in its prompt language (`prompts = "text"`):
+    /// each consecutive server text lines (` line ...`), at least `seq_len` tokens long.
+    pub prompts: BTreeMap<String, Vec<Vec<u32>>>,
 }
 
 /// How several projected updates are combined.
@@ -867,15 +885,20 @@ impl Hetero {
         let eos = self.large.arch.eos_token_id().unwrap_or(0);
         let template = self.text.templates.get(task).cloned().unwrap_or_else(|| vec![hetfed_distill::Segment::Field]);
         let len = self.cfg.offset.seq_len;
-        let samples = match self.text.answers.get(task) {
-            Some(answers) if self.cfg.offset.answers == OffsetAnswers::Text => {
-                // A seeded start, so that each round and the held-out set see other lines.
-                let k = (seed % answers.len() as u64) as usize;
-                let rotated: Vec<Vec<u32>> = answers[k..].iter().chain(&answers[..k]).cloned().collect();
-                hetfed_distill::sample_template_with_answers(teacher, eos, &template, n, len, seed, &rotated)?
-            }
-            _ => hetfed_distill::sample_template(teacher, eos, &template, n, len, seed)?,
+        // A seeded start in the server's text, so that each round and the held-out set see
+        // other lines.
+        let rotated = |lines: &[Vec<u32>], start: u64| -> Vec<Vec<u32>> {
+            let k = (start % lines.len() as u64) as usize;
+            lines[k..].iter().chain(&lines[..k]).cloned().collect()
         };
+        let oc = &self.cfg.offset;
+        let answers =
+            self.text.answers.get(task).filter(|_| oc.answers == OffsetAnswers::Text).map(|a| rotated(a, seed));
+        let prompt_start = crate::strategy::mix(seed, 0x5052_4F4D);
+        let prompts =
+            self.text.prompts.get(task).filter(|_| oc.prompts == OffsetPrompts::Text).map(|p| rotated(p, prompt_start));
+        let text = hetfed_distill::TemplateText { prompts: prompts.as_deref(), answers: answers.as_deref() };
+        let samples = hetfed_distill::sample_template_from(teacher, eos, &template, n, len, seed, text)?;
         let mut seqs = samples.seqs;
         let mut targets = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &seqs, self.cfg.distill.temperature)?;
         // Under `Answer` the rows before the one predicting the answer's first token are zeroed.

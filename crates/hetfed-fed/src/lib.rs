@@ -15,9 +15,9 @@ pub mod strategy;
 pub mod sys;
 pub mod validate;
 
-pub use strategy::{FitConfig, Sampling, Strategy, StrategyConfig};
+pub use strategy::{Encoding, FitConfig, Sampling, Strategy, StrategyConfig};
 pub mod assemble;
 pub mod config;
 pub mod sweep;
 
-pub use config::RunConfig;
+pub use config::{EvalSplit, RunConfig};

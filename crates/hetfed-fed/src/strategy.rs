@@ -28,8 +28,8 @@ pub struct FitConfig {
     pub lora_alpha: f64,
     /// FedProx coefficient the client adds to its loss (0 = plain local training).
     pub proximal_mu: f64,
-    /// How the update is encoded: "f32", "f16" or "int8". LoRA updates stay as factors.
-    pub encoding: String,
+    /// How the update is encoded. LoRA updates stay as factors.
+    pub encoding: Encoding,
     /// Seed of the client's shuffling, adapter initialisation and dropout in this round.
     pub seed: u64,
     /// Continue the client's own LoRA adapter from its previous round instead of a fresh one,
@@ -37,6 +37,20 @@ pub struct FitConfig {
     /// always: the client's own base). A specialist then keeps learning across rounds, as the
     /// central and local-only baselines do, and each upload is its whole change from the base.
     pub keep_adapter: bool,
+}
+
+/// How a client encodes its update on the wire (`client.encoding`; TOML and the wire carry
+/// `"f32"`, `"f16"` or `"int8"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Full precision.
+    #[default]
+    F32,
+    /// Half precision: half the bytes.
+    F16,
+    /// Symmetric 8-bit quantisation per tensor: a quarter of the bytes.
+    Int8,
 }
 
 impl Default for FitConfig {
@@ -50,7 +64,7 @@ impl Default for FitConfig {
             lora_rank: 8,
             lora_alpha: 16.0,
             proximal_mu: 0.0,
-            encoding: "f32".into(),
+            encoding: Encoding::F32,
             seed: 0,
             keep_adapter: false,
         }
@@ -59,9 +73,6 @@ impl Default for FitConfig {
 
 impl FitConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if !matches!(self.encoding.as_str(), "f32" | "f16" | "int8") {
-            return Err(format!("client.encoding: expected \"f32\", \"f16\" or \"int8\", found {:?}", self.encoding));
-        }
         if self.epochs == 0 && self.max_steps.is_none() {
             return Err("client.epochs: expected at least 1, found 0".into());
         }

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assemble::{build_hetero, client_data, eval_options, server_eval};
 use crate::client::{train_round, ClientData};
-use crate::config::RunConfig;
+use crate::config::{EvalSplit, RunConfig};
 use crate::hetero::TransferConfig;
 use crate::server::{evaluate_served, evaluate_weights, Served, ServerEval};
 use crate::strategy::{FitConfig, FitResult, Strategy, StrategyConfig};
@@ -72,7 +72,7 @@ pub struct SweepConfig {
     pub seeds: Vec<u64>,
     /// Evaluate on this split instead of the base config's (`server.eval.split`).
     #[serde(default)]
-    pub eval_split: Option<String>,
+    pub eval_split: Option<EvalSplit>,
     #[serde(rename = "row")]
     pub rows: Vec<Row>,
 }
@@ -147,7 +147,7 @@ fn run_config(
     base_path: &Path,
     seed: u64,
     transfer: Option<&toml::Value>,
-    eval_split: Option<&str>,
+    eval_split: Option<EvalSplit>,
 ) -> Result<RunConfig> {
     let text = std::fs::read_to_string(base_path).map_err(|e| Error::io(base_path, e))?;
     let mut v: toml::Value = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", base_path.display())))?;
@@ -169,7 +169,8 @@ fn run_config(
     over.insert("transfer".into(), t);
     if let Some(split) = eval_split {
         let mut eval = toml::map::Map::new();
-        eval.insert("split".into(), toml::Value::String(split.to_string()));
+        let split = toml::Value::try_from(split).map_err(|e| Error::msg(format!("eval_split: {e}")))?;
+        eval.insert("split".into(), split);
         let mut server = toml::map::Map::new();
         server.insert("eval".into(), toml::Value::Table(eval));
         over.insert("server".into(), toml::Value::Table(server));
@@ -257,7 +258,7 @@ pub fn run_sweep(
         if results.iter().all(|r| r.cells.contains_key(&seed)) {
             continue;
         }
-        let cfg = run_config(&base_path, seed, None, sweep.eval_split.as_deref())?;
+        let cfg = run_config(&base_path, seed, None, sweep.eval_split)?;
         let t = cfg.transfer.clone().ok_or_else(|| {
             Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display()))
         })?;
@@ -305,7 +306,7 @@ pub fn run_sweep(
                         }
                         hetero_updates = Some(per_round);
                     }
-                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split.as_deref())?;
+                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split)?;
                     let rt = rcfg.transfer.clone().unwrap_or_default();
                     hetero(&rcfg, &rt, dir, &large, &infos, hetero_updates.as_deref().unwrap_or_default(), &ev)?
                 }

@@ -182,8 +182,14 @@ fn sampling_is_deterministic_bounded_and_sorted() {
 fn config_errors_name_the_key() {
     let bad = StrategyConfig::Fedadam(FedOptParams { beta1: 1.5, ..Default::default() });
     assert!(bad.validate().unwrap_err().contains("strategy.beta1"));
-    let e = FitConfig { encoding: "int4".into(), ..Default::default() }.validate().unwrap_err();
-    assert!(e.contains("client.encoding") && e.contains("int4"), "{e}");
+    let e = hetfed_fed::RunConfig::from_toml(
+        "[server]\nmodel = \"m\"\n[client]\nencoding = \"int4\"\n[data]\ntask = \"ethos\"\nnum_clients = 3\n",
+        ".".into(),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("encoding") && e.contains("int4") && e.contains("int8"), "{e}");
     let e = hetfed_fed::RunConfig::from_toml(
         "[server]\nmodel = \"m\"\nquorum = 9\n[data]\ntask = \"ethos\"\nnum_clients = 3\n",
         ".".into(),
@@ -226,7 +232,7 @@ fn config_errors_name_the_key() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("server.eval.split") && e.contains("holdout"), "{e}");
+    assert!(e.contains("t.toml") && e.contains("line 4") && e.contains("holdout") && e.contains("validation"), "{e}");
     // The committed configs parse.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     hetfed_fed::RunConfig::from_file(&root.join("fedavg-small.toml")).unwrap();

@@ -57,6 +57,20 @@ pub enum DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// The ISO 639-1 language of a task's prompt fields (a translation's source, a summarised
+    /// document, a comment, a premise); `None` for plain text.
+    pub fn prompt_lang(&self) -> Option<String> {
+        match self {
+            DatasetSpec::Flores { src, .. } | DatasetSpec::Tico { src, .. } | DatasetSpec::In22 { src, .. } => {
+                Some(crate::lang::iso_code(src))
+            }
+            DatasetSpec::XlSum { lang } | DatasetSpec::Xcopa { lang } => Some(crate::lang::iso_code(lang)),
+            DatasetSpec::Ilsum => Some("hi".into()),
+            DatasetSpec::SciTldr | DatasetSpec::Bbc | DatasetSpec::Ethos | DatasetSpec::Copa => Some("en".into()),
+            DatasetSpec::Mltext { .. } => None,
+        }
+    }
+
     /// The ISO 639-1 language of a generation task's answers (a translation's target, a
     /// summary's language); `None` for choice tasks and plain text.
     pub fn answer_lang(&self) -> Option<String> {
