@@ -1,10 +1,10 @@
-//! What the report knows about a run, read tolerantly from `metrics.jsonl` events.
-//!
-//! Unknown events, unknown fields, and fields of the wrong type are ignored: a field that is not
-//! what the schema says is treated as missing, never as an error. Numbers that are not finite
-//! are missing too (serde_json writes NaN as `null`).
+//! What the report knows about a run, read from `metrics.jsonl` through the records the server
+//! writes ([`hetfed_events::Event`]): unknown events, unknown fields, and fields of the wrong
+//! type are ignored (a field that is not what the schema says is missing, never an error), and
+//! numbers that are not finite are missing too (serde_json writes NaN as `null`).
 
-use serde_json::{Map, Value};
+use hetfed_events::Event;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) type Metrics = BTreeMap<String, f64>;
@@ -45,19 +45,18 @@ pub(crate) enum Status {
     Unknown,
 }
 
-impl Status {
-    fn parse(s: Option<&str>) -> Self {
+impl From<hetfed_events::Status> for Status {
+    fn from(s: hetfed_events::Status) -> Self {
         match s {
-            None => Status::Unknown,
-            Some(s) => match s.to_ascii_lowercase().as_str() {
-                "ok" => Status::Ok,
-                "failed" => Status::Failed,
-                "rejected" => Status::Rejected,
-                _ => Status::Other(s.to_string()),
-            },
+            hetfed_events::Status::Ok => Status::Ok,
+            hetfed_events::Status::Failed => Status::Failed,
+            hetfed_events::Status::Rejected => Status::Rejected,
+            hetfed_events::Status::Other(s) => Status::Other(s),
         }
     }
+}
 
+impl Status {
     pub fn label(&self) -> &str {
         match self {
             Status::Ok => "ok",
@@ -128,56 +127,23 @@ pub(crate) struct Run {
     pub client_order: Vec<String>,
 }
 
-fn f(o: &Map<String, Value>, k: &str) -> Option<f64> {
-    o.get(k).and_then(Value::as_f64).filter(|v| v.is_finite())
-}
-
-fn s(o: &Map<String, Value>, k: &str) -> Option<String> {
-    match o.get(k)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// A non-negative integer, also when written as an integral float (`3.0`).
-fn u(o: &Map<String, Value>, k: &str) -> Option<u64> {
-    let v = o.get(k)?;
-    v.as_u64().or_else(|| {
-        v.as_f64().filter(|x| x.is_finite() && *x >= 0.0 && x.fract() == 0.0 && *x < 9.0e15).map(|x| x as u64)
-    })
-}
-
-fn metrics(o: &Map<String, Value>, k: &str) -> Metrics {
-    match o.get(k) {
-        Some(Value::Object(m)) => {
-            m.iter().filter_map(|(k, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| (k.clone(), x))).collect()
-        }
-        _ => Metrics::new(),
-    }
-}
-
 impl Run {
     pub fn from_events(events: &[Value]) -> Run {
         let mut run = Run::default();
         let mut rows: BTreeMap<(u64, String), (usize, ClientRow)> = BTreeMap::new();
         let mut seen: Vec<String> = Vec::new();
+        let count = |v: Option<u64>| v.map(|x| x as f64);
         for (i, ev) in events.iter().enumerate() {
-            let Some(o) = ev.as_object() else { continue };
-            match o.get("event").and_then(Value::as_str) {
-                Some("run_start") => {
+            match Event::parse(ev) {
+                Some(Event::RunStart(e)) => {
                     run.starts += 1;
-                    let clients: Vec<String> = match o.get("clients") {
-                        Some(Value::Array(a)) => a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect(),
-                        _ => Vec::new(),
-                    };
                     let this = RunStart {
-                        run_id: s(o, "run_id"),
-                        strategy: s(o, "strategy"),
-                        rounds: u(o, "rounds"),
-                        clients,
-                        config: o.get("config").filter(|c| !c.is_null()).cloned(),
-                        time_unix_ms: f(o, "time_unix_ms"),
+                        run_id: e.run_id,
+                        strategy: e.strategy,
+                        rounds: e.rounds,
+                        clients: e.clients.unwrap_or_default(),
+                        config: e.config,
+                        time_unix_ms: count(e.time_unix_ms),
                     };
                     match &mut run.start {
                         None => run.start = Some(this),
@@ -193,60 +159,60 @@ impl Run {
                         }
                     }
                 }
-                Some("client_round") => {
-                    let (Some(round), Some(client)) = (u(o, "round"), s(o, "client")) else { continue };
+                Some(Event::ClientRound(e)) => {
+                    let (Some(round), Some(client)) = (e.round, e.client) else { continue };
                     if !seen.contains(&client) {
                         seen.push(client.clone());
                     }
                     let row = ClientRow {
                         round,
                         client: client.clone(),
-                        status: Status::parse(o.get("status").and_then(Value::as_str)),
-                        reason: s(o, "reason").filter(|r| !r.is_empty()),
-                        examples: f(o, "examples"),
-                        bytes_up: f(o, "bytes_up"),
-                        bytes_down: f(o, "bytes_down"),
-                        train_s: f(o, "train_s"),
-                        upload_s: f(o, "upload_s"),
-                        update_norm: f(o, "update_norm"),
-                        train_loss: f(o, "train_loss"),
-                        cpu_s: f(o, "cpu_s"),
-                        peak_rss_bytes: f(o, "peak_rss_bytes"),
-                        eval: metrics(o, "eval"),
+                        status: e.status.map_or(Status::Unknown, Status::from),
+                        reason: e.reason.filter(|r| !r.is_empty()),
+                        examples: count(e.examples),
+                        bytes_up: count(e.bytes_up),
+                        bytes_down: count(e.bytes_down),
+                        train_s: e.train_s,
+                        upload_s: e.upload_s,
+                        update_norm: e.update_norm,
+                        train_loss: e.train_loss,
+                        cpu_s: e.cpu_s,
+                        peak_rss_bytes: count(e.peak_rss_bytes),
+                        eval: e.eval.unwrap_or_default(),
                     };
                     // Keep the position of the first occurrence so the table order is stable.
                     let pos = rows.get(&(round, client.clone())).map_or(i, |(p, _)| *p);
                     rows.insert((round, client), (pos, row));
                 }
-                Some("round") => {
-                    let Some(round) = u(o, "round") else { continue };
+                Some(Event::Round(e)) => {
+                    let Some(round) = e.round else { continue };
                     run.rounds.insert(
                         round,
                         RoundRec {
-                            selected: f(o, "selected"),
-                            ok: f(o, "ok"),
-                            failed: f(o, "failed"),
-                            rejected: f(o, "rejected"),
-                            aggregate_s: f(o, "aggregate_s"),
-                            server_eval_s: f(o, "server_eval_s"),
-                            wall_s: f(o, "wall_s"),
-                            bytes_up: f(o, "bytes_up"),
-                            bytes_down: f(o, "bytes_down"),
-                            server_cpu_s: f(o, "server_cpu_s"),
-                            server_rss_bytes: f(o, "server_rss_bytes"),
-                            server_eval: metrics(o, "server_eval"),
-                            alphas: metrics(o, "alphas"),
+                            selected: count(e.selected),
+                            ok: count(e.ok),
+                            failed: count(e.failed),
+                            rejected: count(e.rejected),
+                            aggregate_s: e.aggregate_s,
+                            server_eval_s: e.server_eval_s,
+                            wall_s: e.wall_s,
+                            bytes_up: count(e.bytes_up),
+                            bytes_down: count(e.bytes_down),
+                            server_cpu_s: e.server_cpu_s,
+                            server_rss_bytes: count(e.server_rss_bytes),
+                            server_eval: e.server_eval.unwrap_or_default(),
+                            alphas: e.alphas.unwrap_or_default(),
                         },
                     );
                 }
-                Some("run_end") => {
+                Some(Event::RunEnd(e)) => {
                     run.end = Some(RunEnd {
-                        rounds_completed: u(o, "rounds_completed"),
-                        wall_s: f(o, "wall_s"),
-                        time_unix_ms: f(o, "time_unix_ms"),
+                        rounds_completed: e.rounds_completed,
+                        wall_s: e.wall_s,
+                        time_unix_ms: count(e.time_unix_ms),
                     });
                 }
-                _ => {}
+                Some(Event::Refused(_) | Event::RefusedSuppressed(_) | Event::Resume(_)) | None => {}
             }
         }
         let mut rows: Vec<(usize, ClientRow)> = rows.into_values().collect();

@@ -7,8 +7,8 @@ use std::time::Duration;
 use hetfed_net::{Caller, ServiceError};
 use tokio::time::Instant;
 
-use super::events::Event;
 use super::{lock, unix_ms, Reply, Server};
+use hetfed_events::{Event, Refused, RefusedSuppressed};
 
 /// Who may connect: client id → SHA-256 of its token (the server never stores tokens), and the
 /// revoked ids.
@@ -131,15 +131,15 @@ impl Server {
         }
         tracing::warn!(call, client = %client, peer = ?peer, "refused: {reason}");
         let server_round = lock(&self.state).round;
-        self.event(&Event::Refused {
-            call,
-            client: &client,
-            reason: &reason,
-            peer: peer.as_deref(),
+        self.event(&Event::Refused(Refused {
+            call: Some(call.to_string()),
+            client: Some(client),
+            reason: Some(reason),
+            peer,
             upload_round,
-            server_round,
-            time_unix_ms: unix_ms(),
-        });
+            server_round: Some(server_round),
+            time_unix_ms: Some(unix_ms()),
+        }));
     }
 
     /// Writes the count of audit records suppressed in the current window, if any.
@@ -151,7 +151,11 @@ impl Server {
     }
 
     fn suppressed(&self, count: u64) {
-        self.event(&Event::RefusedSuppressed { count, window_s: AUDIT_WINDOW_S, time_unix_ms: unix_ms() });
+        self.event(&Event::RefusedSuppressed(RefusedSuppressed {
+            count: Some(count),
+            window_s: Some(AUDIT_WINDOW_S),
+            time_unix_ms: Some(unix_ms()),
+        }));
     }
 
     /// The caller's credentials; refusals of calls other than register and upload (which audit

@@ -43,7 +43,7 @@ pub use eval::{evaluate_model, evaluate_served, evaluate_weights, EvalTask, Serv
 
 use crate::strategy::Strategy;
 use auth::AuditWindow;
-use events::Event;
+use hetfed_events::{Event, Resume};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -201,7 +201,7 @@ impl Server {
             opts,
         });
         if server.opts.resume {
-            server.event(&Event::Resume { round: start.round, time_unix_ms: unix_ms() });
+            server.event(&Event::Resume(Resume { round: Some(start.round), time_unix_ms: Some(unix_ms()) }));
         }
         Ok(server)
     }

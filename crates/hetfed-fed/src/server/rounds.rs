@@ -12,7 +12,9 @@ use hetfed_taskvec::TaskVector;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::events::{ClientRound, Event, RoundRecord};
+use hetfed_events::{Event, Round, RunEnd, RunStart};
+
+use super::events::client_round;
 use super::{lock, unix_ms, Outcome, Phase, RunSummary, Server};
 use crate::strategy::{AggregateReport, Failure, FitResult};
 use crate::sys;
@@ -47,22 +49,27 @@ impl Server {
         let t0 = Instant::now();
         let start = lock(&self.state).round;
         if start == 0 {
-            self.event(&Event::RunStart {
-                run_id: &self.run_id,
-                strategy: &self.opts.strategy_name,
-                rounds: self.opts.rounds,
-                clients: self.opts.auth.client_ids().collect(),
-                config: &self.opts.config_json,
-                strategy_info: lock(&self.strategy).run_info(),
-                time_unix_ms: unix_ms(),
-            });
+            self.event(&Event::RunStart(RunStart {
+                run_id: Some(self.run_id.clone()),
+                strategy: Some(self.opts.strategy_name.clone()),
+                rounds: Some(self.opts.rounds),
+                clients: Some(self.opts.auth.client_ids().map(str::to_string).collect()),
+                config: Some(self.opts.config_json.clone()),
+                strategy_info: Some(lock(&self.strategy).run_info()),
+                time_unix_ms: Some(unix_ms()),
+            }));
         }
         let mut final_eval = BTreeMap::new();
         if start == 0 && self.eval.is_some() {
             let t = Instant::now();
             final_eval = self.server_eval().await?;
             let server_eval_s = t.elapsed().as_secs_f64();
-            self.event(&Event::InitialEval { round: 0, server_eval: &final_eval, server_eval_s });
+            self.event(&Event::Round(Box::new(Round {
+                round: Some(0),
+                server_eval: Some(final_eval.clone()),
+                server_eval_s: Some(server_eval_s),
+                ..Default::default()
+            })));
         }
         for round in start + 1..=self.opts.rounds {
             final_eval = self.run_round(round).await?;
@@ -74,7 +81,11 @@ impl Server {
         self.flush_audit();
         let wall_s = t0.elapsed().as_secs_f64();
         let rounds_completed = self.opts.rounds;
-        self.event(&Event::RunEnd { rounds_completed, wall_s, time_unix_ms: unix_ms() });
+        self.event(&Event::RunEnd(RunEnd {
+            rounds_completed: Some(rounds_completed),
+            wall_s: Some(wall_s),
+            time_unix_ms: Some(unix_ms()),
+        }));
         let model_version = lock(&self.state).identity.weights_hash.clone();
         Ok(RunSummary { rounds_completed, model_version, final_eval, wall_s })
     }
@@ -246,36 +257,36 @@ impl Server {
         for id in &c.selected {
             let down = c.bytes_down.get(id).copied().unwrap_or(0);
             let failure = c.failures.iter().find(|f| &f.client_id == id).map(|f| f.reason.as_str());
-            let line = ClientRound::new(c.round, id, down, c.outcomes.get(id), failure, d.report.as_ref());
-            (up_total, down_total) = (up_total + line.bytes_up(), down_total + down);
+            let line = client_round(c.round, id, down, c.outcomes.get(id), failure, d.report.as_ref());
+            (up_total, down_total) = (up_total + line.bytes_up.unwrap_or(0), down_total + down);
             self.event(&Event::ClientRound(line));
         }
         let n_ok = c.accepted.len();
         let n_rej = c.outcomes.values().filter(|o| matches!(o, Outcome::Rejected { .. })).count();
         let no_report = AggregateReport::default();
         let report = d.report.as_ref().unwrap_or(&no_report);
-        self.event(&Event::Round(Box::new(RoundRecord {
-            round: c.round,
-            selected: c.selected.len(),
-            ok: n_ok,
-            rejected: n_rej,
-            failed: c.selected.len() - n_ok - n_rej,
-            aggregated: report.n_aggregated > 0,
-            n_aggregated: report.n_aggregated,
-            quorum: self.opts.quorum,
-            alphas: &report.weights,
-            applied_norm: report.applied_norm,
-            aggregation: &report.details,
-            aggregate_s: d.aggregate_s,
-            server_eval_s: d.server_eval_s,
-            wall_s: c.started.elapsed().as_secs_f64(),
-            bytes_up: up_total,
-            bytes_down: down_total,
-            server_eval: &d.server_eval,
-            server_cpu_s: sys::cpu_seconds() - c.cpu0,
-            server_rss_bytes: sys::rss_bytes(),
-            server_peak_rss_bytes: sys::peak_rss_bytes(),
-            model_version: lock(&self.state).identity.weights_hash.clone(),
+        self.event(&Event::Round(Box::new(Round {
+            round: Some(c.round),
+            selected: Some(c.selected.len() as u64),
+            ok: Some(n_ok as u64),
+            rejected: Some(n_rej as u64),
+            failed: Some((c.selected.len() - n_ok - n_rej) as u64),
+            aggregated: Some(report.n_aggregated > 0),
+            n_aggregated: Some(report.n_aggregated as u64),
+            quorum: Some(self.opts.quorum as u64),
+            alphas: Some(report.weights.clone()),
+            applied_norm: Some(report.applied_norm),
+            aggregation: Some(report.details.clone()),
+            aggregate_s: Some(d.aggregate_s),
+            server_eval_s: Some(d.server_eval_s),
+            wall_s: Some(c.started.elapsed().as_secs_f64()),
+            bytes_up: Some(up_total),
+            bytes_down: Some(down_total),
+            server_eval: Some(d.server_eval.clone()),
+            server_cpu_s: Some(sys::cpu_seconds() - c.cpu0),
+            server_rss_bytes: Some(sys::rss_bytes()),
+            server_peak_rss_bytes: Some(sys::peak_rss_bytes()),
+            model_version: Some(lock(&self.state).identity.weights_hash.clone()),
         })));
     }
 }
