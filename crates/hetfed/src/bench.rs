@@ -1,6 +1,13 @@
 //! `hetfed bench`: training and inference throughput of the reference shape (BLOOM, vocab 8192,
 //! hidden 256, 4 layers, 4 heads, batch 8 × sequence 128, f32), next to the identical PyTorch
 //! model (`benches/torch_reference.py`) in the same run, with the ratio.
+//!
+//! With `--model DIR`, any model directory instead: LoRA training (rank `--lora-rank`, alpha
+//! twice the rank, every attention and MLP projection, AdamW) and scoring (the log-probability
+//! of each next token of the batch) on random token ids, tokens/s and peak resident memory,
+//! next to transformers + peft doing the same on the same directory, with the ratios. Each
+//! implementation runs in its own process (hetfed in a child of this one), so each peak is its
+//! own.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,6 +34,22 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Benchmark this Hugging Face model directory (LoRA training and scoring, tokens/s and
+    /// peak memory) instead of the reference shape
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// With --model: sequences per batch, 1..=1024
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// With --model: tokens per sequence, 2..=65536
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// With --model: LoRA rank, 1..=4096
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Internal: measure hetfed alone on --model and print one JSON line (the child process)
+    #[arg(long, hide = true)]
+    pub hetfed_only: bool,
 }
 
 const VOCAB: usize = 8192;
@@ -143,6 +166,9 @@ fn measure_torch(a: &BenchArgs, threads: usize) -> Result<Option<Rates>> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     crate::limits::int("--steps", a.steps, 1, 10_000)?;
+    if let Some(dir) = a.model.clone() {
+        return run_model(&a, &dir);
+    }
     let threads = rayon::current_num_threads();
     let rust = measure_rust(a.steps)?;
     let torch = measure_torch(&a, threads)?;
@@ -165,6 +191,168 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(t) = torch {
         println!("{:<10} {:>18.0} {:>18.0}", "pytorch", t.train, t.infer);
         println!("{:<10} {:>18.2} {:>18.2}", "ratio", rust.train / t.train, rust.infer / t.infer);
+    }
+    Ok(())
+}
+
+/// One implementation's numbers on a model directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ModelRates {
+    train_tokens_per_s: f64,
+    infer_tokens_per_s: f64,
+    peak_rss_bytes: u64,
+}
+
+/// The batch both implementations see: `batch` rows of `seq` ids below `vocab` (fixed seed).
+fn random_ids(batch: usize, seq: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
+    (0..batch * seq).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+/// hetfed on `dir`: LoRA training steps, then scoring passes; run in a child process.
+fn measure_model(a: &BenchArgs, dir: &std::path::Path) -> Result<ModelRates> {
+    let ck = Checkpoint::load(dir)?;
+    let ids = random_ids(a.batch, a.seq, ck.arch.vocab_size());
+    let data: Vec<Encoded> = ids.chunks(a.seq).map(|row| Encoded { ids: row.to_vec(), prompt_len: 1 }).collect();
+    let lora = hetfed_model::LoraConfig {
+        rank: a.lora_rank,
+        alpha: 2.0 * a.lora_rank as f64,
+        dropout: 0.0,
+        targets: ck.arch.default_lora_targets(),
+    };
+    let cfg = TrainConfig {
+        lora: Some(lora),
+        lr: 1e-4,
+        batch_size: a.batch,
+        epochs: WARMUP + a.steps,
+        max_grad_norm: None,
+        max_len: a.seq,
+        schedule: hetfed_train::Schedule::Constant,
+        ..Default::default()
+    };
+    let mut tr = Trainer::new(&ck, cfg, None)?;
+    let mut t0 = None;
+    tr.train(
+        &data,
+        |r, _| {
+            if r.step == WARMUP {
+                t0 = Some(Instant::now());
+            }
+            Ok(())
+        },
+        || false,
+    )?;
+    let tokens = (a.batch * a.seq * a.steps) as f64;
+    let train = tokens / t0.context("warm-up did not finish")?.elapsed().as_secs_f64();
+    drop(tr);
+    let model = ck.model(None)?;
+    let t = Tensor::from_vec(ids.clone(), (a.batch, a.seq), &Device::Cpu)?;
+    let targets: Vec<u32> = ids.chunks(a.seq).flat_map(|row| row[1..].to_vec()).collect();
+    for _ in 0..WARMUP {
+        model.target_logprobs(&t, &targets)?;
+    }
+    let t1 = Instant::now();
+    for _ in 0..a.steps {
+        model.target_logprobs(&t, &targets)?;
+    }
+    let infer = tokens / t1.elapsed().as_secs_f64();
+    Ok(ModelRates {
+        train_tokens_per_s: train,
+        infer_tokens_per_s: infer,
+        peak_rss_bytes: hetfed_fed::sys::peak_rss_bytes(),
+    })
+}
+
+/// Runs `cmd`, which prints one JSON line of [`ModelRates`] last; `what` names it in errors.
+fn child_rates(mut cmd: std::process::Command, what: &str) -> Result<ModelRates> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        anyhow::bail!("{what} failed: {}", err.lines().last().unwrap_or("(no output)"));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim().lines().last().unwrap_or(""))
+        .with_context(|| format!("{what}: expected one JSON line of rates, found {:?}", text.trim()))
+}
+
+fn run_model(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+    crate::limits::int("--batch", a.batch, 1, 1024)?;
+    crate::limits::int("--seq", a.seq, 2, 65_536)?;
+    crate::limits::int("--lora-rank", a.lora_rank, 1, 4096)?;
+    if a.hetfed_only {
+        println!("{}", serde_json::to_string(&measure_model(a, dir)?)?);
+        return Ok(());
+    }
+    let shape = |k: &str, v: usize| [format!("--{k}"), v.to_string()];
+    let common: Vec<String> =
+        [shape("steps", a.steps), shape("batch", a.batch), shape("seq", a.seq), shape("lora-rank", a.lora_rank)]
+            .into_iter()
+            .flatten()
+            .collect();
+    let threads = rayon::current_num_threads();
+    let mut me = std::process::Command::new(std::env::current_exe().context("locating the hetfed binary")?);
+    me.args(["--threads", &threads.to_string(), "bench", "--hetfed-only", "--model"]).arg(dir).args(&common);
+    let rust = child_rates(me, "hetfed")?;
+    let torch = if a.python == "none" {
+        None
+    } else {
+        let mut py = std::process::Command::new(&a.python);
+        py.arg(&a.torch_script).args(["--threads", &threads.to_string(), "--model"]).arg(dir).args(&common);
+        match child_rates(py, &format!("{} {}", a.python, a.torch_script.display())) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("PyTorch baseline skipped: {e:#}");
+                None
+            }
+        }
+    };
+    if a.json {
+        let mut v = serde_json::json!({
+            "model": dir.display().to_string(),
+            "shape": {"batch": a.batch, "seq": a.seq, "lora_rank": a.lora_rank},
+            "threads": threads,
+            "hetfed": rust,
+        });
+        if let Some(t) = &torch {
+            v["pytorch"] = serde_json::to_value(t)?;
+            v["ratio"] = serde_json::json!({
+                "train": rust.train_tokens_per_s / t.train_tokens_per_s,
+                "infer": rust.infer_tokens_per_s / t.infer_tokens_per_s,
+                "peak_rss": rust.peak_rss_bytes as f64 / t.peak_rss_bytes as f64,
+            });
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "{}: LoRA rank {} training and scoring, batch {} x seq {}, {threads} threads, {} steps",
+        dir.display(),
+        a.lora_rank,
+        a.batch,
+        a.seq,
+        a.steps
+    );
+    println!("{:<10} {:>18} {:>18} {:>16}", "", "train tokens/s", "score tokens/s", "peak RSS GiB");
+    let row = |name: &str, r: &ModelRates| {
+        println!(
+            "{:<10} {:>18.1} {:>18.1} {:>16.2}",
+            name,
+            r.train_tokens_per_s,
+            r.infer_tokens_per_s,
+            gib(r.peak_rss_bytes)
+        )
+    };
+    row("hetfed", &rust);
+    if let Some(t) = &torch {
+        row("pytorch", t);
+        println!(
+            "{:<10} {:>18.2} {:>18.2} {:>16.2}",
+            "ratio",
+            rust.train_tokens_per_s / t.train_tokens_per_s,
+            rust.infer_tokens_per_s / t.infer_tokens_per_s,
+            rust.peak_rss_bytes as f64 / t.peak_rss_bytes as f64
+        );
     }
     Ok(())
 }

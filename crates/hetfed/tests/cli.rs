@@ -1525,3 +1525,21 @@ fn finetune_resume_leaves_one_row_per_step() {
     assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "no torn line is left: {text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_on_a_model_directory_reports_rates_and_peak_memory() {
+    let small = models().join("base-small");
+    let dir = small.to_str().unwrap();
+    let args = ["bench", "--model", dir, "--steps", "1", "--batch", "2", "--seq", "16", "--python", "none", "--json"];
+    let v: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
+    for k in ["train_tokens_per_s", "infer_tokens_per_s", "peak_rss_bytes"] {
+        let x = v["hetfed"][k].as_f64().unwrap_or(0.0);
+        assert!(x > 0.0, "{k}: {v}");
+    }
+    assert_eq!(v["shape"]["seq"], 16);
+    assert!(v.get("pytorch").is_none(), "no baseline under --python none: {v}");
+    let e = fails(&["bench", "--model", dir, "--seq", "1"]);
+    assert!(e.contains("--seq") && e.contains('1'), "{e}");
+    let e = fails(&["bench", "--model", "no/such/dir", "--python", "none"]);
+    assert!(e.contains("no/such/dir"), "{e}");
+}
