@@ -1,0 +1,1 @@
+"""hetfed's heterogeneous federation as a Flower app."""
