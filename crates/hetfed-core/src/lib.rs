@@ -122,6 +122,53 @@ fn bytemuck_f32(data: &[u8]) -> Vec<f32> {
     data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+/// Loads a safetensors file through a memory map, one tensor at a time: each tensor is copied out
+/// of the map, passed to `convert` (by name; e.g. to change its dtype) and kept as `convert`
+/// returns it, and the map's pages of that tensor are released (`MADV_DONTNEED` on Unix) before
+/// the next. The peak is what is kept plus about one tensor, never the file and the result at
+/// once. The file must not be truncated while it loads (as with any memory map).
+///
+/// Like [`tensors_from_bytes`], any bytes give `Ok` or an error naming `path`, never a panic.
+pub fn load_safetensors_mapped(
+    path: &Path,
+    convert: &mut dyn FnMut(&str, Tensor) -> Result<Tensor>,
+) -> Result<(TensorMap, BTreeMap<String, String>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and private; hetfed does not write model files while loading
+    // them (a concurrent truncation by another process is the caller's to avoid).
+    let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
+    guard::parse(path, "a safetensors file", || {
+        let bytes: &[u8] = &map;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })?;
+        let mut out = TensorMap::new();
+        let mut names: Vec<(String, (usize, usize))> =
+            meta.tensors().into_iter().map(|(n, info)| (n, info.data_offsets)).collect();
+        // In file order: the map is read front to back.
+        names.sort_by_key(|(_, off)| *off);
+        for (name, (a, b)) in names {
+            let view =
+                st.tensor(&name).map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })?;
+            let t = tensor_from_view(&view, path, &name)?;
+            out.insert(name.clone(), convert(&name, t)?);
+            #[cfg(unix)]
+            {
+                // Offsets are relative to the data after the 8-byte length and the header.
+                let start = 8 + header_len + a;
+                // SAFETY: the map is private and read-only; dropped pages are read again from
+                // the file if touched (nothing here touches them again).
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, b - a) };
+            }
+            #[cfg(not(unix))]
+            let _ = (a, b, header_len);
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok((out, metadata))
+    })
+}
+
 /// Loads a safetensors file (floats widened to f32) with its string metadata.
 pub fn load_safetensors(path: &Path) -> Result<(TensorMap, BTreeMap<String, String>)> {
     let bytes = read_file(path)?;

@@ -1212,7 +1212,7 @@ pub fn fisher_diagonal(ck: &Checkpoint, seqs: &[Vec<u32>]) -> Result<TensorMap> 
     for (name, t) in &ck.weights {
         let trainable = name.ends_with(".weight") && MODULES.iter().any(|m| name.contains(m));
         if trainable {
-            let v = Var::from_tensor(t)?;
+            let v = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
             weights.insert(name.clone(), v.as_tensor().clone());
             vars.push((name.clone(), v));
         } else {

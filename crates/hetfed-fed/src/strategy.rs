@@ -437,6 +437,8 @@ impl WeightedSum {
 }
 
 /// `global[k] += scale · delta[k]`; the delta must name parameters of the model with their shapes.
+/// The sum is computed and kept in f32: a parameter resident in half precision comes out widened
+/// (rounding a small update back into f16 would lose it), an f32 one is unchanged in kind.
 pub fn apply_delta(global: &mut TensorMap, delta: &TensorMap, scale: f64) -> Result<f64> {
     let mut sq = 0.0;
     for (name, d) in delta {
@@ -446,9 +448,9 @@ pub fn apply_delta(global: &mut TensorMap, delta: &TensorMap, scale: f64) -> Res
         if w.dims() != d.dims() {
             return Err(Error::msg(format!("parameter `{name}`: expected shape {:?}, found {:?}", w.dims(), d.dims())));
         }
-        let step = (d * scale)?;
+        let step = (d.to_dtype(candle_core::DType::F32)? * scale)?;
         sq += hetfed_core::sq_norm(&step)?;
-        let next = (w + step)?;
+        let next = (w.to_dtype(candle_core::DType::F32)? + step)?;
         global.insert(name.clone(), next);
     }
     Ok(sq.sqrt())

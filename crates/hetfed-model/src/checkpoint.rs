@@ -164,7 +164,66 @@ impl std::fmt::Display for ModelIdentity {
     }
 }
 
-/// A loaded checkpoint: typed config, canonical f32 weights, tokenizer, and the raw config.json.
+/// The dtype weight matrices are kept in once loaded. Tensors of fewer than two dimensions
+/// (norms, biases) are always widened to f32: they are small, and the kernels read them as f32.
+///
+/// Half-precision matrices are frozen: the kernels ([`crate::ops::linear`], the fused head,
+/// embedding lookups) widen them a block at a time as they read them, and anything trained (full
+/// fine-tuning, Fisher estimates) or updated (task vectors, federated deltas) is computed in f32,
+/// the updated tensors coming out widened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// As stored: an f16 or bf16 file stays half precision in memory, an f32 file stays f32.
+    #[default]
+    Stored,
+    /// Widened (or kept) to f32: what training and every weight-space computation read.
+    F32,
+    /// bfloat16 (an f32 or f16 file is rounded to it).
+    Bf16,
+    /// IEEE half (an f32 or bf16 file is rounded to it).
+    F16,
+}
+
+impl WeightDtype {
+    pub const NAMES: &'static [&'static str] = &["stored", "f32", "bf16", "f16"];
+
+    /// The dtype a matrix stored as `stored` is kept in.
+    pub fn resident(self, stored: DType) -> DType {
+        match self {
+            WeightDtype::Stored => stored,
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "stored" => Ok(WeightDtype::Stored),
+            "f32" => Ok(WeightDtype::F32),
+            "bf16" => Ok(WeightDtype::Bf16),
+            "f16" => Ok(WeightDtype::F16),
+            other => Err(format!("expected one of {}, found {other:?}", Self::NAMES.join(", "))),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightDtype::Stored => "stored",
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::F16 => "f16",
+        })
+    }
+}
+
+/// A loaded checkpoint: typed config, canonical weights (f32, or frozen half-precision matrices,
+/// see [`WeightDtype`]), tokenizer, and the raw config.json.
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub arch: Arch,
@@ -174,13 +233,22 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Loads an HF directory. Weights stored as f32, f16 or bf16 are widened to f32.
+    /// Loads an HF directory with every weight widened to f32 (stored as f32, f16 or bf16):
+    /// [`Checkpoint::load_with`] and [`WeightDtype::F32`]. What training, merging and the federated
+    /// runtime use, which read and update the weights in f32.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, WeightDtype::F32)
+    }
+
+    /// Loads an HF directory, keeping weight matrices in `dtype` ([`WeightDtype::Stored`]: as the
+    /// file stores them). The files are memory-mapped and converted a tensor at a time, so the
+    /// peak while loading is the resident weights plus about one tensor.
     ///
     /// `dir` must be the directory itself: a path to a file in it (`.../config.json`) is refused
     /// with an error that says so and names the directory to pass instead, rather than guessing
     /// which model was meant. Every file is read behind [`hetfed_core::guard::parse`], so a
     /// damaged or truncated file is an error naming it, never a panic.
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub fn load_with(dir: &Path, dtype: WeightDtype) -> Result<Self> {
         const EXPECTED: &str = "expected a model directory (config.json, model.safetensors, tokenizer.json)";
         if dir.is_file() {
             let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -197,7 +265,7 @@ impl Checkpoint {
         let cfg_path = dir.join("config.json");
         let bytes = hetfed_core::read_file(&cfg_path)?;
         let (arch, config_json) = Arch::from_config_bytes(&bytes, &cfg_path)?;
-        let raw = load_weights(dir)?;
+        let raw = load_weights(dir, dtype)?;
         let weights = validate_weights(&arch, arch.canonicalize(raw), dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(crate::tokenizer::load(&tok_path)?) } else { None };
@@ -266,10 +334,22 @@ impl Checkpoint {
     }
 }
 
-fn load_weights(dir: &Path) -> Result<TensorMap> {
+/// One tensor as loaded: floats of two or more dimensions in `dtype`'s resident dtype, other
+/// floats (norms, biases) and f64 in f32, integers unchanged.
+fn convert_loaded(t: candle_core::Tensor, dtype: WeightDtype) -> Result<candle_core::Tensor> {
+    let target = match t.dtype() {
+        DType::F16 | DType::BF16 | DType::F32 if t.rank() >= 2 => dtype.resident(t.dtype()),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => DType::F32,
+        other => other,
+    };
+    Ok(t.to_dtype(target)?)
+}
+
+fn load_weights(dir: &Path, dtype: WeightDtype) -> Result<TensorMap> {
+    let mut convert = |_: &str, t: candle_core::Tensor| convert_loaded(t, dtype);
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok(hetfed_core::load_safetensors(&single)?.0);
+        return Ok(hetfed_core::load_safetensors_mapped(&single, &mut convert)?.0);
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
@@ -289,7 +369,7 @@ fn load_weights(dir: &Path) -> Result<TensorMap> {
                     msg: format!("expected shard file names in `weight_map`, found {f:?}"),
                 });
             }
-            out.extend(hetfed_core::load_safetensors(&dir.join(f))?.0);
+            out.extend(hetfed_core::load_safetensors_mapped(&dir.join(f), &mut convert)?.0);
         }
         return Ok(out);
     }

@@ -130,11 +130,12 @@ impl KvCache {
     }
 }
 
-/// Embedding lookup `[b, t] -> [b, t, d]` (differentiable w.r.t. the table).
+/// Embedding lookup `[b, t] -> [b, t, d]` in f32 (differentiable w.r.t. an f32 table). A frozen
+/// half-precision table stays as it is: only the selected rows are widened.
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let d = table.dim(1)?;
-    table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))
+    table.index_select(&ids.flatten_all()?, 0)?.to_dtype(candle_core::DType::F32)?.reshape((b, t, d))
 }
 
 /// Causal attention `softmax(q·kᵀ·scale [+ ALiBi])·v` for `q: [b, h, t, d]` and

@@ -3,7 +3,13 @@
 //! candle's own fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward: gradients
 //! through them silently vanish. Every op here is a candle custom op whose `bwd` is exact, so the
 //! models can be trained through them. The kernels are row-parallel with rayon and allocate only
-//! their outputs. All ops work on f32 CPU tensors (models compute in f32 on CPU).
+//! their outputs. All ops compute in f32 on CPU. The weight operand of [`linear`] and of the fused
+//! head [`linear_token_logprobs`] may also be a frozen f16 or bf16 matrix ("half-resident"): it is
+//! widened a block of at most [`HALF_BLOCK_BYTES`] at a time, inside the op, forward and backward,
+//! so neither the op nor the autograd graph ever holds a widened copy of the whole matrix. A half
+//! matrix that fits in one block is widened whole and goes through exactly the f32 kernel (results
+//! bit-identical to widening at load); larger ones are multiplied block by block (the head with an
+//! online log-sum-exp over vocabulary blocks), which changes only the order of summation.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
@@ -28,6 +34,92 @@ fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (st, l) = t.storage_and_layout();
     match &*st {
         Storage::Cpu(c) => Ok(f(f32_slice(c, l, op)?)),
+        _ => bail!("{op}: only CPU tensors are supported"),
+    }
+}
+
+/// Bound on the f32 bytes of one widened block of a half-precision weight (see the module docs):
+/// 64 MiB, e.g. 16,384 rows of a 1024-wide matrix. A matrix within it is widened whole.
+pub const HALF_BLOCK_BYTES: usize = 64 << 20;
+
+/// Rows of a `[_, cols]` half-precision matrix per widened block: [`HALF_BLOCK_BYTES`] worth, at
+/// least one.
+pub fn half_block_rows(cols: usize) -> usize {
+    (HALF_BLOCK_BYTES / cols.max(1).saturating_mul(4)).max(1)
+}
+
+/// A weight matrix's contiguous data as it is resident: f32, or half precision to widen by blocks.
+#[derive(Clone, Copy)]
+enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> WeightData<'a> {
+    fn from_storage(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Self> {
+        let Some((a, b)) = l.contiguous_offsets() else { bail!("{op}: expected a contiguous tensor") };
+        Ok(match s {
+            CpuStorage::F32(d) => WeightData::F32(&d[a..b]),
+            CpuStorage::F16(d) => WeightData::F16(&d[a..b]),
+            CpuStorage::BF16(d) => WeightData::Bf16(&d[a..b]),
+            _ => bail!("{op}: expected an f32, f16 or bf16 weight"),
+        })
+    }
+
+    fn is_f32(&self) -> bool {
+        matches!(self, WeightData::F32(_))
+    }
+
+    /// Elements `a..b` widened into `buf` (resized), or borrowed when already f32.
+    fn range<'b>(&'b self, a: usize, b: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        use half::slice::HalfFloatSliceExt;
+        const PAR: usize = 1 << 16;
+        if let WeightData::F32(d) = self {
+            return &d[a..b];
+        }
+        buf.clear();
+        buf.resize(b - a, 0.0);
+        match self {
+            WeightData::F16(d) => {
+                buf.par_chunks_mut(PAR).zip(d[a..b].par_chunks(PAR)).for_each(|(o, i)| i.convert_to_f32_slice(o))
+            }
+            WeightData::Bf16(d) => {
+                buf.par_chunks_mut(PAR).zip(d[a..b].par_chunks(PAR)).for_each(|(o, i)| i.convert_to_f32_slice(o))
+            }
+            WeightData::F32(_) => unreachable!("handled above"),
+        }
+        buf
+    }
+
+    /// Calls `f(r0, rows)` for consecutive blocks of at most `block_rows` rows of this
+    /// `[rows, cols]` matrix, widened to f32. An f32 matrix, or one that fits in one block, is a
+    /// single call with the whole matrix.
+    fn for_each_block(
+        &self,
+        rows: usize,
+        cols: usize,
+        block_rows: usize,
+        mut f: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let mut buf = Vec::new();
+        let step = if self.is_f32() { rows.max(1) } else { block_rows.max(1) };
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + step).min(rows);
+            f(r0, self.range(r0 * cols, r1 * cols, &mut buf))?;
+            r0 = r1;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on the contiguous data of a CPU weight tensor (f32, f16 or bf16) without copying it.
+fn with_weight<R>(t: &Tensor, op: &str, f: impl FnOnce(WeightData<'_>) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => Ok(f(WeightData::from_storage(c, l, op)?)),
         _ => bail!("{op}: only CPU tensors are supported"),
     }
 }
@@ -359,11 +451,31 @@ fn gemm_f32(
     dst: &mut [f32],
     accumulate: bool,
     lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    gemm_f32_strided(m, n, k, dst, n, accumulate, lhs, lhs_strides, rhs, rhs_strides)
+}
+
+/// [`gemm_f32`] into a destination whose rows are `dst_rs` apart (a block of its columns).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    debug_assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n, "gemm: destination out of bounds");
     let threads = rayon::current_num_threads();
     let par =
         if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -376,7 +488,7 @@ fn gemm_f32(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
@@ -396,17 +508,35 @@ fn gemm_f32(
 
 struct LinearOp {
     bias: bool,
+    /// Rows of a half-precision weight widened per block (see [`half_block_rows`]).
+    block_rows: usize,
 }
 
 impl LinearOp {
-    fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, din: usize, dout: usize) -> Vec<f32> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &[f32],
+        w: WeightData<'_>,
+        b: Option<&[f32]>,
+        rows: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<Vec<f32>> {
         let mut y = vec![0f32; rows * dout];
         if let Some(b) = b {
             y.chunks_mut(dout).for_each(|r| r.copy_from_slice(b));
         }
-        // lhs x: [rows × din]; rhs Wᵀ: element (i, j) = W[j, i] → strides (1, din).
-        gemm_f32(rows, dout, din, &mut y, b.is_some(), x, (din, 1), w, (1, din));
-        y
+        // lhs x: [rows × din]; rhs Wᵀ: element (i, j) = W[j, i] → strides (1, din). A block of W's
+        // rows is a block of y's columns.
+        w.for_each_block(dout, din, self.block_rows, |r0, wb| {
+            let n = wb.len() / din;
+            if rows > 0 {
+                gemm_f32_strided(rows, n, din, &mut y[r0..], dout, b.is_some(), x, (din, 1), wb, (1, din));
+            }
+            Ok(())
+        })?;
+        Ok(y)
     }
 
     fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
@@ -429,17 +559,29 @@ impl LinearOp {
         let dout = w.dim(0)?;
         let dev = x.device();
         let (dx, dw, db) = with_f32(x, "linear-bwd", |xs| {
-            with_f32(w, "linear-bwd", |ws| {
-                with_f32(grad, "linear-bwd", |g| {
-                    // dx = g·W: [rows × dout]·[dout × din]
+            with_weight(w, "linear-bwd", |ws| {
+                with_f32(grad, "linear-bwd", |g| -> Result<_> {
+                    if need_w && !ws.is_f32() {
+                        bail!("linear: a half-precision weight is frozen; widen it to f32 to train it");
+                    }
+                    // dx = g·W: [rows × dout]·[dout × din], a block of W's rows (g's columns) at a time.
                     let mut dx = vec![0f32; rows * din];
-                    gemm_f32(rows, din, dout, &mut dx, false, g, (dout, 1), ws, (din, 1));
+                    ws.for_each_block(dout, din, self.block_rows, |r0, wb| {
+                        let n = wb.len() / din;
+                        if rows > 0 {
+                            gemm_f32(rows, din, n, &mut dx, r0 > 0, &g[r0..], (dout, 1), wb, (din, 1));
+                        }
+                        Ok(())
+                    })?;
                     // dW = gᵀ·x: [dout × rows]·[rows × din]
-                    let dw = need_w.then(|| {
-                        let mut dw = vec![0f32; dout * din];
-                        gemm_f32(dout, din, rows, &mut dw, false, g, (1, dout), xs, (din, 1));
-                        dw
-                    });
+                    let dw = match (need_w, ws) {
+                        (true, WeightData::F32(_)) => {
+                            let mut dw = vec![0f32; dout * din];
+                            gemm_f32(dout, din, rows, &mut dw, false, g, (1, dout), xs, (din, 1));
+                            Some(dw)
+                        }
+                        _ => None,
+                    };
                     let db = (self.bias && need_w).then(|| {
                         let mut db = vec![0f32; dout];
                         for r in g.chunks(dout) {
@@ -447,10 +589,10 @@ impl LinearOp {
                         }
                         db
                     });
-                    (dx, dw, db)
+                    Ok((dx, dw, db))
                 })
             })
-        })???;
+        })????;
         Ok((
             Tensor::from_vec(dx, (rows, din), dev)?,
             dw.map(|v| Tensor::from_vec(v, (dout, din), dev)).transpose()?,
@@ -465,7 +607,8 @@ impl CustomOp2 for LinearOp {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, din, dout) = Self::dims(l1, l2)?;
-        let y = Self::forward(f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?, None, rows, din, dout);
+        let w = WeightData::from_storage(s2, l2, "linear")?;
+        let y = self.forward(f32_slice(s1, l1, "linear")?, w, None, rows, din, dout)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -492,7 +635,8 @@ impl CustomOp3 for LinearOp {
         if b.len() != dout {
             bail!("linear: expected a bias of size {dout}, found {}", b.len());
         }
-        let y = Self::forward(f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?, Some(b), rows, din, dout);
+        let w = WeightData::from_storage(s2, l2, "linear")?;
+        let y = self.forward(f32_slice(s1, l1, "linear")?, w, Some(b), rows, din, dout)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
     }
     fn bwd(
@@ -513,11 +657,25 @@ impl CustomOp3 for LinearOp {
 /// `x·Wᵀ + b` for `x: [rows, in]`, `W: [out, in]`, optional `b: [out]`, computed by one gemm
 /// call straight into the output, with a backward pass that writes dx, dW and db directly and
 /// skips dW/db for frozen weights.
+///
+/// `W` may be a frozen f16 or bf16 matrix: it is widened [`half_block_rows`] rows at a time inside
+/// the op (forward and backward, which then computes dx only), never whole unless it fits in one
+/// block. Training such a weight is an error: widen it to f32 first.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_blocked(x, w, b, half_block_rows(w.dim(1)?))
+}
+
+/// [`linear`] with an explicit number of rows per widened block of a half-precision weight.
+pub fn linear_blocked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, block_rows: usize) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let block_rows = block_rows.max(1);
     match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp { bias: true }),
-        None => x.apply_op2(&w, LinearOp { bias: false }),
+        Some(b) => {
+            // Biases are small: one kept in half precision is widened here (a no-op for f32).
+            let b = b.to_dtype(candle_core::DType::F32)?.contiguous()?;
+            x.apply_op3(&w, &b, LinearOp { bias: true, block_rows })
+        }
+        None => x.apply_op2(&w, LinearOp { bias: false, block_rows }),
     }
 }
 
@@ -859,6 +1017,8 @@ thread_local! {
 struct LinearTokenLogProb {
     targets: Vec<u32>,
     chunk_rows: usize,
+    /// Vocabulary rows of a half-precision head widened per block (see [`half_block_rows`]).
+    block_rows: usize,
     /// The hidden states are tracked: the forward computes `q` (see above) for the backward.
     with_dx: bool,
     /// The head is tracked: when every row fits in one chunk, the forward keeps that chunk's
@@ -953,7 +1113,28 @@ impl CustomOp2 for LinearTokenLogProb {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, h, v) = self.dims(l1, l2)?;
         let x = f32_slice(s1, l1, "linear_token_logprobs")?;
-        let w = f32_slice(s2, l2, "linear_token_logprobs")?;
+        let wd = WeightData::from_storage(s2, l2, "linear_token_logprobs")?;
+        let out = match wd {
+            WeightData::F32(w) => self.fwd_f32(x, w, (n, h, v))?,
+            _ if self.with_dw => {
+                bail!("linear_token_logprobs: a half-precision head is frozen; widen it to f32 to train it")
+            }
+            // A head within one block: widened whole, then exactly the f32 kernel.
+            _ if self.block_rows >= v => {
+                let mut buf = Vec::new();
+                self.fwd_f32(x, wd.range(0, v * h, &mut buf), (n, h, v))?
+            }
+            _ => self.fwd_blocked(x, wd, (n, h, v))?,
+        };
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, grad)
+    }
+}
+
+impl LinearTokenLogProb {
+    fn fwd_f32(&self, x: &[f32], w: &[f32], (n, h, v): (usize, usize, usize)) -> Result<Vec<f32>> {
         let mut out = vec![0f32; n];
         let mut q = vec![0f32; if self.with_dx { n * h } else { 0 }];
         let c = self.chunk_rows.min(n).max(1);
@@ -991,9 +1172,82 @@ impl CustomOp2 for LinearTokenLogProb {
             *self.probs.lock().map_err(|_| candle_core::Error::Msg("linear_token_logprobs: poisoned lock".into()))? =
                 Some(buf);
         }
-        Ok((CpuStorage::F32(out), Shape::from(n)))
+        Ok(out)
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+
+    /// The forward for a half-precision head larger than one block: the vocabulary is walked a
+    /// widened block of [`LinearTokenLogProb::block_rows`] rows at a time for a group of rows,
+    /// keeping per row a running maximum `m`, the sum `s = Σ exp(l − m)` and, for the hidden
+    /// states' gradient, `Σ exp(l − m)·W[v]`, all rescaled when `m` grows (an online log-sum-exp).
+    /// A group's logits for one block stay within [`HEAD_CHUNK_BYTES`].
+    fn fwd_blocked(&self, x: &[f32], w: WeightData<'_>, (n, h, v): (usize, usize, usize)) -> Result<Vec<f32>> {
+        let vb = self.block_rows.clamp(1, v);
+        let group = (HEAD_CHUNK_BYTES / (vb * 4)).max(1);
+        let mut out = vec![0f32; n];
+        let mut q = vec![0f32; if self.with_dx { n * h } else { 0 }];
+        let mut wbuf = Vec::new();
+        let mut lg = vec![0f32; group.min(n) * vb];
+        let mut row_buf = Vec::new();
+        for g0 in (0..n).step_by(group) {
+            let m = group.min(n - g0);
+            let xg = &x[g0 * h..(g0 + m) * h];
+            let t = &self.targets[g0..g0 + m];
+            // Per row: (running max, running sum, target logit).
+            let mut st = vec![(f32::NEG_INFINITY, 0f32, 0f32); m];
+            let mut acc = vec![0f32; if self.with_dx { m * h } else { 0 }];
+            let mut v0 = 0;
+            while v0 < v {
+                let nb = vb.min(v - v0);
+                let wb = w.range(v0 * h, (v0 + nb) * h, &mut wbuf);
+                let lgb = &mut lg[..m * nb];
+                head_logits(xg, wb, h, nb, lgb);
+                let with_dx = self.with_dx;
+                let rescale: Vec<f32> = lgb
+                    .par_chunks_mut(nb)
+                    .zip(st.par_iter_mut())
+                    .zip(t.par_iter())
+                    .map(|((r, s), &ti)| {
+                        let ti = ti as usize;
+                        if (v0..v0 + nb).contains(&ti) {
+                            s.2 = r[ti - v0];
+                        }
+                        let new_m = s.0.max(max_f32(r));
+                        let scale = if s.0 == f32::NEG_INFINITY { 0.0 } else { (s.0 - new_m).exp() };
+                        let sum = if with_dx { exp_sub_in_place(r, new_m) } else { exp_sub_sum(r, new_m) };
+                        s.1 = s.1 * scale + sum;
+                        s.0 = new_m;
+                        scale
+                    })
+                    .collect();
+                if self.with_dx {
+                    acc.par_chunks_mut(h).zip(rescale.par_iter()).for_each(|(a, &c)| scale_in_place(a, c));
+                    // acc += exp(l − m)·W_block: [m × nb]·[nb × h]
+                    gemm_f32(m, h, nb, &mut acc, true, lgb, (nb, 1), wb, (h, 1));
+                }
+                v0 += nb;
+            }
+            for (o, s) in out[g0..g0 + m].iter_mut().zip(&st) {
+                *o = s.2 - (s.0 + s.1.ln());
+            }
+            if self.with_dx {
+                // q = W[t] − pᵀW = W[t] − acc / s.
+                for (k, &ti) in t.iter().enumerate() {
+                    let ti = ti as usize;
+                    let wt = w.range(ti * h, (ti + 1) * h, &mut row_buf);
+                    let inv = 1.0 / st[k].1;
+                    let qr = &mut q[(g0 + k) * h..(g0 + k + 1) * h];
+                    qr.iter_mut().zip(&acc[k * h..(k + 1) * h]).zip(wt).for_each(|((o, a), b)| *o = b - a * inv);
+                }
+            }
+        }
+        if self.with_dx {
+            *self.q.lock().map_err(|_| candle_core::Error::Msg("linear_token_logprobs: poisoned lock".into()))? =
+                Some(q);
+        }
+        Ok(out)
+    }
+
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // A frozen head (LoRA, inference) is a plain tensor, not tracked: no dW work at all.
         let (need_x, need_w) = (x.track_op(), w.track_op());
         let (n, h) = x.dims2()?;
@@ -1034,8 +1288,12 @@ impl CustomOp2 for LinearTokenLogProb {
 /// direction is computed by the forward (an `[n, h]` buffer, only when `hidden` is tracked); the
 /// head's gradient, only when `head` is tracked (a `Var` or computed from one), recomputes each
 /// chunk's logits in the backward: a frozen head costs no gradient work at all.
+///
+/// The head may be a frozen f16 or bf16 matrix: one within [`HALF_BLOCK_BYTES`] is widened whole
+/// for the op's duration; a larger one is walked a widened vocabulary block at a time with an
+/// online log-sum-exp, so the whole head is never widened (the bloom-7b1 head would be 4 GB).
 pub fn linear_token_logprobs(hidden: &Tensor, head: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    linear_token_logprobs_chunked(hidden, head, targets, head_chunk_rows(head.dim(0)?))
+    linear_token_logprobs_blocked(hidden, head, targets, head_chunk_rows(head.dim(0)?), half_block_rows(head.dim(1)?))
 }
 
 /// [`linear_token_logprobs`] with an explicit number of rows per chunk (at least 1).
@@ -1045,12 +1303,25 @@ pub fn linear_token_logprobs_chunked(
     targets: &[u32],
     chunk_rows: usize,
 ) -> Result<Tensor> {
-    if chunk_rows == 0 {
-        bail!("linear_token_logprobs: expected at least one row per chunk, found 0");
+    linear_token_logprobs_blocked(hidden, head, targets, chunk_rows, half_block_rows(head.dim(1)?))
+}
+
+/// [`linear_token_logprobs_chunked`] with an explicit number of vocabulary rows per widened block
+/// of a half-precision head (at least 1; ignored for an f32 head).
+pub fn linear_token_logprobs_blocked(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &[u32],
+    chunk_rows: usize,
+    block_rows: usize,
+) -> Result<Tensor> {
+    if chunk_rows == 0 || block_rows == 0 {
+        bail!("linear_token_logprobs: expected at least one row per chunk and per block, found 0");
     }
     let op = LinearTokenLogProb {
         targets: targets.to_vec(),
         chunk_rows,
+        block_rows,
         with_dx: hidden.track_op(),
         with_dw: head.track_op(),
         q: Default::default(),
@@ -1307,6 +1578,108 @@ mod tests {
         let e = linear_token_logprobs(&x, &rand(&[5, 3], 42), &[1, 2]).unwrap_err().to_string();
         assert!(e.contains("4 features"), "{e}");
         assert!(linear_token_logprobs_chunked(&x, &w, &[1, 2], 0).is_err());
+    }
+
+    /// An f16 copy of `t` and that copy widened back (the exact values the half path reads).
+    fn f16_pair(t: &Tensor) -> (Tensor, Tensor) {
+        let h = t.to_dtype(candle_core::DType::F16).unwrap();
+        let w = h.to_dtype(candle_core::DType::F32).unwrap();
+        (h, w)
+    }
+
+    #[test]
+    fn half_linear_equals_widened_linear_forward_and_input_gradient() {
+        let (rows, din, dout) = (7, 12, 29);
+        let (wh, wf) = f16_pair(&rand(&[dout, din], 50));
+        let bias = rand(&[dout], 51);
+        let bf = bias.to_dtype(candle_core::DType::BF16).unwrap();
+        let up = rand(&[rows, dout], 52);
+        // One block (widened whole: bit-identical), blocks that divide dout, that do not, of one row.
+        for block in [dout, 1, 4, 10, 1000] {
+            for b in [None, Some(&bias)] {
+                let x = Var::from_tensor(&rand(&[rows, din], 53)).unwrap();
+                let y = linear_blocked(x.as_tensor(), &wh, b, block).unwrap();
+                let want = linear(x.as_tensor(), &wf, b).unwrap();
+                let d = max_abs_diff(&y, &want);
+                if block >= dout {
+                    assert_eq!(d, 0.0, "block {block}: one block is the f32 kernel");
+                }
+                assert!(d < 1e-5, "block {block}: forward differs by {d}");
+                let g1 = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (&want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let d = max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+                assert!(d < 1e-5, "block {block}: input gradient differs by {d}");
+                assert!(g1.get(&wh).is_none(), "a frozen half weight got a gradient");
+            }
+        }
+        // bf16 weight and bias too.
+        let (wb, wbf) = (
+            wf.to_dtype(candle_core::DType::BF16).unwrap(),
+            wf.to_dtype(candle_core::DType::BF16).unwrap().to_dtype(candle_core::DType::F32).unwrap(),
+        );
+        let x = rand(&[rows, din], 54);
+        let d = max_abs_diff(
+            &linear_blocked(&x, &wb, Some(&bf), 3).unwrap(),
+            &linear(&x, &wbf, Some(&bf.to_dtype(candle_core::DType::F32).unwrap())).unwrap(),
+        );
+        assert!(d < 1e-5, "bf16: {d}");
+        // Training a half weight is refused, not silently frozen.
+        let wv = Var::from_tensor(&wh).unwrap();
+        let y = linear(&x, wv.as_tensor(), None).unwrap();
+        let e = y.sum_all().unwrap().backward().unwrap_err().to_string();
+        assert!(e.contains("half-precision weight is frozen"), "{e}");
+    }
+
+    /// The fused head with an f16 head (widened whole, or by vocabulary blocks with the online
+    /// log-sum-exp) against the unfused path on the widened head: values and hidden gradient.
+    fn check_half_head(n: usize, h: usize, v: usize, chunk: usize, block: usize, seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let targets: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
+        let up: Vec<f32> = (0..n).map(|i| if i % 3 == 1 { 0.0 } else { r.random_range(-1.5f32..1.5) }).collect();
+        let up = Tensor::from_vec(up, n, &Device::Cpu).unwrap();
+        let (wh, wf) = f16_pair(&(rand(&[v, h], seed + 2) * 4.0).unwrap());
+        let x = Var::from_tensor(&rand(&[n, h], seed + 1)).unwrap();
+        let fused = linear_token_logprobs_blocked(x.as_tensor(), &wh, &targets, chunk, block).unwrap();
+        let unfused = token_logprobs(&linear(x.as_tensor(), &wf, None).unwrap(), &targets).unwrap();
+        let d = max_abs_diff(&fused, &unfused);
+        assert!(d < 1e-4, "n {n}, v {v}, block {block}: log-probs differ by {d}");
+        let g1 = (&fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&unfused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        assert!(d < 1e-4, "n {n}, v {v}, block {block}: hidden gradient differs by {d}");
+        // Untracked hidden states (scoring): the same values.
+        let plain = linear_token_logprobs_blocked(&x.as_tensor().detach(), &wh, &targets, chunk, block).unwrap();
+        assert!(max_abs_diff(&plain, &fused) < 1e-6);
+    }
+
+    #[test]
+    fn half_head_equals_the_unfused_widened_head() {
+        // Whole head in one block, blocks that divide the vocabulary, that do not, of one row.
+        for (block, seed) in [(1000, 60), (37, 61), (5, 62), (8, 63), (1, 64)] {
+            check_half_head(13, 8, 37, 4, block, seed);
+        }
+        // A vocabulary large enough for the parallel kernels.
+        check_half_head(9, 48, 3001, 2, 256, 65);
+        // The head widened whole is exactly the f32 kernel on the widened head.
+        let (wh, wf) = f16_pair(&rand(&[37, 8], 66));
+        let x = rand(&[5, 8], 67);
+        let t = [1u32, 36, 0, 5, 9];
+        let a = linear_token_logprobs_blocked(&x, &wh, &t, 2, 37).unwrap();
+        let b = linear_token_logprobs_chunked(&x, &wf, &t, 2).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        // A half head cannot be trained.
+        let wv = Var::from_tensor(&wh).unwrap();
+        let e = linear_token_logprobs(&x, wv.as_tensor(), &t).unwrap_err().to_string();
+        assert!(e.contains("half-precision head is frozen"), "{e}");
+        assert!(linear_token_logprobs_blocked(&x, &wh, &t, 2, 0).is_err());
+    }
+
+    #[test]
+    fn half_blocks_bound_the_widened_copy() {
+        assert_eq!(half_block_rows(1024), 16_384);
+        assert!(half_block_rows(4096) * 4096 * 4 <= HALF_BLOCK_BYTES);
+        assert_eq!(half_block_rows(usize::MAX / 2), 1);
     }
 
     #[test]

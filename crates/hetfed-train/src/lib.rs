@@ -131,7 +131,8 @@ impl<'a> Trainer<'a> {
                 let vars: Vec<(String, Var)> = ck
                     .weights
                     .iter()
-                    .map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?)))
+                    // Trainable weights are f32, whatever the checkpoint keeps resident.
+                    .map(|(k, t)| Ok((k.clone(), Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?)))
                     .collect::<candle_core::Result<_>>()?;
                 let tracked: TensorMap = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
                 let model = ck.arch.build(&tracked, &ck.source(), None)?;

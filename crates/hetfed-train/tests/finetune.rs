@@ -256,3 +256,26 @@ fn training_loss_and_eval_loss_through_the_fused_head_equal_the_full_logits() {
         assert!((e1 - e2).abs() < 1e-5, "{name}: eval loss {e1} vs {e2}");
     }
 }
+
+#[test]
+fn training_on_a_half_resident_checkpoint_equals_training_on_it_widened() {
+    use candle_core::DType;
+    use hetfed_model::WeightDtype;
+    // An f16 file: kept half precision (frozen under LoRA; widened to f32 variables for full
+    // fine-tuning) or widened at load, the runs agree.
+    let dir = fixture("bloom_h8_f16");
+    let half = Checkpoint::load_with(&dir, WeightDtype::Stored).unwrap();
+    let wide = Checkpoint::load_with(&dir, WeightDtype::F32).unwrap();
+    assert_eq!(half.weights["transformer.h.0.mlp.dense_h_to_4h.weight"].dtype(), DType::F16);
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let mut lora = lora_cfg();
+    lora.lora.as_mut().unwrap().targets = vec!["query_key_value".into(), "dense_h_to_4h".into()];
+    let (a, b) = (flat(&run(&half, lora.clone(), None)), flat(&run(&wide, lora, None)));
+    assert_eq!(a.len(), b.len());
+    assert!(max_diff(&a, &b) < 1e-5, "LoRA factors differ by {}", max_diff(&a, &b));
+    let full = TrainConfig { lr: 3e-3, batch_size: 4, epochs: 1, seed: 1, ..Default::default() };
+    let th = run(&half, full.clone(), None);
+    assert!(th.weights().unwrap().values().all(|t| t.dtype() == DType::F32), "trainable weights are f32");
+    let (a, b) = (flat(&th), flat(&run(&wide, full, None)));
+    assert!(max_diff(&a, &b) < 1e-5, "fully fine-tuned weights differ by {}", max_diff(&a, &b));
+}

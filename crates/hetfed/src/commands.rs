@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use hetfed_fed::config::Interval;
 use hetfed_model::generate::SamplingConfig;
-use hetfed_model::{CausalLm, Checkpoint, LoraConfig, LoraSet};
+use hetfed_model::{CausalLm, Checkpoint, LoraConfig, LoraSet, WeightDtype};
 use hetfed_taskvec::TaskVector;
 use hetfed_train::{Schedule, TrainConfig, Trainer};
 
@@ -32,6 +32,12 @@ pub struct ModelArgs {
     /// Scale of the task vector (a finite number)
     #[arg(long, default_value_t = 1.0, requires = "taskvec")]
     pub lambda: f64,
+    /// Dtype of the weight matrices in memory: `stored` keeps them as the file has them (an f16
+    /// or bf16 model stays half precision, widened a block at a time as it is read: half the
+    /// memory of f32), or `f32`, `bf16`, `f16`. Norms and biases are f32 either way; with
+    /// --taskvec the weights are widened to f32 to add it
+    #[arg(long, default_value = "stored", value_name = "DTYPE")]
+    pub dtype: WeightDtype,
 }
 
 /// A checkpoint with what to run on top of it.
@@ -44,7 +50,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if !args.lambda.is_finite() {
         bail!("--lambda: expected a finite number, found {}", args.lambda);
     }
-    let mut ck = Checkpoint::load(&args.model)?;
+    let mut ck = Checkpoint::load_with(&args.model, args.dtype)?;
     let lora = match &args.adapter {
         Some(dir) => {
             let (cfg, factors) = hetfed_taskvec::peft::import_peft(dir)?;
@@ -55,6 +61,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if let Some(path) = &args.taskvec {
         let tv = TaskVector::load(path)?;
         let id = ck.identity()?;
+        // The update is added to f32 weights (rounding it into half precision would lose most of it).
+        for t in ck.weights.values_mut() {
+            if matches!(t.dtype(), DType::F16 | DType::BF16) {
+                *t = t.to_dtype(DType::F32)?;
+            }
+        }
         // The same validation as the server's for an upload (identity, names, shapes, finite values).
         ck.weights = tv
             .apply_validated(&id, &ck.weights, args.lambda, "the base model")

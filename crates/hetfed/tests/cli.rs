@@ -1542,4 +1542,38 @@ fn bench_on_a_model_directory_reports_rates_and_peak_memory() {
     assert!(e.contains("--seq") && e.contains('1'), "{e}");
     let e = fails(&["bench", "--model", "no/such/dir", "--python", "none"]);
     assert!(e.contains("no/such/dir"), "{e}");
+
+fn dtype_flag_keeps_half_weights_resident_and_a_bad_value_is_one_clear_error() {
+    // base-small is stored in f16: `stored` keeps its matrices half precision, `f32` widens them;
+    // both score the same (the same values, summed in the same order for a model this small).
+    let m = models().join("base-small");
+    let m = m.to_str().unwrap();
+    let text = "The quick brown fox jumps over the lazy dog.";
+    let score = |dtype: &str| score_json(&["score", "--model", m, "--text", text, "--json", "--dtype", dtype]);
+    let (t1, stored) = score("stored");
+    let (t2, wide) = score("f32");
+    assert_eq!(t1, t2);
+    for (a, b) in stored.iter().zip(&wide) {
+        assert!((a - b).abs() < 1e-4, "stored {a} vs f32 {b}");
+    }
+    // The default is `stored`.
+    let (_, default) = score_json(&["score", "--model", m, "--text", text, "--json"]);
+    assert_eq!(default, stored);
+    // bf16 rounds the weights: close, not equal.
+    let (_, bf) = score("bf16");
+    assert!(bf.iter().zip(&wide).all(|(a, b)| (a - b).abs() < 0.5), "{bf:?} vs {wide:?}");
+    ok(&["generate", "--model", m, "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "f16"]);
+    // A bad value: refused before anything loads, naming the flag, the value and the choices.
+    let cmds: [&[&str]; 3] = [
+        &["score", "--model", m, "--text", "hi", "--dtype", "f64"],
+        &["generate", "--model", m, "--prompt", "hi", "--dtype", "f64"],
+        &["eval", "--model", m, "--task", "ethos", "--dtype", "f64"],
+    ];
+    for cmd in cmds {
+        let err = refused_by_clap(cmd);
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
+        assert!(err.contains("--dtype") && err.contains("f64") && err.contains("stored, f32, bf16, f16"), "{err}");
+    }
+    let help = ok(&["score", "--help"]);
+    assert!(help.contains("--dtype") && help.contains("stored"), "{help}");
 }
