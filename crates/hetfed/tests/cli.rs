@@ -1542,7 +1542,9 @@ fn bench_on_a_model_directory_reports_rates_and_peak_memory() {
     assert!(e.contains("--seq") && e.contains('1'), "{e}");
     let e = fails(&["bench", "--model", "no/such/dir", "--python", "none"]);
     assert!(e.contains("no/such/dir"), "{e}");
+}
 
+#[test]
 fn dtype_flag_keeps_half_weights_resident_and_a_bad_value_is_one_clear_error() {
     // base-small is stored in f16: `stored` keeps its matrices half precision, `f32` widens them;
     // both score the same (the same values, summed in the same order for a model this small).
