@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hetfed_core::{Error, Result};
-use hetfed_data::{partition::entropy_bits, DataDir, Examples, Split};
+use hetfed_data::{partition::entropy_bits, DataDir, Examples, Items, Split};
 use hetfed_eval::EvalOptions;
 use hetfed_model::Checkpoint;
 use hetfed_net::{Caller, DataStats, FedService, Secret};
@@ -24,9 +24,84 @@ use crate::hetero::{
 use crate::server::{Auth, EvalTask, RunSummary, Server, ServerEval, ServerOptions};
 use hetfed_transfer::PairMaps;
 
-/// Loads client `index`'s private share of the configured task: the partition of the train
-/// split, capped, cut into local train and held-out slices, with its statistics.
+/// Loads the private data of client `c<index>` of the run: the partition of its task's train
+/// split, capped, cut into local train and held-out slices, with its statistics. With
+/// `data.pooled`, client 0 holds every share of the layout (see [`pooled_data`]); with
+/// `data.only_client`, only that client exists.
 pub fn client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint) -> Result<ClientData> {
+    let ours = cfg.data.run_clients();
+    if !ours.contains(&index) {
+        let ids = ours.iter().map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ");
+        return Err(Error::msg(format!("client index: expected a client of the run ({ids}), found c{index}")));
+    }
+    if cfg.data.pooled {
+        return pooled_data(cfg, dir, ck);
+    }
+    layout_client_data(cfg, dir, index, ck)
+}
+
+/// The one client of a `data.pooled` run: every share the clients of the layout would hold, in
+/// client order (training slices after training slices, held-out after held-out), with their
+/// statistics summed. Its task is the first client's; it evaluates locally only when every
+/// share is of one task (a choice and a generation task have no common evaluation).
+pub fn pooled_data(cfg: &RunConfig, dir: &DataDir, ck: &Checkpoint) -> Result<ClientData> {
+    let mut acc: Option<ClientData> = None;
+    let mut hist: BTreeMap<String, u64> = BTreeMap::new();
+    let mut same_task = true;
+    for i in 0..cfg.data.num_clients() {
+        let d = layout_client_data(cfg, dir, i, ck)?;
+        for (w, c) in &d.stats.label_hist {
+            *hist.entry(w.clone()).or_default() += c;
+        }
+        match &mut acc {
+            None => acc = Some(d),
+            Some(a) => {
+                a.train.extend(d.train);
+                a.val.extend(d.val);
+                same_task &= a.task.name == d.task.name;
+                if same_task {
+                    extend_items(&mut a.val_items, d.val_items);
+                }
+                a.stats.n_examples += d.stats.n_examples;
+                a.stats.n_tokens += d.stats.n_tokens;
+                for t in d.stats.tasks {
+                    if !a.stats.tasks.contains(&t) {
+                        a.stats.tasks.push(t);
+                    }
+                }
+            }
+        }
+    }
+    let mut data = acc.ok_or_else(|| Error::msg("data.pooled: expected at least one client, found none"))?;
+    if !same_task {
+        data.val_items = empty_items(&data.val_items);
+    }
+    let counts: Vec<usize> = hist.values().map(|&c| c as usize).collect();
+    data.stats.label_entropy_bits = entropy_bits(&counts);
+    data.stats.label_hist = hist;
+    Ok(data)
+}
+
+fn extend_items(a: &mut Items, b: Items) {
+    match (a, b) {
+        (Items::Choice(a), Items::Choice(b)) => a.extend(b),
+        (Items::Generation(a), Items::Generation(b)) => a.extend(b),
+        (Items::Lm(a), Items::Lm(b)) => a.extend(b),
+        // One task has one kind of items.
+        _ => {}
+    }
+}
+
+fn empty_items(like: &Items) -> Items {
+    match like {
+        Items::Choice(_) => Items::Choice(Vec::new()),
+        Items::Generation(_) => Items::Generation(Vec::new()),
+        Items::Lm(_) => Items::Lm(Vec::new()),
+    }
+}
+
+/// Client `index` of the layout, whatever the run's `pooled` or `only_client`.
+fn layout_client_data(cfg: &RunConfig, dir: &DataDir, index: usize, ck: &Checkpoint) -> Result<ClientData> {
     let d = &cfg.data;
     let (group, in_group) = d
         .assignment(index)
@@ -396,7 +471,7 @@ fn text_answers(
 /// The most teacher-forced answers kept per task.
 const MAX_TEXT_ANSWERS: usize = 2048;
 
-/// Client `index`'s options. Its model: `model` when given, else in heterogeneous runs
+/// The options of client `c<index>`. Its model: `model` when given, else in heterogeneous runs
 /// `transfer.client_models[index mod len]`, else the server's model.
 pub fn build_client(
     cfg: &RunConfig,
@@ -462,7 +537,7 @@ pub async fn simulate_with(
     let server = build_server(cfg, dir, run_dir, auth, resume)?;
     on_server(server.clone());
     let mut handles = Vec::new();
-    for (i, (id, t)) in ids.iter().zip(tokens).enumerate() {
+    for (i, (id, t)) in cfg.data.run_clients().into_iter().zip(ids.iter().zip(tokens)) {
         let caller = Caller { client_id: id.clone(), token: Secret::new(t) };
         let mut opts = build_client(cfg, dir, i, caller, None)?;
         opts.state_dir = Some(run_dir.join("clients").join(id));

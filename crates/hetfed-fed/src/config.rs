@@ -167,7 +167,9 @@ impl Default for EvalSection {
 ///   partitions.
 ///
 /// Clients are numbered group after group in the order given (`c0`, `c1`, ...), so which task a
-/// client holds is a function of the config alone.
+/// client holds is a function of the config alone. Two keys change which of the layout's
+/// clients a run has, never what any client holds: `pooled` (one client with every share) and
+/// `only_client` (one client of the layout alone).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
@@ -200,6 +202,17 @@ pub struct DataSection {
     /// Seed of the partition: any `u64`.
     #[serde(default)]
     pub seed: u64,
+    /// One client, `c0`, holds every share the clients of this layout would hold (their
+    /// training slices one after the other in client order, and their held-out slices
+    /// likewise): centralised training on exactly the federated examples (the sweep's
+    /// `central` row). Not with `only_client`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
+    /// Run only client `i` of this layout: its id `c<i>`, share and training seeds as in the
+    /// full run (the sweep's `local_only` rows train each client alone this way). Range
+    /// 0..the layout's number of clients. Not with `pooled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_client: Option<usize>,
 }
 
 /// Clients that share one task: its train split is partitioned among them.
@@ -253,13 +266,28 @@ impl DataSection {
             .collect()
     }
 
-    /// Number of clients over all groups.
+    /// Number of clients over all groups (the layout; see [`DataSection::run_clients`] for the
+    /// clients a run has).
     pub fn num_clients(&self) -> usize {
         self.groups().iter().fold(0, |n, g| n.saturating_add(g.clients))
     }
 
-    /// The distinct tasks of the run, in group order.
+    /// The numbers of the run's clients (`c<n>`): every client of the layout, only
+    /// `only_client`, or the one pooled client `0`.
+    pub fn run_clients(&self) -> Vec<usize> {
+        match (self.pooled, self.only_client) {
+            (true, _) => vec![0],
+            (false, Some(i)) => vec![i],
+            (false, None) => (0..self.num_clients()).collect(),
+        }
+    }
+
+    /// The distinct tasks of the run's clients, in group order (with `only_client`: that
+    /// client's task).
     pub fn task_names(&self) -> Vec<String> {
+        if let Some((g, _)) = self.only_client.filter(|_| !self.pooled).and_then(|i| self.assignment(i)) {
+            return vec![g.task];
+        }
         let mut out: Vec<String> = Vec::new();
         for g in self.groups() {
             if !out.contains(&g.task) {
@@ -281,8 +309,18 @@ impl DataSection {
         None
     }
 
-    /// A one-line description (`ethos × 3 (dirichlet α=1)`, `bbc × 1, scitldr × 1, ...`).
+    /// A one-line description (`ethos × 3 (dirichlet α=1)`, `bbc × 1, scitldr × 1, ...`; with
+    /// `pooled` or `only_client`, which of the layout's clients the run has first).
     pub fn describe(&self) -> String {
+        let layout = self.describe_layout();
+        match (self.pooled, self.only_client) {
+            (true, _) => format!("one client pooling every share of {layout}"),
+            (false, Some(i)) => format!("client c{i} alone of {layout}"),
+            (false, None) => layout,
+        }
+    }
+
+    fn describe_layout(&self) -> String {
         self.groups()
             .iter()
             .map(|g| {
@@ -326,6 +364,17 @@ impl DataSection {
         let total = self.num_clients();
         if total == 0 {
             return Err("data.num_clients: expected at least 1, found 0".into());
+        }
+        if let Some(i) = self.only_client {
+            if self.pooled {
+                return Err("data: expected at most one of `pooled` and `only_client`, found both".into());
+            }
+            if i >= total {
+                return Err(format!(
+                    "data.only_client: expected 0..={} (a client of the layout), found {i}",
+                    total.saturating_sub(1)
+                ));
+            }
         }
         if self.task.is_none() {
             if let Some(n) = self.num_clients {
@@ -403,9 +452,9 @@ impl RunConfig {
         self.strategy.build(self.sampling, self.client.clone(), 0).name()
     }
 
-    /// Client ids: `c0`, `c1`, ...
+    /// The run's client ids: `c0`, `c1`, ... (see [`DataSection::run_clients`]).
     pub fn client_ids(&self) -> Vec<String> {
-        (0..self.data.num_clients()).map(|i| format!("c{i}")).collect()
+        self.data.run_clients().into_iter().map(|i| format!("c{i}")).collect()
     }
 
     /// Checks the whole configuration: every numeric key against its range (see
@@ -430,7 +479,7 @@ impl RunConfig {
     /// |---|---|
     /// | `run.rounds` | 1..=100000 |
     /// | `run.seed`, `data.seed`, `client.seed`, `transfer.maps.seed`, `transfer.distill.seed` | any `u64` |
-    /// | `server.min_clients`, `server.quorum` | 1..=clients |
+    /// | `server.min_clients`, `server.quorum` | 1..=the run's clients |
     /// | `server.round_timeout_s`, `server.register_timeout_s` | (0, 1000000] seconds |
     /// | `server.max_update_norm` | finite > 0 |
     /// | `server.max_update_mib` | 1..=8192 |
@@ -441,7 +490,7 @@ impl RunConfig {
     /// | `server.eval.general_lines` | 0..=100000 |
     /// | `server.eval.max_new_tokens` | 1..=4096, < the models' context |
     /// | `sampling.fraction_fit` | (0, 1] |
-    /// | `sampling.min_fit_clients` | 0..=clients |
+    /// | `sampling.min_fit_clients` | 0..=the run's clients |
     /// | `client.epochs` | 1..=1000 (0 allowed with `max_steps`) |
     /// | `client.max_steps` | 1..=1000000 |
     /// | `client.lr` | (0, 10] |
@@ -451,6 +500,7 @@ impl RunConfig {
     /// | `client.lora_alpha` | finite > 0 |
     /// | `client.proximal_mu` | [0, 1000000] |
     /// | `data.num_clients` (total), `data.clients_per_task`, `data.groups[i].clients` | 1..=[`MAX_CLIENTS`] |
+    /// | `data.only_client` | 0..the layout's clients |
     /// | `data.max_examples_per_client` | 0..=10000000 (0 = all) |
     /// | `data.val_fraction` | [0, 0.9) |
     /// | `data.partition.alpha`, `data.groups[i].partition.alpha` | (0, 1000000] |
@@ -485,7 +535,8 @@ impl RunConfig {
     /// | `transfer.offset.heldout_per_task` | 0..=10000 |
     /// | distillation tokens per round (sequences × seq_len) | ≤ [`MAX_DISTILL_TOKENS`] |
     pub fn check_ranges(&self) -> std::result::Result<(), String> {
-        let n_clients = self.data.num_clients();
+        // The clients of the run (one with `data.pooled` or `data.only_client`).
+        let n_clients = self.data.run_clients().len();
         int("run.rounds", self.run.rounds, 1, 100_000)?;
 
         let s = &self.server;
@@ -522,7 +573,7 @@ impl RunConfig {
         real("client.proximal_mu", c.proximal_mu, Interval::closed(0.0, 1e6))?;
 
         let d = &self.data;
-        int("data.num_clients", n_clients, 1, MAX_CLIENTS)?;
+        int("data.num_clients", d.num_clients(), 1, MAX_CLIENTS)?;
         if let Some(n) = d.num_clients {
             int("data.num_clients", n, 1, MAX_CLIENTS)?;
         }

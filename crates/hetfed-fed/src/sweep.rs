@@ -2,16 +2,32 @@
 //!
 //! A sweep takes a heterogeneous run config (`base`), a list of seeds and a list of rows. Per
 //! seed (which sets `run.seed`, `data.seed` and `transfer.maps.seed`) it evaluates every row
-//! on the server's evaluation tasks:
+//! on the server's evaluation tasks. Every row but `zero_shot` is a configuration of the same
+//! round loop: the baselines are runs of [`simulate`](crate::assemble::simulate) (the server's
+//! round loop with in-process clients, exactly `hetfed simulate`) of a config derived from the
+//! base one ([`derived_config`]), each kept under `out/runs/`:
 //!
-//! - `zero_shot`: the large base model as it is;
-//! - `central`: the large model LoRA-fine-tuned on the pooled client data (all clients' shares,
-//!   the same rounds × epochs): the upper bound no federation reaches without sharing data;
-//! - `local_only`: each client fine-tunes the small model on its own share only, for the same
-//!   rounds (mean over clients);
-//! - `fedavg_small`: FedAvg among the small clients (homogeneous federation of small models);
+//! - `zero_shot`: the large base model as it is (an evaluation, no loop);
+//! - `central`: the base config with `data.pooled = true` and FedAvg: one client holding every
+//!   client's share (all tasks pooled, shuffled together by its training) LoRA-fine-tunes the
+//!   large model for the same rounds × epochs: the upper bound no federation reaches without
+//!   sharing data;
+//! - `local_only`: for each client `i`, the base config with `data.only_client = i`, FedAvg and
+//!   the client's small model as the server's: the client trains alone on its own share (same
+//!   id, data and seeds as in the federated run). A task's metrics are the mean over the clients
+//!   that hold that task (a specialist is judged on its own task; each run evaluates its own
+//!   task only); metrics of tasks no client holds (forgetting monitors, general text) are the
+//!   mean over all clients;
+//! - `fedavg_small`: the base config with the clients' small model as the server's and FedAvg:
+//!   homogeneous federation of the small clients; its bytes per client and round and server
+//!   seconds per round come from the run's `metrics.jsonl`;
 //! - `hetero`: the heterogeneous strategy with the row's `transfer` settings merged over the
 //!   base config's `[transfer]` table.
+//!
+//! Derived runs have no `[transfer]` table, strategy FedAvg (`server_lr = 1`), every client of
+//! the run registered before round 1 (`server.min_clients`), and no round deadline (the sweep
+//! compares methods, not deadlines); every round must aggregate, or the row fails. Everything
+//! else (rounds, client training, data, evaluation) is the base config's.
 //!
 //! `eval_split = "test"` evaluates every row on the tasks' test splits instead.
 //!
@@ -142,13 +158,13 @@ impl SweepConfig {
     }
 }
 
-/// The base run config for `seed`, with `transfer` overrides merged in.
-fn run_config(
+/// The base run config for `seed` as TOML, with `transfer` overrides merged in.
+fn run_value(
     base_path: &Path,
     seed: u64,
     transfer: Option<&toml::Value>,
     eval_split: Option<EvalSplit>,
-) -> Result<RunConfig> {
+) -> Result<toml::Value> {
     let text = std::fs::read_to_string(base_path).map_err(|e| Error::io(base_path, e))?;
     let mut v: toml::Value = toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", base_path.display())))?;
     let mut over = toml::map::Map::new();
@@ -166,7 +182,11 @@ fn run_config(
     if let Some(o) = transfer {
         merge(&mut t, o);
     }
-    over.insert("transfer".into(), t);
+    // A homogeneous base stays homogeneous (only `central` and `zero_shot` rows need no
+    // [transfer]).
+    if v.get("transfer").is_some() || transfer.is_some() {
+        over.insert("transfer".into(), t);
+    }
     if let Some(split) = eval_split {
         let mut eval = toml::map::Map::new();
         let split = toml::Value::try_from(split).map_err(|e| Error::msg(format!("eval_split: {e}")))?;
@@ -176,9 +196,229 @@ fn run_config(
         over.insert("server".into(), toml::Value::Table(server));
     }
     merge(&mut v, &toml::Value::Table(over));
-    let text = toml::to_string(&v).map_err(|e| Error::msg(e.to_string()))?;
+    Ok(v)
+}
+
+fn parse_value(v: &toml::Value, base_path: &Path, what: &str) -> Result<RunConfig> {
+    let text = toml::to_string(v).map_err(|e| Error::msg(e.to_string()))?;
     let base_dir = base_path.parent().map(Path::to_path_buf).unwrap_or_default();
-    RunConfig::from_toml(&text, base_dir, &base_path.display().to_string())
+    RunConfig::from_toml(&text, base_dir, &format!("{}{what}", base_path.display()))
+}
+
+/// The base run config for `seed`, with `transfer` overrides merged in.
+fn run_config(
+    base_path: &Path,
+    seed: u64,
+    transfer: Option<&toml::Value>,
+    eval_split: Option<EvalSplit>,
+) -> Result<RunConfig> {
+    parse_value(&run_value(base_path, seed, transfer, eval_split)?, base_path, "")
+}
+
+/// The run a `central`, `local_only` (client `client`) or `fedavg_small` row of the sweep's
+/// base config `base_path` is, for `seed` (see the module docs): the config `hetfed simulate`
+/// runs for that row. Other kinds are not runs of their own: an error.
+pub fn derived_config(
+    base_path: &Path,
+    seed: u64,
+    eval_split: Option<EvalSplit>,
+    kind: RowKind,
+    client: Option<usize>,
+) -> Result<RunConfig> {
+    let base = run_config(base_path, seed, None, eval_split)?;
+    let mut v = run_value(base_path, seed, None, eval_split)?;
+    let small_model = |i: usize| -> Result<toml::Value> {
+        let t = base.transfer.as_ref().filter(|t| !t.client_models.is_empty()).ok_or_else(|| {
+            Error::msg(format!(
+                "{}: a {} row needs the clients' small model: expected a [transfer] table with client_models, found none",
+                base_path.display(),
+                kind.name()
+            ))
+        })?;
+        let m = &t.client_models[i % t.client_models.len()];
+        Ok(toml::Value::String(m.display().to_string()))
+    };
+    let (n_run, model) = match (kind, client) {
+        (RowKind::Central, None) => {
+            set(&mut v, &["data", "pooled"], toml::Value::Boolean(true));
+            (1, None)
+        }
+        (RowKind::LocalOnly, Some(i)) => {
+            if i >= base.data.num_clients() {
+                return Err(Error::msg(format!(
+                    "local_only: expected a client 0..={} of the base config, found {i}",
+                    base.data.num_clients().saturating_sub(1)
+                )));
+            }
+            set(&mut v, &["data", "only_client"], toml::Value::Integer(i as i64));
+            (1, Some(small_model(i)?))
+        }
+        (RowKind::FedavgSmall, None) => {
+            let t = base.transfer.as_ref();
+            let mut models: Vec<PathBuf> =
+                t.map(|t| t.client_models.iter().map(|m| base.path(m)).collect()).unwrap_or_default();
+            models.sort();
+            models.dedup();
+            if models.len() > 1 {
+                return Err(Error::msg(format!(
+                    "{}: a fedavg_small row averages one model: expected one entry in transfer.client_models, found {}",
+                    base_path.display(),
+                    models.len()
+                )));
+            }
+            (base.data.num_clients(), Some(small_model(0)?))
+        }
+        _ => {
+            return Err(Error::msg(format!(
+                "a {} row{} is not a run of its own",
+                kind.name(),
+                client.map(|i| format!(" of client {i}")).unwrap_or_default()
+            )))
+        }
+    };
+    if let toml::Value::Table(t) = &mut v {
+        t.remove("transfer");
+        let mut strategy = toml::map::Map::new();
+        strategy.insert("name".into(), toml::Value::String("fedavg".into()));
+        strategy.insert("server_lr".into(), toml::Value::Float(1.0));
+        t.insert("strategy".into(), toml::Value::Table(strategy));
+    }
+    if let Some(m) = model {
+        set(&mut v, &["server", "model"], m);
+    }
+    set(&mut v, &["server", "min_clients"], toml::Value::Integer(n_run as i64));
+    set(&mut v, &["server", "quorum"], toml::Value::Integer(base.server.quorum.min(n_run) as i64));
+    set(&mut v, &["server", "round_timeout_s"], toml::Value::Float(crate::config::MAX_TIMEOUT_S));
+    set(
+        &mut v,
+        &["sampling", "min_fit_clients"],
+        toml::Value::Integer(base.sampling.min_fit_clients.min(n_run) as i64),
+    );
+    let what = match client {
+        Some(i) => format!(" ({} row, client c{i})", kind.name()),
+        None => format!(" ({} row)", kind.name()),
+    };
+    parse_value(&v, base_path, &what)
+}
+
+/// Sets `path` in a TOML table, creating the tables on the way.
+fn set(v: &mut toml::Value, path: &[&str], value: toml::Value) {
+    let (last, tables) = path.split_last().expect("a non-empty path");
+    let mut cur = v;
+    for k in tables {
+        let toml::Value::Table(t) = cur else { return };
+        cur = t.entry(k.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    if let toml::Value::Table(t) = cur {
+        t.insert(last.to_string(), value);
+    }
+}
+
+impl RowKind {
+    /// The kind as a sweep config writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RowKind::ZeroShot => "zero_shot",
+            RowKind::Central => "central",
+            RowKind::LocalOnly => "local_only",
+            RowKind::FedavgSmall => "fedavg_small",
+            RowKind::Hetero => "hetero",
+        }
+    }
+}
+
+/// What a sweep reads from a finished run's `metrics.jsonl`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunRecord {
+    /// The server's evaluation after the last round.
+    pub final_eval: BTreeMap<String, f64>,
+    /// Bytes each accepted client sent and received per round (mean).
+    pub bytes_per_client_round: f64,
+    /// Seconds the server spent aggregating per round (mean).
+    pub server_s_per_round: f64,
+}
+
+/// Reads a finished run of `rounds` rounds from `run_dir/metrics.jsonl`; an error unless every
+/// round aggregated and the last one was evaluated.
+pub fn read_run(run_dir: &Path, rounds: u64) -> Result<RunRecord> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let (mut bytes, mut n_client_rounds, mut agg_s) = (0f64, 0usize, 0f64);
+    let mut aggregated = BTreeMap::new();
+    let mut final_eval = None;
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let e: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::msg(format!("{}:{}: expected a JSON record: {e}", path.display(), n + 1)))?;
+        let num = |k: &str| e.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        let round = e.get("round").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        match e.get("event").and_then(serde_json::Value::as_str) {
+            Some("client_round") if e.get("status").and_then(serde_json::Value::as_str) == Some("ok") => {
+                bytes += num("bytes_up") + num("bytes_down");
+                n_client_rounds += 1;
+            }
+            Some("round") if round >= 1 => {
+                aggregated.insert(round, e.get("aggregated").and_then(serde_json::Value::as_bool).unwrap_or(false));
+                agg_s += num("aggregate_s");
+                if round == rounds {
+                    final_eval = serde_json::from_value(e.get("server_eval").cloned().unwrap_or_default()).ok();
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(r) = (1..=rounds).find(|r| aggregated.get(r) != Some(&true)) {
+        return Err(Error::msg(format!(
+            "{}: round {r} {}: a sweep row needs every round aggregated",
+            path.display(),
+            if aggregated.contains_key(&r) { "did not aggregate (too few accepted updates)" } else { "is missing" }
+        )));
+    }
+    let final_eval: BTreeMap<String, f64> =
+        final_eval.filter(|m: &BTreeMap<String, f64>| !m.is_empty()).ok_or_else(|| {
+            Error::msg(format!("{}: expected the server's evaluation of round {rounds}, found none", path.display()))
+        })?;
+    Ok(RunRecord {
+        final_eval,
+        bytes_per_client_round: bytes / n_client_rounds.max(1) as f64,
+        server_s_per_round: agg_s / rounds.max(1) as f64,
+    })
+}
+
+/// Runs `cfg` as `hetfed simulate` does into `run_dir` (continuing it with `resume`, else
+/// starting it afresh) and reads its record.
+fn simulate_run(
+    rt: &tokio::runtime::Runtime,
+    cfg: &RunConfig,
+    dir: &DataDir,
+    run_dir: &Path,
+    resume: bool,
+) -> Result<RunRecord> {
+    if !resume && run_dir.exists() {
+        std::fs::remove_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    }
+    rt.block_on(crate::assemble::simulate(cfg, dir, run_dir, resume))?;
+    read_run(run_dir, cfg.run.rounds)
+}
+
+/// The `local_only` cell from each client's run (see the module docs).
+fn local_only_cell(runs: &[(String, BTreeMap<String, f64>)]) -> Cell {
+    let held: Vec<&str> = runs.iter().map(|(t, _)| t.as_str()).collect();
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (own_task, metrics) in runs {
+        for (k, v) in metrics {
+            let task = k.split('/').next().unwrap_or_default();
+            if task == own_task || !held.contains(&task) {
+                let e = sums.entry(k.clone()).or_default();
+                e.0 += v;
+                e.1 += 1.0;
+            }
+        }
+    }
+    Cell {
+        metrics: sums.into_iter().map(|(k, (s, n))| (k, s / n)).collect(),
+        model: "small".into(),
+        ..Default::default()
+    }
 }
 
 struct Update {
@@ -224,9 +464,49 @@ fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec
         .collect())
 }
 
+/// Returns the value in `slot`, made by `f` the first time.
+fn get_or_try<T>(slot: &mut Option<T>, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+    if slot.is_none() {
+        *slot = Some(f()?);
+    }
+    Ok(slot.as_ref().expect("just set"))
+}
+
+/// The clients' heterogeneous-round updates of one seed, trained once for every `hetero` row.
+struct HeteroUpdates {
+    infos: Vec<ClientInfo>,
+    per_round: Vec<Vec<(String, Update)>>,
+}
+
+fn hetero_updates(cfg: &RunConfig, dir: &DataDir, base_path: &Path) -> Result<HeteroUpdates> {
+    let model = cfg.transfer.as_ref().and_then(|t| t.client_models.first()).ok_or_else(|| {
+        Error::msg(format!(
+            "{}: the sweep's hetero rows need a [transfer] table with client_models, found none",
+            base_path.display()
+        ))
+    })?;
+    let small = Checkpoint::load(&cfg.path(model))?;
+    let ids = cfg.client_ids();
+    let datas: Vec<ClientData> = (0..ids.len()).map(|i| client_data(cfg, dir, i, &small)).collect::<Result<_>>()?;
+    let infos = infos(&datas, &ids, &small)?;
+    let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
+    let mut per_round = Vec::new();
+    let mut adapters: Vec<Option<TensorMap>> = vec![None; ids.len()];
+    for round in 1..=cfg.run.rounds {
+        let mut ups = Vec::new();
+        for (cid, fc) in plan.configure_fit(round, &infos) {
+            let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
+            ups.push((cid, local_update(&small, &small.weights, &fc, &datas[i], cfg, &mut adapters[i])?));
+        }
+        per_round.push(ups);
+    }
+    Ok(HeteroUpdates { infos, per_round })
+}
+
 /// Runs the sweep; `progress` gets one line per finished row and seed. Results are also written
 /// to `out/results.json` after every cell, so an interrupted sweep keeps what it finished; with
-/// `resume`, the cells already there (same row name and kind, same seed) are kept and not rerun.
+/// `resume`, the cells already there (same row name and kind, same seed) are kept and not rerun,
+/// and a row's run left unfinished under `out/runs/` continues from its latest checkpoint.
 pub fn run_sweep(
     path: &Path,
     dir: &DataDir,
@@ -254,61 +534,82 @@ pub fn run_sweep(
             }
         }
     }
+    let mut rt: Option<tokio::runtime::Runtime> = None;
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .worker_threads(2)
+            .build()
+            .map_err(|e| Error::msg(format!("starting the async runtime: {e}")))
+    };
     for &seed in &sweep.seeds {
         if results.iter().all(|r| r.cells.contains_key(&seed)) {
             continue;
         }
         let cfg = run_config(&base_path, seed, None, sweep.eval_split)?;
-        let t = cfg.transfer.clone().ok_or_else(|| {
-            Error::msg(format!("{}: the sweep's base config needs a [transfer] table", base_path.display()))
-        })?;
-        let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
-        let small = Checkpoint::load(&cfg.path(&t.client_models[0]))?;
-        let ev = server_eval(&cfg, dir, &large)?
-            .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
-        let ids = cfg.client_ids();
-        let datas: Vec<ClientData> =
-            (0..ids.len()).map(|i| client_data(&cfg, dir, i, &small)).collect::<Result<_>>()?;
-        let infos = infos(&datas, &ids, &small)?;
-        let plan_strategy =
-            || StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
-        // Clients' heterogeneous-round updates, trained once per seed.
-        let mut hetero_updates: Option<Vec<Vec<(String, Update)>>> = None;
+        if cfg.server.eval.tasks.is_empty() && cfg.server.eval.general_lines == 0 {
+            return Err(Error::msg(format!(
+                "{}: the sweep's base config needs [server.eval] tasks or general_lines, found neither",
+                base_path.display()
+            )));
+        }
+        // What the zero-shot and hetero rows share, made when first needed.
+        let mut large: Option<Checkpoint> = None;
+        let mut ev: Option<ServerEval> = None;
+        let mut updates: Option<HeteroUpdates> = None;
         for (ri, row) in sweep.rows.iter().enumerate() {
             if results[ri].cells.contains_key(&seed) {
                 continue;
             }
             let t0 = Instant::now();
+            let runs = out.join("runs");
             let cell = match row.kind {
-                RowKind::ZeroShot => Cell {
-                    metrics: evaluate_weights(&large, &large.weights, &ev)?,
-                    model: "large".into(),
-                    ..Default::default()
-                },
-                RowKind::Central => central(&cfg, dir, &large, &ev)?,
-                RowKind::LocalOnly => local_only(&cfg, &small, &datas, &ids, &infos, &ev)?,
-                RowKind::FedavgSmall => fedavg_small(&cfg, &small, &datas, &ids, &infos, &ev)?,
-                RowKind::Hetero => {
-                    if hetero_updates.is_none() {
-                        let mut per_round = Vec::new();
-                        let mut plan = plan_strategy();
-                        let mut adapters: Vec<Option<TensorMap>> = vec![None; ids.len()];
-                        for round in 1..=cfg.run.rounds {
-                            let mut ups = Vec::new();
-                            for (cid, fc) in plan.configure_fit(round, &infos) {
-                                let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-                                ups.push((
-                                    cid,
-                                    local_update(&small, &small.weights, &fc, &datas[i], &cfg, &mut adapters[i])?,
-                                ));
-                            }
-                            per_round.push(ups);
+                RowKind::ZeroShot | RowKind::Hetero => {
+                    let large = get_or_try(&mut large, || Checkpoint::load(&cfg.path(&cfg.server.model)))?;
+                    let ev = get_or_try(&mut ev, || {
+                        server_eval(&cfg, dir, large)?
+                            .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))
+                    })?;
+                    if row.kind == RowKind::ZeroShot {
+                        Cell {
+                            metrics: evaluate_weights(large, &large.weights, ev)?,
+                            model: "large".into(),
+                            ..Default::default()
                         }
-                        hetero_updates = Some(per_round);
+                    } else {
+                        let ups = get_or_try(&mut updates, || hetero_updates(&cfg, dir, &base_path))?;
+                        let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split)?;
+                        let rt = rcfg.transfer.clone().unwrap_or_default();
+                        hetero(&rcfg, &rt, dir, large, &ups.infos, &ups.per_round, ev)?
                     }
-                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split)?;
-                    let rt = rcfg.transfer.clone().unwrap_or_default();
-                    hetero(&rcfg, &rt, dir, &large, &infos, hetero_updates.as_deref().unwrap_or_default(), &ev)?
+                }
+                RowKind::Central | RowKind::FedavgSmall => {
+                    let rcfg = derived_config(&base_path, seed, sweep.eval_split, row.kind, None)?;
+                    let rt = get_or_try(&mut rt, runtime)?;
+                    let run_dir = runs.join(format!("{}-seed{seed}", row.kind.name()));
+                    let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume)?;
+                    if row.kind == RowKind::Central {
+                        Cell { metrics: rec.final_eval, model: "large".into(), ..Default::default() }
+                    } else {
+                        Cell {
+                            metrics: rec.final_eval,
+                            bytes_per_client_round: rec.bytes_per_client_round,
+                            server_s_per_round: rec.server_s_per_round,
+                            model: "small".into(),
+                        }
+                    }
+                }
+                RowKind::LocalOnly => {
+                    let mut per_client = Vec::new();
+                    for i in 0..cfg.data.num_clients() {
+                        let rcfg = derived_config(&base_path, seed, sweep.eval_split, row.kind, Some(i))?;
+                        let rt = get_or_try(&mut rt, runtime)?;
+                        let run_dir = runs.join(format!("{}-seed{seed}", row.kind.name())).join(format!("c{i}"));
+                        let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume)?;
+                        let task = cfg.data.assignment(i).map(|(g, _)| g.task).unwrap_or_default();
+                        per_client.push((hetfed_data::task::builtin(&task)?.name, rec.final_eval));
+                    }
+                    local_only_cell(&per_client)
                 }
             };
             progress(format!(
@@ -323,121 +624,6 @@ pub fn run_sweep(
         }
     }
     Ok(results)
-}
-
-/// The upper bound: the large model fine-tuned on the union of every client's training share
-/// (all tasks pooled and shuffled together), for the same rounds × epochs.
-fn central(cfg: &RunConfig, dir: &DataDir, large: &Checkpoint, ev: &ServerEval) -> Result<Cell> {
-    let mut data: Option<ClientData> = None;
-    for i in 0..cfg.data.num_clients() {
-        let d = client_data(cfg, dir, i, large)?;
-        match &mut data {
-            None => data = Some(ClientData { val: Vec::new(), val_items: empty_items(&d.val_items), ..d }),
-            Some(acc) => {
-                acc.train.extend(d.train);
-                acc.stats.n_examples += d.stats.n_examples;
-                acc.stats.n_tokens += d.stats.n_tokens;
-                for t in d.stats.tasks {
-                    if !acc.stats.tasks.contains(&t) {
-                        acc.stats.tasks.push(t);
-                    }
-                }
-            }
-        }
-    }
-    let data = data.ok_or_else(|| Error::msg("central: expected at least one client, found none"))?;
-    let ids = vec!["central".to_string()];
-    let infos = infos(std::slice::from_ref(&data), &ids, large)?;
-    let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
-    let mut w = large.weights.clone();
-    for round in 1..=cfg.run.rounds {
-        for (_, fc) in plan.configure_fit(round, &infos) {
-            let u = local_update(large, &w, &fc, &data, cfg, &mut None)?;
-            w = u.update.apply_unchecked(&w, 1.0)?;
-        }
-    }
-    Ok(Cell { metrics: evaluate_weights(large, &w, ev)?, model: "large".into(), ..Default::default() })
-}
-
-fn empty_items(like: &hetfed_data::Items) -> hetfed_data::Items {
-    match like {
-        hetfed_data::Items::Choice(_) => hetfed_data::Items::Choice(Vec::new()),
-        hetfed_data::Items::Generation(_) => hetfed_data::Items::Generation(Vec::new()),
-        hetfed_data::Items::Lm(_) => hetfed_data::Items::Lm(Vec::new()),
-    }
-}
-
-/// Each client fine-tunes the small model on its own share only. A task's metrics are the mean
-/// over the clients that hold that task (a specialist is judged on its own task); metrics of
-/// tasks no client holds (forgetting monitors, general text) are the mean over all clients.
-fn local_only(
-    cfg: &RunConfig,
-    small: &Checkpoint,
-    datas: &[ClientData],
-    ids: &[String],
-    infos: &[ClientInfo],
-    ev: &ServerEval,
-) -> Result<Cell> {
-    let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
-    let mut weights: Vec<TensorMap> = vec![small.weights.clone(); ids.len()];
-    for round in 1..=cfg.run.rounds {
-        for (cid, fc) in plan.configure_fit(round, infos) {
-            let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-            let u = local_update(small, &weights[i], &fc, &datas[i], cfg, &mut None)?;
-            weights[i] = u.update.apply_unchecked(&weights[i], 1.0)?;
-        }
-    }
-    let held: Vec<String> = datas.iter().map(|d| d.task.name.clone()).collect();
-    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for (w, d) in weights.iter().zip(datas) {
-        for (k, v) in evaluate_weights(small, w, ev)? {
-            let task = k.split('/').next().unwrap_or_default();
-            let own = task == d.task.name;
-            if own || !held.iter().any(|h| h == task) {
-                let e = sums.entry(k).or_default();
-                e.0 += v;
-                e.1 += 1.0;
-            }
-        }
-    }
-    Ok(Cell {
-        metrics: sums.into_iter().map(|(k, (s, n))| (k, s / n)).collect(),
-        model: "small".into(),
-        ..Default::default()
-    })
-}
-
-fn fedavg_small(
-    cfg: &RunConfig,
-    small: &Checkpoint,
-    datas: &[ClientData],
-    ids: &[String],
-    infos: &[ClientInfo],
-    ev: &ServerEval,
-) -> Result<Cell> {
-    let mut strategy = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
-    let mut global = small.weights.clone();
-    let model_bytes = hetfed_core::tensors_to_bytes(&global, candle_core::DType::F32, &BTreeMap::new())?.len();
-    let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
-    for round in 1..=cfg.run.rounds {
-        let mut results = Vec::new();
-        for (cid, fc) in strategy.configure_fit(round, infos) {
-            let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-            let u = local_update(small, &global, &fc, &datas[i], cfg, &mut None)?;
-            bytes += u.bytes + model_bytes;
-            n_client_rounds += 1;
-            results.push(FitResult::new(cid, u.n_examples, u.metrics, u.update));
-        }
-        let t = Instant::now();
-        strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
-        server_s += t.elapsed().as_secs_f64();
-    }
-    Ok(Cell {
-        metrics: evaluate_weights(small, &global, ev)?,
-        bytes_per_client_round: bytes as f64 / n_client_rounds.max(1) as f64,
-        server_s_per_round: server_s / cfg.run.rounds as f64,
-        model: "small".into(),
-    })
 }
 
 fn hetero(

@@ -92,3 +92,49 @@ fn text_answers_are_server_text_in_each_generation_tasks_answer_language() {
     let none = hetfed_fed::assemble::server_text(&cfg, cfg.transfer.as_ref().unwrap(), &dir, &large).unwrap();
     assert!(none.answers.is_empty());
 }
+
+#[test]
+fn a_pooled_client_holds_exactly_the_layouts_shares_and_only_client_keeps_its_own() {
+    let Some((cfg, dir, ck)) = setup("dev") else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("configs/simulate.toml")).unwrap();
+    let with = |key: &str| {
+        // One client: the server waits for it alone.
+        let t = text.replace("min_clients = 6", "min_clients = 1").replace("quorum = 4", "quorum = 1");
+        let t = t.replace("[data]\n", &format!("[data]\n{key}\n"));
+        RunConfig::from_toml(&t, root.join("configs"), "simulate.toml").unwrap()
+    };
+    let clients: Vec<_> = (0..cfg.data.num_clients()).map(|i| client_data(&cfg, &dir, i, &ck).unwrap()).collect();
+    let pooled_cfg = with("pooled = true");
+    assert_eq!(pooled_cfg.client_ids(), ["c0"]);
+    assert_eq!(pooled_cfg.data.task_names(), cfg.data.task_names());
+    let pooled = client_data(&pooled_cfg, &dir, 0, &ck).unwrap();
+    let train: Vec<_> = clients.iter().flat_map(|d| d.train.clone()).collect();
+    let val: Vec<_> = clients.iter().flat_map(|d| d.val.clone()).collect();
+    assert!(!train.is_empty() && pooled.train == train, "the pooled training slice is every client's, in order");
+    assert!(pooled.val == val);
+    assert_eq!(pooled.stats.n_examples, clients.iter().map(|d| d.stats.n_examples).sum::<u64>());
+    assert_eq!(
+        pooled.stats.tasks,
+        cfg.data.task_names().iter().map(|t| hetfed_data::task::builtin(t).unwrap().name).collect::<Vec<_>>()
+    );
+    assert!(pooled.val_items.is_empty(), "six tasks have no common local evaluation");
+    assert!(client_data(&pooled_cfg, &dir, 1, &ck).is_err());
+
+    let only = with("only_client = 3");
+    assert_eq!(only.client_ids(), ["c3"]);
+    assert_eq!(only.data.task_names(), [cfg.data.assignment(3).unwrap().0.task]);
+    let d = client_data(&only, &dir, 3, &ck).unwrap();
+    assert!(d.train == clients[3].train && d.val == clients[3].val && d.stats == clients[3].stats);
+    let e = client_data(&only, &dir, 0, &ck).err().unwrap().to_string();
+    assert!(e.contains("expected a client of the run (c3), found c0"), "{e}");
+
+    let e = RunConfig::from_toml(
+        &text.replace("[data]\n", "[data]\npooled = true\nonly_client = 1\n"),
+        root.join("configs"),
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("at most one of `pooled` and `only_client`"), "{e}");
+}

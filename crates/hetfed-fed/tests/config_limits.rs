@@ -111,6 +111,7 @@ fn keys() -> Vec<(&'static str, &'static str, &'static str, Range)> {
         (h, "data", "max_examples_per_client", Int(0, 10_000_000)),
         (h, "data", "val_fraction", Real(Interval::right_open(0.0, 0.9))),
         (h, "data", "seed", Int(0, i64::MAX)),
+        (h, "data", "only_client", Int(0, 2)),
         (a, "strategy", "eta", Real(Interval::left_open(0.0, 1000.0))),
         (a, "strategy", "tau", Real(Interval::left_open(0.0, 1000.0))),
         (a, "strategy", "beta1", Real(Interval::right_open(0.0, 1.0))),
@@ -359,6 +360,7 @@ fn settings_that_could_never_work_are_refused_with_key_value_and_range() {
         ("client", "lr", "nan", "client.lr: expected a number in (0, 10], found NaN"),
         ("server", "round_timeout_s", "1e300", "server.round_timeout_s: expected a number in (0, 1000000], found"),
         ("data", "num_clients", "100000", "data.num_clients: expected 1..=1024, found 100000"),
+        ("data", "only_client", "3", "data.only_client: expected 0..=2 (a client of the layout), found 3"),
     ] {
         let e = parse(&with_value(HOMOGENEOUS, table, key, value)).unwrap_err();
         assert!(e.contains(want), "{table}.{key} = {value}: expected {want:?} in {e:?}");

@@ -192,7 +192,7 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         "simulating {} rounds of {} with {} clients on {}, server model {}",
         cfg.run.rounds,
         cfg.strategy_name(),
-        cfg.data.num_clients(),
+        cfg.client_ids().len(),
         cfg.data.describe(),
         cfg.path(&cfg.server.model).display()
     );

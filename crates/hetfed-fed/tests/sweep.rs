@@ -1,0 +1,166 @@
+//! Every sweep row that trains is a run of the round loop: a `central`, `local_only` or
+//! `fedavg_small` cell equals the `hetfed simulate` run (`assemble::simulate`) of the config a
+//! user would write for it, with the same seed. Two specialist clients (Ethos, COPA), a few
+//! examples and steps, on the repository's embedded models and the shared data.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hetfed_data::DataDir;
+use hetfed_fed::sweep::{read_run, run_sweep, Cell, RowKind};
+use hetfed_fed::RunConfig;
+
+const SEED: u64 = 5;
+const ROUNDS: u64 = 2;
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").canonicalize().expect("models/ is committed")
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hetfed-sweep-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A run of `model` on the two specialists, with `data` added to `[data]` and `extra` at the end.
+fn run_toml(model: &str, min_clients: usize, seed: u64, data: &str, extra: &str) -> String {
+    format!(
+        r#"
+[run]
+rounds = {ROUNDS}
+seed = {seed}
+
+[server]
+model = "{model}"
+min_clients = {min_clients}
+quorum = {min_clients}
+
+[server.eval]
+max_examples = 6
+general_lines = 4
+max_len = 64
+batch_size = 8
+
+[client]
+epochs = 1
+max_steps = 2
+lr = 3e-3
+batch_size = 4
+max_len = 48
+lora_rank = 4
+lora_alpha = 8.0
+encoding = "f16"
+keep_adapter = true
+
+[data]
+tasks = ["ethos", "copa"]
+max_examples_per_client = 8
+val_fraction = 0.25
+seed = {seed}
+{data}
+{extra}"#,
+        model = models().join(model).display()
+    )
+}
+
+/// Runs a sweep of one row of `kind` over the heterogeneous base config; its cell for [`SEED`].
+fn sweep_cell(dir: &DataDir, tmp: &Path, kind: &str) -> Cell {
+    let transfer = format!(
+        "[transfer]\nclient_models = [\"{}\"]\naggregation = \"projection\"\n",
+        models().join("base-small").display()
+    );
+    std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", &transfer)).unwrap();
+    let sweep = tmp.join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        format!("base = \"base.toml\"\nseeds = [{SEED}]\n[[row]]\nname = \"{kind}\"\nkind = \"{kind}\"\n"),
+    )
+    .unwrap();
+    let results = run_sweep(&sweep, dir, &tmp.join("out"), false, |_| {}).unwrap();
+    assert_eq!(results.len(), 1);
+    results[0].cells[&SEED].clone()
+}
+
+/// `hetfed simulate` of `toml` into `tmp/<tag>`: its final server evaluation and record.
+fn simulate(dir: &DataDir, tmp: &Path, tag: &str, toml: &str) -> hetfed_fed::sweep::RunRecord {
+    let cfg = RunConfig::from_toml(toml, tmp.to_path_buf(), tag).unwrap();
+    let run_dir = tmp.join(tag);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build().unwrap();
+    let out = rt.block_on(hetfed_fed::assemble::simulate(&cfg, dir, &run_dir, false)).unwrap();
+    let rec = read_run(&run_dir, ROUNDS).unwrap();
+    assert_eq!(rec.final_eval, out.summary.final_eval, "the record is the run's own final evaluation");
+    rec
+}
+
+fn setup(tag: &str) -> Option<(DataDir, PathBuf)> {
+    let data = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data")?;
+    Some((DataDir::new(data), tempdir(tag)))
+}
+
+fn assert_metrics(cell: &BTreeMap<String, f64>, run: &BTreeMap<String, f64>) {
+    assert!(cell.keys().any(|k| k.ends_with("/target_nll")) && cell.contains_key("general/ppl"), "{cell:?}");
+    assert_eq!(cell, run, "the sweep cell must equal the simulate run");
+}
+
+#[test]
+fn central_row_is_the_pooled_run_of_the_large_model() {
+    let Some((dir, tmp)) = setup("central") else { return };
+    let cell = sweep_cell(&dir, &tmp, "central");
+    let run = simulate(&dir, &tmp, "central-run", &run_toml("base-large", 1, SEED, "pooled = true", ""));
+    assert_eq!(cell.model, "large");
+    assert_metrics(&cell.metrics, &run.final_eval);
+    // Both tasks are evaluated (the pooled client holds both).
+    assert!(cell.metrics.keys().any(|k| k.starts_with("ethos")) && cell.metrics.keys().any(|k| k.starts_with("copa")));
+}
+
+#[test]
+fn fedavg_small_row_is_the_fedavg_run_of_the_small_model() {
+    let Some((dir, tmp)) = setup("fedavg") else { return };
+    let cell = sweep_cell(&dir, &tmp, "fedavg_small");
+    let run = simulate(&dir, &tmp, "fedavg-run", &run_toml("base-small", 2, SEED, "", ""));
+    assert_eq!(cell.model, "small");
+    assert_metrics(&cell.metrics, &run.final_eval);
+    // Bytes come from the run's events: a LoRA update up and the f32 model down per client-round.
+    assert!(cell.bytes_per_client_round > 3.0e6, "{}", cell.bytes_per_client_round);
+    assert_eq!(cell.bytes_per_client_round, run.bytes_per_client_round);
+    assert!(cell.server_s_per_round > 0.0);
+}
+
+#[test]
+fn local_only_row_is_one_run_per_client_judged_on_its_own_task() {
+    let Some((dir, tmp)) = setup("local") else { return };
+    let cell = sweep_cell(&dir, &tmp, "local_only");
+    let runs: Vec<BTreeMap<String, f64>> = (0..2)
+        .map(|i| {
+            let toml = run_toml("base-small", 1, SEED, &format!("only_client = {i}"), "");
+            simulate(&dir, &tmp, &format!("local-run-c{i}"), &toml).final_eval
+        })
+        .collect();
+    // Each client's run evaluates its own task only (and general text).
+    assert!(runs[0].keys().all(|k| !k.starts_with("copa")), "{:?}", runs[0]);
+    assert!(runs[1].keys().all(|k| !k.starts_with("ethos")), "{:?}", runs[1]);
+    let mut want: BTreeMap<String, f64> = BTreeMap::new();
+    for r in &runs {
+        want.extend(r.iter().filter(|(k, _)| *k != "general/ppl").map(|(k, v)| (k.clone(), *v)));
+    }
+    want.insert("general/ppl".into(), (runs[0]["general/ppl"] + runs[1]["general/ppl"]) / 2.0);
+    assert_eq!(cell.model, "small");
+    assert_metrics(&cell.metrics, &want);
+}
+
+#[test]
+fn derived_configs_are_refused_for_rows_that_are_not_runs() {
+    let tmp = tempdir("refused");
+    std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", "")).unwrap();
+    let base = tmp.join("base.toml");
+    let e = hetfed_fed::sweep::derived_config(&base, 1, None, RowKind::FedavgSmall, None).unwrap_err().to_string();
+    assert!(e.contains("[transfer]") && e.contains("fedavg_small"), "{e}");
+    let e = hetfed_fed::sweep::derived_config(&base, 1, None, RowKind::Hetero, None).unwrap_err().to_string();
+    assert!(e.contains("hetero"), "{e}");
+    let e = hetfed_fed::sweep::derived_config(&base, 1, None, RowKind::LocalOnly, Some(2)).unwrap_err().to_string();
+    assert!(e.contains("local_only") && e.contains("found 2"), "{e}");
+    let c = hetfed_fed::sweep::derived_config(&base, 1, None, RowKind::Central, None).unwrap();
+    assert!(c.data.pooled && c.transfer.is_none() && c.client_ids() == ["c0"] && c.run.seed == 1 && c.data.seed == 1);
+}
