@@ -39,6 +39,16 @@ BATCH, SEQ = 8, 128
 WARMUP = 2
 
 
+def tokens_per_s(step, tokens, steps):
+    """`step()` WARMUP times, then `steps` timed calls: tokens per second."""
+    for _ in range(WARMUP):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return tokens * steps / (time.perf_counter() - t0)
+
+
 # hetfed's default LoRA targets per model type (`default_lora_targets` in hetfed-model).
 LORA_TARGETS = {
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -73,12 +83,7 @@ def bench_model(args):
         opt.step()
 
     model.train()
-    for _ in range(WARMUP):
-        train_step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        train_step()
-    train_tps = tokens * args.steps / (time.perf_counter() - t0)
+    train_tps = tokens_per_s(train_step, tokens, args.steps)
     opt.zero_grad(set_to_none=True)
 
     def score():
@@ -87,12 +92,7 @@ def bench_model(args):
 
     model.eval()
     with torch.no_grad():
-        for _ in range(WARMUP):
-            score()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            score()
-        infer_tps = tokens * args.steps / (time.perf_counter() - t0)
+        infer_tps = tokens_per_s(score, tokens, args.steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"train_tokens_per_s": round(train_tps, 2), "infer_tokens_per_s": round(infer_tps, 2),
                       "peak_rss_bytes": peak}, separators=(",", ":")))
@@ -135,21 +135,11 @@ def main():
         opt.step()
 
     model.train()
-    for _ in range(WARMUP):
-        train_step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        train_step()
-    train_tps = tokens * args.steps / (time.perf_counter() - t0)
+    train_tps = tokens_per_s(train_step, tokens, args.steps)
 
     model.eval()
     with torch.no_grad():
-        for _ in range(WARMUP):
-            model(input_ids=ids, use_cache=False)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            model(input_ids=ids, use_cache=False)
-        infer_tps = tokens * args.steps / (time.perf_counter() - t0)
+        infer_tps = tokens_per_s(lambda: model(input_ids=ids, use_cache=False), tokens, args.steps)
 
     print(json.dumps({
         "impl": "pytorch",

@@ -217,25 +217,7 @@ pub fn sample_template(
     len: usize,
     seed: u64,
 ) -> Result<Samples> {
-    fill_template(model, start, segments, n, len, seed, TemplateText::default())
-}
-
-/// Like [`sample_template`], except that the answer (the last field) of row `i` is not sampled
-/// but teacher-forced: the first tokens of `answers[i % answers.len()]` (text the caller owns,
-/// at least as long as the answer's share of `len`). The other fields are sampled as there.
-pub fn sample_template_with_answers(
-    model: &dyn CausalLm,
-    start: u32,
-    segments: &[Segment],
-    n: usize,
-    len: usize,
-    seed: u64,
-    answers: &[Vec<u32>],
-) -> Result<Samples> {
-    if answers.is_empty() {
-        return Err(Error::msg("teacher-forced answers: expected at least one answer, found none"));
-    }
-    fill_template(model, start, segments, n, len, seed, TemplateText { prompts: None, answers: Some(answers) })
+    sample_template_from(model, start, segments, n, len, seed, TemplateText::default())
 }
 
 /// Text the caller owns that fills a template's fields instead of the model's samples (see
@@ -267,18 +249,6 @@ pub fn sample_template_from(
             return Err(Error::msg(format!("teacher-forced {what}s: expected at least one, found none")));
         }
     }
-    fill_template(model, start, segments, n, len, seed, text)
-}
-
-fn fill_template(
-    model: &dyn CausalLm,
-    start: u32,
-    segments: &[Segment],
-    n: usize,
-    len: usize,
-    seed: u64,
-    text: TemplateText<'_>,
-) -> Result<Samples> {
     let mut parts: Vec<Segment> =
         segments.iter().filter(|s| !matches!(s, Segment::Text(t) if t.is_empty())).cloned().collect();
     if !matches!(parts.last(), Some(Segment::Field)) {

@@ -463,7 +463,9 @@ fn teacher_forced_answers_replace_the_sampled_answer_and_keep_the_prompt() {
     let m = tiny(64, 1).model(None).unwrap();
     let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
     let answers = vec![(30..40).collect::<Vec<u32>>(), (40..50).collect()];
-    let s = sample_template_with_answers(m.as_ref(), 2, &segs, 3, 20, 7, &answers).unwrap();
+    let s =
+        sample_template_from(m.as_ref(), 2, &segs, 3, 20, 7, TemplateText { prompts: None, answers: Some(&answers) })
+            .unwrap();
     let sampled = sample_template(m.as_ref(), 2, &segs, 3, 20, 7).unwrap();
     assert_eq!(s.answer_start, sampled.answer_start);
     for (i, (r, q)) in s.seqs.iter().zip(&sampled.seqs).enumerate() {
@@ -472,9 +474,12 @@ fn teacher_forced_answers_replace_the_sampled_answer_and_keep_the_prompt() {
         assert_eq!(r[12..], answers[i % 2][..8], "row {i}: the answer is the first 8 tokens of its text");
     }
     let short = vec![vec![1u32; 3]];
-    let e = sample_template_with_answers(m.as_ref(), 2, &segs, 1, 20, 7, &short).unwrap_err().to_string();
+    let e = sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: None, answers: Some(&short) })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("at least 8 tokens, found 3"), "{e}");
-    assert!(sample_template_with_answers(m.as_ref(), 2, &segs, 1, 20, 7, &[]).is_err());
+    assert!(sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: None, answers: Some(&[]) })
+        .is_err());
 }
 
 #[test]

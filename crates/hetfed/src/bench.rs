@@ -87,26 +87,30 @@ struct Rates {
     infer: f64,
 }
 
-fn measure_rust(steps: usize) -> Result<Rates> {
-    let ck = reference_checkpoint()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
-    let data: Vec<Encoded> = (0..BATCH)
-        .map(|_| Encoded { ids: (0..SEQ).map(|_| rng.random_range(0..VOCAB as u32)).collect(), prompt_len: 1 })
-        .collect();
-    // Same work as the PyTorch script: full fine-tuning, loss on every next token, AdamW, no clipping.
+/// Training tokens/s of `ck` on `data` (one batch of equal-length rows, loss on every next
+/// token, AdamW at lr 1e-4, no clipping; LoRA when `lora` is given): [`WARMUP`] steps, then
+/// `steps` timed ones.
+fn train_tokens_per_s(
+    ck: &Checkpoint,
+    data: &[Encoded],
+    lora: Option<hetfed_model::LoraConfig>,
+    steps: usize,
+) -> Result<f64> {
+    let seq = data.first().map_or(0, |e| e.ids.len());
     let cfg = TrainConfig {
+        lora,
         lr: 1e-4,
-        batch_size: BATCH,
+        batch_size: data.len(),
         epochs: WARMUP + steps,
         max_grad_norm: None,
-        max_len: SEQ,
+        max_len: seq,
         schedule: hetfed_train::Schedule::Constant,
         ..Default::default()
     };
-    let mut tr = Trainer::new(&ck, cfg, None)?;
+    let mut tr = Trainer::new(ck, cfg, None)?;
     let mut t0 = None;
     tr.train(
-        &data,
+        data,
         |r, _| {
             if r.step == WARMUP {
                 t0 = Some(Instant::now());
@@ -115,11 +119,18 @@ fn measure_rust(steps: usize) -> Result<Rates> {
         },
         || false,
     )?;
-    let train = (BATCH * SEQ * steps) as f64 / t0.context("warm-up did not finish")?.elapsed().as_secs_f64();
+    Ok((data.len() * seq * steps) as f64 / t0.context("warm-up did not finish")?.elapsed().as_secs_f64())
+}
+
+fn measure_rust(steps: usize) -> Result<Rates> {
+    let ck = reference_checkpoint()?;
+    let flat = random_ids(BATCH, SEQ, VOCAB);
+    let data: Vec<Encoded> = flat.chunks(SEQ).map(|row| Encoded { ids: row.to_vec(), prompt_len: 1 }).collect();
+    // Same work as the PyTorch script: full fine-tuning, loss on every next token, AdamW, no clipping.
+    let train = train_tokens_per_s(&ck, &data, None, steps)?;
 
     let model = ck.model(None)?;
-    let ids =
-        Tensor::from_vec(data.iter().flat_map(|e| e.ids.clone()).collect::<Vec<u32>>(), (BATCH, SEQ), &Device::Cpu)?;
+    let ids = Tensor::from_vec(flat, (BATCH, SEQ), &Device::Cpu)?;
     for _ in 0..WARMUP {
         model.forward(&ids, None)?;
     }
@@ -220,31 +231,7 @@ fn measure_model(a: &BenchArgs, dir: &std::path::Path) -> Result<ModelRates> {
         dropout: 0.0,
         targets: ck.arch.default_lora_targets(),
     };
-    let cfg = TrainConfig {
-        lora: Some(lora),
-        lr: 1e-4,
-        batch_size: a.batch,
-        epochs: WARMUP + a.steps,
-        max_grad_norm: None,
-        max_len: a.seq,
-        schedule: hetfed_train::Schedule::Constant,
-        ..Default::default()
-    };
-    let mut tr = Trainer::new(&ck, cfg, None)?;
-    let mut t0 = None;
-    tr.train(
-        &data,
-        |r, _| {
-            if r.step == WARMUP {
-                t0 = Some(Instant::now());
-            }
-            Ok(())
-        },
-        || false,
-    )?;
-    let tokens = (a.batch * a.seq * a.steps) as f64;
-    let train = tokens / t0.context("warm-up did not finish")?.elapsed().as_secs_f64();
-    drop(tr);
+    let train = train_tokens_per_s(&ck, &data, Some(lora), a.steps)?;
     let model = ck.model(None)?;
     let t = Tensor::from_vec(ids.clone(), (a.batch, a.seq), &Device::Cpu)?;
     let targets: Vec<u32> = ids.chunks(a.seq).flat_map(|row| row[1..].to_vec()).collect();
@@ -255,7 +242,7 @@ fn measure_model(a: &BenchArgs, dir: &std::path::Path) -> Result<ModelRates> {
     for _ in 0..a.steps {
         model.target_logprobs(&t, &targets)?;
     }
-    let infer = tokens / t1.elapsed().as_secs_f64();
+    let infer = (a.batch * a.seq * a.steps) as f64 / t1.elapsed().as_secs_f64();
     Ok(ModelRates {
         train_tokens_per_s: train,
         infer_tokens_per_s: infer,
