@@ -536,7 +536,8 @@ impl RunConfig {
     /// | distillation tokens per round (sequences × seq_len) | ≤ [`MAX_DISTILL_TOKENS`] |
     pub fn check_ranges(&self) -> std::result::Result<(), String> {
         // The clients of the run (one with `data.pooled` or `data.only_client`).
-        let n_clients = self.data.run_clients().len();
+        // Counted, not listed: the layout's client count is itself only checked below.
+        let n_clients = if self.data.pooled || self.data.only_client.is_some() { 1 } else { self.data.num_clients() };
         int("run.rounds", self.run.rounds, 1, 100_000)?;
 
         let s = &self.server;
