@@ -15,7 +15,7 @@ use hetfed_model::Checkpoint;
 use hetfed_net::{Caller, DataStats, FedService, Secret};
 use hetfed_train::Example;
 
-use crate::client::{run_client, ClientData, ClientOptions, ClientSummary};
+use crate::client::{run_client, ClientData, ClientOptions, ClientSummary, TrainMemo};
 use crate::config::{ClientGroup, EvalSplit, RunConfig};
 use crate::hetero::{
     fisher_diagonal, Aggregation, Calibration, Continual, Hetero, OffsetAnswers, OffsetPrompts, OffsetSequences,
@@ -497,6 +497,7 @@ pub fn build_client(
         give_up_after: Duration::from_secs(120),
         on_round: None,
         state_dir: None,
+        memo: None,
     })
 }
 
@@ -517,15 +518,17 @@ pub struct SimOutcome {
 
 /// Runs the whole federation in this process.
 pub async fn simulate(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, resume: bool) -> Result<SimOutcome> {
-    simulate_with(cfg, dir, run_dir, resume, |_| {}).await
+    simulate_with(cfg, dir, run_dir, resume, None, |_| {}).await
 }
 
-/// [`simulate`], handing the server to `on_server` once built (for progress displays).
+/// [`simulate`], its clients reusing the training results in `memo` (and adding theirs), handing
+/// the server to `on_server` once built (for progress displays).
 pub async fn simulate_with(
     cfg: &RunConfig,
     dir: &DataDir,
     run_dir: &Path,
     resume: bool,
+    memo: Option<&TrainMemo>,
     on_server: impl FnOnce(Arc<Server>),
 ) -> Result<SimOutcome> {
     let ids = cfg.client_ids();
@@ -541,6 +544,7 @@ pub async fn simulate_with(
         let caller = Caller { client_id: id.clone(), token: Secret::new(t) };
         let mut opts = build_client(cfg, dir, i, caller, None)?;
         opts.state_dir = Some(run_dir.join("clients").join(id));
+        opts.memo = memo.cloned();
         let svc: Arc<dyn FedService> = server.clone();
         let id = id.clone();
         handles.push(tokio::spawn(async move { (id, run_client(svc, opts).await) }));

@@ -52,6 +52,43 @@ pub struct ClientOptions {
     /// Where the client keeps what a restart must not lose: the adapters it keeps across rounds
     /// (`FitConfig::keep_adapter`). `None` keeps them in memory only.
     pub state_dir: Option<PathBuf>,
+    /// Training results to reuse instead of training again (see [`TrainMemo`]); `None` always
+    /// trains.
+    pub memo: Option<TrainMemo>,
+}
+
+/// Local training results shared by clients across runs on the same data (the sweep's
+/// heterogeneous rows: clients that train from their own base produce the same update whatever
+/// the server does, so every row after the first replays them through the whole round loop).
+/// A result is keyed by everything `train_round` reads besides the client's data: the client,
+/// the round, the starting model version, the fit configuration and the adapter it continues.
+/// One memo must serve runs whose clients hold the same data (one sweep seed). A replayed
+/// update carries the metrics measured when it was trained.
+#[derive(Clone, Default)]
+pub struct TrainMemo(Arc<std::sync::Mutex<BTreeMap<String, Arc<LocalUpdate>>>>);
+
+impl TrainMemo {
+    fn key(client: &str, fit: &FitIns, adapter: Option<&TensorMap>) -> Result<String> {
+        let adapter = adapter.map(hetfed_core::tensor_map_hash).transpose()?.unwrap_or_default();
+        Ok(format!("{client}\n{}\n{}\n{}\n{adapter}", fit.round, fit.model_version, fit.config))
+    }
+
+    fn get(&self, key: &str) -> Option<Arc<LocalUpdate>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    fn put(&self, key: String, update: Arc<LocalUpdate>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key, update);
+    }
+
+    /// How many training results are kept.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The adapters a client trained, by round (`FitConfig::keep_adapter`). Round `r` continues from
@@ -139,6 +176,7 @@ pub struct ClientSummary {
 }
 
 /// One round's local training result.
+#[derive(Clone)]
 pub struct LocalUpdate {
     pub bytes: Vec<u8>,
     pub n_examples: u64,
@@ -443,11 +481,25 @@ async fn fit_round(
     let o = opts.clone();
     let cfg2 = cfg.clone();
     let prev = if cfg.keep_adapter { adapter.before(fit.round, &fit.model_version).cloned() } else { None };
-    let mut upd = tokio::task::spawn_blocking(move || {
-        train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref())
-    })
-    .await
-    .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
+    let memo_key = match &opts.memo {
+        Some(_) => Some(TrainMemo::key(&caller.client_id, fit, prev.as_ref())?),
+        None => None,
+    };
+    let known = opts.memo.as_ref().zip(memo_key.as_deref()).and_then(|(m, k)| m.get(k));
+    let mut upd = match known {
+        Some(u) => (*u).clone(),
+        None => {
+            let u = tokio::task::spawn_blocking(move || {
+                train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref())
+            })
+            .await
+            .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
+            if let (Some(m), Some(k)) = (&opts.memo, memo_key) {
+                m.put(k, Arc::new(u.clone()));
+            }
+            u
+        }
+    };
     // Kept whether or not the server accepts the upload: the next upload is again the whole
     // change from the base, so nothing depends on this one arriving.
     if let (true, Some(a)) = (cfg.keep_adapter, upd.adapter.take()) {

@@ -3,9 +3,8 @@
 //! A sweep takes a heterogeneous run config (`base`), a list of seeds and a list of rows. Per
 //! seed (which sets `run.seed`, `data.seed` and `transfer.maps.seed`) it evaluates every row
 //! on the server's evaluation tasks. Every row but `zero_shot` is a configuration of the same
-//! round loop: the baselines are runs of [`simulate`](crate::assemble::simulate) (the server's
-//! round loop with in-process clients, exactly `hetfed simulate`) of a config derived from the
-//! base one ([`derived_config`]), each kept under `out/runs/`:
+//! round loop: a run of [`simulate`](crate::assemble::simulate) (the server's round loop with
+//! in-process clients, exactly `hetfed simulate`), kept under `out/runs/`:
 //!
 //! - `zero_shot`: the large base model as it is (an evaluation, no loop);
 //! - `central`: the base config with `data.pooled = true` and FedAvg: one client holding every
@@ -21,8 +20,8 @@
 //! - `fedavg_small`: the base config with the clients' small model as the server's and FedAvg:
 //!   homogeneous federation of the small clients; its bytes per client and round and server
 //!   seconds per round come from the run's `metrics.jsonl`;
-//! - `hetero`: the heterogeneous strategy with the row's `transfer` settings merged over the
-//!   base config's `[transfer]` table.
+//! - `hetero`: the base config with the row's `transfer` settings merged over its `[transfer]`
+//!   table, run as it is (`out/runs/row<NN>-seed<seed>`).
 //!
 //! Derived runs have no `[transfer]` table, strategy FedAvg (`server_lr = 1`), every client of
 //! the run registered before round 1 (`server.min_clients`), and no round deadline (the sweep
@@ -31,28 +30,30 @@
 //!
 //! `eval_split = "test"` evaluates every row on the tasks' test splits instead.
 //!
+//! Every run evaluates before its first round and after its last (`server.eval.every` = rounds):
+//! a row reads the evaluation after the last round, which does not depend on how often the run
+//! evaluates.
+//!
 //! In a heterogeneous run clients always train from their own base with seeds fixed by
-//! `(seed, round, client)`, so their updates do not depend on the server: the sweep trains them
-//! once per seed and feeds the same updates to every `hetero` row through the same
-//! [`Strategy`] the server uses, exactly as `hetfed simulate` would (minus the transport).
+//! `(seed, round, client)`, so their updates do not depend on the server: the clients of every
+//! `hetero` row of a seed share one [`TrainMemo`], so they train in the first such row and
+//! replay the same updates, through the whole loop (upload, validation, aggregation, events), in
+//! the others.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hetfed_core::{Error, Result, TensorMap};
+use hetfed_core::{Error, Result};
 use hetfed_data::DataDir;
-use hetfed_model::{Checkpoint, ModelIdentity};
-use hetfed_net::ClientInfo;
-use hetfed_taskvec::TaskVector;
+use hetfed_events::{Event, Status};
+use hetfed_model::Checkpoint;
 use serde::{Deserialize, Serialize};
 
-use crate::assemble::{build_hetero, client_data, eval_options, server_eval};
-use crate::client::{train_round, ClientData};
+use crate::assemble::server_eval;
+use crate::client::TrainMemo;
 use crate::config::{EvalSplit, RunConfig};
-use crate::hetero::TransferConfig;
-use crate::server::{evaluate_served, evaluate_weights, Served, ServerEval};
-use crate::strategy::{FitConfig, FitResult, Strategy, StrategyConfig};
+use crate::server::evaluate_weights;
 
 /// What a sweep row computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,14 +188,18 @@ fn run_value(
     if v.get("transfer").is_some() || transfer.is_some() {
         over.insert("transfer".into(), t);
     }
+    // A row reads the evaluation after the last round only: its run evaluates before the first
+    // round and after the last (the final evaluation does not depend on how often it evaluates).
+    let mut eval = toml::map::Map::new();
+    let rounds = v.get("run").and_then(|r| r.get("rounds")).and_then(toml::Value::as_integer).unwrap_or(1);
+    eval.insert("every".into(), toml::Value::Integer(rounds.max(1)));
     if let Some(split) = eval_split {
-        let mut eval = toml::map::Map::new();
         let split = toml::Value::try_from(split).map_err(|e| Error::msg(format!("eval_split: {e}")))?;
         eval.insert("split".into(), split);
-        let mut server = toml::map::Map::new();
-        server.insert("eval".into(), toml::Value::Table(eval));
-        over.insert("server".into(), toml::Value::Table(server));
     }
+    let mut server = toml::map::Map::new();
+    server.insert("eval".into(), toml::Value::Table(eval));
+    over.insert("server".into(), toml::Value::Table(server));
     merge(&mut v, &toml::Value::Table(over));
     Ok(v)
 }
@@ -347,20 +352,19 @@ pub fn read_run(run_dir: &Path, rounds: u64) -> Result<RunRecord> {
     let mut aggregated = BTreeMap::new();
     let mut final_eval = None;
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let e: serde_json::Value = serde_json::from_str(line)
+        let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| Error::msg(format!("{}:{}: expected a JSON record: {e}", path.display(), n + 1)))?;
-        let num = |k: &str| e.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-        let round = e.get("round").and_then(serde_json::Value::as_u64).unwrap_or(0);
-        match e.get("event").and_then(serde_json::Value::as_str) {
-            Some("client_round") if e.get("status").and_then(serde_json::Value::as_str) == Some("ok") => {
-                bytes += num("bytes_up") + num("bytes_down");
+        match Event::parse(&v) {
+            Some(Event::ClientRound(c)) if c.status == Some(Status::Ok) => {
+                bytes += (c.bytes_up.unwrap_or(0) + c.bytes_down.unwrap_or(0)) as f64;
                 n_client_rounds += 1;
             }
-            Some("round") if round >= 1 => {
-                aggregated.insert(round, e.get("aggregated").and_then(serde_json::Value::as_bool).unwrap_or(false));
-                agg_s += num("aggregate_s");
+            Some(Event::Round(r)) if r.round.unwrap_or(0) >= 1 => {
+                let round = r.round.unwrap_or(0);
+                aggregated.insert(round, r.aggregated.unwrap_or(false));
+                agg_s += r.aggregate_s.unwrap_or(0.0);
                 if round == rounds {
-                    final_eval = serde_json::from_value(e.get("server_eval").cloned().unwrap_or_default()).ok();
+                    final_eval = r.server_eval;
                 }
             }
             _ => {}
@@ -392,11 +396,12 @@ fn simulate_run(
     dir: &DataDir,
     run_dir: &Path,
     resume: bool,
+    memo: Option<&TrainMemo>,
 ) -> Result<RunRecord> {
     if !resume && run_dir.exists() {
         std::fs::remove_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     }
-    rt.block_on(crate::assemble::simulate(cfg, dir, run_dir, resume))?;
+    rt.block_on(crate::assemble::simulate_with(cfg, dir, run_dir, resume, memo, |_| {}))?;
     read_run(run_dir, cfg.run.rounds)
 }
 
@@ -421,86 +426,12 @@ fn local_only_cell(runs: &[(String, BTreeMap<String, f64>)]) -> Cell {
     }
 }
 
-struct Update {
-    update: TaskVector,
-    metrics: hetfed_net::FitMetrics,
-    n_examples: u64,
-    bytes: usize,
-}
-
-/// One client's round, as `train_round` does it in a federated run; `adapter` is the client's
-/// kept LoRA adapter (`client.keep_adapter`), continued and replaced.
-fn local_update(
-    ck: &Checkpoint,
-    weights: &TensorMap,
-    cfg: &FitConfig,
-    data: &ClientData,
-    cfg_run: &RunConfig,
-    adapter: &mut Option<TensorMap>,
-) -> Result<Update> {
-    let identity = ModelIdentity { weights_hash: hetfed_core::tensor_map_hash(weights)?, ..ck.identity()? };
-    let prev = if cfg.keep_adapter { adapter.take() } else { None };
-    let up = train_round(ck, weights.clone(), &identity, cfg, data, &eval_options(cfg_run), prev.as_ref())?;
-    if cfg.keep_adapter {
-        *adapter = up.adapter;
-    }
-    let tv = TaskVector::from_bytes(&up.bytes, Path::new("<update>"))?;
-    Ok(Update { update: tv, metrics: up.metrics, n_examples: up.n_examples, bytes: up.bytes.len() })
-}
-
-fn infos(datas: &[ClientData], ids: &[String], small: &Checkpoint) -> Result<Vec<ClientInfo>> {
-    let id = small.identity()?;
-    let tok_hash = small.tokenizer_hash()?;
-    Ok(ids
-        .iter()
-        .zip(datas)
-        .map(|(c, d)| ClientInfo {
-            client_id: c.clone(),
-            arch: id.arch.clone(),
-            base_hash: id.weights_hash.clone(),
-            stats: d.stats.clone(),
-            tokenizer_hash: tok_hash.clone(),
-        })
-        .collect())
-}
-
 /// Returns the value in `slot`, made by `f` the first time.
 fn get_or_try<T>(slot: &mut Option<T>, f: impl FnOnce() -> Result<T>) -> Result<&T> {
     if slot.is_none() {
         *slot = Some(f()?);
     }
     Ok(slot.as_ref().expect("just set"))
-}
-
-/// The clients' heterogeneous-round updates of one seed, trained once for every `hetero` row.
-struct HeteroUpdates {
-    infos: Vec<ClientInfo>,
-    per_round: Vec<Vec<(String, Update)>>,
-}
-
-fn hetero_updates(cfg: &RunConfig, dir: &DataDir, base_path: &Path) -> Result<HeteroUpdates> {
-    let model = cfg.transfer.as_ref().and_then(|t| t.client_models.first()).ok_or_else(|| {
-        Error::msg(format!(
-            "{}: the sweep's hetero rows need a [transfer] table with client_models, found none",
-            base_path.display()
-        ))
-    })?;
-    let small = Checkpoint::load(&cfg.path(model))?;
-    let ids = cfg.client_ids();
-    let datas: Vec<ClientData> = (0..ids.len()).map(|i| client_data(cfg, dir, i, &small)).collect::<Result<_>>()?;
-    let infos = infos(&datas, &ids, &small)?;
-    let mut plan = StrategyConfig::Fedavg { server_lr: 1.0 }.build(cfg.sampling, cfg.client.clone(), cfg.run.seed);
-    let mut per_round = Vec::new();
-    let mut adapters: Vec<Option<TensorMap>> = vec![None; ids.len()];
-    for round in 1..=cfg.run.rounds {
-        let mut ups = Vec::new();
-        for (cid, fc) in plan.configure_fit(round, &infos) {
-            let i = ids.iter().position(|x| *x == cid).unwrap_or(0);
-            ups.push((cid, local_update(&small, &small.weights, &fc, &datas[i], cfg, &mut adapters[i])?));
-        }
-        per_round.push(ups);
-    }
-    Ok(HeteroUpdates { infos, per_round })
 }
 
 /// Runs the sweep; `progress` gets one line per finished row and seed. Results are also written
@@ -553,10 +484,8 @@ pub fn run_sweep(
                 base_path.display()
             )));
         }
-        // What the zero-shot and hetero rows share, made when first needed.
-        let mut large: Option<Checkpoint> = None;
-        let mut ev: Option<ServerEval> = None;
-        let mut updates: Option<HeteroUpdates> = None;
+        // The clients' training results of this seed, shared by the hetero rows.
+        let memo = TrainMemo::default();
         for (ri, row) in sweep.rows.iter().enumerate() {
             if results[ri].cells.contains_key(&seed) {
                 continue;
@@ -564,30 +493,33 @@ pub fn run_sweep(
             let t0 = Instant::now();
             let runs = out.join("runs");
             let cell = match row.kind {
-                RowKind::ZeroShot | RowKind::Hetero => {
-                    let large = get_or_try(&mut large, || Checkpoint::load(&cfg.path(&cfg.server.model)))?;
-                    let ev = get_or_try(&mut ev, || {
-                        server_eval(&cfg, dir, large)?
-                            .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))
-                    })?;
-                    if row.kind == RowKind::ZeroShot {
-                        Cell {
-                            metrics: evaluate_weights(large, &large.weights, ev)?,
-                            model: "large".into(),
-                            ..Default::default()
-                        }
-                    } else {
-                        let ups = get_or_try(&mut updates, || hetero_updates(&cfg, dir, &base_path))?;
-                        let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split)?;
-                        let rt = rcfg.transfer.clone().unwrap_or_default();
-                        hetero(&rcfg, &rt, dir, large, &ups.infos, &ups.per_round, ev)?
+                RowKind::ZeroShot => {
+                    let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
+                    let ev = server_eval(&cfg, dir, &large)?
+                        .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
+                    Cell {
+                        metrics: evaluate_weights(&large, &large.weights, &ev)?,
+                        model: "large".into(),
+                        ..Default::default()
+                    }
+                }
+                RowKind::Hetero => {
+                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split)?;
+                    let rt = get_or_try(&mut rt, runtime)?;
+                    let run_dir = runs.join(format!("row{ri:02}-seed{seed}"));
+                    let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume, Some(&memo))?;
+                    Cell {
+                        metrics: rec.final_eval,
+                        bytes_per_client_round: rec.bytes_per_client_round,
+                        server_s_per_round: rec.server_s_per_round,
+                        model: "large".into(),
                     }
                 }
                 RowKind::Central | RowKind::FedavgSmall => {
                     let rcfg = derived_config(&base_path, seed, sweep.eval_split, row.kind, None)?;
                     let rt = get_or_try(&mut rt, runtime)?;
                     let run_dir = runs.join(format!("{}-seed{seed}", row.kind.name()));
-                    let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume)?;
+                    let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume, None)?;
                     if row.kind == RowKind::Central {
                         Cell { metrics: rec.final_eval, model: "large".into(), ..Default::default() }
                     } else {
@@ -605,7 +537,7 @@ pub fn run_sweep(
                         let rcfg = derived_config(&base_path, seed, sweep.eval_split, row.kind, Some(i))?;
                         let rt = get_or_try(&mut rt, runtime)?;
                         let run_dir = runs.join(format!("{}-seed{seed}", row.kind.name())).join(format!("c{i}"));
-                        let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume)?;
+                        let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume, None)?;
                         let task = cfg.data.assignment(i).map(|(g, _)| g.task).unwrap_or_default();
                         per_client.push((hetfed_data::task::builtin(&task)?.name, rec.final_eval));
                     }
@@ -624,42 +556,6 @@ pub fn run_sweep(
         }
     }
     Ok(results)
-}
-
-fn hetero(
-    cfg: &RunConfig,
-    t: &TransferConfig,
-    dir: &DataDir,
-    large: &Checkpoint,
-    infos: &[ClientInfo],
-    updates: &[Vec<(String, Update)>],
-    ev: &ServerEval,
-) -> Result<Cell> {
-    let mut strategy = build_hetero(cfg, t, dir, large)?;
-    let mut global = large.weights.clone();
-    let (mut bytes, mut n_client_rounds, mut server_s) = (0usize, 0usize, 0f64);
-    for (r, ups) in updates.iter().enumerate() {
-        let round = r as u64 + 1;
-        strategy.configure_fit(round, infos);
-        let results: Vec<Result<FitResult>> = ups
-            .iter()
-            .map(|(cid, u)| {
-                bytes += u.bytes;
-                n_client_rounds += 1;
-                FitResult::new(cid.clone(), u.n_examples, u.metrics.clone(), u.update.clone())
-            })
-            .collect();
-        let t0 = Instant::now();
-        strategy.aggregate_fit(round, &mut global, &mut results.into_iter(), &[])?;
-        server_s += t0.elapsed().as_secs_f64();
-    }
-    let metrics = evaluate_served(large, &Served::new(large, &global, ev, &strategy)?, ev)?;
-    Ok(Cell {
-        metrics,
-        bytes_per_client_round: bytes as f64 / n_client_rounds.max(1) as f64,
-        server_s_per_round: server_s / updates.len().max(1) as f64,
-        model: "large".into(),
-    })
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {

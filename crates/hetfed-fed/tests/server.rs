@@ -860,6 +860,7 @@ fn client_options(m: &Path, who: Caller) -> hetfed_fed::client::ClientOptions {
         give_up_after: Duration::from_secs(120),
         on_round: None,
         state_dir: None,
+        memo: None,
     }
 }
 

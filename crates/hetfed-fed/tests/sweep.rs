@@ -1,5 +1,5 @@
-//! Every sweep row that trains is a run of the round loop: a `central`, `local_only` or
-//! `fedavg_small` cell equals the `hetfed simulate` run (`assemble::simulate`) of the config a
+//! Every sweep row that trains is a run of the round loop: a `central`, `local_only`,
+//! `fedavg_small` or `hetero` cell equals the `hetfed simulate` run (`assemble::simulate`) of the config a
 //! user would write for it, with the same seed. Two specialist clients (Ethos, COPA), a few
 //! examples and steps, on the repository's embedded models and the shared data.
 
@@ -67,11 +67,7 @@ seed = {seed}
 
 /// Runs a sweep of one row of `kind` over the heterogeneous base config; its cell for [`SEED`].
 fn sweep_cell(dir: &DataDir, tmp: &Path, kind: &str) -> Cell {
-    let transfer = format!(
-        "[transfer]\nclient_models = [\"{}\"]\naggregation = \"projection\"\n",
-        models().join("base-small").display()
-    );
-    std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", &transfer)).unwrap();
+    std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", &transfer_toml(""))).unwrap();
     let sweep = tmp.join("sweep.toml");
     std::fs::write(
         &sweep,
@@ -148,6 +144,59 @@ fn local_only_row_is_one_run_per_client_judged_on_its_own_task() {
     want.insert("general/ppl".into(), (runs[0]["general/ppl"] + runs[1]["general/ppl"]) / 2.0);
     assert_eq!(cell.model, "small");
     assert_metrics(&cell.metrics, &want);
+}
+
+/// The `[transfer]` table of the heterogeneous base config, with `extra` lines.
+fn transfer_toml(extra: &str) -> String {
+    format!(
+        "[transfer]\nclient_models = [\"{}\"]\naggregation = \"projection\"\n{extra}",
+        models().join("base-small").display()
+    )
+}
+
+#[test]
+fn hetero_rows_are_runs_of_their_config_replaying_the_clients_training() {
+    let Some((dir, tmp)) = setup("hetero") else { return };
+    std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", &transfer_toml(""))).unwrap();
+    let sweep = tmp.join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        format!(
+            "base = \"base.toml\"\nseeds = [{SEED}]\n\
+             [[row]]\nname = \"procrustes\"\nkind = \"hetero\"\n\
+             [[row]]\nname = \"lars\"\nkind = \"hetero\"\ntransfer = {{ lars = 1e-4 }}\n"
+        ),
+    )
+    .unwrap();
+    let out = tmp.join("out");
+    let results = run_sweep(&sweep, &dir, &out, false, |_| {}).unwrap();
+    // The second row is the config a user would write for it, run by `hetfed simulate`.
+    let run = simulate(
+        &dir,
+        &tmp,
+        "lars-run",
+        &run_toml("base-large", 2, SEED, "", &transfer_toml(&format!("lars = 1e-4\nmaps = {{ seed = {SEED} }}"))),
+    );
+    let cell = &results[1].cells[&SEED];
+    assert_eq!(cell.model, "large");
+    assert_metrics(&cell.metrics, &run.final_eval);
+    assert_eq!(cell.bytes_per_client_round, run.bytes_per_client_round);
+    assert!(cell.bytes_per_client_round > 0.0 && cell.server_s_per_round > 0.0);
+    assert_ne!(results[0].cells[&SEED].metrics, cell.metrics, "the rows aggregate differently");
+    // The second row's clients replayed the first row's training: the same measured seconds.
+    let train_s = |run: &Path| -> Vec<f64> {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let v: Vec<f64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "client_round")
+            .map(|e| e["train_s"].as_f64().unwrap())
+            .collect();
+        assert_eq!(v.len(), 2 * ROUNDS as usize, "{}", run.display());
+        v
+    };
+    let runs = out.join("runs");
+    assert_eq!(train_s(&runs.join(format!("row00-seed{SEED}"))), train_s(&runs.join(format!("row01-seed{SEED}"))));
 }
 
 #[test]

@@ -218,7 +218,7 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         let cfg2 = cfg.clone();
         let out2 = out.clone();
         let sim = tokio::spawn(async move {
-            hetfed_fed::assemble::simulate_with(&cfg2, &dir, &out2, a.resume, |server| {
+            hetfed_fed::assemble::simulate_with(&cfg2, &dir, &out2, a.resume, None, |server| {
                 let _ = tx.send(server);
             })
             .await
