@@ -17,7 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod offset;
-pub use offset::OffsetLm;
+pub use offset::{OffsetLm, Posterior};
 
 use std::time::Instant;
 

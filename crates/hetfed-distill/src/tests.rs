@@ -404,6 +404,133 @@ fn offset_model_decodes_through_its_cache_like_a_full_forward() {
     assert_eq!(cached, seq[3..].to_vec());
 }
 
+/// A posterior-routed offset model over two offsets of one base (prior masses 0.5 and 2, base
+/// mass 1, λ = 1.5).
+fn routed_fixture() -> (Checkpoint, Checkpoint, Checkpoint, Checkpoint, OffsetLm) {
+    let large = tiny(64, 1);
+    let base = tiny(64, 2);
+    let (t1, t2) = (perturbed(&base, 5, 0.4), perturbed(&base, 6, 0.4));
+    let lm = OffsetLm::routed(
+        large.model(None).unwrap(),
+        vec![base.model(None).unwrap()],
+        vec![(0, t1.model(None).unwrap(), 0.5), (0, t2.model(None).unwrap(), 2.0)],
+        Posterior { lambda: 1.5, base_mass: 1.0 },
+    )
+    .unwrap();
+    (large, base, t1, t2, lm)
+}
+
+#[test]
+fn posterior_routing_equals_a_hand_computation() {
+    let (large, base, t1, t2, lm) = routed_fixture();
+    let seq = [2u32, 7, 9, 11, 3, 40, 41];
+    let n = seq.len();
+    let ids = Tensor::from_vec(seq.to_vec(), (1, n), &Device::Cpu).unwrap();
+    let got = lm.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let rows = |ck: &Checkpoint| -> Vec<Vec<f64>> {
+        let r = ck.model(None).unwrap().forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        r.iter().map(|x| log_softmax_row(x)).collect()
+    };
+    let (l, b, a1, a2) = (rows(&large), rows(&base), rows(&t1), rows(&t2));
+    let (mut r1, mut r2) = (0f64, 0f64);
+    let mut routed_to = Vec::new();
+    for pos in 0..n {
+        if pos > 0 {
+            let x = seq[pos] as usize;
+            r1 += a1[pos - 1][x] - b[pos - 1][x];
+            r2 += a2[pos - 1][x] - b[pos - 1][x];
+        }
+        let s = [1.0f64, 0.5 * r1.exp(), 2.0 * r2.exp()];
+        let z: f64 = s.iter().sum();
+        let (p1, p2) = (s[1] / z, s[2] / z);
+        routed_to.push((p1, p2));
+        let raw: Vec<f32> = (0..64)
+            .map(|v| (l[pos][v] + 1.5 * (p1 * (a1[pos][v] - b[pos][v]) + p2 * (a2[pos][v] - b[pos][v]))) as f32)
+            .collect();
+        let want = log_softmax_row(&raw);
+        for v in 0..64 {
+            assert!(
+                (got[pos][v] as f64 - want[v]).abs() < 1e-4,
+                "position {pos}, token {v}: {} vs {}",
+                got[pos][v],
+                want[v]
+            );
+        }
+    }
+    // Before any token the prior decides; afterwards the tokens move the posterior.
+    assert!((routed_to[0].0 - 0.5 / 3.5).abs() < 1e-9 && (routed_to[0].1 - 2.0 / 3.5).abs() < 1e-9);
+    assert!(routed_to.iter().any(|p| (p.0 - routed_to[0].0).abs() > 1e-3));
+}
+
+#[test]
+fn posterior_routing_follows_the_specialist_that_wrote_the_text() {
+    let (_, _, t1, t2, lm) = routed_fixture();
+    let pi_of = |seq: &[u32]| -> f64 {
+        // How much closer the routed model's last distribution is to specialist 1 than to 2.
+        let ids = Tensor::from_vec(seq.to_vec(), (1, seq.len()), &Device::Cpu).unwrap();
+        let last = |m: &dyn CausalLm| {
+            let r = m.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            log_softmax_row(&r[seq.len() - 1])
+        };
+        let (g, s1, s2) = (last(&lm), last(t1.model(None).unwrap().as_ref()), last(t2.model(None).unwrap().as_ref()));
+        let d = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>();
+        d(&g, &s2) - d(&g, &s1)
+    };
+    let from1 = sample_texts(t1.model(None).unwrap().as_ref(), 2, 4, 24, 11).unwrap();
+    let from2 = sample_texts(t2.model(None).unwrap().as_ref(), 2, 4, 24, 11).unwrap();
+    let m1: f64 = from1.iter().map(|s| pi_of(s)).sum::<f64>();
+    let m2: f64 = from2.iter().map(|s| pi_of(s)).sum::<f64>();
+    assert!(m1 > m2, "text of specialist 1 should move the routed model toward it: {m1} vs {m2}");
+}
+
+#[test]
+fn posterior_routing_decodes_through_its_cache_like_a_full_forward() {
+    let (.., lm) = routed_fixture();
+    let cfg = hetfed_model::generate::SamplingConfig {
+        max_new_tokens: 6,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+    };
+    let greedy = |prompt: &[u32]| {
+        let mut seq = prompt.to_vec();
+        for _ in 0..6 {
+            let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
+            let out = lm.forward(&ids, None).unwrap().squeeze(0).unwrap();
+            let last = out.get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+            seq.push((0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32);
+        }
+        seq[prompt.len()..].to_vec()
+    };
+    let (p1, p2) = (vec![2u32, 7, 9, 30, 31], vec![2u32, 12]);
+    assert_eq!(hetfed_model::generate::generate(&lm, &p1, &cfg, None).unwrap(), greedy(&p1));
+    // Left-padded batches: the padding carries no evidence.
+    let batch = hetfed_model::generate::generate_batch(&lm, &[p1.clone(), p2.clone()], &cfg, None).unwrap();
+    assert_eq!(batch, vec![greedy(&p1), greedy(&p2)]);
+}
+
+#[test]
+fn posterior_routing_refuses_masses_that_are_not_positive() {
+    let large = tiny(64, 1);
+    let base = tiny(64, 2);
+    let routed = |m: f64, p: Posterior| {
+        OffsetLm::routed(
+            large.model(None).unwrap(),
+            vec![base.model(None).unwrap()],
+            vec![(0, base.model(None).unwrap(), m)],
+            p,
+        )
+        .err()
+        .map(|e| e.to_string())
+    };
+    let ok = Posterior { lambda: 1.0, base_mass: 1.0 };
+    assert!(routed(0.0, ok).unwrap().contains("offset 0"));
+    assert!(routed(1.0, Posterior { base_mass: 0.0, ..ok }).unwrap().contains("base mass"));
+    assert!(routed(1.0, Posterior { lambda: f64::NAN, ..ok }).is_some());
+    assert!(routed(1.0, ok).is_none());
+}
+
 #[test]
 fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
     let student = tiny(64, 1);

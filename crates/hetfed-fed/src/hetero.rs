@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_distill::{DistillConfig, OffsetLm};
+use hetfed_distill::{DistillConfig, OffsetLm, Posterior};
 use hetfed_merge::{compute_alphas, AlphaConfig, ClientSignals, OrthoMemory};
 use hetfed_model::{CausalLm, Checkpoint, ModelIdentity};
 use hetfed_net::{ClientInfo, DataStats};
@@ -132,6 +132,12 @@ pub enum OffsetRouting {
     Task,
     /// Every sequence by `L0` plus every offset (the plain proxy-tuning sum).
     Sum,
+    /// Every sequence by `L0` plus every offset weighted by the posterior that its specialist
+    /// wrote the tokens so far (`hetfed_distill::Posterior`: each tuned small model's likelihood
+    /// relative to its base; the offsets' weights divided by λ are the prior masses, and "no
+    /// offset" has the mass of one task). Needs no task label: what a server that cannot tell
+    /// which task a request is for serves.
+    Posterior,
 }
 
 /// Where the offset-distillation student starts.
@@ -729,7 +735,13 @@ impl Hetero {
             };
             tuned.push((b, sb.tuned(&o.update)?, o.weight));
         }
-        OffsetLm::new(l, bases, tuned)
+        let oc = &self.cfg.offset;
+        if oc.routing != OffsetRouting::Posterior {
+            return OffsetLm::new(l, bases, tuned);
+        }
+        // Offsets of weight 0 (no aggregation weight) are no experts.
+        let tuned = tuned.into_iter().filter(|t| t.2 > 0.0).map(|(b, m, w)| (b, m, w / oc.lambda)).collect();
+        OffsetLm::routed(l, bases, tuned, Posterior { lambda: oc.lambda, base_mass: 1.0 })
     }
 
     /// Offset distillation: the change of the server model that distils the offset teacher
@@ -1125,7 +1137,8 @@ impl Strategy for Hetero {
 
     /// Offset serving: `L0` plus the last round's offsets. Routed by task (the default), a task
     /// is served with its own clients' offsets only and general text by `L0` alone, as a server
-    /// that knows which task a request is for would serve it; summed, every offset always.
+    /// that knows which task a request is for would serve it; summed, every offset always;
+    /// routed by the posterior, every offset weighted by the sequence itself.
     fn serving_model(
         &self,
         _base: &Checkpoint,
