@@ -1,7 +1,8 @@
 """hetfed's heterogeneous federation on Flower (flwr 1.42, Message API).
 
-The server (`server_main`, called from a `ServerApp`'s main) holds the *large* model, which never
-leaves it; each client (`client_app`) fine-tunes its own *small* model on its private share of a
+The server (`HeteroStrategy`, a Flower `Strategy` run by `Strategy.start` over the ServerApp's
+Grid; `server_main` is a ServerApp main that runs it) holds the *large* model, which never leaves
+it; each client (`client_app`) fine-tunes its own *small* model on its private share of a
 task and replies with its LoRA factors, the identity of the base they were made from, its example
 count and aggregate statistics (never examples). The server folds the round's updates into its
 model with hetfed's heterogeneous strategy (`hetfed.Hetero`: projection, distillation or logit
@@ -34,15 +35,25 @@ import math
 import pathlib
 import time
 from logging import INFO, WARNING
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import hetfed
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import Strategy
 from flwr.common.logger import log
 
-__all__ = ["load_config", "client_app", "server_main", "run_rounds", "update_to_records", "records_to_update", "evaluate"]
+__all__ = [
+    "load_config",
+    "client_app",
+    "HeteroStrategy",
+    "server_main",
+    "run_rounds",
+    "update_to_records",
+    "records_to_update",
+    "evaluate",
+]
 
 
 def load_config(run_config: Dict[str, Any]) -> hetfed.Config:
@@ -224,6 +235,117 @@ def _replies(replies: Any, what: str) -> List[Message]:
     return ok
 
 
+class HeteroStrategy(Strategy):
+    """hetfed's heterogeneous aggregation as a Flower Message-API `Strategy`.
+
+    The server's *large* model and the maps live in this object (`hetfed.Hetero` built from
+    the hetfed config), never in Flower's `ArrayRecord`: clients train their own small models and
+    nothing they need comes from the server's weights. So `start(grid, ArrayRecord(), ...)` is
+    called with an empty record, `aggregate_train` returns no arrays (Flower keeps the empty
+    one) and the model is read with `model()`, saved with `save(dir)`.
+
+    `configure_train` first asks every SuperNode (`query` messages) for its hetfed client id and
+    data statistics, once, then sends the fit instruction to the clients
+    `Hetero.configure_fit` selects. `aggregate_train` folds the replies into the large model in
+    client-id order (`Hetero.aggregate`), refusing an update whose client id is not its node's.
+    There is no client-side evaluation round; `evaluate_fn(examples)` gives the server-side
+    evaluation for `start(..., evaluate_fn=...)`. `history` keeps, per round, the clients, the
+    aggregation weights, the applied norm and the evaluation."""
+
+    def __init__(self, cfg: hetfed.Config, *, data_dir: Optional[str] = None, wait_nodes_timeout: float = 120.0) -> None:
+        self.cfg = cfg
+        self.hetero = hetfed.Hetero(cfg, data_dir=data_dir)
+        self.wait_nodes_timeout = wait_nodes_timeout
+        self.node_of: Dict[str, int] = {}
+        self.stats: Dict[str, Dict[str, Any]] = {}
+        self.history: Dict[str, Any] = {"strategy": self.hetero.name, "clients": [], "rounds": []}
+        self._t0 = time.time()
+
+    def summary(self) -> None:
+        maps = json.dumps(self.hetero.run_info().get("maps", []))[:400]
+        log(INFO, "\t├── hetfed strategy %s over the server's large model (kept server-side)", self.hetero.name)
+        log(INFO, "\t└── maps %s", maps)
+
+    def model(self) -> hetfed.Model:
+        """The server's current large model."""
+        return self.hetero.model()
+
+    def save(self, directory: Any) -> None:
+        """Writes the server's model as a Hugging Face directory."""
+        self.hetero.save(directory)
+
+    def discover(self, grid: Any) -> None:
+        """Waits for a SuperNode per client of the config and learns which client each is."""
+        n_clients = len(self.cfg.client_ids())
+        nodes = _wait_nodes(grid, n_clients, self.wait_nodes_timeout)
+        queries = [Message(RecordDict({"q": ConfigRecord({"what": "client"})}), node, "query") for node in nodes]
+        for r in _replies(grid.send_and_receive(queries, timeout=self.wait_nodes_timeout), "query"):
+            meta = r.content["meta"]
+            cid = str(meta["client-id"])
+            if cid in self.node_of:
+                raise ValueError(f"two SuperNodes say they are client {cid}: give each its own partition-id")
+            self.node_of[cid] = r.metadata.src_node_id
+            self.stats[cid] = json.loads(str(meta["stats"]))
+        self.history["clients"] = sorted(self.node_of)
+        log(INFO, "hetfed: clients %s", sorted(self.node_of))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> List[Message]:
+        if not self.node_of:
+            self.discover(grid)
+        self._t0 = time.time()
+        plan = self.hetero.configure_fit(server_round, sorted(self.node_of), self.stats)
+        msgs = []
+        for cid, fit in plan:
+            rd = RecordDict({"fit": ConfigRecord({"json": json.dumps(fit, sort_keys=True), "round": server_round})})
+            msgs.append(Message(rd, self.node_of[cid], "train", group_id=str(server_round)))
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        updates = []
+        for r in _replies(replies, "train"):
+            cid, tv, n, fit_metrics = records_to_update(r.content)
+            if self.node_of.get(cid) != r.metadata.src_node_id:
+                log(WARNING, "hetfed: refused an update for %s from node %s", cid, r.metadata.src_node_id)
+                continue
+            updates.append((cid, tv, n, fit_metrics))
+        if not updates:
+            raise RuntimeError(f"round {server_round}: no client update arrived before the timeout")
+        report = self.hetero.aggregate(server_round, updates)
+        self.history["rounds"].append(
+            {
+                "round": server_round,
+                "clients": sorted(u[0] for u in updates),
+                "weights": report["weights"],
+                "applied_norm": report["applied_norm"],
+                "eval": {},
+                "seconds": time.time() - self._t0,
+            }
+        )
+        metrics = {"num-updates": len(updates), "applied-norm": float(report["applied_norm"])}
+        metrics.update({f"weight-{cid}": float(w) for cid, w in report["weights"].items()})
+        return None, MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> List[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> Optional[MetricRecord]:
+        return None
+
+    def evaluate_fn(self, examples: Dict[str, List[Tuple[str, str]]]) -> Callable[[int, ArrayRecord], Optional[MetricRecord]]:
+        """Server-side evaluation for `start`: `evaluate(model(), examples)` before the first
+        round and after each, recorded in `history` too."""
+
+        def fn(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
+            if not examples:
+                return None
+            metrics = evaluate(self.model(), examples)
+            if server_round > 0 and self.history["rounds"] and self.history["rounds"][-1]["round"] == server_round:
+                self.history["rounds"][-1]["eval"] = metrics
+            return MetricRecord(metrics)
+
+        return fn
+
+
 def run_rounds(
     grid: Any,
     cfg: hetfed.Config,
@@ -235,67 +357,23 @@ def run_rounds(
     wait_nodes_timeout: float = 120.0,
     out_dir: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The server loop: builds `hetfed.Hetero` from `cfg` (the large model stays here), asks
-    every SuperNode for its client id and data statistics, then for each round sends the fit
-    instruction to the clients `Hetero.configure_fit` selects, aggregates their replies in
-    client-id order with `Hetero.aggregate`, and evaluates. Returns `{"rounds": [...]}` (per
-    round: the aggregation report's weights and norm, the clients, the evaluation)."""
-    hetero = hetfed.Hetero(cfg, data_dir=data_dir)
-    log(INFO, "hetfed: strategy %s, maps %s", hetero.name, json.dumps(hetero.run_info().get("maps", []))[:400])
-    n_clients = len(cfg.client_ids())
-    nodes = _wait_nodes(grid, n_clients, wait_nodes_timeout)
-    queries = [Message(RecordDict({"q": ConfigRecord({"what": "client"})}), node, "query") for node in nodes]
-    node_of: Dict[str, int] = {}
-    stats: Dict[str, Dict[str, Any]] = {}
-    for r in _replies(grid.send_and_receive(queries, timeout=wait_nodes_timeout), "query"):
-        meta = r.content["meta"]
-        cid = str(meta["client-id"])
-        if cid in node_of:
-            raise ValueError(f"two SuperNodes say they are client {cid}: give each its own partition-id")
-        node_of[cid] = r.metadata.src_node_id
-        stats[cid] = json.loads(str(meta["stats"]))
-    log(INFO, "hetfed: clients %s", sorted(node_of))
+    """`HeteroStrategy(cfg).start(grid, ...)` for `rounds` rounds, with server-side evaluation on
+    `eval_examples` dev examples of each client task; writes the final model (`model/`) and the
+    history (`metrics.json`) to `out_dir`. Returns the history."""
+    strategy = HeteroStrategy(cfg, data_dir=data_dir, wait_nodes_timeout=wait_nodes_timeout)
+    strategy.discover(grid)
     examples: Dict[str, List[Tuple[str, str]]] = {}
     if eval_examples > 0:
-        tasks = sorted({t for s in stats.values() for t in s.get("tasks", [])})
+        tasks = sorted({t for s in strategy.stats.values() for t in s.get("tasks", [])})
         for t in tasks:
             examples[t] = hetfed.task_examples(t, "dev", max_examples=eval_examples, data_dir=data_dir)
-        before = evaluate(hetero.model(), examples)
-        log(INFO, "hetfed: round 0 evaluation %s", before)
-    history: Dict[str, Any] = {"strategy": hetero.name, "clients": sorted(node_of), "rounds": []}
-    for rnd in range(1, rounds + 1):
-        t0 = time.time()
-        plan = hetero.configure_fit(rnd, sorted(node_of), stats)
-        msgs = []
-        for cid, fit in plan:
-            rd = RecordDict({"fit": ConfigRecord({"json": json.dumps(fit, sort_keys=True), "round": rnd})})
-            msgs.append(Message(rd, node_of[cid], "train", group_id=str(rnd)))
-        updates = []
-        for r in _replies(grid.send_and_receive(msgs, timeout=round_timeout), "train"):
-            cid, tv, n, fit_metrics = records_to_update(r.content)
-            if node_of.get(cid) != r.metadata.src_node_id:
-                log(WARNING, "hetfed: refused an update for %s from node %s", cid, r.metadata.src_node_id)
-                continue
-            updates.append((cid, tv, n, fit_metrics))
-        if not updates:
-            raise RuntimeError(f"round {rnd}: no client update arrived within {round_timeout:.0f} s")
-        report = hetero.aggregate(rnd, updates)
-        metrics = evaluate(hetero.model(), examples) if examples else {}
-        entry = {
-            "round": rnd,
-            "clients": sorted(u[0] for u in updates),
-            "weights": report["weights"],
-            "applied_norm": report["applied_norm"],
-            "eval": metrics,
-            "seconds": time.time() - t0,
-        }
-        history["rounds"].append(entry)
-        log(INFO, "hetfed: round %d: %d updates, applied norm %.4g, eval %s", rnd, len(updates), report["applied_norm"], metrics)
-    history["weights_hash"] = hetero.identity()["weights_hash"]
+    strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=round_timeout, evaluate_fn=strategy.evaluate_fn(examples))
+    history = strategy.history
+    history["weights_hash"] = strategy.hetero.identity()["weights_hash"]
     if out_dir:
         out = pathlib.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        hetero.save(out / "model")
+        strategy.save(out / "model")
         (out / "metrics.json").write_text(json.dumps(history, indent=1, sort_keys=True), encoding="utf-8")
     return history
 
