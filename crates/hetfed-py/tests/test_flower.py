@@ -4,10 +4,11 @@
 - `Hetero.aggregate` over `train_round`'s updates gives, round after round, the model `hetfed
   simulate` ends with on the same tiny config;
 - a Flower deployment on loopback (SuperLink, three SuperNodes, `flwr run`) of
-  `examples/flower-hetero` ends with that same model, bit for bit.
+  `examples/flower-hetero` ends with that same model, bit for bit;
+- so does Flower's simulation runtime (`flwr run ... local`, Ray, three virtual SuperNodes).
 
-The Flower test needs flwr 1.42 (`pip install 'flwr==1.42.*'`): without it, it fails under
-CI=true and is skipped otherwise. The data (../shared/data) likewise.
+The Flower tests need flwr 1.42 (`pip install 'flwr[simulation]==1.42.*'`): without it, they
+fail under CI=true and are skipped otherwise. The data (../shared/data) likewise.
 """
 
 import json
@@ -339,3 +340,37 @@ def test_flower_deployment_on_loopback_equals_hetfed_simulate(simulated, tmp_pat
     assert_same_tensors(read_safetensors(out / "model" / "model.safetensors"), simulated["model"])
     assert not any(APP.glob(".flwr*")), "flwr run leaves the app directory as it was"
     print(f"flower loopback deployment: {elapsed:.1f} s")
+
+
+def test_flower_simulation_runtime_equals_hetfed_simulate(simulated, tmp_path):
+    """`flwr run examples/flower-hetero local` with Flower's simulation runtime (Ray, three
+    virtual SuperNodes, each given its `partition-id`): `HeteroStrategy` run by Flower's
+    `Strategy.start` ends with `hetfed simulate`'s model, bit for bit, as the deployment does."""
+    try:
+        import flwr  # noqa: F401
+        import ray  # noqa: F401
+        import hetfed.flower  # noqa: F401
+    except ImportError as e:
+        need(False, f"Flower's simulation runtime is not installed ({e}): pip install 'flwr[simulation]==1.42.*'")
+    bindir = pathlib.Path(sys.executable).parent
+    (tmp_path / "tiny.toml").write_text(tiny_toml(tmp_path / "maps"))
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\noptions.num-supernodes = 3\n')
+    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = tmp_path / "out"
+    rc = (f"hetfed-config='{tmp_path / 'tiny.toml'}' data-dir='{simulated['data']}' out-dir='{out}' "
+          "eval-examples=2 rounds=0 wait-nodes-timeout=120.0 round-timeout=300.0")
+    t0 = time.time()
+    run = subprocess.run([str(bindir / "flwr"), "run", str(APP), "local", "--run-config", rc, "--stream"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    deadline = time.time() + 30
+    while not (out / "metrics.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (out / "metrics.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    history = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    assert all(r["clients"] == ["c0", "c1", "c2"] for r in history["rounds"])
+    assert_same_tensors(read_safetensors(out / "model" / "model.safetensors"), simulated["model"])
+    print(f"flower simulation runtime: {time.time() - t0:.1f} s")
