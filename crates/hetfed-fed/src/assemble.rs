@@ -407,7 +407,12 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
                 answers.insert(spec.name.clone(), text_answers(dir, &lang, tok, Some(eos), oc.seq_len)?);
             }
         }
-        if oc.prompts == OffsetPrompts::Text {
+        let text_prompts = match oc.prompts {
+            OffsetPrompts::Sampled => false,
+            OffsetPrompts::Text => true,
+            OffsetPrompts::Translation => spec.kind == hetfed_data::task::TaskKind::Translation,
+        };
+        if text_prompts {
             if let Some(lang) = spec.dataset.prompt_lang() {
                 prompts.insert(spec.name.clone(), text_answers(dir, &lang, tok, None, oc.seq_len)?);
             }

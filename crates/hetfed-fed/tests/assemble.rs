@@ -94,6 +94,23 @@ fn text_answers_are_server_text_in_each_generation_tasks_answer_language() {
 }
 
 #[test]
+fn text_prompts_are_loaded_for_every_task_or_for_translation_only() {
+    let Some((cfg, dir, _)) = setup("dev") else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let large = Checkpoint::load(&root.join("models/base-large")).unwrap();
+    let with = |p: hetfed_fed::hetero::OffsetPrompts| {
+        let mut t = cfg.transfer.clone().unwrap();
+        t.offset.prompts = p;
+        let text = hetfed_fed::assemble::server_text(&cfg, &t, &dir, &large).unwrap();
+        text.prompts.keys().cloned().collect::<Vec<String>>()
+    };
+    use hetfed_fed::hetero::OffsetPrompts;
+    assert_eq!(with(OffsetPrompts::Text), ["bbc", "copa", "ethos", "ilsum", "scitldr", "tico:en-hi"]);
+    assert_eq!(with(OffsetPrompts::Translation), ["tico:en-hi"]);
+    assert!(with(OffsetPrompts::Sampled).is_empty());
+}
+
+#[test]
 fn a_pooled_client_holds_exactly_the_layouts_shares_and_only_client_keeps_its_own() {
     let Some((cfg, dir, ck)) = setup("dev") else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
