@@ -177,6 +177,68 @@ impl Model {
         let tok = self.ck.tokenizer().map_err(err)?;
         tok.decode(&new, true).map_err(|e| err(format!("decoding: {e}")))
     }
+
+    /// The model on one task's split, as `hetfed eval --json` measures it: the task's metrics
+    /// (ROUGE, BLEU/chrF, accuracy/macro-F1) and `target_nll`, `"<metric>"` → value. `limit`
+    /// takes that many examples evenly spaced over the split (as `--limit`); the other
+    /// arguments are `hetfed eval`'s, with the same ranges and defaults.
+    #[pyo3(signature = (task, split = "dev", limit = None, data_dir = None, batch_size = 16, max_new_tokens = 64,
+        num_beams = 1, max_len = None, length_normalise = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn eval_task(
+        &self,
+        py: Python<'_>,
+        task: &str,
+        split: &str,
+        limit: Option<usize>,
+        data_dir: Option<PathBuf>,
+        batch_size: usize,
+        max_new_tokens: usize,
+        num_beams: usize,
+        max_len: Option<usize>,
+        length_normalise: Option<bool>,
+    ) -> PyResult<BTreeMap<String, f64>> {
+        let context = self.context();
+        let range = |name: &str, v: usize, lo: usize, hi: usize| -> PyResult<()> {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(PyValueError::new_err(format!("{name}: expected {lo}..={hi}, found {v}")))
+            }
+        };
+        range("batch_size", batch_size, 1, hetfed_fed::config::MAX_BATCH)?;
+        range("max_new_tokens", max_new_tokens, 1, context - 1)?;
+        range("num_beams", num_beams, 1, 64.min(self.ck.arch.vocab_size()))?;
+        if let Some(n) = limit {
+            range("limit", n, 1, usize::MAX)?;
+        }
+        if let Some(n) = max_len {
+            range("max_len", n, 2, context)?;
+        }
+        let split: hetfed_data::Split = split.parse().map_err(|e| PyValueError::new_err(format!("split: {e}")))?;
+        let opts = hetfed_eval::EvalOptions {
+            batch_size,
+            max_new_tokens,
+            max_len: max_len.unwrap_or(context),
+            num_beams,
+            length_normalise,
+        };
+        let (ck, model) = (&self.ck, self.model.as_ref());
+        py.detach(|| -> hetfed_core::Result<_> {
+            let spec = hetfed_data::task::builtin(task)?;
+            let mut examples = spec.load(&self::data_dir(data_dir.as_deref())?, split)?;
+            if let Some(n) = limit {
+                examples = examples.subset(&hetfed_fed::assemble::strided(examples.len(), n))?;
+            }
+            let tok = ck.tokenizer()?;
+            let counter = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(0);
+            let items = spec.to_items(&examples, Some(&counter))?;
+            let report = hetfed_eval::evaluate(model, tok, ck.arch.eos_token_id(), &spec, &items, &opts, |_, _| {})
+                .map_err(|e| hetfed_core::Error::msg(e.to_string()))?;
+            Ok(report.metrics)
+        })
+        .map_err(err)
+    }
 }
 
 /// A task vector: the change fine-tuning made to a base model (dense, or LoRA factors kept

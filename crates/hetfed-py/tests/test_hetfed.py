@@ -184,3 +184,23 @@ def test_numpy_round_trip_keeps_the_task_vector(lora_taskvec):
         hetfed.TaskVector.from_numpy(arrays, {"arch": "bloom"}, kind="lora", lora_alpha=8.0)
     with pytest.raises(ValueError):
         hetfed.TaskVector.from_numpy(arrays, info["base"], kind="lora")
+
+
+def test_eval_task_equals_the_binary():
+    data = pathlib.Path(os.environ.get("HETFED_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if not (data / "copa").is_dir() or not (data / "tico19").is_dir():
+        if os.environ.get("CI") in ("true", "1"):
+            pytest.fail(f"missing hetfed's data (copa, tico19) in {data}")
+        pytest.skip(f"missing hetfed's data (copa, tico19) in {data}")
+    model = hetfed.Model(SMALL)
+    for task, extra in (("copa", []), ("tico:en-hi", ["--max-new-tokens", "8"])):
+        cli = run_json("eval", "--model", str(SMALL), "--task", task, "--limit", "6", "--data-dir", str(data),
+                       "--offline", "--json", *extra)
+        got = model.eval_task(task, limit=6, data_dir=data, max_new_tokens=8 if extra else 64)
+        assert set(got) == set(cli["metrics"]) and "target_nll" in got, (task, got)
+        assert got == pytest.approx(cli["metrics"], abs=1e-9), task
+    with pytest.raises(ValueError):
+        model.eval_task("copa", batch_size=0)
+    with pytest.raises(hetfed.HetfedError) as e:
+        model.eval_task("no-such-task", data_dir=data)
+    assert "no-such-task" in str(e.value)

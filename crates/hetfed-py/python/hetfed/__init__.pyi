@@ -89,6 +89,20 @@ class Model:
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """Greedy continuation, decoded without special tokens (`hetfed generate`)."""
 
+    def eval_task(
+        self,
+        task: str,
+        split: str = "dev",
+        limit: Optional[int] = None,
+        data_dir: Optional[_Path] = None,
+        batch_size: int = 16,
+        max_new_tokens: int = 64,
+        num_beams: int = 1,
+        max_len: Optional[int] = None,
+        length_normalise: Optional[bool] = None,
+    ) -> Dict[str, float]:
+        """The model on one task's split as `hetfed eval --json` measures it: the task's
+        metrics and `target_nll`. `limit`: that many examples evenly spaced over the split."""
 
 class PairMaps:
     """Maps between the hidden spaces of a small and a large model (BLOOM, one tokenizer),
