@@ -250,9 +250,18 @@ fn measure_model(a: &BenchArgs, dir: &std::path::Path) -> Result<ModelRates> {
     })
 }
 
-/// Runs `cmd`, which prints one JSON line of [`ModelRates`] last; `what` names it in errors.
+/// Runs `cmd`, which prints one JSON line of [`ModelRates`] last; `what` names it in errors and
+/// in the spinner shown while it runs (its output is captured, so the spinner shows it is alive).
 fn child_rates(mut cmd: std::process::Command, what: &str) -> Result<ModelRates> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"),
+    );
+    spinner.set_message(format!("measuring {what}: LoRA training steps, then scoring passes"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let out = cmd.output().with_context(|| format!("running {what}"));
+    spinner.finish_and_clear();
+    let out = out?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         anyhow::bail!("{what} failed: {}", err.lines().last().unwrap_or("(no output)"));
