@@ -342,6 +342,56 @@ def test_flower_deployment_on_loopback_equals_hetfed_simulate(simulated, tmp_pat
     print(f"flower loopback deployment: {elapsed:.1f} s")
 
 
+def local_superlinks(home):
+    """Pids of running local SuperLinks (`flower-superlink --simulation`) and their SuperExecs:
+    those of the Flower home `home` (its log file is under it), or any when `home` is None."""
+    pids = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+            state = (d / "stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        line = " ".join(a.decode(errors="replace") for a in args)
+        if state == "Z" or "flower-super" not in line:
+            continue
+        if home is None or str(home) in line or any(str(p) in line for p in _children_of(home)):
+            pids.append(int(d.name))
+    return pids
+
+
+def _children_of(home):
+    """The pids whose parent is one of `home`'s SuperLinks (its SuperExec names no path)."""
+    parents = set()
+    for d in pathlib.Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(home) in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    parents.add(d.name)
+            except OSError:
+                pass
+    return [f"--parent-pid {p}" for p in parents]
+
+
+def stop_local_superlinks(home):
+    """Stops the local SuperLink of the Flower home `home` and its SuperExec."""
+    pids = local_superlinks(home)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and local_superlinks(home):
+            time.sleep(0.2)
+        pids = local_superlinks(home)
+        if not pids:
+            return
+
+
 def test_flower_simulation_runtime_equals_hetfed_simulate(simulated, tmp_path):
     """`flwr run examples/flower-hetero local` with Flower's simulation runtime (Ray, three
     virtual SuperNodes, each given its `partition-id`): `HeteroStrategy` run by Flower's
@@ -361,14 +411,22 @@ def test_flower_simulation_runtime_equals_hetfed_simulate(simulated, tmp_path):
     out = tmp_path / "out"
     rc = (f"hetfed-config='{tmp_path / 'tiny.toml'}' data-dir='{simulated['data']}' out-dir='{out}' "
           "eval-examples=2 rounds=0 wait-nodes-timeout=120.0 round-timeout=300.0")
+    # `flwr run ... local` starts a local SuperLink (fixed ports) that outlives the run; one left
+    # by anything else would take this run instead.
+    need(not local_superlinks(None), "a local Flower SuperLink is already running: stop it first")
     t0 = time.time()
-    run = subprocess.run([str(bindir / "flwr"), "run", str(APP), "local", "--run-config", rc, "--stream"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    deadline = time.time() + 30
-    while not (out / "metrics.json").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    assert (out / "metrics.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    try:
+        run = subprocess.run([str(bindir / "flwr"), "run", str(APP), "local", "--run-config", rc, "--stream"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             start_new_session=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        deadline = time.time() + 30
+        while not (out / "metrics.json").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (out / "metrics.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        stop_local_superlinks(home)
+    assert not local_superlinks(home), "the local SuperLink this test started is stopped"
     history = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     assert all(r["clients"] == ["c0", "c1", "c2"] for r in history["rounds"])
