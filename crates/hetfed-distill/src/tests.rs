@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 
-use hetfed_model::{bloom, Arch};
+use hetfed_model::{bloom, Arch, ModelSpec};
 
 use super::*;
 
@@ -21,13 +21,13 @@ fn config(vocab: usize) -> bloom::Config {
 }
 
 fn checkpoint(cfg: bloom::Config, weights: TensorMap) -> Checkpoint {
-    Checkpoint {
+    let spec = ModelSpec {
         dir: PathBuf::from("<test>"),
         config_json: cfg.hf_config_json(),
         arch: Arch::Bloom(cfg),
-        weights,
         tokenizer: None,
-    }
+    };
+    Checkpoint { spec, weights }
 }
 
 /// A tiny random BLOOM whose embeddings are scaled up so its next-token distributions are far

@@ -203,17 +203,31 @@ pub fn train_round(
 ) -> Result<LocalUpdate> {
     let t0 = Instant::now();
     let cpu0 = sys::cpu_seconds();
-    let ck = Checkpoint {
-        dir: base.dir.clone(),
-        arch: base.arch.clone(),
-        weights,
-        tokenizer: base.tokenizer.clone(),
-        config_json: base.config_json.clone(),
-    };
+    let ck = base.with_weights(weights);
     let tok = ck.tokenizer()?;
     let eos = ck.arch.eos_token_id();
     let train = hetfed_train::encode(tok, &data.train, cfg.max_len, eos)?;
     let val = hetfed_train::encode(tok, &data.val, cfg.max_len, eos)?;
+    let (mut tr, continued) = local_trainer(&ck, cfg, adapter)?;
+    let losses = train_and_measure(&ck, &mut tr, continued, &train, &val, cfg.batch_size)?;
+    let train_s = t0.elapsed().as_secs_f64();
+    let mut eval = BTreeMap::new();
+    if !data.val_items.is_empty() {
+        let r = evaluate(tr.model(), tok, eos, &data.task, &data.val_items, eval_opts, |_, _| {})
+            .map_err(|e| Error::msg(format!("local evaluation: {e}")))?;
+        for (k, v) in r.metrics {
+            eval.insert(format!("{}/{k}", data.task.name), v);
+        }
+    }
+    let adapter = tr.lora().map(|set| set.to_tensors());
+    let bytes = encode_update(&tr, &ck, identity, cfg.encoding)?;
+    let metrics = fit_metrics(&losses, tr.step as u64, eval, train_s, cpu0);
+    Ok(LocalUpdate { bytes, n_examples: data.train.len() as u64, metrics, adapter })
+}
+
+/// The round's trainer on `ck` (LoRA when `cfg.lora_rank > 0`), continuing from `adapter`'s
+/// factors when given and LoRA is on; `true` when it continues.
+fn local_trainer<'a>(ck: &'a Checkpoint, cfg: &FitConfig, adapter: Option<&TensorMap>) -> Result<(Trainer<'a>, bool)> {
     let lora = (cfg.lora_rank > 0).then(|| LoraConfig {
         rank: cfg.lora_rank,
         alpha: cfg.lora_alpha,
@@ -237,35 +251,52 @@ pub fn train_round(
         _ => None,
     };
     let continued = start.is_some();
-    let mut tr = Trainer::new(&ck, tcfg, start)?;
+    Ok((Trainer::new(ck, tcfg, start)?, continued))
+}
+
+/// The losses of one local round: every step's training loss, and the validation loss before
+/// and after training (NaN without a validation split).
+struct RoundLosses {
+    train: Vec<f64>,
+    val_before: f64,
+    val_after: f64,
+}
+
+/// Trains `tr` on `train`, measuring the validation loss before and after. A trainer that
+/// continues a kept adapter (`continued`) is measured before against `ck`'s weights without any
+/// adapter.
+fn train_and_measure(
+    ck: &Checkpoint,
+    tr: &mut Trainer<'_>,
+    continued: bool,
+    train: &[hetfed_train::Encoded],
+    val: &[hetfed_train::Encoded],
+    batch_size: usize,
+) -> Result<RoundLosses> {
     let val_before = if val.is_empty() {
         f64::NAN
     } else if continued {
         let plain = ck.arch.build(&ck.weights, &ck.source(), None)?;
-        hetfed_train::eval_loss(plain.as_ref(), &val, cfg.batch_size)?
+        hetfed_train::eval_loss(plain.as_ref(), val, batch_size)?
     } else {
-        tr.eval_loss(&val)?
+        tr.eval_loss(val)?
     };
     let mut losses = Vec::new();
     tr.train(
-        &train,
+        train,
         |r, _| {
             losses.push(r.loss);
             Ok(())
         },
         || false,
     )?;
-    let val_after = if val.is_empty() { f64::NAN } else { tr.eval_loss(&val)? };
-    let train_s = t0.elapsed().as_secs_f64();
-    let mut eval = BTreeMap::new();
-    if !data.val_items.is_empty() {
-        let r = evaluate(tr.model(), tok, eos, &data.task, &data.val_items, eval_opts, |_, _| {})
-            .map_err(|e| Error::msg(format!("local evaluation: {e}")))?;
-        for (k, v) in r.metrics {
-            eval.insert(format!("{}/{k}", data.task.name), v);
-        }
-    }
-    let adapter = tr.lora().map(|set| set.to_tensors());
+    let val_after = if val.is_empty() { f64::NAN } else { tr.eval_loss(val)? };
+    Ok(RoundLosses { train: losses, val_before, val_after })
+}
+
+/// The trained change from `ck`'s weights as a task vector of `identity` (the LoRA factors, or
+/// the dense difference of full fine-tuning), encoded as `encoding` asks.
+fn encode_update(tr: &Trainer<'_>, ck: &Checkpoint, identity: &ModelIdentity, encoding: Encoding) -> Result<Vec<u8>> {
     let tv = match tr.lora() {
         Some(set) => TaskVector::from_lora(identity.clone(), set)?,
         None => {
@@ -273,28 +304,38 @@ pub fn train_round(
             TaskVector::full_diff(identity.clone(), &ck.weights, &tuned)?
         }
     };
-    let bytes = match cfg.encoding {
+    Ok(match encoding {
         Encoding::F16 => tv.to_bytes(DType::F16)?,
         Encoding::Int8 => tv.to_bytes_int8()?,
         Encoding::F32 => tv.to_bytes(DType::F32)?,
-    };
-    let tail = losses.len().div_ceil(4).max(1);
-    let train_loss = losses.iter().rev().take(tail).sum::<f64>() / tail.min(losses.len()).max(1) as f64;
-    // A value that is not finite (no validation split: NaN losses) is reported as not measured.
+    })
+}
+
+/// The round's reported metrics: the mean of the last quarter of the training losses, the
+/// validation losses and gain, times and memory (`cpu0`: the CPU seconds when the round began).
+/// A value that is not finite (no validation split: NaN losses) is reported as not measured.
+fn fit_metrics(
+    losses: &RoundLosses,
+    steps: u64,
+    mut eval: BTreeMap<String, f64>,
+    train_s: f64,
+    cpu0: f64,
+) -> FitMetrics {
+    let tail = losses.train.len().div_ceil(4).max(1);
+    let train_loss = losses.train.iter().rev().take(tail).sum::<f64>() / tail.min(losses.train.len()).max(1) as f64;
     let finite = |v: f64| Some(v).filter(|v| v.is_finite());
     eval.retain(|_, v| v.is_finite());
-    let metrics = FitMetrics {
+    FitMetrics {
         train_loss: finite(train_loss),
-        train_steps: Some(tr.step as u64),
-        val_loss_before: finite(val_before),
-        val_loss_after: finite(val_after),
-        val_gain: finite(val_before - val_after),
+        train_steps: Some(steps),
+        val_loss_before: finite(losses.val_before),
+        val_loss_after: finite(losses.val_after),
+        val_gain: finite(losses.val_before - losses.val_after),
         train_s: finite(train_s),
         cpu_s: finite(sys::cpu_seconds() - cpu0),
         peak_rss_bytes: Some(sys::peak_rss_bytes()),
         eval,
-    };
-    Ok(LocalUpdate { bytes, n_examples: data.train.len() as u64, metrics, adapter })
+    }
 }
 
 /// The client's registration message.
@@ -456,50 +497,13 @@ async fn fit_round(
         Error::msg(format!("round {}: expected a fit configuration, found {}: {e}", fit.round, fit.config))
     })?;
     cfg.validate().map_err(Error::msg)?;
-    // The round's starting weights: our base, the cached global model, or a download.
-    let weights: Arc<TensorMap> = if fit.model_version == base_identity.weights_hash {
-        Arc::new(opts.base.weights.clone())
-    } else if let Some((_, w)) = cached.as_ref().filter(|(v, _)| *v == fit.model_version) {
-        w.clone()
-    } else {
-        let w = loop {
-            match download(service, caller, &fit.model_version).await {
-                Ok(w) => break w,
-                Err(DownloadError::Service(ServiceError::NotFound(m))) if m.contains("not registered") => {
-                    return Err(FitError::Reregister)
-                }
-                Err(DownloadError::Service(e)) if !e.is_permanent() => retry.wait(&e).await?,
-                Err(DownloadError::Service(e)) => return Ok(Some(format!("model download refused: {e}"))),
-                Err(DownloadError::Local(e)) => return Err(FitError::Fatal(e)),
-            }
-        };
-        let w = Arc::new(w);
-        *cached = Some((fit.model_version.clone(), w.clone()));
-        w
+    let weights = match round_weights(service, opts, fit, base_identity, cached, retry).await? {
+        Ok(w) => w,
+        Err(refused) => return Ok(Some(refused)),
     };
     let identity = ModelIdentity { weights_hash: fit.model_version.clone(), ..base_identity.clone() };
-    let o = opts.clone();
-    let cfg2 = cfg.clone();
     let prev = if cfg.keep_adapter { adapter.before(fit.round, &fit.model_version).cloned() } else { None };
-    let memo_key = match &opts.memo {
-        Some(_) => Some(TrainMemo::key(&caller.client_id, fit, prev.as_ref())?),
-        None => None,
-    };
-    let known = opts.memo.as_ref().zip(memo_key.as_deref()).and_then(|(m, k)| m.get(k));
-    let mut upd = match known {
-        Some(u) => (*u).clone(),
-        None => {
-            let u = tokio::task::spawn_blocking(move || {
-                train_round(&o.base, (*weights).clone(), &identity, &cfg2, &o.data, &o.eval_opts, prev.as_ref())
-            })
-            .await
-            .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
-            if let (Some(m), Some(k)) = (&opts.memo, memo_key) {
-                m.put(k, Arc::new(u.clone()));
-            }
-            u
-        }
-    };
+    let mut upd = train_or_replay(opts, fit, &cfg, weights, identity, prev).await?;
     // Kept whether or not the server accepts the upload: the next upload is again the whole
     // change from the base, so nothing depends on this one arriving.
     if let (true, Some(a)) = (cfg.keep_adapter, upd.adapter.take()) {
@@ -514,12 +518,87 @@ async fn fit_round(
         sha256: hetfed_core::sha256_hex(&bytes),
         metrics: upd.metrics,
     };
-    // Uploads are idempotent per (client, round): a retry after a lost reply is accepted once.
+    upload_update(service, caller, fit.round, header, bytes, retry).await
+}
+
+/// The round's starting weights: our base, the cached global model, or a download (which then
+/// becomes the cached one). `Ok(Err(reason))` when the server refused the download.
+async fn round_weights(
+    service: &Arc<dyn FedService>,
+    opts: &ClientOptions,
+    fit: &FitIns,
+    base_identity: &ModelIdentity,
+    cached: &mut Option<(String, Arc<TensorMap>)>,
+    retry: &mut Retry,
+) -> std::result::Result<std::result::Result<Arc<TensorMap>, String>, FitError> {
+    if fit.model_version == base_identity.weights_hash {
+        return Ok(Ok(Arc::new(opts.base.weights.clone())));
+    }
+    if let Some((_, w)) = cached.as_ref().filter(|(v, _)| *v == fit.model_version) {
+        return Ok(Ok(w.clone()));
+    }
+    let w = loop {
+        match download(service, &opts.caller, &fit.model_version).await {
+            Ok(w) => break w,
+            Err(DownloadError::Service(ServiceError::NotFound(m))) if m.contains("not registered") => {
+                return Err(FitError::Reregister)
+            }
+            Err(DownloadError::Service(e)) if !e.is_permanent() => retry.wait(&e).await?,
+            Err(DownloadError::Service(e)) => return Ok(Err(format!("model download refused: {e}"))),
+            Err(DownloadError::Local(e)) => return Err(FitError::Fatal(e)),
+        }
+    };
+    let w = Arc::new(w);
+    *cached = Some((fit.model_version.clone(), w.clone()));
+    Ok(Ok(w))
+}
+
+/// The round's local update: replayed from the client's [`TrainMemo`] when it holds this round,
+/// else trained from `weights` (on a blocking thread) and then remembered there.
+async fn train_or_replay(
+    opts: &Arc<ClientOptions>,
+    fit: &FitIns,
+    cfg: &FitConfig,
+    weights: Arc<TensorMap>,
+    identity: ModelIdentity,
+    prev: Option<TensorMap>,
+) -> Result<LocalUpdate> {
+    let memo_key = match &opts.memo {
+        Some(_) => Some(TrainMemo::key(&opts.caller.client_id, fit, prev.as_ref())?),
+        None => None,
+    };
+    let known = opts.memo.as_ref().zip(memo_key.as_deref()).and_then(|(m, k)| m.get(k));
+    if let Some(u) = known {
+        return Ok((*u).clone());
+    }
+    let o = opts.clone();
+    let cfg = cfg.clone();
+    let u = tokio::task::spawn_blocking(move || {
+        train_round(&o.base, (*weights).clone(), &identity, &cfg, &o.data, &o.eval_opts, prev.as_ref())
+    })
+    .await
+    .map_err(|e| Error::msg(format!("training task failed: {e}")))??;
+    if let (Some(m), Some(k)) = (&opts.memo, memo_key) {
+        m.put(k, Arc::new(u.clone()));
+    }
+    Ok(u)
+}
+
+/// Uploads the round's update until the server answers; `Ok(Some(reason))` when it refused it.
+/// Uploads are idempotent per (client, round): a retry after a lost reply is accepted once.
+async fn upload_update(
+    service: &Arc<dyn FedService>,
+    caller: &Caller,
+    round: u64,
+    header: UploadHeader,
+    bytes: Bytes,
+    retry: &mut Retry,
+) -> std::result::Result<Option<String>, FitError> {
     loop {
         match service.upload(caller, header.clone(), body_from_bytes(bytes.clone(), 1 << 20)).await {
             Ok(r) if r.accepted => break,
             Ok(r) => {
-                tracing::warn!("round {}: update refused: {}", fit.round, r.reason);
+                tracing::warn!("round {round}: update refused: {}", r.reason);
                 return Ok(Some(r.reason));
             }
             Err(ServiceError::NotFound(_)) => return Err(FitError::Reregister),
@@ -533,10 +612,10 @@ async fn fit_round(
                 | ServiceError::InvalidArgument(_)
                 | ServiceError::Internal(_)),
             ) => {
-                tracing::warn!("round {}: {e}", fit.round);
+                tracing::warn!("round {round}: {e}");
                 return Ok(Some(e.to_string()));
             }
-            Err(e) => return Err(FitError::Fatal(Error::msg(format!("round {}: upload failed: {e}", fit.round)))),
+            Err(e) => return Err(FitError::Fatal(Error::msg(format!("round {round}: upload failed: {e}")))),
         }
     }
     Ok(None)

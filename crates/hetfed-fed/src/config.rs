@@ -8,7 +8,7 @@ use hetfed_core::{Error, Result};
 use hetfed_data::PartitionScheme;
 use serde::{Deserialize, Serialize};
 
-use crate::hetero::{Aggregation, OffsetSequences, TransferConfig};
+use crate::hetero::{Aggregation, OffsetConfig, OffsetSequences, TransferConfig};
 use crate::strategy::{FitConfig, Sampling, StrategyConfig};
 
 /// The embedded default (`hetfed simulate` with no `--config`): paths relative to `configs/`.
@@ -643,31 +643,17 @@ impl RunConfig {
         }
         real("transfer.alpha.min_quality", a.min_quality, Interval::left_open(0.0, 1.0))?;
 
-        let dc = &t.distill;
-        lora_rank("transfer.distill.lora_rank", dc.lora_rank, MAX_LORA_RANK, None)?;
-        if dc.lora_rank > 0 {
-            real("transfer.distill.lora_alpha", dc.lora_alpha, Interval::POSITIVE)?;
-        }
-        real("transfer.distill.lr", dc.lr, Interval::left_open(0.0, 10.0))?;
-        int("transfer.distill.steps", dc.steps, 1, 100_000)?;
-        int("transfer.distill.batch_size", dc.batch_size, 1, MAX_BATCH)?;
-        real("transfer.distill.temperature", dc.temperature, Interval::left_open(0.0, 100.0))?;
-        int("transfer.distill.n_prompts", dc.n_prompts, 1, 100_000)?;
-        int("transfer.distill.seq_len", dc.seq_len, 2, 4096)?;
+        check_distill(&t.distill)?;
+        check_offset(&t.offset)?;
+        self.check_distill_tokens(t)
+    }
 
-        let oc = &t.offset;
-        real("transfer.offset.lambda", oc.lambda, Interval::left_open(0.0, 100.0))?;
-        int("transfer.offset.seq_len", oc.seq_len, 4, 4096)?;
-        int("transfer.offset.heldout_per_task", oc.heldout_per_task, 0, 10_000)?;
+    /// The distillation targets hold a distribution over the vocabulary for every token: the
+    /// tokens a round distils are bounded.
+    fn check_distill_tokens(&self, t: &TransferConfig) -> std::result::Result<(), String> {
+        let (dc, oc) = (&t.distill, &t.offset);
         let general = matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed);
         let sampled = matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed);
-        if general {
-            int("transfer.offset.general_sequences", oc.general_sequences, 1, 100_000)?;
-        }
-        if sampled {
-            int("transfer.offset.sampled_per_task", oc.sampled_per_task, 1, 100_000)?;
-        }
-        // The distillation targets hold a distribution over the vocabulary for every token.
         match t.aggregation {
             Aggregation::Distillation => {
                 let tokens = dc.n_prompts * dc.seq_len;
@@ -843,6 +829,34 @@ impl std::fmt::Display for Interval {
             )
         }
     }
+}
+
+/// `transfer.distill`'s ranges.
+fn check_distill(dc: &hetfed_distill::DistillConfig) -> std::result::Result<(), String> {
+    lora_rank("transfer.distill.lora_rank", dc.lora_rank, MAX_LORA_RANK, None)?;
+    if dc.lora_rank > 0 {
+        real("transfer.distill.lora_alpha", dc.lora_alpha, Interval::POSITIVE)?;
+    }
+    real("transfer.distill.lr", dc.lr, Interval::left_open(0.0, 10.0))?;
+    int("transfer.distill.steps", dc.steps, 1, 100_000)?;
+    int("transfer.distill.batch_size", dc.batch_size, 1, MAX_BATCH)?;
+    real("transfer.distill.temperature", dc.temperature, Interval::left_open(0.0, 100.0))?;
+    int("transfer.distill.n_prompts", dc.n_prompts, 1, 100_000)?;
+    int("transfer.distill.seq_len", dc.seq_len, 2, 4096)
+}
+
+/// `transfer.offset`'s ranges (the sequence counts of the sources its `sequences` uses).
+fn check_offset(oc: &OffsetConfig) -> std::result::Result<(), String> {
+    real("transfer.offset.lambda", oc.lambda, Interval::left_open(0.0, 100.0))?;
+    int("transfer.offset.seq_len", oc.seq_len, 4, 4096)?;
+    int("transfer.offset.heldout_per_task", oc.heldout_per_task, 0, 10_000)?;
+    if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
+        int("transfer.offset.general_sequences", oc.general_sequences, 1, 100_000)?;
+    }
+    if matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed) {
+        int("transfer.offset.sampled_per_task", oc.sampled_per_task, 1, 100_000)?;
+    }
+    Ok(())
 }
 
 /// `key: expected lo..=hi, found v` unless `lo <= v <= hi`.

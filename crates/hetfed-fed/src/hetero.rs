@@ -41,7 +41,7 @@ use candle_core::{Device, Tensor, Var};
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_distill::{DistillConfig, OffsetLm, Posterior};
 use hetfed_merge::{compute_alphas, AlphaConfig, ClientSignals, OrthoMemory};
-use hetfed_model::{CausalLm, Checkpoint, ModelIdentity};
+use hetfed_model::{CausalLm, Checkpoint, ModelIdentity, ModelSpec};
 use hetfed_net::{ClientInfo, DataStats};
 use hetfed_taskvec::{Delta, TaskVector};
 use hetfed_transfer::{MapConfig, PairMaps, MODULES};
@@ -428,28 +428,28 @@ impl TransferConfig {
 
 /// A small base model clients train from, with its maps into the server model.
 pub struct SmallBase {
-    /// Architecture, config and source of the model (its weights live in `weights`).
-    pub checkpoint: Checkpoint,
+    /// Architecture, config, tokenizer and source of the model (its weights live in `weights`).
+    pub spec: ModelSpec,
     /// Shared with every registered client of this base (updates are validated against it).
     pub weights: Arc<TensorMap>,
     pub identity: ModelIdentity,
-    /// `Checkpoint::tokenizer_hash` of the base ("" when it has no tokenizer).
+    /// `ModelSpec::tokenizer_hash` of the base ("" when it has no tokenizer).
     pub tokenizer_hash: String,
     pub maps: PairMaps,
 }
 
 impl SmallBase {
-    pub fn new(mut small: Checkpoint, maps: PairMaps) -> Result<Self> {
+    pub fn new(small: Checkpoint, maps: PairMaps) -> Result<Self> {
         let identity = small.identity()?;
         let tokenizer_hash = if small.tokenizer.is_some() { small.tokenizer_hash()? } else { String::new() };
-        let weights = Arc::new(std::mem::take(&mut small.weights));
-        Ok(Self { checkpoint: small, weights, identity, tokenizer_hash, maps })
+        let Checkpoint { spec, weights } = small;
+        Ok(Self { spec, weights: Arc::new(weights), identity, tokenizer_hash, maps })
     }
 
     /// The client's fine-tuned small model: this base plus its update (dense or LoRA factors).
     fn tuned(&self, update: &TaskVector) -> Result<Box<dyn CausalLm>> {
         let w = update.apply_unchecked(&self.weights, 1.0)?;
-        self.checkpoint.arch.build(&w, &self.checkpoint.source(), None)
+        self.spec.arch.build(&w, &self.spec.source(), None)
     }
 }
 
@@ -468,8 +468,9 @@ struct Offset {
 pub struct Hetero {
     plan: FitPlan,
     cfg: TransferConfig,
-    /// The server model's architecture, config and source (its weights are the global model).
-    large: Checkpoint,
+    /// The server model's architecture, config and source, without its tokenizer (its weights
+    /// are the global model).
+    large: ModelSpec,
     smalls: BTreeMap<String, SmallBase>,
     stats: BTreeMap<String, DataStats>,
     fisher: Option<TensorMap>,
@@ -512,7 +513,7 @@ impl Hetero {
                         "logit offsets need one tokenizer: the server model {} has tokenizer {}, the client base {} has {}",
                         large.source(),
                         short_or_none(&tokenizer_hash),
-                        s.checkpoint.source(),
+                        s.spec.source(),
                         short_or_none(&s.tokenizer_hash)
                     )));
                 }
@@ -526,10 +527,9 @@ impl Hetero {
         Ok(Self {
             plan: FitPlan { sampling, client, seed },
             cfg,
-            large: Checkpoint {
+            large: ModelSpec {
                 dir: large.dir.clone(),
                 arch: large.arch.clone(),
-                weights: TensorMap::new(),
                 tokenizer: None,
                 config_json: large.config_json.clone(),
             },
@@ -624,15 +624,9 @@ impl Hetero {
         for r in results {
             let sb = self.small_of(r)?;
             let w = r.update.apply_unchecked(&sb.weights, 1.0)?;
-            teachers.push((sb.checkpoint.arch.build(&w, &sb.checkpoint.source(), None)?, alphas[&r.client_id]));
+            teachers.push((sb.spec.arch.build(&w, &sb.spec.source(), None)?, alphas[&r.client_id]));
         }
-        let student = Checkpoint {
-            dir: self.large.dir.clone(),
-            arch: self.large.arch.clone(),
-            weights: global.clone(),
-            tokenizer: None,
-            config_json: self.large.config_json.clone(),
-        };
+        let student = self.large.with_weights(global.clone());
         let model = student.model(None)?;
         let start = self.large.arch.eos_token_id().unwrap_or(0);
         let seed = crate::strategy::mix(dc.seed ^ self.plan.seed, round);
@@ -734,7 +728,7 @@ impl Hetero {
                 Some(b) => b,
                 None => {
                     base_ids.push(&o.base_hash);
-                    bases.push(sb.checkpoint.arch.build(&sb.weights, &sb.checkpoint.source(), None)?);
+                    bases.push(sb.spec.arch.build(&sb.weights, &sb.spec.source(), None)?);
                     bases.len() - 1
                 }
             };
@@ -786,13 +780,7 @@ impl Hetero {
         let offsets = self.offsets(results, alphas)?;
         let seed = crate::strategy::mix(self.cfg.distill.seed ^ self.plan.seed, round);
         let data = self.distill_data(global, &offsets, &tasks, seed)?;
-        let student = Checkpoint {
-            dir: self.large.dir.clone(),
-            arch: self.large.arch.clone(),
-            weights: start,
-            tokenizer: None,
-            config_json: self.large.config_json.clone(),
-        };
+        let student = self.large.with_weights(start);
         let cfg = DistillConfig { seed, ..self.cfg.distill.clone() };
         let rep = hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?;
         let heldout = self.heldout_kl(&student, &rep.delta, &data.heldout)?;
@@ -1051,7 +1039,7 @@ impl Strategy for Hetero {
             identity: sb.identity.clone(),
             weights: sb.weights.clone(),
             tokenizer_hash: sb.tokenizer_hash.clone(),
-            source: sb.checkpoint.source(),
+            source: sb.spec.source(),
         });
         ClientBases::own(bases, self.cfg.aggregation.uses_offsets())
     }
@@ -1133,7 +1121,7 @@ impl Strategy for Hetero {
             .values()
             .map(|s| {
                 json!({
-                    "small": s.checkpoint.source(), "small_hash": s.identity.weights_hash, "method": s.maps.config.method,
+                    "small": s.spec.source(), "small_hash": s.identity.weights_hash, "method": s.maps.config.method,
                     "pairing": s.maps.pairing, "fit_s": s.maps.summary.seconds,
                     "mean_explained_variance": s.maps.summary.mean_explained_variance,
                     "explained_variance_by_space": s.maps.mean_explained_variance_by_space(),

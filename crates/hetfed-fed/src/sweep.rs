@@ -232,6 +232,26 @@ pub fn derived_config(
 ) -> Result<RunConfig> {
     let base = run_config(base_path, seed, None, eval_split)?;
     let mut v = run_value(base_path, seed, None, eval_split)?;
+    let (n_run, model) = derived_run(&base, base_path, &mut v, kind, client)?;
+    as_fedavg_run(&mut v, &base, n_run, model);
+    let what = match client {
+        Some(i) => format!(" ({} row, client c{i})", kind.name()),
+        None => format!(" ({} row)", kind.name()),
+    };
+    parse_value(&v, base_path, &what)
+}
+
+/// What sets a derived row's run apart in `v` (the base config `base` as TOML): its data
+/// (`central`: pooled; `local_only`: one client's share), and the number of clients the run has
+/// with the server model it uses instead of the base's (the clients' small model; `None`: the
+/// base's).
+fn derived_run(
+    base: &RunConfig,
+    base_path: &Path,
+    v: &mut toml::Value,
+    kind: RowKind,
+    client: Option<usize>,
+) -> Result<(usize, Option<toml::Value>)> {
     let small_model = |i: usize| -> Result<toml::Value> {
         let t = base.transfer.as_ref().filter(|t| !t.client_models.is_empty()).ok_or_else(|| {
             Error::msg(format!(
@@ -243,9 +263,9 @@ pub fn derived_config(
         let m = &t.client_models[i % t.client_models.len()];
         Ok(toml::Value::String(m.display().to_string()))
     };
-    let (n_run, model) = match (kind, client) {
+    Ok(match (kind, client) {
         (RowKind::Central, None) => {
-            set(&mut v, &["data", "pooled"], toml::Value::Boolean(true));
+            set(v, &["data", "pooled"], toml::Value::Boolean(true));
             (1, None)
         }
         (RowKind::LocalOnly, Some(i)) => {
@@ -255,7 +275,7 @@ pub fn derived_config(
                     base.data.num_clients().saturating_sub(1)
                 )));
             }
-            set(&mut v, &["data", "only_client"], toml::Value::Integer(i as i64));
+            set(v, &["data", "only_client"], toml::Value::Integer(i as i64));
             (1, Some(small_model(i)?))
         }
         (RowKind::FedavgSmall, None) => {
@@ -280,8 +300,13 @@ pub fn derived_config(
                 client.map(|i| format!(" of client {i}")).unwrap_or_default()
             )))
         }
-    };
-    if let toml::Value::Table(t) = &mut v {
+    })
+}
+
+/// Makes `v` (the base config `base` as TOML) a FedAvg run of `n_run` clients on `model` (when
+/// given): no `[transfer]`, every client registered before round 1, no round deadline.
+fn as_fedavg_run(v: &mut toml::Value, base: &RunConfig, n_run: usize, model: Option<toml::Value>) {
+    if let toml::Value::Table(t) = v {
         t.remove("transfer");
         let mut strategy = toml::map::Map::new();
         strategy.insert("name".into(), toml::Value::String("fedavg".into()));
@@ -289,21 +314,12 @@ pub fn derived_config(
         t.insert("strategy".into(), toml::Value::Table(strategy));
     }
     if let Some(m) = model {
-        set(&mut v, &["server", "model"], m);
+        set(v, &["server", "model"], m);
     }
-    set(&mut v, &["server", "min_clients"], toml::Value::Integer(n_run as i64));
-    set(&mut v, &["server", "quorum"], toml::Value::Integer(base.server.quorum.min(n_run) as i64));
-    set(&mut v, &["server", "round_timeout_s"], toml::Value::Float(crate::config::MAX_TIMEOUT_S));
-    set(
-        &mut v,
-        &["sampling", "min_fit_clients"],
-        toml::Value::Integer(base.sampling.min_fit_clients.min(n_run) as i64),
-    );
-    let what = match client {
-        Some(i) => format!(" ({} row, client c{i})", kind.name()),
-        None => format!(" ({} row)", kind.name()),
-    };
-    parse_value(&v, base_path, &what)
+    set(v, &["server", "min_clients"], toml::Value::Integer(n_run as i64));
+    set(v, &["server", "quorum"], toml::Value::Integer(base.server.quorum.min(n_run) as i64));
+    set(v, &["server", "round_timeout_s"], toml::Value::Float(crate::config::MAX_TIMEOUT_S));
+    set(v, &["sampling", "min_fit_clients"], toml::Value::Integer(base.sampling.min_fit_clients.min(n_run) as i64));
 }
 
 /// Sets `path` in a TOML table, creating the tables on the way.
@@ -448,6 +464,36 @@ pub fn run_sweep(
     let (sweep, sdir) = SweepConfig::from_file(path)?;
     let base_path = sdir.join(&sweep.base);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut results = initial_results(&sweep, out, resume)?;
+    let mut rt: Option<tokio::runtime::Runtime> = None;
+    for &seed in &sweep.seeds {
+        if results.iter().all(|r| r.cells.contains_key(&seed)) {
+            continue;
+        }
+        let ctx = SeedRun::new(&sweep, &base_path, dir, out, resume, seed)?;
+        for (ri, row) in sweep.rows.iter().enumerate() {
+            if results[ri].cells.contains_key(&seed) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let cell = ctx.cell(&mut rt, ri, row)?;
+            progress(format!(
+                "seed {seed} · {} · {} ({:.0} s)",
+                row.name,
+                cell.metrics.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", "),
+                t0.elapsed().as_secs_f64()
+            ));
+            results[ri].cells.insert(seed, cell);
+            let json = serde_json::to_string_pretty(&results).map_err(|e| Error::msg(e.to_string()))?;
+            hetfed_core::write_atomic(&out.join("results.json"), json.as_bytes())?;
+        }
+    }
+    Ok(results)
+}
+
+/// One empty result per row of `sweep`; with `resume`, filled with the cells `out/results.json`
+/// already holds (same row name and kind, a seed of the sweep).
+fn initial_results(sweep: &SweepConfig, out: &Path, resume: bool) -> Result<Vec<RowResult>> {
     let mut results: Vec<RowResult> = sweep
         .rows
         .iter()
@@ -465,97 +511,124 @@ pub fn run_sweep(
             }
         }
     }
-    let mut rt: Option<tokio::runtime::Runtime> = None;
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .worker_threads(2)
-            .build()
-            .map_err(|e| Error::msg(format!("starting the async runtime: {e}")))
-    };
-    for &seed in &sweep.seeds {
-        if results.iter().all(|r| r.cells.contains_key(&seed)) {
-            continue;
-        }
-        let cfg = run_config(&base_path, seed, None, sweep.eval_split)?;
+    Ok(results)
+}
+
+/// The async runtime the sweep's runs share (started by the first row that runs the loop).
+fn start_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+        .map_err(|e| Error::msg(format!("starting the async runtime: {e}")))
+}
+
+/// One seed of a sweep: what each of its cells needs.
+struct SeedRun<'a> {
+    base_path: &'a Path,
+    eval_split: Option<EvalSplit>,
+    dir: &'a DataDir,
+    /// Where the rows' runs are kept (`out/runs`).
+    runs: PathBuf,
+    resume: bool,
+    seed: u64,
+    /// The base config for this seed.
+    cfg: RunConfig,
+    /// The clients' training results of this seed, shared by the hetero rows.
+    memo: TrainMemo,
+}
+
+impl<'a> SeedRun<'a> {
+    fn new(
+        sweep: &SweepConfig,
+        base_path: &'a Path,
+        dir: &'a DataDir,
+        out: &Path,
+        resume: bool,
+        seed: u64,
+    ) -> Result<Self> {
+        let cfg = run_config(base_path, seed, None, sweep.eval_split)?;
         if cfg.server.eval.tasks.is_empty() && cfg.server.eval.general_lines == 0 {
             return Err(Error::msg(format!(
                 "{}: the sweep's base config needs [server.eval] tasks or general_lines, found neither",
                 base_path.display()
             )));
         }
-        // The clients' training results of this seed, shared by the hetero rows.
-        let memo = TrainMemo::default();
-        for (ri, row) in sweep.rows.iter().enumerate() {
-            if results[ri].cells.contains_key(&seed) {
-                continue;
-            }
-            let t0 = Instant::now();
-            let runs = out.join("runs");
-            let cell = match row.kind {
-                RowKind::ZeroShot => {
-                    let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
-                    let ev = server_eval(&cfg, dir, &large)?
-                        .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
-                    Cell {
-                        metrics: evaluate_weights(&large, &large.weights, &ev)?,
-                        model: "large".into(),
-                        ..Default::default()
-                    }
-                }
-                RowKind::Hetero => {
-                    let rcfg = run_config(&base_path, seed, row.transfer.as_ref(), sweep.eval_split)?;
-                    let rt = get_or_try(&mut rt, runtime)?;
-                    let run_dir = runs.join(format!("row{ri:02}-seed{seed}"));
-                    let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume, Some(&memo))?;
-                    Cell {
-                        metrics: rec.final_eval,
-                        bytes_per_client_round: rec.bytes_per_client_round,
-                        server_s_per_round: rec.server_s_per_round,
-                        model: "large".into(),
-                    }
-                }
-                RowKind::Central | RowKind::FedavgSmall => {
-                    let rcfg = derived_config(&base_path, seed, sweep.eval_split, row.kind, None)?;
-                    let rt = get_or_try(&mut rt, runtime)?;
-                    let run_dir = runs.join(format!("{}-seed{seed}", row.kind.name()));
-                    let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume, None)?;
-                    if row.kind == RowKind::Central {
-                        Cell { metrics: rec.final_eval, model: "large".into(), ..Default::default() }
-                    } else {
-                        Cell {
-                            metrics: rec.final_eval,
-                            bytes_per_client_round: rec.bytes_per_client_round,
-                            server_s_per_round: rec.server_s_per_round,
-                            model: "small".into(),
-                        }
-                    }
-                }
-                RowKind::LocalOnly => {
-                    let mut per_client = Vec::new();
-                    for i in 0..cfg.data.num_clients() {
-                        let rcfg = derived_config(&base_path, seed, sweep.eval_split, row.kind, Some(i))?;
-                        let rt = get_or_try(&mut rt, runtime)?;
-                        let run_dir = runs.join(format!("{}-seed{seed}", row.kind.name())).join(format!("c{i}"));
-                        let rec = simulate_run(rt, &rcfg, dir, &run_dir, resume, None)?;
-                        let task = cfg.data.assignment(i).map(|(g, _)| g.task).unwrap_or_default();
-                        per_client.push((hetfed_data::task::builtin(&task)?.name, rec.final_eval));
-                    }
-                    local_only_cell(&per_client)
-                }
-            };
-            progress(format!(
-                "seed {seed} · {} · {} ({:.0} s)",
-                row.name,
-                cell.metrics.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", "),
-                t0.elapsed().as_secs_f64()
-            ));
-            results[ri].cells.insert(seed, cell);
-            let json = serde_json::to_string_pretty(&results).map_err(|e| Error::msg(e.to_string()))?;
-            hetfed_core::write_atomic(&out.join("results.json"), json.as_bytes())?;
+        let (eval_split, runs, memo) = (sweep.eval_split, out.join("runs"), TrainMemo::default());
+        Ok(Self { base_path, eval_split, dir, runs, resume, seed, cfg, memo })
+    }
+
+    /// Row `ri`'s cell for this seed (`rt`: the shared runtime, started when first needed).
+    fn cell(&self, rt: &mut Option<tokio::runtime::Runtime>, ri: usize, row: &Row) -> Result<Cell> {
+        match row.kind {
+            RowKind::ZeroShot => self.zero_shot(),
+            RowKind::Hetero => self.hetero(rt, ri, row),
+            RowKind::Central | RowKind::FedavgSmall => self.derived(rt, row.kind),
+            RowKind::LocalOnly => self.local_only(rt),
         }
     }
-    Ok(results)
+
+    /// The large base model as it is.
+    fn zero_shot(&self) -> Result<Cell> {
+        let cfg = &self.cfg;
+        let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
+        let ev = server_eval(cfg, self.dir, &large)?
+            .ok_or_else(|| Error::msg("the sweep's base config needs [server.eval] tasks"))?;
+        Ok(Cell {
+            metrics: evaluate_weights(&large, &large.weights, &ev)?,
+            model: "large".into(),
+            ..Default::default()
+        })
+    }
+
+    /// The base config with the row's `transfer` settings, its clients replaying the seed's memo.
+    fn hetero(&self, rt: &mut Option<tokio::runtime::Runtime>, ri: usize, row: &Row) -> Result<Cell> {
+        let seed = self.seed;
+        let rcfg = run_config(self.base_path, seed, row.transfer.as_ref(), self.eval_split)?;
+        let rt = get_or_try(rt, start_runtime)?;
+        let run_dir = self.runs.join(format!("row{ri:02}-seed{seed}"));
+        let rec = simulate_run(rt, &rcfg, self.dir, &run_dir, self.resume, Some(&self.memo))?;
+        Ok(Cell {
+            metrics: rec.final_eval,
+            bytes_per_client_round: rec.bytes_per_client_round,
+            server_s_per_round: rec.server_s_per_round,
+            model: "large".into(),
+        })
+    }
+
+    /// A `central` or `fedavg_small` row: one run of its derived config.
+    fn derived(&self, rt: &mut Option<tokio::runtime::Runtime>, kind: RowKind) -> Result<Cell> {
+        let seed = self.seed;
+        let rcfg = derived_config(self.base_path, seed, self.eval_split, kind, None)?;
+        let rt = get_or_try(rt, start_runtime)?;
+        let run_dir = self.runs.join(format!("{}-seed{seed}", kind.name()));
+        let rec = simulate_run(rt, &rcfg, self.dir, &run_dir, self.resume, None)?;
+        Ok(if kind == RowKind::Central {
+            Cell { metrics: rec.final_eval, model: "large".into(), ..Default::default() }
+        } else {
+            Cell {
+                metrics: rec.final_eval,
+                bytes_per_client_round: rec.bytes_per_client_round,
+                server_s_per_round: rec.server_s_per_round,
+                model: "small".into(),
+            }
+        })
+    }
+
+    /// One run per client, each training alone (see [`local_only_cell`]).
+    fn local_only(&self, rt: &mut Option<tokio::runtime::Runtime>) -> Result<Cell> {
+        let (seed, kind) = (self.seed, RowKind::LocalOnly);
+        let mut per_client = Vec::new();
+        for i in 0..self.cfg.data.num_clients() {
+            let rcfg = derived_config(self.base_path, seed, self.eval_split, kind, Some(i))?;
+            let rt = get_or_try(rt, start_runtime)?;
+            let run_dir = self.runs.join(format!("{}-seed{seed}", kind.name())).join(format!("c{i}"));
+            let rec = simulate_run(rt, &rcfg, self.dir, &run_dir, self.resume, None)?;
+            let task = self.cfg.data.assignment(i).map(|(g, _)| g.task).unwrap_or_default();
+            per_client.push((hetfed_data::task::builtin(&task)?.name, rec.final_eval));
+        }
+        Ok(local_only_cell(&per_client))
+    }
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -588,54 +661,84 @@ pub fn render_table(results: &[RowResult]) -> String {
         k
     };
     let tasks: Vec<String> = keys.iter().filter_map(|k| k.strip_suffix("/target_nll").map(str::to_string)).collect();
-    let zero = results.iter().find(|r| r.kind == RowKind::ZeroShot);
-    let central = results.iter().find(|r| r.kind == RowKind::Central);
-    let control = results.iter().find(|r| r.control);
-    let fmt = |v: &[f64], digits: usize| -> String {
-        if v.is_empty() {
-            return "–".into();
-        }
-        let (m, sd) = mean_std(v);
-        format!("{m:.digits$} ± {sd:.digits$}")
+    let refs = Refs {
+        zero: results.iter().find(|r| r.kind == RowKind::ZeroShot),
+        central: results.iter().find(|r| r.kind == RowKind::Central),
+        control: results.iter().find(|r| r.control),
     };
-    let per_seed = |r: &RowResult, key: &str| -> BTreeMap<u64, f64> {
-        r.cells.iter().filter_map(|(seed, c)| Some((*seed, *c.metrics.get(key)?))).collect()
-    };
-    let header = |cols: &[String]| -> String {
-        let mut h = String::from("| row | model |");
-        for c in cols {
-            h += &format!(" {c} |");
-        }
-        h += "\n|---|---|";
-        h += &"---|".repeat(cols.len());
-        h + "\n"
-    };
-    let model_of = |r: &RowResult| r.cells.values().next().map(|c| c.model.clone()).unwrap_or_default();
+    let mut s = nll_table(results, &tasks);
+    s += &share_table(results, &tasks, &refs);
+    s += &metrics_table(results, &keys, &tasks, refs.zero);
+    s
+}
 
+/// The rows the tables compare against: zero-shot, central and the control (when present).
+struct Refs<'a> {
+    zero: Option<&'a RowResult>,
+    central: Option<&'a RowResult>,
+    control: Option<&'a RowResult>,
+}
+
+/// `mean ± std` of `v` with `digits` decimals; "–" when empty.
+fn fmt_mean_std(v: &[f64], digits: usize) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let (m, sd) = mean_std(v);
+    format!("{m:.digits$} ± {sd:.digits$}")
+}
+
+/// Row `r`'s metric `key`, per seed.
+fn per_seed(r: &RowResult, key: &str) -> BTreeMap<u64, f64> {
+    r.cells.iter().filter_map(|(seed, c)| Some((*seed, *c.metrics.get(key)?))).collect()
+}
+
+/// A table's header (row, model, then `cols`) and separator line.
+fn table_header(cols: &[String]) -> String {
+    let mut h = String::from("| row | model |");
+    for c in cols {
+        h += &format!(" {c} |");
+    }
+    h += "\n|---|---|";
+    h += &"---|".repeat(cols.len());
+    h + "\n"
+}
+
+/// Which model row `r`'s metrics are of.
+fn model_of(r: &RowResult) -> String {
+    r.cells.values().next().map(|c| c.model.clone()).unwrap_or_default()
+}
+
+/// Table 1: target NLL per task.
+fn nll_table(results: &[RowResult], tasks: &[String]) -> String {
     let mut s = String::from("**Target NLL** (nats per target token, lower is better)\n\n");
-    s += &header(&tasks);
+    s += &table_header(tasks);
     for r in results {
         s += &format!("| {} | {} |", r.name, model_of(r));
-        for t in &tasks {
+        for t in tasks {
             let v: Vec<f64> = per_seed(r, &format!("{t}/target_nll")).into_values().collect();
-            s += &format!(" {} |", fmt(&v, 3));
+            s += &format!(" {} |", fmt_mean_std(&v, 3));
         }
         s += "\n";
     }
+    s
+}
 
-    s += &format!("\n**Share of the central gain recovered** in target NLL, `(L_zero − L_row)/(L_zero − L_central)`, for tasks whose central gain is at least {MIN_CENTRAL_GAIN} nats/token (– otherwise)");
-    if let Some(c) = control {
+/// Table 2: the share of the central gain recovered per task, with the control's ▲ marks.
+fn share_table(results: &[RowResult], tasks: &[String], refs: &Refs<'_>) -> String {
+    let mut s = format!("\n**Share of the central gain recovered** in target NLL, `(L_zero − L_row)/(L_zero − L_central)`, for tasks whose central gain is at least {MIN_CENTRAL_GAIN} nats/token (– otherwise)");
+    if let Some(c) = refs.control {
         s += &format!("; ▲ = target NLL below the control ({}) by more than 2 std of the per-seed difference", c.name);
     }
     s += "\n\n";
     let gain_cols: Vec<String> = tasks.iter().map(|t| format!("{t} (central gain)")).collect();
-    s += &header(&gain_cols);
+    s += &table_header(&gain_cols);
     // The central gain per task, mean over seeds, is shown in the header row's first line.
     s += "| *central gain, nats/token* | |";
     let mut shown: Vec<bool> = Vec::new();
-    for t in &tasks {
+    for t in tasks {
         let key = format!("{t}/target_nll");
-        let g: Vec<f64> = match (zero, central) {
+        let g: Vec<f64> = match (refs.zero, refs.central) {
             (Some(z), Some(c)) => {
                 let (zs, cs) = (per_seed(z, &key), per_seed(c, &key));
                 zs.iter().filter_map(|(seed, lz)| Some(lz - cs.get(seed)?)).collect()
@@ -643,7 +746,7 @@ pub fn render_table(results: &[RowResult]) -> String {
             _ => Vec::new(),
         };
         shown.push(!g.is_empty() && mean_std(&g).0 >= MIN_CENTRAL_GAIN);
-        s += &format!(" {} |", fmt(&g, 3));
+        s += &format!(" {} |", fmt_mean_std(&g, 3));
     }
     s += "\n";
     for r in results {
@@ -656,38 +759,47 @@ pub fn render_table(results: &[RowResult]) -> String {
                 s += " – |";
                 continue;
             }
-            let key = format!("{t}/target_nll");
-            let rs = per_seed(r, &key);
-            let share: Vec<f64> = match (zero, central) {
-                (Some(z), Some(c)) => {
-                    let (zs, cs) = (per_seed(z, &key), per_seed(c, &key));
-                    rs.iter()
-                        .filter_map(|(seed, lr)| {
-                            let (lz, lc) = (zs.get(seed)?, cs.get(seed)?);
-                            ((lz - lc).abs() > 1e-12).then(|| 100.0 * (lz - lr) / (lz - lc))
-                        })
-                        .collect()
-                }
-                _ => Vec::new(),
-            };
-            let mark = match control {
-                Some(c) if !std::ptr::eq(c, r) => {
-                    let cs = per_seed(c, &key);
-                    let d: Vec<f64> = rs.iter().filter_map(|(seed, lr)| Some(cs.get(seed)? - lr)).collect();
-                    let (m, sd) = mean_std(&d);
-                    if d.len() >= 2 && m > 2.0 * sd && m > 0.0 {
-                        " ▲"
-                    } else {
-                        ""
-                    }
-                }
-                _ => "",
-            };
-            s += &format!(" {}%{mark} |", fmt(&share, 0));
+            s += &share_cell(r, &format!("{t}/target_nll"), refs);
         }
         s += "\n";
     }
+    s
+}
 
+/// Row `r`'s share of the central gain in `key` (per seed against that seed's zero-shot and
+/// central rows), marked ▲ when below the control by more than 2 std of the paired difference.
+fn share_cell(r: &RowResult, key: &str, refs: &Refs<'_>) -> String {
+    let rs = per_seed(r, key);
+    let share: Vec<f64> = match (refs.zero, refs.central) {
+        (Some(z), Some(c)) => {
+            let (zs, cs) = (per_seed(z, key), per_seed(c, key));
+            rs.iter()
+                .filter_map(|(seed, lr)| {
+                    let (lz, lc) = (zs.get(seed)?, cs.get(seed)?);
+                    ((lz - lc).abs() > 1e-12).then(|| 100.0 * (lz - lr) / (lz - lc))
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let mark = match refs.control {
+        Some(c) if !std::ptr::eq(c, r) => {
+            let cs = per_seed(c, key);
+            let d: Vec<f64> = rs.iter().filter_map(|(seed, lr)| Some(cs.get(seed)? - lr)).collect();
+            let (m, sd) = mean_std(&d);
+            if d.len() >= 2 && m > 2.0 * sd && m > 0.0 {
+                " ▲"
+            } else {
+                ""
+            }
+        }
+        _ => "",
+    };
+    format!(" {}%{mark} |", fmt_mean_std(&share, 0))
+}
+
+/// Table 3: each task's own metrics, forgetting against zero-shot, bytes and server seconds.
+fn metrics_table(results: &[RowResult], keys: &[String], tasks: &[String], zero: Option<&RowResult>) -> String {
     let preferred = ["rougeL", "bleu", "chrf", "accuracy", "macro_f1"];
     let mut metric_cols: Vec<String> =
         keys.iter().filter(|k| k.split_once('/').is_some_and(|(_, m)| preferred.contains(&m))).cloned().collect();
@@ -699,14 +811,14 @@ pub fn render_table(results: &[RowResult]) -> String {
         "bytes / client / round".to_string(),
         "server s / round".to_string(),
     ]);
-    s += "\n**Task metrics** (0–100), forgetting, cost\n\n";
-    s += &header(&cols);
+    let mut s = String::from("\n**Task metrics** (0–100), forgetting, cost\n\n");
+    s += &table_header(&cols);
     for r in results {
         let model = model_of(r);
         s += &format!("| {} | {model} |", r.name);
         for m in &metric_cols {
             let v: Vec<f64> = per_seed(r, m).into_values().collect();
-            s += &format!(" {} |", fmt(&v, 1));
+            s += &format!(" {} |", fmt_mean_std(&v, 1));
         }
         let forget: Vec<f64> = r
             .cells
@@ -716,7 +828,7 @@ pub fn render_table(results: &[RowResult]) -> String {
                 Some(c.metrics.get("general/ppl")? - zero?.cells.get(seed)?.metrics.get("general/ppl")?)
             })
             .collect();
-        s += &format!(" {} |", fmt(&forget, 1));
+        s += &format!(" {} |", fmt_mean_std(&forget, 1));
         let bytes: Vec<f64> = r.cells.values().map(|c| c.bytes_per_client_round).filter(|b| *b > 0.0).collect();
         s += &format!(" {} |", if bytes.is_empty() { "–".into() } else { format!("{:.0}", mean_std(&bytes).0) });
         let secs: Vec<f64> = r.cells.values().map(|c| c.server_s_per_round).filter(|b| *b > 0.0).collect();

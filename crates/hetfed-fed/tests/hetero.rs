@@ -14,7 +14,7 @@ use hetfed_fed::server::{Auth, Server, ServerOptions};
 use hetfed_fed::strategy::FitResult;
 use hetfed_fed::{FitConfig, Sampling, Strategy};
 use hetfed_merge::AlphaConfig;
-use hetfed_model::{bloom, Arch, Checkpoint};
+use hetfed_model::{bloom, Arch, Checkpoint, ModelSpec};
 use hetfed_net::{
     body_from_bytes, Caller, ClientInfo, DataStats, FedService, Instruction, Secret, ServiceError, UploadHeader,
 };
@@ -36,13 +36,13 @@ fn cfg(h: usize, layers: usize, heads: usize) -> bloom::Config {
 }
 
 fn model(c: &bloom::Config, seed: u64) -> Checkpoint {
-    Checkpoint {
+    let spec = ModelSpec {
         dir: PathBuf::from(format!("random-{seed}")),
         arch: Arch::Bloom(c.clone()),
-        weights: c.random_weights(seed).unwrap(),
         tokenizer: None,
         config_json: c.hf_config_json(),
-    }
+    };
+    Checkpoint { spec, weights: c.random_weights(seed).unwrap() }
 }
 
 fn calib() -> Vec<Vec<u32>> {
@@ -51,14 +51,7 @@ fn calib() -> Vec<Vec<u32>> {
 
 fn small_base(small: &Checkpoint, large: &Checkpoint) -> SmallBase {
     let maps = PairMaps::fit(small, large, &calib(), "test", &MapConfig::default()).unwrap();
-    let ck = Checkpoint {
-        dir: small.dir.clone(),
-        arch: small.arch.clone(),
-        weights: small.weights.clone(),
-        tokenizer: None,
-        config_json: small.config_json.clone(),
-    };
-    SmallBase::new(ck, maps).unwrap()
+    SmallBase::new(small.with_weights(small.weights.clone()), maps).unwrap()
 }
 
 fn strategy(small: &Checkpoint, large: &Checkpoint, t: TransferConfig) -> Hetero {
@@ -238,13 +231,7 @@ async fn a_heterogeneous_server_projects_client_updates_and_refuses_unknown_base
         strategy_name: "hetero_projection".into(),
     };
     let strategy = Box::new(strategy(&small, &large, transfer()));
-    let large_ck = Checkpoint {
-        dir: large.dir.clone(),
-        arch: large.arch.clone(),
-        weights: large.weights.clone(),
-        tokenizer: None,
-        config_json: large.config_json.clone(),
-    };
+    let large_ck = large.with_weights(large.weights.clone());
     let server = Server::new(opts, large_ck, strategy, None).unwrap();
     let caller = |id: &str| Caller { client_id: id.into(), token: Secret::new(format!("token-{id}")) };
     // A client of another small model: refused with the reason.
@@ -390,13 +377,8 @@ fn tokenizers() -> (hetfed_model::tokenizers::Tokenizer, hetfed_model::tokenizer
 }
 
 fn with_tokenizer(ck: &Checkpoint, tok: &hetfed_model::tokenizers::Tokenizer) -> Checkpoint {
-    Checkpoint {
-        dir: ck.dir.clone(),
-        arch: ck.arch.clone(),
-        weights: ck.weights.clone(),
-        tokenizer: Some(tok.clone()),
-        config_json: ck.config_json.clone(),
-    }
+    let spec = ModelSpec { tokenizer: Some(tok.clone()), ..ck.spec.clone() };
+    Checkpoint { spec, weights: ck.weights.clone() }
 }
 
 #[test]

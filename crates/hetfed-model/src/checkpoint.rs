@@ -222,14 +222,86 @@ impl std::fmt::Display for WeightDtype {
     }
 }
 
-/// A loaded checkpoint: typed config, canonical weights (f32, or frozen half-precision matrices,
-/// see [`WeightDtype`]), tokenizer, and the raw config.json.
-pub struct Checkpoint {
+/// Everything about a model but its weights: where it came from, its typed config, its tokenizer
+/// and the raw config.json. With weights it is a [`Checkpoint`] ([`ModelSpec::with_weights`]);
+/// code that keeps the weights elsewhere (shared, or updated round by round) holds this instead
+/// of a checkpoint emptied of them.
+#[derive(Clone)]
+pub struct ModelSpec {
     pub dir: PathBuf,
     pub arch: Arch,
-    pub weights: TensorMap,
     pub tokenizer: Option<tokenizers::Tokenizer>,
     pub config_json: Value,
+}
+
+impl ModelSpec {
+    /// This model with `weights` (canonical names): a clone of the spec and the weights.
+    pub fn with_weights(&self, weights: TensorMap) -> Checkpoint {
+        Checkpoint { spec: self.clone(), weights }
+    }
+
+    pub fn source(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::msg(format!("{}: expected a tokenizer.json, found none", self.dir.display())))
+    }
+
+    /// The tokenizer's identity: a SHA-256 of its vocabulary, merges and added tokens (not of
+    /// the file's bytes, so formatting and normaliser metadata do not count). Two models whose
+    /// hashes agree map text to the same token ids, which output-level transfer (logit offsets,
+    /// distillation) needs.
+    pub fn tokenizer_hash(&self) -> Result<String> {
+        let tok = self.tokenizer()?;
+        let json: Value = serde_json::from_str(
+            &tok.to_string(false)
+                .map_err(|e| Error::msg(format!("{}: serialising the tokenizer: {e}", self.dir.display())))?,
+        )
+        .map_err(|e| Error::msg(format!("{}: the tokenizer does not serialise to JSON: {e}", self.dir.display())))?;
+        let added: Vec<(Value, Value)> = json["added_tokens"]
+            .as_array()
+            .map(|v| v.iter().map(|t| (t["id"].clone(), t["content"].clone())).collect())
+            .unwrap_or_default();
+        // serde_json's maps are ordered by key, so the vocabulary serialises canonically.
+        let canonical = serde_json::json!({"type": json["model"]["type"], "vocab": json["model"]["vocab"], "merges": json["model"]["merges"], "added": added});
+        Ok(hetfed_core::sha256_hex(canonical.to_string().as_bytes()))
+    }
+
+    /// Writes an HF directory with these `weights` (canonical names) that `transformers` loads:
+    /// the original config.json, tokenizer.json, and `model.safetensors` in `dtype`.
+    pub fn save_as(&self, weights: &TensorMap, out: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        hetfed_core::save_safetensors(weights, dtype, &meta, &out.join("model.safetensors"))?;
+        let cfg = serde_json::to_vec_pretty(&self.config_json).expect("json serialises");
+        hetfed_core::write_atomic(&out.join("config.json"), &cfg)?;
+        for extra in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+            let src = self.dir.join(extra);
+            if src.exists() {
+                hetfed_core::write_atomic(&out.join(extra), &hetfed_core::read_file(&src)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A loaded checkpoint: its [`ModelSpec`] (typed config, tokenizer, raw config.json, directory)
+/// and canonical weights (f32, or frozen half-precision matrices, see [`WeightDtype`]). It derefs
+/// to the spec, so `ck.arch`, `ck.dir` and `ck.tokenizer()` read through.
+pub struct Checkpoint {
+    pub spec: ModelSpec,
+    pub weights: TensorMap,
+}
+
+impl std::ops::Deref for Checkpoint {
+    type Target = ModelSpec;
+    fn deref(&self) -> &ModelSpec {
+        &self.spec
+    }
 }
 
 impl Checkpoint {
@@ -269,42 +341,12 @@ impl Checkpoint {
         let weights = validate_weights(&arch, arch.canonicalize(raw), dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(crate::tokenizer::load(&tok_path)?) } else { None };
-        Ok(Self { dir: dir.to_owned(), arch, weights, tokenizer, config_json })
-    }
-
-    pub fn source(&self) -> String {
-        self.dir.display().to_string()
+        Ok(Self { spec: ModelSpec { dir: dir.to_owned(), arch, tokenizer, config_json }, weights })
     }
 
     /// The frozen network (no tensor tracked), optionally with LoRA adapters.
     pub fn model(&self, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>> {
         self.arch.build(&self.weights, &self.source(), lora)
-    }
-
-    pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::msg(format!("{}: expected a tokenizer.json, found none", self.dir.display())))
-    }
-
-    /// The tokenizer's identity: a SHA-256 of its vocabulary, merges and added tokens (not of
-    /// the file's bytes, so formatting and normaliser metadata do not count). Two models whose
-    /// hashes agree map text to the same token ids, which output-level transfer (logit offsets,
-    /// distillation) needs.
-    pub fn tokenizer_hash(&self) -> Result<String> {
-        let tok = self.tokenizer()?;
-        let json: Value = serde_json::from_str(
-            &tok.to_string(false)
-                .map_err(|e| Error::msg(format!("{}: serialising the tokenizer: {e}", self.dir.display())))?,
-        )
-        .map_err(|e| Error::msg(format!("{}: the tokenizer does not serialise to JSON: {e}", self.dir.display())))?;
-        let added: Vec<(Value, Value)> = json["added_tokens"]
-            .as_array()
-            .map(|v| v.iter().map(|t| (t["id"].clone(), t["content"].clone())).collect())
-            .unwrap_or_default();
-        // serde_json's maps are ordered by key, so the vocabulary serialises canonically.
-        let canonical = serde_json::json!({"type": json["model"]["type"], "vocab": json["model"]["vocab"], "merges": json["model"]["merges"], "added": added});
-        Ok(hetfed_core::sha256_hex(canonical.to_string().as_bytes()))
     }
 
     pub fn identity(&self) -> Result<ModelIdentity> {
@@ -313,24 +355,6 @@ impl Checkpoint {
             config_hash: self.arch.config_hash(),
             weights_hash: hetfed_core::tensor_map_hash(&self.weights)?,
         })
-    }
-
-    /// Writes an HF directory with these `weights` (canonical names) that `transformers` loads:
-    /// the original config.json, tokenizer.json, and `model.safetensors` in `dtype`.
-    pub fn save_as(&self, weights: &TensorMap, out: &Path, dtype: DType) -> Result<()> {
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        hetfed_core::save_safetensors(weights, dtype, &meta, &out.join("model.safetensors"))?;
-        let cfg = serde_json::to_vec_pretty(&self.config_json).expect("json serialises");
-        hetfed_core::write_atomic(&out.join("config.json"), &cfg)?;
-        for extra in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
-            let src = self.dir.join(extra);
-            if src.exists() {
-                hetfed_core::write_atomic(&out.join(extra), &hetfed_core::read_file(&src)?)?;
-            }
-        }
-        Ok(())
     }
 }
 

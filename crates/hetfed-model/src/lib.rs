@@ -14,7 +14,7 @@ pub mod ops;
 pub mod score;
 pub mod tokenizer;
 
-pub use checkpoint::{Arch, Architecture, Checkpoint, ModelIdentity, WeightDtype};
+pub use checkpoint::{Arch, Architecture, Checkpoint, ModelIdentity, ModelSpec, WeightDtype};
 pub use lora::{LoraConfig, LoraSet};
 pub use model::{CausalLm, KvCache, Weights};
 pub use tokenizers;

@@ -18,7 +18,7 @@ use pyo3::types::IntoPyDict;
 use hetfed_fed::strategy::{FitResult, Strategy};
 use hetfed_fed::RunConfig;
 use hetfed_model::generate::{generate, SamplingConfig};
-use hetfed_model::{CausalLm, Checkpoint, LoraConfig};
+use hetfed_model::{CausalLm, Checkpoint, LoraConfig, ModelSpec};
 use hetfed_train::{Example, TrainConfig, Trainer};
 
 create_exception!(
@@ -792,7 +792,7 @@ type Update<'py> = (String, PyRef<'py, TaskVector>, u64, Option<Bound<'py, PyAny
 struct HeteroState {
     strategy: hetfed_fed::hetero::Hetero,
     /// The server model's directory, architecture, tokenizer and config (its weights: `global`).
-    large: Checkpoint,
+    large: ModelSpec,
     global: hetfed_core::TensorMap,
 }
 
@@ -822,9 +822,9 @@ impl Hetero {
             .ok_or_else(|| err("the config: expected a [transfer] table (a heterogeneous run), found none"))?;
         py.detach(|| -> hetfed_core::Result<Self> {
             let dir = self::data_dir(data_dir.as_deref())?;
-            let mut large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
+            let large = Checkpoint::load(&cfg.path(&cfg.server.model))?;
             let strategy = hetfed_fed::assemble::build_hetero(cfg, t, &dir, &large)?;
-            let global = std::mem::take(&mut large.weights);
+            let Checkpoint { spec: large, weights: global } = large;
             Ok(Self { state: Mutex::new(HeteroState { strategy, large, global }) })
         })
         .map_err(err)
@@ -896,14 +896,7 @@ impl Hetero {
     fn model(&self, py: Python<'_>) -> PyResult<Model> {
         py.detach(|| {
             let st = self.lock();
-            let l = &st.large;
-            Model::from_checkpoint(Checkpoint {
-                dir: l.dir.clone(),
-                arch: l.arch.clone(),
-                weights: st.global.clone(),
-                tokenizer: l.tokenizer.clone(),
-                config_json: l.config_json.clone(),
-            })
+            Model::from_checkpoint(st.large.with_weights(st.global.clone()))
         })
     }
 

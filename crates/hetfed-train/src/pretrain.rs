@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use hetfed_core::{Error, Result};
 use hetfed_data::{DataDir, Examples, Split};
 use hetfed_model::tokenizers::Tokenizer;
-use hetfed_model::{bloom, Arch, Checkpoint};
+use hetfed_model::{bloom, Arch, Checkpoint, ModelSpec};
 
 use crate::{Encoded, TrainConfig};
 
@@ -206,11 +206,9 @@ pub fn init_model(shape: &ModelShape, tok: Tokenizer, seed: u64) -> Result<Check
         pad_token_id: id("<pad>"),
     };
     cfg.validate().map_err(Error::msg)?;
-    Ok(Checkpoint {
-        dir: PathBuf::from("<pretrain>"),
-        config_json: cfg.hf_config_json(),
-        weights: cfg.random_weights(seed)?,
-        arch: Arch::Bloom(cfg),
-        tokenizer: Some(tok),
-    })
+    let config_json = cfg.hf_config_json();
+    let weights = cfg.random_weights(seed)?;
+    let spec =
+        ModelSpec { dir: PathBuf::from("<pretrain>"), config_json, arch: Arch::Bloom(cfg), tokenizer: Some(tok) };
+    Ok(Checkpoint { spec, weights })
 }

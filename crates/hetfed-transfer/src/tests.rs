@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use hetfed_core::TensorMap;
 use hetfed_model::bloom::Config;
-use hetfed_model::{Arch, Checkpoint, LoraConfig};
+use hetfed_model::{Arch, Checkpoint, LoraConfig, ModelSpec};
 use hetfed_project::{concat_rows_interleaved, numerical_rank, random_orthogonal, split_rows_interleaved};
 use hetfed_taskvec::TaskVector;
 
@@ -24,13 +24,13 @@ fn cfg(h: usize, layers: usize, heads: usize) -> Config {
 }
 
 fn checkpoint(c: &Config, weights: TensorMap, name: &str) -> Checkpoint {
-    Checkpoint {
+    let spec = ModelSpec {
         dir: PathBuf::from(name),
         arch: Arch::Bloom(c.clone()),
-        weights,
         tokenizer: None,
         config_json: c.hf_config_json(),
-    }
+    };
+    Checkpoint { spec, weights }
 }
 
 fn random_model(c: &Config, seed: u64) -> Checkpoint {

@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 
-use hetfed_model::{bloom, Arch, Checkpoint};
+use hetfed_model::{bloom, Arch, Checkpoint, ModelSpec};
 use hetfed_train::{Encoded, TrainConfig, Trainer};
 
 #[derive(Args)]
@@ -73,13 +73,13 @@ fn reference_checkpoint() -> Result<Checkpoint> {
         pad_token_id: Some(3),
     };
     let weights = cfg.random_weights(0)?;
-    Ok(Checkpoint {
+    let spec = ModelSpec {
         dir: PathBuf::from("<bench>"),
         config_json: serde_json::to_value(&cfg)?,
         arch: Arch::Bloom(cfg),
-        weights,
         tokenizer: None,
-    })
+    };
+    Ok(Checkpoint { spec, weights })
 }
 
 struct Rates {

@@ -134,7 +134,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     }
     // The weights are written in f32 (how the run holds them); a base config naming another
     // dtype would make `transformers` with torch_dtype="auto" narrow them.
-    if let Some(obj) = base.config_json.as_object_mut() {
+    if let Some(obj) = base.spec.config_json.as_object_mut() {
         if obj.get("torch_dtype").is_some_and(|v| *v != "float32") {
             obj.insert("torch_dtype".into(), Value::from("float32"));
         }
