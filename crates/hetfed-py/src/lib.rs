@@ -76,7 +76,7 @@ fn rouge(
 
 /// A Hugging Face causal LM directory (`config.json`, `model.safetensors`, `tokenizer.json`),
 /// BLOOM or Llama, loaded in f32, optionally with a hetfed task vector added.
-#[pyclass(frozen)]
+#[pyclass(frozen, module = "hetfed")]
 struct Model {
     ck: Checkpoint,
     model: Box<dyn CausalLm>,
@@ -243,7 +243,7 @@ impl Model {
 
 /// A task vector: the change fine-tuning made to a base model (dense, or LoRA factors kept
 /// factored), tied to that base's identity.
-#[pyclass(frozen)]
+#[pyclass(frozen, module = "hetfed")]
 struct TaskVector {
     tv: hetfed_taskvec::TaskVector,
 }
@@ -471,7 +471,7 @@ fn finetune(
 /// Maps between the hidden spaces of a small and a large model (BLOOM, one tokenizer), fitted
 /// layer by layer on calibration text: they move a small model's task vector into the large
 /// model (`project`) and back (`project_back`), as `hetfed project` does.
-#[pyclass(frozen)]
+#[pyclass(frozen, module = "hetfed")]
 struct PairMaps {
     maps: hetfed_transfer::PairMaps,
 }
@@ -569,7 +569,7 @@ impl PairMaps {
 
 /// A run configuration (the TOML of `hetfed simulate --config`): server, clients, data, and the
 /// `[transfer]` table of a heterogeneous run. Relative paths resolve against `base_dir`.
-#[pyclass(frozen)]
+#[pyclass(frozen, module = "hetfed")]
 struct Config {
     cfg: RunConfig,
 }
@@ -799,7 +799,7 @@ struct HeteroState {
 /// The heterogeneous strategy of a run (`hetfed_fed::hetero::Hetero`, as `hetfed simulate`
 /// builds it from the config's `[transfer]` table: maps fitted or read from the cache, server
 /// text for offset distillation) with the server's large model, which it updates in place.
-#[pyclass(frozen)]
+#[pyclass(frozen, module = "hetfed")]
 struct Hetero {
     state: Mutex<HeteroState>,
 }

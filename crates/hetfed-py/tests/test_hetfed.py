@@ -204,3 +204,10 @@ def test_eval_task_equals_the_binary():
     with pytest.raises(hetfed.HetfedError) as e:
         model.eval_task("no-such-task", data_dir=data)
     assert "no-such-task" in str(e.value)
+
+
+def test_classes_are_named_in_the_hetfed_package():
+    for cls in (hetfed.Model, hetfed.TaskVector, hetfed.PairMaps, hetfed.Config, hetfed.Hetero):
+        assert cls.__module__ == "hetfed", cls
+        assert getattr(hetfed, cls.__name__) is cls
+    assert repr(hetfed.Model(SMALL)).startswith("<hetfed.Model object")
