@@ -324,6 +324,25 @@ fn log_softmax_row(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64 - lse).collect()
 }
 
+/// `got` (f32 log-probs of one position) equals `want` to 1e-4.
+fn assert_row_close(got: &[f32], want: &[f64], pos: usize) {
+    for (v, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((*g as f64 - w).abs() < 1e-4, "position {pos}, token {v}: {g} vs {w}");
+    }
+}
+
+/// Greedy decoding without a cache: the argmax of a full forward at each of `n` steps.
+fn greedy_full_forward(lm: &dyn CausalLm, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..n {
+        let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
+        let last =
+            lm.forward(&ids, None).unwrap().squeeze(0).unwrap().get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+        seq.push((0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32);
+    }
+    seq[prompt.len()..].to_vec()
+}
+
 #[test]
 fn offset_teacher_equals_a_hand_computation() {
     let large = tiny(64, 1);
@@ -348,14 +367,7 @@ fn offset_teacher_equals_a_hand_computation() {
             (log_softmax_row(&l[pos]), log_softmax_row(&b[pos]), log_softmax_row(&a1[pos]), log_softmax_row(&a2[pos]));
         let raw: Vec<f32> = (0..64).map(|v| (ll[v] + w1 * (l1[v] - lb[v]) + w2 * (l2[v] - lb[v])) as f32).collect();
         let want = log_softmax_row(&raw);
-        for v in 0..64 {
-            assert!(
-                (got[pos][v] as f64 - want[v]).abs() < 1e-4,
-                "position {pos}, token {v}: {} vs {}",
-                got[pos][v],
-                want[v]
-            );
-        }
+        assert_row_close(&got[pos], &want, pos);
         // A real offset: the teacher is not the large model.
         assert!((0..64).any(|v| (want[v] - ll[v]).abs() > 1e-2));
     }
@@ -392,16 +404,7 @@ fn offset_model_decodes_through_its_cache_like_a_full_forward() {
         seed: 0,
     };
     let cached = hetfed_model::generate::generate(&lm, &prompt, &cfg, None).unwrap();
-    // Greedy decoding without a cache: argmax of a full forward each step.
-    let mut seq = prompt.clone();
-    for _ in 0..6 {
-        let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
-        let last =
-            lm.forward(&ids, None).unwrap().squeeze(0).unwrap().get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
-        let best = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
-        seq.push(best);
-    }
-    assert_eq!(cached, seq[3..].to_vec());
+    assert_eq!(cached, greedy_full_forward(&lm, &prompt, 6));
 }
 
 /// A posterior-routed offset model over two offsets of one base (prior masses 0.5 and 2, base
@@ -448,14 +451,7 @@ fn posterior_routing_equals_a_hand_computation() {
             .map(|v| (l[pos][v] + 1.5 * (p1 * (a1[pos][v] - b[pos][v]) + p2 * (a2[pos][v] - b[pos][v]))) as f32)
             .collect();
         let want = log_softmax_row(&raw);
-        for v in 0..64 {
-            assert!(
-                (got[pos][v] as f64 - want[v]).abs() < 1e-4,
-                "position {pos}, token {v}: {} vs {}",
-                got[pos][v],
-                want[v]
-            );
-        }
+        assert_row_close(&got[pos], &want, pos);
     }
     // Before any token the prior decides; afterwards the tokens move the posterior.
     assert!((routed_to[0].0 - 0.5 / 3.5).abs() < 1e-9 && (routed_to[0].1 - 2.0 / 3.5).abs() < 1e-9);
@@ -493,16 +489,7 @@ fn posterior_routing_decodes_through_its_cache_like_a_full_forward() {
         top_p: None,
         seed: 0,
     };
-    let greedy = |prompt: &[u32]| {
-        let mut seq = prompt.to_vec();
-        for _ in 0..6 {
-            let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
-            let out = lm.forward(&ids, None).unwrap().squeeze(0).unwrap();
-            let last = out.get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
-            seq.push((0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32);
-        }
-        seq[prompt.len()..].to_vec()
-    };
+    let greedy = |prompt: &[u32]| greedy_full_forward(&lm, prompt, 6);
     let (p1, p2) = (vec![2u32, 7, 9, 30, 31], vec![2u32, 12]);
     assert_eq!(hetfed_model::generate::generate(&lm, &p1, &cfg, None).unwrap(), greedy(&p1));
     // Left-padded batches: the padding carries no evidence.

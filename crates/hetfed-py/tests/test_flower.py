@@ -344,35 +344,24 @@ def test_flower_deployment_on_loopback_equals_hetfed_simulate(simulated, tmp_pat
 
 def local_superlinks(home):
     """Pids of running local SuperLinks (`flower-superlink --simulation`) and their SuperExecs:
-    those of the Flower home `home` (its log file is under it), or any when `home` is None."""
-    pids = []
+    those of the Flower home `home` (the SuperLink's log file is under it; its SuperExec names the
+    SuperLink's pid), or any when `home` is None."""
+    procs = {}
     for d in pathlib.Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            args = (d / "cmdline").read_bytes().split(b"\0")
+            line = " ".join(a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0"))
             state = (d / "stat").read_text().split(") ")[-1][:1]
         except OSError:
             continue
-        line = " ".join(a.decode(errors="replace") for a in args)
-        if state == "Z" or "flower-super" not in line:
-            continue
-        if home is None or str(home) in line or any(str(p) in line for p in _children_of(home)):
-            pids.append(int(d.name))
-    return pids
-
-
-def _children_of(home):
-    """The pids whose parent is one of `home`'s SuperLinks (its SuperExec names no path)."""
-    parents = set()
-    for d in pathlib.Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if str(home) in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    parents.add(d.name)
-            except OSError:
-                pass
-    return [f"--parent-pid {p}" for p in parents]
+        if state != "Z" and "flower-super" in line:
+            procs[int(d.name)] = line
+    if home is None:
+        return sorted(procs)
+    links = {pid for pid, line in procs.items() if str(home) in line}
+    return sorted(pid for pid, line in procs.items()
+                  if pid in links or any(f"--parent-pid {p} " in line + " " for p in links))
 
 
 def stop_local_superlinks(home):
