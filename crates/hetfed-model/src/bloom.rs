@@ -353,37 +353,53 @@ impl Model {
     /// Runs `ids` (`[batch, seq]`, no padding) and returns every block's activations
     /// ([`BlockActivations`]); the logits are not computed.
     pub fn capture(&self, ids: &Tensor) -> Result<Vec<BlockActivations>> {
-        let (b, t) = ids.dims2()?;
-        let h = self.cfg.hidden_size;
-        let flat = |x: &Tensor, d: usize| x.reshape((b * t, d));
-        let mut x = embed(&self.word_embeddings, ids)?;
-        x = self.word_embeddings_layernorm.forward(&x)?;
+        let mut x = self.embed_ids(ids)?;
         let mut out = Vec::with_capacity(self.h.len());
-        for block in &self.h {
-            let ln = block.input_layernorm.forward(&x)?;
-            let residual = if block.residual_post_ln { &ln } else { &x };
-            let (attn_out, [q, k, v, ctx]) = block.self_attention.capture(&ln, &self.slopes)?;
-            let attn = (attn_out + residual)?;
-            let ln2 = block.post_attention_layernorm.forward(&attn)?;
-            let residual = if block.residual_post_ln { &ln2 } else { &attn };
-            let pre = block.dense_h_to_4h.forward(&ln2)?;
-            let hidden = ops::gelu_tanh(&pre)?;
-            let next = (block.dense_4h_to_h.forward(&hidden)? + residual)?;
-            out.push(BlockActivations {
-                resid_in: flat(&x, h)?,
-                attn_in: flat(&ln, h)?,
-                q,
-                k,
-                v,
-                ctx,
-                mlp_in: flat(&ln2, h)?,
-                mlp_pre: flat(&pre, 4 * h)?,
-                mlp_hidden: flat(&hidden, 4 * h)?,
-                resid_out: flat(&next, h)?,
-            });
+        for i in 0..self.h.len() {
+            let (acts, next) = self.capture_block(i, &x)?;
+            out.push(acts);
             x = next;
         }
         Ok(out)
+    }
+
+    /// The residual stream entering block 0 (`[batch, seq, hidden]`): embeddings and their
+    /// layer norm. With [`Model::capture_block`] it walks the network one block at a time, so a
+    /// caller can keep a single block's activations resident.
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        self.word_embeddings_layernorm.forward(&embed(&self.word_embeddings, ids)?)
+    }
+
+    /// Block `i` on the residual stream `x` (`[batch, seq, hidden]`, no padding): its
+    /// activations and the stream it writes (the next block's input).
+    pub fn capture_block(&self, i: usize, x: &Tensor) -> Result<(BlockActivations, Tensor)> {
+        let block = self.h.get(i).ok_or_else(|| {
+            candle_core::Error::Msg(format!("capture_block: expected a block index below {}, found {i}", self.h.len()))
+        })?;
+        let (b, t, h) = x.dims3()?;
+        let flat = |x: &Tensor, d: usize| x.reshape((b * t, d));
+        let ln = block.input_layernorm.forward(x)?;
+        let residual = if block.residual_post_ln { &ln } else { x };
+        let (attn_out, [q, k, v, ctx]) = block.self_attention.capture(&ln, &self.slopes)?;
+        let attn = (attn_out + residual)?;
+        let ln2 = block.post_attention_layernorm.forward(&attn)?;
+        let residual = if block.residual_post_ln { &ln2 } else { &attn };
+        let pre = block.dense_h_to_4h.forward(&ln2)?;
+        let hidden = ops::gelu_tanh(&pre)?;
+        let next = (block.dense_4h_to_h.forward(&hidden)? + residual)?;
+        let acts = BlockActivations {
+            resid_in: flat(x, h)?,
+            attn_in: flat(&ln, h)?,
+            q,
+            k,
+            v,
+            ctx,
+            mlp_in: flat(&ln2, h)?,
+            mlp_pre: flat(&pre, 4 * h)?,
+            mlp_hidden: flat(&hidden, 4 * h)?,
+            resid_out: flat(&next, h)?,
+        };
+        Ok((acts, next))
     }
 
     pub fn config(&self) -> &Config {
