@@ -68,6 +68,8 @@ def bench_model(args):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
     targets = LORA_TARGETS[model.config.model_type]
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                              lora_dropout=0.0, target_modules=targets))
     vocab = model.config.vocab_size
@@ -106,6 +108,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each block's activations in the backward pass (--model only)")
     args = ap.parse_args()
     if args.model:
         torch.set_num_threads(args.threads)

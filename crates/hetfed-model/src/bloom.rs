@@ -2,12 +2,15 @@
 //! LM head. Checkpoint keys are canonicalised to the `transformer.` prefix that
 //! `save_pretrained` writes; the bigscience checkpoints, which have no prefix, load too.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Linear, LoraSet};
 use crate::model::{attention, embed, fused_target_logprobs, CausalLm, KvCache, Weights};
 use crate::ops;
+use crate::recompute::Recompute;
 use hetfed_core::TensorMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,8 +154,15 @@ impl crate::checkpoint::Architecture for Config {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         Config::param_shapes(self)
     }
-    fn build(&self, w: &Weights, lora: Option<&LoraSet>) -> hetfed_core::Result<Box<dyn CausalLm>> {
-        Ok(Box::new(Model::new(self, w, lora)?))
+    fn build(
+        &self,
+        w: &Weights,
+        lora: Option<&LoraSet>,
+        recompute: Option<&Recompute>,
+    ) -> hetfed_core::Result<Box<dyn CausalLm>> {
+        let mut m = Model::new(self, w, lora)?;
+        m.recompute = recompute.cloned();
+        Ok(Box::new(m))
     }
     fn default_lora_targets(&self) -> &'static [&'static str] {
         &["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -200,6 +210,9 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
+    fn trainable(&self) -> impl Iterator<Item = Tensor> + '_ {
+        [&self.w, &self.b].into_iter().filter(|t| t.track_op()).cloned()
+    }
     fn load(w: &Weights, name: &str, h: usize, eps: f64) -> hetfed_core::Result<Self> {
         Ok(Self { w: w.get(&format!("{name}.weight"), &[h])?, b: w.get(&format!("{name}.bias"), &[h])?, eps })
     }
@@ -286,6 +299,18 @@ struct Block {
 }
 
 impl Block {
+    /// The tensors of this block that training tracks (what a recomputation differentiates).
+    fn trainable(&self) -> Vec<Tensor> {
+        let linears = [
+            &self.self_attention.query_key_value,
+            &self.self_attention.dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ];
+        let norms = self.input_layernorm.trainable().chain(self.post_attention_layernorm.trainable());
+        linears.into_iter().flat_map(Linear::trainable).chain(norms).collect()
+    }
+
     fn new(cfg: &Config, w: &Weights, i: usize, lora: Option<&LoraSet>) -> hetfed_core::Result<Self> {
         let h = cfg.hidden_size;
         let p = format!("transformer.h.{i}");
@@ -325,10 +350,12 @@ impl Block {
 pub struct Model {
     word_embeddings: Tensor,
     word_embeddings_layernorm: LayerNorm,
-    h: Vec<Block>,
+    h: Vec<Arc<Block>>,
     ln_f: LayerNorm,
-    slopes: Vec<f32>,
+    slopes: Arc<Vec<f32>>,
     cfg: Config,
+    /// Blocks with trainable tensors are recomputed in the backward pass (training only).
+    recompute: Option<Recompute>,
 }
 
 impl Model {
@@ -341,10 +368,13 @@ impl Model {
         Ok(Self {
             word_embeddings,
             word_embeddings_layernorm: LayerNorm::load(w, "transformer.word_embeddings_layernorm", h, eps)?,
-            h: (0..cfg.n_layer).map(|i| Block::new(cfg, w, i, lora)).collect::<hetfed_core::Result<_>>()?,
+            h: (0..cfg.n_layer)
+                .map(|i| Block::new(cfg, w, i, lora).map(Arc::new))
+                .collect::<hetfed_core::Result<_>>()?,
             ln_f: LayerNorm::load(w, "transformer.ln_f", h, eps)?,
-            slopes,
+            slopes: Arc::new(slopes),
             cfg: cfg.clone(),
+            recompute: None,
         })
     }
 }
@@ -417,7 +447,13 @@ impl Model {
         let mut x = embed(&self.word_embeddings, ids)?;
         x = self.word_embeddings_layernorm.forward(&x)?;
         for (idx, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, &self.slopes, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?;
+            x = match &self.recompute {
+                Some(rc) if cache.is_none() && left_pad.is_none() => {
+                    let (b, slopes) = (block.clone(), self.slopes.clone());
+                    rc.block(&x, block.trainable(), Arc::new(move |x| b.forward(x, &slopes, None, None)))?
+                }
+                _ => block.forward(&x, &self.slopes, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?,
+            };
         }
         self.ln_f.forward(&x)
     }

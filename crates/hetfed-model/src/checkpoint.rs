@@ -13,6 +13,7 @@ use hetfed_core::{Error, Result, TensorMap};
 
 use crate::lora::LoraSet;
 use crate::model::{CausalLm, Weights};
+use crate::recompute::Recompute;
 use crate::{bloom, llama};
 
 /// What an architecture provides, implemented by its typed config (`bloom::Config`,
@@ -27,8 +28,9 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn canonicalize(&self, raw: TensorMap) -> TensorMap;
     /// Every parameter with its shape, in canonical names.
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
-    /// The network from canonical weights.
-    fn build(&self, w: &Weights, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>>;
+    /// The network from canonical weights; with `recompute`, every block that holds trainable
+    /// tensors is recomputed in the backward pass ([`crate::recompute`]).
+    fn build(&self, w: &Weights, lora: Option<&LoraSet>, recompute: Option<&Recompute>) -> Result<Box<dyn CausalLm>>;
     /// The linear layers LoRA adapts by default.
     fn default_lora_targets(&self) -> &'static [&'static str];
     /// The typed config as JSON (what the config hash covers).
@@ -120,7 +122,20 @@ impl Arch {
 
     /// Builds the network from canonical weights (plain tensors, or `Var`s to train them).
     pub fn build(&self, weights: &TensorMap, source: &str, lora: Option<&LoraSet>) -> Result<Box<dyn CausalLm>> {
-        self.spec().build(&Weights { map: weights, source }, lora)
+        self.spec().build(&Weights { map: weights, source }, lora, None)
+    }
+
+    /// [`Arch::build`] with activation recomputation ([`crate::recompute`]): training holds one
+    /// block's intermediates at a time; gradients of the blocks' trainable tensors reach the
+    /// caller through [`Recompute::drain_into`].
+    pub fn build_recomputing(
+        &self,
+        weights: &TensorMap,
+        source: &str,
+        lora: Option<&LoraSet>,
+        recompute: &Recompute,
+    ) -> Result<Box<dyn CausalLm>> {
+        self.spec().build(&Weights { map: weights, source }, lora, Some(recompute))
     }
 
     /// The linear layers LoRA adapts by default: every projection of attention and MLP.

@@ -11,10 +11,12 @@ pub mod llama;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod recompute;
 pub mod score;
 pub mod tokenizer;
 
 pub use checkpoint::{Arch, Architecture, Checkpoint, ModelIdentity, ModelSpec, WeightDtype};
 pub use lora::{LoraConfig, LoraSet};
 pub use model::{CausalLm, KvCache, Weights};
+pub use recompute::Recompute;
 pub use tokenizers;

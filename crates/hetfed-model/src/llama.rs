@@ -1,12 +1,15 @@
 //! Llama (`LlamaForCausalLM`): RMSNorm, rotary position embeddings (HF `rotate_half` layout),
 //! grouped-query attention, SwiGLU MLP, tied or untied LM head.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Linear, LoraSet};
 use crate::model::{attention, embed, fused_target_logprobs, CausalLm, KvCache, Weights};
 use crate::ops;
+use crate::recompute::Recompute;
 use hetfed_core::TensorMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,8 +153,15 @@ impl crate::checkpoint::Architecture for Config {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         Config::param_shapes(self)
     }
-    fn build(&self, w: &Weights, lora: Option<&LoraSet>) -> hetfed_core::Result<Box<dyn CausalLm>> {
-        Ok(Box::new(Model::new(self, w, lora)?))
+    fn build(
+        &self,
+        w: &Weights,
+        lora: Option<&LoraSet>,
+        recompute: Option<&Recompute>,
+    ) -> hetfed_core::Result<Box<dyn CausalLm>> {
+        let mut m = Model::new(self, w, lora)?;
+        m.recompute = recompute.cloned();
+        Ok(Box::new(m))
     }
     fn default_lora_targets(&self) -> &'static [&'static str] {
         &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -209,13 +219,43 @@ struct Layer {
     eps: f64,
 }
 
+impl Layer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        left_pad: Option<&[usize]>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let hn = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(&hn, cos, sin, left_pad, cache)?)?;
+        let hn = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        let gate = self.mlp.gate_proj.forward(&hn)?.silu()?;
+        let up = self.mlp.up_proj.forward(&hn)?;
+        x + self.mlp.down_proj.forward(&(gate * up)?)?
+    }
+
+    /// The tensors of this layer that training tracks (what a recomputation differentiates).
+    fn trainable(&self) -> Vec<Tensor> {
+        let a = &self.self_attn;
+        let linears =
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &self.mlp.gate_proj, &self.mlp.up_proj, &self.mlp.down_proj];
+        let norms =
+            [&self.input_layernorm, &self.post_attention_layernorm].into_iter().filter(|t| t.track_op()).cloned();
+        linears.into_iter().flat_map(Linear::trainable).chain(norms).collect()
+    }
+}
+
 pub struct Model {
     embed_tokens: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Vec<f32>,
     cfg: Config,
+    /// Layers with trainable tensors are recomputed in the backward pass (training only).
+    recompute: Option<Recompute>,
 }
 
 /// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = cat(-x₂, x₁)` over the last dim.
@@ -270,7 +310,7 @@ impl Model {
             let p = format!("model.layers.{i}");
             let lin =
                 |n: &str, o: usize, inp: usize, bias: bool| Linear::load(w, &format!("{p}.{n}"), o, inp, bias, lora);
-            layers.push(Layer {
+            layers.push(Arc::new(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
                     q_proj: lin("self_attn.q_proj", nh * hd, h, cfg.attention_bias)?,
@@ -288,10 +328,11 @@ impl Model {
                     down_proj: lin("mlp.down_proj", h, cfg.intermediate_size, cfg.mlp_bias)?,
                 },
                 eps: cfg.rms_norm_eps,
-            });
+            }));
         }
         let inv_freq = (0..hd / 2).map(|i| (1.0 / cfg.theta().powf((2 * i) as f64 / hd as f64)) as f32).collect();
-        Ok(Self { embed_tokens, layers, norm: w.get("model.norm.weight", &[h])?, lm_head, inv_freq, cfg: cfg.clone() })
+        let norm = w.get("model.norm.weight", &[h])?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, inv_freq, cfg: cfg.clone(), recompute: None })
     }
 
     /// cos/sin tables for positions `past..past+t`: `[t, head_dim]`, or `[b, 1, t, head_dim]`
@@ -339,12 +380,13 @@ impl Model {
         let (cos, sin) = self.rope_tables(past, t, left_pad, dev)?;
         let mut x = embed(&self.embed_tokens, ids)?;
         for (idx, l) in self.layers.iter().enumerate() {
-            let hn = ops::rms_norm(&x, &l.input_layernorm, l.eps)?;
-            x = (x + l.self_attn.forward(&hn, &cos, &sin, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?)?;
-            let hn = ops::rms_norm(&x, &l.post_attention_layernorm, l.eps)?;
-            let gate = l.mlp.gate_proj.forward(&hn)?.silu()?;
-            let up = l.mlp.up_proj.forward(&hn)?;
-            x = (x + l.mlp.down_proj.forward(&(gate * up)?)?)?;
+            x = match &self.recompute {
+                Some(rc) if cache.is_none() && left_pad.is_none() => {
+                    let (l, cos, sin) = (l.clone(), cos.clone(), sin.clone());
+                    rc.block(&x, l.trainable(), Arc::new(move |x| l.forward(x, &cos, &sin, None, None)))?
+                }
+                _ => l.forward(&x, &cos, &sin, left_pad, cache.as_deref_mut().map(|c| (c, idx)))?,
+            };
         }
         ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }

@@ -236,6 +236,13 @@ impl Linear {
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out_dims)
     }
+
+    /// The tensors of this layer that training tracks: LoRA factors, or the weight and bias
+    /// when they are `Var`-backed (full fine-tuning).
+    pub(crate) fn trainable(&self) -> Vec<Tensor> {
+        let lora = self.lora.iter().flat_map(|ad| [ad.a.clone(), ad.b.clone()]);
+        [Some(self.w.clone()), self.b.clone()].into_iter().flatten().chain(lora).filter(Tensor::track_op).collect()
+    }
 }
 
 impl Adapter {

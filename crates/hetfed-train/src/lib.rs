@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use hetfed_core::{Error, Result, TensorMap};
-use hetfed_model::{CausalLm, Checkpoint, LoraConfig, LoraSet};
+use hetfed_model::{CausalLm, Checkpoint, LoraConfig, LoraSet, Recompute};
 
 pub use data::{encode, read_jsonl, Encoded, Example};
 pub use optim::{lr_at, AdamW, AdamWConfig, Schedule};
@@ -45,6 +45,11 @@ pub struct TrainConfig {
     pub proximal_mu: f64,
     pub adamw: AdamWConfig,
     pub seed: u64,
+    /// Recompute every block's activations in the backward pass instead of keeping them
+    /// ("gradient checkpointing", [`hetfed_model::recompute`]): far less memory for about one
+    /// more forward pass of the blocks. The gradients are the same.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -63,6 +68,7 @@ impl Default for TrainConfig {
             proximal_mu: 0.0,
             adamw: AdamWConfig::default(),
             seed: 0,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -103,6 +109,8 @@ pub struct Trainer<'a> {
     ck: &'a Checkpoint,
     cfg: TrainConfig,
     model: Box<dyn CausalLm>,
+    /// Gradients of recomputed blocks ([`TrainConfig::gradient_checkpointing`]).
+    recompute: Option<Recompute>,
     lora: Option<LoraSet>,
     /// Full fine-tuning: the model's weights as variables (canonical names).
     full: Option<TensorMap>,
@@ -117,13 +125,19 @@ impl<'a> Trainer<'a> {
     /// adapter of a federated round) or fresh ones.
     pub fn new(ck: &'a Checkpoint, cfg: TrainConfig, adapters: Option<LoraSet>) -> Result<Self> {
         cfg.validate().map_err(Error::msg)?;
+        let mut recompute = None;
         let (model, lora, full, vars) = match &cfg.lora {
             Some(lcfg) => {
                 let set = match adapters {
                     Some(s) => s,
                     None => LoraSet::init(lcfg, &ck.weights, cfg.seed)?,
                 };
-                let model = ck.arch.build(&ck.weights, &ck.source(), Some(&set))?;
+                let model = if cfg.gradient_checkpointing {
+                    let rc = recompute.insert(Recompute::with_lora(&set));
+                    ck.arch.build_recomputing(&ck.weights, &ck.source(), Some(&set), rc)?
+                } else {
+                    ck.arch.build(&ck.weights, &ck.source(), Some(&set))?
+                };
                 let vars = set.vars();
                 (model, Some(set), None, vars)
             }
@@ -135,13 +149,18 @@ impl<'a> Trainer<'a> {
                     .map(|(k, t)| Ok((k.clone(), Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?)))
                     .collect::<candle_core::Result<_>>()?;
                 let tracked: TensorMap = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-                let model = ck.arch.build(&tracked, &ck.source(), None)?;
+                let model = if cfg.gradient_checkpointing {
+                    let rc = recompute.insert(Recompute::new());
+                    ck.arch.build_recomputing(&tracked, &ck.source(), None, rc)?
+                } else {
+                    ck.arch.build(&tracked, &ck.source(), None)?
+                };
                 (model, None, Some(tracked), vars)
             }
         };
         let reference = vars.iter().map(|(_, v)| v.as_detached_tensor().copy()).collect::<candle_core::Result<_>>()?;
         let opt = AdamW::new(vars, cfg.adamw)?;
-        Ok(Self { ck, cfg, model, lora, full, opt, reference, step: 0 })
+        Ok(Self { ck, cfg, model, recompute, lora, full, opt, reference, step: 0 })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -208,7 +227,10 @@ impl<'a> Trainer<'a> {
                 tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
                 // Mean over all target tokens of the step, whatever the micro-batch split.
                 let scaled = (sum_nll / n_tok.max(1) as f64)?;
-                let g = scaled.backward()?;
+                let mut g = scaled.backward()?;
+                if let Some(rc) = &self.recompute {
+                    rc.drain_into(&mut g)?;
+                }
                 for (i, (_, var)) in self.opt.vars().iter().enumerate() {
                     if let Some(gi) = g.get(var.as_tensor()) {
                         grads[i] = Some(match grads[i].take() {

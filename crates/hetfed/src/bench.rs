@@ -47,6 +47,14 @@ pub struct BenchArgs {
     /// With --model: LoRA rank, 1..=4096
     #[arg(long, default_value_t = 8)]
     pub lora_rank: usize,
+    /// With --model: how hetfed holds the frozen weights (stored = the file's dtype, f32, bf16,
+    /// f16); PyTorch always computes in f32, its fastest CPU path
+    #[arg(long, default_value = "stored")]
+    pub dtype: hetfed_model::WeightDtype,
+    /// With --model: recompute each block's activations in the backward pass, on both sides
+    /// (hetfed's `gradient_checkpointing`, PyTorch's `gradient_checkpointing_enable()`)
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Internal: measure hetfed alone on --model and print one JSON line (the child process)
     #[arg(long, hide = true)]
     pub hetfed_only: bool,
@@ -95,6 +103,7 @@ fn train_tokens_per_s(
     data: &[Encoded],
     lora: Option<hetfed_model::LoraConfig>,
     steps: usize,
+    gradient_checkpointing: bool,
 ) -> Result<f64> {
     let seq = data.first().map_or(0, |e| e.ids.len());
     let cfg = TrainConfig {
@@ -105,6 +114,7 @@ fn train_tokens_per_s(
         max_grad_norm: None,
         max_len: seq,
         schedule: hetfed_train::Schedule::Constant,
+        gradient_checkpointing,
         ..Default::default()
     };
     let mut tr = Trainer::new(ck, cfg, None)?;
@@ -127,7 +137,7 @@ fn measure_rust(steps: usize) -> Result<Rates> {
     let flat = random_ids(BATCH, SEQ, VOCAB);
     let data: Vec<Encoded> = flat.chunks(SEQ).map(|row| Encoded { ids: row.to_vec(), prompt_len: 1 }).collect();
     // Same work as the PyTorch script: full fine-tuning, loss on every next token, AdamW, no clipping.
-    let train = train_tokens_per_s(&ck, &data, None, steps)?;
+    let train = train_tokens_per_s(&ck, &data, None, steps, false)?;
 
     let model = ck.model(None)?;
     let ids = Tensor::from_vec(flat, (BATCH, SEQ), &Device::Cpu)?;
@@ -222,7 +232,7 @@ fn random_ids(batch: usize, seq: usize, vocab: usize) -> Vec<u32> {
 
 /// hetfed on `dir`: LoRA training steps, then scoring passes; run in a child process.
 fn measure_model(a: &BenchArgs, dir: &std::path::Path) -> Result<ModelRates> {
-    let ck = Checkpoint::load(dir)?;
+    let ck = Checkpoint::load_with(dir, a.dtype)?;
     let ids = random_ids(a.batch, a.seq, ck.arch.vocab_size());
     let data: Vec<Encoded> = ids.chunks(a.seq).map(|row| Encoded { ids: row.to_vec(), prompt_len: 1 }).collect();
     let lora = hetfed_model::LoraConfig {
@@ -231,7 +241,7 @@ fn measure_model(a: &BenchArgs, dir: &std::path::Path) -> Result<ModelRates> {
         dropout: 0.0,
         targets: ck.arch.default_lora_targets(),
     };
-    let train = train_tokens_per_s(&ck, &data, Some(lora), a.steps)?;
+    let train = train_tokens_per_s(&ck, &data, Some(lora), a.steps, a.gradient_checkpointing)?;
     let model = ck.model(None)?;
     let t = Tensor::from_vec(ids.clone(), (a.batch, a.seq), &Device::Cpu)?;
     let targets: Vec<u32> = ids.chunks(a.seq).flat_map(|row| row[1..].to_vec()).collect();
@@ -280,14 +290,18 @@ fn run_model(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     let shape = |k: &str, v: usize| [format!("--{k}"), v.to_string()];
-    let common: Vec<String> =
+    let mut common: Vec<String> =
         [shape("steps", a.steps), shape("batch", a.batch), shape("seq", a.seq), shape("lora-rank", a.lora_rank)]
             .into_iter()
             .flatten()
             .collect();
+    if a.gradient_checkpointing {
+        common.push("--gradient-checkpointing".into());
+    }
     let threads = rayon::current_num_threads();
     let mut me = std::process::Command::new(std::env::current_exe().context("locating the hetfed binary")?);
     me.args(["--threads", &threads.to_string(), "bench", "--hetfed-only", "--model"]).arg(dir).args(&common);
+    me.args(["--dtype", &a.dtype.to_string()]);
     let rust = child_rates(me, "hetfed")?;
     let torch = if a.python == "none" {
         None
