@@ -303,6 +303,11 @@ pub struct FinetuneArgs {
     pub proximal_mu: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Recompute each block's activations in the backward pass instead of keeping them (far
+    /// less memory, one more forward pass of the blocks; the same gradients). Also
+    /// `gradient_checkpointing = true` under [train]
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Save a resumable state every N optimizer steps (and always at the end or on Ctrl-C):
     /// 1..=10000000
     #[arg(long, default_value_t = 50)]
@@ -366,6 +371,7 @@ fn train_config(a: &FinetuneArgs, ck: &Checkpoint) -> Result<TrainConfig> {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
     }
     set!(lr, epochs, batch_size, grad_accum, warmup_steps, schedule, max_len, proximal_mu, seed);
+    c.gradient_checkpointing |= a.gradient_checkpointing;
     if let Some(m) = a.max_steps {
         c.max_steps = Some(m);
     }
