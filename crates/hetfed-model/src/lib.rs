@@ -6,6 +6,7 @@
 
 pub mod bloom;
 pub mod checkpoint;
+pub mod delta;
 pub mod generate;
 pub mod llama;
 pub mod lora;

@@ -169,11 +169,14 @@ pub fn linear_modules(weights: &TensorMap) -> BTreeMap<String, (usize, usize)> {
         .collect()
 }
 
-/// A linear layer `y = x·Wᵀ + b`, optionally with a LoRA adapter.
+/// A linear layer `y = x·Wᵀ + b`, optionally with a factored change `B·A` of the weights
+/// ([`crate::delta`], frozen) and a LoRA adapter.
 #[derive(Clone)]
 pub struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    /// `(A, B)` of a factored change: `x·Aᵀ·Bᵀ` is added to the output.
+    delta: Option<(Tensor, Tensor)>,
     lora: Option<Adapter>,
 }
 
@@ -198,6 +201,8 @@ impl Linear {
     ) -> hetfed_core::Result<Self> {
         let w = weights.get(&format!("{module}.weight"), &[out_dim, in_dim])?;
         let b = if bias { Some(weights.get(&format!("{module}.bias"), &[out_dim])?) } else { None };
+        let delta = crate::delta::get(weights.map, module, out_dim, in_dim)
+            .map_err(|e| hetfed_core::Error::msg(format!("{}: {e}", weights.source)))?;
         let lora = lora.and_then(|set| {
             set.factors.get(module).map(|f| Adapter {
                 a: f.a.as_tensor().clone(),
@@ -219,7 +224,7 @@ impl Linear {
                 });
             }
         }
-        Ok(Self { w, b, lora })
+        Ok(Self { w, b, delta, lora })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -227,6 +232,9 @@ impl Linear {
         let in_dim = *dims.last().expect("linear input has a last dim");
         let x2 = x.reshape(((), in_dim))?;
         let mut y = crate::ops::linear(&x2, &self.w, self.b.as_ref())?;
+        if let Some((a, b)) = &self.delta {
+            y = (y + x2.matmul(&a.t()?)?.matmul(&b.t()?)?)?;
+        }
         if let Some(ad) = &self.lora {
             let xd = ad.dropout_input(&x2)?;
             let z = xd.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
@@ -241,7 +249,14 @@ impl Linear {
     /// when they are `Var`-backed (full fine-tuning).
     pub(crate) fn trainable(&self) -> Vec<Tensor> {
         let lora = self.lora.iter().flat_map(|ad| [ad.a.clone(), ad.b.clone()]);
-        [Some(self.w.clone()), self.b.clone()].into_iter().flatten().chain(lora).filter(Tensor::track_op).collect()
+        let delta = self.delta.iter().flat_map(|(a, b)| [a.clone(), b.clone()]);
+        [Some(self.w.clone()), self.b.clone()]
+            .into_iter()
+            .flatten()
+            .chain(delta)
+            .chain(lora)
+            .filter(Tensor::track_op)
+            .collect()
     }
 }
 
