@@ -262,7 +262,12 @@ pub fn eval_options(cfg: &RunConfig) -> EvalOptions {
 
 /// The server of a run.
 pub fn build_server(cfg: &RunConfig, dir: &DataDir, run_dir: &Path, auth: Auth, resume: bool) -> Result<Arc<Server>> {
-    let ck = Checkpoint::load(&cfg.path(&cfg.server.model))?;
+    // A factored server model keeps its base as stored (a 7B model in f16) and never rewrites it.
+    let dtype = match &cfg.transfer {
+        Some(t) if t.factored => hetfed_model::WeightDtype::Stored,
+        _ => hetfed_model::WeightDtype::F32,
+    };
+    let ck = Checkpoint::load_with(&cfg.path(&cfg.server.model), dtype)?;
     let eval = server_eval(cfg, dir, &ck)?;
     let strategy: Box<dyn crate::Strategy> = match &cfg.transfer {
         Some(t) => Box::new(build_hetero(cfg, t, dir, &ck)?),

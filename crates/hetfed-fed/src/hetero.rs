@@ -354,6 +354,14 @@ pub struct TransferConfig {
     /// aggregate instead replaces the last one: `W = W_0 + eta·dW_t` (task arithmetic on the
     /// server's starting model), so rounds refine one estimate instead of accumulating.
     pub anchor: bool,
+    /// Keep the server model as its base plus a factored change ([`hetfed_model::delta`]): the
+    /// base stays in its stored dtype (f16 for a 7B model: half the memory, never rewritten),
+    /// each round's projected LoRA factors are appended (scaled by `eta·alpha_i/Σalpha`, the
+    /// mean projection's weights), the forward pass adds `x·Aᵀ·Bᵀ`, and checkpoints hold the
+    /// factors only. Projection with the mean, without LARS, per-layer scaling, continual
+    /// protection or anchoring; client updates must be LoRA.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub factored: bool,
     pub distill: DistillConfig,
     pub offset: OffsetConfig,
 }
@@ -379,6 +387,7 @@ impl Default for TransferConfig {
             fisher_strength: 1.0,
             ortho_memory: 8,
             anchor: false,
+            factored: false,
             distill: DistillConfig::default(),
             offset: OffsetConfig::default(),
         }
@@ -413,11 +422,40 @@ impl TransferConfig {
         if !(self.fisher_strength >= 0.0 && self.fisher_strength.is_finite()) {
             return Err(format!("transfer.fisher_strength: expected a number >= 0, found {}", self.fisher_strength));
         }
+        if self.factored {
+            self.validate_factored()?;
+        }
         self.maps.validate()?;
         self.alpha.validate()?;
         self.distill.validate().map_err(|e| format!("transfer.distill: {e}"))?;
         self.offset.validate()?;
         Ok(())
+    }
+
+    /// What a factored server model supports: its change is a sum of scaled LoRA products.
+    fn validate_factored(&self) -> std::result::Result<(), String> {
+        let conflict = if self.aggregation != Aggregation::Projection {
+            let name = serde_json::to_string(&self.aggregation).unwrap_or_default();
+            Some(format!("aggregation = {name} (expected \"projection\")"))
+        } else if self.combine != Combine::Mean {
+            Some("combine other than \"mean\"".to_string())
+        } else if self.continual != Continual::None {
+            Some("continual protection".to_string())
+        } else if self.lars.is_some() {
+            Some("lars".to_string())
+        } else if self.scale != ProjectionScale::None {
+            Some("scale = \"relative_norm\"".to_string())
+        } else if self.anchor {
+            Some("anchor = true".to_string())
+        } else {
+            None
+        };
+        match conflict {
+            Some(c) => Err(format!(
+                "transfer.factored: a factored server model takes the mean of projected LoRA updates only; found {c}"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Describes the calibration text (part of the maps' cache key).
@@ -609,6 +647,49 @@ impl Hetero {
             acc.add(id, d, alphas[id])?;
         }
         Ok(acc.mean()?.map(|(m, _)| m).unwrap_or_default())
+    }
+
+    /// [`TransferConfig::factored`]: each client's projected LoRA factors, `B` scaled by
+    /// `eta·alpha_i/Σalpha`, appended to the server model's factored change (clients in id
+    /// order, so the factors' order is the same whatever order the updates arrived in). Returns
+    /// the Frobenius norm of the round's change, from the factors' Gram matrices.
+    fn factored_projection(
+        &self,
+        global: &mut TensorMap,
+        mut results: Vec<FitResult>,
+        alphas: &BTreeMap<String, f64>,
+        details: &mut serde_json::Value,
+    ) -> Result<f64> {
+        results.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let total: f64 = results.iter().map(|r| alphas[&r.client_id]).sum();
+        let mut round: BTreeMap<String, (Vec<Tensor>, Vec<Tensor>)> = BTreeMap::new();
+        let mut norms = BTreeMap::new();
+        for r in &results {
+            let (p, rep) = self.small_of(r)?.maps.project(&r.update)?;
+            let w = if total > 0.0 { self.cfg.eta * alphas[&r.client_id] / total } else { 0.0 };
+            norms.insert(
+                r.client_id.clone(),
+                json!({"weight": w, "dropped": rep.dropped.len(), "project_s": rep.seconds}),
+            );
+            if w == 0.0 {
+                continue;
+            }
+            for (module, a, b) in p.scaled_factors("transfer.factored")? {
+                let e = round.entry(module).or_default();
+                e.0.push(a);
+                e.1.push((b * w)?);
+            }
+        }
+        let mut sq = 0.0;
+        for (module, (a, b)) in round {
+            let (a, b) = (Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?);
+            sq += factored_sq_norm(&a, &b)?;
+            hetfed_model::delta::append(global, &module, &a, &b)?;
+        }
+        let ranks = hetfed_model::delta::ranks(global);
+        details["projection"] = json!(norms);
+        details["factored"] = json!({"modules": ranks.len(), "max_rank": ranks.values().max()});
+        Ok(sq.sqrt())
     }
 
     fn distilled_change(
@@ -1010,6 +1091,13 @@ fn relative_norm_scale(
     Ok(sq.sqrt())
 }
 
+/// `‖B·A‖²_F = sum((BᵀB) ⊙ (A·Aᵀ))`, two `rank × rank` products in f64.
+fn factored_sq_norm(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(candle_core::DType::F64)?, b.to_dtype(candle_core::DType::F64)?);
+    let g = (b.t()?.matmul(&b)? * a.matmul(&a.t()?)?)?;
+    Ok(g.sum_all()?.to_scalar::<f64>()?)
+}
+
 fn short(h: &str) -> String {
     h.chars().take(12).collect()
 }
@@ -1062,6 +1150,11 @@ impl Strategy for Hetero {
         let parts = compute_alphas(&self.cfg.alpha, &signals)?;
         let alphas: BTreeMap<String, f64> = parts.iter().map(|(k, p)| (k.clone(), p.alpha)).collect();
         let mut details = json!({"alpha": parts});
+        if self.cfg.factored {
+            let applied_norm = self.factored_projection(global, results, &alphas, &mut details)?;
+            details["server_s"] = json!(t0.elapsed().as_secs_f64());
+            return Ok(AggregateReport { weights: alphas, n_aggregated: n, applied_norm, details });
+        }
         if self.cfg.aggregation.uses_offsets() && self.anchor.is_none() {
             // L0 of the offset teacher: the server model before its first aggregation.
             self.anchor = Some(global.clone());

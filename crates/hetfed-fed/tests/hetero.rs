@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use hetfed_core::testing::max_map_diff as max_diff;
+use hetfed_core::testing::{max_abs_diff, max_map_diff as max_diff};
 use hetfed_core::TensorMap;
 use hetfed_fed::hetero::{Hetero, ServerText, SmallBase, TransferConfig};
 use hetfed_fed::server::{Auth, Server, ServerOptions};
@@ -573,4 +573,77 @@ fn fisher_diagonal_is_the_mean_squared_gradient_of_the_nll() {
     assert!(scale > 0.0);
     let d = max_diff(&fisher, &want);
     assert!((d as f64) < 1e-5 * scale.max(1.0), "fisher differs by {d} (scale {scale})");
+}
+
+fn logits_of(large: &Checkpoint, weights: &TensorMap) -> Tensor {
+    let m = large.arch.build(weights, "test", None).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 3], [4, 4, 8, 0, 1, 6]], &Device::Cpu).unwrap();
+    m.forward(&ids, None).unwrap()
+}
+
+#[test]
+fn a_factored_server_model_is_its_base_plus_the_mean_projection() {
+    use hetfed_model::delta;
+    let (small, large) = (model(&cfg(8, 1, 2), 1), model(&cfg(16, 2, 4), 2));
+    let fit = |id: &str, gain: f64, u: TaskVector| {
+        FitResult::new(id, 10, hetfed_net::FitMetrics { val_gain: Some(gain), ..Default::default() }, u).unwrap()
+    };
+    // (`lora_update` draws fresh factors on each call: draw them once.)
+    let (u1, u2) = (lora_update(&small, 1), lora_update(&small, 2));
+    let results = || vec![fit("b", 0.9, u1.clone()), fit("a", 0.2, u2.clone())];
+    let factored = TransferConfig { factored: true, eta: 0.7, ..transfer() };
+    let dense =
+        aggregate(&mut strategy(&small, &large, TransferConfig { eta: 0.7, ..transfer() }), &large.weights, results());
+    let mut s = strategy(&small, &large, factored.clone());
+    let f = aggregate(&mut s, &large.weights, results());
+    // The base is never rewritten: every base tensor is the base's own; the change is factors.
+    for (k, w) in &large.weights {
+        assert_eq!(f[k].id(), w.id(), "`{k}` was rewritten");
+    }
+    let ranks = delta::ranks(&f);
+    assert!(!ranks.is_empty() && ranks.values().all(|&r| r == 4), "two clients of rank 2: {ranks:?}");
+    // It computes what the dense mean projection computes.
+    let (lf, ld, l0) = (logits_of(&large, &f), logits_of(&large, &dense), logits_of(&large, &large.weights));
+    assert!(max_abs_diff(&lf, &ld) < 1e-4, "factored vs dense: {}", max_abs_diff(&lf, &ld));
+    assert!(max_abs_diff(&lf, &l0) > 1e-4, "the update must change the model");
+    assert!(max_diff(&delta::merge(&f).unwrap(), &dense) < 1e-5);
+    // The order updates arrive in does not change the factors.
+    let mut rev = results();
+    rev.reverse();
+    let g = aggregate(&mut strategy(&small, &large, factored.clone()), &large.weights, rev);
+    assert_eq!(max_diff(&delta::factors(&f), &delta::factors(&g)), 0.0);
+    // A second round appends its factors.
+    let mut f2 = f.clone();
+    s.aggregate_fit(2, &mut f2, &mut results().into_iter().map(Ok), &[]).unwrap();
+    assert!(delta::ranks(&f2).values().all(|&r| r == 8));
+    // A dense update cannot be kept factored: refused, naming why.
+    let e = strategy(&small, &large, factored)
+        .aggregate_fit(
+            1,
+            &mut large.weights.clone(),
+            &mut vec![Ok(result("a", &small.identity().unwrap(), 10, 0.5, update(&small, 1)))].into_iter(),
+            &[],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("transfer.factored: expected LoRA factors"), "{e}");
+}
+
+#[test]
+fn a_factored_server_refuses_what_it_cannot_keep_factored() {
+    use hetfed_fed::hetero::{Aggregation, Combine, Continual};
+    let base = TransferConfig { factored: true, ..transfer() };
+    base.validate().unwrap();
+    for (t, want) in [
+        (
+            TransferConfig { aggregation: Aggregation::OffsetDistillation, ..base.clone() },
+            "aggregation = \"offset_distillation\"",
+        ),
+        (TransferConfig { combine: Combine::Ties, ..base.clone() }, "combine"),
+        (TransferConfig { continual: Continual::Orthogonal, ..base.clone() }, "continual"),
+        (TransferConfig { lars: Some(0.1), ..base.clone() }, "lars"),
+        (TransferConfig { anchor: true, ..base.clone() }, "anchor"),
+    ] {
+        let e = t.validate().unwrap_err();
+        assert!(e.starts_with("transfer.factored:") && e.contains(want), "{e}");
+    }
 }

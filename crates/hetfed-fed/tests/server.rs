@@ -332,9 +332,14 @@ async fn fedavg_round_weights_by_examples() {
         assert_eq!(r["model_version"].as_str(), Some(summary.model_version.as_str()));
         assert_eq!((of(&ev, "run_start").len(), of(&ev, "run_end").len()), (1, 1));
         assert_eq!(std::fs::read_to_string(run.path().join("checkpoints/LATEST")).unwrap().trim(), "round-1");
+        // The checkpoint holds what differs from the base (the updated tensors); laid over the
+        // base, it is the global model.
         let (saved, _) =
             hetfed_core::load_safetensors(&run.path().join("checkpoints/round-1/model.safetensors")).unwrap();
-        assert_eq!(max_diff(&saved, &s.global()), 0.0);
+        assert_eq!(saved.keys().collect::<Vec<_>>(), d1.keys().collect::<Vec<_>>());
+        let mut restored = base_weights(m.path());
+        restored.extend(saved);
+        assert_eq!(max_diff(&restored, &s.global()), 0.0);
         assert!(!run.path().join("spool/round-1").exists(), "the spool of a closed round is removed");
     })
     .await

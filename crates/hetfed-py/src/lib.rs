@@ -913,11 +913,12 @@ impl Hetero {
         .map_err(|e: hetfed_core::Error| err(e))
     }
 
-    /// Writes the server model as an HF directory (config, tokenizer, f32 `model.safetensors`).
+    /// Writes the server model as an HF directory (config, tokenizer, f32 `model.safetensors`;
+    /// a factored change is folded into its layers).
     fn save(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
         py.detach(|| {
             let st = self.lock();
-            st.large.save_as(&st.global, &dir, DType::F32)
+            st.large.save_as(&hetfed_model::delta::merge(&st.global)?, &dir, DType::F32)
         })
         .map_err(err)
     }

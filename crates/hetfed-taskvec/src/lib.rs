@@ -110,6 +110,23 @@ impl TaskVector {
         }
     }
 
+    /// A LoRA task vector's modules with their factors `(module, A, B·scale)` in f32, so that
+    /// `B·scale·A` is the module's dense update; in module-name order. An error for a dense task
+    /// vector (`what` names the caller in it).
+    pub fn scaled_factors(&self, what: &str) -> Result<Vec<(String, Tensor, Tensor)>> {
+        let Delta::Lora { config, factors } = &self.kind else {
+            return Err(Error::msg(format!("{what}: expected LoRA factors, found a dense task vector")));
+        };
+        lora::pairs(config, factors)?
+            .into_iter()
+            .map(|p| {
+                let a = p.a.to_dtype(DType::F32)?;
+                let b = (p.b.to_dtype(DType::F32)? * config.scale())?;
+                Ok((p.module.to_string(), a, b))
+            })
+            .collect()
+    }
+
     /// The dense update keyed by parameter name (`<module>.weight = B·A·scale` for LoRA).
     pub fn materialize(&self) -> Result<TensorMap> {
         let mut out = TensorMap::new();

@@ -16,7 +16,7 @@ use clap::Args;
 use serde_json::Value;
 
 use hetfed_core::TensorMap;
-use hetfed_model::Checkpoint;
+use hetfed_model::{Checkpoint, WeightDtype};
 
 #[derive(Args)]
 pub struct ExportArgs {
@@ -103,7 +103,16 @@ pub fn run(a: ExportArgs) -> Result<()> {
     }
     let run_id = state["run_id"].as_str().unwrap_or_default().to_string();
     let weights_path = ck_dir.join("model.safetensors");
-    let (weights, _) = hetfed_core::load_safetensors(&weights_path)?;
+    let (saved, _) = hetfed_core::load_safetensors(&weights_path)?;
+    // A factored run's server held its base as stored (transfer.factored); others widened it.
+    let factored = saved.keys().any(|k| hetfed_model::delta::is_factor(k));
+    let dtype = if factored { WeightDtype::Stored } else { WeightDtype::F32 };
+    let mut base = Checkpoint::load_with(&base_dir, dtype)?;
+    base.tokenizer().context("the exported directory needs the base model's tokenizer")?;
+    // The checkpoint holds what differs from the base (checkpoints before that: every tensor).
+    check_overlay(&base, &saved, &weights_path)?;
+    let mut weights = base.weights.clone();
+    weights.extend(saved);
     let hash = hetfed_core::tensor_map_hash(&weights)?;
     // The round's metrics record the weights hash of the global model the checkpoint holds.
     let recorded_version = events
@@ -120,8 +129,12 @@ pub fn run(a: ExportArgs) -> Result<()> {
             );
         }
     }
-    let mut base = Checkpoint::load(&base_dir)?;
-    base.tokenizer().context("the exported directory needs the base model's tokenizer")?;
+    // Dense f32 weights: a factored change folded into its layers, a half base widened.
+    let weights: TensorMap = hetfed_model::delta::merge(&weights)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let hash = if factored { hetfed_core::tensor_map_hash(&weights)? } else { hash };
     check_weights(&base, &weights, &weights_path)?;
 
     if entries > 0 {
@@ -223,6 +236,32 @@ fn recorded_model(events: &[Value], metrics_path: &Path) -> Result<PathBuf> {
 }
 
 /// The checkpoint holds exactly the base architecture's parameters, with their shapes.
+/// Every tensor a checkpoint saved is one of the base's with its shape (a factor: of a layer the
+/// base has), before the base is completed with it.
+fn check_overlay(base: &Checkpoint, saved: &TensorMap, path: &Path) -> Result<()> {
+    let what = format!("the parameters of {} ({})", base.source(), base.arch.model_type());
+    for (name, t) in saved {
+        let layer = match name.rsplit_once('.') {
+            Some((module, _)) if hetfed_model::delta::is_factor(name) => format!("{module}.weight"),
+            _ => name.clone(),
+        };
+        match base.weights.get(&layer) {
+            None => bail!(
+                "{}: expected {what}, found the extra tensor `{name}`; is --model the run's server model?",
+                path.display()
+            ),
+            Some(b) if layer == *name && b.dims() != t.dims() => bail!(
+                "{}: expected {what}, found tensor `{name}` of shape {:?} instead of {:?}; is --model the run's server model?",
+                path.display(),
+                t.dims(),
+                b.dims()
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 fn check_weights(base: &Checkpoint, weights: &TensorMap, path: &Path) -> Result<()> {
     let expected = base.arch.param_shapes();
     let what = format!("the parameters of {} ({})", base.source(), base.arch.model_type());

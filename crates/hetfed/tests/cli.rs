@@ -1054,9 +1054,13 @@ fn export_writes_the_runs_global_model_as_an_hf_directory() {
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    // The checkpoint's tensors, value for value, under canonical HF names, in f32.
+    // The run's global model (the checkpoint's tensors laid over the base), value for value,
+    // under canonical HF names, in f32.
     let ck = run.join("checkpoints/round-1/model.safetensors");
-    let (want, _) = hetfed_core::load_safetensors(&ck).unwrap();
+    let (saved, _) = hetfed_core::load_safetensors(&ck).unwrap();
+    let mut want = hetfed_model::Checkpoint::load(&models().join("base-small")).unwrap().weights;
+    assert!(saved.keys().all(|k| want.contains_key(k)) && saved.len() < want.len(), "{:?}", saved.keys());
+    want.extend(saved);
     let (got, meta) = hetfed_core::load_safetensors(&out.join("model.safetensors")).unwrap();
     assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
@@ -1107,7 +1111,8 @@ fn export_writes_the_runs_global_model_as_an_hf_directory() {
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(base.join(f), manual.join(f)).unwrap();
     }
-    std::fs::copy(&ck, manual.join("model.safetensors")).unwrap();
+    let no_meta = std::collections::BTreeMap::new();
+    hetfed_core::save_safetensors(&want, candle_core::DType::F32, &no_meta, &manual.join("model.safetensors")).unwrap();
     let text = "This is a perfectly friendly comment about the weather.";
     let (t1, exported) = score_json(&["score", "--model", out_s, "--text", text, "--json"]);
     let (t2, checkpoint) = score_json(&["score", "--model", manual.to_str().unwrap(), "--text", text, "--json"]);

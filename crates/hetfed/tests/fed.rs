@@ -463,3 +463,65 @@ fn the_default_run_finishes_and_improves_target_nll() {
     assert!(ppl(&last) < 1.05 * ppl(&zero), "forgetting: general perplexity {} -> {}", ppl(&zero), ppl(&last));
     eprintln!("the default run took {secs:.0} s");
 }
+
+/// The heterogeneous run with a factored server model (`transfer.factored`).
+fn write_factored_config(dir: &Path, rounds: u64) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let small = model_dir();
+    let large = small.parent().unwrap().join("base-large");
+    let transfer = format!(
+        "\n[transfer]\nclient_models = [\"{}\"]\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\nfactored = true\n",
+        small.display(),
+        dir.join("maps").display()
+    );
+    write_config_with(dir, rounds, 120.0, free_port(), &large, &transfer)
+}
+
+#[test]
+fn a_factored_server_checkpoints_its_factors_resumes_exactly_and_exports_a_dense_model() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let dir = tempdir("factored");
+    let two = write_factored_config(&dir.join("cfg2"), 2);
+    simulate(&two, &data, &dir.join("a"));
+    // The checkpoint is the factors: no base tensor is written.
+    let ck = dir.join("a/checkpoints/round-2/model.safetensors");
+    let (saved, _) = hetfed_core::load_safetensors(&ck).unwrap();
+    assert!(!saved.is_empty() && saved.keys().all(|k| hetfed_model::delta::is_factor(k)), "{:?}", saved.keys());
+    let base_bytes =
+        std::fs::metadata(model_dir().parent().unwrap().join("base-large/model.safetensors")).unwrap().len();
+    let ck_bytes = std::fs::metadata(&ck).unwrap().len();
+    assert!(ck_bytes < base_bytes, "checkpoint {ck_bytes} bytes, base {base_bytes}");
+    // One round, then resumed to two: the same model as the uninterrupted run.
+    let one = write_factored_config(&dir.join("cfg1"), 1);
+    simulate(&one, &data, &dir.join("b"));
+    let o = bin()
+        .args(["simulate", "--resume", "--config"])
+        .arg(&two)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join("b"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "resume failed: {}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (round_event(&dir.join("a"), 2).unwrap(), round_event(&dir.join("b"), 2).unwrap());
+    assert_eq!(a["model_version"], b["model_version"], "resumed run diverges from the uninterrupted one");
+    assert_eq!(a["server_eval"], b["server_eval"]);
+    assert_ne!(round_event(&dir.join("a"), 1).unwrap()["model_version"], a["model_version"]);
+    // Export folds the factors into dense f32 weights (it checks the run's recorded hash first).
+    let large = model_dir().parent().unwrap().join("base-large");
+    let o = bin()
+        .arg("export")
+        .arg(dir.join("a"))
+        .arg("--out")
+        .arg(dir.join("exp"))
+        .arg("--model")
+        .arg(&large)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "export failed: {}", String::from_utf8_lossy(&o.stderr));
+    let (exported, _) = hetfed_core::load_safetensors(&dir.join("exp/model.safetensors")).unwrap();
+    assert!(exported.keys().all(|k| !hetfed_model::delta::is_factor(k)));
+    assert!(exported.values().all(|t| t.dtype() == candle_core::DType::F32));
+}

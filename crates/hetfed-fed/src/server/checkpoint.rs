@@ -1,6 +1,11 @@
 //! Checkpoints: after each round the global model, the strategy's state and the round number are
 //! written under `checkpoints/round-N`, then the `LATEST` pointer flips atomically. A server
 //! started with `resume` continues from the latest one.
+//!
+//! The global model is written as what differs from the server's base: every tensor that is not
+//! the base's own (changed weights, factors of a factored change). A run that updates every
+//! weight writes the whole model; a factored one (`transfer.factored`) writes megabytes. Resuming
+//! lays the saved tensors over the base, loaded as the server loads it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,7 +46,9 @@ pub(super) fn start(opts: &ServerOptions, base: &TensorMap, strategy: &mut dyn S
         let ck = load_checkpoint(&opts.run_dir)?;
         strategy.load_state(ck.strategy_json, ck.strategy_tensors)?;
         truncate_metrics(&metrics_path, ck.round)?;
-        return Ok(Start { global: ck.weights, round: ck.round, run_id: ck.run_id });
+        let mut global = base.clone();
+        global.extend(ck.weights);
+        return Ok(Start { global, round: ck.round, run_id: ck.run_id });
     }
     if !opts.resume && metrics_path.exists() {
         return Err(Error::msg(format!(
@@ -79,6 +86,16 @@ fn load_checkpoint(run_dir: &Path) -> Result<LoadedCheckpoint> {
     Ok(LoadedCheckpoint { round, run_id, weights, strategy_json: state["strategy_state"].clone(), strategy_tensors })
 }
 
+/// The tensors of `global` that are not `base`'s own (the same tensor, not merely equal values):
+/// what a checkpoint stores.
+pub(crate) fn changed_from(global: &TensorMap, base: &TensorMap) -> TensorMap {
+    global
+        .iter()
+        .filter(|(k, t)| base.get(*k).is_none_or(|b| b.id() != t.id()))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect()
+}
+
 /// Drops metrics of rounds after the checkpoint (they are run again), keeping everything else.
 fn truncate_metrics(path: &Path, round: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
@@ -107,7 +124,8 @@ impl Server {
         let dir = root.join(format!("round-{round}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let global = self.global();
-        hetfed_core::save_safetensors(&global, DType::F32, &BTreeMap::new(), &dir.join("model.safetensors"))?;
+        let changed = changed_from(&global, &self.base.weights);
+        hetfed_core::save_safetensors(&changed, DType::F32, &BTreeMap::new(), &dir.join("model.safetensors"))?;
         let (sjson, stensors) = lock(&self.strategy).state();
         hetfed_core::save_safetensors(&stensors, DType::F32, &BTreeMap::new(), &dir.join("strategy.safetensors"))?;
         let state = json!({"round": round, "run_id": self.run_id, "seed": self.opts.seed, "strategy": self.opts.strategy_name, "strategy_state": sjson});
