@@ -244,6 +244,7 @@ fn local_trainer<'a>(ck: &'a Checkpoint, cfg: &FitConfig, adapter: Option<&Tenso
         proximal_mu: cfg.proximal_mu,
         warmup_steps: 0,
         seed: cfg.seed,
+        gradient_checkpointing: cfg.gradient_checkpointing,
         ..Default::default()
     };
     let start = match (adapter, &tcfg.lora) {

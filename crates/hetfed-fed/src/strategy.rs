@@ -37,6 +37,11 @@ pub struct FitConfig {
     /// always: the client's own base). A specialist then keeps learning across rounds, as the
     /// central and local-only baselines do, and each upload is its whole change from the base.
     pub keep_adapter: bool,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (`hetfed_train::TrainConfig::gradient_checkpointing`): the same update for a fraction of
+    /// the memory, about one more forward pass of time. For clients at real widths.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 /// How a client encodes its update on the wire (`client.encoding`; TOML and the wire carry
@@ -67,6 +72,7 @@ impl Default for FitConfig {
             encoding: Encoding::F32,
             seed: 0,
             keep_adapter: false,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -68,6 +68,14 @@ fn a_kept_adapter_continues_across_rounds_and_uploads_the_whole_change() {
     let a1 = r1.adapter.as_ref().expect("LoRA training returns its adapter");
     let r2 = train_round(&ck, ck.weights.clone(), &identity, &cfg, &d, &opts, Some(a1)).unwrap();
     assert_ne!(r1.bytes, r2.bytes, "a continued adapter gives another update");
+    // Recomputing activations (`gradient_checkpointing`) trains the same update.
+    let recomputed = FitConfig { gradient_checkpointing: true, ..cfg.clone() };
+    let rc = train_round(&ck, ck.weights.clone(), &identity, &recomputed, &d, &opts, None).unwrap();
+    let (u1, uc) =
+        (TaskVector::from_bytes(&r1.bytes, Path::new("a")), TaskVector::from_bytes(&rc.bytes, Path::new("b")));
+    let diff =
+        hetfed_core::testing::max_map_diff(&u1.unwrap().materialize().unwrap(), &uc.unwrap().materialize().unwrap());
+    assert!(diff < 1e-5, "gradient checkpointing changed the update by {diff}");
 
     let before = |r: &hetfed_fed::client::LocalUpdate| r.metrics.val_loss_before.expect("a validation split");
     let after = |r: &hetfed_fed::client::LocalUpdate| r.metrics.val_loss_after.expect("a validation split");
