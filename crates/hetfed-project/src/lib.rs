@@ -21,6 +21,11 @@
 //! | [`Map::identity`] | `[I; 0]` | the control "coordinates already agree". |
 //! | [`fit_weight_space`] | ALS for `A·W_s·B^T ≈ W_l` | data-free (LiGO-style): fits an output map `A` and an input map `B` from the weights alone; exact for grown models, approximate for independent ones. |
 //!
+//! [`Moments`] accumulates, batch by batch in f64, what the ridge and Procrustes fits need
+//! (column sums, the centred cross products `X_l^T·X_s` and Gram matrix `X_s^T·X_s`) and fits
+//! the same maps from them (as with [`Centring::Mean`], linear part only), so that activations
+//! too large to hold at once can be fitted; R² on the fitted rows comes from the same sums.
+//!
 //! [`Centring::Mean`] fits the affine map `x_l ≈ T·(x_s - mu_s) + mu_l`; the means matter for
 //! [`Map::apply`] and R² only, never for projecting an update (an update is a difference, so
 //! constant offsets cancel).
@@ -60,6 +65,7 @@
 
 mod convert;
 mod map;
+mod moments;
 mod project;
 mod rows;
 mod weight_space;
@@ -69,6 +75,7 @@ mod tests;
 
 pub use convert::{matrix_f64_to_tensor, matrix_to_tensor, tensor_to_matrix, tensor_to_matrix_f64, tensor_to_vector};
 pub use map::{fit_procrustes, fit_ridge, random_orthogonal, Centring, FitReport, Map, MapKind};
+pub use moments::Moments;
 pub use project::{
     numerical_rank, pair_layers, project_full, project_lora, project_vector, singular_values, truncated_svd,
 };

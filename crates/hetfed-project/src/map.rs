@@ -206,11 +206,20 @@ pub fn fit_ridge(xs: &Tensor, xl: &Tensor, lambda: f64, centring: Centring) -> R
     let start = Instant::now();
     let (x, y) = paired(xs, xl)?;
     let (x, y, means) = centre(x, y, centring);
-    let d_s = x.ncols();
-    let g = x.tr_mul(&x) + DMatrix::<f64>::identity(d_s, d_s) * lambda;
-    let c = y.tr_mul(&x); // [d_l, d_s]
-    let t = solve_right_spd(g, &c, "X_s^T X_s + lambda I")?;
+    let t = ridge_matrix(x.tr_mul(&x), &y.tr_mul(&x), lambda)?;
     finish(t, means, MapKind::Ridge, &x, &y, start)
+}
+
+/// The ridge solution `T = C·(G + lambda·I)^{-1}` from the Gram matrix `G = X_s^T·X_s`
+/// (`[d_s, d_s]`) and the cross products `C = X_l^T·X_s` (`[d_l, d_s]`).
+pub(crate) fn ridge_matrix(g: DMatrix<f64>, c: &DMatrix<f64>, lambda: f64) -> Result<DMatrix<f64>> {
+    let d_s = g.ncols();
+    solve_right_spd(g + DMatrix::<f64>::identity(d_s, d_s) * lambda, c, "X_s^T X_s + lambda I")
+}
+
+/// The Procrustes solution `T = U·V^T` from the cross products `X_l^T·X_s = U·S·V^T`.
+pub(crate) fn procrustes_matrix(c: DMatrix<f64>) -> Result<DMatrix<f64>> {
+    polar_factor(c, "X_l^T X_s")
 }
 
 /// Orthogonal Procrustes: `T = argmin ||X_s·T^T - X_l||` over semi-orthogonal `T`, which is
@@ -224,7 +233,7 @@ pub fn fit_procrustes(xs: &Tensor, xl: &Tensor, centring: Centring) -> Result<(M
     let start = Instant::now();
     let (x, y) = paired(xs, xl)?;
     let (x, y, means) = centre(x, y, centring);
-    let t = polar_factor(y.tr_mul(&x), "X_l^T X_s")?;
+    let t = procrustes_matrix(y.tr_mul(&x))?;
     finish(t, means, MapKind::Procrustes, &x, &y, start)
 }
 

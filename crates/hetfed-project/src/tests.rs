@@ -486,3 +486,42 @@ proptest! {
         prop_assert!(p.iter().all(|&i| i < ls));
     }
 }
+
+#[test]
+fn moments_summed_over_batches_fit_what_the_stacked_activations_fit() {
+    // Rows with a large constant offset (as residual streams have) and a linear relation plus
+    // noise, added in uneven batches.
+    let (n, d_s, d_l) = (90, 6, 9);
+    let x = gauss(n, d_s, 1).map(|v| v + 40.0);
+    let t = gauss(d_l, d_s, 2);
+    let y = (&x * t.transpose() + gauss(n, d_l, 3) * 0.3).map(|v| v - 25.0);
+    let mut m = Moments::new(d_s, d_l, true, true);
+    for (a, b) in [(0, 7), (7, 40), (40, 41), (41, 90)] {
+        m.add(&ten(&x.rows(a, b - a).into_owned()), &ten(&y.rows(a, b - a).into_owned())).unwrap();
+    }
+    assert_eq!((m.n(), m.dims()), (n, (d_s, d_l)));
+    let (xs, xl) = (ten(&x), ten(&y));
+    let (pr, rep) = fit_procrustes(&xs, &xl, Centring::Mean).unwrap();
+    let streamed = m.fit_procrustes().unwrap();
+    assert!(max_abs_diff(&map64(&streamed), &map64(&pr)) < 1e-5);
+    assert!((m.explained_variance(&streamed).unwrap() - rep.explained_variance).abs() < 1e-6);
+    let (rr, rep) = fit_ridge(&xs, &xl, 2.5, Centring::Mean).unwrap();
+    let streamed = m.fit_ridge(2.5).unwrap();
+    assert!(max_abs_diff(&map64(&streamed), &map64(&rr)) < 1e-5);
+    assert!((m.explained_variance(&streamed).unwrap() - rep.explained_variance).abs() < 1e-6);
+    let (mu_s, _) = m.means().unwrap();
+    let centred = x.clone() - DMatrix::from_fn(n, d_s, |_, c| mu_s[c]);
+    assert!((m.total_sq_small().unwrap() - centred.norm_squared()).abs() < 1e-6 * centred.norm_squared());
+    // Bad input is an error: shapes, too few rows, non-finite values, statistics not kept.
+    assert!(m.add(&ten(&gauss(3, d_s + 1, 4)), &ten(&gauss(3, d_l, 5))).is_err());
+    assert!(m.add(&ten(&gauss(3, d_s, 4)), &ten(&gauss(2, d_l, 5))).is_err());
+    let mut one = Moments::new(d_s, d_l, true, false);
+    one.add(&ten(&gauss(1, d_s, 6)), &ten(&gauss(1, d_l, 7))).unwrap();
+    assert!(one.fit_procrustes().unwrap_err().to_string().contains("at least 2 samples"));
+    one.add(&ten(&gauss(4, d_s, 6)), &ten(&gauss(4, d_l, 7))).unwrap();
+    assert!(one.fit_ridge(1.0).unwrap_err().to_string().contains("not accumulated"));
+    let mut bad = gauss(4, d_s, 8);
+    bad[(2, 1)] = f64::NAN;
+    one.add(&ten(&bad), &ten(&gauss(4, d_l, 9))).unwrap();
+    assert!(one.fit_procrustes().is_err());
+}

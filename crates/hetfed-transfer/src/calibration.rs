@@ -70,10 +70,9 @@ pub(crate) fn bloom_model(ck: &Checkpoint) -> Result<bloom::Model> {
     }
 }
 
-/// Runs `seqs` (all the same length, no padding) through `ck`'s base model in batches of
-/// `batch` and returns every block's activations.
-pub fn capture(ck: &Checkpoint, seqs: &[Vec<u32>], batch: usize) -> Result<Activations> {
-    let model = bloom_model(ck)?;
+/// Checks calibration sequences for `model`: at least one, all of one non-zero length, every
+/// id in the vocabulary. Returns the length.
+pub(crate) fn check_seqs(model: &bloom::Model, source: &str, seqs: &[Vec<u32>]) -> Result<usize> {
     let len = seqs.first().map(Vec::len).unwrap_or(0);
     if len == 0 || seqs.iter().any(|s| s.len() != len) {
         return Err(Error::msg(format!(
@@ -85,31 +84,48 @@ pub fn capture(ck: &Checkpoint, seqs: &[Vec<u32>], batch: usize) -> Result<Activ
     let vocab = model.vocab_size();
     if let Some(bad) = seqs.iter().flatten().find(|&&t| t as usize >= vocab) {
         return Err(Error::msg(format!(
-            "calibration: expected token ids below {vocab} (the vocabulary of {}), found {bad}",
-            ck.source()
+            "calibration: expected token ids below {vocab} (the vocabulary of {source}), found {bad}"
         )));
     }
+    Ok(len)
+}
+
+/// `seqs` (checked, all of length `len`) as one `[n, len]` id tensor.
+pub(crate) fn id_batch(seqs: &[Vec<u32>], len: usize) -> Result<Tensor> {
+    let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (seqs.len(), len), &Device::Cpu)?)
+}
+
+/// A block's activations by [`Space`], in [`Space::ALL`]'s order.
+pub(crate) fn by_space(a: bloom::BlockActivations) -> [(Space, Tensor); 10] {
+    [
+        (Space::ResidIn, a.resid_in),
+        (Space::AttnIn, a.attn_in),
+        (Space::Q, a.q),
+        (Space::K, a.k),
+        (Space::V, a.v),
+        (Space::Ctx, a.ctx),
+        (Space::MlpIn, a.mlp_in),
+        (Space::MlpPre, a.mlp_pre),
+        (Space::MlpHidden, a.mlp_hidden),
+        (Space::Resid, a.resid_out),
+    ]
+}
+
+/// Runs `seqs` (all the same length, no padding) through `ck`'s base model in batches of
+/// `batch` and returns every block's activations, all held at once: memory grows with
+/// blocks × tokens × widths. [`crate::PairMaps::fit`] walks the blocks one at a time instead.
+pub fn capture(ck: &Checkpoint, seqs: &[Vec<u32>], batch: usize) -> Result<Activations> {
+    let model = bloom_model(ck)?;
+    let len = check_seqs(&model, &ck.source(), seqs)?;
     let mut parts: Vec<BTreeMap<Space, Vec<Tensor>>> = Vec::new();
     for chunk in seqs.chunks(batch.max(1)) {
-        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (chunk.len(), len), &Device::Cpu)?;
-        let acts = model.capture(&ids)?;
+        let acts = model.capture(&id_batch(chunk, len)?)?;
         if parts.is_empty() {
             parts = vec![BTreeMap::new(); acts.len()];
         }
         for (layer, a) in parts.iter_mut().zip(acts) {
-            for (space, t) in [
-                (Space::ResidIn, a.resid_in),
-                (Space::AttnIn, a.attn_in),
-                (Space::Q, a.q),
-                (Space::K, a.k),
-                (Space::V, a.v),
-                (Space::Ctx, a.ctx),
-                (Space::MlpIn, a.mlp_in),
-                (Space::MlpPre, a.mlp_pre),
-                (Space::MlpHidden, a.mlp_hidden),
-                (Space::Resid, a.resid_out),
-            ] {
+            for (space, t) in by_space(a) {
                 layer.entry(space).or_default().push(t);
             }
         }

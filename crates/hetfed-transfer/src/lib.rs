@@ -10,7 +10,11 @@
 //! 2. fits, per large layer `j` paired with small layer `i(j) = round(j·(L_s-1)/(L_l-1))`, linear
 //!    maps between those spaces by one [`Method`] (ridge, Procrustes, the data-free weight-space
 //!    fit, or the random-orthogonal / identity controls), with explained variance on held-out
-//!    calibration tokens and fit time per layer ([`PairMaps::fit`]);
+//!    calibration tokens and fit time per layer ([`PairMaps::fit`]). Both models are walked one
+//!    block at a time and each layer's maps come from f64 sufficient statistics of that layer's
+//!    activations ([`hetfed_project::Moments`]), so memory does not grow with depth;
+//!    [`PairMaps::fit_in_memory`] computes the same from every block's activations at once
+//!    ([`capture`]) and is kept as the reference;
 //! 3. caches them on disk keyed by both models' identities and the fit's settings
 //!    ([`PairMaps::load_or_fit`]), so they are computed once per pair;
 //! 4. projects task vectors ([`PairMaps::project`]): a LoRA update stays LoRA with its rank,
@@ -40,8 +44,10 @@
 //! Only BLOOM is supported; other architectures get a clear error.
 
 mod calibration;
+mod fit;
 mod maps;
 mod projection;
+mod reference;
 
 #[cfg(test)]
 mod tests;

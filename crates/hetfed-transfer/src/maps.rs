@@ -9,13 +9,12 @@ use candle_core::{DType, Device, Tensor};
 use hetfed_core::{Error, Result, TensorMap};
 use hetfed_model::{Arch, Checkpoint, ModelIdentity};
 use hetfed_project::{
-    fit_procrustes, fit_ridge, fit_weight_space, pair_layers, random_orthogonal, split_rows_interleaved, Centring, Map,
-    WeightFitOptions,
+    fit_procrustes, fit_weight_space, pair_layers, split_rows_interleaved, Centring, Map, WeightFitOptions,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::calibration::{capture, Space};
+use crate::calibration::Space;
 
 /// The linear modules of a BLOOM block that updates are projected for, as named under
 /// `transformer.h.{i}.`.
@@ -23,7 +22,7 @@ pub const MODULES: [&str; 4] =
     ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
 
 /// The spaces a module reads (`T_in`) and writes (`T_out`, three for the fused QKV).
-fn module_spaces(module: &str) -> (Vec<Space>, Space) {
+pub(crate) fn module_spaces(module: &str) -> (Vec<Space>, Space) {
     match module {
         "self_attention.query_key_value" => (vec![Space::Q, Space::K, Space::V], Space::AttnIn),
         "self_attention.dense" => (vec![Space::Resid], Space::Ctx),
@@ -132,6 +131,8 @@ pub struct LayerFit {
     /// mean, negative = worse). For the weight-space method: the maps of the first module that
     /// reads or writes the space.
     pub explained_variance: BTreeMap<String, f64>,
+    /// Seconds for this layer: its fit and, in the streamed fit, the forward passes through the
+    /// two blocks that produce its activations.
     pub seconds: f64,
 }
 
@@ -146,7 +147,7 @@ pub struct FitSummary {
     pub mean_explained_variance: f64,
     pub tokens_fit: usize,
     pub tokens_held_out: usize,
-    /// Seconds for capture plus fit.
+    /// Seconds for the whole fit (forward passes included).
     pub seconds: f64,
     /// What the calibration text was (part of the cache key).
     pub calibration: String,
@@ -178,61 +179,28 @@ fn bloom_cfg(ck: &Checkpoint) -> Result<&hetfed_model::bloom::Config> {
     }
 }
 
-/// Centred fit and held-out halves of one space on both sides.
-struct Paired {
-    fit_s: Tensor,
-    fit_l: Tensor,
-    ho_s: Option<Tensor>,
-    ho_l: Option<Tensor>,
+/// The spaces fitted per layer: every space but the residual stream entering the block (the
+/// previous block's output, or the embedding) and the MLP pre-activations (see
+/// [`module_spaces`]).
+pub(crate) const FITTED_SPACES: [Space; 8] =
+    [Space::AttnIn, Space::Q, Space::K, Space::V, Space::Ctx, Space::MlpIn, Space::MlpHidden, Space::Resid];
+
+/// The checked inputs of a fit, shared by the streamed and the in-memory fit.
+pub(crate) struct Plan<'a> {
+    pub cs: &'a hetfed_model::bloom::Config,
+    pub cl: &'a hetfed_model::bloom::Config,
+    /// Large layer → small layer.
+    pub pairing: Vec<usize>,
+    pub n_seqs: usize,
+    /// The first `n_fit_seqs` sequences are fitted on, the rest held out.
+    pub n_fit_seqs: usize,
+    /// Tokens per sequence (the first sequence's; the fits check that all agree).
+    pub len: usize,
 }
 
-fn split_centre(xs: &Tensor, xl: &Tensor, n_fit: usize) -> Result<Paired> {
-    let n = xs.dim(0)?;
-    let centre = |x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
-        let fit = x.narrow(0, 0, n_fit)?;
-        let mu = fit.mean_keepdim(0)?;
-        let f = fit.broadcast_sub(&mu)?;
-        let h = if n > n_fit { Some(x.narrow(0, n_fit, n - n_fit)?.broadcast_sub(&mu)?) } else { None };
-        Ok((f, h))
-    };
-    let (fit_s, ho_s) = centre(xs)?;
-    let (fit_l, ho_l) = centre(xl)?;
-    Ok(Paired { fit_s, fit_l, ho_s, ho_l })
-}
-
-fn r2(map: &Map, p: &Paired) -> Result<f64> {
-    match (&p.ho_s, &p.ho_l) {
-        (Some(s), Some(l)) => map.explained_variance(s, l),
-        _ => map.explained_variance(&p.fit_s, &p.fit_l),
-    }
-}
-
-fn fit_one(method: Method, p: &Paired, ridge: f64, seed: u64) -> Result<Map> {
-    let (d_s, d_l) = (p.fit_s.dim(1)?, p.fit_l.dim(1)?);
-    Ok(match method {
-        Method::Ridge => {
-            let tr = hetfed_core::sq_norm(&p.fit_s)?;
-            fit_ridge(&p.fit_s, &p.fit_l, ridge * tr / d_s as f64, Centring::None)?.0
-        }
-        Method::Procrustes => fit_procrustes(&p.fit_s, &p.fit_l, Centring::None)?.0,
-        Method::Random => random_orthogonal(d_l, d_s, seed)?,
-        Method::Identity => Map::identity(d_l, d_s)?,
-        Method::WeightSpace => return Err(Error::msg("weight-space maps are fitted from weights, not activations")),
-    })
-}
-
-impl PairMaps {
-    /// Fits every map between `small` and `large` (both BLOOM, one vocabulary) on the
-    /// calibration sequences `seqs` (described by `calibration` for reports and the cache key).
-    pub fn fit(
-        small: &Checkpoint,
-        large: &Checkpoint,
-        seqs: &[Vec<u32>],
-        calibration: &str,
-        cfg: &MapConfig,
-    ) -> Result<Self> {
+impl<'a> Plan<'a> {
+    pub fn new(small: &'a Checkpoint, large: &'a Checkpoint, seqs: &[Vec<u32>], cfg: &MapConfig) -> Result<Self> {
         cfg.validate().map_err(Error::msg)?;
-        let t0 = Instant::now();
         let (cs, cl) = (bloom_cfg(small)?, bloom_cfg(large)?);
         if cs.vocab_size != cl.vocab_size {
             return Err(Error::msg(format!(
@@ -258,76 +226,96 @@ impl PairMaps {
         let n_ho_seqs = ((n_seqs as f64) * cfg.held_out).round() as usize;
         let n_fit_seqs = n_seqs - n_ho_seqs.min(n_seqs.saturating_sub(1));
         let len = seqs.first().map(Vec::len).unwrap_or(0);
-        let n_fit = n_fit_seqs * len;
-        let acts_s = capture(small, seqs, 16)?;
-        let acts_l = capture(large, seqs, 16)?;
-        let mut layers = Vec::with_capacity(cl.n_layer);
-        let mut fits = Vec::with_capacity(cl.n_layer);
-        for (j, &i) in pairing.iter().enumerate() {
-            let tl = Instant::now();
-            let paired =
-                |space: Space| -> Result<Paired> { split_centre(&acts_s[i][&space], &acts_l[j][&space], n_fit) };
-            let mut r2s = BTreeMap::new();
-            let mut modules = BTreeMap::new();
-            if cfg.method == Method::WeightSpace {
-                for m in MODULES {
-                    let mm = weight_space_module(small, large, i, j, m, cs.n_head, cl.n_head)?;
-                    let (outs, input) = module_spaces(m);
-                    for (space, map) in outs.iter().zip(&mm.out).chain(std::iter::once((&input, &mm.input))) {
-                        if !r2s.contains_key(space.name()) {
-                            r2s.insert(space.name().to_string(), r2(map, &paired(*space)?)?);
-                        }
-                    }
-                    modules.insert(m.to_string(), mm);
-                }
-            } else {
-                let mut maps = BTreeMap::new();
-                for space in Space::ALL.into_iter().filter(|s| !matches!(s, Space::ResidIn | Space::MlpPre)) {
-                    let p = paired(space)?;
-                    let map = fit_one(
-                        cfg.method,
-                        &p,
-                        cfg.ridge,
-                        hetfed_core::mix_seed(cfg.seed, (j * 16 + space as usize) as u64),
-                    )?;
-                    r2s.insert(space.name().to_string(), r2(&map, &p)?);
-                    maps.insert(space, map);
-                }
-                for m in MODULES {
-                    let (outs, input) = module_spaces(m);
-                    modules.insert(
-                        m.to_string(),
-                        ModuleMaps { out: outs.iter().map(|s| maps[s].clone()).collect(), input: maps[&input].clone() },
-                    );
-                }
-            }
-            layers.push(modules);
-            fits.push(LayerFit {
-                large_layer: j,
-                small_layer: i,
-                explained_variance: r2s,
-                seconds: tl.elapsed().as_secs_f64(),
-            });
+        Ok(Self { cs, cl, pairing, n_seqs, n_fit_seqs, len })
+    }
+}
+
+/// The seed of the random map of `space` in large layer `j`.
+pub(crate) fn space_seed(cfg: &MapConfig, j: usize, space: Space) -> u64 {
+    hetfed_core::mix_seed(cfg.seed, (j * 16 + space as usize) as u64)
+}
+
+/// The seed of the random embedding map.
+pub(crate) fn embed_seed(cfg: &MapConfig) -> u64 {
+    hetfed_core::mix_seed(cfg.seed, u64::MAX)
+}
+
+/// One large layer's modules from the maps fitted per space.
+pub(crate) fn modules_from_spaces(maps: &BTreeMap<Space, Map>) -> BTreeMap<String, ModuleMaps> {
+    MODULES
+        .iter()
+        .map(|m| {
+            let (outs, input) = module_spaces(m);
+            (
+                m.to_string(),
+                ModuleMaps { out: outs.iter().map(|s| maps[s].clone()).collect(), input: maps[&input].clone() },
+            )
+        })
+        .collect()
+}
+
+/// One large layer's data-free modules, and per space the map its R² is reported for (that of
+/// the first module that reads or writes it).
+pub(crate) fn weight_space_layer(
+    small: &Checkpoint,
+    large: &Checkpoint,
+    i: usize,
+    j: usize,
+    nh: (usize, usize),
+) -> Result<(BTreeMap<String, ModuleMaps>, BTreeMap<Space, Map>)> {
+    let mut modules = BTreeMap::new();
+    let mut first = BTreeMap::new();
+    for m in MODULES {
+        let mm = weight_space_module(small, large, i, j, m, nh.0, nh.1)?;
+        let (outs, input) = module_spaces(m);
+        for (space, map) in outs.iter().zip(&mm.out).chain(std::iter::once((&input, &mm.input))) {
+            first.entry(*space).or_insert_with(|| map.clone());
         }
-        let p0 = split_centre(&acts_s[0][&Space::ResidIn], &acts_l[0][&Space::ResidIn], n_fit)?;
-        let embed = if cfg.method == Method::WeightSpace {
-            let es = &small.weights["transformer.word_embeddings.weight"];
-            let el = &large.weights["transformer.word_embeddings.weight"];
-            fit_procrustes(es, el, Centring::None)?.0
-        } else {
-            fit_one(cfg.method, &p0, cfg.ridge, hetfed_core::mix_seed(cfg.seed, u64::MAX))?
-        };
-        let embed_explained_variance = r2(&embed, &p0)?;
+        modules.insert(m.to_string(), mm);
+    }
+    Ok((modules, first))
+}
+
+/// The data-free embedding map: Procrustes between the two embedding matrices.
+pub(crate) fn weight_space_embed(small: &Checkpoint, large: &Checkpoint) -> Result<Map> {
+    fn get(ck: &Checkpoint) -> Result<&Tensor> {
+        ck.weights
+            .get("transformer.word_embeddings.weight")
+            .ok_or_else(|| Error::msg(format!("{}: missing transformer.word_embeddings.weight", ck.source())))
+    }
+    Ok(fit_procrustes(get(small)?, get(large)?, Centring::None)?.0)
+}
+
+/// What a fit computed, before it becomes [`PairMaps`].
+pub(crate) struct Fitted {
+    pub layers: Vec<BTreeMap<String, ModuleMaps>>,
+    pub fits: Vec<LayerFit>,
+    pub embed: Map,
+    pub embed_explained_variance: f64,
+}
+
+impl PairMaps {
+    /// The maps and their summary from what a fit computed.
+    pub(crate) fn assemble(
+        small: &Checkpoint,
+        large: &Checkpoint,
+        calibration: &str,
+        cfg: &MapConfig,
+        plan: Plan<'_>,
+        fitted: Fitted,
+        t0: Instant,
+    ) -> Result<Self> {
+        let len = plan.len;
         let all: Vec<f64> =
-            fits.iter().flat_map(|f| f.explained_variance.values().copied()).filter(|v| v.is_finite()).collect();
+            fitted.fits.iter().flat_map(|f| f.explained_variance.values().copied()).filter(|v| v.is_finite()).collect();
         let mean_explained_variance = all.iter().sum::<f64>() / all.len().max(1) as f64;
         let summary = FitSummary {
             method: cfg.method,
-            layers: fits,
-            embed_explained_variance,
+            layers: fitted.fits,
+            embed_explained_variance: fitted.embed_explained_variance,
             mean_explained_variance,
-            tokens_fit: n_fit,
-            tokens_held_out: (n_seqs - n_fit_seqs) * len,
+            tokens_fit: plan.n_fit_seqs * len,
+            tokens_held_out: (plan.n_seqs - plan.n_fit_seqs) * len,
             seconds: t0.elapsed().as_secs_f64(),
             calibration: calibration.to_string(),
         };
@@ -335,11 +323,11 @@ impl PairMaps {
             small: small.identity()?,
             large: large.identity()?,
             config: cfg.clone(),
-            pairing,
-            n_head_small: cs.n_head,
-            n_head_large: cl.n_head,
-            layers,
-            embed,
+            pairing: plan.pairing,
+            n_head_small: plan.cs.n_head,
+            n_head_large: plan.cl.n_head,
+            layers: fitted.layers,
+            embed: fitted.embed,
             summary,
         })
     }

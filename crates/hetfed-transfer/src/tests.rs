@@ -342,3 +342,94 @@ fn bad_input_is_an_error() {
             .to_string();
     assert!(e.contains("maps.pairing"), "{e}");
 }
+
+/// Largest entry of `|a - b|` relative to the largest of `|b|`.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs_diff(a, b) / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// The streamed and the in-memory fit agree: every map on the centred small-side activations of
+/// its space (where the data do not span a space, e.g. LayerNorm outputs and so the embedding
+/// space too, Procrustes leaves the map free in the missing direction, so only its action on the
+/// data is determined), every matrix where it is determined, and every explained variance.
+fn assert_same_fit(streamed: &PairMaps, reference: &PairMaps, small: &Checkpoint, calib: &[Vec<u32>], tol: f32) {
+    let what = format!("{:?}, pairing {:?}", reference.config.method, reference.pairing);
+    assert_eq!(streamed.pairing, reference.pairing);
+    assert_eq!(streamed.summary.tokens_fit, reference.summary.tokens_fit);
+    assert_eq!(streamed.summary.tokens_held_out, reference.summary.tokens_held_out);
+    let acts = capture(small, calib, 16).unwrap();
+    let on_data = |a: &hetfed_project::Map, b: &hetfed_project::Map, x: &Tensor, name: &str| {
+        let xc = x.broadcast_sub(&x.mean_keepdim(0).unwrap()).unwrap();
+        let (pa, pb) = (a.apply(&xc).unwrap(), b.apply(&xc).unwrap());
+        let d = rel_diff(&pa, &pb);
+        assert!(d < tol, "{what} {name}: maps differ on the data by {d}");
+    };
+    let full_span = matches!(reference.config.method, Method::Ridge | Method::Random | Method::Identity);
+    for (j, (ls, lr)) in streamed.layers.iter().zip(&reference.layers).enumerate() {
+        let i = reference.pairing[j];
+        for m in MODULES {
+            let (outs, input) = crate::maps::module_spaces(m);
+            let (ms, mr) = (&ls[m], &lr[m]);
+            for (p, space) in outs.iter().chain(std::iter::once(&input)).enumerate() {
+                let (a, b) = if p < outs.len() { (&ms.out[p], &mr.out[p]) } else { (&ms.input, &mr.input) };
+                let name = format!("L{j}.{m}.{}", space.name());
+                on_data(a, b, &acts[i][space], &name);
+                if full_span || matches!(space, Space::Resid | Space::MlpHidden) {
+                    let d = rel_diff(&mat(a), &mat(b));
+                    assert!(d < tol, "{what} {name}: matrices differ by {d}");
+                }
+            }
+        }
+        let (fs, fr) = (&streamed.summary.layers[j], &reference.summary.layers[j]);
+        assert_eq!((fs.large_layer, fs.small_layer), (fr.large_layer, fr.small_layer));
+        assert_eq!(fs.explained_variance.keys().collect::<Vec<_>>(), fr.explained_variance.keys().collect::<Vec<_>>());
+        for (k, r) in &fr.explained_variance {
+            let s = fs.explained_variance[k];
+            assert!((s - r).abs() < tol as f64 * r.abs().max(1.0), "{what} L{j} {k}: R² {s} vs {r}");
+        }
+    }
+    on_data(&streamed.embed, &reference.embed, &acts[0][&Space::ResidIn], "embed");
+    // Block 0's input is the embedding LayerNorm's output: not spanned either.
+    if full_span {
+        let d = rel_diff(&mat(&streamed.embed), &mat(&reference.embed));
+        assert!(d < tol, "{what} embed: matrices differ by {d}");
+    }
+    let (es, er) = (streamed.summary.embed_explained_variance, reference.summary.embed_explained_variance);
+    assert!((es - er).abs() < tol as f64 * er.abs().max(1.0), "{what} embed R²: {es} vs {er}");
+    let (ms, mr) = (streamed.summary.mean_explained_variance, reference.summary.mean_explained_variance);
+    assert!((ms - mr).abs() < tol as f64 * mr.abs().max(1.0), "{what} mean R²: {ms} vs {mr}");
+}
+
+#[test]
+fn the_streamed_fit_equals_the_in_memory_fit() {
+    let (cs, cl) = (cfg(16, 2, 4), cfg(24, 3, 4));
+    let small = random_model(&cs, 1);
+    let large = random_model(&cl, 2);
+    let calib = seqs(20, 12, 5);
+    let tol = 1e-4;
+    for method in [Method::Procrustes, Method::Ridge, Method::Random, Method::Identity, Method::WeightSpace] {
+        let mc = MapConfig { method, seed: 3, ..Default::default() };
+        let reference = PairMaps::fit_in_memory(&small, &large, &calib, "t", &mc).unwrap();
+        assert_eq!(reference.pairing, vec![0, 1, 1]);
+        // One batch (the default size), then batches of 3 sequences: the statistics are summed
+        // over 6 fitted batches (the last of 1 sequence) and the R² read from 2 held-out ones.
+        assert_same_fit(&PairMaps::fit(&small, &large, &calib, "t", &mc).unwrap(), &reference, &small, &calib, tol);
+        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 3).unwrap();
+        assert_same_fit(&streamed, &reference, &small, &calib, tol);
+    }
+    // No held-out tokens: R² on the fitted tokens, from the statistics alone.
+    for method in [Method::Procrustes, Method::Ridge, Method::Random, Method::WeightSpace] {
+        let mc = MapConfig { method, held_out: 0.0, ..Default::default() };
+        let reference = PairMaps::fit_in_memory(&small, &large, &calib, "t", &mc).unwrap();
+        assert_eq!(reference.summary.tokens_held_out, 0);
+        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 4).unwrap();
+        assert_same_fit(&streamed, &reference, &small, &calib, tol);
+    }
+    // A pairing that goes back (the small stream starts again) and repeats.
+    for method in [Method::Procrustes, Method::Ridge] {
+        let mc = MapConfig { method, pairing: vec![1, 0, 1], ..Default::default() };
+        let reference = PairMaps::fit_in_memory(&small, &large, &calib, "t", &mc).unwrap();
+        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 5).unwrap();
+        assert_same_fit(&streamed, &reference, &small, &calib, tol);
+    }
+}
