@@ -2,8 +2,10 @@
 //! a Hugging Face model directory that `hetfed eval`/`score` and `transformers` load.
 //!
 //! A run directory (written by `hetfed simulate` or `hetfed server`) keeps
-//! `checkpoints/round-N/model.safetensors` (the global weights in f32, canonical names) for its
-//! latest round only, named by `checkpoints/LATEST`. The config.json and tokenizer.json come from
+//! `checkpoints/round-N/model.safetensors` (the global weights that differ from the base's, in
+//! f32, canonical names; a factored run's factors) for its latest round only, named by
+//! `checkpoints/LATEST`. The export lays them over the base, folds any factors into their layers
+//! and writes every weight in f32. The config.json and tokenizer.json come from
 //! the server's base model: `--model`, else the `server.model` path that the run's `run_start`
 //! event in `metrics.jsonl` records (usable as is only when it is absolute, since the config's
 //! directory that a relative path refers to is not recorded).
