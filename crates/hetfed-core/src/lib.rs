@@ -327,6 +327,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&h.finalize())
 }
 
+/// Elements widened and hashed at a time by [`tensor_map_hash`].
+const HASH_CHUNK: usize = 1 << 20;
+
 /// A content hash of a tensor map: names, shapes and f32 values, in name order. Two maps with the
 /// same values hash the same whatever dtype they were stored in on disk.
 pub fn tensor_map_hash(map: &TensorMap) -> Result<String> {
@@ -337,9 +340,19 @@ pub fn tensor_map_hash(map: &TensorMap) -> Result<String> {
         for d in t.dims() {
             h.update((*d as u64).to_le_bytes());
         }
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        for x in v {
-            h.update(x.to_le_bytes());
+        // A chunk at a time: the values are widened to f32 for hashing (so a model hashes the same
+        // in any resident dtype), and a 7B model's embedding widened whole would be 4 GB.
+        let flat = t.flatten_all()?;
+        let n = flat.elem_count();
+        let mut bytes = Vec::with_capacity(HASH_CHUNK.min(n) * 4);
+        let mut start = 0;
+        while start < n {
+            let len = HASH_CHUNK.min(n - start);
+            let v = flat.narrow(0, start, len)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            bytes.clear();
+            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            h.update(&bytes);
+            start += len;
         }
     }
     Ok(hex(&h.finalize()))

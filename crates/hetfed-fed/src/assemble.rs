@@ -330,8 +330,11 @@ pub fn small_bases(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
     let cache = t.cache_dir.clone().unwrap_or_else(|| PathBuf::from("runs/maps"));
     let mut calib: Option<Vec<Vec<u32>>> = None;
     let mut out: Vec<SmallBase> = Vec::new();
+    // A factored server keeps the small bases as stored too: the maps are fitted on them and
+    // their identities do not depend on the resident dtype.
+    let dtype = if t.factored { hetfed_model::WeightDtype::Stored } else { hetfed_model::WeightDtype::F32 };
     for m in &t.client_models {
-        let small = Checkpoint::load(&cfg.path(m))?;
+        let small = Checkpoint::load_with(&cfg.path(m), dtype)?;
         let identity = small.identity()?;
         if out.iter().any(|s| s.identity == identity) {
             continue;

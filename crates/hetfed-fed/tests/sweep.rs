@@ -17,34 +17,10 @@ fn models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").canonicalize().expect("models/ is committed")
 }
 
-fn tempdir(tag: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("hetfed-sweep-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
-}
-
 /// A scratch directory under the system temp dir, removed with everything in it when dropped
 /// (a failing test's directory goes too: the assertion message names what went wrong).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for Scratch {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("hetfed-sweep-{tag}-")).tempdir().unwrap()
 }
 
 /// A run of `model` on the two specialists, with `data` added to `[data]` and `extra` at the end.
@@ -113,7 +89,7 @@ fn simulate(dir: &DataDir, tmp: &Path, tag: &str, toml: &str) -> hetfed_fed::swe
     rec
 }
 
-fn setup(tag: &str) -> Option<(DataDir, Scratch)> {
+fn setup(tag: &str) -> Option<(DataDir, tempfile::TempDir)> {
     let data = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data")?;
     Some((DataDir::new(data), tempdir(tag)))
 }

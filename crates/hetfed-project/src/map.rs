@@ -79,7 +79,10 @@ impl Map {
 
     pub(crate) fn with_kind(t: DMatrix<f32>, kind: MapKind) -> Result<Self> {
         ensure_nonempty(t.nrows(), t.ncols(), "map")?;
-        ensure_finite(&t.map(f64::from), "map")?;
+        if let Some(pos) = t.iter().position(|x| !x.is_finite()) {
+            let (r, c) = (pos % t.nrows(), pos / t.nrows());
+            return Err(Error::msg(format!("`map`: expected finite values, found {} at [{r}, {c}]", t[pos])));
+        }
         Ok(Self { t, means: None, kind })
     }
 
@@ -175,14 +178,17 @@ impl Map {
     }
 
     /// Row-wise prediction `X_s·T^T` (affine when centred), in f64.
+    ///
+    /// The product is taken in f32 as `(T·X_s^T)^T` with the f32 map as it is: at real widths `T`
+    /// is `[16384, 4096]`, and a widened or transposed copy of it would be 256–512 MiB.
     fn predict(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
-        let t = self.t.map(f64::from);
+        let product = |x: &DMatrix<f64>| (&self.t * x.transpose().map(|v| v as f32)).transpose().map(f64::from);
         match &self.means {
-            None => x * t.transpose(),
+            None => product(x),
             Some((mu_s, mu_l)) => {
                 let mut xc = x.clone();
                 subtract_row(&mut xc, &mu_s.map(f64::from));
-                let mut y = xc * t.transpose();
+                let mut y = product(&xc);
                 add_row(&mut y, &mu_l.map(f64::from));
                 y
             }
@@ -207,7 +213,7 @@ pub fn fit_ridge(xs: &Tensor, xl: &Tensor, lambda: f64, centring: Centring) -> R
     let (x, y) = paired(xs, xl)?;
     let (x, y, means) = centre(x, y, centring);
     let t = ridge_matrix(x.tr_mul(&x), &y.tr_mul(&x), lambda)?;
-    finish(t, means, MapKind::Ridge, &x, &y, start)
+    finish(t.map(|v| v as f32), means, MapKind::Ridge, &x, &y, start)
 }
 
 /// The ridge solution `T = C·(G + lambda·I)^{-1}` from the Gram matrix `G = X_s^T·X_s`
@@ -217,8 +223,9 @@ pub(crate) fn ridge_matrix(g: DMatrix<f64>, c: &DMatrix<f64>, lambda: f64) -> Re
     solve_right_spd(g + DMatrix::<f64>::identity(d_s, d_s) * lambda, c, "X_s^T X_s + lambda I")
 }
 
-/// The Procrustes solution `T = U·V^T` from the cross products `X_l^T·X_s = U·S·V^T`.
-pub(crate) fn procrustes_matrix(c: DMatrix<f64>) -> Result<DMatrix<f64>> {
+/// The Procrustes solution `T = U·V^T` from the cross products `X_l^T·X_s = U·S·V^T` (f32; see
+/// `polar_factor`).
+pub(crate) fn procrustes_matrix(c: DMatrix<f64>) -> Result<DMatrix<f32>> {
     polar_factor(c, "X_l^T X_s")
 }
 
@@ -306,14 +313,14 @@ fn centre(mut x: DMatrix<f64>, mut y: DMatrix<f64>, centring: Centring) -> (DMat
 /// Builds the f32 map and its report; R² is measured with the f32 map the caller receives, on
 /// the (possibly centred) data it was fitted on.
 fn finish(
-    t: DMatrix<f64>,
+    t: DMatrix<f32>,
     means: Means,
     kind: MapKind,
     x: &DMatrix<f64>,
     y: &DMatrix<f64>,
     start: Instant,
 ) -> Result<(Map, FitReport)> {
-    let mut map = Map::with_kind(t.map(|v| v as f32), kind)?;
+    let mut map = Map::with_kind(t, kind)?;
     let r2 = r_squared(&map.predict(x), y);
     map.means = means.map(|(s, l)| (s.map(|v| v as f32), l.map(|v| v as f32)));
     let report = FitReport { explained_variance: r2, n_samples: x.nrows(), seconds: start.elapsed().as_secs_f64() };

@@ -30,10 +30,10 @@ pub struct Moments {
     /// `Σ |x_s - s|²`, `Σ |x_l - t|²`.
     sq_s: f64,
     sq_l: f64,
-    /// `Σ (x_l - t)(x_s - s)^T`, `[d_large, d_small]` f64.
-    cross: Option<Tensor>,
-    /// `Σ (x_s - s)(x_s - s)^T`, `[d_small, d_small]` f64.
-    gram: Option<Tensor>,
+    /// `Σ (x_l - t)(x_s - s)^T`, `[d_large, d_small]`.
+    cross: Option<DMatrix<f64>>,
+    /// `Σ (x_s - s)(x_s - s)^T`, `[d_small, d_small]`.
+    gram: Option<DMatrix<f64>>,
     want_cross: bool,
     want_gram: bool,
 }
@@ -46,11 +46,26 @@ fn add_into(acc: &mut Option<Tensor>, t: Tensor) -> Result<()> {
     Ok(())
 }
 
-/// A `[rows, cols]` f64 tensor as an f64 matrix, without the f32 round trip of
-/// [`crate::tensor_to_matrix_f64`].
-fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
-    let (r, c) = dims2(t, "moments")?;
-    Ok(DMatrix::from_row_slice(r, c, &t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?))
+/// Elements of one block of a product added by [`add_product`] (32 MiB of f64).
+const PRODUCT_BLOCK: usize = 1 << 22;
+
+/// `acc += a^T·b` for f64 `a: [n, r]` and `b: [n, c]`, a block of `a`'s columns at a time, so the
+/// product never exists whole beside the sum (at bloom-7b1's MLP width the sum alone is
+/// 512 MiB).
+fn add_product(acc: &mut Option<DMatrix<f64>>, a: &Tensor, b: &Tensor) -> Result<()> {
+    let ((_, r), (_, c)) = (a.dims2()?, b.dims2()?);
+    let acc = acc.get_or_insert_with(|| DMatrix::zeros(r, c));
+    let rows = (PRODUCT_BLOCK / c.max(1)).max(1);
+    let mut start = 0;
+    while start < r {
+        let len = rows.min(r - start);
+        let p = a.narrow(1, start, len)?.contiguous()?.t()?.matmul(b)?.flatten_all()?.to_vec1::<f64>()?;
+        for (k, v) in p.into_iter().enumerate() {
+            acc[(start + k / c, k % c)] += v;
+        }
+        start += len;
+    }
+    Ok(())
 }
 
 fn to_vector(t: &Tensor) -> Result<DVector<f64>> {
@@ -113,10 +128,10 @@ impl Moments {
         self.sq_s += xs.sqr()?.sum_all()?.to_scalar::<f64>()?;
         self.sq_l += xl.sqr()?.sum_all()?.to_scalar::<f64>()?;
         if self.want_cross {
-            add_into(&mut self.cross, xl.t()?.matmul(&xs)?)?;
+            add_product(&mut self.cross, &xl, &xs)?;
         }
         if self.want_gram {
-            add_into(&mut self.gram, xs.t()?.matmul(&xs)?)?;
+            add_product(&mut self.gram, &xs, &xs)?;
         }
         self.n += b;
         Ok(())
@@ -149,11 +164,22 @@ impl Moments {
         Ok((to_vector(s)? + ds, to_vector(t)? + dl))
     }
 
-    fn centred(&self, acc: &Option<Tensor>, name: &str, a: &DVector<f64>, b: &DVector<f64>) -> Result<DMatrix<f64>> {
-        let acc = acc
-            .as_ref()
-            .ok_or_else(|| Error::msg(format!("Moments: {name} was not accumulated (see Moments::new)")))?;
-        let m = to_matrix(acc)? - a * b.transpose() * self.n as f64;
+    /// `acc - n·a·b^T`, in place.
+    fn centred(
+        &self,
+        acc: Option<DMatrix<f64>>,
+        name: &str,
+        a: &DVector<f64>,
+        b: &DVector<f64>,
+    ) -> Result<DMatrix<f64>> {
+        let mut m = acc.ok_or_else(|| Error::msg(format!("Moments: {name} was not accumulated (see Moments::new)")))?;
+        let n = self.n as f64;
+        for (j, mut col) in m.column_iter_mut().enumerate() {
+            let bj = n * b[j];
+            for (v, ai) in col.iter_mut().zip(a.iter()) {
+                *v -= ai * bj;
+            }
+        }
         ensure_finite(&m, name)?;
         Ok(m)
     }
@@ -161,13 +187,21 @@ impl Moments {
     /// Centred cross products `X_lc^T·X_sc`, `[d_large, d_small]`.
     pub fn cross(&self) -> Result<DMatrix<f64>> {
         let (ds, dl) = self.offsets()?;
-        self.centred(&self.cross, "X_l^T X_s", &dl, &ds)
+        self.centred(self.cross.clone(), "X_l^T X_s", &dl, &ds)
+    }
+
+    /// [`Moments::cross`], moved out of the statistics instead of copied (they keep the means and
+    /// sums of squares; what needs the cross products afterwards is an error).
+    pub fn take_cross(&mut self) -> Result<DMatrix<f64>> {
+        let (ds, dl) = self.offsets()?;
+        let acc = self.cross.take();
+        self.centred(acc, "X_l^T X_s", &dl, &ds)
     }
 
     /// Centred Gram matrix `X_sc^T·X_sc`, `[d_small, d_small]`.
     pub fn gram(&self) -> Result<DMatrix<f64>> {
         let (ds, _) = self.offsets()?;
-        self.centred(&self.gram, "X_s^T X_s", &ds, &ds)
+        self.centred(self.gram.clone(), "X_s^T X_s", &ds, &ds)
     }
 
     /// `Σ|x_s - mu_s|²`, the trace of the centred Gram matrix (kept whether or not the matrix is).
@@ -185,8 +219,13 @@ impl Moments {
     /// [`crate::fit_procrustes`] with [`crate::Centring::Mean`] from the statistics, returning the
     /// linear part only: `T = U·V^T` of `X_lc^T·X_sc = U·S·V^T`.
     pub fn fit_procrustes(&self) -> Result<Map> {
-        let t = procrustes_matrix(self.cross()?)?;
-        Map::with_kind(t.map(|v| v as f32), MapKind::Procrustes)
+        Map::with_kind(procrustes_matrix(self.cross()?)?, MapKind::Procrustes)
+    }
+
+    /// [`Moments::fit_procrustes`] from the cross products moved out of the statistics
+    /// ([`Moments::take_cross`]): no copy of them, for fits at real widths.
+    pub fn take_procrustes(&mut self) -> Result<Map> {
+        Map::with_kind(procrustes_matrix(self.take_cross()?)?, MapKind::Procrustes)
     }
 
     /// [`crate::fit_ridge`] with [`crate::Centring::Mean`] from the statistics, returning the

@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 use hetfed_core::{Error, Result};
 use nalgebra::DMatrix;
 
-use crate::convert::{dims2, expect_shape, matrix_f64_to_tensor, matrix_to_tensor, svd, tensor_to_matrix_f64};
+use crate::convert::{dims2, expect_shape, matrix_f64_to_tensor, matrix_to_tensor, tensor_to_matrix_f64, thin_svd};
 use crate::map::Map;
 
 /// `dW_l = T_out·dW_s·T_in^T`: a dense update `dw_s` (`[o_s, i_s]`) of a linear layer `y = W·x`
@@ -74,7 +74,7 @@ pub fn project_vector(db: &Tensor, t_out: &Map) -> Result<Tensor> {
 /// into both factors, so the two have equal norms. The Frobenius error is
 /// `sqrt(sum of the dropped singular values squared)`. `1 <= r <= min(o, i)`.
 ///
-/// Computed in f64 with nalgebra's SVD on the CPU (cost `O(o·i·min(o, i))`); the factors are f32
+/// Computed in f64 with faer's SVD on the CPU (cost `O(o·i·min(o, i))`); the factors are f32
 /// on `m`'s device.
 pub fn truncated_svd(m: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
     let (o, i) = dims2(m, "m")?;
@@ -84,25 +84,20 @@ pub fn truncated_svd(m: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
             o.min(i)
         )));
     }
-    let s = svd(tensor_to_matrix_f64(m, "m")?, "m")?;
-    let (u, v_t) = match (&s.u, &s.v_t) {
-        (Some(u), Some(v_t)) => (u, v_t),
-        _ => return Err(Error::msg("truncated_svd: SVD returned no singular vectors")),
-    };
+    let (u, sv, v_t) = thin_svd(&tensor_to_matrix_f64(m, "m")?, "m")?;
     let mut b: DMatrix<f64> = u.columns(0, r).into_owned();
     let mut a: DMatrix<f64> = v_t.rows(0, r).into_owned();
     for k in 0..r {
-        let root = s.singular_values[k].max(0.0).sqrt();
+        let root = sv[k].max(0.0).sqrt();
         b.column_mut(k).scale_mut(root);
         a.row_mut(k).scale_mut(root);
     }
     Ok((matrix_f64_to_tensor(&b, m.device())?, matrix_f64_to_tensor(&a, m.device())?))
 }
 
-/// Singular values of a matrix, descending (f64 SVD on the CPU).
+/// Singular values of a matrix, descending (f64 thin SVD on the CPU).
 pub fn singular_values(m: &Tensor) -> Result<Vec<f64>> {
-    let s = svd(tensor_to_matrix_f64(m, "m")?, "m")?;
-    Ok(s.singular_values.iter().copied().collect())
+    Ok(thin_svd(&tensor_to_matrix_f64(m, "m")?, "m")?.1)
 }
 
 /// Numerical rank: the number of singular values above `rel_tol` times the largest.

@@ -134,7 +134,7 @@ pub fn fit_weight_space(ws: &[Tensor], wl: &[Tensor], opts: &WeightFitOptions) -
         WeightFitInit::IdentityPadded => {
             let b = DMatrix::<f64>::identity(i_l, i_s);
             let m: DMatrix<f64> = small.iter().zip(&large).map(|(s, l)| l * &b * s.transpose()).sum();
-            (polar_factor(m, "sum W_l B W_s^T")?, b)
+            (polar_factor(m, "sum W_l B W_s^T")?.map(f64::from), b)
         }
     };
     let initial_error = rel_err(&a, &b);

@@ -536,12 +536,14 @@ impl PairMaps {
         .map_err(err)
     }
 
-    /// Reads maps written by `save` (or a file of hetfed's map cache).
+    /// Reads maps written by `save` (or an entry of hetfed's map cache): a directory, whose
+    /// layers are read one at a time when projected.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         py.detach(|| hetfed_transfer::PairMaps::load(&path)).map(|maps| Self { maps }).map_err(err)
     }
 
+    /// Writes the maps as a directory: `pair.safetensors` and one file per large layer.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         py.detach(|| self.maps.save(&path)).map_err(err)
     }

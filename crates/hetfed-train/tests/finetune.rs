@@ -186,38 +186,10 @@ fn lora_finetune_of_tinystories_lowers_held_out_loss() {
     assert!(after < before - 0.1, "held-out loss {before} -> {after}");
 }
 
-fn tempdir() -> Scratch {
-    let d = std::env::temp_dir().join(format!("hetfed-train-test-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
-}
-
 /// A scratch directory under the system temp dir, removed with everything in it when dropped
 /// (a failing test's directory goes too: the assertion message names what went wrong).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for Scratch {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("hetfed-train-").tempdir().unwrap()
 }
 
 #[test]

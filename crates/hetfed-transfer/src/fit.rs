@@ -9,6 +9,8 @@
 //! products of Procrustes and ridge, `d_small²` more for ridge).
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -19,8 +21,9 @@ use hetfed_project::{random_orthogonal, Map, Moments};
 use crate::calibration::{bloom_model, by_space, check_seqs, id_batch, Space};
 use crate::maps::{
     embed_seed, modules_from_spaces, space_seed, weight_space_embed, weight_space_layer, Fitted, LayerFit, MapConfig,
-    Method, ModuleMaps, PairMaps, Plan, FITTED_SPACES,
+    Method, PairMaps, Plan, FITTED_SPACES,
 };
+use crate::store::{layer_file, write_layer, LayerMaps, Layers};
 
 /// Calibration sequences per forward batch.
 pub(crate) const BATCH: usize = 16;
@@ -124,11 +127,16 @@ impl SpaceStats {
     }
 
     /// The map of `method` (never the weight-space one, fitted from weights).
-    fn fit(&self, method: Method, ridge: f64, seed: u64) -> Result<Map> {
-        let m = &self.moments;
+    ///
+    /// With held-out tokens (whose R² needs only the means), Procrustes moves the cross products
+    /// out of the statistics rather than copying them: at real widths they are 512 MiB.
+    fn fit(&mut self, method: Method, ridge: f64, seed: u64) -> Result<Map> {
+        let held_out = !self.ho_s.is_empty();
+        let m = &mut self.moments;
         let (d_s, d_l) = m.dims();
         match method {
             Method::Ridge => m.fit_ridge(ridge * m.total_sq_small()? / d_s as f64),
+            Method::Procrustes if held_out => m.take_procrustes(),
             Method::Procrustes => m.fit_procrustes(),
             Method::Random => random_orthogonal(d_l, d_s, seed),
             Method::Identity => Map::identity(d_l, d_s),
@@ -189,13 +197,7 @@ fn accumulate(
 }
 
 /// The maps of large layer `j` (paired with small layer `i`) and its report.
-fn fit_layer(
-    cx: &Ctx<'_>,
-    s: &mut Stream,
-    l: &mut Stream,
-    i: usize,
-    j: usize,
-) -> Result<(BTreeMap<String, ModuleMaps>, LayerFit)> {
+fn fit_layer(cx: &Ctx<'_>, s: &mut Stream, l: &mut Stream, i: usize, j: usize) -> Result<(LayerMaps, LayerFit)> {
     let tl = Instant::now();
     s.advance_to(i)?;
     l.advance_to(j)?;
@@ -214,7 +216,7 @@ fn fit_layer(
         weight_space_layer(cx.small, cx.large, i, j, cx.n_head)?
     } else {
         let maps = stats
-            .iter()
+            .iter_mut()
             .map(|(space, st)| Ok((*space, st.fit(cx.cfg.method, cx.cfg.ridge, space_seed(cx.cfg, j, *space))?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         (modules_from_spaces(&maps), maps)
@@ -232,7 +234,7 @@ fn fit_embed(cx: &Ctx<'_>, s: &Stream, l: &Stream) -> Result<(Map, f64)> {
     for b in 0..s.ids.len() {
         accumulate(cx, &mut stats, b, held_out, std::iter::once((Space::ResidIn, s.rows(b)?, l.rows(b)?)))?;
     }
-    let st = &stats[&Space::ResidIn];
+    let st = stats.get_mut(&Space::ResidIn).ok_or_else(|| Error::msg("maps: no calibration batches"))?;
     let map = if cx.cfg.method == Method::WeightSpace {
         weight_space_embed(cx.small, cx.large)?
     } else {
@@ -257,7 +259,24 @@ impl PairMaps {
         calibration: &str,
         cfg: &MapConfig,
     ) -> Result<Self> {
-        Self::fit_batched(small, large, seqs, calibration, cfg, BATCH)
+        Self::fit_batched(small, large, seqs, calibration, cfg, BATCH, None)
+    }
+
+    /// [`PairMaps::fit`] into the directory `dir` (the format of [`PairMaps::save`]): each
+    /// layer's maps are written as soon as they are fitted and dropped, so the fit holds one
+    /// layer's maps at a time; the maps returned read their layers from `dir`.
+    pub fn fit_into(
+        dir: &Path,
+        small: &Checkpoint,
+        large: &Checkpoint,
+        seqs: &[Vec<u32>],
+        calibration: &str,
+        cfg: &MapConfig,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let maps = Self::fit_batched(small, large, seqs, calibration, cfg, BATCH, Some(dir))?;
+        maps.write_pair(dir)?;
+        Ok(maps)
     }
 
     /// [`PairMaps::fit`] with `batch` sequences per forward batch.
@@ -268,6 +287,7 @@ impl PairMaps {
         calibration: &str,
         cfg: &MapConfig,
         batch: usize,
+        store: Option<&Path>,
     ) -> Result<Self> {
         let t0 = Instant::now();
         let plan = Plan::new(small, large, seqs, cfg)?;
@@ -280,9 +300,17 @@ impl PairMaps {
         let mut fits = Vec::with_capacity(plan.pairing.len());
         for (j, &i) in plan.pairing.iter().enumerate() {
             let (modules, fit) = fit_layer(&cx, &mut s, &mut l, i, j)?;
-            layers.push(modules);
+            tracing::info!(layer = j, seconds = fit.seconds, "maps fitted");
+            match store {
+                Some(dir) => write_layer(&layer_file(dir, j), &modules)?,
+                None => layers.push(Arc::new(modules)),
+            }
             fits.push(fit);
         }
+        let layers = match store {
+            Some(dir) => Layers::Disk { dir: dir.to_path_buf(), n: fits.len(), resident: Default::default() },
+            None => Layers::Memory(layers),
+        };
         let fitted = Fitted { layers, fits, embed, embed_explained_variance };
         Self::assemble(small, large, calibration, cfg, plan, fitted, t0)
     }

@@ -16,7 +16,10 @@
 //!    [`PairMaps::fit_in_memory`] computes the same from every block's activations at once
 //!    ([`capture`]) and is kept as the reference;
 //! 3. caches them on disk keyed by both models' identities and the fit's settings
-//!    ([`PairMaps::load_or_fit`]), so they are computed once per pair;
+//!    ([`PairMaps::load_or_fit`]), so they are computed once per pair: one file per large layer,
+//!    written as the fit goes and read when that layer is projected, so neither the fit nor a
+//!    projection holds more than one layer's maps (at bloom-560m → bloom-7b1 widths all maps
+//!    together are ≈ 11 GiB);
 //! 4. projects task vectors ([`PairMaps::project`]): a LoRA update stays LoRA with its rank,
 //!    `(T_out·B)·(A·T_in^T)`; a dense update becomes `T_out·dW·T_in^T`.
 //!
@@ -48,6 +51,7 @@ mod fit;
 mod maps;
 mod projection;
 mod reference;
+mod store;
 
 #[cfg(test)]
 mod tests;
@@ -55,3 +59,4 @@ mod tests;
 pub use calibration::{capture, sample_sequences, text_sequences, Activations, Space};
 pub use maps::{FitSummary, LayerFit, MapConfig, Method, ModuleMaps, PairMaps, MODULES};
 pub use projection::{ProjectReport, ProjectedModule};
+pub use store::LayerMaps;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::calibration::Space;
+use crate::store::{layer_file, write_layer, LayerMaps, Layers};
 
 /// The linear modules of a BLOOM block that updates are projected for, as named under
 /// `transformer.h.{i}.`.
@@ -114,12 +116,13 @@ impl MapConfig {
     }
 }
 
-/// The maps of one module of one large layer.
+/// The maps of one module of one large layer. Modules that read or write the same space share
+/// its map.
 #[derive(Debug, Clone)]
 pub struct ModuleMaps {
     /// Output maps: one, or Q, K, V for the fused attention projection.
-    pub out: Vec<Map>,
-    pub input: Map,
+    pub out: Vec<Arc<Map>>,
+    pub input: Arc<Map>,
 }
 
 /// What the fit of one large layer achieved.
@@ -163,8 +166,9 @@ pub struct PairMaps {
     pub pairing: Vec<usize>,
     pub n_head_small: usize,
     pub n_head_large: usize,
-    /// Per large layer, module (see [`MODULES`]) → maps.
-    pub layers: Vec<BTreeMap<String, ModuleMaps>>,
+    /// Per large layer, module (see [`MODULES`]) → maps: in memory, or one file per layer read
+    /// when asked for ([`PairMaps::layer`]).
+    pub(crate) layers: Layers,
     /// Maps embedding rows (the residual space entering block 0).
     pub embed: Map,
     pub summary: FitSummary,
@@ -240,8 +244,10 @@ pub(crate) fn embed_seed(cfg: &MapConfig) -> u64 {
     hetfed_core::mix_seed(cfg.seed, u64::MAX)
 }
 
-/// One large layer's modules from the maps fitted per space.
-pub(crate) fn modules_from_spaces(maps: &BTreeMap<Space, Map>) -> BTreeMap<String, ModuleMaps> {
+/// One large layer's modules from the maps fitted per space (modules sharing a space share its
+/// map).
+pub(crate) fn modules_from_spaces(maps: &BTreeMap<Space, Map>) -> LayerMaps {
+    let maps: BTreeMap<Space, Arc<Map>> = maps.iter().map(|(s, m)| (*s, Arc::new(m.clone()))).collect();
     MODULES
         .iter()
         .map(|m| {
@@ -269,7 +275,7 @@ pub(crate) fn weight_space_layer(
         let mm = weight_space_module(small, large, i, j, m, nh.0, nh.1)?;
         let (outs, input) = module_spaces(m);
         for (space, map) in outs.iter().zip(&mm.out).chain(std::iter::once((&input, &mm.input))) {
-            first.entry(*space).or_insert_with(|| map.clone());
+            first.entry(*space).or_insert_with(|| (**map).clone());
         }
         modules.insert(m.to_string(), mm);
     }
@@ -288,7 +294,7 @@ pub(crate) fn weight_space_embed(small: &Checkpoint, large: &Checkpoint) -> Resu
 
 /// What a fit computed, before it becomes [`PairMaps`].
 pub(crate) struct Fitted {
-    pub layers: Vec<BTreeMap<String, ModuleMaps>>,
+    pub layers: Layers,
     pub fits: Vec<LayerFit>,
     pub embed: Map,
     pub embed_explained_variance: f64,
@@ -332,17 +338,29 @@ impl PairMaps {
         })
     }
 
-    /// The cache file name for this pair, settings and calibration: both models' identities go
-    /// into the key, so a changed model never reuses stale maps.
-    pub fn cache_file(small: &ModelIdentity, large: &ModelIdentity, cfg: &MapConfig, calibration: &str) -> String {
+    /// Large layer `j`'s maps (read from its file when the maps are on disk; see [`Layers`]).
+    pub fn layer(&self, j: usize) -> Result<Arc<LayerMaps>> {
+        self.layers.get(j)
+    }
+
+    /// The number of large layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The cache directory name for this pair, settings and calibration: both models' identities
+    /// go into the key, so a changed model never reuses stale maps.
+    pub fn cache_name(small: &ModelIdentity, large: &ModelIdentity, cfg: &MapConfig, calibration: &str) -> String {
         let key = json!({"small": small, "large": large, "config": cfg, "calibration": calibration, "format": FORMAT});
         let h = hetfed_core::sha256_hex(key.to_string().as_bytes());
-        format!("maps-{}-{}.safetensors", cfg.method.name(), &h[..16])
+        format!("maps-{}-{}", cfg.method.name(), &h[..16])
     }
 
     /// The maps from `cache_dir` when fitted before for exactly these models, settings and
-    /// calibration; otherwise fits them on `calibration_seqs()` and saves them there. Returns the
-    /// maps and whether they came from the cache.
+    /// calibration; otherwise fits them on `calibration_seqs()` into a directory there, writing
+    /// each layer's maps as soon as they are fitted (the fit holds one layer's maps at a time),
+    /// and renames it into place once complete. Returns the maps, read one layer at a time from
+    /// the cache, and whether they came from the cache.
     pub fn load_or_fit(
         cache_dir: &Path,
         small: &Checkpoint,
@@ -352,35 +370,49 @@ impl PairMaps {
         calibration_seqs: impl FnOnce() -> Result<Vec<Vec<u32>>>,
     ) -> Result<(Self, bool)> {
         let (si, li) = (small.identity()?, large.identity()?);
-        let path: PathBuf = cache_dir.join(Self::cache_file(&si, &li, cfg, calibration));
+        let path: PathBuf = cache_dir.join(Self::cache_name(&si, &li, cfg, calibration));
         if path.exists() {
-            let maps = Self::load(&path)?;
-            if maps.small == si && maps.large == li && &maps.config == cfg {
-                return Ok((maps, true));
+            match Self::load(&path) {
+                Ok(maps) if maps.small == si && maps.large == li && &maps.config == cfg => return Ok((maps, true)),
+                Ok(_) => {
+                    tracing::warn!("{}: cached maps are for other models or settings; fitting again", path.display())
+                }
+                Err(e) => tracing::warn!("{}: unreadable cached maps ({e}); fitting again", path.display()),
             }
-            tracing::warn!("{}: cached maps are for other models or settings; fitting again", path.display());
         }
         let seqs = calibration_seqs()?;
-        let maps = Self::fit(small, large, &seqs, calibration, cfg)?;
-        std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-        maps.save(&path)?;
-        Ok((maps, false))
+        let tmp = cache_dir.join(format!(
+            ".{}.partial-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("maps"),
+            std::process::id()
+        ));
+        Self::fit_into(&tmp, small, large, &seqs, calibration, cfg)?;
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        Ok((Self::load(&path)?, false))
     }
 
-    /// Writes the maps as safetensors, with identities, settings and the fit summary as JSON
-    /// metadata.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let dev = Device::Cpu;
-        let mut t = TensorMap::new();
-        t.insert("embed".into(), self.embed.to_tensor(&dev)?);
-        for (j, layer) in self.layers.iter().enumerate() {
-            for (m, mm) in layer {
-                t.insert(format!("L{j}.{m}.in"), mm.input.to_tensor(&dev)?);
-                for (p, o) in mm.out.iter().enumerate() {
-                    t.insert(format!("L{j}.{m}.out{p}"), o.to_tensor(&dev)?);
-                }
+    /// Writes the maps as a directory: `pair.safetensors` (the embedding map, with identities,
+    /// settings and the fit summary as JSON metadata) and one `layer-{j}.safetensors` per large
+    /// layer (each distinct map once). Layers are read and written one at a time.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let same_dir = matches!(&self.layers, Layers::Disk { dir: d, .. } if d == dir);
+        if !same_dir {
+            for j in 0..self.n_layers() {
+                write_layer(&layer_file(dir, j), &*self.layer(j)?)?;
             }
         }
+        self.write_pair(dir)
+    }
+
+    /// The directory's `pair.safetensors`; written last, so a directory without it is an
+    /// unfinished fit.
+    pub(crate) fn write_pair(&self, dir: &Path) -> Result<()> {
+        let mut t = TensorMap::new();
+        t.insert("embed".into(), self.embed.to_tensor(&Device::Cpu)?);
         let meta = json!({
             "small": self.small, "large": self.large, "config": self.config, "pairing": self.pairing,
             "n_head_small": self.n_head_small, "n_head_large": self.n_head_large, "summary": self.summary,
@@ -388,12 +420,21 @@ impl PairMaps {
         let mut md = BTreeMap::new();
         md.insert("hetfed.format".to_string(), FORMAT.to_string());
         md.insert("hetfed.pair_maps".to_string(), meta.to_string());
-        hetfed_core::save_safetensors(&t, DType::F32, &md, path)
+        hetfed_core::save_safetensors(&t, DType::F32, &md, &dir.join(PAIR_FILE))
     }
 
-    /// Reads maps written by [`PairMaps::save`].
-    pub fn load(path: &Path) -> Result<Self> {
-        let (mut t, md) = hetfed_core::load_safetensors(path)?;
+    /// Reads maps written by [`PairMaps::save`] (or a map cache entry). Only the embedding map and
+    /// the metadata are read now; each layer's maps are read when that layer is asked for.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(PAIR_FILE);
+        if !path.is_file() {
+            return Err(Error::msg(format!(
+                "{}: expected a maps directory written by hetfed (with {PAIR_FILE}), found {}",
+                dir.display(),
+                if dir.is_dir() { "a directory without it (an unfinished fit?)" } else { "no directory" }
+            )));
+        }
+        let (mut t, md) = hetfed_core::load_safetensors(&path)?;
         let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
         if md.get("hetfed.format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(format!(
@@ -413,21 +454,16 @@ impl PairMaps {
         let summary: FitSummary = serde_json::from_value(parse("summary")?).map_err(|e| bad(e.to_string()))?;
         let n_head_small = parse("n_head_small")?.as_u64().unwrap_or(0) as usize;
         let n_head_large = parse("n_head_large")?.as_u64().unwrap_or(0) as usize;
-        let mut take = |k: &str| -> Result<Map> {
-            Map::from_tensor(&t.remove(k).ok_or_else(|| bad(format!("expected tensor `{k}`, found none")))?)
-        };
-        let embed = take("embed")?;
-        let mut layers = Vec::with_capacity(pairing.len());
-        for j in 0..pairing.len() {
-            let mut modules = BTreeMap::new();
-            for m in MODULES {
-                let input = take(&format!("L{j}.{m}.in"))?;
-                let parts = if m == MODULES[0] { 3 } else { 1 };
-                let out = (0..parts).map(|p| take(&format!("L{j}.{m}.out{p}"))).collect::<Result<_>>()?;
-                modules.insert(m.to_string(), ModuleMaps { out, input });
-            }
-            layers.push(modules);
+        let embed =
+            Map::from_tensor(&t.remove("embed").ok_or_else(|| bad("expected tensor `embed`, found none".into()))?)?;
+        if let Some(j) = (0..pairing.len()).find(|&j| !layer_file(dir, j).is_file()) {
+            return Err(Error::msg(format!(
+                "{}: expected one maps file per large layer ({}), found none for layer {j}",
+                dir.display(),
+                pairing.len()
+            )));
         }
+        let layers = Layers::Disk { dir: dir.to_path_buf(), n: pairing.len(), resident: Default::default() };
         Ok(Self { small, large, config, pairing, n_head_small, n_head_large, layers, embed, summary })
     }
 
@@ -443,7 +479,10 @@ impl PairMaps {
     }
 }
 
-const FORMAT: &str = "pair-maps-1";
+const FORMAT: &str = "pair-maps-2";
+
+/// A maps directory's file of the embedding map and the metadata.
+const PAIR_FILE: &str = "pair.safetensors";
 
 /// Data-free maps of one module: per output part `A_p` from `A·W_s^p·B^T ≈ W_l^p`, and the input
 /// map `B` from the whole (stacked) matrix.
@@ -472,10 +511,12 @@ fn weight_space_module(
         let out = ps
             .iter()
             .zip(&pl)
-            .map(|(s, l)| Ok(fit_weight_space(std::slice::from_ref(s), std::slice::from_ref(l), &opts)?.out_map))
+            .map(|(s, l)| {
+                Ok(Arc::new(fit_weight_space(std::slice::from_ref(s), std::slice::from_ref(l), &opts)?.out_map))
+            })
             .collect::<Result<_>>()?;
-        Ok(ModuleMaps { out, input: whole.in_map })
+        Ok(ModuleMaps { out, input: Arc::new(whole.in_map) })
     } else {
-        Ok(ModuleMaps { out: vec![whole.out_map], input: whole.in_map })
+        Ok(ModuleMaps { out: vec![Arc::new(whole.out_map)], input: Arc::new(whole.in_map) })
     }
 }

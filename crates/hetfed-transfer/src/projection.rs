@@ -57,13 +57,20 @@ fn norm(t: &Tensor) -> Result<f64> {
 }
 
 impl PairMaps {
-    /// Large layers paired with small layer `i`.
-    fn targets_of(&self, i: usize) -> Vec<usize> {
-        self.pairing.iter().enumerate().filter(|(_, &s)| s == i).map(|(j, _)| j).collect()
-    }
-
-    fn maps(&self, j: usize, module: &str) -> &ModuleMaps {
-        &self.layers[j][module]
+    /// `f(j, i, layer j's maps, the items of small layer i)` for every large layer `j` in order,
+    /// `i` its paired small layer, skipping layers whose small layer has no items. Large layer
+    /// by large layer, so that maps read from disk are read once each and one at a time.
+    fn per_large_layer<T>(
+        &self,
+        by_small: &BTreeMap<usize, Vec<T>>,
+        mut f: impl FnMut(usize, &crate::LayerMaps, &[T]) -> Result<()>,
+    ) -> Result<()> {
+        for (j, i) in self.pairing.iter().enumerate() {
+            if let Some(items) = by_small.get(i) {
+                f(j, &*self.layer(j)?, items)?;
+            }
+        }
+        Ok(())
     }
 
     /// Projects `tv` (made from this pair's small model) into the large model: the result is a
@@ -77,6 +84,9 @@ impl PairMaps {
             Delta::Lora { config, factors } => {
                 let mut out = TensorMap::new();
                 let scale = config.scale();
+                // Small layer → its modules' (module, full name, B, A, norm), all checked before
+                // any map is read.
+                let mut by_small: BTreeMap<usize, Vec<(&str, &str, &Tensor, &Tensor, f64)>> = BTreeMap::new();
                 for (name, a) in factors {
                     let Some(module_full) = name.strip_suffix(".lora_A") else { continue };
                     let b = factors
@@ -89,8 +99,11 @@ impl PairMaps {
                         ))
                     })?;
                     let norm_in = norm(&b.matmul(a)?)? * scale;
-                    for j in self.targets_of(i) {
-                        let (b2, a2) = self.project_factors(j, module, b, a)?;
+                    by_small.entry(i).or_default().push((module, module_full, b, a, norm_in));
+                }
+                self.per_large_layer(&by_small, |j, layer, items| {
+                    for &(module, module_full, b, a, norm_in) in items {
+                        let (b2, a2) = self.project_factors(&layer[module], b, a)?;
                         let large = format!("transformer.h.{j}.{module}");
                         report.modules.push(ProjectedModule {
                             name: large.clone(),
@@ -101,11 +114,13 @@ impl PairMaps {
                         out.insert(format!("{large}.lora_A"), a2);
                         out.insert(format!("{large}.lora_B"), b2);
                     }
-                }
+                    Ok(())
+                })?;
                 Delta::Lora { config: config.clone(), factors: out }
             }
             Delta::Full(delta) => {
                 let mut out = TensorMap::new();
+                let mut by_small: BTreeMap<usize, Vec<(&str, bool, &String, &Tensor)>> = BTreeMap::new();
                 for (name, d) in delta {
                     if name == "transformer.word_embeddings.weight" {
                         // Rows are residual-space vectors: dE_l = dE_s·T^T.
@@ -129,8 +144,11 @@ impl PairMaps {
                             "expected parameters of a BLOOM model, found `{name}` in the update"
                         )));
                     };
-                    for j in self.targets_of(i) {
-                        let p = self.project_dense(j, module, d, is_weight)?;
+                    by_small.entry(i).or_default().push((module, is_weight, name, d));
+                }
+                self.per_large_layer(&by_small, |j, layer, items| {
+                    for &(module, is_weight, name, d) in items {
+                        let p = self.project_dense(&layer[module], d, is_weight)?;
                         let large = format!("transformer.h.{j}.{module}.{}", if is_weight { "weight" } else { "bias" });
                         report.modules.push(ProjectedModule {
                             name: large.clone(),
@@ -140,7 +158,8 @@ impl PairMaps {
                         });
                         out.insert(large, p);
                     }
-                }
+                    Ok(())
+                })?;
                 Delta::Full(out)
             }
         };
@@ -149,8 +168,7 @@ impl PairMaps {
     }
 
     /// `(T_out·B, A·T_in^T)`, per Q/K/V part for the fused attention projection.
-    fn project_factors(&self, j: usize, module: &str, b: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mm = self.maps(j, module);
+    fn project_factors(&self, mm: &ModuleMaps, b: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
         if mm.out.len() == 1 {
             return project_lora(b, a, &mm.out[0], &mm.input);
         }
@@ -185,8 +203,7 @@ impl PairMaps {
     }
 
     /// A dense weight (`T_out·dW·T_in^T`) or bias (`T_out·db`) update of large layer `j`.
-    fn project_dense(&self, j: usize, module: &str, d: &Tensor, is_weight: bool) -> Result<Tensor> {
-        let mm = self.maps(j, module);
+    fn project_dense(&self, mm: &ModuleMaps, d: &Tensor, is_weight: bool) -> Result<Tensor> {
         Self::per_part(d, mm, self.n_head_small, self.n_head_large, |p, t| {
             if is_weight {
                 project_full(p, t, &mm.input)
@@ -233,7 +250,8 @@ impl PairMaps {
                 .pairing
                 .get(j)
                 .ok_or_else(|| Error::msg(format!("`{name}`: the large model has {} layers", self.pairing.len())))?;
-            let mm = self.maps(j, module);
+            let layer = self.layer(j)?;
+            let mm = &layer[module];
             // The transposed maps: T_out^T·dW·T_in (weights), T_out^T·db (biases).
             let p = Self::per_part(&d, mm, self.n_head_large, self.n_head_small, |part, out| {
                 let to_t = matrix_to_tensor(&out.matrix().transpose(), part.device())?;

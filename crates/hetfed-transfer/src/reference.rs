@@ -98,7 +98,7 @@ impl PairMaps {
                 .iter()
                 .map(|(space, map)| Ok((space.name().to_string(), r2(map, &paired(*space)?)?)))
                 .collect::<Result<_>>()?;
-            layers.push(modules);
+            layers.push(std::sync::Arc::new(modules));
             fits.push(LayerFit {
                 large_layer: j,
                 small_layer: i,
@@ -113,7 +113,7 @@ impl PairMaps {
             fit_one(cfg.method, &p0, cfg.ridge, embed_seed(cfg))?
         };
         let embed_explained_variance = r2(&embed, &p0)?;
-        let fitted = Fitted { layers, fits, embed, embed_explained_variance };
+        let fitted = Fitted { layers: crate::store::Layers::Memory(layers), fits, embed, embed_explained_variance };
         Self::assemble(small, large, calibration, cfg, plan, fitted, t0)
     }
 }

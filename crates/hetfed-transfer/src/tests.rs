@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use hetfed_core::TensorMap;
@@ -190,8 +191,8 @@ fn maps_between_a_model_and_its_rotated_copy_recover_the_rotation_and_transport_
     // stream, the GELU output). LayerNorm outputs, and so queries, keys, values and contexts,
     // span one dimension less (they are centred across coordinates), which leaves the map free
     // in that one direction: there it is checked on the data (R² above) and through the update.
-    assert!(max_abs_diff(&mat(&maps.layers[1]["mlp.dense_4h_to_h"].input), &ph) < 1e-3);
-    assert!(max_abs_diff(&mat(&maps.layers[0]["mlp.dense_4h_to_h"].out[0]), &pr) < 1e-3);
+    assert!(max_abs_diff(&mat(&maps.layer(1).unwrap()["mlp.dense_4h_to_h"].input), &ph) < 1e-3);
+    assert!(max_abs_diff(&mat(&maps.layer(0).unwrap()["mlp.dense_4h_to_h"].out[0]), &pr) < 1e-3);
     assert!(max_abs_diff(&mat(&maps.embed), &pr) < 1e-3);
     let _ = (rqk, rv);
     // A LoRA update moved through the maps changes the copy exactly as it changes the original.
@@ -314,10 +315,50 @@ fn maps_are_cached_by_both_identities_and_settings() {
     )
     .unwrap();
     assert!(!hit);
-    // A damaged cache file is an error naming the file, not a panic.
-    let f = dir.path().join(PairMaps::cache_file(&small.identity().unwrap(), &large.identity().unwrap(), &cfg, "c1"));
-    std::fs::write(&f, b"not safetensors").unwrap();
-    assert!(PairMaps::load(&f).is_err());
+    // The cache entry is a directory: the embedding map and metadata, one file per large layer.
+    let entry =
+        dir.path().join(PairMaps::cache_name(&small.identity().unwrap(), &large.identity().unwrap(), &cfg, "c1"));
+    let mut files: Vec<String> =
+        std::fs::read_dir(&entry).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, ["layer-0.safetensors", "layer-1.safetensors", "layer-2.safetensors", "pair.safetensors"]);
+    // Each distinct map once: 8 spaces for the 10 (module, part) names of a layer.
+    let (t, md) = hetfed_core::load_safetensors(&entry.join("layer-0.safetensors")).unwrap();
+    assert_eq!(t.len(), 8, "{:?}", t.keys().collect::<Vec<_>>());
+    assert!(md["hetfed.aliases"].contains("mlp.dense_h_to_4h.out0"), "{}", md["hetfed.aliases"]);
+    // A layer read again shares the maps its modules share.
+    let l0 = m2.layer(0).unwrap();
+    assert!(Arc::ptr_eq(&l0["mlp.dense_h_to_4h"].out[0], &l0["mlp.dense_4h_to_h"].input));
+    // Only the layer asked for last is held: reading layer 1 drops layer 0.
+    let held = Arc::downgrade(&l0);
+    drop(l0);
+    assert!(held.upgrade().is_some(), "the last layer read stays resident");
+    let _l1 = m2.layer(1).unwrap();
+    assert!(held.upgrade().is_none(), "layer 0 is still held after reading layer 1");
+    // A missing layer file, a damaged metadata file and an unfinished directory are errors naming
+    // what is wrong, not panics.
+    let copy = dir.path().join("copy");
+    m2.save(&copy).unwrap();
+    let m3 = PairMaps::load(&copy).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &mat(&m3.layer(2).unwrap()["self_attention.dense"].out[0]),
+            &mat(&m2.layer(2).unwrap()["self_attention.dense"].out[0])
+        ),
+        0.0
+    );
+    std::fs::remove_file(copy.join("layer-2.safetensors")).unwrap();
+    let e = PairMaps::load(&copy).unwrap_err().to_string();
+    assert!(e.contains("found none for layer 2"), "{e}");
+    std::fs::write(copy.join("pair.safetensors"), b"not safetensors").unwrap();
+    assert!(PairMaps::load(&copy).is_err());
+    std::fs::remove_file(copy.join("pair.safetensors")).unwrap();
+    let e = PairMaps::load(&copy).unwrap_err().to_string();
+    assert!(e.contains("unfinished fit"), "{e}");
+    // A damaged cache entry is fitted again, not an error.
+    std::fs::write(entry.join("pair.safetensors"), b"not safetensors").unwrap();
+    let (_, hit) = PairMaps::load_or_fit(dir.path(), &small, &large, "c1", &cfg, || Ok(seqs(30, 16, 1))).unwrap();
+    assert!(!hit);
 }
 
 #[test]
@@ -365,7 +406,9 @@ fn assert_same_fit(streamed: &PairMaps, reference: &PairMaps, small: &Checkpoint
         assert!(d < tol, "{what} {name}: maps differ on the data by {d}");
     };
     let full_span = matches!(reference.config.method, Method::Ridge | Method::Random | Method::Identity);
-    for (j, (ls, lr)) in streamed.layers.iter().zip(&reference.layers).enumerate() {
+    assert_eq!(streamed.n_layers(), reference.n_layers());
+    for j in 0..reference.n_layers() {
+        let (ls, lr) = (streamed.layer(j).unwrap(), reference.layer(j).unwrap());
         let i = reference.pairing[j];
         for m in MODULES {
             let (outs, input) = crate::maps::module_spaces(m);
@@ -414,22 +457,27 @@ fn the_streamed_fit_equals_the_in_memory_fit() {
         // One batch (the default size), then batches of 3 sequences: the statistics are summed
         // over 6 fitted batches (the last of 1 sequence) and the R² read from 2 held-out ones.
         assert_same_fit(&PairMaps::fit(&small, &large, &calib, "t", &mc).unwrap(), &reference, &small, &calib, tol);
-        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 3).unwrap();
+        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 3, None).unwrap();
         assert_same_fit(&streamed, &reference, &small, &calib, tol);
+        // Fitted into a directory, a layer file at a time, and read back from it.
+        let dir = tempfile::tempdir().unwrap();
+        let on_disk = PairMaps::fit_into(dir.path(), &small, &large, &calib, "t", &mc).unwrap();
+        assert_same_fit(&on_disk, &reference, &small, &calib, tol);
+        assert_same_fit(&PairMaps::load(dir.path()).unwrap(), &reference, &small, &calib, tol);
     }
     // No held-out tokens: R² on the fitted tokens, from the statistics alone.
     for method in [Method::Procrustes, Method::Ridge, Method::Random, Method::WeightSpace] {
         let mc = MapConfig { method, held_out: 0.0, ..Default::default() };
         let reference = PairMaps::fit_in_memory(&small, &large, &calib, "t", &mc).unwrap();
         assert_eq!(reference.summary.tokens_held_out, 0);
-        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 4).unwrap();
+        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 4, None).unwrap();
         assert_same_fit(&streamed, &reference, &small, &calib, tol);
     }
     // A pairing that goes back (the small stream starts again) and repeats.
     for method in [Method::Procrustes, Method::Ridge] {
         let mc = MapConfig { method, pairing: vec![1, 0, 1], ..Default::default() };
         let reference = PairMaps::fit_in_memory(&small, &large, &calib, "t", &mc).unwrap();
-        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 5).unwrap();
+        let streamed = PairMaps::fit_batched(&small, &large, &calib, "t", &mc, 5, None).unwrap();
         assert_same_fit(&streamed, &reference, &small, &calib, tol);
     }
 }

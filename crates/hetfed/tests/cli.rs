@@ -38,37 +38,10 @@ fn fails(args: &[&str]) -> String {
     lines[0].to_string()
 }
 
-fn tempdir(tag: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!(
-        "hetfed-cli-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
-}
-
 /// A scratch directory under the system temp dir, removed with everything in it when dropped
 /// (a failing test's directory goes too: the assertion message names what went wrong).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for Scratch {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("hetfed-cli-{tag}-")).tempdir().unwrap()
 }
 
 /// The log-probs `hetfed score --json` gives `text` under `model`, with `taskvec` applied if given.

@@ -13,34 +13,10 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hetfed"))
 }
 
-fn tempdir(tag: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("hetfed-fed-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
-}
-
 /// A scratch directory under the system temp dir, removed with everything in it when dropped
 /// (a failing test's directory goes too: the assertion message names what went wrong).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for Scratch {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("hetfed-fed-{tag}-")).tempdir().unwrap()
 }
 
 fn model_dir() -> PathBuf {

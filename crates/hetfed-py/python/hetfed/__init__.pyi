@@ -126,8 +126,10 @@ class PairMaps:
         `cache_dir`, reads maps fitted before for these models and settings, and saves new ones."""
     @staticmethod
     def load(path: _Path) -> "PairMaps":
-        """Maps written by `save` (or a file of hetfed's map cache)."""
-    def save(self, path: _Path) -> None: ...
+        """Maps written by `save` (or an entry of hetfed's map cache): a directory, whose layers
+        are read one at a time when projected."""
+    def save(self, path: _Path) -> None:
+        """Writes the maps as a directory: `pair.safetensors` and one file per large layer."""
     def project(self, taskvec: TaskVector) -> TaskVector:
         """A task vector of the small model moved into the large model (LoRA factors keep their
         rank)."""

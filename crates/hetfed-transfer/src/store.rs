@@ -1,0 +1,148 @@
+//! Where a pair's per-layer maps live: in memory, or one safetensors file per large layer in a
+//! directory, read when that layer is projected.
+//!
+//! At real widths the maps do not fit beside the large model: bloom-560m → bloom-7b1 has, per
+//! large layer, a `[16384, 4096]` map of the MLP's hidden units and seven `[4096, 1024]` ones
+//! (≈ 384 MiB in f32), ≈ 11 GiB over 30 layers. On disk only the layer being projected is
+//! resident ([`Layers::get`] keeps the last layer read and drops it when another is asked for),
+//! and a fit with a cache writes each layer's file as soon as it is fitted
+//! ([`crate::PairMaps::load_or_fit`]), so the fit never holds more than one layer's maps either.
+//!
+//! A layer's file holds each distinct map once: a map several modules share (the residual stream
+//! written by the attention output and read by nothing else, the MLP's hidden units written by
+//! `dense_h_to_4h` and read by `dense_4h_to_h`) is stored under the first module that uses it,
+//! and the others name it in the file's `hetfed.aliases` metadata.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device};
+use hetfed_core::{Error, Result, TensorMap};
+use hetfed_project::Map;
+
+use crate::maps::{ModuleMaps, MODULES};
+
+/// One large layer's maps: module (see [`MODULES`]) → maps.
+pub type LayerMaps = BTreeMap<String, ModuleMaps>;
+
+/// Every large layer's maps, in memory or in per-layer files.
+pub(crate) enum Layers {
+    Memory(Vec<Arc<LayerMaps>>),
+    Disk {
+        dir: PathBuf,
+        n: usize,
+        /// The last layer read, kept until another one is asked for.
+        resident: Mutex<Option<(usize, Arc<LayerMaps>)>>,
+    },
+}
+
+impl Clone for Layers {
+    fn clone(&self) -> Self {
+        match self {
+            Layers::Memory(v) => Layers::Memory(v.clone()),
+            Layers::Disk { dir, n, .. } => Layers::Disk { dir: dir.clone(), n: *n, resident: Mutex::new(None) },
+        }
+    }
+}
+
+impl std::fmt::Debug for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Layers::Memory(v) => write!(f, "Layers::Memory({} layers)", v.len()),
+            Layers::Disk { dir, n, .. } => write!(f, "Layers::Disk({n} layers in {})", dir.display()),
+        }
+    }
+}
+
+/// The file of large layer `j`'s maps in a maps directory.
+pub(crate) fn layer_file(dir: &Path, j: usize) -> PathBuf {
+    dir.join(format!("layer-{j}.safetensors"))
+}
+
+impl Layers {
+    pub fn len(&self) -> usize {
+        match self {
+            Layers::Memory(v) => v.len(),
+            Layers::Disk { n, .. } => *n,
+        }
+    }
+
+    /// Layer `j`'s maps, read from its file when on disk (the previous resident layer is dropped
+    /// first, so at most one layer is held).
+    pub fn get(&self, j: usize) -> Result<Arc<LayerMaps>> {
+        if j >= self.len() {
+            return Err(Error::msg(format!("maps: expected a large layer below {}, found {j}", self.len())));
+        }
+        match self {
+            Layers::Memory(v) => Ok(v[j].clone()),
+            Layers::Disk { dir, resident, .. } => {
+                let mut slot = resident.lock().map_err(|_| Error::msg("maps: a thread panicked while reading maps"))?;
+                if let Some((k, maps)) = slot.as_ref() {
+                    if *k == j {
+                        return Ok(maps.clone());
+                    }
+                }
+                *slot = None;
+                let maps = Arc::new(read_layer(&layer_file(dir, j))?);
+                *slot = Some((j, maps.clone()));
+                Ok(maps)
+            }
+        }
+    }
+}
+
+/// Writes one layer's maps, each distinct map once (see the module docs).
+pub(crate) fn write_layer(path: &Path, layer: &LayerMaps) -> Result<()> {
+    let dev = Device::Cpu;
+    let mut t = TensorMap::new();
+    let mut written: Vec<(&Arc<Map>, String)> = Vec::new();
+    let mut aliases = BTreeMap::new();
+    for (m, mm) in layer {
+        let parts = mm.out.iter().enumerate().map(|(p, o)| (format!("{m}.out{p}"), o));
+        for (name, map) in parts.chain(std::iter::once((format!("{m}.in"), &mm.input))) {
+            match written.iter().find(|(w, _)| Arc::ptr_eq(w, map)) {
+                Some((_, first)) => {
+                    aliases.insert(name, first.clone());
+                }
+                None => {
+                    t.insert(name.clone(), map.to_tensor(&dev)?);
+                    written.push((map, name));
+                }
+            }
+        }
+    }
+    let mut md = BTreeMap::new();
+    md.insert("hetfed.aliases".to_string(), serde_json::to_string(&aliases).map_err(|e| Error::msg(e.to_string()))?);
+    hetfed_core::save_safetensors(&t, DType::F32, &md, path)
+}
+
+/// Reads one layer's maps written by [`write_layer`] (memory-mapped, a tensor at a time); maps
+/// stored once are shared again.
+pub(crate) fn read_layer(path: &Path) -> Result<LayerMaps> {
+    let (t, md) = hetfed_core::load_safetensors_mapped(path, &mut |_, t| Ok(t))?;
+    let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
+    let aliases: BTreeMap<String, String> = match md.get("hetfed.aliases") {
+        Some(s) => serde_json::from_str(s).map_err(|e| bad(format!("expected JSON aliases: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let mut read: BTreeMap<String, Arc<Map>> = BTreeMap::new();
+    let mut take = |name: &str| -> Result<Arc<Map>> {
+        let key = aliases.get(name).map(String::as_str).unwrap_or(name);
+        if let Some(m) = read.get(key) {
+            return Ok(m.clone());
+        }
+        let tensor = t.get(key).ok_or_else(|| bad(format!("expected tensor `{key}`, found none")))?;
+        let m = Arc::new(Map::from_tensor(tensor)?);
+        read.insert(key.to_string(), m.clone());
+        Ok(m)
+    };
+    let mut layer = LayerMaps::new();
+    for m in MODULES {
+        let parts = if m == MODULES[0] { 3 } else { 1 };
+        let out = (0..parts).map(|p| take(&format!("{m}.out{p}"))).collect::<Result<_>>()?;
+        let input = take(&format!("{m}.in"))?;
+        layer.insert(m.to_string(), ModuleMaps { out, input });
+    }
+    Ok(layer)
+}
