@@ -30,11 +30,13 @@ ca = "certs/ca.pem"
 cert = "certs/server.pem"
 key = "certs/server.key"
 tokens = "certs/tokens.toml"
+# The server evaluates a 7B model before the first round: clients wait for it.
+give_up_s = 7200
 TOML
-/usr/bin/time -v -o "$out/server.time" "$bin" server --config "$cfg" --out "$out/run" > "$out/server.log" 2>&1 &
+/usr/bin/time -v -o "$out/server.time" "$bin" -v server --config "$cfg" --out "$out/run" > "$out/server.log" 2>&1 &
 server=$!
 # Clients start once the server listens (after it loaded its model and fitted or read its maps).
-until grep -q "^listening on" "$out/server.log"; do
+until grep -q "listening on" "$out/server.log"; do
     kill -0 "$server" 2> /dev/null || { cat "$out/server.log" >&2; exit 1; }
     sleep 5
 done

@@ -498,7 +498,11 @@ pub fn build_client(
         _ => cfg.path(&cfg.server.model),
     };
     let model_dir: PathBuf = model.map(Path::to_path_buf).unwrap_or(default_model);
-    let base = Checkpoint::load(&model_dir)?;
+    let dtype = match cfg.client.weights {
+        crate::strategy::BaseWeights::Stored if cfg.client.lora_rank > 0 => hetfed_model::WeightDtype::Stored,
+        _ => hetfed_model::WeightDtype::F32,
+    };
+    let base = Checkpoint::load_with(&model_dir, dtype)?;
     let data = client_data(cfg, dir, index, &base)?;
     Ok(ClientOptions {
         caller,
@@ -507,7 +511,7 @@ pub fn build_client(
         eval_opts: eval_options(cfg),
         poll_wait: Duration::from_secs(10),
         backoff: Duration::from_millis(200),
-        give_up_after: Duration::from_secs(120),
+        give_up_after: Duration::from_secs_f64(cfg.deploy.as_ref().map_or(120.0, |d| d.give_up_s)),
         on_round: None,
         state_dir: None,
         memo: None,

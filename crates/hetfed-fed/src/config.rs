@@ -409,10 +409,19 @@ pub struct DeploySection {
     /// Clients refused even with a valid token.
     #[serde(default)]
     pub revoked: Vec<String>,
+    /// Clients: how long the server may stay unreachable (not up yet, restarting, or too busy
+    /// to answer, e.g. evaluating a 7B model) before a client gives up, in seconds:
+    /// (0, 86400]. Default 120.
+    #[serde(default = "d_give_up_s")]
+    pub give_up_s: f64,
 }
 
 fn d_domain() -> String {
     "localhost".into()
+}
+
+fn d_give_up_s() -> f64 {
+    120.0
 }
 
 impl RunConfig {
@@ -572,6 +581,9 @@ impl RunConfig {
             real("client.lora_alpha", c.lora_alpha, Interval::POSITIVE)?;
         }
         real("client.proximal_mu", c.proximal_mu, Interval::closed(0.0, 1e6))?;
+        if let Some(dep) = &self.deploy {
+            real("deploy.give_up_s", dep.give_up_s, Interval::left_open(0.0, 86_400.0))?;
+        }
 
         let d = &self.data;
         int("data.num_clients", d.num_clients(), 1, MAX_CLIENTS)?;

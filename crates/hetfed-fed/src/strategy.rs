@@ -42,6 +42,26 @@ pub struct FitConfig {
     /// the memory, about one more forward pass of time. For clients at real widths.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// How a client holds its base model's frozen weights: `"f32"` (widened at load, the
+    /// default) or `"stored"` (as the file stores them: bloom-560m's f16 is half the memory;
+    /// LoRA still trains in f32 on top). Full fine-tuning (`lora_rank = 0`) always widens.
+    #[serde(default, skip_serializing_if = "BaseWeights::is_f32")]
+    pub weights: BaseWeights,
+}
+
+/// `client.weights`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseWeights {
+    #[default]
+    F32,
+    Stored,
+}
+
+impl BaseWeights {
+    fn is_f32(&self) -> bool {
+        *self == BaseWeights::F32
+    }
 }
 
 /// How a client encodes its update on the wire (`client.encoding`; TOML and the wire carry
@@ -73,6 +93,7 @@ impl Default for FitConfig {
             seed: 0,
             keep_adapter: false,
             gradient_checkpointing: false,
+            weights: BaseWeights::F32,
         }
     }
 }

@@ -76,6 +76,16 @@ fn a_kept_adapter_continues_across_rounds_and_uploads_the_whole_change() {
     let diff =
         hetfed_core::testing::max_map_diff(&u1.unwrap().materialize().unwrap(), &uc.unwrap().materialize().unwrap());
     assert!(diff < 1e-5, "gradient checkpointing changed the update by {diff}");
+    // A base held as stored (`client.weights = "stored"`: the embedded f16 file stays f16, each
+    // matrix widened inside the op) trains the same update.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/base-small");
+    let ck16 = Checkpoint::load_with(&dir, hetfed_model::WeightDtype::Stored).unwrap();
+    assert!(ck16.weights.values().any(|t| t.dtype() == candle_core::DType::F16), "the base stays f16");
+    let r16 = train_round(&ck16, ck16.weights.clone(), &identity, &cfg, &d, &opts, None).unwrap();
+    let u16 = TaskVector::from_bytes(&r16.bytes, Path::new("c")).unwrap();
+    let u1 = TaskVector::from_bytes(&r1.bytes, Path::new("a")).unwrap();
+    let diff = hetfed_core::testing::max_map_diff(&u1.materialize().unwrap(), &u16.materialize().unwrap());
+    assert!(diff < 1e-5, "an f16-resident base changed the update by {diff}");
 
     let before = |r: &hetfed_fed::client::LocalUpdate| r.metrics.val_loss_before.expect("a validation split");
     let after = |r: &hetfed_fed::client::LocalUpdate| r.metrics.val_loss_after.expect("a validation split");

@@ -52,6 +52,17 @@ client_models = ["s"]
 aggregation = "projection"
 "#;
 
+/// A `[deploy]` section (appended to a run).
+const DEPLOY: &str = r#"
+[deploy]
+listen = "127.0.0.1:50051"
+server = "https://127.0.0.1:50051"
+ca = "ca.pem"
+cert = "server.pem"
+key = "server.key"
+tokens = "tokens.toml"
+"#;
+
 /// A valid FedAdam run.
 const FEDADAM: &str = r#"
 [server]
@@ -81,7 +92,9 @@ fn keys() -> Vec<(&'static str, &'static str, &'static str, Range)> {
     use Range::*;
     let pos = Interval::POSITIVE;
     let (h, t, a) = (HOMOGENEOUS, HETEROGENEOUS, FEDADAM);
+    let d: &'static str = Box::leak(format!("{HOMOGENEOUS}{DEPLOY}").into_boxed_str());
     vec![
+        (d, "deploy", "give_up_s", Real(Interval::left_open(0.0, 86_400.0))),
         (h, "run", "rounds", Int(1, 100_000)),
         (h, "run", "seed", Int(0, i64::MAX)),
         (h, "server", "min_clients", Int(1, 3)),
@@ -371,6 +384,11 @@ fn settings_that_could_never_work_are_refused_with_key_value_and_range() {
     let e = parse(&with_value(&distill, "transfer.distill", "n_prompts", "100000")).unwrap_err();
     assert!(e.contains("transfer.distill.n_prompts") && e.contains("65536"), "{e}");
     parse(&with_value(&distill, "transfer.distill", "n_prompts", "1000")).unwrap();
+    // How a client holds its base's frozen weights: two names, anything else refused by name.
+    let stored = parse(&with_value(HOMOGENEOUS, "client", "weights", "\"stored\"")).unwrap();
+    assert_eq!(stored.client.weights, hetfed_fed::strategy::BaseWeights::Stored);
+    let e = parse(&with_value(HOMOGENEOUS, "client", "weights", "\"f16\"")).unwrap_err();
+    assert!(e.contains("weights") && e.contains("stored"), "{e}");
 }
 
 fn models() -> PathBuf {

@@ -101,9 +101,10 @@ fn assert_metrics(cell: &BTreeMap<String, f64>, run: &BTreeMap<String, f64>) {
 
 #[test]
 fn central_row_is_the_pooled_run_of_the_large_model() {
-    let Some((dir, tmp)) = setup("central") else { return };
-    let cell = sweep_cell(&dir, &tmp, "central");
-    let run = simulate(&dir, &tmp, "central-run", &run_toml("base-large", 1, SEED, "pooled = true", ""));
+    let Some((dir, scratch)) = setup("central") else { return };
+    let tmp = scratch.path();
+    let cell = sweep_cell(&dir, tmp, "central");
+    let run = simulate(&dir, tmp, "central-run", &run_toml("base-large", 1, SEED, "pooled = true", ""));
     assert_eq!(cell.model, "large");
     assert_metrics(&cell.metrics, &run.final_eval);
     // Both tasks are evaluated (the pooled client holds both).
@@ -112,9 +113,10 @@ fn central_row_is_the_pooled_run_of_the_large_model() {
 
 #[test]
 fn fedavg_small_row_is_the_fedavg_run_of_the_small_model() {
-    let Some((dir, tmp)) = setup("fedavg") else { return };
-    let cell = sweep_cell(&dir, &tmp, "fedavg_small");
-    let run = simulate(&dir, &tmp, "fedavg-run", &run_toml("base-small", 2, SEED, "", ""));
+    let Some((dir, scratch)) = setup("fedavg") else { return };
+    let tmp = scratch.path();
+    let cell = sweep_cell(&dir, tmp, "fedavg_small");
+    let run = simulate(&dir, tmp, "fedavg-run", &run_toml("base-small", 2, SEED, "", ""));
     assert_eq!(cell.model, "small");
     assert_metrics(&cell.metrics, &run.final_eval);
     // Bytes come from the run's events: a LoRA update up and the f32 model down per client-round.
@@ -125,12 +127,13 @@ fn fedavg_small_row_is_the_fedavg_run_of_the_small_model() {
 
 #[test]
 fn local_only_row_is_one_run_per_client_judged_on_its_own_task() {
-    let Some((dir, tmp)) = setup("local") else { return };
-    let cell = sweep_cell(&dir, &tmp, "local_only");
+    let Some((dir, scratch)) = setup("local") else { return };
+    let tmp = scratch.path();
+    let cell = sweep_cell(&dir, tmp, "local_only");
     let runs: Vec<BTreeMap<String, f64>> = (0..2)
         .map(|i| {
             let toml = run_toml("base-small", 1, SEED, &format!("only_client = {i}"), "");
-            simulate(&dir, &tmp, &format!("local-run-c{i}"), &toml).final_eval
+            simulate(&dir, tmp, &format!("local-run-c{i}"), &toml).final_eval
         })
         .collect();
     // Each client's run evaluates its own task only (and general text).
@@ -155,7 +158,8 @@ fn transfer_toml(extra: &str) -> String {
 
 #[test]
 fn hetero_rows_are_runs_of_their_config_replaying_the_clients_training() {
-    let Some((dir, tmp)) = setup("hetero") else { return };
+    let Some((dir, scratch)) = setup("hetero") else { return };
+    let tmp = scratch.path();
     std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", &transfer_toml(""))).unwrap();
     let sweep = tmp.join("sweep.toml");
     std::fs::write(
@@ -172,7 +176,7 @@ fn hetero_rows_are_runs_of_their_config_replaying_the_clients_training() {
     // The second row is the config a user would write for it, run by `hetfed simulate`.
     let run = simulate(
         &dir,
-        &tmp,
+        tmp,
         "lars-run",
         &run_toml("base-large", 2, SEED, "", &transfer_toml(&format!("lars = 1e-4\nmaps = {{ seed = {SEED} }}"))),
     );
@@ -200,7 +204,8 @@ fn hetero_rows_are_runs_of_their_config_replaying_the_clients_training() {
 
 #[test]
 fn derived_configs_are_refused_for_rows_that_are_not_runs() {
-    let tmp = tempdir("refused");
+    let scratch = tempdir("refused");
+    let tmp = scratch.path();
     std::fs::write(tmp.join("base.toml"), run_toml("base-large", 2, 0, "", "")).unwrap();
     let base = tmp.join("base.toml");
     let e = hetfed_fed::sweep::derived_config(&base, 1, None, RowKind::FedavgSmall, None).unwrap_err().to_string();

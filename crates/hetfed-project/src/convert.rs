@@ -116,12 +116,14 @@ const POLAR_F64_MAX: usize = 1 << 24;
 /// The nearest matrix with orthonormal columns (or rows, when wide) to `m`: `U·V^T` of its thin
 /// SVD (faer: blocked and multithreaded), as f32, written a block of rows of `U` at a time.
 ///
-/// Up to [`POLAR_F64_MAX`] elements the SVD runs in f64 on `m` itself. Above it, it runs in f32
-/// on an f32 copy, and `m` is dropped first: at real widths (`[16384, 4096]`, 512 MiB in f64)
-/// that halves the SVD's memory. The price is precision: f32 rounding of `m` is amplified by its
-/// conditioning (measured: 5e-4 relative on an ill-conditioned `[48, 24]` cross product, against
-/// 1e-8 in f64), which is far below what separates one map from another but above f32's own
-/// resolution. Where `m` is rank-deficient the polar factor is not unique and the SVD's
+/// Up to [`POLAR_F64_MAX`] elements the SVD runs in f64 on `m` itself. Above it, the work is
+/// f32 on an f32 copy (`m` is dropped first) and goes through a QR: `m = Q·R`, the SVD of the
+/// square `R` only, and `Q·(U_r·V_r^T)` a block of rows at a time. At real widths
+/// (`[16384, 4096]`, 512 MiB in f64) this holds about two f32 copies of `m` at once, where faer's
+/// thin SVD of `m` held about six (1.6 GiB, measured with heaptrack). The price is precision:
+/// f32 rounding of `m` is amplified by its conditioning (measured: 5e-4 relative on an
+/// ill-conditioned `[48, 24]` cross product, against 1e-8 in f64), which is far below what
+/// separates one map from another but above f32's own resolution. Where `m` is rank-deficient the polar factor is not unique and the SVD's
 /// completion of the singular vectors decides it, in any precision.
 pub(crate) fn polar_factor(m: DMatrix<f64>, name: &str) -> Result<DMatrix<f32>> {
     polar_factor_limit(m, name, POLAR_F64_MAX)
@@ -133,10 +135,11 @@ fn polar_factor_limit(m: DMatrix<f64>, name: &str, f64_max: usize) -> Result<DMa
     ensure_nonempty(r, c, name)?;
     ensure_finite(&m, name)?;
     let failed = |e: faer::linalg::svd::SvdError| Error::msg(format!("`{name}`: SVD did not converge ({e:?})"));
-    let mut out = DMatrix::<f32>::zeros(r, c);
+    let mut out;
     if r * c <= f64_max {
         let s = faer::MatRef::from_column_major_slice(m.as_slice(), r, c).thin_svd().map_err(failed)?;
         let (u, v_t) = (s.U(), s.V().transpose());
+        out = DMatrix::<f32>::zeros(r, c);
         for start in (0..r).step_by(POLAR_ROWS) {
             let len = POLAR_ROWS.min(r - start);
             let p = u.subrows(start, len) * v_t;
@@ -146,15 +149,26 @@ fn polar_factor_limit(m: DMatrix<f64>, name: &str, f64_max: usize) -> Result<DMa
                 }
             }
         }
+    } else if r < c {
+        // Wide: the transpose's polar factor, transposed.
+        return Ok(polar_factor_limit(m.transpose(), name, f64_max)?.transpose());
     } else {
+        // Tall: C = Q·R, R = U_r·S·V_r^T, so polar(C) = Q·(U_r·V_r^T). Only R (`[c, c]`) goes
+        // through the SVD; faer's thin SVD of C itself holds about six copies of C.
         let a = faer::Mat::<f32>::from_fn(r, c, |i, j| m[(i, j)] as f32);
         drop(m);
-        let s = a.thin_svd().map_err(failed)?;
+        let qr = a.qr();
         drop(a);
-        let (u, v_t) = (s.U(), s.V().transpose());
+        let core = {
+            let s = qr.thin_R().svd().map_err(failed)?;
+            s.U() * s.V().transpose()
+        };
+        let q = qr.compute_thin_Q();
+        drop(qr);
+        out = DMatrix::<f32>::zeros(r, c);
         for start in (0..r).step_by(POLAR_ROWS) {
             let len = POLAR_ROWS.min(r - start);
-            let p = u.subrows(start, len) * v_t;
+            let p = q.subrows(start, len) * &core;
             for j in 0..c {
                 for i in 0..len {
                     out[(start + i, j)] = p[(i, j)];

@@ -46,6 +46,9 @@ fn add_into(acc: &mut Option<Tensor>, t: Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Rows added at a time by [`Moments::add`].
+const ADD_ROWS: usize = 256;
+
 /// Elements of one block of a product added by [`add_product`] (32 MiB of f64).
 const PRODUCT_BLOCK: usize = 1 << 22;
 
@@ -113,25 +116,36 @@ impl Moments {
         if b == 0 {
             return Ok(());
         }
-        let (xs, xl) = (xs.to_dtype(DType::F64)?, xl.to_dtype(DType::F64)?);
         let (s, t) = match &self.shift {
             Some(st) => st.clone(),
             None => {
-                let st = (xs.mean_keepdim(0)?, xl.mean_keepdim(0)?);
+                // Any shift keeps the statistics exact; the first batch's f32 means make it small.
+                let mean = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.to_dtype(DType::F32)?.mean_keepdim(0)?.to_dtype(DType::F64)?)
+                };
+                let st = (mean(xs)?, mean(xl)?);
                 self.shift = Some(st.clone());
                 st
             }
         };
-        let (xs, xl) = (xs.broadcast_sub(&s)?, xl.broadcast_sub(&t)?);
-        add_into(&mut self.sum_s, xs.sum_keepdim(0)?)?;
-        add_into(&mut self.sum_l, xl.sum_keepdim(0)?)?;
-        self.sq_s += xs.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        self.sq_l += xl.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        if self.want_cross {
-            add_product(&mut self.cross, &xl, &xs)?;
-        }
-        if self.want_gram {
-            add_product(&mut self.gram, &xs, &xs)?;
+        // A block of rows at a time: the rows widened to f64 and shifted exist for one block only
+        // (a whole batch of bloom-7b1's MLP activations would be 134 MiB per copy).
+        let mut start = 0;
+        while start < b {
+            let len = ADD_ROWS.min(b - start);
+            let xs = xs.narrow(0, start, len)?.to_dtype(DType::F64)?.broadcast_sub(&s)?;
+            let xl = xl.narrow(0, start, len)?.to_dtype(DType::F64)?.broadcast_sub(&t)?;
+            add_into(&mut self.sum_s, xs.sum_keepdim(0)?)?;
+            add_into(&mut self.sum_l, xl.sum_keepdim(0)?)?;
+            self.sq_s += xs.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            self.sq_l += xl.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            if self.want_cross {
+                add_product(&mut self.cross, &xl, &xs)?;
+            }
+            if self.want_gram {
+                add_product(&mut self.gram, &xs, &xs)?;
+            }
+            start += len;
         }
         self.n += b;
         Ok(())

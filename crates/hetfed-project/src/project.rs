@@ -87,8 +87,8 @@ pub fn truncated_svd(m: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
     let (u, sv, v_t) = thin_svd(&tensor_to_matrix_f64(m, "m")?, "m")?;
     let mut b: DMatrix<f64> = u.columns(0, r).into_owned();
     let mut a: DMatrix<f64> = v_t.rows(0, r).into_owned();
-    for k in 0..r {
-        let root = sv[k].max(0.0).sqrt();
+    for (k, s) in sv.iter().take(r).enumerate() {
+        let root = s.max(0.0).sqrt();
         b.column_mut(k).scale_mut(root);
         a.row_mut(k).scale_mut(root);
     }

@@ -78,7 +78,8 @@ fn same_seed_gives_identical_weights() {
 fn resume_continues_exactly() {
     let ck = Checkpoint::load(&fixture("bloom_h3")).unwrap();
     let straight = flat(&run(&ck, lora_cfg(), None));
-    let dir = tempdir();
+    let scratch = tempdir();
+    let dir = scratch.path();
     let state = dir.join("state.safetensors");
     let first = run(&ck, lora_cfg(), Some(2));
     assert_eq!(first.step, 2);

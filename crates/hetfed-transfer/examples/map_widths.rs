@@ -6,7 +6,8 @@
 //!     [--layers 2] [--seqs 32] [--len 64] [--method procrustes] [--small 1024] [--large 4096]
 //! ```
 //!
-//! `streamed` is [`PairMaps::fit`] (one block at a time); `in-memory` is
+//! `streamed` is [`PairMaps::fit_into`] (one block at a time, each layer's maps written to a
+//! temporary directory as they are fitted, as the map cache does); `in-memory` is
 //! [`PairMaps::fit_in_memory`] (every block's activations of both models held at once). Run each
 //! in its own process: the peak resident set (`VmHWM`) is the process's.
 
@@ -107,10 +108,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (rss0, hwm0) = (status_mib("VmRSS:"), status_mib("VmHWM:"));
     let cfg = MapConfig { method: a.method, ..Default::default() };
     let t0 = Instant::now();
+    // The streamed fit writes each layer's maps to a directory as it goes (what the map cache
+    // does), so it holds one layer's maps at a time; the in-memory fit keeps every layer's.
+    let dir = std::env::temp_dir().join(format!("hetfed-map-widths-{}", std::process::id()));
     let maps = match a.path.as_str() {
         "in-memory" => PairMaps::fit_in_memory(&small, &large, &seqs, "random", &cfg)?,
-        _ => PairMaps::fit(&small, &large, &seqs, "random", &cfg)?,
+        _ => PairMaps::fit_into(&dir, &small, &large, &seqs, "random", &cfg)?,
     };
+    let _ = std::fs::remove_dir_all(&dir);
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "{} {}: hidden {} ({} heads) -> {} ({} heads), {} layers each, vocab 1024, {} seqs x {} tokens",

@@ -52,6 +52,9 @@ fn parse_param(name: &str) -> Option<(usize, &str, bool)> {
     parse_module(m).map(|(i, module)| (i, module, is_weight))
 }
 
+/// One LoRA module of a small layer to project: `(module, full name, B, A, norm of B·A)`.
+type LoraItem<'a> = (&'a str, &'a str, &'a Tensor, &'a Tensor, f64);
+
 fn norm(t: &Tensor) -> Result<f64> {
     Ok(hetfed_core::sq_norm(t)?.sqrt())
 }
@@ -86,7 +89,7 @@ impl PairMaps {
                 let scale = config.scale();
                 // Small layer → its modules' (module, full name, B, A, norm), all checked before
                 // any map is read.
-                let mut by_small: BTreeMap<usize, Vec<(&str, &str, &Tensor, &Tensor, f64)>> = BTreeMap::new();
+                let mut by_small: BTreeMap<usize, Vec<LoraItem<'_>>> = BTreeMap::new();
                 for (name, a) in factors {
                     let Some(module_full) = name.strip_suffix(".lora_A") else { continue };
                     let b = factors

@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device};
-use hetfed_core::{Error, Result, TensorMap};
+use hetfed_core::{Error, Result};
 use hetfed_project::Map;
 
 use crate::maps::{ModuleMaps, MODULES};
@@ -94,27 +93,61 @@ impl Layers {
 
 /// Writes one layer's maps, each distinct map once (see the module docs).
 pub(crate) fn write_layer(path: &Path, layer: &LayerMaps) -> Result<()> {
-    let dev = Device::Cpu;
-    let mut t = TensorMap::new();
-    let mut written: Vec<(&Arc<Map>, String)> = Vec::new();
+    let mut written: Vec<(String, &Arc<Map>)> = Vec::new();
     let mut aliases = BTreeMap::new();
     for (m, mm) in layer {
         let parts = mm.out.iter().enumerate().map(|(p, o)| (format!("{m}.out{p}"), o));
         for (name, map) in parts.chain(std::iter::once((format!("{m}.in"), &mm.input))) {
-            match written.iter().find(|(w, _)| Arc::ptr_eq(w, map)) {
-                Some((_, first)) => {
+            match written.iter().find(|(_, w)| Arc::ptr_eq(w, map)) {
+                Some((first, _)) => {
                     aliases.insert(name, first.clone());
                 }
-                None => {
-                    t.insert(name.clone(), map.to_tensor(&dev)?);
-                    written.push((map, name));
-                }
+                None => written.push((name, map)),
             }
         }
     }
     let mut md = BTreeMap::new();
     md.insert("hetfed.aliases".to_string(), serde_json::to_string(&aliases).map_err(|e| Error::msg(e.to_string()))?);
-    hetfed_core::save_safetensors(&t, DType::F32, &md, path)
+    write_matrices(path, &written, &md)
+}
+
+/// Writes maps as an f32 safetensors file, each matrix streamed row by row from its own storage
+/// (no tensor copy, no whole-file buffer: a layer of bloom-560m → bloom-7b1 maps is 384 MiB),
+/// through a temporary file renamed into place.
+fn write_matrices(path: &Path, maps: &[(String, &Arc<Map>)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, m) in maps {
+        let (r, c) = (m.d_large(), m.d_small());
+        let end = offset + r * c * 4;
+        header
+            .insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": [r, c], "data_offsets": [offset, end]}));
+        offset = end;
+    }
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut head = serde_json::to_vec(&header).map_err(|e| Error::msg(e.to_string()))?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let tmp = path.with_extension("safetensors.partial");
+    let io = |e| Error::io(&tmp, e);
+    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&head).map_err(io)?;
+    let mut row = Vec::new();
+    for (_, m) in maps {
+        let t = m.matrix();
+        for i in 0..t.nrows() {
+            row.clear();
+            row.extend(t.row(i).iter().flat_map(|v| v.to_le_bytes()));
+            w.write_all(&row).map_err(io)?;
+        }
+    }
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Reads one layer's maps written by [`write_layer`] (memory-mapped, a tensor at a time); maps

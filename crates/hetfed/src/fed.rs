@@ -309,8 +309,10 @@ pub fn client(a: ClientArgs) -> Result<()> {
         ClientTls::from_files(&ca, dep.domain.clone(), identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))?;
     let rt = runtime()?;
     let summary = rt.block_on(async move {
-        // The server may not be up yet: connect with the client's backoff for up to two minutes.
-        let mut retry = hetfed_fed::client::Retry::new(Duration::from_millis(200), Duration::from_secs(120));
+        // The server may not be up yet: connect with the client's backoff for up to
+        // `deploy.give_up_s` (two minutes by default).
+        let mut retry =
+            hetfed_fed::client::Retry::new(Duration::from_millis(200), Duration::from_secs_f64(dep.give_up_s));
         let conn = loop {
             match GrpcClient::connect(
                 &dep.server,

@@ -129,9 +129,24 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: sets a process-wide allocator option before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
+    // Commands that run training steps keep freed pages (see MI_OPTION_PURGE_DELAY). The others
+    // return them, so that a server holding a 7B model does not keep the high-water mark of
+    // every transient buffer (map fits, evaluation) on top of it.
+    let trains = matches!(
+        cli.cmd,
+        Command::Finetune(_)
+            | Command::Pretrain(_)
+            | Command::Bench(_)
+            | Command::Simulate(_)
+            | Command::Client(_)
+            | Command::Sweep(_)
+            | Command::Demo(_)
+    );
+    if trains {
+        // SAFETY: sets a process-wide allocator option before any other thread exists.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",

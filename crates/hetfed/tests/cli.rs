@@ -164,7 +164,8 @@ fn write_jsonl(path: &Path) {
 fn lora_finetune_writes_a_task_vector_that_equals_its_adapter() {
     let base = fixtures().join("bloom_h3");
     let base_s = base.to_str().unwrap();
-    let dir = tempdir("lora");
+    let scratch = tempdir("lora");
+    let dir = scratch.path();
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let out = dir.join("run");
@@ -241,7 +242,8 @@ fn lora_finetune_writes_a_task_vector_that_equals_its_adapter() {
 fn full_finetune_diff_and_apply_round_trip_and_resume() {
     let base = fixtures().join("llama_gqa");
     let base_s = base.to_str().unwrap();
-    let dir = tempdir("full");
+    let scratch = tempdir("full");
+    let dir = scratch.path();
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let train_s = train.to_str().unwrap();
@@ -300,12 +302,12 @@ fn full_finetune_diff_and_apply_round_trip_and_resume() {
     let mut args = vec!["finetune", "--out", resumed.to_str().unwrap(), "--resume", "--max-steps", "3"];
     args.extend_from_slice(&common);
     ok(&args);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_input_is_one_clear_line_with_exit_code_2() {
-    let dir = tempdir("bad");
+    let scratch = tempdir("bad");
+    let dir = scratch.path();
     let text = ["--text", "hello"];
 
     let line = fails(&["score", "--model", dir.join("nope").to_str().unwrap(), text[0], text[1]]);
@@ -353,7 +355,6 @@ fn bad_input_is_one_clear_line_with_exit_code_2() {
     // Not a task vector.
     let line = fails(&["taskvec", "info", src.join("model.safetensors").to_str().unwrap()]);
     assert!(line.contains("model.safetensors"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -409,7 +410,8 @@ fn read_golden(path: &Path) -> (Golden, ()) {
 #[test]
 fn finetune_reads_the_committed_toml_recipe() {
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/finetune-lora.toml");
-    let dir = tempdir("toml");
+    let scratch = tempdir("toml");
+    let dir = scratch.path();
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let base = fixtures().join("llama_tied");
@@ -444,7 +446,6 @@ fn finetune_reads_the_committed_toml_recipe() {
         out.to_str().unwrap(),
     ]);
     assert!(line.contains("bad.toml"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `hetfed metric` against sacrebleu / rouge-score / multilingual ROUGE on the metric crate's
@@ -452,7 +453,8 @@ fn finetune_reads_the_committed_toml_recipe() {
 #[test]
 fn metric_command_matches_reference_scorers() {
     let fix = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hetfed-metrics/tests/fixtures");
-    let dir = tempdir("metric");
+    let scratch = tempdir("metric");
+    let dir = scratch.path();
     let write = |name: &str, lines: &[String]| -> String {
         let p = dir.join(name);
         std::fs::write(&p, lines.join("\n") + "\n").unwrap();
@@ -539,7 +541,6 @@ fn metric_command_matches_reference_scorers() {
         &write("r.txt", &["a".into()]),
     ]);
     assert!(line.contains("expected 2 lines"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `hetfed eval` runs every task kind on the shared data, on a random BLOOM fixture and on the
@@ -609,7 +610,8 @@ fn eval_runs_every_task_on_shared_data() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["metrics"]["chrf"].as_f64().is_some(), "{out}");
     // Predictions are written with --out, one JSON line per example.
-    let dir = tempdir("eval");
+    let scratch = tempdir("eval");
+    let dir = scratch.path();
     ok(&[
         "eval",
         "--model",
@@ -648,14 +650,14 @@ fn eval_runs_every_task_on_shared_data() {
         dir.join("nowhere").to_str().unwrap(),
     ]);
     assert!(line.contains("ethos") && line.contains("nowhere"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn data_export_feeds_finetune_and_partition_covers_every_example() {
     let Some(data) = hetfed_shared("data") else { return };
     let data_s = data.to_str().unwrap();
-    let dir = tempdir("data");
+    let scratch = tempdir("data");
+    let dir = scratch.path();
     let jsonl = dir.join("copa.jsonl");
     ok(&["data", "export", "--task", "copa", "--data-dir", data_s, "--out", jsonl.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&jsonl).unwrap().lines().count(), 640);
@@ -720,7 +722,6 @@ fn data_export_feeds_finetune_and_partition_covers_every_example() {
         "dirichlet",
     ]);
     assert!(line.contains("labels"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The pretraining pipeline end to end at toy scale: tokenizer training, a BLOOM model from
@@ -729,7 +730,8 @@ fn data_export_feeds_finetune_and_partition_covers_every_example() {
 #[test]
 fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
     let Some(data) = hetfed_shared("data") else { return };
-    let dir = tempdir("pretrain");
+    let scratch = tempdir("pretrain");
+    let dir = scratch.path();
     let tok = dir.join("tokenizer.json");
     let en = data.join("mltext/ud_english_ewt/en.txt");
     let hi = data.join("mltext/post2012_wikipedia/hi.txt");
@@ -813,7 +815,6 @@ fn tokenizer_and_pretraining_pipeline_runs_end_to_end() {
         "--resume",
     ]);
     assert!(line.contains("state.safetensors"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn models() -> PathBuf {
@@ -823,7 +824,8 @@ fn models() -> PathBuf {
 #[test]
 fn project_moves_a_small_models_task_vector_into_the_large_model() {
     let (small, large) = (models().join("base-small"), models().join("base-large"));
-    let dir = tempdir("project");
+    let scratch = tempdir("project");
+    let dir = scratch.path();
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let run = dir.join("ft");
@@ -918,7 +920,6 @@ fn project_moves_a_small_models_task_vector_into_the_large_model() {
         cache.to_str().unwrap(),
     ]);
     assert!(line.contains("expected an update of the small model"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1013,8 +1014,9 @@ fn events(run: &Path) -> Vec<serde_json::Value> {
 fn export_writes_the_runs_global_model_as_an_hf_directory() {
     let Some(data) = hetfed_shared("data") else { return };
     let data_s = data.to_str().unwrap();
-    let dir = tempdir("export");
-    let run = tiny_run(&dir, &data);
+    let scratch = tempdir("export");
+    let dir = scratch.path();
+    let run = tiny_run(dir, &data);
     let run_s = run.to_str().unwrap();
     let out = dir.join("exported");
     let out_s = out.to_str().unwrap();
@@ -1135,19 +1137,18 @@ fn export_writes_the_runs_global_model_as_an_hf_directory() {
         std::fs::read(dir.join("rel/model.safetensors")).unwrap(),
         std::fs::read(out.join("model.safetensors")).unwrap()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn export_of_a_missing_or_unfinished_run_is_one_clear_line() {
-    let dir = tempdir("export-missing");
+    let scratch = tempdir("export-missing");
+    let dir = scratch.path();
     let nope = dir.join("no-such-run");
     let line = fails(&["export", nope.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
     assert!(line.contains("no-such-run") && line.contains("expected a run directory"), "{line}");
     // A run directory without a completed round has no checkpoint to export.
     let line = fails(&["export", dir.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
     assert!(line.contains("LATEST") && line.contains("has not completed a round"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs a command that must be refused by clap (rc 2, usage on stderr); returns stderr.
@@ -1209,7 +1210,8 @@ fn generation_flags_out_of_range_are_one_line_naming_flag_value_and_range() {
 #[test]
 fn finetune_refuses_a_lora_rank_beyond_the_models_layers() {
     let m = models().join("base-small");
-    let dir = tempdir("rank");
+    let scratch = tempdir("rank");
+    let dir = scratch.path();
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let out = dir.join("o");
@@ -1254,14 +1256,14 @@ fn finetune_refuses_a_lora_rank_beyond_the_models_layers() {
     let line = with(&["--config", cfg.to_str().unwrap()]);
     assert!(line.contains("train.max_len") && line.contains("ft.toml") && line.contains("found 0"), "{line}");
     assert!(!out.exists(), "nothing is written before the limits are checked");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn text_file_scores_and_generates_as_the_same_text_inline() {
     let m = fixtures().join("bloom_h3");
     let m = m.to_str().unwrap();
-    let dir = tempdir("text-file");
+    let scratch = tempdir("text-file");
+    let dir = scratch.path();
     let text = "question 3: is it so? yes";
     let file = dir.join("text.txt");
     // A file holding one line: its final newline is not part of the text.
@@ -1291,7 +1293,6 @@ fn text_file_scores_and_generates_as_the_same_text_inline() {
     std::fs::write(&big, "a".repeat((1 << 20) + 1)).unwrap();
     let line = fails(&["score", "--model", m, "--text-file", big.to_str().unwrap()]);
     assert!(line.contains("--text-file") && line.contains("1048577"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1299,7 +1300,8 @@ fn input_beyond_the_models_context_is_truncated_and_said_on_stderr() {
     // llama_tied has max_position_embeddings = 128.
     let m = fixtures().join("llama_tied");
     let m = m.to_str().unwrap();
-    let dir = tempdir("long");
+    let scratch = tempdir("long");
+    let dir = scratch.path();
     let file = dir.join("long.txt");
     std::fs::write(&file, "the quick brown fox jumps over the lazy dog. ".repeat(200)).unwrap();
     let o = run(&["score", "--model", m, "--text-file", file.to_str().unwrap(), "--json"]);
@@ -1323,12 +1325,12 @@ fn input_beyond_the_models_context_is_truncated_and_said_on_stderr() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 120);
     assert!(String::from_utf8_lossy(&o.stderr).contains("note:"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn run_configs_out_of_range_are_refused_before_any_model_or_data_loads() {
-    let dir = tempdir("cfg-limits");
+    let scratch = tempdir("cfg-limits");
+    let dir = scratch.path();
     let model = models().join("base-small").canonicalize().unwrap();
     let write = |name: &str, client: &str, server: &str| {
         let p = dir.join(name);
@@ -1364,14 +1366,14 @@ fn run_configs_out_of_range_are_refused_before_any_model_or_data_loads() {
         assert!(line.contains(want) && line.contains("run.toml"), "{client} {server}: {line}");
     }
     assert!(!dir.join("out").exists(), "nothing ran");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Files from outside are parsed behind a boundary: a truncated tokenizer.json (on which the
 /// `tokenizers` crate panics) is one line naming the file, and a file given as `--model` says so.
 #[test]
 fn a_truncated_tokenizer_is_one_line_naming_it_not_a_panic() {
-    let dir = tempdir("trunc-tok");
+    let scratch = tempdir("trunc-tok");
+    let dir = scratch.path();
     let model = dir.join("m");
     copy_dir(&models().join("base-small"), &model);
     let tok = std::fs::read(model.join("tokenizer.json")).unwrap();
@@ -1381,7 +1383,6 @@ fn a_truncated_tokenizer_is_one_line_naming_it_not_a_panic() {
     let cfg = models().join("base-small/config.json");
     let line = fails(&["score", "--model", cfg.to_str().unwrap(), "--text", "hi"]);
     assert!(line.contains("expected a model directory") && line.contains("found a file"), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A copy of the bloom_h3 fixture whose `transformer.h.0.input_layernorm.weight` is changed by
@@ -1406,10 +1407,11 @@ fn changed_fixture(dir: &Path, name: &str, f: impl Fn(&mut [f32])) -> PathBuf {
 /// commands write identical task vector bytes.
 #[test]
 fn taskvec_apply_refuses_a_nan_task_vector_as_the_server_does() {
-    let dir = tempdir("nan-tv");
+    let scratch = tempdir("nan-tv");
+    let dir = scratch.path();
     let base = fixtures().join("bloom_h3");
     let base_s = base.to_str().unwrap();
-    let nan_model = changed_fixture(&dir, "nan", |v| v[1] = f32::NAN);
+    let nan_model = changed_fixture(dir, "nan", |v| v[1] = f32::NAN);
     let tv = dir.join("nan.safetensors");
     ok(&[
         "taskvec",
@@ -1443,7 +1445,7 @@ fn taskvec_apply_refuses_a_nan_task_vector_as_the_server_does() {
     assert!(line.contains("expected finite values"), "{line}");
 
     // A finite change applies; two identical diffs are byte-identical files.
-    let good_model = changed_fixture(&dir, "good", |v| v[1] += 0.25);
+    let good_model = changed_fixture(dir, "good", |v| v[1] += 0.25);
     let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
     for p in [&a, &b] {
         ok(&[
@@ -1460,7 +1462,6 @@ fn taskvec_apply_refuses_a_nan_task_vector_as_the_server_does() {
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "identical runs, different bytes");
     ok(&["taskvec", "apply", "--base", base_s, "--taskvec", a.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(out.join("model.safetensors").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn logged_steps(run: &Path) -> Vec<u64> {
@@ -1476,7 +1477,8 @@ fn logged_steps(run: &Path) -> Vec<u64> {
 #[test]
 fn finetune_resume_leaves_one_row_per_step() {
     let base = fixtures().join("bloom_h3");
-    let dir = tempdir("resume-rows");
+    let scratch = tempdir("resume-rows");
+    let dir = scratch.path();
     let train = dir.join("train.jsonl");
     write_jsonl(&train);
     let run = dir.join("run");
@@ -1524,7 +1526,6 @@ fn finetune_resume_leaves_one_row_per_step() {
     assert_eq!(logged_steps(&run), [1, 2, 3, 4], "one row per step after --resume");
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "no torn line is left: {text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

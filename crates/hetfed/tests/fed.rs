@@ -210,9 +210,10 @@ fn simulate_then_deploy(cfg: &Path, data: &Path, dir: &Path) {
 fn grpc_deployment_equals_the_in_memory_simulation() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("equal");
-    let cfg = write_config(&dir, 2, 120.0, free_port());
-    simulate_then_deploy(&cfg, &data, &dir);
+    let scratch = tempdir("equal");
+    let dir = scratch.path();
+    let cfg = write_config(dir, 2, 120.0, free_port());
+    simulate_then_deploy(&cfg, &data, dir);
     for round in 1..=2 {
         let (a, b) = (round_event(&dir.join("sim"), round).unwrap(), round_event(&dir.join("srv"), round).unwrap());
         assert_eq!(a["ok"], 3, "round {round}: {a}");
@@ -226,17 +227,17 @@ fn grpc_deployment_equals_the_in_memory_simulation() {
         round_event(&dir.join("srv"), 1).unwrap()["model_version"],
         round_event(&dir.join("srv"), 2).unwrap()["model_version"]
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn heterogeneous_grpc_deployment_equals_the_simulation() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("hetero");
-    let cfg = write_hetero_config(&dir, 2, free_port());
+    let scratch = tempdir("hetero");
+    let dir = scratch.path();
+    let cfg = write_hetero_config(dir, 2, free_port());
     // The server process finds the maps the simulation fitted in the shared cache.
-    simulate_then_deploy(&cfg, &data, &dir);
+    simulate_then_deploy(&cfg, &data, dir);
     for round in 1..=2 {
         let (a, b) = (round_event(&dir.join("sim"), round).unwrap(), round_event(&dir.join("srv"), round).unwrap());
         assert_eq!(a["ok"], 3, "round {round}: {a}");
@@ -253,15 +254,15 @@ fn heterogeneous_grpc_deployment_equals_the_simulation() {
         round_event(&dir.join("srv"), 2).unwrap()["model_version"]
     );
     assert_eq!(std::fs::read_dir(dir.join("maps")).unwrap().count(), 1, "one cached map file for the pair");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_killed_client_fails_its_round_and_rejoins_the_next() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("kill-client");
-    let cfg = write_config(&dir, 2, 15.0, free_port());
+    let scratch = tempdir("kill-client");
+    let dir = scratch.path();
+    let cfg = write_config(dir, 2, 15.0, free_port());
     let run = dir.join("srv");
     let mut srv = server(&cfg, &data, &run, false);
     let mut c0 = client(&cfg, &data, "c0", false);
@@ -295,15 +296,15 @@ fn a_killed_client_fails_its_round_and_rejoins_the_next() {
     assert_eq!(round_event(&run, 1).unwrap()["aggregated"], true);
     assert_eq!(status(2, "c2")["status"], "ok", "c2 rejoins in round 2");
     assert_eq!(round_event(&run, 2).unwrap()["ok"], 3);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_server_killed_after_round_two_resumes_to_the_same_model() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("resume");
-    let cfg = write_config(&dir, 3, 120.0, free_port());
+    let scratch = tempdir("resume");
+    let dir = scratch.path();
+    let cfg = write_config(dir, 3, 120.0, free_port());
     simulate(&cfg, &data, &dir.join("sim"));
     let run = dir.join("srv");
     let srv = server(&cfg, &data, &run, false);
@@ -322,15 +323,15 @@ fn a_server_killed_after_round_two_resumes_to_the_same_model() {
     let rounds: Vec<u64> =
         events(&run).iter().filter(|e| e["event"] == "round").filter_map(|e| e["round"].as_u64()).collect();
     assert_eq!(rounds, vec![0, 1, 2, 3], "each round logged once");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_client_with_a_wrong_token_is_refused() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("auth");
-    let cfg = write_config(&dir, 1, 30.0, free_port());
+    let scratch = tempdir("auth");
+    let dir = scratch.path();
+    let cfg = write_config(dir, 1, 30.0, free_port());
     let _srv = server(&cfg, &data, &dir.join("srv"), false);
     std::fs::write(dir.join("bad.token"), "not-the-token").unwrap();
     let out = bin()
@@ -347,7 +348,6 @@ fn a_client_with_a_wrong_token_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("unauthenticated") && err.contains("wrong token"), "{err}");
     assert!(!err.contains("not-the-token"), "the token leaked into the error: {err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Logit-offset distillation through the real round loop, deployed over gRPC + TLS exactly as
@@ -357,7 +357,8 @@ fn a_client_with_a_wrong_token_is_refused() {
 fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("offset");
+    let scratch = tempdir("offset");
+    let dir = scratch.path();
     let small = model_dir();
     let large = small.parent().unwrap().join("base-large");
     let transfer = format!(
@@ -365,8 +366,8 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
         small.display(),
         dir.join("maps").display()
     );
-    let cfg = write_config_with(&dir, 1, 120.0, free_port(), &large, &transfer);
-    simulate_then_deploy(&cfg, &data, &dir);
+    let cfg = write_config_with(dir, 1, 120.0, free_port(), &large, &transfer);
+    simulate_then_deploy(&cfg, &data, dir);
     let (a, b) = (round_event(&dir.join("sim"), 1).unwrap(), round_event(&dir.join("srv"), 1).unwrap());
     assert_eq!(a["model_version"], b["model_version"], "deployment and simulation end on the same model");
     assert_eq!(a["server_eval"], b["server_eval"]);
@@ -400,7 +401,8 @@ fn the_default_run_finishes_and_improves_target_nll() {
     let data = data.parent().unwrap().to_path_buf();
     let mirror = hetfed_fetch::testing::Mirror::start().unwrap();
     mirror.serve_dir("", &data, |rel| rel.ends_with("PROVENANCE.md")).unwrap();
-    let dir = tempdir("default");
+    let scratch = tempdir("default");
+    let dir = scratch.path();
     let work = dir.join("work");
     std::fs::create_dir_all(work.join("configs")).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
@@ -457,7 +459,8 @@ fn write_factored_config(dir: &Path, rounds: u64) -> PathBuf {
 fn a_factored_server_checkpoints_its_factors_resumes_exactly_and_exports_a_dense_model() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
-    let dir = tempdir("factored");
+    let scratch = tempdir("factored");
+    let dir = scratch.path();
     let two = write_factored_config(&dir.join("cfg2"), 2);
     simulate(&two, &data, &dir.join("a"));
     // The checkpoint is the factors: no base tensor is written.
