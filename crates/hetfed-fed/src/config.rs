@@ -581,6 +581,9 @@ impl RunConfig {
             real("client.lora_alpha", c.lora_alpha, Interval::POSITIVE)?;
         }
         real("client.proximal_mu", c.proximal_mu, Interval::closed(0.0, 1e6))?;
+        if let Some(t) = &self.transfer {
+            int("transfer.max_rank", t.max_rank, 0, MAX_LORA_RANK)?;
+        }
         if let Some(dep) = &self.deploy {
             real("deploy.give_up_s", dep.give_up_s, Interval::left_open(0.0, 86_400.0))?;
         }

@@ -362,8 +362,19 @@ pub struct TransferConfig {
     /// protection or anchoring; client updates must be LoRA.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub factored: bool,
+    /// With `factored`: the most rank a module's factored change keeps. Each round appends the
+    /// clients' ranks; a module above this is recompressed to its best approximation of this
+    /// rank (`hetfed_project::recompress_factors`: thin QRs and the SVD of the small core, never
+    /// the dense change), and the dropped norm is reported in the round's details. 0 = no bound.
+    /// Range 0..=65536.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_rank: usize,
     pub distill: DistillConfig,
     pub offset: OffsetConfig,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for TransferConfig {
@@ -388,6 +399,7 @@ impl Default for TransferConfig {
             ortho_memory: 8,
             anchor: false,
             factored: false,
+            max_rank: 0,
             distill: DistillConfig::default(),
             offset: OffsetConfig::default(),
         }
@@ -421,6 +433,12 @@ impl TransferConfig {
         }
         if !(self.fisher_strength >= 0.0 && self.fisher_strength.is_finite()) {
             return Err(format!("transfer.fisher_strength: expected a number >= 0, found {}", self.fisher_strength));
+        }
+        if self.max_rank > 0 && !self.factored {
+            return Err(format!(
+                "transfer.max_rank: bounds the rank of a factored server model; expected transfer.factored = true, found max_rank = {} without it",
+                self.max_rank
+            ));
         }
         if self.factored {
             self.validate_factored()?;
@@ -686,9 +704,29 @@ impl Hetero {
             sq += factored_sq_norm(&a, &b)?;
             hetfed_model::delta::append(global, &module, &a, &b)?;
         }
+        // Bounded rank: modules above it are cut back to their best approximation of that rank.
+        let mut dropped_sq = 0.0;
+        let mut recompressed = 0;
+        if self.cfg.max_rank > 0 {
+            for (module, r) in hetfed_model::delta::ranks(global) {
+                if r <= self.cfg.max_rank {
+                    continue;
+                }
+                let (na, nb) = hetfed_model::delta::names(&module);
+                let (a, b) = (global[&na].clone(), global[&nb].clone());
+                let (b, a, dropped) = hetfed_project::recompress_factors(&b, &a, self.cfg.max_rank)?;
+                global.insert(na, a.contiguous()?);
+                global.insert(nb, b.contiguous()?);
+                dropped_sq += dropped * dropped;
+                recompressed += 1;
+            }
+        }
         let ranks = hetfed_model::delta::ranks(global);
         details["projection"] = json!(norms);
-        details["factored"] = json!({"modules": ranks.len(), "max_rank": ranks.values().max()});
+        details["factored"] = json!({
+            "modules": ranks.len(), "max_rank": ranks.values().max(),
+            "recompressed": recompressed, "dropped_norm": dropped_sq.sqrt(),
+        });
         Ok(sq.sqrt())
     }
 

@@ -616,6 +616,30 @@ fn a_factored_server_model_is_its_base_plus_the_mean_projection() {
     let mut f2 = f.clone();
     s.aggregate_fit(2, &mut f2, &mut results().into_iter().map(Ok), &[]).unwrap();
     assert!(delta::ranks(&f2).values().all(|&r| r == 8));
+    // A bounded rank: the second round's rank 8 is cut back to the best rank-4 approximation of
+    // the accumulated change (exactly what a dense truncated SVD of `B·A` gives), and the round
+    // reports the dropped norm.
+    let bounded = TransferConfig { max_rank: 4, ..factored.clone() };
+    let mut s4 = strategy(&small, &large, bounded);
+    let mut f4 = aggregate(&mut s4, &large.weights, results());
+    assert_eq!(max_diff(&delta::factors(&f4), &delta::factors(&f)), 0.0, "rank 4 fits the bound: unchanged");
+    let report = s4.aggregate_fit(2, &mut f4, &mut results().into_iter().map(Ok), &[]).unwrap();
+    let ranks4 = delta::ranks(&f4);
+    assert!(ranks4.values().all(|&r| r == 4), "{ranks4:?}");
+    for (module, _) in ranks4 {
+        let (na, nb) = delta::names(&module);
+        let (na8, nb8) = (f2[&na].clone(), f2[&nb].clone());
+        let full = nb8.matmul(&na8).unwrap();
+        let (tb, ta) = hetfed_project::truncated_svd(&full, 4).unwrap();
+        let best = tb.matmul(&ta).unwrap();
+        let got = f4[&nb].matmul(&f4[&na]).unwrap();
+        let d = max_abs_diff(&got, &best);
+        assert!(d < 1e-4, "{module}: the bounded change is not the best rank-4 one ({d})");
+    }
+    let dropped = report.details["factored"]["dropped_norm"].as_f64().unwrap();
+    assert!(dropped > 0.0 && report.details["factored"]["recompressed"].as_u64().unwrap() > 0, "{}", report.details);
+    let e = TransferConfig { max_rank: 4, factored: false, ..transfer() }.validate().unwrap_err();
+    assert!(e.starts_with("transfer.max_rank:"), "{e}");
     // A dense update cannot be kept factored: refused, naming why.
     let e = strategy(&small, &large, factored)
         .aggregate_fit(

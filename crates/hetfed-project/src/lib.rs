@@ -77,7 +77,8 @@ pub use convert::{matrix_f64_to_tensor, matrix_to_tensor, tensor_to_matrix, tens
 pub use map::{fit_procrustes, fit_ridge, random_orthogonal, Centring, FitReport, Map, MapKind};
 pub use moments::Moments;
 pub use project::{
-    numerical_rank, pair_layers, project_full, project_lora, project_vector, singular_values, truncated_svd,
+    numerical_rank, pair_layers, project_full, project_lora, project_vector, recompress_factors, singular_values,
+    truncated_svd,
 };
 pub use rows::{concat_rows, concat_rows_interleaved, split_rows, split_rows_interleaved, split_rows_sizes};
 pub use weight_space::{fit_weight_space, WeightFitInit, WeightFitOptions, WeightFitReport, WeightSpaceFit};

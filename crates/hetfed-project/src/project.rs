@@ -95,6 +95,38 @@ pub fn truncated_svd(m: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
     Ok((matrix_f64_to_tensor(&b, m.device())?, matrix_f64_to_tensor(&a, m.device())?))
 }
 
+/// The best rank-`k` approximation of a factored matrix `B·A` (`b: [o, r]`, `a: [r, i]`), as
+/// factors `(B' [o, k'], A' [k', i])` with `k' = min(k, r)`, and the Frobenius norm of what was
+/// dropped, `‖B·A - B'·A'‖`. Never forms `B·A`: `B = Q_b·R_b` and `A^T = Q_a·R_a` (thin QRs),
+/// the SVD of the `[r, r]` core `R_b·R_a^T = U·S·V^T`, then `B' = Q_b·U_k·S_k` and
+/// `A' = V_k^T·Q_a^T` (rows of `A'` orthonormal). With `k >= r` nothing is dropped and `B'·A'`
+/// equals `B·A` up to rounding. f64 on the CPU; the factors come back f32 on `b`'s device.
+pub fn recompress_factors(b: &Tensor, a: &Tensor, k: usize) -> Result<(Tensor, Tensor, f64)> {
+    let (o, r) = dims2(b, "b")?;
+    let (ra, i) = dims2(a, "a")?;
+    if ra != r || r == 0 || k == 0 {
+        return Err(Error::msg(format!(
+            "recompress_factors: expected b [o, r], a [r, i] with r >= 1 and a rank k >= 1, found {:?}, {:?}, k = {k}",
+            b.dims(),
+            a.dims()
+        )));
+    }
+    let qr_b = tensor_to_matrix_f64(b, "b")?.qr();
+    let qr_a = tensor_to_matrix_f64(a, "a")?.transpose().qr();
+    let core = qr_b.r() * qr_a.r().transpose();
+    let (u, sv, v_t) = thin_svd(&core, "R_b R_a^T")?;
+    let keep = k.min(sv.len());
+    let dropped = sv[keep..].iter().map(|s| s * s).sum::<f64>().sqrt();
+    let mut us = u.columns(0, keep).into_owned();
+    for (c, s) in sv.iter().take(keep).enumerate() {
+        us.column_mut(c).scale_mut(*s);
+    }
+    let b2 = qr_b.q() * us;
+    let a2 = v_t.rows(0, keep) * qr_a.q().transpose();
+    debug_assert_eq!((b2.nrows(), a2.ncols()), (o, i));
+    Ok((matrix_f64_to_tensor(&b2, b.device())?, matrix_f64_to_tensor(&a2, b.device())?, dropped))
+}
+
 /// Singular values of a matrix, descending (f64 thin SVD on the CPU).
 pub fn singular_values(m: &Tensor) -> Result<Vec<f64>> {
     Ok(thin_svd(&tensor_to_matrix_f64(m, "m")?, "m")?.1)

@@ -176,6 +176,30 @@ fn projection_keeps_dtype() {
 }
 
 #[test]
+fn recompressed_factors_are_exact_at_full_rank_and_the_best_approximation_below() {
+    let (b, a) = (gauss(20, 6, 51), gauss(6, 15, 52));
+    let m = &b * &a;
+    let sv = singular_values(&ten(&m)).unwrap();
+    for k in [6, 9] {
+        let (b2, a2, dropped) = recompress_factors(&ten(&b), &ten(&a), k).unwrap();
+        assert_eq!((b2.dims(), a2.dims()), (&[20, 6][..], &[6, 15][..]), "k = {k} keeps the rank 6");
+        assert!(max_abs_diff(&(mat(&b2) * mat(&a2)), &m) < 1e-4 && dropped < 1e-9, "k = {k}");
+    }
+    for k in [1, 3] {
+        let (b2, a2, dropped) = recompress_factors(&ten(&b), &ten(&a), k).unwrap();
+        let (tb, ta) = truncated_svd(&ten(&m), k).unwrap();
+        assert!(max_abs_diff(&(mat(&b2) * mat(&a2)), &(mat(&tb) * mat(&ta))) < 1e-4, "k = {k}");
+        let expected = sv[k..].iter().map(|s| s * s).sum::<f64>().sqrt();
+        assert!((dropped - expected).abs() < 1e-6 * expected, "k = {k}: {dropped} vs {expected}");
+        // A's rows are orthonormal: B' carries the singular values.
+        let aa = mat(&a2) * mat(&a2).transpose();
+        assert!((aa - DMatrix::<f64>::identity(k, k)).amax() < 1e-5);
+    }
+    assert!(recompress_factors(&ten(&b), &ten(&a), 0).is_err());
+    assert!(recompress_factors(&ten(&b), &ten(&gauss(5, 15, 1)), 2).is_err());
+}
+
+#[test]
 fn truncated_svd_is_exact_on_low_rank_and_optimal_otherwise() {
     // Rank-2 input: reconstructed exactly.
     let m = gauss(9, 2, 41) * gauss(2, 7, 42);
