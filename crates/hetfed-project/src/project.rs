@@ -5,7 +5,9 @@ use candle_core::{DType, Tensor};
 use hetfed_core::{Error, Result};
 use nalgebra::DMatrix;
 
-use crate::convert::{dims2, expect_shape, matrix_f64_to_tensor, matrix_to_tensor, tensor_to_matrix_f64, thin_svd};
+use crate::convert::{
+    dims2, expect_shape, matrix_f64_to_tensor, matrix_to_tensor, tensor_to_matrix, tensor_to_matrix_f64, thin_svd,
+};
 use crate::map::Map;
 
 /// `dW_l = T_out·dW_s·T_in^T`: a dense update `dw_s` (`[o_s, i_s]`) of a linear layer `y = W·x`
@@ -53,11 +55,13 @@ pub fn project_lora(b: &Tensor, a: &Tensor, t_out: &Map, t_in: &Map) -> Result<(
             "project_lora (A must be [r, t_in.d_small] with B's r)",
         ));
     }
-    let dev = b.device();
-    let b2 = t_out.to_tensor(dev)?.matmul(&b.to_dtype(DType::F32)?)?;
-    let ti_t = matrix_to_tensor(&t_in.matrix().transpose(), a.device())?;
-    let a2 = a.to_dtype(DType::F32)?.matmul(&ti_t)?;
-    Ok((b2.to_dtype(b.dtype())?, a2.to_dtype(a.dtype())?))
+    // With the maps as they are (no tensor copy of a map, no transpose of one: at real widths a
+    // map is up to `[16384, 4096]`): `T_out·B`, and `A·T_in^T = (T_in·A^T)^T` with `A` small.
+    let b2 = t_out.matrix() * tensor_to_matrix(b, "lora B")?;
+    let a2 = (t_in.matrix() * tensor_to_matrix(a, "lora A")?.transpose()).transpose();
+    let b2 = matrix_to_tensor(&b2, b.device())?.to_dtype(b.dtype())?;
+    let a2 = matrix_to_tensor(&a2, a.device())?.to_dtype(a.dtype())?;
+    Ok((b2, a2))
 }
 
 /// A bias update `db` (`[o_s]`) moved to the large model: `T_out·db` (`[o_l]`), with `db`'s

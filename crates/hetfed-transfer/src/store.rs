@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hetfed_core::{Error, Result};
+use hetfed_project::nalgebra::DMatrix;
 use hetfed_project::Map;
 
 use crate::maps::{ModuleMaps, MODULES};
@@ -150,10 +151,9 @@ fn write_matrices(path: &Path, maps: &[(String, &Arc<Map>)], metadata: &BTreeMap
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Reads one layer's maps written by [`write_layer`] (memory-mapped, a tensor at a time); maps
-/// stored once are shared again.
+/// Reads one layer's maps written by [`write_layer`]; maps stored once are shared again.
 pub(crate) fn read_layer(path: &Path) -> Result<LayerMaps> {
-    let (t, md) = hetfed_core::load_safetensors_mapped(path, &mut |_, t| Ok(t))?;
+    let (mut matrices, md) = read_matrices(path)?;
     let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
     let aliases: BTreeMap<String, String> = match md.get("hetfed.aliases") {
         Some(s) => serde_json::from_str(s).map_err(|e| bad(format!("expected JSON aliases: {e}")))?,
@@ -165,8 +165,8 @@ pub(crate) fn read_layer(path: &Path) -> Result<LayerMaps> {
         if let Some(m) = read.get(key) {
             return Ok(m.clone());
         }
-        let tensor = t.get(key).ok_or_else(|| bad(format!("expected tensor `{key}`, found none")))?;
-        let m = Arc::new(Map::from_tensor(tensor)?);
+        let t = matrices.remove(key).ok_or_else(|| bad(format!("expected tensor `{key}`, found none")))?;
+        let m = Arc::new(Map::new(t)?);
         read.insert(key.to_string(), m.clone());
         Ok(m)
     };
@@ -178,4 +178,58 @@ pub(crate) fn read_layer(path: &Path) -> Result<LayerMaps> {
         layer.insert(m.to_string(), ModuleMaps { out, input });
     }
     Ok(layer)
+}
+
+/// The f32 matrices of a file written by [`write_matrices`] and its metadata, each matrix read
+/// row by row straight into its nalgebra storage: no mapping of the file (whose pages would
+/// count as resident while mapped) and no tensor copy, so reading a layer holds its maps only.
+fn read_matrices(path: &Path) -> Result<(BTreeMap<String, DMatrix<f32>>, BTreeMap<String, String>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
+    let io = |e| Error::io(path, e);
+    let mut file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
+    let size = file.get_ref().metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| bad("expected a safetensors file, found fewer than 8 bytes".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > size.saturating_sub(8) || n > 1 << 26 {
+        return Err(bad(format!("expected a safetensors header within the file's {size} bytes, found one of {n}")));
+    }
+    let mut head = vec![0u8; n as usize];
+    file.read_exact(&mut head).map_err(io)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&head).map_err(|e| bad(format!("expected a JSON safetensors header: {e}")))?;
+    let mut metadata = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            for (k, v) in info.as_object().into_iter().flatten() {
+                metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+            }
+            continue;
+        }
+        let dims: Vec<u64> = info["shape"].as_array().into_iter().flatten().filter_map(|d| d.as_u64()).collect();
+        let offs: Vec<u64> = info["data_offsets"].as_array().into_iter().flatten().filter_map(|d| d.as_u64()).collect();
+        let (&[r, c], &[start, end], Some("F32")) = (dims.as_slice(), offs.as_slice(), info["dtype"].as_str()) else {
+            return Err(bad(format!("`{name}`: expected an F32 matrix with data offsets, found {info}")));
+        };
+        if end.checked_sub(start) != Some(r * c * 4) || 8 + n + end > size {
+            return Err(bad(format!(
+                "`{name}`: expected {} bytes of [{r}, {c}] f32 within the file, found offsets {start}..{end}",
+                r * c * 4
+            )));
+        }
+        let (r, c) = (r as usize, c as usize);
+        file.seek(SeekFrom::Start(8 + n + start)).map_err(io)?;
+        let mut m = DMatrix::<f32>::zeros(r, c);
+        let mut row = vec![0u8; c * 4];
+        for i in 0..r {
+            file.read_exact(&mut row).map_err(io)?;
+            for (j, v) in row.chunks_exact(4).enumerate() {
+                m[(i, j)] = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+            }
+        }
+        out.insert(name.clone(), m);
+    }
+    Ok((out, metadata))
 }
