@@ -52,4 +52,20 @@ for p in server c0 c1; do
     rss=$(grep "Maximum resident set size" "$out/$p.time" | awk '{print $NF}')
     printf '%-7s wall %s  peak RSS %.2f GiB (%s kB)\n' "$p" "$wall" "$(echo "$rss / 1048576" | bc -l)" "$rss"
 done
-grep -h '"phase\|"seconds' "$out/run/metrics.jsonl" 2> /dev/null | tail -n 5 || true
+# The server's phases, from its metrics (seconds).
+python3 - "$out/run/metrics.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e.get("event") == "run_start":
+        print("maps fit s", round(e["strategy_info"]["maps"][0]["fit_s"], 1))
+    elif e.get("event") == "round" and e["round"] == 0:
+        print("round 0 evaluation s", round(e["server_eval_s"], 1))
+    elif e.get("event") == "round":
+        a = e["aggregation"]
+        print("round", e["round"], "wall s", round(e["wall_s"], 1), "aggregate s", round(e["aggregate_s"], 1),
+              "projection s", {k: round(v["project_s"], 1) for k, v in a["projection"].items()},
+              "evaluation s", round(e["server_eval_s"], 1), "peak RSS bytes", e["server_peak_rss_bytes"])
+    elif e.get("event") == "client_round":
+        print("client", e["client"], "train s", round(e["train_s"], 1), "peak RSS bytes", e["peak_rss_bytes"])
+PY

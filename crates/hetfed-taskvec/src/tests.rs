@@ -522,9 +522,25 @@ fn dense_tv(entries: &[(&str, Tensor)]) -> TaskVector {
 fn validation_refuses_what_the_server_refuses() {
     let base = small_base();
     let what = "the base model";
-    let err = |tv: &TaskVector, max: f64| tv.validate(&bloom(), &base, what, max).unwrap_err().to_string();
+    // `validate` and the server's `validate_norm` (which never multiplies LoRA factors out)
+    // accept and refuse alike, with the same message, and agree on the norm.
+    let err = |tv: &TaskVector, max: f64| {
+        let e = tv.validate(&bloom(), &base, what, max).unwrap_err().to_string();
+        let e2 = tv.validate_norm(&bloom(), &base, what, max).unwrap_err().to_string();
+        assert_eq!(e, e2, "validate and validate_norm refuse differently");
+        e
+    };
     let ok = small_lora().validate(&bloom(), &base, what, f64::INFINITY).unwrap();
     assert!((ok.norm - 40f64.sqrt()).abs() < 1e-6 && ok.delta.contains_key("h.0.q.weight"));
+    let norm = small_lora().validate_norm(&bloom(), &base, what, f64::INFINITY).unwrap();
+    assert!((norm - ok.norm).abs() < 1e-9 * ok.norm, "{norm} vs {}", ok.norm);
+    let mut nan_factors = small_lora();
+    if let Delta::Lora { factors, .. } = &mut nan_factors.kind {
+        let a = factors["h.0.q.lora_A"].clone();
+        let poisoned = a.ones_like().unwrap().affine(f64::NAN, 0.0).unwrap();
+        factors.insert("h.0.q.lora_A".into(), poisoned);
+    }
+    assert!(err(&nan_factors, f64::INFINITY).contains("`h.0.q.weight`: expected finite values, found NaN"));
 
     let nan = dense_tv(&[("h.0.q.bias", Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap())]);
     assert!(err(&nan, f64::INFINITY).contains("`h.0.q.bias`: expected finite values, found NaN"));

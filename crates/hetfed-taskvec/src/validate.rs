@@ -89,6 +89,48 @@ impl TaskVector {
         Ok(Checked { delta, norm })
     }
 
+    /// [`TaskVector::validate`]'s checks and norm without the dense update: what a server needs
+    /// to accept an upload. A dense update is checked as there; a LoRA update from its factors
+    /// alone (shapes, finite values) with its norm from the factors' Gram matrices
+    /// (`tr((BᵀB)(AAᵀ))`, f64), never `B·A`: a bloom-560m upload multiplied out is 1.2 GB. Finite
+    /// factors with a finite norm give a finite product (no entry exceeds the norm); a norm past
+    /// f32's range is refused as a product that would overflow.
+    pub fn validate_norm(&self, base_id: &ModelIdentity, base: &TensorMap, what: &str, max_norm: f64) -> Result<f64> {
+        let Delta::Lora { config, factors } = &self.kind else {
+            return Ok(self.validate(base_id, base, what, max_norm)?.norm);
+        };
+        if *base_id != self.base {
+            let (expected, found) = describe_pair(base_id, &self.base);
+            return Err(Error::msg(format!("expected an update of {what} {expected}, found one of {found}")));
+        }
+        let pairs = lora::pairs(config, factors)
+            .map_err(|e| Error::msg(format!("expected LoRA factors that multiply out: {e}")))?;
+        let mut sq = 0.0;
+        for p in &pairs {
+            let name = format!("{}.weight", p.module);
+            let expected = base
+                .get(&name)
+                .map(Tensor::dims)
+                .ok_or_else(|| Error::msg(format!("parameter `{name}` is not a parameter of {what}")))?;
+            let found = [p.b.dims()[0], p.a.dims()[1]];
+            if found != expected {
+                return Err(Error::msg(format!("parameter `{name}`: expected shape {expected:?}, found {found:?}")));
+            }
+            if !all_finite(p.a)? || !all_finite(p.b)? {
+                return Err(Error::msg(format!("parameter `{name}`: expected finite values, found NaN or infinity")));
+            }
+            sq += lora::sq_norm(p, config.scale())?;
+        }
+        if pairs.is_empty() {
+            return Err(Error::msg("expected at least one updated parameter, found none"));
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() || norm > max_norm || norm > f32::MAX as f64 {
+            return Err(Error::msg(format!("expected an update norm <= {max_norm}, found {norm:.4}")));
+        }
+        Ok(norm)
+    }
+
     /// `theta + lambda·tau` after [`TaskVector::validate`] (no norm bound): what the command line
     /// does with a task vector it is given. Also refuses a `lambda` that is not finite and a
     /// result that is not (finite values can still overflow when scaled). Parameters the task

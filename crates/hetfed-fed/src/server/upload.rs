@@ -154,7 +154,7 @@ impl Server {
         let _permit = self.validations.acquire().await.map_err(internal)?;
         tokio::task::spawn_blocking(move || -> Verdict {
             let data = std::fs::read(&path).map_err(|e| e.to_string())?;
-            validate_update(&data, &identity, &global, max_norm).map(|(_, _, norm)| norm)
+            validate_update(&data, &identity, &global, max_norm).map(|(_, norm)| norm)
         })
         .await
         .map_err(internal)
