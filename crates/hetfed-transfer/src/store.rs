@@ -180,10 +180,13 @@ pub(crate) fn read_layer(path: &Path) -> Result<LayerMaps> {
     Ok(layer)
 }
 
+/// A safetensors file's `__metadata__`.
+type Metadata = BTreeMap<String, String>;
+
 /// The f32 matrices of a file written by [`write_matrices`] and its metadata, each matrix read
 /// row by row straight into its nalgebra storage: no mapping of the file (whose pages would
 /// count as resident while mapped) and no tensor copy, so reading a layer holds its maps only.
-fn read_matrices(path: &Path) -> Result<(BTreeMap<String, DMatrix<f32>>, BTreeMap<String, String>)> {
+fn read_matrices(path: &Path) -> Result<(BTreeMap<String, DMatrix<f32>>, Metadata)> {
     use std::io::{Read, Seek, SeekFrom};
     let bad = |msg: String| Error::Format { path: path.to_path_buf(), msg };
     let io = |e| Error::io(path, e);
