@@ -135,23 +135,13 @@ fn polar_factor_limit(m: DMatrix<f64>, name: &str, f64_max: usize) -> Result<DMa
     ensure_nonempty(r, c, name)?;
     ensure_finite(&m, name)?;
     let failed = |e: faer::linalg::svd::SvdError| Error::msg(format!("`{name}`: SVD did not converge ({e:?})"));
-    let mut out;
     if r * c <= f64_max {
         let s = faer::MatRef::from_column_major_slice(m.as_slice(), r, c).thin_svd().map_err(failed)?;
         let (u, v_t) = (s.U(), s.V().transpose());
-        out = DMatrix::<f32>::zeros(r, c);
-        for start in (0..r).step_by(POLAR_ROWS) {
-            let len = POLAR_ROWS.min(r - start);
-            let p = u.subrows(start, len) * v_t;
-            for j in 0..c {
-                for i in 0..len {
-                    out[(start + i, j)] = p[(i, j)] as f32;
-                }
-            }
-        }
+        Ok(by_row_blocks(r, c, |start, len| u.subrows(start, len) * v_t, |v| v as f32))
     } else if r < c {
         // Wide: the transpose's polar factor, transposed.
-        return Ok(polar_factor_limit(m.transpose(), name, f64_max)?.transpose());
+        Ok(polar_factor_limit(m.transpose(), name, f64_max)?.transpose())
     } else {
         // Tall: C = Q·R, R = U_r·S·V_r^T, so polar(C) = Q·(U_r·V_r^T). Only R (`[c, c]`) goes
         // through the SVD; faer's thin SVD of C itself holds about six copies of C.
@@ -165,18 +155,29 @@ fn polar_factor_limit(m: DMatrix<f64>, name: &str, f64_max: usize) -> Result<DMa
         };
         let q = qr.compute_thin_Q();
         drop(qr);
-        out = DMatrix::<f32>::zeros(r, c);
-        for start in (0..r).step_by(POLAR_ROWS) {
-            let len = POLAR_ROWS.min(r - start);
-            let p = q.subrows(start, len) * &core;
-            for j in 0..c {
-                for i in 0..len {
-                    out[(start + i, j)] = p[(i, j)];
-                }
+        Ok(by_row_blocks(r, c, |start, len| q.subrows(start, len) * &core, |v| v))
+    }
+}
+
+/// An `[r, c]` f32 matrix filled [`POLAR_ROWS`] rows at a time from `block(start, len)`, the
+/// `[len, c]` product for those rows only (so no whole product exists beside the result).
+fn by_row_blocks<T: Copy>(
+    r: usize,
+    c: usize,
+    block: impl Fn(usize, usize) -> faer::Mat<T>,
+    to_f32: impl Fn(T) -> f32,
+) -> DMatrix<f32> {
+    let mut out = DMatrix::<f32>::zeros(r, c);
+    for start in (0..r).step_by(POLAR_ROWS) {
+        let len = POLAR_ROWS.min(r - start);
+        let p = block(start, len);
+        for j in 0..c {
+            for i in 0..len {
+                out[(start + i, j)] = to_f32(p[(i, j)]);
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Solves `X·G = C` for `X` with `G` symmetric positive (semi)definite: Cholesky, falling back to
