@@ -141,7 +141,10 @@ impl Server {
             }
         }
         if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(internal)?;
+            // Synchronous, like every file-system step of an upload that creates or names a
+            // path: an async one runs on the blocking pool and outlives a dropped call, so it
+            // could re-create what [`InFlight`]'s undo just removed.
+            std::fs::create_dir_all(dir).map_err(internal)?;
         }
         self.receive(header, body, path).await
     }
@@ -172,7 +175,9 @@ impl Server {
     }
 
     async fn receive_to(header: &UploadHeader, mut body: ByteStream, tmp: &Path, path: &Path) -> Reply<u64> {
-        let mut f = tokio::fs::File::create(tmp).await.map_err(internal)?;
+        // Created synchronously (see `spool`): once this returns, the file exists, and a drop
+        // of this future at any later await finds it to remove.
+        let mut f = tokio::fs::File::from_std(std::fs::File::create(tmp).map_err(internal)?);
         let mut hasher = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
@@ -202,7 +207,7 @@ impl Server {
                 header.sha256
             )));
         }
-        tokio::fs::rename(tmp, path).await.map_err(internal)?;
+        std::fs::rename(tmp, path).map_err(internal)?;
         Ok(n)
     }
 }
