@@ -229,6 +229,10 @@ pub struct TemplateText<'a> {
     pub prompts: Option<&'a [Vec<u32>]>,
     /// The answer (the last field): row `i` takes the first tokens of `answers[i % len]`.
     pub answers: Option<&'a [Vec<u32>]>,
+    /// A sampled answer's temperature and nucleus (`None`: temperature 1, the whole
+    /// vocabulary). Below 1, the answers are nearer the teacher's mode: sequence-level
+    /// distillation's targets (Kim & Rush, 2016), on which the KL is then taken token by token.
+    pub answer_sampling: Option<(f64, Option<f64>)>,
 }
 
 /// Like [`sample_template`], except that the fields `text` provides are teacher-forced from it
@@ -297,13 +301,15 @@ pub fn sample_template_from(
                     continue;
                 }
                 let step_seed = seed.wrapping_add((field_idx as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+                let (temperature, top_p) =
+                    if is_answer { text.answer_sampling.unwrap_or((1.0, None)) } else { (1.0, None) };
                 let mut out = Vec::with_capacity(n);
                 for (c, chunk) in rows.chunks(SAMPLE_CHUNK).enumerate() {
                     let cfg = SamplingConfig {
                         max_new_tokens: budget,
-                        temperature: 1.0,
+                        temperature,
                         top_k: None,
-                        top_p: None,
+                        top_p,
                         seed: step_seed.wrapping_add((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
                     };
                     for (row, new) in chunk.iter().zip(generate_batch(model, chunk, &cfg, None).map_err(cerr)?) {

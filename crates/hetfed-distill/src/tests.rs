@@ -577,9 +577,16 @@ fn teacher_forced_answers_replace_the_sampled_answer_and_keep_the_prompt() {
     let m = tiny(64, 1).model(None).unwrap();
     let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
     let answers = vec![(30..40).collect::<Vec<u32>>(), (40..50).collect()];
-    let s =
-        sample_template_from(m.as_ref(), 2, &segs, 3, 20, 7, TemplateText { prompts: None, answers: Some(&answers) })
-            .unwrap();
+    let s = sample_template_from(
+        m.as_ref(),
+        2,
+        &segs,
+        3,
+        20,
+        7,
+        TemplateText { answers: Some(&answers), ..Default::default() },
+    )
+    .unwrap();
     let sampled = sample_template(m.as_ref(), 2, &segs, 3, 20, 7).unwrap();
     assert_eq!(s.answer_start, sampled.answer_start);
     for (i, (r, q)) in s.seqs.iter().zip(&sampled.seqs).enumerate() {
@@ -588,12 +595,28 @@ fn teacher_forced_answers_replace_the_sampled_answer_and_keep_the_prompt() {
         assert_eq!(r[12..], answers[i % 2][..8], "row {i}: the answer is the first 8 tokens of its text");
     }
     let short = vec![vec![1u32; 3]];
-    let e = sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: None, answers: Some(&short) })
-        .unwrap_err()
-        .to_string();
+    let e = sample_template_from(
+        m.as_ref(),
+        2,
+        &segs,
+        1,
+        20,
+        7,
+        TemplateText { answers: Some(&short), ..Default::default() },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("at least 8 tokens, found 3"), "{e}");
-    assert!(sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: None, answers: Some(&[]) })
-        .is_err());
+    assert!(sample_template_from(
+        m.as_ref(),
+        2,
+        &segs,
+        1,
+        20,
+        7,
+        TemplateText { answers: Some(&[]), ..Default::default() }
+    )
+    .is_err());
 }
 
 #[test]
@@ -602,7 +625,7 @@ fn template_prompts_from_text_are_teacher_forced_and_answers_sampled_after_them(
     // start, "10 11", prompt field, "12", answer field: 20 tokens, 17 free, 8 + 9 per field.
     let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
     let prompts = vec![(30..40).collect::<Vec<u32>>(), (40..50).collect(), (50..60).collect()];
-    let text = TemplateText { prompts: Some(&prompts), answers: None };
+    let text = TemplateText { prompts: Some(&prompts), ..Default::default() };
     let s = sample_template_from(m.as_ref(), 2, &segs, 4, 20, 7, text).unwrap();
     let sampled = sample_template(m.as_ref(), 2, &segs, 4, 20, 7).unwrap();
     assert_eq!(s.answer_start, sampled.answer_start);
@@ -626,18 +649,77 @@ fn template_prompts_from_text_are_teacher_forced_and_answers_sampled_after_them(
     assert!(a.seqs.iter().zip(&b.seqs).any(|(a, b)| a[12..] != b[12..]), "the answers are sampled");
     // Both given: nothing is sampled.
     let answers = vec![(1..20).collect::<Vec<u32>>()];
-    let both = TemplateText { prompts: Some(&prompts), answers: Some(&answers) };
+    let both = TemplateText { prompts: Some(&prompts), answers: Some(&answers), ..Default::default() };
     let b = sample_template_from(m.as_ref(), 2, &segs, 2, 20, 7, both).unwrap();
     assert_eq!(b.seqs[1][3..11], prompts[1][..8]);
     assert_eq!(b.seqs[1][12..], answers[0][..8]);
     let short = vec![vec![1u32; 3]];
-    let e = sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: Some(&short), answers: None })
-        .unwrap_err()
-        .to_string();
+    let e = sample_template_from(
+        m.as_ref(),
+        2,
+        &segs,
+        1,
+        20,
+        7,
+        TemplateText { prompts: Some(&short), ..Default::default() },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("teacher-forced prompt 0: expected at least 8 tokens, found 3"), "{e}");
     let none: Vec<Vec<u32>> = Vec::new();
-    assert!(sample_template_from(m.as_ref(), 2, &segs, 1, 20, 7, TemplateText { prompts: Some(&none), answers: None })
-        .is_err());
+    assert!(sample_template_from(
+        m.as_ref(),
+        2,
+        &segs,
+        1,
+        20,
+        7,
+        TemplateText { prompts: Some(&none), ..Default::default() }
+    )
+    .is_err());
+}
+
+/// A sampled answer's temperature and nucleus apply to the answer only: the prompt is the one
+/// sampled at temperature 1, and a near-zero temperature (or a tiny nucleus) gives the greedy
+/// answer.
+#[test]
+fn answer_sampling_narrows_the_answer_and_keeps_the_prompt() {
+    let flat = {
+        let cfg = config(64);
+        let w = cfg.random_weights(1).unwrap();
+        checkpoint(cfg, w).model(None).unwrap()
+    };
+    let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
+    let plain = sample_template(flat.as_ref(), 2, &segs, 4, 20, 7).unwrap();
+    for narrow in [(1e-4, None), (1.0, Some(1e-6))] {
+        let text = TemplateText { answer_sampling: Some(narrow), ..Default::default() };
+        let s = sample_template_from(flat.as_ref(), 2, &segs, 4, 20, 7, text).unwrap();
+        let prompts: Vec<Vec<u32>> = s.seqs.iter().map(|r| r[..12].to_vec()).collect();
+        assert!(
+            s.seqs.iter().zip(&plain.seqs).all(|(a, b)| a[..12] == b[..12]),
+            "{narrow:?}: the prompts are unchanged"
+        );
+        let greedy = SamplingConfig { max_new_tokens: 8, temperature: 0.0, top_k: None, top_p: None, seed: 0 };
+        let want = generate_batch(flat.as_ref(), &prompts, &greedy, None).unwrap();
+        for (r, w) in s.seqs.iter().zip(&want) {
+            assert_eq!(r[12..], w[..], "{narrow:?}: the answer is the greedy one");
+        }
+    }
+    assert_ne!(
+        plain.seqs,
+        sample_template_from(
+            flat.as_ref(),
+            2,
+            &segs,
+            4,
+            20,
+            7,
+            TemplateText { answer_sampling: Some((1e-4, None)), ..Default::default() }
+        )
+        .unwrap()
+        .seqs,
+        "a flat model's sampled answers are not its greedy ones"
+    );
 }
 
 #[test]

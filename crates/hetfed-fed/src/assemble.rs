@@ -388,8 +388,11 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
     let tok = large.tokenizer()?;
     let mut general = Vec::new();
     if matches!(oc.sequences, OffsetSequences::General | OffsetSequences::Mixed) {
-        let texts = general_text(dir, Split::Train, 40 * oc.general_sequences)?;
-        let windows = hetfed_transfer::text_sequences(tok, &texts, eos, oc.general_sequences, oc.seq_len - 1)?;
+        // The training windows, then the held-out ones (the first windows do not depend on how
+        // many follow).
+        let n = oc.general_sequences + oc.heldout_per_task;
+        let texts = general_text(dir, Split::Train, 40 * n)?;
+        let windows = hetfed_transfer::text_sequences(tok, &texts, eos, n, oc.seq_len - 1)?;
         general = windows.into_iter().map(|w| std::iter::once(eos).chain(w).collect()).collect();
     }
     let mut templates = BTreeMap::new();

@@ -542,6 +542,9 @@ impl RunConfig {
     /// | `transfer.offset.general_sequences`, `.sampled_per_task` | 1..=100000 (when used) |
     /// | `transfer.offset.seq_len` | 4..=4096, ≤ the models' context |
     /// | `transfer.offset.heldout_per_task` | 0..=10000 |
+    /// | `transfer.offset.answer_temperature` | (0, 10] |
+    /// | `transfer.offset.answer_top_p` | (0, 1] |
+    /// | `transfer.offset.scales` | 1 to 16 scales, each in (0, 10]; several need `heldout_per_task` ≥ 1 |
     /// | distillation tokens per round (sequences × seq_len) | ≤ [`MAX_DISTILL_TOKENS`] |
     pub fn check_ranges(&self) -> std::result::Result<(), String> {
         // The clients of the run (one with `data.pooled` or `data.only_client`).
@@ -683,7 +686,7 @@ impl RunConfig {
                 let n_tasks = self.data.task_names().len();
                 let seqs = if general { oc.general_sequences } else { 0 }
                     + if sampled { oc.sampled_per_task * n_tasks } else { 0 }
-                    + oc.heldout_per_task * n_tasks;
+                    + oc.heldout_per_task * (n_tasks + usize::from(general));
                 let tokens = seqs * oc.seq_len;
                 if tokens > MAX_DISTILL_TOKENS {
                     return Err(format!(

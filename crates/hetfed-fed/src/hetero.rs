@@ -216,8 +216,22 @@ pub struct OffsetConfig {
     pub answers: OffsetAnswers,
     /// Held-out diagnostic: per task, this many more examples sampled from its teacher (another
     /// seed, never trained on); the round's details report the student's KL to the teacher on
-    /// their answers before and after distillation. 0 (the default) skips it.
+    /// their answers before and after distillation (and, with general text among the
+    /// sequences, on as many held-out general windows). 0 (the default) skips it.
     pub heldout_per_task: usize,
+    /// Candidate scales of the distilled change (`[1.0]`, the default: the change as trained).
+    /// With several, the server applies the one whose student has the lowest mean held-out KL
+    /// to its teachers (each task's held-out examples and the held-out general windows, see
+    /// `heldout_per_task`, which it needs): a line search along the distilled direction, on
+    /// server-owned sequences only. A student that moves toward its teacher but stops short
+    /// (the KL closes by half in 64 steps) is carried further along its own direction.
+    pub scales: Vec<f64>,
+    /// Temperature of the teacher's sampled answers (1, the default: its distribution as it
+    /// is). Lower draws answers nearer its mode, as sequence-level distillation does.
+    pub answer_temperature: f64,
+    /// Nucleus of the teacher's sampled answers: the smallest set of tokens holding this much
+    /// probability (1, the default: the whole vocabulary).
+    pub answer_top_p: f64,
 }
 
 impl Default for OffsetConfig {
@@ -236,6 +250,9 @@ impl Default for OffsetConfig {
             prompts: OffsetPrompts::Sampled,
             answers: OffsetAnswers::Sampled,
             heldout_per_task: 0,
+            scales: vec![1.0],
+            answer_temperature: 1.0,
+            answer_top_p: 1.0,
         }
     }
 }
@@ -260,6 +277,30 @@ impl OffsetConfig {
             return Err(format!(
                 "transfer.offset.heldout_per_task: expected 0..=10000, found {}",
                 self.heldout_per_task
+            ));
+        }
+        if self.scales.is_empty() || self.scales.len() > 16 {
+            return Err(format!("transfer.offset.scales: expected 1 to 16 scales, found {}", self.scales.len()));
+        }
+        if let Some(bad) = self.scales.iter().find(|s| !(s.is_finite() && **s > 0.0 && **s <= 10.0)) {
+            return Err(format!("transfer.offset.scales: expected each scale in (0, 10], found {bad}"));
+        }
+        if self.scales.len() > 1 && self.heldout_per_task == 0 {
+            return Err(format!(
+                "transfer.offset.scales: choosing among {} scales needs held-out sequences; set transfer.offset.heldout_per_task to at least 1",
+                self.scales.len()
+            ));
+        }
+        if !(self.answer_temperature.is_finite() && self.answer_temperature > 0.0 && self.answer_temperature <= 10.0) {
+            return Err(format!(
+                "transfer.offset.answer_temperature: expected a number in (0, 10], found {}",
+                self.answer_temperature
+            ));
+        }
+        if !(self.answer_top_p.is_finite() && self.answer_top_p > 0.0 && self.answer_top_p <= 1.0) {
+            return Err(format!(
+                "transfer.offset.answer_top_p: expected a number in (0, 1], found {}",
+                self.answer_top_p
             ));
         }
         if need_sampled && !(1..=100_000).contains(&self.sampled_per_task) {
@@ -902,7 +943,7 @@ impl Hetero {
         let student = self.large.with_weights(start);
         let cfg = DistillConfig { seed, ..self.cfg.distill.clone() };
         let rep = hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?;
-        let heldout = self.heldout_kl(&student, &rep.delta, &data.heldout)?;
+        let (heldout, scale) = self.heldout_kl(&student, &rep.delta, &data.heldout)?;
         let weights: BTreeMap<String, f64> = offsets
             .iter()
             .enumerate()
@@ -918,8 +959,15 @@ impl Hetero {
         if !heldout.is_empty() {
             details["offset"]["heldout_kl"] = json!(heldout);
         }
+        details["offset"]["scale"] = json!(scale);
+        let mut delta = rep.delta;
+        if scale != 1.0 {
+            for t in delta.values_mut() {
+                *t = (&*t * scale)?;
+            }
+        }
         // The whole change from the global model: the projected start (if any) plus the distilled delta.
-        change_with(&mut change, &rep.delta)?;
+        change_with(&mut change, &delta)?;
         Ok(change)
     }
 
@@ -956,6 +1004,21 @@ impl Hetero {
             out.targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &general, temperature)?);
             out.positions.insert("general".into(), general.iter().map(Vec::len).sum());
             out.seqs.extend(general);
+            if oc.heldout_per_task > 0 {
+                // The windows after the training ones (`server_text` packs that many more).
+                let held: Vec<Vec<u32>> = self
+                    .text
+                    .general
+                    .iter()
+                    .skip(oc.general_sequences)
+                    .take(oc.heldout_per_task)
+                    .map(|s| s[..s.len().min(oc.seq_len)].to_vec())
+                    .collect();
+                if !held.is_empty() {
+                    let t = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &held, temperature)?;
+                    out.heldout.push((GENERAL.into(), (held, t)));
+                }
+            }
         }
         let sampled = matches!(oc.sequences, OffsetSequences::Sampled | OffsetSequences::Mixed);
         if sampled || oc.heldout_per_task > 0 {
@@ -1025,7 +1088,10 @@ impl Hetero {
             .get(task)
             .filter(|_| oc.prompts != OffsetPrompts::Sampled)
             .map(|p| rotated(p, prompt_start));
-        let text = hetfed_distill::TemplateText { prompts: prompts.as_deref(), answers: answers.as_deref() };
+        let answer_sampling = (oc.answer_temperature != 1.0 || oc.answer_top_p < 1.0)
+            .then_some((oc.answer_temperature, (oc.answer_top_p < 1.0).then_some(oc.answer_top_p)));
+        let text =
+            hetfed_distill::TemplateText { prompts: prompts.as_deref(), answers: answers.as_deref(), answer_sampling };
         let samples = hetfed_distill::sample_template_from(teacher, eos, &template, n, len, seed, text)?;
         let mut seqs = samples.seqs;
         let mut targets = hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &seqs, self.cfg.distill.temperature)?;
@@ -1040,31 +1106,49 @@ impl Hetero {
         Ok(((seqs, targets), positions))
     }
 
-    /// Per task, the KL (per answer position) of the student to its teacher on the held-out
-    /// examples, before (`student`) and after (`student + delta`) distillation.
+    /// Per held-out set (each task's answers, and general text), the KL per position of the
+    /// student to its teacher before (`student`) and after (`student + s·delta`) distillation,
+    /// for each candidate scale `s` of [`OffsetConfig::scales`]; and the scale whose mean KL
+    /// over the sets is lowest (the first on a tie; 1 without held-out sets).
     fn heldout_kl(
         &self,
         student: &Checkpoint,
         delta: &TensorMap,
         heldout: &[(String, Examples)],
-    ) -> Result<BTreeMap<String, serde_json::Value>> {
+    ) -> Result<(BTreeMap<String, serde_json::Value>, f64)> {
         let mut out = BTreeMap::new();
+        let scales = &self.cfg.offset.scales;
         if heldout.is_empty() {
-            return Ok(out);
+            return Ok((out, scales.first().copied().unwrap_or(1.0)));
         }
         let temperature = self.cfg.distill.temperature;
-        let mut after = student.weights.clone();
-        apply_delta(&mut after, delta, 1.0)?;
-        let before = student.arch.build(&student.weights, &student.source(), None)?;
-        let after = student.arch.build(&after, &student.source(), None)?;
-        for (task, (seqs, targets)) in heldout {
-            let b = hetfed_distill::mean_kl(before.as_ref(), seqs, targets, temperature)?;
-            let a = hetfed_distill::mean_kl(after.as_ref(), seqs, targets, temperature)?;
-            out.insert(task.clone(), json!({"before": b, "after": a, "examples": seqs.len()}));
+        let kls = |m: &dyn CausalLm| -> Result<Vec<f64>> {
+            heldout.iter().map(|(_, (seqs, targets))| hetfed_distill::mean_kl(m, seqs, targets, temperature)).collect()
+        };
+        let before = kls(student.arch.build(&student.weights, &student.source(), None)?.as_ref())?;
+        let mut by_scale = Vec::with_capacity(scales.len());
+        for &s in scales {
+            let mut after = student.weights.clone();
+            apply_delta(&mut after, delta, s)?;
+            by_scale.push(kls(student.arch.build(&after, &student.source(), None)?.as_ref())?);
         }
-        Ok(out)
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let best = (0..scales.len()).fold(0, |b, i| if mean(&by_scale[i]) < mean(&by_scale[b]) { i } else { b });
+        for (k, (name, (seqs, _))) in heldout.iter().enumerate() {
+            let mut entry = json!({"before": before[k], "after": by_scale[best][k], "examples": seqs.len()});
+            if scales.len() > 1 {
+                let all: BTreeMap<String, f64> =
+                    scales.iter().zip(&by_scale).map(|(s, v)| (format!("{s}"), v[k])).collect();
+                entry["by_scale"] = json!(all);
+            }
+            out.insert(name.clone(), entry);
+        }
+        Ok((out, scales[best]))
     }
 }
+
+/// The held-out set of general text in [`Hetero::heldout_kl`]'s report.
+const GENERAL: &str = "(general)";
 
 /// Distillation sequences and their teacher targets (`[len, vocab]` each).
 type Examples = (Vec<Vec<u32>>, Vec<Tensor>);

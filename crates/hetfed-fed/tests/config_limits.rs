@@ -384,6 +384,24 @@ fn settings_that_could_never_work_are_refused_with_key_value_and_range() {
     let e = parse(&with_value(&distill, "transfer.distill", "n_prompts", "100000")).unwrap_err();
     assert!(e.contains("transfer.distill.n_prompts") && e.contains("65536"), "{e}");
     parse(&with_value(&distill, "transfer.distill", "n_prompts", "1000")).unwrap();
+    // The scales of the distilled change: a short list of positive numbers; choosing among
+    // several needs held-out sequences to choose on.
+    let offset = with_value(HETEROGENEOUS, "transfer", "aggregation", "\"offset_distillation\"");
+    for (scales, heldout, want) in [
+        ("[]", 0, "transfer.offset.scales: expected 1 to 16 scales, found 0"),
+        ("[1.0, 0.0]", 4, "transfer.offset.scales: expected each scale in (0, 10], found 0"),
+        ("[1.0, nan]", 4, "transfer.offset.scales: expected each scale in (0, 10], found NaN"),
+        ("[1.0, 11.0]", 4, "transfer.offset.scales: expected each scale in (0, 10], found 11"),
+        ("[1.0, 2.0]", 0, "transfer.offset.scales: choosing among 2 scales needs held-out sequences"),
+    ] {
+        let text = with_value(&offset, "transfer.offset", "scales", scales);
+        let e = parse(&with_value(&text, "transfer.offset", "heldout_per_task", &heldout.to_string())).unwrap_err();
+        assert!(e.contains(want), "scales = {scales}: expected {want:?} in {e:?}");
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+    }
+    let ok = with_value(&offset, "transfer.offset", "scales", "[1.0, 2.0]");
+    let cfg = parse(&with_value(&ok, "transfer.offset", "heldout_per_task", "4")).unwrap();
+    assert_eq!(cfg.transfer.unwrap().offset.scales, vec![1.0, 2.0]);
     // How a client holds its base's frozen weights: two names, anything else refused by name.
     let stored = parse(&with_value(HOMOGENEOUS, "client", "weights", "\"stored\"")).unwrap();
     assert_eq!(stored.client.weights, hetfed_fed::strategy::BaseWeights::Stored);

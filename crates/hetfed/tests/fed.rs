@@ -362,7 +362,7 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     let small = model_dir();
     let large = small.parent().unwrap().join("base-large");
     let transfer = format!(
-        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 6\ngeneral_sequences = 6\nseq_len = 32\nloss = \"answer\"\nheldout_per_task = 2\n[transfer.distill]\nsteps = 4\nbatch_size = 4\n",
+        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 6\ngeneral_sequences = 6\nseq_len = 32\nloss = \"answer\"\nheldout_per_task = 2\nscales = [1.0, 2.0]\n[transfer.distill]\nsteps = 4\nbatch_size = 4\n",
         small.display(),
         dir.join("maps").display()
     );
@@ -383,6 +383,15 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     let h = &o["heldout_kl"]["ethos"];
     assert_eq!(h["examples"], 2, "{o}");
     assert!(h["before"].as_f64().unwrap() > 0.0 && h["after"].as_f64().unwrap().is_finite(), "{o}");
+    // The scale of the distilled change: of the two candidates, the one with the lower mean
+    // held-out KL over the sets (Ethos's answers and general text), and `after` is its KL.
+    let sets = o["heldout_kl"].as_object().unwrap();
+    assert_eq!(sets.keys().collect::<Vec<_>>(), ["(general)", "ethos"], "{o}");
+    let mean = |s: &str| sets.values().map(|v| v["by_scale"][s].as_f64().unwrap()).sum::<f64>() / 2.0;
+    let (chosen, other) = if mean("1") <= mean("2") { ("1", "2") } else { ("2", "1") };
+    assert_eq!(o["scale"].as_f64().unwrap().to_string(), chosen, "{o}");
+    assert!(mean(chosen) <= mean(other), "{o}");
+    assert_eq!(h["after"], h["by_scale"][chosen], "{o}");
 }
 
 /// The embedded default (`hetfed simulate` with no arguments): six specialists on six tasks,
