@@ -418,10 +418,17 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
                 answers.insert(spec.name.clone(), text_answers(dir, &lang, tok, Some(eos), oc.seq_len)?);
             }
         }
+        let translation = spec.kind == hetfed_data::task::TaskKind::Translation;
         let text_prompts = match oc.prompts {
             OffsetPrompts::Sampled => false,
             OffsetPrompts::Text => true,
-            OffsetPrompts::Translation => spec.kind == hetfed_data::task::TaskKind::Translation,
+            OffsetPrompts::Translation => translation,
+            OffsetPrompts::TaskInputs => {
+                if translation {
+                    prompts.insert(spec.name.clone(), task_inputs(dir, &spec, tok, oc.seq_len)?);
+                }
+                false
+            }
         };
         if text_prompts {
             if let Some(lang) = spec.dataset.prompt_lang() {
@@ -447,11 +454,55 @@ fn text_answers(
     let hetfed_data::Examples::Text(lines) = spec.load(dir, Split::Train)? else {
         return Err(Error::msg("mltext: expected text examples"));
     };
+    let lines: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    let out = line_windows(&lines, tok, eos, len, &format!("mltext:{lang}"))?;
+    if out.is_empty() {
+        return Err(Error::msg(format!(
+            "offset {} = \"text\": expected mltext:{lang} train text of at least {len} tokens, found {} lines",
+            if eos.is_some() { "answers" } else { "prompts" },
+            lines.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// The diagnostic oracle's prompts (`offset.prompts = "task_inputs"`): windows of the
+/// translation task's own train-split source sentences, as [`text_answers`] makes of the
+/// server's text. Its references are never read into them.
+fn task_inputs(
+    dir: &DataDir,
+    spec: &hetfed_data::task::TaskSpec,
+    tok: &hetfed_model::tokenizers::Tokenizer,
+    len: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let hetfed_data::Examples::Translation(examples) = spec.dataset.load(dir, Split::Train)? else {
+        return Err(Error::msg(format!("offset prompts = \"task_inputs\": {} is not a translation task", spec.name)));
+    };
+    let sources: Vec<&str> = examples.iter().map(|e| e.src.as_str()).collect();
+    let out = line_windows(&sources, tok, None, len, &spec.name)?;
+    if out.is_empty() {
+        return Err(Error::msg(format!(
+            "offset prompts = \"task_inputs\": expected {} train sources of at least {len} tokens, found {} sentences",
+            spec.name,
+            sources.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Windows of `len` tokens over consecutive `lines` (` line`, then `eos` when given), one
+/// starting at each line while enough text follows; at most [`MAX_TEXT_ANSWERS`].
+fn line_windows(
+    lines: &[&str],
+    tok: &hetfed_model::tokenizers::Tokenizer,
+    eos: Option<u32>,
+    len: usize,
+    what: &str,
+) -> Result<Vec<Vec<u32>>> {
     let mut ids = Vec::with_capacity(lines.len());
     for l in lines.iter().take(4 * MAX_TEXT_ANSWERS) {
-        let e = tok
-            .encode(format!(" {}", l.text.trim()), false)
-            .map_err(|e| Error::msg(format!("tokenising mltext:{lang}: {e}")))?;
+        let e =
+            tok.encode(format!(" {}", l.trim()), false).map_err(|e| Error::msg(format!("tokenising {what}: {e}")))?;
         let mut v = e.get_ids().to_vec();
         v.extend(eos);
         ids.push(v);
@@ -473,13 +524,6 @@ fn text_answers(
         if out.len() == MAX_TEXT_ANSWERS {
             break;
         }
-    }
-    if out.is_empty() {
-        return Err(Error::msg(format!(
-            "offset {} = \"text\": expected mltext:{lang} train text of at least {len} tokens, found {} lines",
-            if eos.is_some() { "answers" } else { "prompts" },
-            lines.len()
-        )));
     }
     Ok(out)
 }

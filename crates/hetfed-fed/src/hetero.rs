@@ -177,6 +177,11 @@ pub enum OffsetPrompts {
     /// classified comment is in-domain text that only the specialist's teacher writes. (Chosen
     /// on the validation cut, seed 0: text prompts helped TICO-19 and hurt SciTLDR.)
     Translation,
+    /// **A diagnostic oracle, not a method:** like `Translation`, with the source sentences of the
+    /// translation task's own train split (public task data, which the transfer's rules exclude;
+    /// never its references). It measures how much of distillation's gap the server's lack of
+    /// in-domain inputs explains.
+    TaskInputs,
 }
 
 /// Which positions of a sampled task example the distillation KL covers.

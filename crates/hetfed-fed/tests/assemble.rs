@@ -108,6 +108,37 @@ fn text_prompts_are_loaded_for_every_task_or_for_translation_only() {
     assert_eq!(with(OffsetPrompts::Text), ["bbc", "copa", "ethos", "ilsum", "scitldr", "tico:en-hi"]);
     assert_eq!(with(OffsetPrompts::Translation), ["tico:en-hi"]);
     assert!(with(OffsetPrompts::Sampled).is_empty());
+    assert_eq!(with(OffsetPrompts::TaskInputs), ["tico:en-hi"]);
+}
+
+/// The diagnostic oracle (`prompts = "task_inputs"`): TICO-19's prompts are windows of its own
+/// train-split English sources, in order, and contain neither a Hindi reference nor a dev source.
+#[test]
+fn the_oracles_prompts_are_the_translation_tasks_train_sources_only() {
+    let Some((cfg, dir, _)) = setup("dev") else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let large = Checkpoint::load(&root.join("models/base-large")).unwrap();
+    let mut t = cfg.transfer.clone().unwrap();
+    t.offset.prompts = hetfed_fed::hetero::OffsetPrompts::TaskInputs;
+    let text = hetfed_fed::assemble::server_text(&cfg, &t, &dir, &large).unwrap();
+    let prompts = &text.prompts["tico:en-hi"];
+    let tok = large.tokenizer().unwrap();
+    let spec = hetfed_data::task::builtin("tico:en-hi").unwrap();
+    let sources = |split| match spec.dataset.load(&dir, split).unwrap() {
+        hetfed_data::Examples::Translation(v) => v,
+        _ => panic!("tico is a translation dataset"),
+    };
+    let (train, dev) = (sources(hetfed_data::Split::Train), sources(hetfed_data::Split::Dev));
+    assert!(prompts.len() > 100 && prompts.iter().all(|p| p.len() == t.offset.seq_len), "{}", prompts.len());
+    // The first window starts with the first train source.
+    let first = tok.decode(&prompts[0], true).unwrap();
+    assert!(first.trim_start().starts_with(train[0].src.trim()), "{first:?} / {:?}", train[0].src);
+    let all: String = prompts.iter().take(200).map(|p| tok.decode(p, true).unwrap()).collect();
+    assert!(!all.chars().any(|c| ('\u{900}'..='\u{97f}').contains(&c)), "no Hindi reaches the prompts");
+    let long_dev = dev.iter().filter(|e| e.src.len() > 40 && !train.iter().any(|t| t.src == e.src));
+    for e in long_dev.take(50) {
+        assert!(!all.contains(e.src.trim()), "a dev source in the prompts: {:?}", e.src);
+    }
 }
 
 #[test]
