@@ -425,7 +425,11 @@ pub fn server_text(cfg: &RunConfig, t: &TransferConfig, dir: &DataDir, large: &C
             OffsetPrompts::Translation => translation,
             OffsetPrompts::TaskInputs => {
                 if translation {
-                    prompts.insert(spec.name.clone(), task_inputs(dir, &spec, tok, oc.seq_len)?);
+                    let (p, a) = task_inputs(dir, &spec, tok, eos, oc.seq_len)?;
+                    prompts.insert(spec.name.clone(), p);
+                    if oc.answers == OffsetAnswers::TaskReferences {
+                        answers.insert(spec.name.clone(), a);
+                    }
                 }
                 false
             }
@@ -466,20 +470,27 @@ fn text_answers(
     Ok(out)
 }
 
-/// The diagnostic oracle's prompts (`offset.prompts = "task_inputs"`): windows of the
-/// translation task's own train-split source sentences, as [`text_answers`] makes of the
-/// server's text. Its references are never read into them.
+/// The diagnostic oracles' fields (`offset.prompts = "task_inputs"`, `answers =
+/// "task_references"`): windows of the translation task's own train-split source sentences, as
+/// [`text_answers`] makes of the server's text, and the windows of their references (each ended
+/// by `eos`), window `i` of both starting at example `i` (as many of each).
 fn task_inputs(
     dir: &DataDir,
     spec: &hetfed_data::task::TaskSpec,
     tok: &hetfed_model::tokenizers::Tokenizer,
+    eos: u32,
     len: usize,
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
     let hetfed_data::Examples::Translation(examples) = spec.dataset.load(dir, Split::Train)? else {
         return Err(Error::msg(format!("offset prompts = \"task_inputs\": {} is not a translation task", spec.name)));
     };
     let sources: Vec<&str> = examples.iter().map(|e| e.src.as_str()).collect();
-    let out = line_windows(&sources, tok, None, len, &spec.name)?;
+    let references: Vec<&str> = examples.iter().map(|e| e.tgt.as_str()).collect();
+    let mut out = line_windows(&sources, tok, None, len, &spec.name)?;
+    let mut refs = line_windows(&references, tok, Some(eos), len, &spec.name)?;
+    let n = out.len().min(refs.len());
+    out.truncate(n);
+    refs.truncate(n);
     if out.is_empty() {
         return Err(Error::msg(format!(
             "offset prompts = \"task_inputs\": expected {} train sources of at least {len} tokens, found {} sentences",
@@ -487,7 +498,7 @@ fn task_inputs(
             sources.len()
         )));
     }
-    Ok(out)
+    Ok((out, refs))
 }
 
 /// Windows of `len` tokens over consecutive `lines` (` line`, then `eos` when given), one

@@ -160,6 +160,11 @@ pub enum OffsetAnswers {
     /// language of the task's answers (a translation's target, a summary's language); the
     /// prompt's fields are still sampled. Choice tasks keep sampled answers.
     Text,
+    /// **A diagnostic oracle, not a method** (with `prompts = "task_inputs"`): a translation
+    /// task's own train-split references, each example's answer the translation of its prompt's
+    /// first source sentence. Task data the transfer's rules exclude: it measures what
+    /// distillation on real, aligned target-side contexts would carry.
+    TaskReferences,
 }
 
 /// Where the prompt fields of a task's distillation examples come from.
@@ -277,6 +282,11 @@ impl OffsetConfig {
                 "transfer.offset.general_sequences: expected 1..=100000, found {}",
                 self.general_sequences
             ));
+        }
+        if self.answers == OffsetAnswers::TaskReferences && self.prompts != OffsetPrompts::TaskInputs {
+            return Err(
+                "transfer.offset.answers = \"task_references\": expected prompts = \"task_inputs\" (the references' sources), found another prompt source".into(),
+            );
         }
         if self.heldout_per_task > 10_000 {
             return Err(format!(
@@ -1085,8 +1095,13 @@ impl Hetero {
         };
         let oc = &self.cfg.offset;
         let answers =
-            self.text.answers.get(task).filter(|_| oc.answers == OffsetAnswers::Text).map(|a| rotated(a, seed));
+            self.text.answers.get(task).filter(|_| oc.answers != OffsetAnswers::Sampled).map(|a| rotated(a, seed));
         let prompt_start = crate::strategy::mix(seed, 0x5052_4F4D);
+        // The oracle's references stay aligned with their sources: one rotation for both.
+        let answers = match oc.answers {
+            OffsetAnswers::TaskReferences => self.text.answers.get(task).map(|a| rotated(a, prompt_start)),
+            _ => answers,
+        };
         let prompts = self
             .text
             .prompts

@@ -139,6 +139,26 @@ fn the_oracles_prompts_are_the_translation_tasks_train_sources_only() {
     for e in long_dev.take(50) {
         assert!(!all.contains(e.src.trim()), "a dev source in the prompts: {:?}", e.src);
     }
+    assert!(text.answers.is_empty(), "sampled answers: no references loaded");
+    // With `answers = "task_references"`, window i of the answers is example i's reference
+    // (then eos and the next ones), as many windows as prompts.
+    t.offset.answers = hetfed_fed::hetero::OffsetAnswers::TaskReferences;
+    let text = hetfed_fed::assemble::server_text(&cfg, &t, &dir, &large).unwrap();
+    let (p, a) = (&text.prompts["tico:en-hi"], &text.answers["tico:en-hi"]);
+    assert_eq!(p.len(), a.len());
+    for i in [0, 1, p.len() / 2] {
+        let src = tok.decode(&p[i], true).unwrap();
+        let tgt = tok.decode(&a[i], true).unwrap();
+        assert!(src.trim_start().starts_with(train[i].src.trim()), "{i}: {src:?}");
+        assert!(tgt.trim_start().starts_with(train[i].tgt.trim()), "{i}: {tgt:?} / {:?}", train[i].tgt);
+    }
+    let eos = large.arch.eos_token_id().unwrap();
+    assert!(a[0].contains(&eos), "each reference ends with eos");
+    // The oracle's references need the oracle's sources.
+    let toml = std::fs::read_to_string(root.join("configs/simulate.toml")).unwrap();
+    let bad = toml.replace("prompts = \"translation\"", "prompts = \"translation\"\nanswers = \"task_references\"");
+    let e = RunConfig::from_toml(&bad, root.join("configs"), "simulate.toml").unwrap_err().to_string();
+    assert!(e.contains("expected prompts = \"task_inputs\""), "{e}");
 }
 
 #[test]
