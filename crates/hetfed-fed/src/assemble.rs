@@ -480,7 +480,7 @@ fn task_inputs(
     tok: &hetfed_model::tokenizers::Tokenizer,
     eos: u32,
     len: usize,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+) -> Result<(Windows, Windows)> {
     let hetfed_data::Examples::Translation(examples) = spec.dataset.load(dir, Split::Train)? else {
         return Err(Error::msg(format!("offset prompts = \"task_inputs\": {} is not a translation task", spec.name)));
     };
@@ -538,6 +538,9 @@ fn line_windows(
     }
     Ok(out)
 }
+
+/// Token windows, each one field's text.
+type Windows = Vec<Vec<u32>>;
 
 /// The most teacher-forced answers kept per task.
 const MAX_TEXT_ANSWERS: usize = 2048;
