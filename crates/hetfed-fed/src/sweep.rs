@@ -210,8 +210,9 @@ fn parse_value(v: &toml::Value, base_path: &Path, what: &str) -> Result<RunConfi
     RunConfig::from_toml(&text, base_dir, &format!("{}{what}", base_path.display()))
 }
 
-/// The base run config for `seed`, with `transfer` overrides merged in.
-fn run_config(
+/// The base run config for `seed`, with `transfer` overrides merged in: a `hetero` row's run
+/// (its `transfer`), checked as `hetfed simulate` checks a config.
+pub fn run_config(
     base_path: &Path,
     seed: u64,
     transfer: Option<&toml::Value>,

@@ -248,6 +248,23 @@ fn config_errors_name_the_key() {
     let (budget, dir) = hetfed_fed::sweep::SweepConfig::from_file(&root.join("sweep-budget.toml")).unwrap();
     assert_eq!(budget.rows.iter().filter(|r| r.control).count(), 1, "one control row");
     hetfed_fed::RunConfig::from_file(&dir.join(&budget.base)).unwrap();
+    // Every committed sweep: each hetero row's run is a valid config (a typo in a row fails here,
+    // not an hour into the sweep).
+    let mut sweeps = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.starts_with("sweep") && name.ends_with(".toml")) {
+            continue;
+        }
+        sweeps += 1;
+        let (sweep, dir) = hetfed_fed::sweep::SweepConfig::from_file(&path).unwrap();
+        for row in sweep.rows.iter().filter(|r| r.kind == hetfed_fed::sweep::RowKind::Hetero) {
+            hetfed_fed::sweep::run_config(&dir.join(&sweep.base), 0, row.transfer.as_ref(), sweep.eval_split)
+                .unwrap_or_else(|e| panic!("{name}: row {:?}: {e}", row.name));
+        }
+    }
+    assert!(sweeps >= 6, "{sweeps} sweep configs");
 }
 
 fn run_config(data: &str) -> std::result::Result<hetfed_fed::RunConfig, String> {
