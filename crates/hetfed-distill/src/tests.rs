@@ -638,11 +638,7 @@ fn template_prompts_from_text_are_teacher_forced_and_answers_sampled_after_them(
     }
     assert_eq!(s, sample_template_from(m.as_ref(), 2, &segs, 4, 20, 7, text).unwrap(), "deterministic");
     // The answers are sampled (the fixture's model is peaked: take a flat one to see seeds).
-    let flat = {
-        let cfg = config(64);
-        let w = cfg.random_weights(1).unwrap();
-        checkpoint(cfg, w).model(None).unwrap()
-    };
+    let flat = flat_model();
     let a = sample_template_from(flat.as_ref(), 2, &segs, 4, 20, 7, text).unwrap();
     let b = sample_template_from(flat.as_ref(), 2, &segs, 4, 20, 8, text).unwrap();
     assert!(a.seqs.iter().zip(&b.seqs).all(|(a, b)| a[..12] == b[..12]), "the prompts are the text");
@@ -679,16 +675,20 @@ fn template_prompts_from_text_are_teacher_forced_and_answers_sampled_after_them(
     .is_err());
 }
 
+/// A model of random weights: flat enough that seeds and temperatures show in its samples
+/// (the `tiny` fixture is peaked).
+fn flat_model() -> Box<dyn CausalLm> {
+    let cfg = config(64);
+    let w = cfg.random_weights(1).unwrap();
+    checkpoint(cfg, w).model(None).unwrap()
+}
+
 /// A sampled answer's temperature and nucleus apply to the answer only: the prompt is the one
 /// sampled at temperature 1, and a near-zero temperature (or a tiny nucleus) gives the greedy
 /// answer.
 #[test]
 fn answer_sampling_narrows_the_answer_and_keeps_the_prompt() {
-    let flat = {
-        let cfg = config(64);
-        let w = cfg.random_weights(1).unwrap();
-        checkpoint(cfg, w).model(None).unwrap()
-    };
+    let flat = flat_model();
     let segs = [Segment::Text(vec![10, 11]), Segment::Field, Segment::Text(vec![12]), Segment::Field];
     let plain = sample_template(flat.as_ref(), 2, &segs, 4, 20, 7).unwrap();
     for narrow in [(1e-4, None), (1.0, Some(1e-6))] {

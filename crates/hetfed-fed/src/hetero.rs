@@ -233,8 +233,9 @@ pub struct OffsetConfig {
     /// With several, the server applies the one whose student has the lowest mean held-out KL
     /// to its teachers (each task's held-out examples and the held-out general windows, see
     /// `heldout_per_task`, which it needs): a line search along the distilled direction, on
-    /// server-owned sequences only. A student that moves toward its teacher but stops short
-    /// (the KL closes by half in 64 steps) is carried further along its own direction.
+    /// server-owned sequences only, for a student that stops short of its teacher along its own
+    /// direction. (Measured on the default run: scale 1 is best on every task but Ethos;
+    /// EXPERIMENTS.md.)
     pub scales: Vec<f64>,
     /// Temperature of the teacher's sampled answers (1, the default: its distribution as it
     /// is). Lower draws answers nearer its mode, as sequence-level distillation does.
@@ -1094,22 +1095,22 @@ impl Hetero {
             lines[k..].iter().chain(&lines[..k]).cloned().collect()
         };
         let oc = &self.cfg.offset;
-        let answers =
-            self.text.answers.get(task).filter(|_| oc.answers != OffsetAnswers::Sampled).map(|a| rotated(a, seed));
         let prompt_start = crate::strategy::mix(seed, 0x5052_4F4D);
         // The oracle's references stay aligned with their sources: one rotation for both.
-        let answers = match oc.answers {
-            OffsetAnswers::TaskReferences => self.text.answers.get(task).map(|a| rotated(a, prompt_start)),
-            _ => answers,
-        };
+        let answer_start = if oc.answers == OffsetAnswers::TaskReferences { prompt_start } else { seed };
+        let answers = self
+            .text
+            .answers
+            .get(task)
+            .filter(|_| oc.answers != OffsetAnswers::Sampled)
+            .map(|a| rotated(a, answer_start));
         let prompts = self
             .text
             .prompts
             .get(task)
             .filter(|_| oc.prompts != OffsetPrompts::Sampled)
             .map(|p| rotated(p, prompt_start));
-        let answer_sampling = (oc.answer_temperature != 1.0 || oc.answer_top_p < 1.0)
-            .then_some((oc.answer_temperature, (oc.answer_top_p < 1.0).then_some(oc.answer_top_p)));
+        let answer_sampling = Some((oc.answer_temperature, (oc.answer_top_p < 1.0).then_some(oc.answer_top_p)));
         let text =
             hetfed_distill::TemplateText { prompts: prompts.as_deref(), answers: answers.as_deref(), answer_sampling };
         let samples = hetfed_distill::sample_template_from(teacher, eos, &template, n, len, seed, text)?;
@@ -1129,7 +1130,8 @@ impl Hetero {
     /// Per held-out set (each task's answers, and general text), the KL per position of the
     /// student to its teacher before (`student`) and after (`student + s·delta`) distillation,
     /// for each candidate scale `s` of [`OffsetConfig::scales`]; and the scale whose mean KL
-    /// over the sets is lowest (the first on a tie; 1 without held-out sets).
+    /// over the sets is lowest (the first on a tie; the first scale without held-out sets,
+    /// which validation allows with a single scale only).
     fn heldout_kl(
         &self,
         student: &Checkpoint,

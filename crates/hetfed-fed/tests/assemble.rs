@@ -69,11 +69,15 @@ fn the_validation_cut_holds_no_client_example_and_only_the_client_tasks() {
     assert!(dev.tasks.iter().any(|t| t.spec.name.starts_with("flores")));
 }
 
+/// The embedded large model (the server's).
+fn large_model() -> Checkpoint {
+    Checkpoint::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/base-large")).unwrap()
+}
+
 #[test]
 fn text_answers_are_server_text_in_each_generation_tasks_answer_language() {
     let Some((cfg, dir, _)) = setup("dev") else { return };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let large = Checkpoint::load(&root.join("models/base-large")).unwrap();
+    let large = large_model();
     let mut t = cfg.transfer.clone().unwrap();
     t.offset.answers = hetfed_fed::hetero::OffsetAnswers::Text;
     let text = hetfed_fed::assemble::server_text(&cfg, &t, &dir, &large).unwrap();
@@ -96,8 +100,7 @@ fn text_answers_are_server_text_in_each_generation_tasks_answer_language() {
 #[test]
 fn text_prompts_are_loaded_for_every_task_or_for_translation_only() {
     let Some((cfg, dir, _)) = setup("dev") else { return };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let large = Checkpoint::load(&root.join("models/base-large")).unwrap();
+    let large = large_model();
     let with = |p: hetfed_fed::hetero::OffsetPrompts| {
         let mut t = cfg.transfer.clone().unwrap();
         t.offset.prompts = p;
@@ -116,8 +119,7 @@ fn text_prompts_are_loaded_for_every_task_or_for_translation_only() {
 #[test]
 fn the_oracles_prompts_are_the_translation_tasks_train_sources_only() {
     let Some((cfg, dir, _)) = setup("dev") else { return };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let large = Checkpoint::load(&root.join("models/base-large")).unwrap();
+    let large = large_model();
     let mut t = cfg.transfer.clone().unwrap();
     t.offset.prompts = hetfed_fed::hetero::OffsetPrompts::TaskInputs;
     let text = hetfed_fed::assemble::server_text(&cfg, &t, &dir, &large).unwrap();
@@ -155,6 +157,7 @@ fn the_oracles_prompts_are_the_translation_tasks_train_sources_only() {
     let eos = large.arch.eos_token_id().unwrap();
     assert!(a[0].contains(&eos), "each reference ends with eos");
     // The oracle's references need the oracle's sources.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let toml = std::fs::read_to_string(root.join("configs/simulate.toml")).unwrap();
     let bad = toml.replace("prompts = \"translation\"", "prompts = \"translation\"\nanswers = \"task_references\"");
     let e = RunConfig::from_toml(&bad, root.join("configs"), "simulate.toml").unwrap_err().to_string();
