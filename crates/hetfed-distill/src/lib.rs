@@ -62,6 +62,31 @@ pub struct DistillConfig {
     pub seq_len: usize,
     /// Seed of the LoRA initialisation and of the batch order (and, by convention, of sampling).
     pub seed: u64,
+    /// What the student minimises per position (see [`Objective`]); the reported `kl_before`
+    /// and `kl_after` are the KL either way.
+    #[serde(skip_serializing_if = "Objective::is_kl")]
+    pub objective: Objective,
+}
+
+/// The distillation loss per counted position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// KL(target ‖ student) over the vocabulary: each token weighted by the teacher's probability.
+    #[default]
+    Kl,
+    /// Squared error between the student's and the teacher's log-probabilities, each centred over
+    /// the vocabulary (logit matching up to a constant), averaged over the vocabulary: every
+    /// token weighs the same, so the teacher's change to tokens it finds unlikely (the tail the KL
+    /// barely weighs) is learnt as much as its change to its likeliest. Target rows' probabilities
+    /// are floored at 1e-30 before the logarithm.
+    LogRatio,
+}
+
+impl Objective {
+    fn is_kl(&self) -> bool {
+        *self == Objective::Kl
+    }
 }
 
 impl Default for DistillConfig {
@@ -76,6 +101,7 @@ impl Default for DistillConfig {
             n_prompts: 64,
             seq_len: 48,
             seed: 0,
+            objective: Objective::Kl,
         }
     }
 }
@@ -542,11 +568,20 @@ impl<'a> Data<'a> {
     /// only: `log q = z - ln Σ exp z` with `z = logits/T - max` (the max is detached; the
     /// log-softmax does not depend on it). Right-padding gets zero target rows, so contributes 0.
     fn sum_kl(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        let (ids, p) = self.batch(idx)?;
+        let const_part: f64 = idx.iter().map(|&i| self.plogp[i]).sum();
+        let logq = self.student_logq(model, &ids)?;
+        let cross = (p * logq)?.sum_all()?;
+        Ok((cross.neg()? + const_part)?)
+    }
+
+    /// The token ids `[b, t]` of sequences `idx`, right-padded, and their targets `[b, t, vocab]`
+    /// (padding gets zero rows).
+    fn batch(&self, idx: &[usize]) -> Result<(Tensor, Tensor)> {
         let b = idx.len();
         let t = idx.iter().map(|&i| self.seqs[i].len()).max().unwrap_or(0);
         let mut ids = vec![0u32; b * t];
         let mut rows = Vec::with_capacity(b);
-        let mut const_part = 0.0;
         for (r, &i) in idx.iter().enumerate() {
             let s = &self.seqs[i];
             ids[r * t..r * t + s.len()].copy_from_slice(s);
@@ -556,16 +591,39 @@ impl<'a> Data<'a> {
             } else {
                 tg
             });
-            const_part += self.plogp[i];
         }
-        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-        let p = Tensor::stack(&rows, 0)?;
-        let logits = (model.forward(&ids, None)? / self.temperature)?;
+        Ok((Tensor::from_vec(ids, (b, t), &Device::Cpu)?, Tensor::stack(&rows, 0)?))
+    }
+
+    /// The student's `log softmax(logits / T)` of `ids` `[b, t]`: `z - ln Σ exp z` with
+    /// `z = logits/T - max` (the max is detached; the log-softmax does not depend on it).
+    fn student_logq(&self, model: &dyn CausalLm, ids: &Tensor) -> Result<Tensor> {
+        let logits = (model.forward(ids, None)? / self.temperature)?;
         let z = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
         let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let logq = z.broadcast_sub(&lse)?;
-        let cross = (p * logq)?.sum_all()?;
-        Ok((cross.neg()? + const_part)?)
+        Ok(z.broadcast_sub(&lse)?)
+    }
+
+    /// Σ over the counted positions of sequences `idx` of the [`Objective::LogRatio`] loss:
+    /// the mean over the vocabulary of `(c(log q) − c(log p))²`, `c` centring over the vocabulary.
+    /// Zeroed target rows (padding, prompt positions under [`answer_only`]) are masked out.
+    fn sum_log_ratio(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        let (ids, p) = self.batch(idx)?;
+        let mask = p.sum_keepdim(D::Minus1)?.gt(0.0)?.to_dtype(DType::F32)?;
+        let logp = p.clamp(1e-30f32, 1.0f32)?.log()?;
+        let cp = logp.broadcast_sub(&logp.mean_keepdim(D::Minus1)?)?;
+        let logq = self.student_logq(model, &ids)?;
+        let cq = logq.broadcast_sub(&logq.mean_keepdim(D::Minus1)?)?;
+        let sq = (cq - cp)?.sqr()?.mean_keepdim(D::Minus1)?;
+        Ok((sq * mask)?.sum_all()?)
+    }
+
+    /// The training loss of [`distill`] summed over the counted positions of `idx`.
+    fn sum_loss(&self, model: &dyn CausalLm, idx: &[usize], objective: Objective) -> Result<Tensor> {
+        match objective {
+            Objective::Kl => self.sum_kl(model, idx),
+            Objective::LogRatio => self.sum_log_ratio(model, idx),
+        }
     }
 
     /// Mean KL per position over all sequences (evaluated in batches of `batch`).
@@ -637,7 +695,7 @@ pub fn distill(
     let mut opt = AdamW::new(st.vars.clone(), AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() })?;
     for (step, batch) in plan(seqs.len(), cfg.batch_size, cfg.steps, cfg.seed).into_iter().enumerate() {
         let n_pos = data.n_positions(&batch);
-        let loss = (data.sum_kl(st.model.as_ref(), &batch)? / n_pos as f64)?;
+        let loss = (data.sum_loss(st.model.as_ref(), &batch, cfg.objective)? / n_pos as f64)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(Error::msg(format!("distillation loss became {loss_value} at step {}", step + 1)));

@@ -766,3 +766,71 @@ fn answer_only_keeps_the_answer_positions_up_to_eos() {
     let mut t2 = vec![full[0].narrow(0, 0, 2).unwrap()];
     assert!(answer_only(&mut s2, &mut t2, 2, 3).unwrap_err().to_string().contains("answer starts at token 2"));
 }
+
+/// The log-ratio objective is a hand computation: the mean over the vocabulary of the squared
+/// difference of centred log-probabilities, over the counted positions only.
+#[test]
+fn log_ratio_loss_equals_a_hand_computation() {
+    let student = tiny(16, 1);
+    let teacher = perturbed(&student, 4, 0.3);
+    let cfg = DistillConfig { n_prompts: 3, seq_len: 5, ..quick_cfg(4) };
+    let seqs = seqs_of(&student, &cfg);
+    let mut targets = targets_of(&teacher, &seqs, 1.0);
+    // Zero the first two positions of sequence 0 (as `answer_only` does): they must not count.
+    let t0 = targets[0].to_vec2::<f32>().unwrap();
+    let masked: Vec<f32> =
+        t0.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |&x| if i < 2 { 0.0 } else { x })).collect();
+    targets[0] = Tensor::from_vec(masked, (5, 16), &Device::Cpu).unwrap();
+    let data = Data::new(&seqs, &targets, 16, 1.0).unwrap();
+    let m = student.model(None).unwrap();
+    let all = [0usize, 1, 2];
+    let got = data.sum_log_ratio(m.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let mut want = 0.0;
+    for &i in &all {
+        let ids = Tensor::new(seqs[i].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = m.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let p = targets[i].to_vec2::<f32>().unwrap();
+        for (lq, pr) in logits.iter().zip(&p) {
+            if pr.iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            let lse = lq.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+            let logq: Vec<f64> = lq.iter().map(|&x| x as f64 - lse).collect();
+            let logp: Vec<f64> = pr.iter().map(|&x| (x.max(1e-30) as f64).ln()).collect();
+            let (mq, mp) = (logq.iter().sum::<f64>() / 16.0, logp.iter().sum::<f64>() / 16.0);
+            want += logq.iter().zip(&logp).map(|(a, b)| ((a - mq) - (b - mp)).powi(2)).sum::<f64>() / 16.0;
+        }
+    }
+    assert!(want > 1e-3, "the teacher differs from the student: {want}");
+    assert!((got - want).abs() < 1e-4 * want.max(1.0), "log-ratio loss {got}, by hand {want}");
+    // The teacher itself has zero loss against its own targets.
+    let t = teacher.model(None).unwrap();
+    let own = data.sum_log_ratio(t.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap();
+    assert!(own.abs() < 1e-6 * want as f32 + 1e-6, "teacher's own loss {own}");
+}
+
+#[test]
+fn log_ratio_distillation_lowers_the_kl_to_the_offset_teacher() {
+    let student = tiny(64, 1);
+    let base = tiny(64, 2);
+    let tuned = perturbed(&base, 5, 0.4);
+    let teacher = OffsetLm::new(
+        student.model(None).unwrap(),
+        vec![base.model(None).unwrap()],
+        vec![(0, tuned.model(None).unwrap(), 1.0)],
+    )
+    .unwrap();
+    let cfg = DistillConfig { objective: Objective::LogRatio, ..quick_cfg(8) };
+    let seqs = sample_texts(&teacher, 2, cfg.n_prompts, cfg.seq_len, 3).unwrap();
+    let targets = ensemble_targets(&[(&teacher, 1.0)], &seqs, 1.0).unwrap();
+    let r = distill(&student, &targets, &seqs, &cfg, |_, _| {}).unwrap();
+    assert!(r.kl_before > 1e-2, "the offset changes the distribution: KL {}", r.kl_before);
+    // It spends its steps on every token alike, the teacher's unlikely ones included, so the KL
+    // (which weighs the likely ones) falls less than under the KL objective, but it falls.
+    assert!(r.kl_after < 0.8 * r.kl_before, "KL {} -> {}", r.kl_before, r.kl_after);
+    // serde: `objective` parses, and the default is not written (older configs stay identical).
+    let parsed: DistillConfig = serde_json::from_str(r#"{"objective": "log_ratio"}"#).unwrap();
+    assert_eq!(parsed.objective, Objective::LogRatio);
+    assert!(!serde_json::to_string(&DistillConfig::default()).unwrap().contains("objective"));
+    assert!(serde_json::from_str::<DistillConfig>(r#"{"objective": "mse"}"#).is_err());
+}

@@ -201,6 +201,27 @@ pub enum OffsetLoss {
     All,
 }
 
+/// How many students distil a round's teachers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetStudents {
+    /// One LoRA student on every sequence of the round.
+    #[default]
+    One,
+    /// One LoRA student per task, each on that task's examples plus the general text (which
+    /// every student replays), started from the same model; their changes are summed. Tasks do
+    /// not share the student's optimizer state, so a task whose teacher moves the model much
+    /// (Ethos's label words) cannot crowd out one that moves it little (translation). Costs one
+    /// distillation per task.
+    PerTask,
+}
+
+impl OffsetStudents {
+    fn is_one(&self) -> bool {
+        *self == OffsetStudents::One
+    }
+}
+
 /// The `[transfer.offset]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -243,6 +264,9 @@ pub struct OffsetConfig {
     /// Nucleus of the teacher's sampled answers: the smallest set of tokens holding this much
     /// probability (1, the default: the whole vocabulary).
     pub answer_top_p: f64,
+    /// One student for the round, or one per task (see [`OffsetStudents`]).
+    #[serde(skip_serializing_if = "OffsetStudents::is_one")]
+    pub students: OffsetStudents,
 }
 
 impl Default for OffsetConfig {
@@ -264,6 +288,7 @@ impl Default for OffsetConfig {
             scales: vec![1.0],
             answer_temperature: 1.0,
             answer_top_p: 1.0,
+            students: OffsetStudents::One,
         }
     }
 }
@@ -318,6 +343,11 @@ impl OffsetConfig {
                 "transfer.offset.answer_top_p: expected a number in (0, 1], found {}",
                 self.answer_top_p
             ));
+        }
+        if self.students == OffsetStudents::PerTask && !need_sampled {
+            return Err(
+                "transfer.offset.students = \"per_task\": expected task examples among the sequences (sequences = \"sampled\" or \"mixed\"), found general text only".into(),
+            );
         }
         if need_sampled && !(1..=100_000).contains(&self.sampled_per_task) {
             return Err(format!(
@@ -940,13 +970,19 @@ impl Hetero {
             t
         };
         // The student's start: the global model, or the global model plus the projected update.
-        let mut start = global.clone();
+        // With `anchor = true` the round's change replaces the last one (`W = W_0 + dW_t`), so
+        // the student starts from `W_0` and distils the clients' whole offsets afresh.
+        let base = match (&self.anchor, self.cfg.anchor) {
+            (Some(a), true) => a,
+            _ => global,
+        };
+        let mut start = base.clone();
         let mut change = TensorMap::new();
         if oc.init == OffsetInit::Projection {
             let for_projection: Vec<FitResult> = results.clone();
-            change = self.projected_change(round, global, for_projection, alphas, details)?;
+            change = self.projected_change(round, base, for_projection, alphas, details)?;
             if let Some(c) = self.cfg.lars {
-                hetfed_merge::trust_ratio(global, &mut change, c)?;
+                hetfed_merge::trust_ratio(base, &mut change, c)?;
             }
             for t in change.values_mut() {
                 *t = (&*t * self.cfg.eta)?;
@@ -958,7 +994,15 @@ impl Hetero {
         let data = self.distill_data(global, &offsets, &tasks, seed)?;
         let student = self.large.with_weights(start);
         let cfg = DistillConfig { seed, ..self.cfg.distill.clone() };
-        let rep = hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?;
+        let (rep, per_task) = match oc.students {
+            OffsetStudents::One => {
+                (hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?, None)
+            }
+            OffsetStudents::PerTask => {
+                let (rep, per_task) = self.per_task_students(&student, &data, &cfg)?;
+                (rep, Some(per_task))
+            }
+        };
         let (heldout, scale) = self.heldout_kl(&student, &rep.delta, &data.heldout)?;
         let weights: BTreeMap<String, f64> = offsets
             .iter()
@@ -975,6 +1019,9 @@ impl Hetero {
         if !heldout.is_empty() {
             details["offset"]["heldout_kl"] = json!(heldout);
         }
+        if let Some(per_task) = per_task {
+            details["offset"]["students"] = json!(per_task);
+        }
         details["offset"]["scale"] = json!(scale);
         let mut delta = rep.delta;
         if scale != 1.0 {
@@ -982,9 +1029,45 @@ impl Hetero {
                 *t = (&*t * scale)?;
             }
         }
-        // The whole change from the global model: the projected start (if any) plus the distilled delta.
+        // The whole change from the student's base (the global model, or `W_0` when anchored):
+        // the projected start (if any) plus the distilled delta.
         change_with(&mut change, &delta)?;
         Ok(change)
+    }
+
+    /// [`OffsetStudents::PerTask`]: one student per task group of `data` (its examples plus every
+    /// general sequence), each from `student` with its own seed; returns their summed change,
+    /// the merged student's KL over all of `data` before and after, and each student's own KLs.
+    fn per_task_students(
+        &self,
+        student: &Checkpoint,
+        data: &DistillData,
+        cfg: &DistillConfig,
+    ) -> Result<(hetfed_distill::DistillReport, BTreeMap<String, serde_json::Value>)> {
+        let t0 = Instant::now();
+        let mut delta = TensorMap::new();
+        let mut each = BTreeMap::new();
+        for (k, (task, range)) in data.groups.iter().enumerate() {
+            let idx: Vec<usize> = range.clone().chain(data.general.clone()).collect();
+            let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| data.seqs[i].clone()).collect();
+            let targets: Vec<Tensor> = idx.iter().map(|&i| data.targets[i].clone()).collect();
+            let c = DistillConfig { seed: crate::strategy::mix(cfg.seed, k as u64 + 1), ..cfg.clone() };
+            let r = hetfed_distill::distill(student, &targets, &seqs, &c, |_, _| {})?;
+            each.insert(
+                task.clone(),
+                json!({"kl_before": r.kl_before, "kl_after": r.kl_after, "sequences": seqs.len()}),
+            );
+            change_with(&mut delta, &r.delta)?;
+        }
+        let t = cfg.temperature;
+        let kl_before = hetfed_distill::mean_kl(student.model(None)?.as_ref(), &data.seqs, &data.targets, t)?;
+        let mut merged = student.weights.clone();
+        apply_delta(&mut merged, &delta, 1.0)?;
+        let merged = self.large.arch.build(&merged, &self.large.source(), None)?;
+        let kl_after = hetfed_distill::mean_kl(merged.as_ref(), &data.seqs, &data.targets, t)?;
+        let steps = cfg.steps * data.groups.len();
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok((hetfed_distill::DistillReport { delta, kl_before, kl_after, steps, seconds }, each))
     }
 
     /// The distillation sequences and their teacher targets (see [`OffsetSequences`] and
@@ -1019,6 +1102,7 @@ impl Hetero {
             };
             out.targets.extend(hetfed_distill::ensemble_targets(&[(teacher, 1.0)], &general, temperature)?);
             out.positions.insert("general".into(), general.iter().map(Vec::len).sum());
+            out.general = out.seqs.len()..out.seqs.len() + general.len();
             out.seqs.extend(general);
             if oc.heldout_per_task > 0 {
                 // The windows after the training ones (`server_text` packs that many more).
@@ -1055,6 +1139,7 @@ impl Hetero {
                         self.task_examples(teacher, task, oc.sampled_per_task, task_seed, loss)?;
                     out.sampled.insert(task.clone(), s.len());
                     out.positions.insert(task.clone(), positions);
+                    out.groups.push((task.clone(), out.seqs.len()..out.seqs.len() + s.len()));
                     out.seqs.extend(s);
                     out.targets.extend(t);
                 }
@@ -1187,6 +1272,10 @@ struct DistillData {
     positions: BTreeMap<String, usize>,
     /// Per task, held-out examples and their answer-only targets.
     heldout: Vec<(String, Examples)>,
+    /// The indices of the general sequences in `seqs` (empty without general text).
+    general: std::ops::Range<usize>,
+    /// Per task, the indices of its examples in `seqs`.
+    groups: Vec<(String, std::ops::Range<usize>)>,
 }
 
 /// Adds `delta` into `acc` (keys missing from `acc` are inserted) and returns `acc`.

@@ -402,6 +402,14 @@ fn settings_that_could_never_work_are_refused_with_key_value_and_range() {
     let ok = with_value(&offset, "transfer.offset", "scales", "[1.0, 2.0]");
     let cfg = parse(&with_value(&ok, "transfer.offset", "heldout_per_task", "4")).unwrap();
     assert_eq!(cfg.transfer.unwrap().offset.scales, vec![1.0, 2.0]);
+    // One student per task needs task examples to give each student.
+    let per_task = with_value(&offset, "transfer.offset", "students", "\"per_task\"");
+    let e = parse(&with_value(&per_task, "transfer.offset", "sequences", "\"general\"")).unwrap_err();
+    assert!(e.contains("transfer.offset.students") && e.contains("general text only"), "{e}");
+    let cfg = parse(&with_value(&per_task, "transfer.offset", "sequences", "\"mixed\"")).unwrap();
+    assert_eq!(cfg.transfer.unwrap().offset.students, hetfed_fed::hetero::OffsetStudents::PerTask);
+    let e = parse(&with_value(&offset, "transfer.offset", "students", "\"each\"")).unwrap_err();
+    assert!(e.contains("students") && e.contains("per_task"), "{e}");
     // How a client holds its base's frozen weights: two names, anything else refused by name.
     let stored = parse(&with_value(HOMOGENEOUS, "client", "weights", "\"stored\"")).unwrap();
     assert_eq!(stored.client.weights, hetfed_fed::strategy::BaseWeights::Stored);
