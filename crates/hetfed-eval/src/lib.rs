@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use hetfed_data::{DatasetSpec, Items, TaskKind, TaskSpec};
 use hetfed_model::generate::{beam_search, generate_batch, SamplingConfig};
-use hetfed_model::score::continuation_logprobs;
+use hetfed_model::score::{continuation_logprobs, continuation_token_logprobs};
 use hetfed_model::tokenizers::Tokenizer;
 use hetfed_model::CausalLm;
 
@@ -59,11 +59,22 @@ pub struct EvalOptions {
     /// task kind's default: normalised for reasoning (alternatives differ in length), summed for
     /// classification (label words are short and fixed).
     pub length_normalise: Option<bool>,
+    /// Generation tasks: keep each example's per-token target log-probabilities in its
+    /// [`Prediction`] (`target_logprobs`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub token_logprobs: bool,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { batch_size: 16, max_new_tokens: 64, max_len: 2048, num_beams: 1, length_normalise: None }
+        Self {
+            batch_size: 16,
+            max_new_tokens: 64,
+            max_len: 2048,
+            num_beams: 1,
+            length_normalise: None,
+            token_logprobs: false,
+        }
     }
 }
 
@@ -77,6 +88,10 @@ pub struct Prediction {
     pub gold: String,
     /// Choice tasks: the per-candidate scores; LM: the text's total log-likelihood.
     pub scores: Vec<f32>,
+    /// Generation: the log-probability of each token of the reference target after the prompt
+    /// (teacher-forced; the terms of `target_nll`), when [`EvalOptions::token_logprobs`] asks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_logprobs: Vec<f32>,
 }
 
 /// The result of evaluating a task.
@@ -170,6 +185,7 @@ pub fn evaluate(
                         prediction: it.candidates[best].clone(),
                         gold: it.candidates.get(it.gold).cloned().unwrap_or_default(),
                         scores: s,
+                        target_logprobs: Vec::new(),
                     });
                 }
                 progress(((c + 1) * chunk).min(total), total);
@@ -215,6 +231,7 @@ pub fn evaluate(
                     prediction: text.clone(),
                     gold: it.references.first().cloned().unwrap_or_default(),
                     scores: Vec::new(),
+                    target_logprobs: Vec::new(),
                 });
             }
             let hyps = outputs;
@@ -233,7 +250,14 @@ pub fn evaluate(
                     )
                 })
                 .collect();
-            metrics.insert("target_nll".into(), target_nll(model, &tok, &targets, opts.batch_size)?);
+            let (nll, per_token) = target_nll(model, &tok, &targets, opts.batch_size)?;
+            metrics.insert("target_nll".into(), nll);
+            if opts.token_logprobs {
+                let start = predictions.len() - per_token.len();
+                for (p, lp) in predictions[start..].iter_mut().zip(per_token) {
+                    p.target_logprobs = lp;
+                }
+            }
         }
         Items::Lm(v) => {
             let mut pairs = Vec::with_capacity(total);
@@ -257,6 +281,7 @@ pub fn evaluate(
                         prediction: String::new(),
                         gold: String::new(),
                         scores: vec![s.sum],
+                        target_logprobs: Vec::new(),
                     });
                 }
                 progress(((c + 1) * opts.batch_size.max(1)).min(total), total);
@@ -278,22 +303,29 @@ pub fn evaluate(
 /// Mean negative log-likelihood, in nats per target token, of each `(prompt, target)`'s target
 /// after its prompt (teacher-forced). Targets keep their start within `max_len - 1` tokens and
 /// prompts their end in the room left.
-fn target_nll(model: &dyn CausalLm, tok: &Tok<'_>, pairs: &[(&str, String)], batch_size: usize) -> Result<f64> {
+/// Also returns each pair's per-token log-probabilities (the terms of the mean).
+fn target_nll(
+    model: &dyn CausalLm,
+    tok: &Tok<'_>,
+    pairs: &[(&str, String)],
+    batch_size: usize,
+) -> Result<(f64, Vec<Vec<f32>>)> {
     let mut enc = Vec::with_capacity(pairs.len());
     for (prompt, target) in pairs {
         let mut t = tok.ids(target, false)?;
         t.truncate(tok.max_len.saturating_sub(1).max(1));
         enc.push((tok.fit(tok.ids(prompt, true)?, t.len()), t));
     }
+    let per_token = continuation_token_logprobs(model, &enc, batch_size)?;
     let (mut nll, mut n) = (0f64, 0usize);
-    for s in continuation_logprobs(model, &enc, batch_size)? {
-        nll -= s.sum as f64;
-        n += s.n_tokens;
+    for lp in &per_token {
+        nll -= lp.iter().sum::<f32>() as f64;
+        n += lp.len();
     }
     if n == 0 {
         return Err(Error::Msg("target NLL: expected at least one target token, found none".into()));
     }
-    Ok(nll / n as f64)
+    Ok((nll / n as f64, per_token))
 }
 
 /// BLEU and chrF/chrF++ for translation; ROUGE for summarization (rouge-score with the Porter

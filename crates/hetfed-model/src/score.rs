@@ -77,6 +77,19 @@ pub fn continuation_logprobs(
     pairs: &[(Vec<u32>, Vec<u32>)],
     batch_size: usize,
 ) -> Result<Vec<ContinuationScore>> {
+    Ok(continuation_token_logprobs(model, pairs, batch_size)?
+        .into_iter()
+        .map(|lp| ContinuationScore { sum: lp.iter().sum(), n_tokens: lp.len() })
+        .collect())
+}
+
+/// Each `(prompt, continuation)` pair's per-token `log P(c_k | prompt, c_<k)` (the terms
+/// [`continuation_logprobs`] sums, in order).
+pub fn continuation_token_logprobs(
+    model: &dyn CausalLm,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
     let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| p.iter().chain(c).copied().collect()).collect();
     let lps = sequence_logprobs(model, &seqs, batch_size)?;
     Ok(pairs
@@ -87,7 +100,7 @@ pub fn continuation_logprobs(
             // score its first token.
             let start = p.len().max(1) - 1;
             let n = c.len().min(lp.len().saturating_sub(start));
-            ContinuationScore { sum: lp[start..start + n].iter().sum(), n_tokens: n }
+            lp[start..start + n].to_vec()
         })
         .collect())
 }

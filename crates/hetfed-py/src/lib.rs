@@ -222,6 +222,7 @@ impl Model {
             max_len: max_len.unwrap_or(context),
             num_beams,
             length_normalise,
+            token_logprobs: false,
         };
         let (ck, model) = (&self.ck, self.model.as_ref());
         py.detach(|| -> hetfed_core::Result<_> {

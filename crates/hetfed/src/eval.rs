@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use hetfed_data::{DataDir, Split};
 use hetfed_eval::{evaluate, EvalOptions};
 
-use crate::commands::{load, progress_bar, ModelArgs};
+use crate::commands::{self, load, progress_bar, ModelArgs};
 use crate::limits;
 
 #[derive(Args)]
@@ -59,6 +59,45 @@ pub struct EvalArgs {
     /// Print exactly one JSON object with the metrics
     #[arg(long)]
     pub json: bool,
+    /// Evaluate the logit-offset model instead (proxy-tuning, what `offset_serving` serves):
+    /// `log_softmax(log p_model + λ·(log p_tuned − log p_base))`, with this small base model
+    /// (it must share the model's tokenizer)
+    #[arg(long, value_name = "DIR", requires = "offset_adapter")]
+    pub offset_base: Option<PathBuf>,
+    /// The PEFT LoRA adapter of the tuned small model (on --offset-base)
+    #[arg(long, value_name = "DIR", requires = "offset_base")]
+    pub offset_adapter: Option<PathBuf>,
+    /// λ, the offset's weight: a number in (0, 100]
+    #[arg(long, default_value_t = 1.0, requires = "offset_base")]
+    pub offset_lambda: f64,
+}
+
+/// `--offset-base` and `--offset-adapter`: the model plus the tuned small model's offset.
+fn offset_model(a: &EvalArgs, l: commands::Loaded) -> Result<commands::Loaded> {
+    let (Some(base), Some(adapter)) = (&a.offset_base, &a.offset_adapter) else { return Ok(l) };
+    if !(a.offset_lambda.is_finite() && a.offset_lambda > 0.0 && a.offset_lambda <= 100.0) {
+        bail!("--offset-lambda: expected a number in (0, 100], found {}", a.offset_lambda);
+    }
+    let args = |adapter: Option<PathBuf>| ModelArgs {
+        model: base.clone(),
+        adapter,
+        taskvec: None,
+        lambda: 1.0,
+        dtype: a.m.dtype,
+    };
+    let small = load(&args(None))?;
+    let (mine, theirs) = (l.ck.spec.tokenizer_hash()?, small.ck.spec.tokenizer_hash()?);
+    if mine != theirs {
+        bail!(
+            "--offset-base {}: logit offsets need one tokenizer; expected the model's ({}), found {}",
+            base.display(),
+            &mine[..mine.len().min(12)],
+            &theirs[..theirs.len().min(12)]
+        );
+    }
+    let tuned = load(&args(Some(adapter.clone())))?;
+    let model = hetfed_distill::OffsetLm::new(l.model, vec![small.model], vec![(0, tuned.model, a.offset_lambda)])?;
+    Ok(commands::Loaded { ck: l.ck, model: Box::new(model) })
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -72,7 +111,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         limits::at_least("--max-len", n, 2)?;
     }
     // The model first: its limits (context, vocabulary) are checked before any data is read.
-    let l = load(&a.m)?;
+    let l = offset_model(&a, load(&a.m)?)?;
     limits::beams("--num-beams", a.num_beams, &l.ck)?;
     limits::new_tokens("--max-new-tokens", a.max_new_tokens, &l.ck)?;
     if let Some(n) = a.max_len {
@@ -98,6 +137,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         max_len,
         num_beams: a.num_beams,
         length_normalise: a.length_normalise,
+        // With --out, predictions.jsonl keeps each reference's per-token log-probabilities.
+        token_logprobs: a.out.is_some(),
     };
     let pb = progress_bar(items.len() as u64, &format!("eval {}", task.name));
     let report = evaluate(l.model.as_ref(), tok, l.ck.arch.eos_token_id(), &task, &items, &opts, |done, total| {

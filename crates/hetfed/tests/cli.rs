@@ -1581,3 +1581,95 @@ fn dtype_flag_keeps_half_weights_resident_and_a_bad_value_is_one_clear_error() {
     let help = ok(&["score", "--help"]);
     assert!(help.contains("--dtype") && help.contains("stored"), "{help}");
 }
+
+/// `hetfed eval --offset-base B --offset-adapter A` evaluates the logit-offset model
+/// `log_softmax(log p_M + λ·(log p_{B+A} − log p_B))`. With M = B the offsets cancel the base
+/// exactly at λ = 1: the result is the tuned model itself, which `--adapter` evaluates directly.
+/// With `--out`, each example's per-token target log-probabilities are the terms of `target_nll`.
+#[test]
+fn eval_of_a_logit_offset_model_is_the_tuned_model_when_the_bases_agree() {
+    let Some(data) = hetfed_shared("data") else { return };
+    let data_s = data.to_str().unwrap();
+    let base = fixtures().join("bloom_h3");
+    let adapter = own_fixtures().join("bloom_h3_peft");
+    let (base_s, adapter_s) = (base.to_str().unwrap(), adapter.to_str().unwrap());
+    let scratch = tempdir("offset-eval");
+    let eval = |extra: &[&str], out: &str| -> (f64, Vec<Vec<f64>>) {
+        let dir = scratch.path().join(out);
+        let mut args =
+            vec!["eval", "--model", base_s, "--task", "flores:en-hi", "--limit", "3", "--max-new-tokens", "4"];
+        args.extend(["--data-dir", data_s, "--json", "--out", dir.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
+        let preds = std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
+        let lps: Vec<Vec<f64>> = preds
+            .lines()
+            .map(|l| {
+                let p: serde_json::Value = serde_json::from_str(l).unwrap();
+                p["target_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+            })
+            .collect();
+        (v["metrics"]["target_nll"].as_f64().unwrap(), lps)
+    };
+    let (plain, plain_lp) = eval(&[], "plain");
+    let (tuned, tuned_lp) = eval(&["--adapter", adapter_s], "tuned");
+    let (offset, offset_lp) = eval(&["--offset-base", base_s, "--offset-adapter", adapter_s], "offset");
+    let (half, _) = eval(&["--offset-base", base_s, "--offset-adapter", adapter_s, "--offset-lambda", "0.5"], "half");
+    assert_eq!(plain_lp.len(), 3);
+    // The per-token terms average to the reported NLL.
+    let n: usize = plain_lp.iter().map(Vec::len).sum();
+    let mean = -plain_lp.iter().flatten().sum::<f64>() / n as f64;
+    assert!((mean - plain).abs() < 1e-5, "per-token mean {mean}, target_nll {plain}");
+    assert!((tuned - plain).abs() > 1e-4, "the adapter changes the model: {plain} vs {tuned}");
+    assert!((offset - tuned).abs() < 1e-4, "offset model {offset}, tuned model {tuned}");
+    assert!(max_diff(&offset_lp.concat(), &tuned_lp.concat()) < 1e-3, "per-token log-probs differ");
+    assert!((half - plain).abs() > 1e-5 && (half - tuned).abs() > 1e-5, "λ = 0.5 lies between: {half}");
+    // Bad input: λ out of range, a base of another tokenizer, an adapter without its base.
+    let line = fails(&[
+        "eval",
+        "--model",
+        base_s,
+        "--task",
+        "flores:en-hi",
+        "--data-dir",
+        data_s,
+        "--offset-base",
+        base_s,
+        "--offset-adapter",
+        adapter_s,
+        "--offset-lambda",
+        "0",
+    ]);
+    assert!(line.contains("--offset-lambda") && line.contains("(0, 100]"), "{line}");
+    // The same base with two vocabulary entries' ids swapped: another tokenizer identity.
+    let other = scratch.path().join("other-tokenizer");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(base.join(f), other.join(f)).unwrap();
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let mut by_id: Vec<(String, u64)> = vocab.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    by_id.sort_by_key(|(_, id)| std::cmp::Reverse(*id));
+    let ((a, ia), (b, ib)) = (by_id[0].clone(), by_id[1].clone());
+    vocab.insert(a, ib.into());
+    vocab.insert(b, ia.into());
+    std::fs::write(other.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+    let line = fails(&[
+        "eval",
+        "--model",
+        base_s,
+        "--task",
+        "flores:en-hi",
+        "--data-dir",
+        data_s,
+        "--offset-base",
+        other.to_str().unwrap(),
+        "--offset-adapter",
+        adapter_s,
+    ]);
+    assert!(line.contains("one tokenizer"), "{line}");
+    let o = run(&["eval", "--model", base_s, "--task", "flores:en-hi", "--offset-adapter", adapter_s]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--offset-base"));
+}
