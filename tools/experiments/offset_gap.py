@@ -15,10 +15,10 @@ the share of tokens, each model's gain over L0 in nats per token, and the share 
 gain the student carries. Everything runs through the `hetfed` binary (`hetfed export`,
 `hetfed eval --out ... [--offset-base ... --offset-adapter ...]`); no Python ML packages.
 
-    python3 tools/experiments/offset_gap.py RUN --task tico:en-hi [--client c3] \
-        [--central CENTRAL_RUN] [--limit 24] [--out DIR]
+    python3 tools/experiments/offset_gap.py RUN [RUN ...] --task tico:en-hi [--client c3] \
+        [--central CENTRAL_RUN ...] [--limit 24] [--out DIR]
 
-RUN is a run directory (`hetfed simulate --out RUN`, or a row of `hetfed sweep`'s runs/) whose
+Several runs (one per seed) give mean ± std per bucket. RUN is a run directory (`hetfed simulate --out RUN`, or a row of `hetfed sweep`'s runs/) whose
 clients kept their adapters (`client.keep_adapter`, the default run's setting).
 """
 
@@ -89,12 +89,74 @@ def token_logprobs(a, model, max_len, out, extra=()):
     return rows, metrics["target_nll"]
 
 
+BUCKETS = [
+    (0.0, -0.5, "p ≥ 0.61"),
+    (-0.5, -1.0, "0.37–0.61"),
+    (-1.0, -2.0, "0.14–0.37"),
+    (-2.0, -3.0, "0.05–0.14"),
+    (-3.0, -5.0, "0.007–0.05"),
+    (-5.0, -8.0, "0.0003–0.007"),
+    (-8.0, -math.inf, "< 0.0003"),
+    (None, None, "all"),
+]
+
+
+def score_run(a, run_dir, central, work):
+    """Per reference token, its log-probability under each model (L0, teacher, student, central)."""
+    cfg = first_event(run_dir)["config"]
+    rounds = cfg["run"]["rounds"]
+    tasks = cfg["data"]["tasks"]
+    client = a.client
+    if client is None:
+        if a.task not in tasks or cfg["data"].get("clients_per_task", 1) != 1:
+            sys.exit(f"--client: cannot tell which client of {run_dir} holds {a.task} (data.tasks {tasks}); name it")
+        client = f"c{tasks.index(a.task)}"
+    adapter = os.path.join(run_dir, "clients", client, f"adapter-round-{rounds}.safetensors")
+    if not os.path.isfile(adapter):
+        sys.exit(f"{adapter}: expected the client's last adapter (client.keep_adapter), found none")
+    max_len = cfg["server"]["eval"]["max_len"]
+    os.makedirs(work, exist_ok=True)
+    peft = os.path.join(work, "specialist-adapter")
+    peft_from_adapter(adapter, cfg["client"]["lora_alpha"], peft)
+    models = {"L0": (a.large, ())}
+    models["teacher"] = (a.large, ("--offset-base", a.small, "--offset-adapter", peft))
+    student = os.path.join(work, "student")
+    run([a.hetfed, "export", run_dir, "--out", student])
+    models["student"] = (student, ())
+    if central:
+        path = os.path.join(work, "central")
+        run([a.hetfed, "export", central, "--out", path])
+        models["central"] = (path, ())
+    lp = {}
+    for name, (model, extra) in models.items():
+        lp[name], nll = token_logprobs(a, model, max_len, os.path.join(work, name), extra)
+        print(f"{run_dir}: {name}: target NLL {nll:.4f} over {sum(map(len, lp[name]))} reference tokens", file=sys.stderr)
+    return [{m: lp[m][i][k] for m in lp} for i in range(len(lp["L0"])) for k in range(len(lp["L0"][i]))]
+
+
+def buckets(toks):
+    """Per bucket: its share of the tokens and each model's gain over L0, as the bucket's part of
+    the mean over all tokens (so the buckets add up to `all`)."""
+    out = {}
+    for hi, lo, label in BUCKETS:
+        sel = toks if hi is None else [t for t in toks if lo < t["teacher"] <= hi]
+        gain = {m: sum(t[m] - t["L0"] for t in sel) / len(toks) for m in toks[0] if m != "L0"}
+        out[label] = (len(sel) / len(toks), gain)
+    return out
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="run directory of an offset-distillation run")
+    ap.add_argument("runs", nargs="+", help="run directories of offset-distillation runs (one per seed)")
     ap.add_argument("--task", required=True, help="a generation task of the run, e.g. tico:en-hi")
     ap.add_argument("--client", help="the client holding the task (default: by the run's data.tasks order)")
-    ap.add_argument("--central", help="run directory of the central row (its final model is compared too)")
+    ap.add_argument("--central", nargs="*", default=[], help="run directories of the central row, one per run, in order")
     ap.add_argument("--split", default="dev")
     ap.add_argument("--limit", type=int, default=24, help="evenly spaced examples, as the server's max_examples")
     ap.add_argument("--large", default=os.path.join(ROOT, "models", "base-large"))
@@ -105,60 +167,31 @@ def main():
     a = ap.parse_args()
     if a.limit < 1:
         sys.exit(f"--limit: expected at least 1, found {a.limit}")
-
-    cfg = first_event(a.run)["config"]
-    rounds = cfg["run"]["rounds"]
-    tasks = cfg["data"]["tasks"]
-    if a.client is None:
-        if a.task not in tasks or cfg["data"].get("clients_per_task", 1) != 1:
-            sys.exit(f"--client: cannot tell which client holds {a.task} (data.tasks {tasks}); name it")
-        a.client = f"c{tasks.index(a.task)}"
-    adapter = os.path.join(a.run, "clients", a.client, f"adapter-round-{rounds}.safetensors")
-    if not os.path.isfile(adapter):
-        sys.exit(f"{adapter}: expected the client's last adapter (client.keep_adapter), found none")
-    max_len = cfg["server"]["eval"]["max_len"]
-
+    if a.central and len(a.central) != len(a.runs):
+        sys.exit(f"--central: expected one central run per run ({len(a.runs)}), found {len(a.central)}")
     work = a.out or tempfile.mkdtemp(prefix="offset-gap-")
-    os.makedirs(work, exist_ok=True)
-    peft = os.path.join(work, "specialist-adapter")
-    peft_from_adapter(adapter, cfg["client"]["lora_alpha"], peft)
-    models = {"L0": (a.large, ())}
-    models["teacher"] = (a.large, ("--offset-base", a.small, "--offset-adapter", peft))
-    student = os.path.join(work, "student")
-    run([a.hetfed, "export", a.run, "--out", student])
-    models["student"] = (student, ())
-    if a.central:
-        central = os.path.join(work, "central")
-        run([a.hetfed, "export", a.central, "--out", central])
-        models["central"] = (central, ())
-    lp = {}
-    for name, (model, extra) in models.items():
-        lp[name], nll = token_logprobs(a, model, max_len, os.path.join(work, name), extra)
-        print(f"{name}: target NLL {nll:.4f} over {sum(map(len, lp[name]))} reference tokens", file=sys.stderr)
-
-    toks = []  # (teacher log-prob, per-model log-prob)
-    for i in range(len(lp["L0"])):
-        for k in range(len(lp["L0"][i])):
-            toks.append({m: lp[m][i][k] for m in lp})
-    edges = [0.0, -0.5, -1.0, -2.0, -3.0, -5.0, -8.0, -math.inf]
-    labels = ["p ≥ 0.61", "0.37–0.61", "0.14–0.37", "0.05–0.14", "0.007–0.05", "0.0003–0.007", "< 0.0003"]
-    others = [m for m in lp if m != "L0"]
-    n_all = len(toks)
-    print(f"\n{a.task}, {a.split}, {len(lp['L0'])} examples, {n_all} reference tokens; buckets by the teacher's probability of the reference token")
-    head = "| teacher p(token) | tokens | " + " | ".join(f"{m} gain" for m in others) + " | student / teacher |"
+    per_run = []
+    for k, r in enumerate(a.runs):
+        toks = score_run(a, r, a.central[k] if a.central else None, os.path.join(work, f"run{k}"))
+        per_run.append(buckets(toks))
+    models = [m for m in per_run[0]["all"][1]]
+    n = len(per_run)
+    print(f"\n{a.task}, {a.split}, {a.limit} examples, {n} run(s); reference tokens split by the teacher's probability of them"
+          + (" (mean ± std over runs)" if n > 1 else ""))
+    head = "| teacher p(token) | tokens | " + " | ".join(f"{m} gain" for m in models) + " | student / teacher |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    rows = list(zip(edges[:-1], edges[1:], labels)) + [(None, None, "all")]
-    for hi, lo, label in rows:
-        sel = toks if hi is None else [t for t in toks if lo < t["teacher"] <= hi]
-        if not sel:
-            continue
-        # Each bucket's contribution to the mean gain per token over all tokens (so buckets add up).
-        gain = {m: sum(t[m] - t["L0"] for t in sel) / n_all for m in others}
-        share = gain["student"] / gain["teacher"] if abs(gain["teacher"]) > 1e-9 else float("nan")
-        cells = " | ".join(f"{gain[m]:+.4f}" for m in others)
-        print(f"| {label} | {len(sel)} ({100 * len(sel) / n_all:.0f}%) | {cells} | {100 * share:.0f}% |")
-    print("\nGains are nats per reference token over L0, each bucket's part of the mean over all tokens (the rows add up to `all`).")
+    fmt = (lambda m, s: f"{m:+.4f} ± {s:.4f}") if n > 1 else (lambda m, s: f"{m:+.4f}")
+    pct = (lambda m, s: f"{100 * m:.0f} ± {100 * s:.0f}%") if n > 1 else (lambda m, s: f"{100 * m:.0f}%")
+    for _, _, label in BUCKETS:
+        share_tok = mean_std([b[label][0] for b in per_run])
+        cells = " | ".join(fmt(*mean_std([b[label][1][m] for b in per_run])) for m in models)
+        # A share of a gain under a thousandth of a nat per token is noise: not shown.
+        teacher = [b[label][1]["teacher"] for b in per_run]
+        ratios = [b[label][1]["student"] / t for b, t in zip(per_run, teacher)]
+        ratio = pct(*mean_std(ratios)) if all(abs(t) >= 1e-3 for t in teacher) else "–"
+        print(f"| {label} | {100 * share_tok[0]:.0f}% | {cells} | {ratio} |")
+    print("\nGains: nats per reference token over L0, each bucket's part of the mean over all tokens (the buckets add up to `all`).")
 
 
 if __name__ == "__main__":
