@@ -214,6 +214,11 @@ pub enum OffsetStudents {
     /// (Ethos's label words) cannot crowd out one that moves it little (translation). Costs one
     /// distillation per task.
     PerTask,
+    /// One student per task, as `per_task`, that also replays every other task's examples to
+    /// the model it starts from (that model's own distributions as their targets), so that its
+    /// change stays on its own task and the summed changes interfere less. Each student trains
+    /// on every sequence: the cost of `per_task` again.
+    PerTaskLocal,
 }
 
 impl OffsetStudents {
@@ -344,10 +349,11 @@ impl OffsetConfig {
                 self.answer_top_p
             ));
         }
-        if self.students == OffsetStudents::PerTask && !need_sampled {
-            return Err(
-                "transfer.offset.students = \"per_task\": expected task examples among the sequences (sequences = \"sampled\" or \"mixed\"), found general text only".into(),
-            );
+        if self.students != OffsetStudents::One && !need_sampled {
+            return Err(format!(
+                "transfer.offset.students = {}: expected task examples among the sequences (sequences = \"sampled\" or \"mixed\"), found general text only",
+                serde_json::to_string(&self.students).unwrap_or_default()
+            ));
         }
         if need_sampled && !(1..=100_000).contains(&self.sampled_per_task) {
             return Err(format!(
@@ -998,7 +1004,7 @@ impl Hetero {
             OffsetStudents::One => {
                 (hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?, None)
             }
-            OffsetStudents::PerTask => {
+            OffsetStudents::PerTask | OffsetStudents::PerTaskLocal => {
                 let (rep, per_task) = self.per_task_students(&student, &data, &cfg)?;
                 (rep, Some(per_task))
             }
@@ -1047,10 +1053,27 @@ impl Hetero {
         let t0 = Instant::now();
         let mut delta = TensorMap::new();
         let mut each = BTreeMap::new();
-        for (k, (task, range)) in data.groups.iter().enumerate() {
-            let idx: Vec<usize> = range.clone().chain(data.general.clone()).collect();
+        let t = cfg.temperature;
+        // `per_task_local`: every task example's distributions under the students' start, which
+        // the other tasks' students keep.
+        let local = self.cfg.offset.students == OffsetStudents::PerTaskLocal;
+        let mut kept: BTreeMap<usize, Tensor> = BTreeMap::new();
+        if local {
+            let idx: Vec<usize> = data.groups.iter().flat_map(|(_, r)| r.clone()).collect();
             let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| data.seqs[i].clone()).collect();
-            let targets: Vec<Tensor> = idx.iter().map(|&i| data.targets[i].clone()).collect();
+            let start = student.model(None)?;
+            let targets = hetfed_distill::ensemble_targets(&[(start.as_ref(), 1.0)], &seqs, t)?;
+            kept = idx.into_iter().zip(targets).collect();
+        }
+        for (k, (task, range)) in data.groups.iter().enumerate() {
+            let mut idx: Vec<usize> = range.clone().chain(data.general.clone()).collect();
+            let mut targets: Vec<Tensor> = idx.iter().map(|&i| data.targets[i].clone()).collect();
+            if local {
+                let others: Vec<usize> = kept.keys().copied().filter(|i| !range.contains(i)).collect();
+                targets.extend(others.iter().map(|i| kept[i].clone()));
+                idx.extend(others);
+            }
+            let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| data.seqs[i].clone()).collect();
             let c = DistillConfig { seed: crate::strategy::mix(cfg.seed, k as u64 + 1), ..cfg.clone() };
             let r = hetfed_distill::distill(student, &targets, &seqs, &c, |_, _| {})?;
             each.insert(
@@ -1059,7 +1082,6 @@ impl Hetero {
             );
             change_with(&mut delta, &r.delta)?;
         }
-        let t = cfg.temperature;
         let kl_before = hetfed_distill::mean_kl(student.model(None)?.as_ref(), &data.seqs, &data.targets, t)?;
         let mut merged = student.weights.clone();
         apply_delta(&mut merged, &delta, 1.0)?;

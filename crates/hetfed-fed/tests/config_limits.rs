@@ -408,6 +408,9 @@ fn settings_that_could_never_work_are_refused_with_key_value_and_range() {
     assert!(e.contains("transfer.offset.students") && e.contains("general text only"), "{e}");
     let cfg = parse(&with_value(&per_task, "transfer.offset", "sequences", "\"mixed\"")).unwrap();
     assert_eq!(cfg.transfer.unwrap().offset.students, hetfed_fed::hetero::OffsetStudents::PerTask);
+    let local = with_value(&offset, "transfer.offset", "students", "\"per_task_local\"");
+    let e = parse(&with_value(&local, "transfer.offset", "sequences", "\"general\"")).unwrap_err();
+    assert!(e.contains("transfer.offset.students = \"per_task_local\""), "{e}");
     let e = parse(&with_value(&offset, "transfer.offset", "students", "\"each\"")).unwrap_err();
     assert!(e.contains("students") && e.contains("per_task"), "{e}");
     // How a client holds its base's frozen weights: two names, anything else refused by name.

@@ -394,6 +394,44 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     assert_eq!(h["after"], h["by_scale"][chosen], "{o}");
 }
 
+/// One student per task (`offset.students = "per_task_local"`): two specialists (Ethos, COPA),
+/// each task's student distils its own teacher and keeps the other task's examples where they
+/// start; the round reports each student's KL and the summed change's KL over every sequence.
+#[test]
+fn per_task_students_each_lower_their_own_kl_and_the_sum_lowers_the_whole() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let scratch = tempdir("per-task");
+    let dir = scratch.path();
+    let small = model_dir();
+    let large = small.parent().unwrap().join("base-large");
+    let transfer = format!(
+        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 4\ngeneral_sequences = 4\nseq_len = 32\nstudents = \"per_task_local\"\n[transfer.distill]\nsteps = 6\nbatch_size = 4\nlr = 2e-3\n",
+        small.display(),
+        dir.join("maps").display()
+    );
+    let cfg = write_config_with(dir, 1, 120.0, free_port(), &large, &transfer);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .replace("task = \"ethos\"\nnum_clients = 3", "tasks = [\"ethos\", \"copa\"]\nclients_per_task = 1")
+        .replace("min_clients = 3", "min_clients = 2")
+        // Specialists that move: their offsets are what the students learn.
+        .replace("max_steps = 3\nbatch_size = 4\nlr = 3e-3", "max_steps = 16\nbatch_size = 4\nlr = 1e-2");
+    assert!(text.contains("clients_per_task") && text.contains("max_steps = 16"), "the template changed: {text}");
+    std::fs::write(&cfg, text).unwrap();
+    simulate(&cfg, &data, &dir.join("sim"));
+    let o = &round_event(&dir.join("sim"), 1).unwrap()["aggregation"]["offset"];
+    let students = o["students"].as_object().unwrap_or_else(|| panic!("no students: {o}"));
+    assert_eq!(students.keys().collect::<Vec<_>>(), ["copa", "ethos"], "{o}");
+    for (task, s) in students {
+        // Each student sees every sequence: its task's, the general text and the other task's.
+        assert_eq!(s["sequences"], 12, "{task}: {o}");
+        assert!(s["kl_after"].as_f64().unwrap() < s["kl_before"].as_f64().unwrap(), "{task}: {o}");
+    }
+    assert!(o["kl_after"].as_f64().unwrap() < o["kl_before"].as_f64().unwrap(), "the summed change: {o}");
+    assert_eq!(o["steps"], 12, "two students of 6 steps: {o}");
+}
+
 /// The embedded default (`hetfed simulate` with no arguments): six specialists on six tasks,
 /// offset distillation into the large model. It finishes within its budget and the server's
 /// target NLL improves on the tasks whose specialists improve on unseen text. ILSUM is left out:
