@@ -210,14 +210,16 @@ pub enum OffsetStudents {
     One,
     /// One LoRA student per task, each on that task's examples plus the general text (which
     /// every student replays), started from the same model; their changes are summed. Tasks do
-    /// not share the student's optimizer state, so a task whose teacher moves the model much
+    /// not share a student's optimizer state, so a task whose teacher moves the model much
     /// (Ethos's label words) cannot crowd out one that moves it little (translation). Costs one
-    /// distillation per task.
+    /// distillation per task. Measured worse than one student: the summed changes interfere
+    /// (EXPERIMENTS.md).
     PerTask,
     /// One student per task, as `per_task`, that also replays every other task's examples to
     /// the model it starts from (that model's own distributions as their targets), so that its
-    /// change stays on its own task and the summed changes interfere less. Each student trains
-    /// on every sequence: the cost of `per_task` again.
+    /// change stays on its own task and the summed changes interfere less. The same steps per
+    /// student as `per_task`, each step over every task's sequences. Measured: less interference
+    /// than `per_task`, TICO-19 still behind one student (EXPERIMENTS.md).
     PerTaskLocal,
 }
 
