@@ -432,6 +432,45 @@ fn per_task_students_each_lower_their_own_kl_and_the_sum_lowers_the_whole() {
     assert_eq!(o["steps"], 12, "two students of 6 steps: {o}");
 }
 
+/// Anchored offset distillation (`transfer.anchor = true`): every round's student starts from
+/// the server's first model L0, so round 2 starts where round 1 did. Observed on the held-out
+/// general windows (the same windows every round, taught by L0): anchored, round 2's KL before
+/// distilling is round 1's (L0 against itself); not anchored, it is round 1's KL after (the
+/// merged model).
+#[test]
+fn anchored_offset_distillation_starts_every_round_from_the_first_model() {
+    let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
+    let data = data.parent().unwrap().to_path_buf();
+    let scratch = tempdir("anchored-offset");
+    let small = model_dir();
+    let large = small.parent().unwrap().join("base-large");
+    let general = |anchor: bool| -> Vec<(f64, f64)> {
+        let dir = scratch.path().join(format!("anchor-{anchor}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let transfer = format!(
+            "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\nanchor = {anchor}\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 4\ngeneral_sequences = 4\nseq_len = 32\nheldout_per_task = 2\n[transfer.distill]\nsteps = 4\nbatch_size = 4\nlr = 1e-2\n",
+            small.display(),
+            scratch.path().join("maps").display()
+        );
+        let cfg = write_config_with(&dir, 2, 120.0, free_port(), &large, &transfer);
+        simulate(&cfg, &data, &dir.join("sim"));
+        (1..=2)
+            .map(|r| {
+                let h = &round_event(&dir.join("sim"), r).unwrap()["aggregation"]["offset"]["heldout_kl"]["(general)"];
+                (h["before"].as_f64().unwrap(), h["after"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let free = general(false);
+    let anchored = general(true);
+    // Round 1 is the same run either way: the student starts from L0.
+    assert_eq!(free[0], anchored[0], "round 1");
+    assert!((free[0].1 - free[0].0).abs() > 1e-5, "round 1 moves the model on general text: {free:?}");
+    // Round 2 starts from the merged model, or from L0 again.
+    assert!((free[1].0 - free[0].1).abs() < 1e-6, "not anchored: round 2 starts after round 1: {free:?}");
+    assert!((anchored[1].0 - anchored[0].0).abs() < 1e-6, "anchored: round 2 starts from L0: {anchored:?}");
+}
+
 /// The embedded default (`hetfed simulate` with no arguments): six specialists on six tasks,
 /// offset distillation into the large model. It finishes within its budget and the server's
 /// target NLL improves on the tasks whose specialists improve on unseen text. ILSUM is left out:
