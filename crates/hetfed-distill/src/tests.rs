@@ -518,8 +518,9 @@ fn posterior_routing_refuses_masses_that_are_not_positive() {
     assert!(routed(1.0, ok).is_none());
 }
 
-#[test]
-fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
+/// A tiny student distilled under `cfg` toward its own offset teacher (the student plus the
+/// offset of a perturbed small model), on text sampled from that teacher.
+fn distil_toward_an_offset_teacher(cfg: &DistillConfig) -> DistillReport {
     let student = tiny(64, 1);
     let base = tiny(64, 2);
     let tuned = perturbed(&base, 5, 0.4);
@@ -529,10 +530,14 @@ fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
         vec![(0, tuned.model(None).unwrap(), 1.0)],
     )
     .unwrap();
-    let cfg = quick_cfg(8);
     let seqs = sample_texts(&teacher, 2, cfg.n_prompts, cfg.seq_len, 3).unwrap();
     let targets = ensemble_targets(&[(&teacher, 1.0)], &seqs, 1.0).unwrap();
-    let r = distill(&student, &targets, &seqs, &cfg, |_, _| {}).unwrap();
+    distill(&student, &targets, &seqs, cfg, |_, _| {}).unwrap()
+}
+
+#[test]
+fn offset_distillation_lowers_the_kl_to_the_offset_teacher() {
+    let r = distil_toward_an_offset_teacher(&quick_cfg(8));
     assert!(r.kl_before > 1e-2, "the offset changes the distribution: KL {}", r.kl_before);
     assert!(r.kl_after < 0.5 * r.kl_before, "KL {} -> {}", r.kl_before, r.kl_after);
 }
@@ -811,19 +816,7 @@ fn log_ratio_loss_equals_a_hand_computation() {
 
 #[test]
 fn log_ratio_distillation_lowers_the_kl_to_the_offset_teacher() {
-    let student = tiny(64, 1);
-    let base = tiny(64, 2);
-    let tuned = perturbed(&base, 5, 0.4);
-    let teacher = OffsetLm::new(
-        student.model(None).unwrap(),
-        vec![base.model(None).unwrap()],
-        vec![(0, tuned.model(None).unwrap(), 1.0)],
-    )
-    .unwrap();
-    let cfg = DistillConfig { objective: Objective::LogRatio, ..quick_cfg(8) };
-    let seqs = sample_texts(&teacher, 2, cfg.n_prompts, cfg.seq_len, 3).unwrap();
-    let targets = ensemble_targets(&[(&teacher, 1.0)], &seqs, 1.0).unwrap();
-    let r = distill(&student, &targets, &seqs, &cfg, |_, _| {}).unwrap();
+    let r = distil_toward_an_offset_teacher(&DistillConfig { objective: Objective::LogRatio, ..quick_cfg(8) });
     assert!(r.kl_before > 1e-2, "the offset changes the distribution: KL {}", r.kl_before);
     // It spends its steps on every token alike, the teacher's unlikely ones included, so the KL
     // (which weighs the likely ones) falls less than under the KL objective, but it falls.

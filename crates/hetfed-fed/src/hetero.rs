@@ -1056,6 +1056,7 @@ impl Hetero {
         let mut delta = TensorMap::new();
         let mut each = BTreeMap::new();
         let t = cfg.temperature;
+        let start = student.model(None)?;
         // `per_task_local`: every task example's distributions under the students' start, which
         // the other tasks' students keep.
         let local = self.cfg.offset.students == OffsetStudents::PerTaskLocal;
@@ -1063,7 +1064,6 @@ impl Hetero {
         if local {
             let idx: Vec<usize> = data.groups.iter().flat_map(|(_, r)| r.clone()).collect();
             let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| data.seqs[i].clone()).collect();
-            let start = student.model(None)?;
             let targets = hetfed_distill::ensemble_targets(&[(start.as_ref(), 1.0)], &seqs, t)?;
             kept = idx.into_iter().zip(targets).collect();
         }
@@ -1084,7 +1084,7 @@ impl Hetero {
             );
             change_with(&mut delta, &r.delta)?;
         }
-        let kl_before = hetfed_distill::mean_kl(student.model(None)?.as_ref(), &data.seqs, &data.targets, t)?;
+        let kl_before = hetfed_distill::mean_kl(start.as_ref(), &data.seqs, &data.targets, t)?;
         let mut merged = student.weights.clone();
         apply_delta(&mut merged, &delta, 1.0)?;
         let merged = self.large.arch.build(&merged, &self.large.source(), None)?;

@@ -46,18 +46,18 @@ pub struct Loaded {
     pub model: Box<dyn CausalLm>,
 }
 
+/// A PEFT LoRA adapter directory as the adapters a model runs with.
+pub fn peft_adapter(dir: &std::path::Path) -> Result<LoraSet> {
+    let (cfg, factors) = hetfed_taskvec::peft::import_peft(dir)?;
+    Ok(LoraSet::from_tensors(&cfg, &factors)?)
+}
+
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if !args.lambda.is_finite() {
         bail!("--lambda: expected a finite number, found {}", args.lambda);
     }
     let mut ck = Checkpoint::load_with(&args.model, args.dtype)?;
-    let lora = match &args.adapter {
-        Some(dir) => {
-            let (cfg, factors) = hetfed_taskvec::peft::import_peft(dir)?;
-            Some(LoraSet::from_tensors(&cfg, &factors)?)
-        }
-        None => None,
-    };
+    let lora = args.adapter.as_deref().map(peft_adapter).transpose()?;
     if let Some(path) = &args.taskvec {
         let tv = TaskVector::load(path)?;
         let id = ck.identity()?;

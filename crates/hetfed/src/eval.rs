@@ -78,14 +78,7 @@ fn offset_model(a: &EvalArgs, l: commands::Loaded) -> Result<commands::Loaded> {
     if !(a.offset_lambda.is_finite() && a.offset_lambda > 0.0 && a.offset_lambda <= 100.0) {
         bail!("--offset-lambda: expected a number in (0, 100], found {}", a.offset_lambda);
     }
-    let args = |adapter: Option<PathBuf>| ModelArgs {
-        model: base.clone(),
-        adapter,
-        taskvec: None,
-        lambda: 1.0,
-        dtype: a.m.dtype,
-    };
-    let small = load(&args(None))?;
+    let small = load(&ModelArgs { model: base.clone(), adapter: None, taskvec: None, lambda: 1.0, dtype: a.m.dtype })?;
     let (mine, theirs) = (l.ck.spec.tokenizer_hash()?, small.ck.spec.tokenizer_hash()?);
     if mine != theirs {
         bail!(
@@ -95,8 +88,9 @@ fn offset_model(a: &EvalArgs, l: commands::Loaded) -> Result<commands::Loaded> {
             &theirs[..theirs.len().min(12)]
         );
     }
-    let tuned = load(&args(Some(adapter.clone())))?;
-    let model = hetfed_distill::OffsetLm::new(l.model, vec![small.model], vec![(0, tuned.model, a.offset_lambda)])?;
+    // The tuned model is the same base weights with the adapter on top: loaded once.
+    let tuned = small.ck.model(Some(&commands::peft_adapter(adapter)?))?;
+    let model = hetfed_distill::OffsetLm::new(l.model, vec![small.model], vec![(0, tuned, a.offset_lambda)])?;
     Ok(commands::Loaded { ck: l.ck, model: Box::new(model) })
 }
 

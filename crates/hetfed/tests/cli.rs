@@ -1625,21 +1625,13 @@ fn eval_of_a_logit_offset_model_is_the_tuned_model_when_the_bases_agree() {
     assert!(max_diff(&offset_lp.concat(), &tuned_lp.concat()) < 1e-3, "per-token log-probs differ");
     assert!((half - plain).abs() > 1e-5 && (half - tuned).abs() > 1e-5, "λ = 0.5 lies between: {half}");
     // Bad input: λ out of range, a base of another tokenizer, an adapter without its base.
-    let line = fails(&[
-        "eval",
-        "--model",
-        base_s,
-        "--task",
-        "flores:en-hi",
-        "--data-dir",
-        data_s,
-        "--offset-base",
-        base_s,
-        "--offset-adapter",
-        adapter_s,
-        "--offset-lambda",
-        "0",
-    ]);
+    let offset_fails = |offset_base: &str, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", base_s, "--task", "flores:en-hi", "--data-dir", data_s];
+        args.extend(["--offset-base", offset_base, "--offset-adapter", adapter_s]);
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let line = offset_fails(base_s, &["--offset-lambda", "0"]);
     assert!(line.contains("--offset-lambda") && line.contains("(0, 100]"), "{line}");
     // The same base with two vocabulary entries' ids swapped: another tokenizer identity.
     let other = scratch.path().join("other-tokenizer");
@@ -1656,19 +1648,7 @@ fn eval_of_a_logit_offset_model_is_the_tuned_model_when_the_bases_agree() {
     vocab.insert(a, ib.into());
     vocab.insert(b, ia.into());
     std::fs::write(other.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
-    let line = fails(&[
-        "eval",
-        "--model",
-        base_s,
-        "--task",
-        "flores:en-hi",
-        "--data-dir",
-        data_s,
-        "--offset-base",
-        other.to_str().unwrap(),
-        "--offset-adapter",
-        adapter_s,
-    ]);
+    let line = offset_fails(other.to_str().unwrap(), &[]);
     assert!(line.contains("one tokenizer"), "{line}");
     let o = run(&["eval", "--model", base_s, "--task", "flores:en-hi", "--offset-adapter", adapter_s]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--offset-base"));

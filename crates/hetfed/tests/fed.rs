@@ -350,6 +350,17 @@ fn a_client_with_a_wrong_token_is_refused() {
     assert!(!err.contains("not-the-token"), "the token leaked into the error: {err}");
 }
 
+/// An offset-distillation `[transfer]` section for base-small clients: the given extra
+/// `[transfer]`, `[transfer.offset]` and `[transfer.distill]` lines (each ending in a newline),
+/// maps cached in `maps`.
+fn offset_transfer(maps: &Path, transfer: &str, offset: &str, distill: &str) -> String {
+    format!(
+        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\n{transfer}calibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nseq_len = 32\n{offset}[transfer.distill]\nbatch_size = 4\n{distill}",
+        model_dir().display(),
+        maps.display()
+    )
+}
+
 /// Logit-offset distillation through the real round loop, deployed over gRPC + TLS exactly as
 /// simulated: three Ethos clients on base-small, the server distils their offsets into
 /// base-large on synthetic examples in Ethos's format and its general text.
@@ -359,12 +370,12 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     let data = data.parent().unwrap().to_path_buf();
     let scratch = tempdir("offset");
     let dir = scratch.path();
-    let small = model_dir();
-    let large = small.parent().unwrap().join("base-large");
-    let transfer = format!(
-        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 6\ngeneral_sequences = 6\nseq_len = 32\nloss = \"answer\"\nheldout_per_task = 2\nscales = [1.0, 2.0]\n[transfer.distill]\nsteps = 4\nbatch_size = 4\n",
-        small.display(),
-        dir.join("maps").display()
+    let large = model_dir().parent().unwrap().join("base-large");
+    let transfer = offset_transfer(
+        &dir.join("maps"),
+        "",
+        "sampled_per_task = 6\ngeneral_sequences = 6\nloss = \"answer\"\nheldout_per_task = 2\nscales = [1.0, 2.0]\n",
+        "steps = 4\n",
     );
     let cfg = write_config_with(dir, 1, 120.0, free_port(), &large, &transfer);
     simulate_then_deploy(&cfg, &data, dir);
@@ -403,12 +414,12 @@ fn per_task_students_each_lower_their_own_kl_and_the_sum_lowers_the_whole() {
     let data = data.parent().unwrap().to_path_buf();
     let scratch = tempdir("per-task");
     let dir = scratch.path();
-    let small = model_dir();
-    let large = small.parent().unwrap().join("base-large");
-    let transfer = format!(
-        "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 4\ngeneral_sequences = 4\nseq_len = 32\nstudents = \"per_task_local\"\n[transfer.distill]\nsteps = 6\nbatch_size = 4\nlr = 2e-3\n",
-        small.display(),
-        dir.join("maps").display()
+    let large = model_dir().parent().unwrap().join("base-large");
+    let transfer = offset_transfer(
+        &dir.join("maps"),
+        "",
+        "sampled_per_task = 4\ngeneral_sequences = 4\nstudents = \"per_task_local\"\n",
+        "steps = 6\nlr = 2e-3\n",
     );
     let cfg = write_config_with(dir, 1, 120.0, free_port(), &large, &transfer);
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -442,15 +453,15 @@ fn anchored_offset_distillation_starts_every_round_from_the_first_model() {
     let Some(data) = hetfed_core::testing::shared_path(env!("CARGO_MANIFEST_DIR"), "data/ethos") else { return };
     let data = data.parent().unwrap().to_path_buf();
     let scratch = tempdir("anchored-offset");
-    let small = model_dir();
-    let large = small.parent().unwrap().join("base-large");
+    let large = model_dir().parent().unwrap().join("base-large");
     let general = |anchor: bool| -> Vec<(f64, f64)> {
         let dir = scratch.path().join(format!("anchor-{anchor}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let transfer = format!(
-            "\n[transfer]\nclient_models = [\"{}\"]\naggregation = \"offset_distillation\"\nanchor = {anchor}\ncalibration = \"text\"\ncalibration_sequences = 16\ncalibration_len = 16\ncache_dir = \"{}\"\n[transfer.offset]\nsequences = \"mixed\"\nsampled_per_task = 4\ngeneral_sequences = 4\nseq_len = 32\nheldout_per_task = 2\n[transfer.distill]\nsteps = 4\nbatch_size = 4\nlr = 1e-2\n",
-            small.display(),
-            scratch.path().join("maps").display()
+        let transfer = offset_transfer(
+            &scratch.path().join("maps"),
+            &format!("anchor = {anchor}\n"),
+            "sampled_per_task = 4\ngeneral_sequences = 4\nheldout_per_task = 2\n",
+            "steps = 4\nlr = 1e-2\n",
         );
         let cfg = write_config_with(&dir, 2, 120.0, free_port(), &large, &transfer);
         simulate(&cfg, &data, &dir.join("sim"));
