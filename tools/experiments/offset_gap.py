@@ -10,13 +10,14 @@ token (teacher-forced, exactly the terms of `target_nll`) under:
 - the student: the run's final server model (`hetfed export`);
 - optionally the central model: the final model of a central run (`--central RUN`).
 
-It then splits the reference tokens by how likely the teacher finds them and reports, per bucket,
+It then splits the reference tokens by how likely the teacher finds them (or, with `--by position`,
+by their position in the answer) and reports, per bucket,
 the share of tokens, each model's gain over L0 in nats per token, and the share of the teacher's
 gain the student carries. Everything runs through the `hetfed` binary (`hetfed export`,
 `hetfed eval --out ... [--offset-base ... --offset-adapter ...]`); no Python ML packages.
 
     python3 tools/experiments/offset_gap.py RUN [RUN ...] --task tico:en-hi [--client c3] \
-        [--central CENTRAL_RUN ...] [--limit 24] [--out DIR]
+        [--central CENTRAL_RUN ...] [--by teacher_p|position] [--limit 24] [--out DIR]
 
 Several runs (one per seed) give mean ± std per bucket. RUN is a run directory (`hetfed simulate --out RUN`, or a row of `hetfed sweep`'s runs/) whose
 clients kept their adapters (`client.keep_adapter`, the default run's setting).
@@ -100,6 +101,17 @@ BUCKETS = [
     (None, None, "all"),
 ]
 
+# Answer positions (0 = the reference's first token), for `--by position`.
+POSITIONS = [
+    (0, 0, "0"),
+    (1, 4, "1–4"),
+    (5, 14, "5–14"),
+    (15, 29, "15–29"),
+    (30, 59, "30–59"),
+    (60, math.inf, "≥ 60"),
+    (None, None, "all"),
+]
+
 
 def score_run(a, run_dir, central, work):
     """Per reference token, its log-probability under each model (L0, teacher, student, central)."""
@@ -131,16 +143,22 @@ def score_run(a, run_dir, central, work):
     for name, (model, extra) in models.items():
         lp[name], nll = token_logprobs(a, model, max_len, os.path.join(work, name), extra)
         print(f"{run_dir}: {name}: target NLL {nll:.4f} over {sum(map(len, lp[name]))} reference tokens", file=sys.stderr)
-    return [{m: lp[m][i][k] for m in lp} for i in range(len(lp["L0"])) for k in range(len(lp["L0"][i]))]
+    return [{**{m: lp[m][i][k] for m in lp}, "pos": k} for i in range(len(lp["L0"])) for k in range(len(lp["L0"][i]))]
 
 
-def buckets(toks):
-    """Per bucket: its share of the tokens and each model's gain over L0, as the bucket's part of
-    the mean over all tokens (so the buckets add up to `all`)."""
+def buckets(toks, by):
+    """Per bucket (of the teacher's log-probability, or of the answer position): its share of the
+    tokens and each model's gain over L0, as the bucket's part of the mean over all tokens (so the
+    buckets add up to `all`)."""
     out = {}
-    for hi, lo, label in BUCKETS:
-        sel = toks if hi is None else [t for t in toks if lo < t["teacher"] <= hi]
-        gain = {m: sum(t[m] - t["L0"] for t in sel) / len(toks) for m in toks[0] if m != "L0"}
+    for hi, lo, label in BUCKETS if by == "teacher_p" else POSITIONS:
+        if hi is None:
+            sel = toks
+        elif by == "teacher_p":
+            sel = [t for t in toks if lo < t["teacher"] <= hi]
+        else:
+            sel = [t for t in toks if hi <= t["pos"] <= lo]
+        gain = {m: sum(t[m] - t["L0"] for t in sel) / len(toks) for m in toks[0] if m not in ("L0", "pos")}
         out[label] = (len(sel) / len(toks), gain)
     return out
 
@@ -163,6 +181,8 @@ def main():
     ap.add_argument("--small", default=os.path.join(ROOT, "models", "base-small"))
     ap.add_argument("--hetfed", default=os.path.join(ROOT, "target", "release", "hetfed"))
     ap.add_argument("--data-dir", default=os.environ.get("HETFED_DATA_DIR", os.path.join(ROOT, "..", "shared", "data")))
+    ap.add_argument("--by", choices=["teacher_p", "position"], default="teacher_p",
+                    help="split the reference tokens by the teacher's probability of each (default) or by its position in the answer")
     ap.add_argument("--out", help="keep the exported models and predictions here (default: a temporary directory)")
     a = ap.parse_args()
     if a.limit < 1:
@@ -173,17 +193,18 @@ def main():
     per_run = []
     for k, r in enumerate(a.runs):
         toks = score_run(a, r, a.central[k] if a.central else None, os.path.join(work, f"run{k}"))
-        per_run.append(buckets(toks))
-    models = [m for m in per_run[0]["all"][1]]
+        per_run.append(buckets(toks, a.by))
+    models = list(per_run[0]["all"][1])
     n = len(per_run)
-    print(f"\n{a.task}, {a.split}, {a.limit} examples, {n} run(s); reference tokens split by the teacher's probability of them"
+    what = "the teacher's probability of them" if a.by == "teacher_p" else "their position in the answer"
+    print(f"\n{a.task}, {a.split}, {a.limit} examples, {n} run(s); reference tokens split by {what}"
           + (" (mean ± std over runs)" if n > 1 else ""))
-    head = "| teacher p(token) | tokens | " + " | ".join(f"{m} gain" for m in models) + " | student / teacher |"
+    head = "| " + ("teacher p(token)" if a.by == "teacher_p" else "answer position") + " | tokens | " + " | ".join(f"{m} gain" for m in models) + " | student / teacher |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     fmt = (lambda m, s: f"{m:+.4f} ± {s:.4f}") if n > 1 else (lambda m, s: f"{m:+.4f}")
     pct = (lambda m, s: f"{100 * m:.0f} ± {100 * s:.0f}%") if n > 1 else (lambda m, s: f"{100 * m:.0f}%")
-    for _, _, label in BUCKETS:
+    for _, _, label in BUCKETS if a.by == "teacher_p" else POSITIONS:
         share_tok = mean_std([b[label][0] for b in per_run])
         cells = " | ".join(fmt(*mean_std([b[label][1][m] for b in per_run])) for m in models)
         # A share of a gain under a thousandth of a nat per token is noise: not shown.

@@ -81,7 +81,16 @@ pub enum Objective {
     /// barely weighs) is learnt as much as its change to its likeliest. Target rows' probabilities
     /// are floored at 1e-30 before the logarithm.
     LogRatio,
+    /// The teacher-weighted absolute difference of log-probabilities, `Σ_v p_v·h(ln q_v − ln p_v)`
+    /// with `h(d) = √(d² + ε²) − ε`, `ε` = [`ABS_EPS`] (smooth at 0). First order in the
+    /// difference: a small, consistent change of a likely token's log-probability (what a
+    /// reference's NLL counts, linearly) weighs as much per nat as a large one, where the KL
+    /// weighs it by its square. Target probabilities are floored at 1e-30 before the logarithm.
+    AbsLogRatio,
 }
+
+/// The smoothing width of [`Objective::AbsLogRatio`], in nats.
+pub const ABS_EPS: f64 = 0.01;
 
 impl Objective {
     fn is_kl(&self) -> bool {
@@ -618,11 +627,23 @@ impl<'a> Data<'a> {
         Ok((sq * mask)?.sum_all()?)
     }
 
+    /// Σ over the positions of sequences `idx` of the [`Objective::AbsLogRatio`] loss:
+    /// `Σ_v p_v·(√((ln q_v − ln p_v)² + ε²) − ε)`. Zeroed target rows weigh nothing.
+    fn sum_abs_log_ratio(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        let (ids, p) = self.batch(idx)?;
+        let logp = p.clamp(1e-30f32, 1.0f32)?.log()?;
+        let logq = self.student_logq(model, &ids)?;
+        let eps2 = (ABS_EPS * ABS_EPS) as f32 as f64;
+        let h = (((logq - logp)?.sqr()? + eps2)?.sqrt()? - ABS_EPS)?;
+        Ok((p * h)?.sum_all()?)
+    }
+
     /// The training loss of [`distill`] summed over the counted positions of `idx`.
     fn sum_loss(&self, model: &dyn CausalLm, idx: &[usize], objective: Objective) -> Result<Tensor> {
         match objective {
             Objective::Kl => self.sum_kl(model, idx),
             Objective::LogRatio => self.sum_log_ratio(model, idx),
+            Objective::AbsLogRatio => self.sum_abs_log_ratio(model, idx),
         }
     }
 

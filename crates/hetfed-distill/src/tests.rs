@@ -827,3 +827,53 @@ fn log_ratio_distillation_lowers_the_kl_to_the_offset_teacher() {
     assert!(!serde_json::to_string(&DistillConfig::default()).unwrap().contains("objective"));
     assert!(serde_json::from_str::<DistillConfig>(r#"{"objective": "mse"}"#).is_err());
 }
+
+/// The absolute log-ratio objective is a hand computation: `Σ_v p_v·(√(d² + ε²) − ε)` with
+/// `d = ln q_v − ln p_v`, over the counted positions only; the teacher's own loss is 0.
+#[test]
+fn abs_log_ratio_loss_equals_a_hand_computation() {
+    let student = tiny(16, 1);
+    let teacher = perturbed(&student, 4, 0.3);
+    let cfg = DistillConfig { n_prompts: 3, seq_len: 5, ..quick_cfg(4) };
+    let seqs = seqs_of(&student, &cfg);
+    let mut targets = targets_of(&teacher, &seqs, 1.0);
+    let t0 = targets[0].to_vec2::<f32>().unwrap();
+    let masked: Vec<f32> =
+        t0.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |&x| if i < 2 { 0.0 } else { x })).collect();
+    targets[0] = Tensor::from_vec(masked, (5, 16), &Device::Cpu).unwrap();
+    let data = Data::new(&seqs, &targets, 16, 1.0).unwrap();
+    let m = student.model(None).unwrap();
+    let all = [0usize, 1, 2];
+    let got = data.sum_abs_log_ratio(m.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let mut want = 0.0;
+    for &i in &all {
+        let ids = Tensor::new(seqs[i].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = m.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let p = targets[i].to_vec2::<f32>().unwrap();
+        for (lq, pr) in logits.iter().zip(&p) {
+            let lse = lq.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+            want += lq
+                .iter()
+                .zip(pr)
+                .map(|(&z, &pv)| {
+                    let d = (z as f64 - lse) - (pv.max(1e-30) as f64).ln();
+                    pv as f64 * ((d * d + ABS_EPS * ABS_EPS).sqrt() - ABS_EPS)
+                })
+                .sum::<f64>();
+        }
+    }
+    assert!(want > 1e-3, "the teacher differs from the student: {want}");
+    assert!((got - want).abs() < 1e-4 * want.max(1.0), "absolute log-ratio loss {got}, by hand {want}");
+    let t = teacher.model(None).unwrap();
+    let own = data.sum_abs_log_ratio(t.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap();
+    assert!(own.abs() < 1e-4 * want as f32 + 1e-5, "teacher's own loss {own}");
+}
+
+#[test]
+fn abs_log_ratio_distillation_lowers_the_kl_to_the_offset_teacher() {
+    let r = distil_toward_an_offset_teacher(&DistillConfig { objective: Objective::AbsLogRatio, ..quick_cfg(8) });
+    assert!(r.kl_before > 1e-2, "the offset changes the distribution: KL {}", r.kl_before);
+    assert!(r.kl_after < 0.8 * r.kl_before, "KL {} -> {}", r.kl_before, r.kl_after);
+    let parsed: DistillConfig = serde_json::from_str(r#"{"objective": "abs_log_ratio"}"#).unwrap();
+    assert_eq!(parsed.objective, Objective::AbsLogRatio);
+}
