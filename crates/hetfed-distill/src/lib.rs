@@ -531,6 +531,8 @@ struct Data<'a> {
     positions: Vec<usize>,
     vocab: usize,
     temperature: f64,
+    /// Per sequence, the weight of its loss in training (1 unless [`distill_groups`] balances).
+    weights: Vec<f64>,
 }
 
 impl<'a> Data<'a> {
@@ -564,7 +566,8 @@ impl<'a> Data<'a> {
             plogp.push(p.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum());
             positions.push(p.chunks(vocab).filter(|row| row.iter().any(|&x| x > 0.0)).count());
         }
-        Ok(Self { seqs, targets, plogp, positions, vocab, temperature })
+        let weights = vec![1.0; seqs.len()];
+        Ok(Self { seqs, targets, plogp, positions, vocab, temperature, weights })
     }
 
     /// The counted positions of sequences `idx` (at least 1, so a mean is always defined).
@@ -576,12 +579,19 @@ impl<'a> Data<'a> {
     /// differentiable w.r.t. the student's parameters. Built from candle ops with backward passes
     /// only: `log q = z - ln Σ exp z` with `z = logits/T - max` (the max is detached; the
     /// log-softmax does not depend on it). Right-padding gets zero target rows, so contributes 0.
+    #[cfg(test)]
     fn sum_kl(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        Ok(self.seq_kl(model, idx)?.sum_all()?)
+    }
+
+    /// Per sequence of `idx`, Σ over its positions of the KL (`[b]`), differentiable.
+    fn seq_kl(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
         let (ids, p) = self.batch(idx)?;
-        let const_part: f64 = idx.iter().map(|&i| self.plogp[i]).sum();
+        let plogp: Vec<f32> = idx.iter().map(|&i| self.plogp[i] as f32).collect();
+        let plogp = Tensor::from_vec(plogp, idx.len(), &Device::Cpu)?;
         let logq = self.student_logq(model, &ids)?;
-        let cross = (p * logq)?.sum_all()?;
-        Ok((cross.neg()? + const_part)?)
+        let cross = (p * logq)?.sum(D::Minus1)?.sum(D::Minus1)?;
+        Ok((plogp - cross)?)
     }
 
     /// The token ids `[b, t]` of sequences `idx`, right-padded, and their targets `[b, t, vocab]`
@@ -616,7 +626,13 @@ impl<'a> Data<'a> {
     /// Σ over the counted positions of sequences `idx` of the [`Objective::LogRatio`] loss:
     /// the mean over the vocabulary of `(c(log q) − c(log p))²`, `c` centring over the vocabulary.
     /// Zeroed target rows (padding, prompt positions under [`answer_only`]) are masked out.
+    #[cfg(test)]
     fn sum_log_ratio(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        Ok(self.seq_log_ratio(model, idx)?.sum_all()?)
+    }
+
+    /// Per sequence of `idx`, its [`Objective::LogRatio`] loss (`[b]`).
+    fn seq_log_ratio(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
         let (ids, p) = self.batch(idx)?;
         let mask = p.sum_keepdim(D::Minus1)?.gt(0.0)?.to_dtype(DType::F32)?;
         let logp = p.clamp(1e-30f32, 1.0f32)?.log()?;
@@ -624,37 +640,69 @@ impl<'a> Data<'a> {
         let logq = self.student_logq(model, &ids)?;
         let cq = logq.broadcast_sub(&logq.mean_keepdim(D::Minus1)?)?;
         let sq = (cq - cp)?.sqr()?.mean_keepdim(D::Minus1)?;
-        Ok((sq * mask)?.sum_all()?)
+        Ok((sq * mask)?.sum(D::Minus1)?.sum(D::Minus1)?)
     }
 
     /// Σ over the positions of sequences `idx` of the [`Objective::AbsLogRatio`] loss:
     /// `Σ_v p_v·(√((ln q_v − ln p_v)² + ε²) − ε)`. Zeroed target rows weigh nothing.
+    #[cfg(test)]
     fn sum_abs_log_ratio(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
+        Ok(self.seq_abs_log_ratio(model, idx)?.sum_all()?)
+    }
+
+    /// Per sequence of `idx`, its [`Objective::AbsLogRatio`] loss (`[b]`).
+    fn seq_abs_log_ratio(&self, model: &dyn CausalLm, idx: &[usize]) -> Result<Tensor> {
         let (ids, p) = self.batch(idx)?;
         let logp = p.clamp(1e-30f32, 1.0f32)?.log()?;
         let logq = self.student_logq(model, &ids)?;
         let eps2 = (ABS_EPS * ABS_EPS) as f32 as f64;
         let h = (((logq - logp)?.sqr()? + eps2)?.sqrt()? - ABS_EPS)?;
-        Ok((p * h)?.sum_all()?)
+        Ok((p * h)?.sum(D::Minus1)?.sum(D::Minus1)?)
     }
 
-    /// The training loss of [`distill`] summed over the counted positions of `idx`.
+    /// The training loss of [`distill`] summed over the counted positions of `idx`, each
+    /// sequence's part times its weight.
     fn sum_loss(&self, model: &dyn CausalLm, idx: &[usize], objective: Objective) -> Result<Tensor> {
-        match objective {
-            Objective::Kl => self.sum_kl(model, idx),
-            Objective::LogRatio => self.sum_log_ratio(model, idx),
-            Objective::AbsLogRatio => self.sum_abs_log_ratio(model, idx),
+        let per_seq = match objective {
+            Objective::Kl => self.seq_kl(model, idx)?,
+            Objective::LogRatio => self.seq_log_ratio(model, idx)?,
+            Objective::AbsLogRatio => self.seq_abs_log_ratio(model, idx)?,
+        };
+        if idx.iter().all(|&i| self.weights[i] == 1.0) {
+            return Ok(per_seq.sum_all()?);
         }
+        let w: Vec<f32> = idx.iter().map(|&i| self.weights[i] as f32).collect();
+        Ok((per_seq * Tensor::from_vec(w, idx.len(), &Device::Cpu)?)?.sum_all()?)
+    }
+
+    /// Per sequence, Σ over its positions of the KL (unweighted; in batches of `batch`).
+    fn seq_kl_sums(&self, model: &dyn CausalLm, batch: usize) -> Result<Vec<f64>> {
+        let all: Vec<usize> = (0..self.seqs.len()).collect();
+        let mut out = Vec::with_capacity(all.len());
+        for chunk in all.chunks(batch.max(1)) {
+            out.extend(self.seq_kl(model, chunk)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        Ok(out)
     }
 
     /// Mean KL per position over all sequences (evaluated in batches of `batch`).
     fn mean_kl(&self, model: &dyn CausalLm, batch: usize) -> Result<f64> {
         let all: Vec<usize> = (0..self.seqs.len()).collect();
-        let mut sum = 0.0;
-        for chunk in all.chunks(batch.max(1)) {
-            sum += self.sum_kl(model, chunk)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
+        let sum: f64 = self.seq_kl_sums(model, batch)?.iter().sum();
         Ok(sum / self.n_positions(&all) as f64)
+    }
+
+    /// Mean KL per position of each group's sequences, from per-sequence sums.
+    fn group_means(&self, sums: &[f64], groups: &[Option<usize>], n_groups: usize) -> Vec<f64> {
+        let mut kl = vec![0.0; n_groups];
+        let mut pos = vec![0usize; n_groups];
+        for (i, g) in groups.iter().enumerate() {
+            if let Some(g) = *g {
+                kl[g] += sums[i];
+                pos[g] += self.positions[i];
+            }
+        }
+        kl.iter().zip(&pos).map(|(k, &p)| k / p.max(1) as f64).collect()
     }
 }
 
@@ -705,14 +753,63 @@ pub fn distill(
     targets: &[Tensor],
     seqs: &[Vec<u32>],
     cfg: &DistillConfig,
-    mut progress: impl FnMut(usize, f64),
+    progress: impl FnMut(usize, f64),
 ) -> Result<DistillReport> {
+    Ok(distill_groups(student, targets, seqs, &[], false, cfg, progress)?.0)
+}
+
+/// Per group of sequences (a task's examples), the KL of [`distill_groups`] and its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupKl {
+    /// Mean KL per position of the group's sequences before training.
+    pub kl_before: f64,
+    /// The same after training.
+    pub kl_after: f64,
+    /// The weight of each of the group's sequences in the training loss.
+    pub weight: f64,
+}
+
+/// [`distill`] with the sequences in groups: `groups[i]` is sequence `i`'s group (`None`: in
+/// none, e.g. general text; an empty slice: every sequence in none). Returns each group's KL
+/// before and after (indexed by group). With `balance`, each group's sequences weigh in the
+/// loss by `mean_g KL_g / KL_g` (their groups' mean KL before training over their own, clamped
+/// to [[`MIN_BALANCE`], [`MAX_BALANCE`]]), so a group whose teacher moves little from the start
+/// counts as much, relative to its distance, as one that moves far; ungrouped sequences weigh 1.
+pub fn distill_groups(
+    student: &Checkpoint,
+    targets: &[Tensor],
+    seqs: &[Vec<u32>],
+    groups: &[Option<usize>],
+    balance: bool,
+    cfg: &DistillConfig,
+    mut progress: impl FnMut(usize, f64),
+) -> Result<(DistillReport, Vec<GroupKl>)> {
     let t0 = Instant::now();
     cfg.validate().map_err(Error::msg)?;
+    if !groups.is_empty() && groups.len() != seqs.len() {
+        return Err(Error::msg(format!(
+            "expected one group per sequence, found {} groups for {} sequences",
+            groups.len(),
+            seqs.len()
+        )));
+    }
+    let groups: Vec<Option<usize>> = if groups.is_empty() { vec![None; seqs.len()] } else { groups.to_vec() };
+    let n_groups = groups.iter().flatten().max().map_or(0, |g| g + 1);
     let vocab = student.arch.vocab_size();
-    let data = Data::new(seqs, targets, vocab, cfg.temperature)?;
+    let mut data = Data::new(seqs, targets, vocab, cfg.temperature)?;
+    let all: Vec<usize> = (0..seqs.len()).collect();
     let st = Student::new(student, cfg)?;
-    let kl_before = data.mean_kl(st.model.as_ref(), cfg.batch_size)?;
+    let before = data.seq_kl_sums(st.model.as_ref(), cfg.batch_size)?;
+    let kl_before = before.iter().sum::<f64>() / data.n_positions(&all) as f64;
+    let group_before = data.group_means(&before, &groups, n_groups);
+    let mut group_weight = vec![1.0; n_groups];
+    if balance && n_groups > 0 {
+        let mean = group_before.iter().sum::<f64>() / n_groups as f64;
+        for (w, &k) in group_weight.iter_mut().zip(&group_before) {
+            *w = if k > 0.0 { (mean / k).clamp(MIN_BALANCE, MAX_BALANCE) } else { MAX_BALANCE };
+        }
+        data.weights = groups.iter().map(|g| g.map_or(1.0, |g| group_weight[g])).collect();
+    }
     let mut opt = AdamW::new(st.vars.clone(), AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() })?;
     for (step, batch) in plan(seqs.len(), cfg.batch_size, cfg.steps, cfg.seed).into_iter().enumerate() {
         let n_pos = data.n_positions(&batch);
@@ -734,15 +831,28 @@ pub fn distill(
         opt.step(&grads, lr_at(cfg.lr, Schedule::Cosine, 0, cfg.steps, step))?;
         progress(step + 1, loss_value);
     }
-    let kl_after = data.mean_kl(st.model.as_ref(), cfg.batch_size)?;
-    Ok(DistillReport {
-        delta: st.delta(student)?,
-        kl_before,
-        kl_after,
-        steps: cfg.steps,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    let after = data.seq_kl_sums(st.model.as_ref(), cfg.batch_size)?;
+    let kl_after = after.iter().sum::<f64>() / data.n_positions(&all) as f64;
+    let group_after = data.group_means(&after, &groups, n_groups);
+    let per_group = (0..n_groups)
+        .map(|g| GroupKl { kl_before: group_before[g], kl_after: group_after[g], weight: group_weight[g] })
+        .collect();
+    Ok((
+        DistillReport {
+            delta: st.delta(student)?,
+            kl_before,
+            kl_after,
+            steps: cfg.steps,
+            seconds: t0.elapsed().as_secs_f64(),
+        },
+        per_group,
+    ))
 }
+
+/// The bounds of a group's weight under [`distill_groups`]'s balancing.
+pub const MIN_BALANCE: f64 = 0.1;
+/// See [`MIN_BALANCE`].
+pub const MAX_BALANCE: f64 = 10.0;
 
 #[cfg(test)]
 mod tests;

@@ -877,3 +877,48 @@ fn abs_log_ratio_distillation_lowers_the_kl_to_the_offset_teacher() {
     let parsed: DistillConfig = serde_json::from_str(r#"{"objective": "abs_log_ratio"}"#).unwrap();
     assert_eq!(parsed.objective, Objective::AbsLogRatio);
 }
+
+/// `distill_groups` reports each group's KL as `mean_kl` computes it on the group alone, and
+/// with `balance` weighs each group by the groups' mean KL over its own: a group whose teacher
+/// is near the student gains weight and ends nearer its teacher than without balancing.
+#[test]
+fn balanced_groups_weigh_by_their_distance_and_report_their_kl() {
+    let student = tiny(32, 1);
+    let near = perturbed(&student, 4, 0.1);
+    let far = perturbed(&student, 5, 0.15);
+    let cfg = DistillConfig { n_prompts: 12, seq_len: 10, ..quick_cfg(4) };
+    let seqs = seqs_of(&student, &cfg);
+    let (a, b) = seqs.split_at(6);
+    let targets: Vec<Tensor> = [targets_of(&near, a, 1.0), targets_of(&far, b, 1.0)].concat();
+    let groups: Vec<Option<usize>> = (0..12).map(|i| Some(usize::from(i >= 6))).collect();
+    let run = |balance| distill_groups(&student, &targets, &seqs, &groups, balance, &cfg, |_, _| {}).unwrap();
+    let (plain_rep, plain) = run(false);
+    let (bal_rep, bal) = run(true);
+    let m = student.model(None).unwrap();
+    for (g, range) in [(0usize, 0..6), (1, 6..12)] {
+        let want = mean_kl(m.as_ref(), &seqs[range.clone()], &targets[range], 1.0).unwrap();
+        assert!(
+            (plain[g].kl_before - want).abs() < 1e-4 * want.max(1.0),
+            "group {g}: {} vs {want}",
+            plain[g].kl_before
+        );
+        assert_eq!(plain[g].weight, 1.0);
+    }
+    assert!(plain[1].kl_before > 4.0 * plain[0].kl_before, "far {} vs near {}", plain[1].kl_before, plain[0].kl_before);
+    // Unclamped weights make every group's weighted KL the groups' mean.
+    let mean = (bal[0].kl_before + bal[1].kl_before) / 2.0;
+    for g in &bal {
+        assert!((g.weight * g.kl_before - mean).abs() < 1e-6 * mean, "{g:?}, mean {mean}");
+    }
+    assert!(bal[0].weight > 1.0 && bal[1].weight < 1.0, "{bal:?}");
+    assert!(
+        bal[0].kl_after < plain[0].kl_after,
+        "near group: balanced {} vs plain {}",
+        bal[0].kl_after,
+        plain[0].kl_after
+    );
+    assert_eq!(plain_rep.kl_before, bal_rep.kl_before);
+    // One group per sequence, or none.
+    let e = distill_groups(&student, &targets, &seqs, &groups[..5], false, &cfg, |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("5 groups for 12 sequences"), "{e}");
+}

@@ -274,6 +274,12 @@ pub struct OffsetConfig {
     /// One student for the round, or one per task (see [`OffsetStudents`]).
     #[serde(skip_serializing_if = "OffsetStudents::is_one")]
     pub students: OffsetStudents,
+    /// With one student: each task's examples weigh in its loss by the tasks' mean KL before
+    /// training over that task's own (`hetfed_distill::distill_groups`), so a task whose
+    /// teacher moves the model little (translation) counts, relative to its distance, as much
+    /// as one that moves it far (Ethos's label words). General text weighs 1. Off by default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub balance: bool,
 }
 
 impl Default for OffsetConfig {
@@ -296,6 +302,7 @@ impl Default for OffsetConfig {
             answer_temperature: 1.0,
             answer_top_p: 1.0,
             students: OffsetStudents::One,
+            balance: false,
         }
     }
 }
@@ -354,6 +361,12 @@ impl OffsetConfig {
         if self.students != OffsetStudents::One && !need_sampled {
             return Err(format!(
                 "transfer.offset.students = {}: expected task examples among the sequences (sequences = \"sampled\" or \"mixed\"), found general text only",
+                serde_json::to_string(&self.students).unwrap_or_default()
+            ));
+        }
+        if self.balance && self.students != OffsetStudents::One {
+            return Err(format!(
+                "transfer.offset.balance = true: expected one student (students = \"one\"), found students = {}",
                 serde_json::to_string(&self.students).unwrap_or_default()
             ));
         }
@@ -1002,9 +1015,26 @@ impl Hetero {
         let data = self.distill_data(global, &offsets, &tasks, seed)?;
         let student = self.large.with_weights(start);
         let cfg = DistillConfig { seed, ..self.cfg.distill.clone() };
+        let mut kl_by_task = serde_json::Map::new();
         let (rep, per_task) = match oc.students {
             OffsetStudents::One => {
-                (hetfed_distill::distill(&student, &data.targets, &data.seqs, &cfg, |_, _| {})?, None)
+                let mut groups: Vec<Option<usize>> = vec![None; data.seqs.len()];
+                for (g, (_, range)) in data.groups.iter().enumerate() {
+                    range.clone().for_each(|i| groups[i] = Some(g));
+                }
+                let (rep, per_group) = hetfed_distill::distill_groups(
+                    &student,
+                    &data.targets,
+                    &data.seqs,
+                    &groups,
+                    oc.balance,
+                    &cfg,
+                    |_, _| {},
+                )?;
+                for ((task, _), g) in data.groups.iter().zip(per_group) {
+                    kl_by_task.insert(task.clone(), json!(g));
+                }
+                (rep, None)
             }
             OffsetStudents::PerTask | OffsetStudents::PerTaskLocal => {
                 let (rep, per_task) = self.per_task_students(&student, &data, &cfg)?;
@@ -1026,6 +1056,9 @@ impl Hetero {
         });
         if !heldout.is_empty() {
             details["offset"]["heldout_kl"] = json!(heldout);
+        }
+        if !kl_by_task.is_empty() {
+            details["offset"]["kl_by_task"] = serde_json::Value::Object(kl_by_task);
         }
         if let Some(per_task) = per_task {
             details["offset"]["students"] = json!(per_task);

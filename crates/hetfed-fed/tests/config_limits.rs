@@ -413,6 +413,12 @@ fn settings_that_could_never_work_are_refused_with_key_value_and_range() {
     assert!(e.contains("transfer.offset.students = \"per_task_local\""), "{e}");
     let e = parse(&with_value(&offset, "transfer.offset", "students", "\"each\"")).unwrap_err();
     assert!(e.contains("students") && e.contains("per_task"), "{e}");
+    // Balancing tasks weighs one student's loss; per-task students are refused with it.
+    let balanced = with_value(&offset, "transfer.offset", "balance", "true");
+    let mixed = with_value(&balanced, "transfer.offset", "sequences", "\"mixed\"");
+    assert!(parse(&mixed).unwrap().transfer.unwrap().offset.balance);
+    let e = parse(&with_value(&mixed, "transfer.offset", "students", "\"per_task\"")).unwrap_err();
+    assert!(e.contains("transfer.offset.balance") && e.contains("per_task"), "{e}");
     // How a client holds its base's frozen weights: two names, anything else refused by name.
     let stored = parse(&with_value(HOMOGENEOUS, "client", "weights", "\"stored\"")).unwrap();
     assert_eq!(stored.client.weights, hetfed_fed::strategy::BaseWeights::Stored);

@@ -386,6 +386,10 @@ fn offset_distillation_deployed_equals_the_simulation_and_lowers_the_kl() {
     assert_eq!(o["routed"], true, "{o}");
     assert_eq!(o["sequences"], 12, "{o}");
     assert!(o["kl_after"].as_f64().unwrap() < o["kl_before"].as_f64().unwrap(), "{o}");
+    // Per task, the student's KL on its examples before and after, each weighing 1 (no balance).
+    let t = &o["kl_by_task"]["ethos"];
+    assert!(t["kl_before"].as_f64().unwrap() > 0.0 && t["kl_after"].as_f64().unwrap().is_finite(), "{o}");
+    assert_eq!(t["weight"], 1.0, "{o}");
     assert!(a["server_eval"]["ethos/target_nll"].is_number(), "{a}");
     // `loss = "answer"`: the sampled examples count only their answers (a label word and eos).
     let answer = o["positions"]["ethos"].as_u64().unwrap();
