@@ -21,7 +21,8 @@
 //!   homogeneous federation of the small clients; its bytes per client and round and server
 //!   seconds per round come from the run's `metrics.jsonl`;
 //! - `hetero`: the base config with the row's `transfer` settings merged over its `[transfer]`
-//!   table, run as it is (`out/runs/row<NN>-seed<seed>`).
+//!   table (after the sweep's own `transfer` settings, if any), run as it is
+//!   (`out/runs/row<NN>-seed<seed>`).
 //!
 //! Derived runs have no `[transfer]` table, strategy FedAvg (`server_lr = 1`), every client of
 //! the run registered before round 1 (`server.min_clients`), and no round deadline (the sweep
@@ -90,6 +91,11 @@ pub struct SweepConfig {
     /// Evaluate on this split instead of the base config's (`server.eval.split`).
     #[serde(default)]
     pub eval_split: Option<EvalSplit>,
+    /// Settings merged over the base config's `[transfer]` in every `hetero` row, before the
+    /// row's own: what a whole sweep was measured with where the base has since changed (the
+    /// student of an earlier default, say).
+    #[serde(default)]
+    pub transfer: Option<toml::Value>,
     #[serde(rename = "row")]
     pub rows: Vec<Row>,
 }
@@ -219,6 +225,19 @@ pub fn run_config(
     eval_split: Option<EvalSplit>,
 ) -> Result<RunConfig> {
     parse_value(&run_value(base_path, seed, transfer, eval_split)?, base_path, "")
+}
+
+/// A `hetero` row's `transfer` settings: the sweep's own (see [`SweepConfig::transfer`]) with
+/// the row's merged over them.
+pub fn row_transfer(sweep: Option<&toml::Value>, row: Option<&toml::Value>) -> Option<toml::Value> {
+    match (sweep, row) {
+        (Some(s), Some(r)) => {
+            let mut t = s.clone();
+            merge(&mut t, r);
+            Some(t)
+        }
+        (s, r) => s.or(r).cloned(),
+    }
 }
 
 /// The run a `central`, `local_only` (client `client`) or `fedavg_small` row of the sweep's
@@ -537,6 +556,8 @@ struct SeedRun<'a> {
     cfg: RunConfig,
     /// The clients' training results of this seed, shared by the hetero rows.
     memo: TrainMemo,
+    /// The sweep's own `transfer` settings (see [`SweepConfig::transfer`]).
+    transfer: Option<toml::Value>,
 }
 
 impl<'a> SeedRun<'a> {
@@ -556,7 +577,8 @@ impl<'a> SeedRun<'a> {
             )));
         }
         let (eval_split, runs, memo) = (sweep.eval_split, out.join("runs"), TrainMemo::default());
-        Ok(Self { base_path, eval_split, dir, runs, resume, seed, cfg, memo })
+        let transfer = sweep.transfer.clone();
+        Ok(Self { base_path, eval_split, dir, runs, resume, seed, cfg, memo, transfer })
     }
 
     /// Row `ri`'s cell for this seed (`rt`: the shared runtime, started when first needed).
@@ -585,7 +607,8 @@ impl<'a> SeedRun<'a> {
     /// The base config with the row's `transfer` settings, its clients replaying the seed's memo.
     fn hetero(&self, rt: &mut Option<tokio::runtime::Runtime>, ri: usize, row: &Row) -> Result<Cell> {
         let seed = self.seed;
-        let rcfg = run_config(self.base_path, seed, row.transfer.as_ref(), self.eval_split)?;
+        let transfer = row_transfer(self.transfer.as_ref(), row.transfer.as_ref());
+        let rcfg = run_config(self.base_path, seed, transfer.as_ref(), self.eval_split)?;
         let rt = get_or_try(rt, start_runtime)?;
         let run_dir = self.runs.join(format!("row{ri:02}-seed{seed}"));
         let rec = simulate_run(rt, &rcfg, self.dir, &run_dir, self.resume, Some(&self.memo))?;

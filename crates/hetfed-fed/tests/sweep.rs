@@ -217,3 +217,42 @@ fn derived_configs_are_refused_for_rows_that_are_not_runs() {
     let c = hetfed_fed::sweep::derived_config(&base, 1, None, RowKind::Central, None).unwrap();
     assert!(c.data.pooled && c.transfer.is_none() && c.client_ids() == ["c0"] && c.run.seed == 1 && c.data.seed == 1);
 }
+
+/// A sweep's own `transfer` settings apply to every hetero row under the row's own (deep merge:
+/// the row wins where both set a key), and every committed sweep config parses into runs of
+/// its base: its rows' effective configs are valid run configs.
+#[test]
+fn a_sweeps_transfer_settings_apply_under_each_rows_own() {
+    use hetfed_fed::sweep::{row_transfer, run_config, SweepConfig};
+    let v = |s: &str| -> toml::Value { toml::from_str(s).unwrap() };
+    let sweep = v("lars = 0.02\ndistill = { lora_rank = 16, lr = 5e-3 }");
+    let row = v("aggregation = \"offset_distillation\"\ndistill = { lora_rank = 0 }");
+    let t = row_transfer(Some(&sweep), Some(&row)).unwrap();
+    assert_eq!(t["distill"]["lora_rank"].as_integer(), Some(0), "{t}");
+    assert_eq!(t["distill"]["lr"].as_float(), Some(5e-3), "{t}");
+    assert_eq!(t["lars"].as_float(), Some(0.02), "{t}");
+    assert_eq!(t["aggregation"].as_str(), Some("offset_distillation"), "{t}");
+    assert_eq!(row_transfer(Some(&sweep), None), Some(sweep.clone()));
+    assert_eq!(row_transfer(None, Some(&row)), Some(row.clone()));
+    assert_eq!(row_transfer(None, None), None);
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.starts_with("sweep") && name.ends_with(".toml")) {
+            continue;
+        }
+        let (sweep, dir) = SweepConfig::from_file(&path).unwrap();
+        for r in sweep.rows.iter().filter(|r| r.kind == RowKind::Hetero) {
+            let t = row_transfer(sweep.transfer.as_ref(), r.transfer.as_ref());
+            let cfg = run_config(&dir.join(&sweep.base), 0, t.as_ref(), sweep.eval_split)
+                .unwrap_or_else(|e| panic!("{name}: row {:?}: {e}", r.name));
+            if let Some(lr) = t.as_ref().and_then(|t| t.get("distill")).and_then(|d| d.get("lr")) {
+                assert_eq!(Some(cfg.transfer.unwrap().distill.lr), lr.as_float(), "{name}: {:?}", r.name);
+            }
+            n += 1;
+        }
+    }
+    assert!(n > 40, "the committed sweeps' hetero rows: {n}");
+}
