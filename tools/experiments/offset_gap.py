@@ -43,22 +43,31 @@ def run(cmd):
 
 
 def first_event(run_dir):
+    """The run's first event that carries its config (a resumed run starts with a `resume` event)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         with open(path) as f:
-            return json.loads(f.readline())
+            for line in f:
+                e = json.loads(line)
+                if "config" in e:
+                    return e
     except (OSError, ValueError) as e:
         sys.exit(f"{path}: expected a run's metrics.jsonl, found {e}")
+    sys.exit(f"{path}: expected an event with the run's config, found none")
 
 
 def peft_from_adapter(adapter, alpha, out_dir):
     """A client's kept adapter (`<module>.lora_A`/`lora_B` factors in safetensors) as a PEFT
-    adapter directory: the same bytes under PEFT's names, plus adapter_config.json."""
+    adapter directory: the same bytes under PEFT's names, plus adapter_config.json. The alpha is
+    the file's own (`lora_alpha` in its metadata) when it has one, else `alpha` (the run
+    config's; adapters written before they described themselves)."""
     with open(adapter, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
         data = f.read()
     meta = header.pop("__metadata__", None)
+    if meta and "lora_alpha" in meta:
+        alpha = float(meta["lora_alpha"])
     renamed, rank = {}, None
     for key, info in header.items():
         renamed[f"base_model.model.{key}.weight"] = info

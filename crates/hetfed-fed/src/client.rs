@@ -95,8 +95,8 @@ impl TrainMemo {
 /// the latest adapter of a round before `r` of the same run, trained on the same model version,
 /// so a round trained again (after a server resume, or a client restart with `state_dir`) starts
 /// exactly where it first did. With a state directory each is written atomically as
-/// `adapter-round-<r>.safetensors` (f32; the run id and model version in its metadata); the two
-/// latest rounds are kept.
+/// `adapter-round-<r>.safetensors` (f32; the run id, model version, LoRA rank and alpha in its
+/// metadata, so the file alone rebuilds the tuned model); the two latest rounds are kept.
 pub struct Adapters {
     dir: Option<PathBuf>,
     /// The run this client is registered with (adapters of other runs are never continued).
@@ -141,13 +141,16 @@ impl Adapters {
         (*run == self.run_id && v == version).then_some(a)
     }
 
-    /// Keeps round `round`'s adapter (saved first when there is a state directory).
-    pub fn keep(&mut self, round: u64, version: &str, adapter: TensorMap) -> Result<()> {
+    /// Keeps round `round`'s adapter, trained with LoRA rank `rank` and alpha `alpha` (saved
+    /// first when there is a state directory).
+    pub fn keep(&mut self, round: u64, version: &str, adapter: TensorMap, rank: usize, alpha: f64) -> Result<()> {
         if let Some(d) = &self.dir {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             let meta = BTreeMap::from([
                 ("model_version".to_string(), version.to_string()),
                 ("run_id".to_string(), self.run_id.clone()),
+                ("lora_rank".to_string(), rank.to_string()),
+                ("lora_alpha".to_string(), alpha.to_string()),
             ]);
             hetfed_core::save_safetensors(
                 &adapter,
@@ -508,7 +511,7 @@ async fn fit_round(
     // Kept whether or not the server accepts the upload: the next upload is again the whole
     // change from the base, so nothing depends on this one arriving.
     if let (true, Some(a)) = (cfg.keep_adapter, upd.adapter.take()) {
-        adapter.keep(fit.round, &fit.model_version, a)?;
+        adapter.keep(fit.round, &fit.model_version, a, cfg.lora_rank, cfg.lora_alpha)?;
     }
     let bytes = Bytes::from(upd.bytes);
     let header = UploadHeader {

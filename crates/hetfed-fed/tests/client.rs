@@ -137,12 +137,15 @@ fn kept_adapters_are_saved_by_round_and_continued_only_within_their_run() {
     a.run_id = "run-1".into();
     assert!(a.before(1, "v").is_none(), "nothing before the first round");
     for r in 1..=3 {
-        a.keep(r, "v", factors(r as f32)).unwrap();
+        a.keep(r, "v", factors(r as f32), 2, 16.0).unwrap();
     }
     let mut files: Vec<String> =
         std::fs::read_dir(&state).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     files.sort();
     assert_eq!(files, ["adapter-round-2.safetensors", "adapter-round-3.safetensors"]);
+    // Each file describes itself: the LoRA rank and alpha rebuild the tuned model from it alone.
+    let (_, meta) = hetfed_core::load_safetensors(&state.join("adapter-round-3.safetensors")).unwrap();
+    assert_eq!((meta["lora_rank"].as_str(), meta["lora_alpha"].as_str()), ("2", "16"), "{meta:?}");
 
     let mut b = Adapters::load(Some(&state)).unwrap();
     b.run_id = "run-1".into();
