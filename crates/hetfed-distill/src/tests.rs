@@ -772,16 +772,20 @@ fn answer_only_keeps_the_answer_positions_up_to_eos() {
     assert!(answer_only(&mut s2, &mut t2, 2, 3).unwrap_err().to_string().contains("answer starts at token 2"));
 }
 
-/// The log-ratio objective is a hand computation: the mean over the vocabulary of the squared
-/// difference of centred log-probabilities, over the counted positions only.
-#[test]
-fn log_ratio_loss_equals_a_hand_computation() {
+/// Checks a per-position objective against a hand computation on a tiny fixture: `loss` of the
+/// student summed over three sequences (the first two positions of sequence 0 zeroed, as
+/// `answer_only` does, so they must not count) equals the sum over the counted positions of
+/// `by_hand(log q, p)`, and the teacher's own loss against its targets is 0.
+fn check_position_loss(
+    what: &str,
+    loss: impl Fn(&Data, &dyn CausalLm, &[usize]) -> f64,
+    by_hand: impl Fn(&[f64], &[f32]) -> f64,
+) {
     let student = tiny(16, 1);
     let teacher = perturbed(&student, 4, 0.3);
     let cfg = DistillConfig { n_prompts: 3, seq_len: 5, ..quick_cfg(4) };
     let seqs = seqs_of(&student, &cfg);
     let mut targets = targets_of(&teacher, &seqs, 1.0);
-    // Zero the first two positions of sequence 0 (as `answer_only` does): they must not count.
     let t0 = targets[0].to_vec2::<f32>().unwrap();
     let masked: Vec<f32> =
         t0.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |&x| if i < 2 { 0.0 } else { x })).collect();
@@ -789,7 +793,7 @@ fn log_ratio_loss_equals_a_hand_computation() {
     let data = Data::new(&seqs, &targets, 16, 1.0).unwrap();
     let m = student.model(None).unwrap();
     let all = [0usize, 1, 2];
-    let got = data.sum_log_ratio(m.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got = loss(&data, m.as_ref(), &all);
     let mut want = 0.0;
     for &i in &all {
         let ids = Tensor::new(seqs[i].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -801,17 +805,29 @@ fn log_ratio_loss_equals_a_hand_computation() {
             }
             let lse = lq.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
             let logq: Vec<f64> = lq.iter().map(|&x| x as f64 - lse).collect();
-            let logp: Vec<f64> = pr.iter().map(|&x| (x.max(1e-30) as f64).ln()).collect();
-            let (mq, mp) = (logq.iter().sum::<f64>() / 16.0, logp.iter().sum::<f64>() / 16.0);
-            want += logq.iter().zip(&logp).map(|(a, b)| ((a - mq) - (b - mp)).powi(2)).sum::<f64>() / 16.0;
+            want += by_hand(&logq, pr);
         }
     }
-    assert!(want > 1e-3, "the teacher differs from the student: {want}");
-    assert!((got - want).abs() < 1e-4 * want.max(1.0), "log-ratio loss {got}, by hand {want}");
-    // The teacher itself has zero loss against its own targets.
+    assert!(want > 1e-3, "{what}: the teacher differs from the student: {want}");
+    assert!((got - want).abs() < 1e-4 * want.max(1.0), "{what}: loss {got}, by hand {want}");
     let t = teacher.model(None).unwrap();
-    let own = data.sum_log_ratio(t.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap();
-    assert!(own.abs() < 1e-6 * want as f32 + 1e-6, "teacher's own loss {own}");
+    let own = loss(&data, t.as_ref(), &all);
+    assert!(own.abs() < 1e-4 * want + 1e-5, "{what}: the teacher's own loss {own}");
+}
+
+/// The log-ratio objective is a hand computation: the mean over the vocabulary of the squared
+/// difference of centred log-probabilities, over the counted positions only.
+#[test]
+fn log_ratio_loss_equals_a_hand_computation() {
+    check_position_loss(
+        "log ratio",
+        |d, m, idx| d.sum_log_ratio(m, idx).unwrap().to_scalar::<f32>().unwrap() as f64,
+        |logq, p| {
+            let logp: Vec<f64> = p.iter().map(|&x| (x.max(1e-30) as f64).ln()).collect();
+            let (mq, mp) = (logq.iter().sum::<f64>() / 16.0, logp.iter().sum::<f64>() / 16.0);
+            logq.iter().zip(&logp).map(|(a, b)| ((a - mq) - (b - mp)).powi(2)).sum::<f64>() / 16.0
+        },
+    );
 }
 
 #[test]
@@ -829,44 +845,22 @@ fn log_ratio_distillation_lowers_the_kl_to_the_offset_teacher() {
 }
 
 /// The absolute log-ratio objective is a hand computation: `Σ_v p_v·(√(d² + ε²) − ε)` with
-/// `d = ln q_v − ln p_v`, over the counted positions only; the teacher's own loss is 0.
+/// `d = ln q_v − ln p_v`, over the counted positions only.
 #[test]
 fn abs_log_ratio_loss_equals_a_hand_computation() {
-    let student = tiny(16, 1);
-    let teacher = perturbed(&student, 4, 0.3);
-    let cfg = DistillConfig { n_prompts: 3, seq_len: 5, ..quick_cfg(4) };
-    let seqs = seqs_of(&student, &cfg);
-    let mut targets = targets_of(&teacher, &seqs, 1.0);
-    let t0 = targets[0].to_vec2::<f32>().unwrap();
-    let masked: Vec<f32> =
-        t0.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |&x| if i < 2 { 0.0 } else { x })).collect();
-    targets[0] = Tensor::from_vec(masked, (5, 16), &Device::Cpu).unwrap();
-    let data = Data::new(&seqs, &targets, 16, 1.0).unwrap();
-    let m = student.model(None).unwrap();
-    let all = [0usize, 1, 2];
-    let got = data.sum_abs_log_ratio(m.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap() as f64;
-    let mut want = 0.0;
-    for &i in &all {
-        let ids = Tensor::new(seqs[i].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = m.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-        let p = targets[i].to_vec2::<f32>().unwrap();
-        for (lq, pr) in logits.iter().zip(&p) {
-            let lse = lq.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
-            want += lq
-                .iter()
-                .zip(pr)
-                .map(|(&z, &pv)| {
-                    let d = (z as f64 - lse) - (pv.max(1e-30) as f64).ln();
+    check_position_loss(
+        "absolute log ratio",
+        |d, m, idx| d.sum_abs_log_ratio(m, idx).unwrap().to_scalar::<f32>().unwrap() as f64,
+        |logq, p| {
+            logq.iter()
+                .zip(p)
+                .map(|(&lq, &pv)| {
+                    let d = lq - (pv.max(1e-30) as f64).ln();
                     pv as f64 * ((d * d + ABS_EPS * ABS_EPS).sqrt() - ABS_EPS)
                 })
-                .sum::<f64>();
-        }
-    }
-    assert!(want > 1e-3, "the teacher differs from the student: {want}");
-    assert!((got - want).abs() < 1e-4 * want.max(1.0), "absolute log-ratio loss {got}, by hand {want}");
-    let t = teacher.model(None).unwrap();
-    let own = data.sum_abs_log_ratio(t.as_ref(), &all).unwrap().to_scalar::<f32>().unwrap();
-    assert!(own.abs() < 1e-4 * want as f32 + 1e-5, "teacher's own loss {own}");
+                .sum::<f64>()
+        },
+    );
 }
 
 #[test]
