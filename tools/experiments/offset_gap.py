@@ -11,13 +11,14 @@ token (teacher-forced, exactly the terms of `target_nll`) under:
 - optionally the central model: the final model of a central run (`--central RUN`).
 
 It then splits the reference tokens by how likely the teacher finds them (or, with `--by position`,
-by their position in the answer) and reports, per bucket,
+by their position in the answer; with `--by kind`, into words' first tokens and their
+continuations) and reports, per bucket,
 the share of tokens, each model's gain over L0 in nats per token, and the share of the teacher's
 gain the student carries. Everything runs through the `hetfed` binary (`hetfed export`,
 `hetfed eval --out ... [--offset-base ... --offset-adapter ...]`); no Python ML packages.
 
     python3 tools/experiments/offset_gap.py RUN [RUN ...] --task tico:en-hi [--client c3] \
-        [--central CENTRAL_RUN ...] [--by teacher_p|position] [--limit 24] [--out DIR]
+        [--central CENTRAL_RUN ...] [--by teacher_p|position|kind] [--limit 24] [--out DIR]
 
 Several runs (one per seed) give mean ± std per bucket. RUN is a run directory (`hetfed simulate --out RUN`, or a row of `hetfed sweep`'s runs/) whose
 clients kept their adapters (`client.keep_adapter`, the default run's setting).
@@ -92,11 +93,13 @@ def token_logprobs(a, model, max_len, out, extra=()):
            "--max-len", str(max_len), "--max-new-tokens", "1", "--data-dir", a.data_dir, "--offline",
            "--out", out, "--json", *extra]
     metrics = json.loads(run(cmd))["metrics"]
-    rows = []
+    rows, tokens = [], []
     with open(os.path.join(out, "predictions.jsonl")) as f:
         for line in f:
-            rows.append(json.loads(line)["target_logprobs"])
-    return rows, metrics["target_nll"]
+            p = json.loads(line)
+            rows.append(p["target_logprobs"])
+            tokens.append(p.get("target_tokens") or [None] * len(p["target_logprobs"]))
+    return rows, tokens, metrics["target_nll"]
 
 
 BUCKETS = [
@@ -120,6 +123,10 @@ POSITIONS = [
     (60, math.inf, "≥ 60"),
     (None, None, "all"),
 ]
+
+# Token kinds, for `--by kind`: a word's first token (the answer's first, or one that starts
+# with whitespace) or a continuation of the word before it.
+KINDS = [(True, None, "word start"), (False, None, "continuation"), (None, None, "all")]
 
 
 def score_run(a, run_dir, central, work):
@@ -148,11 +155,21 @@ def score_run(a, run_dir, central, work):
         path = os.path.join(work, "central")
         run([a.hetfed, "export", central, "--out", path])
         models["central"] = (path, ())
-    lp = {}
+    lp, tokens = {}, None
     for name, (model, extra) in models.items():
-        lp[name], nll = token_logprobs(a, model, max_len, os.path.join(work, name), extra)
+        lp[name], toks, nll = token_logprobs(a, model, max_len, os.path.join(work, name), extra)
+        tokens = tokens or toks
         print(f"{run_dir}: {name}: target NLL {nll:.4f} over {sum(map(len, lp[name]))} reference tokens", file=sys.stderr)
-    return [{**{m: lp[m][i][k] for m in lp}, "pos": k} for i in range(len(lp["L0"])) for k in range(len(lp["L0"][i]))]
+    if a.by == "kind" and any(t is None for row in tokens for t in row):
+        sys.exit(f"--by kind: expected `target_tokens` in {a.hetfed} eval's predictions (a newer hetfed), found none")
+    return [
+        {**{m: lp[m][i][k] for m in lp}, "pos": k, "start": k == 0 or (tokens[i][k] or "")[:1].isspace()}
+        for i in range(len(lp["L0"]))
+        for k in range(len(lp["L0"][i]))
+    ]
+
+
+SPLITS = {"teacher_p": BUCKETS, "position": POSITIONS, "kind": KINDS}
 
 
 def buckets(toks, by):
@@ -160,14 +177,16 @@ def buckets(toks, by):
     tokens and each model's gain over L0, as the bucket's part of the mean over all tokens (so the
     buckets add up to `all`)."""
     out = {}
-    for hi, lo, label in BUCKETS if by == "teacher_p" else POSITIONS:
+    for hi, lo, label in SPLITS[by]:
         if hi is None:
             sel = toks
         elif by == "teacher_p":
             sel = [t for t in toks if lo < t["teacher"] <= hi]
-        else:
+        elif by == "position":
             sel = [t for t in toks if hi <= t["pos"] <= lo]
-        gain = {m: sum(t[m] - t["L0"] for t in sel) / len(toks) for m in toks[0] if m not in ("L0", "pos")}
+        else:
+            sel = [t for t in toks if t["start"] == hi]
+        gain = {m: sum(t[m] - t["L0"] for t in sel) / len(toks) for m in toks[0] if m not in ("L0", "pos", "start")}
         out[label] = (len(sel) / len(toks), gain)
     return out
 
@@ -190,8 +209,9 @@ def main():
     ap.add_argument("--small", default=os.path.join(ROOT, "models", "base-small"))
     ap.add_argument("--hetfed", default=os.path.join(ROOT, "target", "release", "hetfed"))
     ap.add_argument("--data-dir", default=os.environ.get("HETFED_DATA_DIR", os.path.join(ROOT, "..", "shared", "data")))
-    ap.add_argument("--by", choices=["teacher_p", "position"], default="teacher_p",
-                    help="split the reference tokens by the teacher's probability of each (default) or by its position in the answer")
+    ap.add_argument("--by", choices=list(SPLITS), default="teacher_p",
+                    help="split the reference tokens by the teacher's probability of each (default), by its position in the answer, "
+                         "or by its kind (a word's start or its continuation)")
     ap.add_argument("--out", help="keep the exported models and predictions here (default: a temporary directory)")
     a = ap.parse_args()
     if a.limit < 1:
@@ -205,15 +225,16 @@ def main():
         per_run.append(buckets(toks, a.by))
     models = list(per_run[0]["all"][1])
     n = len(per_run)
-    what = "the teacher's probability of them" if a.by == "teacher_p" else "their position in the answer"
+    what = {"teacher_p": "the teacher's probability of them", "position": "their position in the answer",
+            "kind": "their kind (a word's start or its continuation)"}[a.by]
     print(f"\n{a.task}, {a.split}, {a.limit} examples, {n} run(s); reference tokens split by {what}"
           + (" (mean ± std over runs)" if n > 1 else ""))
-    head = "| " + ("teacher p(token)" if a.by == "teacher_p" else "answer position") + " | tokens | " + " | ".join(f"{m} gain" for m in models) + " | student / teacher |"
+    head = "| " + {"teacher_p": "teacher p(token)", "position": "answer position", "kind": "token"}[a.by] + " | tokens | " + " | ".join(f"{m} gain" for m in models) + " | student / teacher |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     fmt = (lambda m, s: f"{m:+.4f} ± {s:.4f}") if n > 1 else (lambda m, s: f"{m:+.4f}")
     pct = (lambda m, s: f"{100 * m:.0f} ± {100 * s:.0f}%") if n > 1 else (lambda m, s: f"{100 * m:.0f}%")
-    for _, _, label in BUCKETS if a.by == "teacher_p" else POSITIONS:
+    for _, _, label in SPLITS[a.by]:
         share_tok = mean_std([b[label][0] for b in per_run])
         cells = " | ".join(fmt(*mean_std([b[label][1][m] for b in per_run])) for m in models)
         # A share of a gain under a thousandth of a nat per token is noise: not shown.

@@ -92,6 +92,11 @@ pub struct Prediction {
     /// (teacher-forced; the terms of `target_nll`), when [`EvalOptions::token_logprobs`] asks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_logprobs: Vec<f32>,
+    /// Generation, with `target_logprobs`: each of those tokens decoded alone (a token that holds
+    /// part of a character's bytes shows U+FFFD), so per-token analyses can tell a word's start
+    /// (a leading space) from its continuation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_tokens: Vec<String>,
 }
 
 /// The result of evaluating a task.
@@ -186,6 +191,7 @@ pub fn evaluate(
                         gold: it.candidates.get(it.gold).cloned().unwrap_or_default(),
                         scores: s,
                         target_logprobs: Vec::new(),
+                        target_tokens: Vec::new(),
                     });
                 }
                 progress(((c + 1) * chunk).min(total), total);
@@ -232,6 +238,7 @@ pub fn evaluate(
                     gold: it.references.first().cloned().unwrap_or_default(),
                     scores: Vec::new(),
                     target_logprobs: Vec::new(),
+                    target_tokens: Vec::new(),
                 });
             }
             let hyps = outputs;
@@ -250,12 +257,13 @@ pub fn evaluate(
                     )
                 })
                 .collect();
-            let (nll, per_token) = target_nll(model, &tok, &targets, opts.batch_size)?;
+            let (nll, per_token, ids) = target_nll(model, &tok, &targets, opts.batch_size)?;
             metrics.insert("target_nll".into(), nll);
             if opts.token_logprobs {
                 let start = predictions.len() - per_token.len();
-                for (p, lp) in predictions[start..].iter_mut().zip(per_token) {
+                for ((p, lp), ids) in predictions[start..].iter_mut().zip(per_token).zip(ids) {
                     p.target_logprobs = lp;
+                    p.target_tokens = ids.iter().map(|&id| tok.text(&[id])).collect::<Result<_>>()?;
                 }
             }
         }
@@ -282,6 +290,7 @@ pub fn evaluate(
                         gold: String::new(),
                         scores: vec![s.sum],
                         target_logprobs: Vec::new(),
+                        target_tokens: Vec::new(),
                     });
                 }
                 progress(((c + 1) * opts.batch_size.max(1)).min(total), total);
@@ -303,13 +312,15 @@ pub fn evaluate(
 /// Mean negative log-likelihood, in nats per target token, of each `(prompt, target)`'s target
 /// after its prompt (teacher-forced). Targets keep their start within `max_len - 1` tokens and
 /// prompts their end in the room left.
-/// Also returns each pair's per-token log-probabilities (the terms of the mean).
+/// Also returns each pair's per-token log-probabilities (the terms of the mean) and its target's
+/// token ids.
+#[allow(clippy::type_complexity)]
 fn target_nll(
     model: &dyn CausalLm,
     tok: &Tok<'_>,
     pairs: &[(&str, String)],
     batch_size: usize,
-) -> Result<(f64, Vec<Vec<f32>>)> {
+) -> Result<(f64, Vec<Vec<f32>>, Vec<Vec<u32>>)> {
     let mut enc = Vec::with_capacity(pairs.len());
     for (prompt, target) in pairs {
         let mut t = tok.ids(target, false)?;
@@ -325,7 +336,7 @@ fn target_nll(
     if n == 0 {
         return Err(Error::Msg("target NLL: expected at least one target token, found none".into()));
     }
-    Ok((nll / n as f64, per_token))
+    Ok((nll / n as f64, per_token, enc.into_iter().map(|(_, t)| t).collect()))
 }
 
 /// BLEU and chrF/chrF++ for translation; ROUGE for summarization (rouge-score with the Porter

@@ -1606,6 +1606,10 @@ fn eval_of_a_logit_offset_model_is_the_tuned_model_when_the_bases_agree() {
             .lines()
             .map(|l| {
                 let p: serde_json::Value = serde_json::from_str(l).unwrap();
+                // Each term's token, decoded alone: as many as terms, the target's leading space first.
+                let tokens = p["target_tokens"].as_array().unwrap();
+                assert_eq!(tokens.len(), p["target_logprobs"].as_array().unwrap().len(), "{p}");
+                assert!(tokens[0].as_str().unwrap().starts_with(' '), "{p}");
                 p["target_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
             })
             .collect();
