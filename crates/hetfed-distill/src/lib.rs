@@ -655,8 +655,7 @@ impl<'a> Data<'a> {
         let (ids, p) = self.batch(idx)?;
         let logp = p.clamp(1e-30f32, 1.0f32)?.log()?;
         let logq = self.student_logq(model, &ids)?;
-        let eps2 = (ABS_EPS * ABS_EPS) as f32 as f64;
-        let h = (((logq - logp)?.sqr()? + eps2)?.sqrt()? - ABS_EPS)?;
+        let h = (((logq - logp)?.sqr()? + ABS_EPS * ABS_EPS)?.sqrt()? - ABS_EPS)?;
         Ok((p * h)?.sum(D::Minus1)?.sum(D::Minus1)?)
     }
 
